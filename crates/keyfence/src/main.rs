@@ -1,1 +1,66 @@
-fn main() {}
+//! The `keyfence` binary: one program, several jobs, chosen by subcommand or
+//! by the name it is run under (`sg_persist`, `mpathpersist`,
+//! `fence_keyfence`).
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::ExitCode;
+
+mod mpathpersist;
+mod persist;
+mod pr_show;
+mod serve;
+
+const USAGE: &str = "\
+keyfence: SCSI-3 persistent reservations, an iSCSI target and fencing
+
+Usage: keyfence <COMMAND> [ARGS...]
+
+Commands:
+  serve         run the iSCSI target (default: iqn.2026-11.io.keyfence:default,
+                LUN 0 on 127.0.0.1:3260, data in ./keyfence-data)
+  persist       sg_persist-compatible PR tool over iSCSI (also run as sg_persist)
+  mpathpersist  mpathpersist-compatible multipath PR tool (also run as mpathpersist)
+  pr            inspect PR state: `keyfence pr show`
+  help          print this help
+
+Run `keyfence <COMMAND> --help` for a command's options.
+";
+
+fn main() -> ExitCode {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    let argv0 = args.first().cloned().unwrap_or_default();
+    let prog = Path::new(&argv0)
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match prog.as_str() {
+        "sg_persist" => return persist::run(&args[1..]),
+        "mpathpersist" => return mpathpersist::run(&args[1..]),
+        _ => {}
+    }
+    if args.len() < 2 {
+        eprint!("{USAGE}");
+        return ExitCode::from(1);
+    }
+    let cmd = args.remove(1).to_string_lossy().into_owned();
+    let rest = &args[1..];
+    match cmd.as_str() {
+        "serve" => serve::run(rest),
+        "persist" | "sg_persist" => persist::run(rest),
+        "mpathpersist" => mpathpersist::run(rest),
+        "pr" => pr_show::run(rest),
+        "help" | "--help" | "-h" => {
+            print!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        "--version" | "-V" => {
+            println!("keyfence {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("keyfence: unknown command '{other}'; run `keyfence help`");
+            ExitCode::from(1)
+        }
+    }
+}
