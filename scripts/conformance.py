@@ -1,0 +1,271 @@
+#!/usr/bin/env python3
+"""Run libiscsi's conformance suite (iscsi-test-cu) against keyfence or tgt.
+
+Starts the target under test on free loopback ports (two portal groups, so
+the second URL drives the multipath suites), runs
+`iscsi-test-cu -d --test=ALL URL1 URL2`, parses every test's outcome and
+prints per-suite and total counts.
+
+Exit status: 0 when no test outside the excluded suites failed (by default
+the PR suites are not excluded: pass --exclude to set them), 1 otherwise,
+2 when the run itself could not be done.
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+PR_SUITES = ("Prin", "Prout", "Reserve6")
+TARGET_IQN = "iqn.2026-11.io.keyfence:conformance"
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, proc, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"target exited early with status {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+class KeyfenceTarget:
+    def __init__(self, binary, workdir, size):
+        self.binary = binary
+        self.workdir = workdir
+        self.size = size
+        self.proc = None
+
+    def start(self):
+        self.ports = [free_port(), free_port()]
+        args = [self.binary, "serve", "--data-dir", os.path.join(self.workdir, "data"),
+                "--target-name", TARGET_IQN, "--size", str(self.size)]
+        for p in self.ports:
+            args += ["--listen", f"127.0.0.1:{p}"]
+        self.log = open(os.path.join(self.workdir, "keyfence.log"), "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        for p in self.ports:
+            wait_port(p, self.proc)
+        return [f"iscsi://127.0.0.1:{p}/{TARGET_IQN}/0" for p in self.ports]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.returncode not in (0, None, -signal.SIGKILL):
+            print(f"warning: keyfence exited with status {self.proc.returncode}", file=sys.stderr)
+
+
+class TgtTarget:
+    """Debian's tgtd on its own control port, one LUN on two portals."""
+
+    def __init__(self, workdir, size):
+        self.workdir = workdir
+        self.size = size
+        self.proc = None
+        self.control = 9000 + os.getpid() % 500
+
+    def adm(self, *args):
+        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    def start(self):
+        self.ports = [free_port(), free_port()]
+        img = os.path.join(self.workdir, "tgt-lun.img")
+        with open(img, "wb") as f:
+            f.truncate(self.size)
+        portals = ",".join(f"portal=127.0.0.1:{p}" for p in self.ports)
+        args = ["tgtd", "-f", "-C", str(self.control), "--iscsi", portals]
+        self.log = open(os.path.join(self.workdir, "tgtd.log"), "w")
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        for p in self.ports:
+            wait_port(p, self.proc)
+        iqn = "iqn.2026-11.io.keyfence:tgt-peer"
+        self.adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
+        self.adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", img)
+        self.adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
+        return [f"iscsi://127.0.0.1:{p}/{iqn}/1" for p in self.ports]
+
+    def stop(self):
+        if not self.proc:
+            return
+        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", "--op", "delete",
+                        "--mode", "target", "--tid", "1", "--force"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(["tgtadm", "-C", str(self.control), "--op", "delete", "--mode", "system"],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+TEST_RE = re.compile(r"^  Test: (\S+) \.\.\.(.*)$")
+OUTCOME_RE = re.compile(r"(?:^|\.\.\.)\s*(passed|FAILED)\b")
+SUMMARY_RE = re.compile(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)")
+
+
+def parse(text):
+    """Return ([(suite, test, outcome, detail)], summary) from CUnit's verbose output.
+
+    CUnit prints `  Test: NAME ...` when a test starts and `passed` or
+    `FAILED` when it ends (on the same line or a later one); libiscsi prints
+    `[SKIPPED] reason` in between for a feature the target does not have.
+    """
+    results = []
+    suite = None
+    current = None  # [suite, test, skipped_reason, failure_messages]
+
+    def finish(outcome):
+        nonlocal current
+        s, t, skip, fails = current
+        if outcome == "FAILED":
+            results.append((s, t, "failed", "; ".join(fails) or "failed"))
+        elif skip:
+            results.append((s, t, "skipped", skip))
+        else:
+            results.append((s, t, "passed", ""))
+        current = None
+
+    def scan(fragment):
+        if current is None:
+            return
+        m = re.search(r"\[SKIPPED\]\s*(.*)", fragment)
+        if m and not current[2]:
+            current[2] = m.group(1).strip() or "skipped"
+        m = re.search(r"\[FAILED\]\s*(.*)", fragment)
+        if m:
+            current[3].append(m.group(1).strip())
+        m = OUTCOME_RE.search(fragment)
+        if m:
+            finish(m.group(1))
+
+    summary = None
+    for line in text.splitlines():
+        if line.startswith("Suite: "):
+            suite = line[len("Suite: "):].strip()
+            continue
+        m = TEST_RE.match(line)
+        if m:
+            if current is not None:  # no outcome seen: treat as failed
+                finish("FAILED")
+            current = [suite, m.group(1), None, []]
+            scan(m.group(2))
+            continue
+        m = SUMMARY_RE.match(line)
+        if m:
+            summary = dict(zip(("total", "ran", "passed", "failed", "inactive"),
+                               map(int, m.groups())))
+            continue
+        scan(line)
+    if current is not None:
+        finish("FAILED")
+    return results, summary
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--peer", choices=["keyfence", "tgt"], default="keyfence")
+    ap.add_argument("--binary", default=os.path.join("target", "release", "keyfence"))
+    ap.add_argument("--size", type=int, default=256 * 1024 * 1024)
+    ap.add_argument("--exclude", action="append", default=[],
+                    help="suite name prefix whose failures do not fail the run (repeatable; "
+                         "'pr' means Prin, Prout and Reserve6)")
+    ap.add_argument("--test", default="ALL")
+    ap.add_argument("--json", help="write per-test outcomes here")
+    ap.add_argument("--log", help="keep iscsi-test-cu's output here")
+    ap.add_argument("--timeout", type=int, default=1800)
+    args = ap.parse_args()
+
+    if shutil.which("iscsi-test-cu") is None:
+        print("iscsi-test-cu not found: install Debian's libiscsi-bin", file=sys.stderr)
+        return 2
+    excluded = []
+    for e in args.exclude:
+        excluded += list(PR_SUITES) if e == "pr" else [e]
+
+    workdir = tempfile.mkdtemp(prefix="kf-conformance-")
+    target = (KeyfenceTarget(os.path.abspath(args.binary), workdir, args.size)
+              if args.peer == "keyfence" else TgtTarget(workdir, args.size))
+    try:
+        urls = target.start()
+        print(f"running iscsi-test-cu against {args.peer}: {' '.join(urls)}", flush=True)
+        run = subprocess.run(["iscsi-test-cu", "-d", f"--test={args.test}", *urls],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             timeout=args.timeout, cwd=workdir)
+        text = run.stdout.decode("utf-8", "replace")
+    except (RuntimeError, subprocess.SubprocessError, OSError) as e:
+        print(f"conformance run failed: {e}", file=sys.stderr)
+        return 2
+    finally:
+        target.stop()
+    if args.log:
+        with open(args.log, "w") as f:
+            f.write(text)
+
+    results, summary = parse(text)
+    if not results:
+        print(text[-3000:], file=sys.stderr)
+        print("no test outcomes found in iscsi-test-cu output", file=sys.stderr)
+        return 2
+    failed_n = sum(1 for r in results if r[2] == "failed")
+    if summary and (summary["ran"] != len(results) or summary["failed"] != failed_n):
+        print(f"warning: parsed {len(results)} tests / {failed_n} failed, CUnit summary "
+              f"says {summary['ran']} ran / {summary['failed']} failed", file=sys.stderr)
+
+    suites = {}
+    for s, _, o, _ in results:
+        suites.setdefault(s, {"passed": 0, "skipped": 0, "failed": 0})[o] += 1
+    print(f"\n{'suite':<28} {'passed':>6} {'skipped':>7} {'failed':>6}")
+    for s, c in suites.items():
+        print(f"{s:<28} {c['passed']:>6} {c['skipped']:>7} {c['failed']:>6}")
+    print("\nskipped:")
+    for s, t, o, d in results:
+        if o == "skipped":
+            print(f"  {s}.{t}: {d}")
+    print("failed:")
+    for s, t, o, d in results:
+        if o == "failed":
+            print(f"  {s}.{t}: {d[:300]}")
+
+    def is_excluded(suite):
+        return any(suite.startswith(p) for p in excluded)
+
+    blocking = [r for r in results if r[2] == "failed" and not is_excluded(r[0])]
+    p = sum(1 for r in results if r[2] == "passed")
+    k = sum(1 for r in results if r[2] == "skipped")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dict(suite=s, test=t, outcome=o, detail=d) for s, t, o, d in results],
+                      f, indent=1)
+    print(f"\n{args.peer}: {p} passed, {k} skipped, {failed_n} failed of {len(results)}"
+          + (f" ({len(blocking)} failures outside excluded suites {','.join(excluded)})"
+             if excluded else ""))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if blocking else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run every keyfence test: installs what the tests need (Debian packages via
+# apt-get when missing), runs the workspace's tests, then libiscsi's
+# conformance suite against `keyfence serve`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+
+echo "== cargo test --workspace"
+cargo build --release --bin keyfence
+cargo test --workspace --release
+
+echo "== libiscsi conformance (iscsi-test-cu -d --test=ALL, two portal groups)"
+python3 scripts/conformance.py --binary target/release/keyfence --log target/conformance.log \
+    --json target/conformance.json
