@@ -16,110 +16,13 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
+
+from targets import KeyfenceTarget, TgtTarget
 
 PR_SUITES = ("Prin", "Prout", "Reserve6")
-TARGET_IQN = "iqn.2026-11.io.keyfence:conformance"
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, proc, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"target exited early with status {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
-
-
-class KeyfenceTarget:
-    def __init__(self, binary, workdir, size):
-        self.binary = binary
-        self.workdir = workdir
-        self.size = size
-        self.proc = None
-
-    def start(self):
-        self.ports = [free_port(), free_port()]
-        args = [self.binary, "serve", "--data-dir", os.path.join(self.workdir, "data"),
-                "--target-name", TARGET_IQN, "--size", str(self.size)]
-        for p in self.ports:
-            args += ["--listen", f"127.0.0.1:{p}"]
-        self.log = open(os.path.join(self.workdir, "keyfence.log"), "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        for p in self.ports:
-            wait_port(p, self.proc)
-        return [f"iscsi://127.0.0.1:{p}/{TARGET_IQN}/0" for p in self.ports]
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc and self.proc.returncode not in (0, None, -signal.SIGKILL):
-            print(f"warning: keyfence exited with status {self.proc.returncode}", file=sys.stderr)
-
-
-class TgtTarget:
-    """Debian's tgtd on its own control port, one LUN on two portals."""
-
-    def __init__(self, workdir, size):
-        self.workdir = workdir
-        self.size = size
-        self.proc = None
-        self.control = 9000 + os.getpid() % 500
-
-    def adm(self, *args):
-        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args],
-                       check=True, stdout=subprocess.DEVNULL)
-
-    def start(self):
-        self.ports = [free_port(), free_port()]
-        img = os.path.join(self.workdir, "tgt-lun.img")
-        with open(img, "wb") as f:
-            f.truncate(self.size)
-        portals = ",".join(f"portal=127.0.0.1:{p}" for p in self.ports)
-        args = ["tgtd", "-f", "-C", str(self.control), "--iscsi", portals]
-        self.log = open(os.path.join(self.workdir, "tgtd.log"), "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        for p in self.ports:
-            wait_port(p, self.proc)
-        iqn = "iqn.2026-11.io.keyfence:tgt-peer"
-        self.adm("--op", "new", "--mode", "target", "--tid", "1", "-T", iqn)
-        self.adm("--op", "new", "--mode", "logicalunit", "--tid", "1", "--lun", "1", "-b", img)
-        self.adm("--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL")
-        return [f"iscsi://127.0.0.1:{p}/{iqn}/1" for p in self.ports]
-
-    def stop(self):
-        if not self.proc:
-            return
-        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", "--op", "delete",
-                        "--mode", "target", "--tid", "1", "--force"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(["tgtadm", "-C", str(self.control), "--op", "delete", "--mode", "system"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
 
 
 TEST_RE = re.compile(r"^  Test: (\S+) \.\.\.(.*)$")

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""Benchmark keyfence against Debian's tgtd in the same run.
+
+Both targets serve a LUN backed by a file of the same size and content on
+loopback. libiscsi's iscsi-perf drives reads (4 KiB random at queue depth 32,
+128 KiB sequential at queue depth 16); `keyfence bench` drives writes. Rounds
+alternate between the targets so drift on a noisy machine hits both; the
+table reports the median of each side and the ratio keyfence / tgt.
+"""
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+
+from targets import KeyfenceTarget, TgtTarget
+
+PERF_RE = re.compile(r"iops average (\d+) \((\d+) MB/s\)\s*$")
+
+
+def iscsi_perf(url, qd, blocks, random, seconds):
+    args = ["iscsi-perf", "-m", str(qd), "-b", str(blocks), "-t", str(seconds)]
+    if random:
+        args.append("-r")
+    out = subprocess.run(args + [url], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         timeout=seconds + 30).stdout.decode("utf-8", "replace")
+    # iscsi-perf redraws one line with carriage returns; the last one is the total.
+    last = out.replace("\r", "\n").strip().splitlines()
+    for line in reversed(last):
+        m = PERF_RE.search(line)
+        if m:
+            return int(m.group(1)), int(m.group(2))
+    raise RuntimeError(f"could not parse iscsi-perf output: {out[-400:]}")
+
+
+BENCH_RE = re.compile(r"iops=(\d+(?:\.\d+)?)\s.*?mbps=(\d+(?:\.\d+)?)")
+
+
+def keyfence_bench(binary, url, rw, bs, qd, seconds):
+    out = subprocess.run([binary, "bench", url, "--rw", rw, "--bs", str(bs), "--qd", str(qd),
+                          "--duration", str(seconds)], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, timeout=seconds + 60, check=True)
+    text = out.stdout.decode()
+    m = BENCH_RE.search(text)
+    if not m:
+        raise RuntimeError(f"could not parse keyfence bench output: {text[-400:]}")
+    return float(m.group(1)), float(m.group(2))
+
+
+def make_image(path, size):
+    """A file of `size` bytes of pseudo-random data, so reads touch real pages."""
+    chunk = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--binary", default=os.path.join("target", "release", "keyfence"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=8)
+    ap.add_argument("--size", type=int, default=512 << 20)
+    ap.add_argument("--no-writes", action="store_true", help="skip the write workloads")
+    args = ap.parse_args()
+    binary = os.path.abspath(args.binary)
+    for tool in ("iscsi-perf", "tgtd", "tgtadm"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found: run scripts/install-deps.sh", file=sys.stderr)
+            return 2
+
+    workdir = tempfile.mkdtemp(prefix="kf-bench-")
+    kf_img = os.path.join(workdir, "kf.img")
+    tgt_img = os.path.join(workdir, "tgt.img")
+    make_image(kf_img, args.size)
+    shutil.copyfile(kf_img, tgt_img)
+    kf = KeyfenceTarget(binary, os.path.join(workdir, "kf"), args.size, image=kf_img)
+    tgt = TgtTarget(os.path.join(workdir, "tgt"), args.size, image=tgt_img)
+    os.makedirs(kf.workdir)
+    os.makedirs(tgt.workdir)
+
+    workloads = [
+        ("4k randread qd32 (IOPS)", lambda url: iscsi_perf(url, 32, 8, True, args.seconds)[0]),
+        ("128k seqread qd16 (MB/s)", lambda url: iscsi_perf(url, 16, 256, False, args.seconds)[1]),
+    ]
+    if not args.no_writes:
+        workloads += [
+            ("4k randwrite qd32 (IOPS)",
+             lambda url: keyfence_bench(binary, url, "randwrite", 4096, 32, args.seconds)[0]),
+            ("128k seqwrite qd16 (MB/s)",
+             lambda url: keyfence_bench(binary, url, "write", 131072, 16, args.seconds)[1]),
+        ]
+    results = {name: {"keyfence": [], "tgt": []} for name, _ in workloads}
+    try:
+        kf_urls = kf.start()
+        tgt_urls = tgt.start()
+        for r in range(args.rounds):
+            for name, run in workloads:
+                for side, url in (("keyfence", kf_urls[0]), ("tgt", tgt_urls[0])):
+                    v = run(url)
+                    results[name][side].append(v)
+                    print(f"round {r + 1}: {name:<26} {side:<8} {v:>10.0f}", file=sys.stderr,
+                          flush=True)
+    finally:
+        kf.stop()
+        tgt.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    print(f"\n| workload | keyfence | tgt | ratio |\n|---|---:|---:|---:|")
+    for name, _ in workloads:
+        k = statistics.median(results[name]["keyfence"])
+        t = statistics.median(results[name]["tgt"])
+        print(f"| {name} | {k:.0f} | {t:.0f} | {k / t:.2f}x |")
+    print(f"\n({args.rounds} alternating rounds of {args.seconds} s, medians; "
+          f"{args.size >> 20} MiB file-backed LUN on each target, loopback)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
