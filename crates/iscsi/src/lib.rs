@@ -1,1 +1,19 @@
+//! Sans-IO iSCSI (RFC 7143, error recovery level 0) for the keyfence target
+//! and initiator.
+//!
+//! This crate owns the iSCSI wire protocol and nothing else: PDU layouts
+//! ([`pdu`]), framing with CRC32C digests ([`codec`]), text key=value
+//! encoding ([`keys`]), operational parameter negotiation ([`params`]), the
+//! login state machines with CHAP ([`login`]), SendTargets discovery
+//! ([`text`]) and serial number arithmetic ([`serial`]). It does no I/O:
+//! callers feed bytes or PDUs in and send what comes out.
 #![forbid(unsafe_code)]
+
+pub mod codec;
+pub mod params;
+pub mod pdu;
+pub mod serial;
+
+pub use codec::{CodecError, PduCodec};
+pub use params::SessionParams;
+pub use pdu::{Lun, Opcode, Pdu, PduError, RejectReason};
