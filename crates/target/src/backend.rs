@@ -1,1 +1,442 @@
-//! (under construction)
+//! Block storage a logical unit sits on.
+//!
+//! A [`BlockBackend`] is byte addressed and synchronous; the LU converts
+//! logical blocks to byte ranges. [`FileBackend`] serves a regular file
+//! (created sparse when missing) or a block device with positional I/O, so
+//! concurrent commands never share a file offset or a lock.
+//! [`MemBackend`] keeps the data in memory for tests.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::{FileExt, FileTypeExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+
+/// Errors opening a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path}: not a regular file or block device")]
+    NotAFileOrDevice { path: PathBuf },
+    #[error("{path}: size {size} is not a multiple of the block size {block_size}")]
+    Unaligned {
+        path: PathBuf,
+        size: u64,
+        block_size: u32,
+    },
+}
+
+/// Byte-addressed block storage. All methods may be called concurrently.
+pub trait BlockBackend: Send + Sync + std::fmt::Debug {
+    /// Size in bytes.
+    fn len(&self) -> u64;
+    /// True when the backend has no bytes.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Fill `buf` from byte `offset`. The range lies within `len()`.
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    /// Write `buf` at byte `offset`. The range lies within `len()`.
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Make every completed write durable (fdatasync).
+    fn flush(&self) -> io::Result<()>;
+    /// Make the byte range read back as zeroes, preferably by deallocating
+    /// it (hole punching); falls back to writing zeroes.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
+    /// The allocated (mapped) byte ranges intersecting `range`, in order.
+    /// Backends that cannot tell report the whole range as mapped.
+    fn mapped_ranges(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>>;
+    /// True when writes are refused by the medium itself.
+    fn is_read_only(&self) -> bool;
+    /// True when a discarded range reads back as zeroes (LBPRZ).
+    fn discard_zeroes(&self) -> bool {
+        true
+    }
+}
+
+/// A regular file or a block device accessed with pread/pwrite.
+#[derive(Debug)]
+pub struct FileBackend {
+    file: File,
+    path: PathBuf,
+    len: u64,
+    read_only: bool,
+    is_block_device: bool,
+}
+
+impl FileBackend {
+    /// Open `path`. A missing regular file is created sparse with `size`
+    /// bytes (which is then required); an existing file or device keeps its
+    /// size.
+    pub fn open(path: &Path, size: Option<u64>, read_only: bool) -> Result<Self, BackendError> {
+        let io_err = |source| BackendError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let exists = path.exists();
+        let file = if read_only {
+            OpenOptions::new().read(true).open(path).map_err(io_err)?
+        } else {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(!exists && size.is_some())
+                .truncate(false)
+                .open(path)
+                .map_err(io_err)?
+        };
+        let meta = file.metadata().map_err(io_err)?;
+        let ft = meta.file_type();
+        let is_block_device = ft.is_block_device();
+        if !ft.is_file() && !is_block_device {
+            return Err(BackendError::NotAFileOrDevice {
+                path: path.to_owned(),
+            });
+        }
+        let len = if is_block_device {
+            // The size of a block device is where SEEK_END lands.
+            let mut f = &file;
+            io::Seek::seek(&mut f, io::SeekFrom::End(0)).map_err(io_err)?
+        } else if !exists || meta.len() == 0 {
+            match size {
+                Some(s) if !read_only => {
+                    file.set_len(s).map_err(io_err)?;
+                    s
+                }
+                _ => meta.len(),
+            }
+        } else {
+            meta.len()
+        };
+        Ok(FileBackend {
+            file,
+            path: path.to_owned(),
+            len,
+            read_only,
+            is_block_device,
+        })
+    }
+
+    /// Check that the size is a whole number of `block_size` blocks.
+    pub fn check_alignment(&self, block_size: u32) -> Result<(), BackendError> {
+        if block_size == 0 || self.len % u64::from(block_size) != 0 {
+            return Err(BackendError::Unaligned {
+                path: self.path.clone(),
+                size: self.len,
+                block_size,
+            });
+        }
+        Ok(())
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn punch_hole(&self, offset: u64, len: u64) -> io::Result<()> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        // SAFETY: fallocate only reads its integer arguments; the fd is
+        // owned by `self.file` and stays open for the duration of the call.
+        let rc = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                off,
+                l,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
+    fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        let Ok(off) = libc::off_t::try_from(offset) else {
+            return Ok(None);
+        };
+        // SAFETY: lseek only reads its integer arguments on an fd owned by
+        // `self.file`. Concurrent lseek calls only move the shared file
+        // offset, which this backend never uses (all I/O is positional).
+        let rc = unsafe { libc::lseek(self.file.as_raw_fd(), off, whence) };
+        if rc >= 0 {
+            Ok(Some(rc as u64))
+        } else {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+fn write_zeroes(b: &dyn BlockBackend, mut offset: u64, len: u64) -> io::Result<()> {
+    const CHUNK: u64 = 1 << 20;
+    let zero = vec![0u8; CHUNK.min(len) as usize];
+    let end = offset + len;
+    while offset < end {
+        let n = (end - offset).min(CHUNK) as usize;
+        b.write_at(&zero[..n], offset)?;
+        offset += n as u64;
+    }
+    Ok(())
+}
+
+impl BlockBackend for FileBackend {
+    fn len(&self) -> u64 {
+        self.len
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        if !self.is_block_device {
+            match self.punch_hole(offset, len) {
+                Ok(()) => return Ok(()),
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EOPNOTSUPP)
+                        || e.raw_os_error() == Some(libc::ENOSYS) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        write_zeroes(self, offset, len)
+    }
+
+    fn mapped_ranges(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
+        let end = range.end.min(self.len);
+        let mut out = Vec::new();
+        if range.start >= end {
+            return Ok(out);
+        }
+        if self.is_block_device {
+            out.push(range.start..end);
+            return Ok(out);
+        }
+        let mut pos = range.start;
+        while pos < end {
+            let Some(data) = self.seek(pos, libc::SEEK_DATA)? else {
+                break;
+            };
+            if data >= end {
+                break;
+            }
+            let hole = self.seek(data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            if hole <= data {
+                // Defensive: the file system should never report this.
+                out.push(data..end);
+                break;
+            }
+            out.push(data..hole);
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+/// Memory-backed storage for tests: data in a `RwLock<Vec<u8>>`, with a
+/// per-block allocation map so provisioning can be observed, and counters
+/// of flushes.
+#[derive(Debug)]
+pub struct MemBackend {
+    data: RwLock<Vec<u8>>,
+    /// One flag per 4096-byte chunk: allocated or not.
+    mapped: RwLock<Vec<bool>>,
+    read_only: bool,
+    flushes: AtomicU64,
+}
+
+const MEM_CHUNK: u64 = 4096;
+
+impl MemBackend {
+    pub fn new(len: u64) -> Self {
+        Self::with_read_only(len, false)
+    }
+
+    pub fn with_read_only(len: u64, read_only: bool) -> Self {
+        let chunks = len.div_ceil(MEM_CHUNK) as usize;
+        MemBackend {
+            data: RwLock::new(vec![0; len as usize]),
+            mapped: RwLock::new(vec![false; chunks]),
+            read_only,
+            flushes: AtomicU64::new(0),
+        }
+    }
+
+    /// How many times `flush` was called.
+    pub fn flush_count(&self) -> u64 {
+        self.flushes.load(Ordering::SeqCst)
+    }
+}
+
+impl BlockBackend for MemBackend {
+    fn len(&self) -> u64 {
+        self.data.read().map(|d| d.len() as u64).unwrap_or(0)
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        let d = self.data.read().map_err(|_| io::Error::other("poisoned"))?;
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let src = d
+            .get(start..start.saturating_add(buf.len()))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        let mut d = self
+            .data
+            .write()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+        let dst = d
+            .get_mut(start..start.saturating_add(buf.len()))
+            .ok_or(io::ErrorKind::UnexpectedEof)?;
+        dst.copy_from_slice(buf);
+        drop(d);
+        if !buf.is_empty() {
+            let mut m = self
+                .mapped
+                .write()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            let first = (offset / MEM_CHUNK) as usize;
+            let last = ((offset + buf.len() as u64 - 1) / MEM_CHUNK) as usize;
+            for f in m.iter_mut().take(last + 1).skip(first) {
+                *f = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        self.flushes.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        {
+            let mut d = self
+                .data
+                .write()
+                .map_err(|_| io::Error::other("poisoned"))?;
+            let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
+            let end = start.saturating_add(len as usize);
+            d.get_mut(start..end)
+                .ok_or(io::ErrorKind::UnexpectedEof)?
+                .fill(0);
+        }
+        // Only whole chunks become unmapped, as with hole punching.
+        let mut m = self
+            .mapped
+            .write()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let first = offset.div_ceil(MEM_CHUNK);
+        let last = (offset + len) / MEM_CHUNK;
+        for c in first..last {
+            if let Some(f) = m.get_mut(c as usize) {
+                *f = false;
+            }
+        }
+        Ok(())
+    }
+
+    fn mapped_ranges(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
+        let m = self
+            .mapped
+            .read()
+            .map_err(|_| io::Error::other("poisoned"))?;
+        let len = self.len();
+        let end = range.end.min(len);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        let mut c = range.start / MEM_CHUNK;
+        while c * MEM_CHUNK < end {
+            if m.get(c as usize).copied().unwrap_or(false) {
+                let s = (c * MEM_CHUNK).max(range.start);
+                let e = ((c + 1) * MEM_CHUNK).min(end);
+                match out.last_mut() {
+                    Some(last) if last.end == s => last.end = e,
+                    _ => out.push(s..e),
+                }
+            }
+            c += 1;
+        }
+        Ok(out)
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_backend_sparse_punch_and_seek() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("lu.img");
+        let b = FileBackend::open(&p, Some(8 << 20), false).unwrap();
+        assert_eq!(b.len(), 8 << 20);
+        assert!(b.mapped_ranges(0..b.len()).unwrap().is_empty());
+        b.write_at(&[0xaa; 65536], 1 << 20).unwrap();
+        let m = b.mapped_ranges(0..b.len()).unwrap();
+        assert_eq!(m.len(), 1);
+        assert!(m[0].start <= 1 << 20 && m[0].end >= (1 << 20) + 65536);
+        b.discard(1 << 20, 65536).unwrap();
+        assert!(b.mapped_ranges(0..b.len()).unwrap().is_empty());
+        let mut buf = [1u8; 512];
+        b.read_at(&mut buf, 1 << 20).unwrap();
+        assert!(buf.iter().all(|&x| x == 0));
+        b.flush().unwrap();
+        // Reopen keeps the size.
+        drop(b);
+        let b = FileBackend::open(&p, None, true).unwrap();
+        assert_eq!(b.len(), 8 << 20);
+        assert!(b.is_read_only());
+        b.check_alignment(4096).unwrap();
+    }
+
+    #[test]
+    fn mem_backend_maps_chunks() {
+        let b = MemBackend::new(64 * 1024);
+        b.write_at(&[1; 10], 5000).unwrap();
+        assert_eq!(b.mapped_ranges(0..65536).unwrap(), vec![4096..8192]);
+        b.discard(4096, 4096).unwrap();
+        assert!(b.mapped_ranges(0..65536).unwrap().is_empty());
+        assert!(b.read_at(&mut [0; 2], 65535).is_err());
+    }
+}
