@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 pub mod codec;
+pub mod keys;
 pub mod params;
 pub mod pdu;
 pub mod serial;
