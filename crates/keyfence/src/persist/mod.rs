@@ -1,0 +1,228 @@
+//! `keyfence persist` (also run as `sg_persist`): sg_persist over iSCSI.
+//!
+//! Same options, same stdout, same stderr wording and the same exit
+//! statuses as sg3_utils' sg_persist 0.67, so that cluster scripts which
+//! parse sg_persist (Pacemaker's fence_scsi among them) work unchanged;
+//! DEVICE is an iSCSI URL instead of a device node. Deliberate
+//! differences are listed in [`DIFFERENCES`].
+
+use std::ffi::OsString;
+use std::io::Write as _;
+use std::process::ExitCode;
+
+pub mod device;
+pub mod format;
+pub mod getopt;
+pub mod opts;
+pub mod sgerr;
+pub mod tid;
+
+use device::{Lun, Target};
+use initiator::commands;
+use opts::{Action, Opts, PROG, PROUT_REG_MOVE};
+use sgerr::SgCat;
+
+/// Where keyfence persist knowingly departs from sg_persist.
+pub const DIFFERENCES: &str = "\
+- DEVICE is an iSCSI URL; failing to connect or log in is reported like
+  failing to open a device node (\"error opening file\"), exit status 15.
+- An unknown or malformed option exits with status 1 (sg_persist prints
+  the usage and exits 0).
+- --prout-type values above 0xf are refused (sg_persist keeps the low
+  four bits).
+- Unit attentions pending for a freshly logged-in I_T nexus are cleared
+  with TEST UNIT READY before the PR command, as a host's SCSI layer does
+  for a device node.
+- PR IN data longer than the allocation length is never read past its
+  end: the header still reports the device's count, only the keys that
+  were transferred are listed.
+";
+
+/// Everything one invocation writes, so that tests can compare it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Entry point: `keyfence persist ARGS` / `sg_persist ARGS`.
+pub fn run(args: &[OsString]) -> ExitCode {
+    let stdin = std::io::stdin();
+    let mut lock = stdin.lock();
+    let parsed = opts::parse(args, &mut lock);
+    drop(lock);
+    let mut out = Output {
+        stderr: parsed.stderr,
+        ..Output::default()
+    };
+    let code = match parsed.action {
+        Action::Exit(c) => c,
+        Action::Run(o) => match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(execute(&o, &mut out)),
+            Err(e) => {
+                out.stderr
+                    .push_str(&format!("{PROG}: cannot start runtime: {e}\n"));
+                SgCat::OTHER
+            }
+        },
+    };
+    emit(&out);
+    ExitCode::from(code.0)
+}
+
+/// Write captured output to the real stdout/stderr.
+pub fn emit(out: &Output) {
+    let mut so = std::io::stdout().lock();
+    let _ = so.write_all(out.stdout.as_bytes());
+    let _ = so.flush();
+    let mut se = std::io::stderr().lock();
+    let _ = se.write_all(out.stderr.as_bytes());
+    let _ = se.flush();
+}
+
+/// Connect to the device named in `o` and do the work.
+pub async fn execute(o: &Opts, out: &mut Output) -> SgCat {
+    let target = match Target::from_device(&o.device, o.initiator_name.as_deref()) {
+        Ok(t) => t,
+        Err(e) => {
+            out.stderr.push_str(&format!("{PROG}: {e}\n"));
+            return SgCat::SYNTAX_ERROR;
+        }
+    };
+    let mut lun = match target.connect(o.verbose).await {
+        Ok(l) => l,
+        Err(e) => {
+            let dev = target.display_name();
+            if o.inquiry {
+                out.stderr
+                    .push_str(&format!("{PROG}: error opening file (ro): {dev}: {e}\n"));
+            } else {
+                out.stderr
+                    .push_str(&format!("{PROG}: error opening file {dev} (rw): {e}\n"));
+            }
+            return SgCat::FILE_ERROR;
+        }
+    };
+    let code = execute_on(&mut lun, &target.display_name(), o, out).await;
+    lun.close().await;
+    code
+}
+
+/// The sg_persist work on an attached LUN: INQUIRY (unless -n), then the
+/// PR IN or PR OUT command, with sg_persist's output.
+pub async fn execute_on<L: Lun>(lun: &mut L, dev: &str, o: &Opts, out: &mut Output) -> SgCat {
+    device::clear_unit_attentions(lun, o.verbose, &mut out.stderr).await;
+    let mut flagged = false;
+    let ret = 'work: {
+        if o.inquiry {
+            match lun.execute(commands::inquiry(None, 36)).await {
+                Ok(inq) => out.stdout.push_str(&format::inquiry_header(&inq)),
+                Err(e) => {
+                    let cat = device::category(&e);
+                    out.stdout
+                        .push_str(&format!("{PROG}: SCSI INQUIRY failed on {dev}\n"));
+                    if o.verbose > 0 {
+                        out.stderr.push_str(&format!("inquiry: {e}\n"));
+                    }
+                    flagged = true;
+                    break 'work cat;
+                }
+            }
+        }
+        if o.prin {
+            prin_work(lun, o, out).await
+        } else {
+            prout_work(lun, o, out).await
+        }
+    };
+    if ret != SgCat::CLEAN && o.verbose == 0 && !flagged {
+        match ret.describe(false) {
+            Some(s) => out.stderr.push_str(&format!("{PROG} failed: {s}\n")),
+            None => out
+                .stderr
+                .push_str(&format!("Some error occurred [{}]\n", ret.0)),
+        }
+    }
+    ret
+}
+
+async fn prin_work<L: Lun>(lun: &mut L, o: &Opts, out: &mut Output) -> SgCat {
+    let alloc = u16::try_from(o.alloc_len).unwrap_or(u16::MAX);
+    let data = match lun
+        .execute(commands::persistent_reserve_in(o.prin_sa, alloc))
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => {
+            let cat = device::category(&e);
+            let b = format::prin_sa_str(o.prin_sa);
+            report_failure(&mut out.stderr, &format!("PR in ({b})"), cat, o.verbose, &e);
+            return cat;
+        }
+    };
+    match format::prin_output(o.prin_sa, &data, o.alloc_len as usize, o.hex, o.verbose) {
+        Ok(text) => {
+            out.stdout.push_str(&text);
+            SgCat::CLEAN
+        }
+        Err(text) => {
+            out.stderr
+                .push_str("Unexpected response for PRIN Report Capabilities\n");
+            out.stdout.push_str(&text);
+            SgCat::MALFORMED
+        }
+    }
+}
+
+async fn prout_work<L: Lun>(lun: &mut L, o: &Opts, out: &mut Output) -> SgCat {
+    let params = opts::prout_parameter_list(o);
+    let cmd = match commands::persistent_reserve_out(o.prout_sa, o.prout_type, params.into()) {
+        Ok(c) => c,
+        Err(e) => {
+            out.stderr.push_str(&format!("{PROG}: {e}\n"));
+            return SgCat::MALFORMED;
+        }
+    };
+    let what = if o.prout_sa == PROUT_REG_MOVE {
+        "PR out (register and move)".to_string()
+    } else {
+        format!("PR out ({})", format::prout_sa_str(o.prout_sa))
+    };
+    match lun.execute(cmd).await {
+        Ok(_) => {
+            if o.verbose > 0 {
+                if o.prout_sa == PROUT_REG_MOVE {
+                    out.stderr
+                        .push_str("PR out: 'register and move' command successful\n");
+                } else {
+                    out.stderr.push_str(&format!(
+                        "PR out: command ({}) successful\n",
+                        format::prout_sa_str(o.prout_sa)
+                    ));
+                }
+            }
+            SgCat::CLEAN
+        }
+        Err(e) => {
+            let cat = device::category(&e);
+            report_failure(&mut out.stderr, &what, cat, o.verbose, &e);
+            cat
+        }
+    }
+}
+
+fn report_failure(err: &mut String, what: &str, cat: SgCat, verbose: u32, e: &initiator::Error) {
+    if verbose > 0 {
+        err.push_str(&format!("    {e}\n"));
+    }
+    match cat {
+        SgCat::INVALID_OP => err.push_str(&format!("{what}: command not supported\n")),
+        SgCat::ILLEGAL_REQ => err.push_str(&format!(
+            "{what}: bad field in cdb or parameter list (perhaps unsupported service action)\n"
+        )),
+        _ => err.push_str(&format!("{what}: {}\n", cat.category_str(verbose))),
+    }
+}
