@@ -1,8 +1,169 @@
-//! (under construction)
+//! `keyfence serve`: run the iSCSI target.
+//!
+//! With no arguments it exports `iqn.2026-11.io.keyfence:default` on
+//! 127.0.0.1:3260 with `./keyfence-data/lun0.img` (1 GiB, created sparse when
+//! missing) as LUN 0. `--config FILE` describes several targets, portals
+//! and LUNs instead. SIGINT or SIGTERM stops it cleanly: no new connections,
+//! in-flight commands finish, backends are flushed, exit status 0.
+
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub fn run(_args: &[OsString]) -> ExitCode {
-    eprintln!("not yet implemented");
-    ExitCode::from(1)
+use anyhow::{Context, Result};
+use clap::Parser;
+use target::config::{
+    ByteSize, Config, LunConfig, TargetConfig, DEFAULT_DATA_DIR, DEFAULT_LUN_SIZE, DEFAULT_PORTAL,
+    DEFAULT_TARGET_NAME,
+};
+use target::server::Server;
+
+/// Run the keyfence iSCSI target.
+#[derive(Debug, Parser)]
+#[command(name = "keyfence serve", version, about, long_about = None)]
+struct Args {
+    /// Listen on ADDR:PORT; repeat for more portal groups (TPGT 1, 2, ... in order).
+    #[arg(long = "listen", value_name = "ADDR:PORT")]
+    listen: Vec<String>,
+    /// Directory holding backing files [default: ./keyfence-data].
+    #[arg(long = "data-dir", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// iSCSI name of the exported target.
+    #[arg(long = "target-name", value_name = "IQN")]
+    target_name: Option<String>,
+    /// Size of a backing file that has to be created (bytes, or 512M, 1G, ...).
+    #[arg(long = "size", value_name = "BYTES", value_parser = parse_size)]
+    size: Option<ByteSize>,
+    /// TOML file describing targets, portals, LUNs and limits.
+    #[arg(
+        long = "config",
+        value_name = "FILE",
+        conflicts_with_all = ["listen", "target_name", "size"]
+    )]
+    config: Option<PathBuf>,
+    /// Log filter (error, warn, info, debug, trace or a tracing directive);
+    /// RUST_LOG is used when this is not given.
+    #[arg(long = "log-level", value_name = "LEVEL")]
+    log_level: Option<String>,
+}
+
+fn parse_size(s: &str) -> Result<ByteSize, String> {
+    s.parse()
+}
+
+pub fn run(args: &[OsString]) -> ExitCode {
+    let argv = std::iter::once(OsString::from("keyfence serve")).chain(args.iter().cloned());
+    let args = match Args::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    init_tracing(args.log_level.as_deref());
+    match serve(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyfence serve: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_tracing(level: Option<&str>) {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(l) => EnvFilter::try_new(l),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+    }
+    .unwrap_or_else(|e| {
+        eprintln!("keyfence serve: bad log filter ({e}); using 'info'");
+        EnvFilter::new("info")
+    });
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Build the configuration from the command line.
+fn config_from_args(args: &Args) -> Result<Config> {
+    let mut cfg = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let portals = if args.listen.is_empty() {
+                vec![DEFAULT_PORTAL.to_string()]
+            } else {
+                args.listen.clone()
+            };
+            let mut cfg = Config {
+                data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+                limits: Default::default(),
+                targets: vec![TargetConfig {
+                    name: args
+                        .target_name
+                        .clone()
+                        .unwrap_or_else(|| DEFAULT_TARGET_NAME.to_string()),
+                    portals,
+                    luns: vec![LunConfig {
+                        id: 0,
+                        path: Some(PathBuf::from("lun0.img")),
+                        device: None,
+                        size: Some(args.size.unwrap_or(ByteSize(DEFAULT_LUN_SIZE))),
+                        block_size: 512,
+                        read_only: false,
+                        serial: None,
+                        naa: None,
+                    }],
+                    portal_addrs: Vec::new(),
+                }],
+            };
+            cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+            cfg
+        }
+    };
+    if let Some(dir) = &args.data_dir {
+        cfg.data_dir = dir.clone();
+    }
+    Ok(cfg)
+}
+
+fn serve(args: Args) -> Result<()> {
+    let cfg = config_from_args(&args)?;
+    if !cfg.data_dir.exists() {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("keyfence")
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(async move {
+        let server = Server::bind(cfg).await?;
+        print!("{}", server.describe());
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        server.run(shutdown_signal()).await?;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("cannot install SIGTERM handler: {e}");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+    }
 }

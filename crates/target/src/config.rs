@@ -408,7 +408,7 @@ impl Config {
                         t.name
                     ))
                 })?;
-                if addrs.contains(&a) {
+                if a.port() != 0 && addrs.contains(&a) {
                     return Err(invalid(format!(
                         "target '{}': portal {a} is listed twice",
                         t.name
