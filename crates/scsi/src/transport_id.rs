@@ -161,7 +161,7 @@ impl TransportId {
                 out.push(0);
                 // Additional length is bounded by the 223-byte name limit
                 // for names we produced; saturate for absurd inputs.
-                let add16 = u16::try_from(add).unwrap_or(u16::MAX & !3);
+                let add16 = u16::try_from(add).unwrap_or(0xfffc);
                 out.extend_from_slice(&add16.to_be_bytes());
                 let start = out.len();
                 out.extend_from_slice(name.as_bytes());
