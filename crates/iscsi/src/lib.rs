@@ -9,8 +9,10 @@
 //! callers feed bytes or PDUs in and send what comes out.
 #![forbid(unsafe_code)]
 
+pub mod chap;
 pub mod codec;
 pub mod keys;
+pub mod login;
 pub mod params;
 pub mod pdu;
 pub mod serial;
