@@ -133,6 +133,11 @@ impl TextBuilder {
         }
         self
     }
+    /// Appends already built (NUL-terminated) text.
+    pub fn push_text(&mut self, text: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(text);
+        self
+    }
     pub fn len(&self) -> usize {
         self.buf.len()
     }
