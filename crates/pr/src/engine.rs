@@ -326,6 +326,7 @@ pub fn pr_out(
     state: &PrState,
     nexus: &Nexus,
     ports: &[TargetPort],
+    features: Features,
     cdb: &[u8],
     data: &[u8],
 ) -> Result<Applied, Reject> {
@@ -353,6 +354,23 @@ pub fn pr_out(
         PrOutAction::RegisterAndMove => Params::Move(RegisterMoveParams::decode(list)?),
         _ => Params::Basic(PrOutParams::decode(list)?),
     };
+
+    // APTPL=1 without persist-through-power-loss support (SPC-5 6.16.3);
+    // the bit is ignored by the other service actions.
+    if !features.ptpl_c {
+        match (&params, action) {
+            (Params::Move(p), _) if p.aptpl => {
+                return Err(check(Sense::invalid_param_field(17, Some(0))));
+            }
+            (
+                Params::Basic(p),
+                PrOutAction::Register
+                | PrOutAction::RegisterAndIgnoreExistingKey
+                | PrOutAction::ReplaceLostReservation,
+            ) if p.aptpl => return Err(check(Sense::invalid_param_field(20, Some(0)))),
+            _ => {}
+        }
+    }
 
     // SCOPE and TYPE, where valid (SPC-5 table 216).
     let pr_type = match action {

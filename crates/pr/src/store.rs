@@ -17,6 +17,8 @@ pub type Version = u64;
 pub enum StoreError {
     #[error("PR store I/O error: {0}")]
     Io(String),
+    #[error("PR store out of space: {0}")]
+    NoSpace(String),
     #[error("persisted PR state is unreadable: {0}")]
     Corrupt(String),
     #[error("PR store version changed underneath: expected {expected}, found {found}")]
