@@ -15,16 +15,7 @@ pub struct Command {
     pub attr: TaskAttr,
 }
 
-/// SAM task attribute, as coded in the SCSI Command PDU (RFC 7143 §11.3.1.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum TaskAttr {
-    Untagged = 0,
-    #[default]
-    Simple = 1,
-    Ordered = 2,
-    HeadOfQueue = 3,
-    Aca = 4,
-}
+pub use iscsi::pdu::TaskAttr;
 
 impl Command {
     /// A command with no data transfer.
@@ -58,8 +49,6 @@ pub mod opcode {
     pub const READ_10: u8 = 0x28;
     pub const WRITE_10: u8 = 0x2a;
     pub const SYNCHRONIZE_CACHE_10: u8 = 0x35;
-    pub const PERSISTENT_RESERVE_IN: u8 = 0x5e;
-    pub const PERSISTENT_RESERVE_OUT: u8 = 0x5f;
     pub const READ_16: u8 = 0x88;
     pub const WRITE_16: u8 = 0x8a;
     pub const SERVICE_ACTION_IN_16: u8 = 0x9e;
@@ -144,31 +133,6 @@ pub fn synchronize_cache() -> Command {
         0,
         0,
     ])
-}
-
-/// PERSISTENT RESERVE IN with `service_action` (SPC-4 6.15).
-pub fn persistent_reserve_in(service_action: u8, alloc: u16) -> Command {
-    let mut cdb = vec![0u8; 10];
-    cdb[0] = opcode::PERSISTENT_RESERVE_IN;
-    cdb[1] = service_action & 0x1f;
-    cdb[7..9].copy_from_slice(&alloc.to_be_bytes());
-    Command::read(cdb, u32::from(alloc))
-}
-
-/// PERSISTENT RESERVE OUT (SPC-4 6.16) with SCOPE fixed to LU_SCOPE.
-pub fn persistent_reserve_out(
-    service_action: u8,
-    pr_type: u8,
-    params: bytes::Bytes,
-) -> Result<Command> {
-    let len = u32::try_from(params.len())
-        .map_err(|_| Error::InvalidArgument("PR OUT parameter list too long".into()))?;
-    let mut cdb = vec![0u8; 10];
-    cdb[0] = opcode::PERSISTENT_RESERVE_OUT;
-    cdb[1] = service_action & 0x1f;
-    cdb[2] = pr_type & 0x0f; // scope 0 = LU_SCOPE
-    cdb[5..9].copy_from_slice(&len.to_be_bytes());
-    Ok(Command::write(cdb, params))
 }
 
 /// Standard INQUIRY data (SPC-4 6.6.2), the fields people look at.
@@ -401,10 +365,6 @@ mod tests {
         let c = write16(9, bytes::Bytes::from(vec![0; 1024]), 512, true).unwrap();
         assert_eq!(c.cdb[1], 0x08);
         assert_eq!(&c.cdb[10..14], &[0, 0, 0, 2]);
-        let c = persistent_reserve_out(0x01, 0x05, bytes::Bytes::from(vec![0; 24])).unwrap();
-        assert_eq!(c.cdb, vec![0x5f, 1, 5, 0, 0, 0, 0, 0, 24, 0]);
-        let c = persistent_reserve_in(0x00, 1024);
-        assert_eq!(c.cdb, vec![0x5e, 0, 0, 0, 0, 0, 0, 4, 0, 0]);
     }
 
     #[test]

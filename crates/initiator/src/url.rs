@@ -185,32 +185,6 @@ impl FromStr for IscsiUrl {
     }
 }
 
-/// Encode a LUN as the 8-byte SAM-5 LUN field (single level).
-pub fn encode_lun(lun: u16) -> [u8; 8] {
-    let mut b = [0u8; 8];
-    if lun < 256 {
-        b[1] = lun as u8; // peripheral device addressing, bus 0
-    } else {
-        let l = lun & MAX_LUN;
-        b[0] = 0x40 | (l >> 8) as u8; // flat space addressing
-        b[1] = (l & 0xff) as u8;
-    }
-    b
-}
-
-/// Decode a single-level SAM-5 LUN field as reported by REPORT LUNS.
-/// Returns `None` for multi-level or extended addressing.
-pub fn decode_lun(b: [u8; 8]) -> Option<u16> {
-    if b[2..].iter().any(|&x| x != 0) {
-        return None;
-    }
-    match b[0] >> 6 {
-        0b00 if b[0] == 0 => Some(u16::from(b[1])),
-        0b01 => Some(u16::from(b[0] & 0x3f) << 8 | u16::from(b[1])),
-        _ => None,
-    }
-}
-
 fn strip_scheme(s: &str) -> Option<&str> {
     let (scheme, rest) = s.split_once("://")?;
     scheme.eq_ignore_ascii_case("iscsi").then_some(rest)
@@ -347,16 +321,5 @@ mod tests {
         assert_eq!(e("iscsi://h/t/-1"), BadLun("-1".into()));
         assert_eq!(e("iscsi://h/t/0/x"), TrailingPath("x".into()));
         assert_eq!(IscsiUrl::parse_full("iscsi://h"), Err(MissingTarget));
-    }
-
-    #[test]
-    fn lun_encoding() {
-        assert_eq!(encode_lun(5), [0, 5, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(encode_lun(0x1234), [0x52, 0x34, 0, 0, 0, 0, 0, 0]);
-        for l in [0, 1, 255, 256, 0x3fff] {
-            assert_eq!(decode_lun(encode_lun(l)), Some(l));
-        }
-        assert_eq!(decode_lun([0x80, 0, 0, 0, 0, 0, 0, 0]), None);
-        assert_eq!(decode_lun([0, 1, 0, 2, 0, 0, 0, 0]), None);
     }
 }

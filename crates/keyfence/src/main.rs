@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
+mod bench;
 mod mpathpersist;
 mod persist;
 mod pr_show;
@@ -22,6 +23,7 @@ Commands:
   persist       sg_persist-compatible PR tool over iSCSI (also run as sg_persist)
   mpathpersist  mpathpersist-compatible multipath PR tool (also run as mpathpersist)
   pr            inspect PR state: `keyfence pr show`
+  bench         block I/O load over iSCSI at a fixed queue depth
   help          print this help
 
 Run `keyfence <COMMAND> --help` for a command's options.
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
         "persist" | "sg_persist" => persist::run(rest),
         "mpathpersist" => mpathpersist::run(rest),
         "pr" => pr_show::run(rest),
+        "bench" => bench::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             ExitCode::SUCCESS
