@@ -258,12 +258,15 @@ impl Tx {
         }
     }
 
-    /// Remove the registration of `nexus` with what follows for the
+    /// Remove the registrations of `nexuses` with what follows for the
     /// reservation (SPC-5 5.13.11.2.3 and table 71). `cmd` is the nexus
-    /// the command came through (it gets no unit attention).
-    fn unregister(&mut self, nexus: &Nexus, cmd: &Nexus) {
+    /// the command came through (it gets no unit attention); nexuses
+    /// removed together get none either.
+    fn unregister(&mut self, nexuses: &[Nexus], cmd: &Nexus) {
         let before = self.st.registrations.len();
-        self.st.registrations.retain(|g| &g.nexus != nexus);
+        self.st
+            .registrations
+            .retain(|g| !nexuses.contains(&g.nexus));
         if self.st.registrations.len() == before {
             return;
         }
@@ -276,7 +279,7 @@ impl Tx {
                     self.st.reservation = None;
                 }
             }
-            Some(h) if h == nexus => {
+            Some(h) if nexuses.contains(h) => {
                 self.st.reservation = None;
                 if res.pr_type.registrants_only() {
                     self.ua_registrants_except(cmd, asc::RESERVATIONS_RELEASED);
@@ -472,9 +475,7 @@ fn register(
         }
     }
     if p.service_action_key == 0 {
-        for n in &own {
-            tx.unregister(n, nexus);
-        }
+        tx.unregister(&own, nexus);
     } else {
         // SPEC_I_PT: every TransportID, all or nothing.
         let mut others: Vec<Nexus> = Vec::new();
@@ -642,8 +643,8 @@ fn preempt(
         if removed.is_empty() {
             return Err(Reject::Conflict);
         }
+        tx.unregister(&removed, nexus);
         for n in &removed {
-            tx.unregister(n, nexus);
             if n != nexus {
                 tx.ua(n, asc::REGISTRATIONS_PREEMPTED);
             }
@@ -694,7 +695,7 @@ fn register_and_move(
         holder: Some(dest),
     });
     if p.unreg {
-        tx.unregister(nexus, nexus);
+        tx.unregister(std::slice::from_ref(nexus), nexus);
     }
     tx.st.aptpl = p.aptpl;
     tx.bump();
