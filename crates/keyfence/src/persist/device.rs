@@ -10,8 +10,30 @@ use initiator::{Error, IscsiUrl, Isid};
 use super::sgerr::SgCat;
 
 /// A logical unit that runs SCSI commands; the data-in comes back.
-pub trait Lun: Send {
-    fn execute(&mut self, cmd: Command) -> impl Future<Output = initiator::Result<Vec<u8>>> + Send;
+pub trait Lun: Send + Sync {
+    fn execute(&self, cmd: Command) -> impl Future<Output = initiator::Result<Vec<u8>>> + Send;
+}
+
+/// PERSISTENT RESERVE IN (SPC-4 6.15) for `sa` with allocation length
+/// `alloc`.
+pub fn prin_cmd(sa: u8, alloc: u16) -> Command {
+    let mut cdb = vec![0u8; 10];
+    cdb[0] = 0x5e;
+    cdb[1] = sa & 0x1f;
+    cdb[7..9].copy_from_slice(&alloc.to_be_bytes());
+    Command::read(cdb, u32::from(alloc))
+}
+
+/// PERSISTENT RESERVE OUT (SPC-4 6.16), LU_SCOPE, with its parameter list.
+pub fn prout_cmd(sa: u8, pr_type: u8, params: Vec<u8>) -> Command {
+    let mut cdb = vec![0u8; 10];
+    cdb[0] = 0x5f;
+    cdb[1] = sa & 0x1f;
+    cdb[2] = pr_type & 0x0f;
+    // Parameter lists built here are at most a few KiB.
+    let len = u32::try_from(params.len()).unwrap_or(u32::MAX);
+    cdb[5..9].copy_from_slice(&len.to_be_bytes());
+    Command::write(cdb, params.into())
 }
 
 /// sg3_utils category of a failed command.
@@ -36,7 +58,7 @@ pub const MAX_UA_CLEAR: usize = 16;
 /// nexus loss, reservations preempted...) with TEST UNIT READY, as the
 /// host SCSI layer does before an application sees a device node. Logged
 /// to `err` when verbose.
-pub async fn clear_unit_attentions<L: Lun>(lun: &mut L, verbose: u32, err: &mut String) {
+pub async fn clear_unit_attentions<L: Lun>(lun: &L, verbose: u32, err: &mut String) {
     for _ in 0..MAX_UA_CLEAR {
         match lun.execute(commands::test_unit_ready()).await {
             Err(Error::UnitAttention(s)) => {
@@ -98,22 +120,44 @@ impl Target {
 
 /// A LUN behind a logged-in iSCSI session.
 pub struct IscsiLun {
-    _private: (),
+    dev: initiator::Device,
 }
 
 impl IscsiLun {
-    pub async fn connect(_t: &Target, _verbose: u32) -> Result<IscsiLun, Error> {
-        Err(Error::InvalidArgument(
-            "iSCSI sessions are not available in this build".into(),
-        ))
+    /// Log in to the target and LUN of `t`.
+    pub async fn connect(t: &Target, _verbose: u32) -> Result<IscsiLun, Error> {
+        let cfg = initiator::SessionConfig {
+            initiator_name: Some(t.initiator_name.clone()),
+            isid: t.isid,
+            // The tools decide themselves how to treat UNIT ATTENTION.
+            unit_attention_retries: 0,
+            ..initiator::SessionConfig::default()
+        };
+        let dev = initiator::Device::connect(&t.url, &cfg).await?;
+        Ok(IscsiLun { dev })
     }
 
-    /// Log out (best effort).
-    pub async fn close(self) {}
+    /// The initiator port (name and ISID) this LUN is reached through.
+    pub fn initiator_port(&self) -> scsi::InitiatorPort {
+        self.dev.session().initiator_port()
+    }
+
+    pub fn device(&self) -> &initiator::Device {
+        &self.dev
+    }
+
+    /// Log out (best effort: the work is done, a failed logout changes
+    /// nothing for the caller).
+    pub async fn close(self) {
+        if let Err(e) = self.dev.close().await {
+            tracing::debug!("logout failed: {e}");
+        }
+    }
 }
 
 impl Lun for IscsiLun {
-    async fn execute(&mut self, _cmd: Command) -> initiator::Result<Vec<u8>> {
-        Err(Error::SessionClosed)
+    async fn execute(&self, cmd: Command) -> initiator::Result<Vec<u8>> {
+        let r = self.dev.execute_raw(&cmd).await?.into_result()?;
+        Ok(r.data.to_vec())
     }
 }

@@ -92,7 +92,7 @@ pub async fn execute(o: &Opts, out: &mut Output) -> SgCat {
             return SgCat::SYNTAX_ERROR;
         }
     };
-    let mut lun = match target.connect(o.verbose).await {
+    let lun = match target.connect(o.verbose).await {
         Ok(l) => l,
         Err(e) => {
             let dev = target.display_name();
@@ -106,14 +106,14 @@ pub async fn execute(o: &Opts, out: &mut Output) -> SgCat {
             return SgCat::FILE_ERROR;
         }
     };
-    let code = execute_on(&mut lun, &target.display_name(), o, out).await;
+    let code = execute_on(&lun, &target.display_name(), o, out).await;
     lun.close().await;
     code
 }
 
 /// The sg_persist work on an attached LUN: INQUIRY (unless -n), then the
 /// PR IN or PR OUT command, with sg_persist's output.
-pub async fn execute_on<L: Lun>(lun: &mut L, dev: &str, o: &Opts, out: &mut Output) -> SgCat {
+pub async fn execute_on<L: Lun>(lun: &L, dev: &str, o: &Opts, out: &mut Output) -> SgCat {
     device::clear_unit_attentions(lun, o.verbose, &mut out.stderr).await;
     let mut flagged = false;
     let ret = 'work: {
@@ -149,12 +149,9 @@ pub async fn execute_on<L: Lun>(lun: &mut L, dev: &str, o: &Opts, out: &mut Outp
     ret
 }
 
-async fn prin_work<L: Lun>(lun: &mut L, o: &Opts, out: &mut Output) -> SgCat {
+async fn prin_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> SgCat {
     let alloc = u16::try_from(o.alloc_len).unwrap_or(u16::MAX);
-    let data = match lun
-        .execute(commands::persistent_reserve_in(o.prin_sa, alloc))
-        .await
-    {
+    let data = match lun.execute(device::prin_cmd(o.prin_sa, alloc)).await {
         Ok(d) => d,
         Err(e) => {
             let cat = device::category(&e);
@@ -177,15 +174,9 @@ async fn prin_work<L: Lun>(lun: &mut L, o: &Opts, out: &mut Output) -> SgCat {
     }
 }
 
-async fn prout_work<L: Lun>(lun: &mut L, o: &Opts, out: &mut Output) -> SgCat {
+async fn prout_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> SgCat {
     let params = opts::prout_parameter_list(o);
-    let cmd = match commands::persistent_reserve_out(o.prout_sa, o.prout_type, params.into()) {
-        Ok(c) => c,
-        Err(e) => {
-            out.stderr.push_str(&format!("{PROG}: {e}\n"));
-            return SgCat::MALFORMED;
-        }
-    };
+    let cmd = device::prout_cmd(o.prout_sa, o.prout_type, params);
     let what = if o.prout_sa == PROUT_REG_MOVE {
         "PR out (register and move)".to_string()
     } else {

@@ -1,0 +1,528 @@
+//! Persistent reservations over a multipath device: several iSCSI paths
+//! (each its own I_T nexus) to one logical unit, handled the way
+//! libmpathpersist handles a dm-multipath map.
+//!
+//! * PR IN: the first working path answers; a path whose connection fails
+//!   is marked down and the next one is tried.
+//! * REGISTER / REGISTER AND IGNORE EXISTING KEY: sent on every path in
+//!   parallel (once per initiator port when ALL_TG_PT is set, since one
+//!   such registration covers every target port). If any path fails with a
+//!   SCSI error (RESERVATION CONFLICT above all) the paths that succeeded
+//!   are rolled back with REGISTER AND IGNORE EXISTING KEY: to the old key
+//!   for REGISTER (the command only succeeded where the old key was the
+//!   one given), to unregistered for REGISTER AND IGNORE (the old key is
+//!   unknown), so the device is never left half registered.
+//! * RESERVE, PREEMPT, PREEMPT AND ABORT, CLEAR: one path; the next one only
+//!   if the transport fails before the device answers.
+//! * RELEASE: every path in parallel (a release from a non-holder is a
+//!   no-op). If the reservation is still held with our key afterwards, the
+//!   holder is an I_T nexus we cannot reach (a dead path): read the full
+//!   status, CLEAR, then put every registration back with REGISTER +
+//!   SPEC_I_PT from a live path on the same target port (grouped by key,
+//!   ALL_TG_PT and relative target port).
+//! * UNIT ATTENTION is retried (5 times, like libmpathpersist), as is
+//!   NOT READY / LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE
+//!   TRANSITION.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use initiator::commands::Command;
+use initiator::Error;
+use scsi::pr_data::FullStatus;
+use scsi::transport_id::TransportId;
+
+use super::format::code;
+use crate::persist::device::Lun;
+
+pub const PRIN_RKEY: u8 = 0;
+pub const PRIN_RRES: u8 = 1;
+pub const PRIN_RFSTAT: u8 = 3;
+pub const PROUT_REG: u8 = 0;
+pub const PROUT_REL: u8 = 2;
+pub const PROUT_CLEAR: u8 = 3;
+pub const PROUT_REG_IGN: u8 = 6;
+
+/// Retries through UNIT ATTENTION / transitioning (libmpathpersist MAXRETRY).
+pub const MAX_RETRY: u32 = 5;
+
+/// What we know about one path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The path's URL as shown to the user (no secret).
+    pub url: String,
+    /// Our initiator port on this path: iSCSI name and ISID.
+    pub initiator_name: String,
+    pub isid: u64,
+    /// RELATIVE TARGET PORT IDENTIFIER of the target port this path uses
+    /// (VPD page 83h), when the device reports it.
+    pub rtpi: Option<u16>,
+}
+
+impl PathInfo {
+    /// True when `tid` names this path's initiator port.
+    pub fn is_port(&self, tid: &TransportId) -> bool {
+        match tid {
+            TransportId::Iscsi {
+                name,
+                isid: Some(i),
+            } => name.eq_ignore_ascii_case(&self.initiator_name) && *i == self.isid,
+            _ => false,
+        }
+    }
+
+    pub fn transport_id(&self) -> TransportId {
+        TransportId::Iscsi {
+            name: self.initiator_name.clone(),
+            isid: Some(self.isid),
+        }
+    }
+}
+
+/// One path: its identity and, while it works, its LUN.
+pub struct MPath<P> {
+    pub info: PathInfo,
+    pub lun: Option<Arc<P>>,
+    /// Why the path is down.
+    pub down: Option<String>,
+}
+
+/// A multipath device and a log of what was done (for `-v`).
+pub struct Multipath<P> {
+    pub name: String,
+    pub paths: Vec<MPath<P>>,
+    pub log: Vec<String>,
+}
+
+/// Failure of a multipath operation: an MPATH_PR_* status and the error
+/// that caused it, if a device answered.
+#[derive(Debug)]
+pub struct Failure {
+    pub status: u8,
+    pub error: Option<Error>,
+}
+
+impl Failure {
+    fn from_error(e: Error) -> Failure {
+        Failure {
+            status: super::format::status_of(&e),
+            error: Some(e),
+        }
+    }
+    fn no_path() -> Failure {
+        Failure {
+            status: code::DMMP_ERROR,
+            error: None,
+        }
+    }
+}
+
+/// True for errors after which the path cannot be used (as opposed to the
+/// device answering with a SCSI status).
+pub fn is_path_error(e: &Error) -> bool {
+    e.is_connection_error() || matches!(e, Error::Timeout { .. } | Error::TargetFailure(_))
+}
+
+/// Run one command, retrying UNIT ATTENTION and ALUA transitions.
+pub async fn exec_retry<P: Lun>(lun: &P, cmd: &Command) -> Result<Vec<u8>, Error> {
+    let mut tries = 0;
+    loop {
+        match lun.execute(cmd.clone()).await {
+            Err(Error::UnitAttention(_)) if tries < MAX_RETRY => tries += 1,
+            Err(Error::CheckCondition(s))
+                if tries < MAX_RETRY
+                    && s.key == scsi::SenseKey::NotReady
+                    && s.asc == 0x04
+                    && s.ascq == 0x0a =>
+            {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Parameter list of a basic PR OUT (SPC-4 6.16.3).
+pub fn basic_params(
+    rk: u64,
+    sark: u64,
+    all_tg_pt: bool,
+    aptpl: bool,
+    tids: &[TransportId],
+) -> Vec<u8> {
+    let mut p = vec![0u8; 24];
+    p[0..8].copy_from_slice(&rk.to_be_bytes());
+    p[8..16].copy_from_slice(&sark.to_be_bytes());
+    if all_tg_pt {
+        p[20] |= 0x04;
+    }
+    if aptpl {
+        p[20] |= 0x01;
+    }
+    if !tids.is_empty() {
+        p[20] |= 0x08;
+        let mut list = Vec::new();
+        for t in tids {
+            t.encode_into(&mut list);
+        }
+        p.extend((list.len() as u32).to_be_bytes());
+        p.extend(list);
+    }
+    p
+}
+
+fn prout(sa: u8, pr_type: u8, params: Vec<u8>) -> Result<Command, Failure> {
+    Ok(crate::persist::device::prout_cmd(sa, pr_type, params))
+}
+
+impl<P: Lun + 'static> Multipath<P> {
+    pub fn new(name: String, paths: Vec<MPath<P>>) -> Self {
+        Multipath {
+            name,
+            paths,
+            log: Vec::new(),
+        }
+    }
+
+    fn up(&self) -> Vec<usize> {
+        (0..self.paths.len())
+            .filter(|&i| self.paths[i].lun.is_some())
+            .collect()
+    }
+
+    fn mark_down(&mut self, i: usize, why: &Error) {
+        let p = &mut self.paths[i];
+        self.log
+            .push(format!("{}: path {} failed: {why}", self.name, p.info.url));
+        p.lun = None;
+        p.down = Some(why.to_string());
+    }
+
+    /// Run `cmd` on the first path that works.
+    pub async fn one_path(&mut self, cmd: &Command) -> Result<(usize, Vec<u8>), Failure> {
+        for i in self.up() {
+            let Some(lun) = self.paths[i].lun.clone() else {
+                continue;
+            };
+            match exec_retry(&*lun, cmd).await {
+                Ok(d) => return Ok((i, d)),
+                Err(e) if is_path_error(&e) => self.mark_down(i, &e),
+                Err(e) => return Err(Failure::from_error(e)),
+            }
+        }
+        Err(Failure::no_path())
+    }
+
+    /// PERSISTENT RESERVE IN on the first working path.
+    pub async fn prin(&mut self, sa: u8, alloc: u16) -> Result<Vec<u8>, Failure> {
+        self.one_path(&crate::persist::device::prin_cmd(sa, alloc))
+            .await
+            .map(|(_, d)| d)
+    }
+
+    /// Run per-path commands on the given paths concurrently; results in
+    /// the same order. Path errors mark the path down.
+    async fn parallel(&mut self, jobs: Vec<(usize, Command)>) -> Vec<(usize, Result<(), Error>)> {
+        let mut set = tokio::task::JoinSet::new();
+        for (slot, (i, cmd)) in jobs.into_iter().enumerate() {
+            if let Some(lun) = self.paths[i].lun.clone() {
+                set.spawn(async move { (slot, i, exec_retry(&*lun, &cmd).await.map(|_| ())) });
+            }
+        }
+        let mut out = Vec::new();
+        while let Some(j) = set.join_next().await {
+            match j {
+                Ok(r) => out.push(r),
+                Err(e) => self
+                    .log
+                    .push(format!("{}: path task failed: {e}", self.name)),
+            }
+        }
+        out.sort_by_key(|(slot, _, _)| *slot);
+        let mut res = Vec::new();
+        for (_, i, r) in out {
+            if let Err(e) = &r {
+                if is_path_error(e) {
+                    self.mark_down(i, e);
+                }
+            }
+            res.push((i, r));
+        }
+        res
+    }
+
+    /// REGISTER (`sa` 0) or REGISTER AND IGNORE EXISTING KEY (`sa` 6) on
+    /// every path, rolling back on partial failure.
+    pub async fn register(
+        &mut self,
+        sa: u8,
+        rk: u64,
+        sark: u64,
+        all_tg_pt: bool,
+        aptpl: bool,
+        tids: &[TransportId],
+    ) -> Result<(), Failure> {
+        let mut targets = self.up();
+        if all_tg_pt {
+            let mut seen = std::collections::HashSet::new();
+            targets.retain(|&i| {
+                let p = &self.paths[i].info;
+                seen.insert((p.initiator_name.to_ascii_lowercase(), p.isid))
+            });
+        }
+        if targets.is_empty() {
+            return Err(Failure::no_path());
+        }
+        let cmd = prout(sa, 0, basic_params(rk, sark, all_tg_pt, aptpl, tids))?;
+        let jobs = targets.iter().map(|&i| (i, cmd.clone())).collect();
+        let results = self.parallel(jobs).await;
+        let ok: Vec<usize> = results
+            .iter()
+            .filter(|(_, r)| r.is_ok())
+            .map(|(i, _)| *i)
+            .collect();
+        let mut scsi_errors: Vec<Error> = results
+            .into_iter()
+            .filter_map(|(_, r)| r.err())
+            .filter(|e| !is_path_error(e))
+            .collect();
+        if scsi_errors.is_empty() {
+            if ok.is_empty() {
+                return Err(Failure::no_path());
+            }
+            return Ok(());
+        }
+        // Partial failure: undo what succeeded.
+        if !ok.is_empty() && sark != 0 {
+            let back_to = if sa == PROUT_REG { rk } else { 0 };
+            let rb = prout(
+                PROUT_REG_IGN,
+                0,
+                basic_params(0, back_to, all_tg_pt, aptpl, &[]),
+            )?;
+            for &i in &ok {
+                self.log.push(format!(
+                    "{}: rolling back registration on path {} (to key 0x{back_to:x})",
+                    self.name, self.paths[i].info.url
+                ));
+            }
+            let jobs = ok.iter().map(|&i| (i, rb.clone())).collect();
+            for (i, r) in self.parallel(jobs).await {
+                if let Err(e) = r {
+                    self.log.push(format!(
+                        "{}: rollback on path {} failed: {e}",
+                        self.name, self.paths[i].info.url
+                    ));
+                }
+            }
+        }
+        let pos = scsi_errors
+            .iter()
+            .position(|e| matches!(e, Error::ReservationConflict))
+            .unwrap_or(0);
+        Err(Failure::from_error(scsi_errors.swap_remove(pos)))
+    }
+
+    /// RELEASE on every path; recover a reservation held by a dead path.
+    pub async fn release(&mut self, rk: u64, pr_type: u8, aptpl: bool) -> Result<(), Failure> {
+        let targets = self.up();
+        if targets.is_empty() {
+            return Err(Failure::no_path());
+        }
+        let cmd = prout(PROUT_REL, pr_type, basic_params(rk, 0, false, aptpl, &[]))?;
+        let results = self
+            .parallel(targets.iter().map(|&i| (i, cmd.clone())).collect())
+            .await;
+        if results
+            .iter()
+            .all(|(_, r)| matches!(r, Err(e) if is_path_error(e)))
+        {
+            return Err(Failure::no_path());
+        }
+        if let Some(e) = results
+            .into_iter()
+            .filter_map(|(_, r)| r.err())
+            .find(|e| !is_path_error(e))
+        {
+            return Err(Failure::from_error(e));
+        }
+        let resv = self.prin(PRIN_RRES, 8192).await?;
+        let rr = scsi::pr_data::ReadReservation::decode(&resv).map_err(|e| Failure {
+            status: code::SENSE_MALFORMED,
+            error: Some(Error::BadData {
+                what: "READ RESERVATION data",
+                detail: e.to_string(),
+            }),
+        })?;
+        match rr.reservation {
+            Some(r) if r.key == rk && rk != 0 => {
+                self.log.push(format!(
+                    "{}: reservation with key 0x{rk:x} still held after RELEASE on all paths: \
+                     the holder path is unreachable; clearing and re-registering",
+                    self.name
+                ));
+                self.recover_dead_holder(rk).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// READ FULL STATUS, CLEAR, and put every registration back.
+    async fn recover_dead_holder(&mut self, rk: u64) -> Result<(), Failure> {
+        let data = self.prin(PRIN_RFSTAT, 8192).await?;
+        let fs = FullStatus::decode(&data).map_err(|e| Failure {
+            status: code::SENSE_MALFORMED,
+            error: Some(Error::BadData {
+                what: "READ FULL STATUS data",
+                detail: e.to_string(),
+            }),
+        })?;
+        // (key, all_tg_pt, rtpi) -> initiator ports
+        let mut groups: BTreeMap<(u64, bool, u16), Vec<TransportId>> = BTreeMap::new();
+        for d in &fs.descriptors {
+            let rtpi = if d.all_tg_pt {
+                0
+            } else {
+                d.relative_target_port
+            };
+            let g = groups.entry((d.key, d.all_tg_pt, rtpi)).or_default();
+            if !g.contains(&d.transport_id) {
+                g.push(d.transport_id.clone());
+            }
+        }
+        self.one_path(&prout(
+            PROUT_CLEAR,
+            0,
+            basic_params(rk, 0, false, false, &[]),
+        )?)
+        .await?;
+        // Pick a sender per group: a live path on the right target port,
+        // preferably one whose own registration is part of the group.
+        let mut plan = Vec::new();
+        let mut lost = Vec::new();
+        for ((key, atp, rtpi), ports) in groups {
+            let cands: Vec<usize> = self
+                .up()
+                .into_iter()
+                .filter(|&i| atp || self.paths[i].info.rtpi == Some(rtpi))
+                .collect();
+            let member = cands
+                .iter()
+                .copied()
+                .find(|&i| ports.iter().any(|t| self.paths[i].info.is_port(t)));
+            match member.or_else(|| cands.first().copied()) {
+                Some(i) => plan.push((member.is_some(), i, key, atp, ports)),
+                None => lost.push((key, atp, rtpi, ports.len())),
+            }
+        }
+        // Senders that are not members register and unregister again, so
+        // they go first, while no sender is registered yet.
+        plan.sort_by_key(|(member, ..)| *member);
+        let mut first_err = None;
+        for (member, i, key, atp, ports) in plan {
+            let me = self.paths[i].info.clone();
+            let others: Vec<TransportId> = ports.into_iter().filter(|t| !me.is_port(t)).collect();
+            let Some(lun) = self.paths[i].lun.clone() else {
+                continue;
+            };
+            let reg = prout(PROUT_REG, 0, basic_params(0, key, atp, false, &others))?;
+            let r = exec_retry(&*lun, &reg).await;
+            self.log.push(format!(
+                "{}: re-registered key 0x{key:x} for {} initiator port(s){} via {}: {}",
+                self.name,
+                others.len() + usize::from(member),
+                if atp { " on all target ports" } else { "" },
+                me.url,
+                match &r {
+                    Ok(_) => "ok".to_string(),
+                    Err(e) => e.to_string(),
+                }
+            ));
+            if let Err(e) = r {
+                first_err.get_or_insert(e);
+                continue;
+            }
+            if !member {
+                let unreg = prout(PROUT_REG, 0, basic_params(key, 0, false, false, &[]))?;
+                if let Err(e) = exec_retry(&*lun, &unreg).await {
+                    self.log.push(format!(
+                        "{}: could not unregister helper path {}: {e}",
+                        self.name, me.url
+                    ));
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        for (key, atp, rtpi, n) in lost {
+            self.log.push(format!(
+                "{}: cannot restore {n} registration(s) with key 0x{key:x} on {}: no live path there",
+                self.name,
+                if atp { "all target ports".to_string() } else { format!("relative target port {rtpi}") }
+            ));
+        }
+        match first_err {
+            Some(e) => Err(Failure::from_error(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Register every live path whose initiator port has no registration
+    /// (paths that came back after a REGISTER went out), with `key`.
+    /// Returns how many paths were registered.
+    pub async fn reregister(&mut self, key: u64, all_tg_pt: bool) -> Result<usize, Failure> {
+        let data = self.prin(PRIN_RFSTAT, 8192).await?;
+        let fs = FullStatus::decode(&data).map_err(|e| Failure {
+            status: code::SENSE_MALFORMED,
+            error: Some(Error::BadData {
+                what: "READ FULL STATUS data",
+                detail: e.to_string(),
+            }),
+        })?;
+        let missing: Vec<usize> = self
+            .up()
+            .into_iter()
+            .filter(|&i| {
+                let p = &self.paths[i].info;
+                !fs.descriptors.iter().any(|d| {
+                    p.is_port(&d.transport_id)
+                        && (d.all_tg_pt
+                            || p.rtpi.is_none()
+                            || p.rtpi == Some(d.relative_target_port))
+                })
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let cmd = prout(
+            PROUT_REG_IGN,
+            0,
+            basic_params(0, key, all_tg_pt, false, &[]),
+        )?;
+        let mut n = 0;
+        let mut err = None;
+        for (i, r) in self
+            .parallel(missing.iter().map(|&i| (i, cmd.clone())).collect())
+            .await
+        {
+            match r {
+                Ok(()) => {
+                    n += 1;
+                    self.log.push(format!(
+                        "{}: registered returning path {}",
+                        self.name, self.paths[i].info.url
+                    ));
+                }
+                Err(e) if !is_path_error(&e) => {
+                    err.get_or_insert(e);
+                }
+                Err(_) => {}
+            }
+        }
+        match err {
+            Some(e) => Err(Failure::from_error(e)),
+            None => Ok(n),
+        }
+    }
+}
