@@ -410,9 +410,6 @@ pub fn parse(cdb: &[u8]) -> Result<Cdb, Sense> {
         }
         op::REPORT_LUNS => {
             let alloc_len = be32(c, 6);
-            if alloc_len < 16 {
-                return Err(Sense::invalid_cdb_field(6, Some(7)));
-            }
             match c[2] {
                 0x00 | 0x01 | 0x02 | 0x10 | 0x11 | 0x12 => {}
                 _ => return Err(Sense::invalid_cdb_field(2, Some(7))),

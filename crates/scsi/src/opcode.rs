@@ -78,8 +78,10 @@ pub struct CommandInfo {
     /// Service action, for commands that have one.
     pub service_action: Option<u8>,
     pub name: &'static str,
-    /// CDB usage bitmap: byte 0 is the operation code; a set bit is a bit
-    /// the device server interprets. Its length is the CDB length.
+    /// CDB usage bitmap (SPC-4 6.35.3): byte 0 is the operation code, the
+    /// SERVICE ACTION field holds the service action itself, and every
+    /// other set bit is a bit the device server interprets. Its length is
+    /// the CDB length.
     pub usage: &'static [u8],
     /// Nominal and recommended command timeouts, seconds.
     pub nominal_timeout: u32,
@@ -277,91 +279,91 @@ pub static COMMANDS: &[CommandInfo] = &[
         PERSISTENT_RESERVE_IN,
         Some(0x00),
         "PERSISTENT RESERVE IN / READ KEYS",
-        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, C],
+        &[0x5e, 0x00, 0, 0, 0, 0, 0, 0xff, 0xff, C],
         5,
     ),
     cmd(
         PERSISTENT_RESERVE_IN,
         Some(0x01),
         "PERSISTENT RESERVE IN / READ RESERVATION",
-        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, C],
+        &[0x5e, 0x01, 0, 0, 0, 0, 0, 0xff, 0xff, C],
         5,
     ),
     cmd(
         PERSISTENT_RESERVE_IN,
         Some(0x02),
         "PERSISTENT RESERVE IN / REPORT CAPABILITIES",
-        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, C],
+        &[0x5e, 0x02, 0, 0, 0, 0, 0, 0xff, 0xff, C],
         5,
     ),
     cmd(
         PERSISTENT_RESERVE_IN,
         Some(0x03),
         "PERSISTENT RESERVE IN / READ FULL STATUS",
-        &[0x5e, 0x1f, 0, 0, 0, 0, 0, 0xff, 0xff, C],
+        &[0x5e, 0x03, 0, 0, 0, 0, 0, 0xff, 0xff, C],
         5,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x00),
         "PERSISTENT RESERVE OUT / REGISTER",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x00, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x01),
         "PERSISTENT RESERVE OUT / RESERVE",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x01, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x02),
         "PERSISTENT RESERVE OUT / RELEASE",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x02, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x03),
         "PERSISTENT RESERVE OUT / CLEAR",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x03, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x04),
         "PERSISTENT RESERVE OUT / PREEMPT",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x04, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x05),
         "PERSISTENT RESERVE OUT / PREEMPT AND ABORT",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x05, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x06),
         "PERSISTENT RESERVE OUT / REGISTER AND IGNORE EXISTING KEY",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x06, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x07),
         "PERSISTENT RESERVE OUT / REGISTER AND MOVE",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x07, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
         PERSISTENT_RESERVE_OUT,
         Some(0x08),
         "PERSISTENT RESERVE OUT / REPLACE LOST RESERVATION",
-        &[0x5f, 0x1f, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
+        &[0x5f, 0x08, 0xff, 0, 0, 0xff, 0xff, 0xff, 0xff, C],
         10,
     ),
     cmd(
@@ -458,7 +460,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         Some(SAI_READ_CAPACITY_16),
         "READ CAPACITY(16)",
         &[
-            0x9e, 0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            0x9e, 0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
             0x01, C,
         ],
         5,
@@ -468,7 +470,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         Some(SAI_GET_LBA_STATUS),
         "GET LBA STATUS",
         &[
-            0x9e, 0x1f, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
+            0x9e, 0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0,
             C,
         ],
         5,
@@ -484,7 +486,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         MAINTENANCE_IN,
         Some(MI_REPORT_TARGET_PORT_GROUPS),
         "REPORT TARGET PORT GROUPS",
-        &[0xa3, 0xff, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, C],
+        &[0xa3, 0xea, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, C],
         5,
     ),
     cmd(
@@ -492,7 +494,7 @@ pub static COMMANDS: &[CommandInfo] = &[
         Some(MI_REPORT_SUPPORTED_OPCODES),
         "REPORT SUPPORTED OPERATION CODES",
         &[
-            0xa3, 0x1f, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, C,
+            0xa3, 0x0c, 0x87, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, C,
         ],
         5,
     ),
@@ -574,8 +576,8 @@ mod tests {
                 );
             }
             prev = (c.opcode, c.service_action);
-            if c.service_action.is_some() {
-                assert_eq!(c.usage[1] & 0x1f, 0x1f, "{}", c.name);
+            if let Some(sa) = c.service_action {
+                assert_eq!(c.usage[1] & 0x1f, sa, "{}", c.name);
             }
         }
         assert_eq!(lookup(0x9e, Some(0x10)).unwrap().name, "READ CAPACITY(16)");

@@ -60,6 +60,11 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn discard_zeroes(&self) -> bool {
         true
     }
+    /// Start reading the byte range into the cache. Ok(true) when the
+    /// backend has a cache the range was scheduled into.
+    fn prefetch(&self, _offset: u64, _len: u64) -> io::Result<bool> {
+        Ok(false)
+    }
 }
 
 /// A regular file or a block device accessed with pread/pwrite.
@@ -127,7 +132,7 @@ impl FileBackend {
 
     /// Check that the size is a whole number of `block_size` blocks.
     pub fn check_alignment(&self, block_size: u32) -> Result<(), BackendError> {
-        if block_size == 0 || self.len % u64::from(block_size) != 0 {
+        if block_size == 0 || self.len.rem_euclid(u64::from(block_size)) != 0 {
             return Err(BackendError::Unaligned {
                 path: self.path.clone(),
                 size: self.len,
@@ -260,6 +265,22 @@ impl BlockBackend for FileBackend {
 
     fn is_read_only(&self) -> bool {
         self.read_only
+    }
+
+    fn prefetch(&self, offset: u64, len: u64) -> io::Result<bool> {
+        let (Ok(off), Ok(l)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+            return Ok(false);
+        };
+        // SAFETY: posix_fadvise only reads its integer arguments; the fd is
+        // owned by `self.file` and open for the duration of the call.
+        let rc = unsafe {
+            libc::posix_fadvise(self.file.as_raw_fd(), off, l, libc::POSIX_FADV_WILLNEED)
+        };
+        if rc == 0 {
+            Ok(true)
+        } else {
+            Err(io::Error::from_raw_os_error(rc))
+        }
     }
 }
 

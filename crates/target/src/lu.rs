@@ -274,47 +274,6 @@ pub struct LogicalUnit {
     pub(crate) reservations: Reservations,
     pub(crate) mode: ModeState,
     pub(crate) locks: rangelock::RangeLocks,
-    pub(crate) prevent: prevent::PreventState,
-}
-
-mod prevent {
-    use std::collections::HashSet;
-    use std::sync::Mutex;
-
-    use scsi::Nexus;
-
-    /// PREVENT ALLOW MEDIUM REMOVAL state: the nexuses that prevent.
-    #[derive(Debug, Default)]
-    pub(crate) struct PreventState {
-        pub nexuses: Mutex<HashSet<Nexus>>,
-    }
-
-    impl PreventState {
-        pub fn set(&self, n: &Nexus, prevent: bool) {
-            let mut s = self.nexuses.lock().unwrap_or_else(|e| e.into_inner());
-            if prevent {
-                s.insert(n.clone());
-            } else {
-                s.remove(n);
-            }
-        }
-        pub fn clear_nexus(&self, n: &Nexus) {
-            self.set(n, false);
-        }
-        pub fn clear(&self) {
-            self.nexuses
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clear();
-        }
-        pub fn any(&self) -> bool {
-            !self
-                .nexuses
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
-        }
-    }
 }
 
 fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), LuError> {
@@ -339,7 +298,7 @@ impl LogicalUnit {
         if size == 0 {
             return Err(LuError::Empty);
         }
-        if size % u64::from(cfg.block_size) != 0 {
+        if size.rem_euclid(u64::from(cfg.block_size)) != 0 {
             return Err(LuError::Unaligned {
                 size,
                 block_size: cfg.block_size,
@@ -374,7 +333,6 @@ impl LogicalUnit {
                 qam: AtomicU8::new(1),
             },
             locks: rangelock::RangeLocks::new(),
-            prevent: prevent::PreventState::default(),
             cfg,
             backend,
         })
@@ -469,14 +427,12 @@ impl LogicalUnit {
     /// The I_T nexus is gone (session ended or connection lost).
     pub fn nexus_lost(&self, nexus: &Nexus) {
         self.ua.nexus_lost(nexus);
-        self.prevent.clear_nexus(nexus);
         self.reservations.on_nexus_loss(nexus);
     }
 
     /// LOGICAL UNIT RESET task management function.
     pub fn lu_reset(&self) {
         self.ua.reset_all(asc::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
-        self.prevent.clear();
         self.reservations.on_lu_reset();
     }
 
@@ -487,7 +443,6 @@ impl LogicalUnit {
         } else {
             asc::POWER_ON_RESET_OR_BUS_DEVICE_RESET
         });
-        self.prevent.clear();
         self.reservations.on_target_reset();
     }
 }
@@ -499,3 +454,6 @@ impl LogicalUnit {
 pub fn execute_no_lu(req: &CommandRequest<'_>, luns: &TargetLuns) -> CommandOutcome {
     spc::no_lu(req, luns)
 }
+
+#[cfg(test)]
+mod tests;

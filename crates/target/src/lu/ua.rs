@@ -193,7 +193,12 @@ mod tests {
         let a = nexus("iqn.a", 1);
         let b = nexus("iqn.b", 1);
         let a2 = nexus("iqn.a", 2);
-        for n in [&a, &b, &a2] {
+        // The same initiator port through another target port.
+        let a_t2 = Nexus::new(
+            a.initiator.clone(),
+            TargetPort::new("iqn.2026-11.io.keyfence:t", 2, 2),
+        );
+        for n in [&a, &b, &a2, &a_t2] {
             ua.take(n);
         }
         ua.queue(UaScope::AllExcept(&a), asc::MODE_PARAMETERS_CHANGED);
@@ -208,7 +213,9 @@ mod tests {
         assert_eq!(ua.take(&b), None);
         assert_eq!(ua.peek(&a2), Some(asc::MODE_PARAMETERS_CHANGED));
         assert_eq!(ua.take(&a2), Some(asc::MODE_PARAMETERS_CHANGED));
-        assert_eq!(ua.take(&a2), Some(asc::RESERVATIONS_PREEMPTED));
+        assert_eq!(ua.take(&a2), None);
+        assert_eq!(ua.take(&a_t2), Some(asc::MODE_PARAMETERS_CHANGED));
+        assert_eq!(ua.take(&a_t2), Some(asc::RESERVATIONS_PREEMPTED));
         ua.nexus_lost(&b);
         assert_eq!(ua.take(&b), Some(asc::I_T_NEXUS_LOSS_OCCURRED));
         ua.reset_all(asc::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
