@@ -16,6 +16,9 @@ use crate::keys::{self, decode_binary, encode_hex, parse_number};
 use crate::params::{Negotiation, NegotiationError, OperationalPrefs, Role, SessionParams};
 use crate::pdu::{LoginRequest, LoginResponse, Opcode, Pdu, Stage};
 
+/// Answer keys and the stage to transit to.
+type Answers = (Vec<(String, String)>, Option<Stage>);
+
 /// The iSCSI version we speak (RFC 7143: 0x00).
 pub const ISCSI_VERSION: u8 = 0;
 /// Data segment limit for login PDUs (the default MaxRecvDataSegmentLength).
@@ -392,7 +395,7 @@ impl TargetLogin {
         &mut self,
         req: &LoginRequest,
         pairs: Vec<(String, String)>,
-    ) -> Result<(Vec<(String, String)>, Option<Stage>), LoginStatus> {
+    ) -> Result<Answers, LoginStatus> {
         let mut out: Vec<(String, String)> = Vec::new();
         let mut rest: Vec<(String, String)> = Vec::new();
         let mut auth_method: Option<String> = None;

@@ -488,12 +488,11 @@ impl Negotiation {
                 // Not an offer; nothing to answer.
                 return Ok(());
             }
-            let answer = if self.discovery && d.normal_only {
-                "Irrelevant".to_string()
-            } else if name == "FirstBurstLength"
-                && self.params.initial_r2t
-                && !self.params.immediate_data
-            {
+            let irrelevant = (self.discovery && d.normal_only)
+                || (name == "FirstBurstLength"
+                    && self.params.initial_r2t
+                    && !self.params.immediate_data);
+            let answer = if irrelevant {
                 "Irrelevant".to_string()
             } else {
                 self.answer_offer(d, value)
@@ -719,9 +718,10 @@ mod tests {
         );
         assert!(t.params().header_digest && !t.params().data_digest);
 
-        let mut prefs = OperationalPrefs::default();
-        prefs.header_digest = vec![Digest::None];
-        let mut t = target(prefs);
+        let mut t = target(OperationalPrefs {
+            header_digest: vec![Digest::None],
+            ..OperationalPrefs::default()
+        });
         let a = t.process(&pairs(&[("HeaderDigest", "CRC32C")])).unwrap();
         assert_eq!(a, pairs(&[("HeaderDigest", "Reject")]));
         assert!(!t.params().header_digest);
@@ -729,13 +729,14 @@ mod tests {
 
     #[test]
     fn min_max_or_and() {
-        let mut prefs = OperationalPrefs::default();
-        prefs.max_burst_length = 65536;
-        prefs.initial_r2t = false;
-        prefs.immediate_data = true;
-        prefs.default_time2wait = 5;
-        prefs.default_time2retain = 10;
-        let mut t = target(prefs);
+        let mut t = target(OperationalPrefs {
+            max_burst_length: 65536,
+            initial_r2t: false,
+            immediate_data: true,
+            default_time2wait: 5,
+            default_time2retain: 10,
+            ..OperationalPrefs::default()
+        });
         let a = t
             .process(&pairs(&[
                 ("MaxBurstLength", "262144"),

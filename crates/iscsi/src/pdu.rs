@@ -1562,7 +1562,8 @@ impl DataIn {
             lun: get_lun(b),
             itt: get32(b, 16),
             ttt: get32(b, 20),
-            stat_sn: get32(b, 24),
+            // StatSN is only meaningful with the S bit.
+            stat_sn: if s { get32(b, 24) } else { 0 },
             exp_cmd_sn: get32(b, 28),
             max_cmd_sn: get32(b, 32),
             data_sn: get32(b, 36),

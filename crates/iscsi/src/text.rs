@@ -69,35 +69,26 @@ pub fn send_targets_text(
     session_target: Option<&str>,
 ) -> Bytes {
     let mut b = keys::TextBuilder::new();
-    let mut emit = |t: &DiscoveredTarget| {
+    let emit = |b: &mut keys::TextBuilder, t: &DiscoveredTarget| {
         b.push("TargetName", &t.name);
         for (addr, tpgt) in &t.addresses {
             b.push("TargetAddress", &format!("{addr},{tpgt}"));
         }
     };
-    match session_target {
-        None => {
-            if value == "All" {
-                targets.iter().for_each(&mut emit);
-            } else if !value.is_empty() {
-                targets
-                    .iter()
-                    .filter(|t| t.name.eq_ignore_ascii_case(value))
-                    .for_each(&mut emit);
-            }
+    let wanted: Option<&str> = match session_target {
+        None if value == "All" => None,
+        None if value.is_empty() => return b.finish(),
+        None => Some(value),
+        Some(_) if value == "All" => {
+            b.push("SendTargets", "Reject");
+            return b.finish();
         }
-        Some(own) => {
-            if value == "All" {
-                drop(emit);
-                b.push("SendTargets", "Reject");
-                return b.finish();
-            }
-            if value.is_empty() || value.eq_ignore_ascii_case(own) {
-                targets
-                    .iter()
-                    .filter(|t| t.name.eq_ignore_ascii_case(own))
-                    .for_each(&mut emit);
-            }
+        Some(own) if value.is_empty() || value.eq_ignore_ascii_case(own) => Some(own),
+        Some(_) => return b.finish(),
+    };
+    for t in targets {
+        if wanted.map_or(true, |w| t.name.eq_ignore_ascii_case(w)) {
+            emit(&mut b, t);
         }
     }
     b.finish()

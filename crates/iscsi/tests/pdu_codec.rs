@@ -445,7 +445,7 @@ fn scsi_command_wire_layout() {
         nsg: Stage::FullFeature,
         version_max: 0,
         version_min: 0,
-        isid: 0x80_1234_5678_9a,
+        isid: 0x8012_3456_789a,
         tsih: 0,
         itt: 0,
         cid: 0,
