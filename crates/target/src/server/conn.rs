@@ -18,8 +18,9 @@ use bytes::{Bytes, BytesMut};
 use iscsi::pdu::{
     DataIn, DataOut, InitiatorPdu, LogoutReason, LogoutRequest, LogoutResponse, LogoutResponseCode,
     NopIn, NopOut, R2t, Reject, Residual, ScsiCommand, ScsiResponse, TaskMgmtRequest,
-    TaskMgmtResponse, TextRequest, TextResponse, TmfFunction, TmfResponse, BHS_LEN, RESERVED_TAG,
+    TaskMgmtResponse, TextRequest, TmfFunction, TmfResponse, BHS_LEN, RESERVED_TAG,
 };
+use iscsi::text::{DiscoveredTarget, TextContext, TextError, TextResponder};
 use iscsi::{serial, Lun, Opcode, Pdu, PduCodec, RejectReason, SessionParams};
 use scsi::sense::asc;
 use scsi::{Nexus, ScsiStatus, Sense};
@@ -54,6 +55,18 @@ pub(super) enum ConnEnd {
     Io(std::io::Error),
     /// The initiator broke the protocol beyond recovery at ERL 0.
     Protocol(String),
+}
+
+impl std::fmt::Display for ConnEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnEnd::Eof => f.write_str("initiator closed the connection"),
+            ConnEnd::Logout => f.write_str("logout"),
+            ConnEnd::Closed(why) => f.write_str(why),
+            ConnEnd::Io(e) => write!(f, "socket error: {e}"),
+            ConnEnd::Protocol(why) => write!(f, "protocol error: {why}"),
+        }
+    }
 }
 
 impl From<std::io::Error> for ConnEnd {
@@ -187,7 +200,7 @@ pub(super) async fn serve_connection(
         }
         Ok(Err(e)) => {
             let _ = wire.flush().await;
-            debug!(%peer, "login failed: {e:?}");
+            debug!(%peer, "login failed: {e}");
             return;
         }
         Err(_) => {
@@ -201,8 +214,10 @@ pub(super) async fn serve_connection(
     let end = sess.run(&mut wire).await;
     sess.finish(&mut wire).await;
     match &end {
-        ConnEnd::Eof | ConnEnd::Logout => info!(%peer, tsih, "session ended: {end:?}"),
-        _ => warn!(%peer, tsih, "session ended: {end:?}"),
+        ConnEnd::Eof | ConnEnd::Logout | ConnEnd::Closed(_) => {
+            info!(%peer, tsih, "session ended: {end}")
+        }
+        _ => warn!(%peer, tsih, "session ended: {end}"),
     }
 }
 
@@ -303,8 +318,9 @@ pub(super) struct Session {
     done_tx: mpsc::UnboundedSender<Completion>,
     done_rx: mpsc::UnboundedReceiver<Completion>,
 
-    /// Continuation state of a long text response: (TTT, rest of the data).
-    text_cont: Option<(u32, u32, Bytes)>,
+    /// Text (SendTargets) exchanges, with continuation.
+    text: TextResponder,
+    discovered: Vec<DiscoveredTarget>,
 
     ping: Option<(u32, Instant)>,
     last_rx: Instant,
@@ -349,12 +365,14 @@ impl Session {
             next_ttt: 1,
             done_tx,
             done_rx,
-            text_cont: None,
+            text: TextResponder::new(),
+            discovered: Vec::new(),
             ping: None,
             last_rx: Instant::now(),
             closing: None,
             close_all_after_flush: false,
         };
+        s.discovered = login::discovered_targets(&s.shared);
         s.update_window();
         s
     }
@@ -675,7 +693,8 @@ impl Session {
             wanted_out,
         };
         if !cmd.write {
-            self.execute(wire, meta, lu, Bytes::copy_from_slice(cdb), Bytes::new());
+            let cdb = cmd.cdb;
+            self.execute(wire, meta, lu, cdb.as_slice(), Bytes::new());
             return;
         }
         let wanted = wanted_out.unwrap_or(0);
@@ -799,7 +818,7 @@ impl Session {
         }
         if done {
             if let Some(t) = self.writes.remove(&meta.itt) {
-                self.execute(wire, meta, t.lu, t.cdb, t.buf.freeze());
+                self.execute(wire, meta, t.lu, &t.cdb, t.buf.freeze());
             }
         }
     }
@@ -838,7 +857,7 @@ impl Session {
         wire: &mut Wire,
         meta: Meta,
         lu: Option<Arc<LogicalUnit>>,
-        cdb: Bytes,
+        cdb: &[u8],
         data_out: Bytes,
     ) {
         let Some(nexus) = self.nexus.clone() else {
@@ -864,6 +883,7 @@ impl Session {
                 },
             );
             let tx = self.done_tx.clone();
+            let cdb = Bytes::copy_from_slice(cdb);
             tokio::task::spawn_blocking(move || {
                 let req = CommandRequest {
                     nexus: &nexus,
@@ -1181,63 +1201,28 @@ impl Session {
     // --------------------------------------------------------------- text
 
     fn text(&mut self, wire: &mut Wire, t: TextRequest, bhs: &[u8; BHS_LEN]) {
-        let max = self.params.max_send_data_segment_length.max(512) as usize;
-        let (ttt_ok, body) = if t.ttt != RESERVED_TAG {
-            // Continuation of a long response.
-            match self.text_cont.take() {
-                Some((ttt, itt, rest)) if ttt == t.ttt && itt == t.itt => (true, rest),
-                _ => {
-                    self.reject(wire, RejectReason::InvalidPduField, bhs);
-                    return;
-                }
+        let own = self.target.map(|i| self.shared.targets[i].name.clone());
+        let ctx = TextContext {
+            targets: &self.discovered,
+            session_target: own.as_deref(),
+            max_send_data_segment_length: self.params.max_send_data_segment_length,
+        };
+        match self.text.handle(&t, &ctx) {
+            Ok(mut r) => {
+                r.stat_sn = self.next_stat_sn();
+                r.exp_cmd_sn = self.exp_cmd_sn;
+                r.max_cmd_sn = self.max_cmd_sn;
+                wire.push_pdu(&r.to_pdu());
             }
-        } else {
-            if t.cont || !t.final_bit {
-                // Multi-PDU text requests are not needed for SendTargets.
-                self.reject(wire, RejectReason::CommandNotSupported, bhs);
-                return;
+            Err(e) => {
+                debug!(peer = %self.peer, "text request: {e}");
+                let reason = match e {
+                    TextError::UnknownTtt(_) => RejectReason::ProtocolError,
+                    _ => RejectReason::InvalidPduField,
+                };
+                self.reject(wire, reason, bhs);
             }
-            self.text_cont = None;
-            (false, self.text_answer(&t.data))
-        };
-        let _ = ttt_ok;
-        let (chunk, rest) = if body.len() > max {
-            // Cut at a key boundary (NUL) when possible.
-            let cut = body[..max]
-                .iter()
-                .rposition(|&b| b == 0)
-                .map(|i| i + 1)
-                .filter(|&i| i > 0)
-                .unwrap_or(max);
-            (body.slice(..cut), Some(body.slice(cut..)))
-        } else {
-            (body, None)
-        };
-        let (final_bit, ttt) = match rest {
-            Some(rest) => {
-                let ttt = self.alloc_ttt();
-                self.text_cont = Some((ttt, t.itt, rest));
-                (false, ttt)
-            }
-            None => (true, RESERVED_TAG),
-        };
-        let r = TextResponse {
-            final_bit,
-            cont: !final_bit,
-            lun: t.lun,
-            itt: t.itt,
-            ttt,
-            stat_sn: self.next_stat_sn(),
-            exp_cmd_sn: self.exp_cmd_sn,
-            max_cmd_sn: self.max_cmd_sn,
-            data: chunk,
-        };
-        wire.push_pdu(&r.to_pdu());
-    }
-
-    /// The text response to a request's keys.
-    fn text_answer(&self, data: &Bytes) -> Bytes {
-        login::text_response(&self.shared, self.target, data)
+        }
     }
 
     // ------------------------------------------------------------- logout

@@ -1,19 +1,32 @@
-//! Login phase (placeholder while the iscsi login state machine lands).
-use std::sync::Arc;
+//! The login phase of a connection: feeds Login Requests to
+//! [`iscsi::login::TargetLogin`], sends its responses, and on success
+//! admits the session into the session table (assigning the TSIH the
+//! negotiation announced and reinstating an older session with the same
+//! initiator port and portal group).
 
-use bytes::Bytes;
-use iscsi::SessionParams;
+use std::sync::Arc;
+use std::time::Duration;
+
+use iscsi::keys;
+use iscsi::login::{LoginStatus, LoginStep, SessionType, TargetLogin, TargetLoginConfig};
+use iscsi::params::OperationalPrefs;
+use iscsi::text::{format_address, DiscoveredTarget};
+use iscsi::{Pdu, SessionParams};
+use scsi::{InitiatorPort, Nexus};
+use tracing::{debug, info, warn};
 
 use super::conn::Wire;
-use super::session::Registration;
+use super::session::{AdmitError, Registration, SessionKey};
 use super::{ListenerInfo, Shared};
 
+/// What a session is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SessionKind {
     Discovery,
     Normal { target: usize, tpgt: u16 },
 }
 
+/// A connection that completed its login.
 pub(super) struct Established {
     pub kind: SessionKind,
     pub initiator: String,
@@ -25,19 +38,208 @@ pub(super) struct Established {
     pub registration: Registration,
 }
 
+/// Why a login did not produce a session.
 #[derive(Debug)]
 pub(super) enum LoginError {
     Io(std::io::Error),
+    Framing(String),
 }
 
+impl std::fmt::Display for LoginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoginError::Io(e) => write!(f, "socket error: {e}"),
+            LoginError::Framing(e) => write!(f, "bad PDU: {e}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for LoginError {
+    fn from(e: std::io::Error) -> Self {
+        LoginError::Io(e)
+    }
+}
+
+/// Read one PDU; `None` at end of stream.
+async fn next_pdu(wire: &mut Wire) -> Result<Option<Pdu>, LoginError> {
+    loop {
+        match wire.codec.decode(&mut wire.rbuf) {
+            Ok(Some(p)) => return Ok(Some(p)),
+            Ok(None) => {}
+            Err(e) => return Err(LoginError::Framing(e.to_string())),
+        }
+        if !wire.fill().await? {
+            return Ok(None);
+        }
+    }
+}
+
+/// The operational limits we offer, from the configuration.
+fn prefs(shared: &Shared) -> OperationalPrefs {
+    let l = &shared.limits;
+    OperationalPrefs {
+        max_recv_data_segment_length: l.max_recv_data_segment_length,
+        max_burst_length: l.max_burst_length,
+        first_burst_length: l.first_burst_length,
+        max_outstanding_r2t: u16::try_from(l.max_outstanding_r2t).unwrap_or(u16::MAX),
+        ..OperationalPrefs::default()
+    }
+}
+
+/// Run the login phase. `Ok(None)`: the login failed (the failure
+/// response has been queued) or the initiator went away.
 pub(super) async fn login(
-    _shared: &Arc<Shared>,
-    _info: &ListenerInfo,
-    _wire: &mut Wire,
+    shared: &Arc<Shared>,
+    info: &ListenerInfo,
+    wire: &mut Wire,
 ) -> Result<Option<Established>, LoginError> {
-    Ok(None)
+    let Some(mut pdu) = next_pdu(wire).await? else {
+        return Ok(None);
+    };
+    // The portal group tag depends on the target asked for, which a
+    // listener shared by several targets only learns from the first PDU.
+    let asked = keys::parse(&pdu.data)
+        .ok()
+        .and_then(|p| keys::get(&p, "TargetName").map(str::to_owned));
+    let asked_idx = asked.as_deref().and_then(|n| shared.target_by_name(n));
+    let tpgt = asked_idx
+        .and_then(|t| info.tpgt_of(t))
+        .or_else(|| info.groups.first().map(|g| g.1))
+        .unwrap_or(1);
+    let tsih = shared.sessions().reserve();
+    let cfg = TargetLoginConfig {
+        portal_group_tag: tpgt,
+        targets: info
+            .groups
+            .iter()
+            .filter(|(_, g)| *g == tpgt)
+            .map(|(t, _)| shared.targets[*t].name.clone())
+            .collect(),
+        tsih,
+        prefs: prefs(shared),
+        initial_stat_sn: 1,
+        cmd_window: shared.limits.max_cmds_per_session,
+        ..TargetLoginConfig::default()
+    };
+    let mut tl = TargetLogin::new(cfg);
+    let result = loop {
+        match tl.step(&pdu) {
+            LoginStep::Respond(r) => {
+                wire.push_pdu(&r);
+                wire.flush().await?;
+            }
+            LoginStep::Failed { response, status } => {
+                debug!(peer = %wire.peer, "login failed: {} (0x{:04x})", status.description(), status.code());
+                wire.push_pdu(&response);
+                break None;
+            }
+            LoginStep::Complete { response, session } => {
+                let s = *session;
+                let kind = match s.session_type {
+                    SessionType::Discovery => SessionKind::Discovery,
+                    SessionType::Normal => {
+                        let Some(target) = s
+                            .target_name
+                            .as_deref()
+                            .and_then(|n| shared.target_by_name(n))
+                        else {
+                            wire.push_pdu(&iscsi::login::reject_login(
+                                &pdu,
+                                LoginStatus::NOT_FOUND,
+                                s.next_stat_sn.wrapping_sub(1),
+                            ));
+                            break None;
+                        };
+                        SessionKind::Normal { target, tpgt }
+                    }
+                };
+                let initiator = s.initiator_name.to_ascii_lowercase();
+                let (target, nexus) = match kind {
+                    SessionKind::Discovery => (None, None),
+                    SessionKind::Normal { target, tpgt } => (
+                        Some(target),
+                        Some(Nexus::new(
+                            InitiatorPort::new(&initiator, s.isid),
+                            shared.targets[target].target_port(tpgt),
+                        )),
+                    ),
+                };
+                let key = SessionKey {
+                    initiator: initiator.clone(),
+                    isid: s.isid,
+                    target,
+                    tpgt,
+                };
+                // Session reinstatement (RFC 7143 6.3.5): the old session
+                // with this SSID ends before the new one starts.
+                let displaced = shared.sessions().displace(&key);
+                if let Some(d) = displaced {
+                    info!(peer = %wire.peer, initiator = %initiator, isid = format_args!("{:012x}", s.isid), "reinstating session");
+                    if tokio::time::timeout(Duration::from_secs(30), d.wait())
+                        .await
+                        .is_err()
+                    {
+                        warn!(peer = %wire.peer, "old session did not end within 30 s");
+                    }
+                }
+                let admitted = shared.sessions().admit(tsih, key, nexus);
+                match admitted {
+                    Ok(registration) => {
+                        wire.push_pdu(&response);
+                        wire.flush().await?;
+                        // Digests and data segment limits apply from the
+                        // first full feature phase PDU on.
+                        wire.codec.apply(&s.params);
+                        break Some(Established {
+                            kind,
+                            initiator,
+                            isid: s.isid,
+                            cid: s.cid,
+                            params: s.params,
+                            exp_cmd_sn: s.exp_cmd_sn,
+                            stat_sn: s.next_stat_sn,
+                            registration,
+                        });
+                    }
+                    Err(AdmitError::TooManySessions) => {
+                        warn!(peer = %wire.peer, "session limit reached; login refused");
+                        wire.push_pdu(&iscsi::login::reject_login(
+                            &pdu,
+                            LoginStatus::OUT_OF_RESOURCES,
+                            s.next_stat_sn.wrapping_sub(1),
+                        ));
+                        break None;
+                    }
+                }
+            }
+        }
+        match next_pdu(wire).await {
+            Ok(Some(p)) => pdu = p,
+            Ok(None) => break None,
+            Err(e) => {
+                shared.sessions().release(tsih);
+                return Err(e);
+            }
+        }
+    };
+    if result.is_none() {
+        shared.sessions().release(tsih);
+    }
+    Ok(result)
 }
 
-pub(super) fn text_response(_shared: &Shared, _target: Option<usize>, _data: &Bytes) -> Bytes {
-    Bytes::new()
+/// Every target with its portals, for SendTargets.
+pub(super) fn discovered_targets(shared: &Shared) -> Vec<DiscoveredTarget> {
+    shared
+        .targets
+        .iter()
+        .map(|t| DiscoveredTarget {
+            name: t.name.clone(),
+            addresses: t
+                .portals
+                .iter()
+                .map(|p| (format_address(p.addr), p.tpgt))
+                .collect(),
+        })
+        .collect()
 }

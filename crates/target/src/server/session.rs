@@ -6,7 +6,7 @@
 //! keyfence negotiates MaxConnections=1, so a session is exactly one
 //! connection task; its state lives in that task, not here.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use scsi::Nexus;
 use tokio::sync::{mpsc, watch};
@@ -74,6 +74,8 @@ pub(crate) struct SessionTable {
     max: usize,
     next_tsih: u16,
     sessions: HashMap<u16, Entry>,
+    /// TSIHs handed to logins in progress.
+    reserved: HashSet<u16>,
 }
 
 impl SessionTable {
@@ -82,9 +84,11 @@ impl SessionTable {
             max: max as usize,
             next_tsih: 1,
             sessions: HashMap::new(),
+            reserved: HashSet::new(),
         }
     }
 
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.sessions.len()
     }
@@ -99,20 +103,34 @@ impl SessionTable {
         Some(Displaced { gone })
     }
 
-    /// Admit a new session and give it a TSIH.
-    pub fn admit(
-        &mut self,
-        key: SessionKey,
-        nexus: Option<Nexus>,
-    ) -> Result<Registration, AdmitError> {
-        if self.sessions.len() >= self.max {
-            return Err(AdmitError::TooManySessions);
-        }
+    /// A TSIH for a login in progress: non-zero, not used by a session
+    /// or another login. Give it back with [`Self::release`] if the login
+    /// fails.
+    pub fn reserve(&mut self) -> u16 {
         let mut tsih = self.next_tsih;
-        while tsih == 0 || self.sessions.contains_key(&tsih) {
+        while tsih == 0 || self.sessions.contains_key(&tsih) || self.reserved.contains(&tsih) {
             tsih = tsih.wrapping_add(1);
         }
         self.next_tsih = tsih.wrapping_add(1);
+        self.reserved.insert(tsih);
+        tsih
+    }
+
+    pub fn release(&mut self, tsih: u16) {
+        self.reserved.remove(&tsih);
+    }
+
+    /// Admit a new session under its reserved TSIH.
+    pub fn admit(
+        &mut self,
+        tsih: u16,
+        key: SessionKey,
+        nexus: Option<Nexus>,
+    ) -> Result<Registration, AdmitError> {
+        self.reserved.remove(&tsih);
+        if self.sessions.len() >= self.max {
+            return Err(AdmitError::TooManySessions);
+        }
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let (alive, gone) = watch::channel(());
         self.sessions.insert(
@@ -138,13 +156,6 @@ impl SessionTable {
                 self.sessions.remove(&tsih);
             }
         }
-    }
-
-    /// Is there a session with this TSIH for this initiator port?
-    pub fn exists(&self, tsih: u16, initiator: &str, isid: u64) -> bool {
-        self.sessions
-            .get(&tsih)
-            .is_some_and(|e| e.key.initiator == initiator && e.key.isid == isid)
     }
 
     /// Send `ctl` to every normal session of `target`, except `skip`.
@@ -182,23 +193,27 @@ mod tests {
     #[test]
     fn tsih_is_unique_nonzero_and_limit_holds() {
         let mut t = SessionTable::new(2);
-        let a = t.admit(key(1), None).unwrap();
-        let b = t.admit(key(2), None).unwrap();
-        assert_ne!(a.tsih, 0);
-        assert_ne!(a.tsih, b.tsih);
+        let (ta, tb) = (t.reserve(), t.reserve());
+        assert_ne!(ta, 0);
+        assert_ne!(ta, tb, "reserved TSIHs differ");
+        let a = t.admit(ta, key(1), None).unwrap();
+        let _b = t.admit(tb, key(2), None).unwrap();
+        let tc = t.reserve();
         assert_eq!(
-            t.admit(key(3), None).unwrap_err(),
+            t.admit(tc, key(3), None).unwrap_err(),
             AdmitError::TooManySessions
         );
         t.remove(a.tsih, &a.alive);
         assert_eq!(t.len(), 1);
-        assert!(t.admit(key(3), None).is_ok());
+        let tc = t.reserve();
+        assert!(t.admit(tc, key(3), None).is_ok());
     }
 
     #[tokio::test]
     async fn reinstatement_closes_the_old_session_and_waits_for_it() {
         let mut t = SessionTable::new(4);
-        let mut old = t.admit(key(7), None).unwrap();
+        let tsih = t.reserve();
+        let mut old = t.admit(tsih, key(7), None).unwrap();
         let d = t.displace(&key(7)).expect("old session found");
         assert_eq!(old.ctl.recv().await, Some(SessionCtl::Close));
         assert_eq!(t.len(), 0);
@@ -215,10 +230,12 @@ mod tests {
     #[test]
     fn remove_ignores_a_reused_tsih() {
         let mut t = SessionTable::new(4);
-        let a = t.admit(key(1), None).unwrap();
+        let tsih = t.reserve();
+        let a = t.admit(tsih, key(1), None).unwrap();
         let _d = t.displace(&key(1));
         t.next_tsih = a.tsih;
-        let b = t.admit(key(1), None).unwrap();
+        let tsih = t.reserve();
+        let b = t.admit(tsih, key(1), None).unwrap();
         assert_eq!(a.tsih, b.tsih);
         t.remove(a.tsih, &a.alive);
         assert_eq!(t.len(), 1, "the new session with the reused TSIH stays");

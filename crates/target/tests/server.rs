@@ -1,0 +1,623 @@
+//! The real server over real TCP on 127.0.0.1 (ephemeral ports), driven by
+//! raw PDUs built with the `iscsi` crate and by libiscsi's command-line
+//! tools when they are installed.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use iscsi::keys::TextBuilder;
+use iscsi::pdu::{
+    Cdb, DataIn, DataOut, InitiatorPdu, LoginRequest, LoginResponse, R2t, Reject, ScsiCommand,
+    ScsiResponse, Stage, TargetPdu, TaskAttr, TextRequest, TextResponse,
+};
+use iscsi::{Lun, Pdu, PduCodec};
+use target::config::{ByteSize, Config, Limits, LunConfig, TargetConfig};
+use target::server::Server;
+
+const IQN: &str = "iqn.2026-11.io.keyfence:test";
+const INITIATOR: &str = "iqn.2026-11.io.keyfence:test-initiator";
+const SIZE: u64 = 16 << 20;
+
+struct TestServer {
+    rt: tokio::runtime::Runtime,
+    portals: Vec<SocketAddr>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<Result<(), target::server::ServerError>>>,
+    dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    fn start(portals: usize, limits: Limits) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            data_dir: dir.path().to_path_buf(),
+            limits,
+            targets: vec![TargetConfig {
+                name: IQN.into(),
+                portals: vec!["127.0.0.1:0".to_string(); portals],
+                luns: vec![LunConfig {
+                    id: 0,
+                    path: Some("lun0.img".into()),
+                    device: None,
+                    size: Some(ByteSize(SIZE)),
+                    block_size: 512,
+                    read_only: false,
+                    serial: None,
+                    naa: None,
+                }],
+                portal_addrs: vec![],
+            }],
+        };
+        cfg.validate().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let server = rt.block_on(Server::bind(cfg)).unwrap();
+        let portals = server.portals()[0].1.iter().map(|p| p.addr).collect();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let done = rt.spawn(server.run(async move {
+            let _ = rx.await;
+        }));
+        TestServer {
+            rt,
+            portals,
+            stop: Some(tx),
+            done: Some(done),
+            dir,
+        }
+    }
+
+    fn image(&self) -> PathBuf {
+        self.dir.path().join("lun0.img")
+    }
+
+    fn url(&self, i: usize) -> String {
+        format!("iscsi://{}/{IQN}/0", self.portals[i])
+    }
+
+    /// Stop as SIGTERM would and wait for the server to finish.
+    fn shutdown(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(done) = self.done.take() {
+            let r = self
+                .rt
+                .block_on(async { tokio::time::timeout(Duration::from_secs(40), done).await });
+            r.expect("server stops in time").unwrap().unwrap();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// A minimal blocking initiator speaking raw PDUs.
+struct Client {
+    s: TcpStream,
+    codec: PduCodec,
+    rbuf: BytesMut,
+    cmd_sn: u32,
+    exp_stat_sn: u32,
+    itt: u32,
+    pub tsih: u16,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr) -> Client {
+        let s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Client {
+            s,
+            codec: PduCodec::new(),
+            rbuf: BytesMut::with_capacity(1 << 16),
+            cmd_sn: 1,
+            exp_stat_sn: 0,
+            itt: 1,
+            tsih: 0,
+        }
+    }
+
+    fn send(&mut self, pdu: &Pdu) {
+        let mut out = BytesMut::new();
+        self.codec.encode(pdu, &mut out).unwrap();
+        self.s.write_all(&out).unwrap();
+    }
+
+    /// Next PDU, or None at end of stream / timeout.
+    fn recv(&mut self) -> Option<Pdu> {
+        loop {
+            if let Some(p) = self.codec.decode(&mut self.rbuf).unwrap() {
+                return Some(p);
+            }
+            let mut tmp = [0u8; 65536];
+            match self.s.read(&mut tmp) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    fn recv_target(&mut self) -> TargetPdu {
+        let p = self.recv().expect("a PDU from the target");
+        TargetPdu::parse(&p).unwrap()
+    }
+
+    /// Log in (operational stage straight to full feature phase).
+    fn login(&mut self, isid: u64, target: Option<&str>) -> LoginResponse {
+        let mut t = TextBuilder::new();
+        t.push("InitiatorName", INITIATOR);
+        match target {
+            Some(name) => {
+                t.push("SessionType", "Normal");
+                t.push("TargetName", name);
+            }
+            None => {
+                t.push("SessionType", "Discovery");
+            }
+        }
+        t.push("HeaderDigest", "None");
+        t.push("DataDigest", "None");
+        t.push("MaxRecvDataSegmentLength", "262144");
+        if target.is_some() {
+            t.push("ImmediateData", "Yes");
+            t.push("InitialR2T", "Yes");
+            t.push("MaxBurstLength", "262144");
+            t.push("FirstBurstLength", "65536");
+            t.push("ErrorRecoveryLevel", "0");
+        }
+        let mut data = t.finish();
+        loop {
+            let req = LoginRequest {
+                transit: true,
+                cont: false,
+                csg: Stage::Operational,
+                nsg: Stage::FullFeature,
+                version_max: 0,
+                version_min: 0,
+                isid,
+                tsih: self.tsih,
+                itt: self.itt,
+                cid: 1,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+                data,
+            };
+            self.send(&req.to_pdu());
+            let TargetPdu::LoginResponse(r) = self.recv_target() else {
+                panic!("expected a login response");
+            };
+            self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+            if r.status_class != 0 || (r.transit && r.nsg == Stage::FullFeature) {
+                self.tsih = r.tsih;
+                self.itt += 1;
+                // Full feature phase: the target accepts what we declared.
+                self.codec.set_max_send_data_segment_length(262_144);
+                self.codec.set_max_recv_data_segment_length(262_144);
+                return r;
+            }
+            data = Bytes::new();
+        }
+    }
+
+    fn next_itt(&mut self) -> u32 {
+        self.itt += 1;
+        self.itt
+    }
+
+    fn command(&mut self, cdb: &[u8], read: bool, write: bool, edtl: u32, data: Bytes) -> u32 {
+        let itt = self.next_itt();
+        let cmd = ScsiCommand {
+            immediate: false,
+            final_bit: true,
+            read,
+            write,
+            attr: TaskAttr::Simple,
+            lun: Lun::from_number(0).unwrap(),
+            itt,
+            expected_data_transfer_length: edtl,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb: Cdb::new(cdb).unwrap(),
+            bidi_read_length: None,
+            data,
+        };
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        self.send(&cmd.to_pdu());
+        itt
+    }
+
+    /// TEST UNIT READY until the unit attentions of a new nexus are
+    /// consumed.
+    fn clear_ua(&mut self) {
+        for _ in 0..8 {
+            self.command(&[0u8; 6], false, false, 0, Bytes::new());
+            if self.collect().1 == 0 {
+                return;
+            }
+        }
+        panic!("TEST UNIT READY keeps failing");
+    }
+
+    /// Read Data-In until status; returns (data, status, residual).
+    fn collect(&mut self) -> (Vec<u8>, u8, iscsi::pdu::Residual) {
+        let mut data = Vec::new();
+        loop {
+            match self.recv_target() {
+                TargetPdu::DataIn(d) => {
+                    assert_eq!(d.buffer_offset as usize, data.len());
+                    data.extend_from_slice(&d.data);
+                    if let Some(st) = d.status {
+                        self.exp_stat_sn = d.stat_sn.wrapping_add(1);
+                        return (data, st, d.residual);
+                    }
+                }
+                TargetPdu::ScsiResponse(r) => {
+                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+                    return (data, r.status, r.residual);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+}
+
+fn read10(lba: u32, blocks: u16) -> [u8; 10] {
+    let mut c = [0u8; 10];
+    c[0] = 0x28;
+    c[2..6].copy_from_slice(&lba.to_be_bytes());
+    c[7..9].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+fn write10(lba: u32, blocks: u16) -> [u8; 10] {
+    let mut c = read10(lba, blocks);
+    c[0] = 0x2a;
+    c
+}
+
+fn quick_limits() -> Limits {
+    Limits {
+        nop_in_interval_secs: 1,
+        nop_in_timeout_secs: 1,
+        ..Limits::default()
+    }
+}
+
+#[test]
+fn login_read_write_and_residuals() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    let r = c.login(0x23d0_0000_0001, Some(IQN));
+    assert_eq!(r.status_class, 0, "login accepted");
+    assert_ne!(r.tsih, 0);
+    c.clear_ua();
+
+    // Write 2 blocks with immediate data, read them back.
+    let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7) as u8).collect();
+    c.command(
+        &write10(8, 2),
+        false,
+        true,
+        1024,
+        Bytes::from(pattern.clone()),
+    );
+    let (_, st, res) = c.collect();
+    assert_eq!((st, res), (0, iscsi::pdu::Residual::None));
+    c.command(&read10(8, 2), true, false, 1024, Bytes::new());
+    let (data, st, res) = c.collect();
+    assert_eq!((st, res), (0, iscsi::pdu::Residual::None));
+    assert_eq!(data, pattern);
+
+    // EDTL larger than the transfer: underflow; smaller: overflow.
+    c.command(&read10(8, 1), true, false, 10000, Bytes::new());
+    let (data, st, res) = c.collect();
+    assert_eq!(
+        (data.len(), st, res),
+        (512, 0, iscsi::pdu::Residual::Underflow(10000 - 512))
+    );
+    c.command(&read10(8, 1), true, false, 200, Bytes::new());
+    let (data, st, res) = c.collect();
+    assert_eq!(
+        (data.len(), st, res),
+        (200, 0, iscsi::pdu::Residual::Overflow(512 - 200))
+    );
+    assert_eq!(&data[..], &pattern[..200]);
+}
+
+#[test]
+fn write_with_r2t() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(c.login(0x23d0_0000_0002, Some(IQN)).status_class, 0);
+    c.clear_ua();
+    // 128 KiB: 64 KiB immediate data (FirstBurstLength), the rest by R2T.
+    let blocks = 256u16;
+    let len = usize::from(blocks) * 512;
+    let pattern: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let first = Bytes::copy_from_slice(&pattern[..65536]);
+    let itt = c.command(&write10(100, blocks), false, true, len as u32, first);
+    let mut sent = 65536usize;
+    while sent < len {
+        let TargetPdu::R2t(r2t) = c.recv_target() else {
+            panic!("expected R2T")
+        };
+        let R2t {
+            ttt,
+            buffer_offset,
+            desired_data_transfer_length,
+            ..
+        } = r2t;
+        assert_eq!(buffer_offset as usize, sent);
+        let end = sent + desired_data_transfer_length as usize;
+        let mut data_sn = 0;
+        let mut off = sent;
+        while off < end {
+            let n = (end - off).min(8192);
+            let d = DataOut {
+                final_bit: off + n == end,
+                lun: Lun::from_number(0).unwrap(),
+                itt,
+                ttt,
+                exp_stat_sn: c.exp_stat_sn,
+                data_sn,
+                buffer_offset: off as u32,
+                data: Bytes::copy_from_slice(&pattern[off..off + n]),
+            };
+            c.send(&d.to_pdu());
+            data_sn += 1;
+            off += n;
+        }
+        sent = end;
+    }
+    let (_, st, _) = c.collect();
+    assert_eq!(st, 0);
+    c.command(&read10(100, blocks), true, false, len as u32, Bytes::new());
+    let (data, st, _) = c.collect();
+    assert_eq!(st, 0);
+    assert!(data == pattern, "data read back differs");
+}
+
+#[test]
+fn malformed_pdu_gets_reject() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(c.login(0x23d0_0000_0003, Some(IQN)).status_class, 0);
+    c.clear_ua();
+    // SNACK at ERL 0: Reject (protocol error) carrying our header.
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x10;
+    bhs[1] = 0x80;
+    bhs[16..20].copy_from_slice(&0x55u32.to_be_bytes());
+    c.send(&Pdu::new(bhs, Bytes::new(), Bytes::new()));
+    let TargetPdu::Reject(r) = c.recv_target() else {
+        panic!("expected Reject")
+    };
+    assert_eq!(r.reason, iscsi::RejectReason::ProtocolError);
+    assert_eq!(&r.rejected_header[..], &bhs[..]);
+    // Undefined opcode 0x1f: Reject (command not supported).
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x1f;
+    c.send(&Pdu::new(bhs, Bytes::new(), Bytes::new()));
+    let TargetPdu::Reject(r) = c.recv_target() else {
+        panic!("expected Reject")
+    };
+    assert_eq!(r.reason, iscsi::RejectReason::CommandNotSupported);
+    // The session still works.
+    c.command(&read10(0, 1), true, false, 512, Bytes::new());
+    assert_eq!(c.collect().1, 0);
+    let _ = Reject::parse;
+}
+
+#[test]
+fn unknown_lun_and_report_luns() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(c.login(0x23d0_0000_0004, Some(IQN)).status_class, 0);
+    // TEST UNIT READY to LUN 5: CHECK CONDITION, LOGICAL UNIT NOT SUPPORTED.
+    let itt = c.next_itt();
+    let cmd = ScsiCommand {
+        immediate: false,
+        final_bit: true,
+        read: false,
+        write: false,
+        attr: TaskAttr::Simple,
+        lun: Lun::from_number(5).unwrap(),
+        itt,
+        expected_data_transfer_length: 0,
+        cmd_sn: c.cmd_sn,
+        exp_stat_sn: c.exp_stat_sn,
+        cdb: Cdb::new(&[0u8; 6]).unwrap(),
+        bidi_read_length: None,
+        data: Bytes::new(),
+    };
+    c.cmd_sn += 1;
+    c.send(&cmd.to_pdu());
+    let TargetPdu::ScsiResponse(ScsiResponse { status, sense, .. }) = c.recv_target() else {
+        panic!("expected SCSI Response")
+    };
+    assert_eq!(status, 2);
+    let s = scsi::Sense::parse(&sense).unwrap();
+    assert_eq!((s.key as u8, s.asc, s.ascq), (5, 0x25, 0));
+}
+
+#[test]
+fn discovery_lists_every_portal_with_tpgt() {
+    let srv = TestServer::start(2, Limits::default());
+    let mut c = Client::connect(srv.portals[1]);
+    assert_eq!(c.login(0x23d0_0000_0005, None).status_class, 0);
+    let itt = c.next_itt();
+    let req = TextRequest {
+        immediate: true,
+        final_bit: true,
+        cont: false,
+        lun: Lun::default(),
+        itt,
+        ttt: 0xffff_ffff,
+        cmd_sn: c.cmd_sn,
+        exp_stat_sn: c.exp_stat_sn,
+        data: {
+            let mut t = TextBuilder::new();
+            t.push("SendTargets", "All");
+            t.finish()
+        },
+    };
+    c.send(&req.to_pdu());
+    let TargetPdu::TextResponse(TextResponse {
+        data, final_bit, ..
+    }) = c.recv_target()
+    else {
+        panic!("expected Text Response")
+    };
+    assert!(final_bit);
+    // TargetAddress repeats, so split the text by hand.
+    let pairs: Vec<(String, String)> = data
+        .split(|&b| b == 0)
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let kv = String::from_utf8_lossy(kv);
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    assert_eq!(pairs[0], ("TargetName".to_string(), IQN.to_string()));
+    let addrs: Vec<&str> = pairs
+        .iter()
+        .filter(|(k, _)| k == "TargetAddress")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        addrs,
+        vec![
+            format!("{},1", srv.portals[0]),
+            format!("{},2", srv.portals[1])
+        ]
+    );
+}
+
+#[test]
+fn reinstatement_replaces_the_old_session() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut a = Client::connect(srv.portals[0]);
+    assert_eq!(a.login(0x23d0_0000_0006, Some(IQN)).status_class, 0);
+    let mut b = Client::connect(srv.portals[0]);
+    let r = b.login(0x23d0_0000_0006, Some(IQN));
+    assert_eq!(r.status_class, 0);
+    assert_ne!(r.tsih, a.tsih, "a new session");
+    // The old connection is closed by the target.
+    assert!(a.recv().is_none(), "old connection dropped");
+    // The new one works and first reports the nexus loss of the old one.
+    b.command(&[0u8; 6], false, false, 0, Bytes::new());
+    let (_, st, _) = b.collect();
+    assert!(st == 0 || st == 2);
+}
+
+#[test]
+fn idle_connection_is_pinged_and_dropped_when_silent() {
+    let srv = TestServer::start(1, quick_limits());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(c.login(0x23d0_0000_0007, Some(IQN)).status_class, 0);
+    let TargetPdu::NopIn(n) = c.recv_target() else {
+        panic!("expected a NOP-In ping")
+    };
+    assert_eq!(n.itt, 0xffff_ffff);
+    assert_ne!(n.ttt, 0xffff_ffff);
+    // We do not answer: the target drops the connection.
+    assert!(c.recv().is_none());
+}
+
+#[test]
+fn shutdown_flushes_written_data() {
+    let mut srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(c.login(0x23d0_0000_0008, Some(IQN)).status_class, 0);
+    c.clear_ua();
+    let data = vec![0x5au8; 4096];
+    c.command(
+        &write10(2048, 8),
+        false,
+        true,
+        4096,
+        Bytes::from(data.clone()),
+    );
+    assert_eq!(c.collect().1, 0);
+    srv.shutdown();
+    let mut f = std::fs::File::open(srv.image()).unwrap();
+    let mut buf = vec![0u8; 4096];
+    use std::io::{Seek, SeekFrom};
+    f.seek(SeekFrom::Start(2048 * 512)).unwrap();
+    f.read_exact(&mut buf).unwrap();
+    assert_eq!(buf, data);
+    // The connection was closed by the shutdown.
+    assert!(c.recv().is_none());
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool).arg("--help").output().is_ok()
+}
+
+fn run(tool: &str, args: &[&str]) -> String {
+    let out = Command::new(tool).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{tool} {args:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn libiscsi_tools_see_the_target() {
+    if !have("iscsi-ls") {
+        eprintln!("libiscsi-bin not installed; run scripts/install-deps.sh");
+        return;
+    }
+    let srv = TestServer::start(2, Limits::default());
+    let ls = run("iscsi-ls", &[&format!("iscsi://{}", srv.portals[0])]);
+    assert!(ls.contains(IQN), "{ls}");
+    let inq = run("iscsi-inq", &[&srv.url(0)]);
+    assert!(inq.to_ascii_lowercase().contains("keyfence"), "{inq}");
+    let cap = run("iscsi-readcapacity16", &[&srv.url(1)]);
+    assert!(cap.contains(&format!("{}", SIZE)), "{cap}");
+}
+
+#[test]
+fn libiscsi_iscsi_suite() {
+    if !have("iscsi-test-cu") {
+        eprintln!("libiscsi-bin not installed; run scripts/install-deps.sh");
+        return;
+    }
+    let srv = TestServer::start(2, Limits::default());
+    for test in [
+        "iSCSI.iSCSIResiduals.Read10Residuals",
+        "iSCSI.iSCSIResiduals.Read10Invalid",
+        "iSCSI.iSCSIcmdsn",
+        "iSCSI.iSCSIdatasn",
+        "SCSI.TestUnitReady",
+        "SCSI.Read10.Simple",
+    ] {
+        let out = Command::new("iscsi-test-cu")
+            .args(["-d", &format!("--test={test}"), &srv.url(0), &srv.url(1)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            !text.contains("FAILED") && out.status.success(),
+            "{test}:\n{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _: &Path = srv.dir.path();
+    let _ = InitiatorPdu::parse;
+    let _ = DataIn::parse;
+}
