@@ -587,6 +587,12 @@ impl Negotiation {
             Kind::HeaderDigest | Kind::DataDigest => {
                 let dg = Digest::parse(value).ok_or_else(bad)?;
                 if !offered.split(',').any(|o| o == value) {
+                    // Some targets (tgt) answer None instead of Reject when
+                    // they accept none of our digests; None is what a Reject
+                    // leaves in force, so that answer is taken as a Reject.
+                    if dg == Digest::None {
+                        return Ok(());
+                    }
                     return Err(bad());
                 }
                 self.set_digest(d.kind, dg);
@@ -881,5 +887,20 @@ mod tests {
         let mut i = Negotiation::new(Role::Initiator, OperationalPrefs::default(), false);
         i.offers();
         assert!(i.process(&pairs(&[("HeaderDigest", "MD5")])).is_err());
+        // CRC32C-only offer answered None: taken as a Reject, digest stays off;
+        // answered CRC32C when we offered only None: violation.
+        let mut i = Negotiation::new(
+            Role::Initiator,
+            OperationalPrefs {
+                header_digest: vec![Digest::Crc32c],
+                data_digest: vec![Digest::None],
+                ..OperationalPrefs::default()
+            },
+            false,
+        );
+        i.offers();
+        assert!(i.process(&pairs(&[("HeaderDigest", "None")])).is_ok());
+        assert!(!i.params().header_digest);
+        assert!(i.process(&pairs(&[("DataDigest", "CRC32C")])).is_err());
     }
 }
