@@ -601,7 +601,7 @@ impl Session {
                     self.scsi_command(wire, cmd);
                 }
             }
-            InitiatorPdu::DataOut(d) => self.data_out(wire, d, &pdu.bhs)?,
+            InitiatorPdu::DataOut(d) => self.data_out(wire, d)?,
             InitiatorPdu::NopOut(n) => self.nop_out(wire, n, &pdu.bhs),
             InitiatorPdu::TaskMgmtRequest(t) => {
                 if self.target.is_none() {
@@ -823,22 +823,30 @@ impl Session {
         }
     }
 
-    fn data_out(
-        &mut self,
-        wire: &mut Wire,
-        d: DataOut,
-        bhs: &[u8; BHS_LEN],
-    ) -> Result<(), ConnEnd> {
+    fn data_out(&mut self, wire: &mut Wire, d: DataOut) -> Result<(), ConnEnd> {
         let Some(t) = self.writes.get_mut(&d.itt) else {
             // Data for a task that was answered early or aborted.
             debug!(peer = %self.peer, itt = d.itt, "Data-Out for no active task; dropped");
             return Ok(());
         };
-        if let Err((reason, why)) = t.accept(&d) {
-            // ERL 0 has no within-command recovery: reject and drop the
-            // connection; the initiator recovers at session level.
-            self.reject(wire, reason, bhs);
-            return Err(ConnEnd::Protocol(why));
+        if let Err((code, why)) = t.accept(&d) {
+            // ERL 0 has no within-command recovery: the command ends with
+            // CHECK CONDITION, ABORTED COMMAND; Data-Out still on its way
+            // for it is dropped.
+            debug!(peer = %self.peer, itt = d.itt, "{why}");
+            let meta = Meta {
+                itt: d.itt,
+                lun: t.lun,
+                read: false,
+                write: true,
+                edtl: t.edtl,
+                wanted_out: Some(t.wanted),
+            };
+            self.writes.remove(&d.itt);
+            let sense = Sense::new(scsi::SenseKey::AbortedCommand, code);
+            self.respond(wire, &meta, CommandOutcome::check_condition(sense));
+            self.update_window();
+            return Ok(());
         }
         let meta = Meta {
             itt: d.itt,
@@ -1255,30 +1263,39 @@ impl Session {
 impl WriteTask {
     /// Check a Data-Out against the sequence this task expects and store
     /// its data.
-    fn accept(&mut self, d: &DataOut) -> Result<(), (RejectReason, String)> {
+    fn accept(&mut self, d: &DataOut) -> Result<(), (scsi::sense::Asc, String)> {
+        use scsi::sense::Asc;
+        const DATA_PHASE_ERROR: Asc = Asc(0x4b, 0x00);
+        const INVALID_TTT: Asc = Asc(0x4b, 0x01);
+        const TOO_MUCH_WRITE_DATA: Asc = Asc(0x4b, 0x02);
+        const DATA_OFFSET_ERROR: Asc = Asc(0x4b, 0x05);
         let len = d.data.len() as u32;
         let end = d.buffer_offset.checked_add(len);
         if end.is_none_or(|e| e > self.edtl) {
             return Err((
-                RejectReason::ProtocolError,
+                TOO_MUCH_WRITE_DATA,
                 format!("Data-Out beyond EDTL (offset {} + {len})", d.buffer_offset),
             ));
         }
         if d.ttt == RESERVED_TAG {
             if !self.unsolicited_open {
+                return Err((DATA_PHASE_ERROR, "unsolicited Data-Out not expected".into()));
+            }
+            if d.data_sn != self.next_unsol_data_sn {
                 return Err((
-                    RejectReason::ProtocolError,
-                    "unsolicited Data-Out not expected".into(),
+                    DATA_PHASE_ERROR,
+                    format!(
+                        "unsolicited Data-Out DataSN {} (expected {})",
+                        d.data_sn, self.next_unsol_data_sn
+                    ),
                 ));
             }
-            if d.data_sn != self.next_unsol_data_sn
-                || end.is_none_or(|e| e > self.unsolicited_limit)
-            {
+            if end.is_none_or(|e| e > self.unsolicited_limit) {
                 return Err((
-                    RejectReason::ProtocolError,
+                    DATA_OFFSET_ERROR,
                     format!(
-                        "unsolicited Data-Out out of sequence (DataSN {}, offset {})",
-                        d.data_sn, d.buffer_offset
+                        "unsolicited Data-Out beyond FirstBurstLength (offset {})",
+                        d.buffer_offset
                     ),
                 ));
             }
@@ -1289,20 +1306,26 @@ impl WriteTask {
         } else {
             let Some(r) = self.r2ts.iter_mut().find(|r| r.ttt == d.ttt) else {
                 return Err((
-                    RejectReason::InvalidPduField,
+                    INVALID_TTT,
                     format!("Data-Out with unknown TTT {:#x}", d.ttt),
                 ));
             };
-            let r_end = r.offset + r.len;
-            if d.data_sn != r.next_data_sn
-                || d.buffer_offset < r.offset
-                || end.is_none_or(|e| e > r_end)
-            {
+            if d.data_sn != r.next_data_sn {
                 return Err((
-                    RejectReason::ProtocolError,
+                    DATA_PHASE_ERROR,
                     format!(
-                        "solicited Data-Out out of sequence (DataSN {} want {}, offset {})",
-                        d.data_sn, r.next_data_sn, d.buffer_offset
+                        "solicited Data-Out DataSN {} (expected {})",
+                        d.data_sn, r.next_data_sn
+                    ),
+                ));
+            }
+            let r_end = r.offset + r.len;
+            if d.buffer_offset < r.offset || end.is_none_or(|e| e > r_end) {
+                return Err((
+                    DATA_OFFSET_ERROR,
+                    format!(
+                        "solicited Data-Out offset {} outside the R2T",
+                        d.buffer_offset
                     ),
                 ));
             }

@@ -32,33 +32,33 @@ pub(crate) use session::SessionTable;
 /// Errors starting or running the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {err}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        err: std::io::Error,
     },
-    #[error("target {target} LUN {lun}: {source}")]
+    #[error("target {target} LUN {lun}: {err}")]
     Backend {
         target: String,
         lun: u64,
-        source: BackendError,
+        err: BackendError,
     },
-    #[error("target {target} LUN {lun}: {source}")]
+    #[error("target {target} LUN {lun}: {err}")]
     Lu {
         target: String,
         lun: u64,
-        source: LuError,
+        err: LuError,
     },
-    #[error("cannot create directory for {path}: {source}")]
+    #[error("cannot create directory for {path}: {err}")]
     DataDir {
         path: std::path::PathBuf,
-        source: std::io::Error,
+        err: std::io::Error,
     },
-    #[error("flushing target {target} LUN {lun} failed: {source}")]
+    #[error("flushing target {target} LUN {lun} failed: {err}")]
     Flush {
         target: String,
         lun: u64,
-        source: std::io::Error,
+        err: std::io::Error,
     },
 }
 
@@ -147,10 +147,10 @@ impl Server {
         for (want, groups) in listener_plan(&config) {
             let l = TcpListener::bind(want)
                 .await
-                .map_err(|source| ServerError::Bind { addr: want, source })?;
+                .map_err(|err| ServerError::Bind { addr: want, err })?;
             let addr = l
                 .local_addr()
-                .map_err(|source| ServerError::Bind { addr: want, source })?;
+                .map_err(|err| ServerError::Bind { addr: want, err })?;
             for &(t, tpgt) in &groups {
                 portals[t].push(Portal { tpgt, addr });
             }
@@ -170,19 +170,19 @@ impl Server {
             let mut backing_desc = BTreeMap::new();
             for lc in &tc.luns {
                 let lun = u64::from(lc.id);
-                let backend_err = |source| ServerError::Backend {
+                let backend_err = |err| ServerError::Backend {
                     target: tc.name.clone(),
                     lun,
-                    source,
+                    err,
                 };
                 let (backend, desc) = match lc.backing(&config.data_dir) {
                     Backing::File { path, size } => {
                         if let Some(dir) = path.parent() {
                             if !dir.as_os_str().is_empty() && !dir.exists() {
-                                std::fs::create_dir_all(dir).map_err(|source| {
+                                std::fs::create_dir_all(dir).map_err(|err| {
                                     ServerError::DataDir {
                                         path: path.clone(),
-                                        source,
+                                        err,
                                     }
                                 })?;
                             }
@@ -213,10 +213,10 @@ impl Server {
                     cfg.naa = n;
                 }
                 let backend: Arc<dyn BlockBackend> = Arc::new(backend);
-                let lu = LogicalUnit::new(cfg, backend).map_err(|source| ServerError::Lu {
+                let lu = LogicalUnit::new(cfg, backend).map_err(|err| ServerError::Lu {
                     target: tc.name.clone(),
                     lun,
-                    source,
+                    err,
                 })?;
                 luns.insert(lun, Arc::new(lu));
                 backing_desc.insert(lun, desc);
@@ -326,10 +326,10 @@ async fn flush_all(shared: &Arc<Shared>) -> Result<(), ServerError> {
                 if lu.config().read_only {
                     continue;
                 }
-                lu.backend.flush().map_err(|source| ServerError::Flush {
+                lu.backend.flush().map_err(|err| ServerError::Flush {
                     target: t.name.clone(),
                     lun: *lun,
-                    source,
+                    err,
                 })?;
                 debug!(target = %t.name, lun, "flushed");
             }
@@ -342,7 +342,7 @@ async fn flush_all(shared: &Arc<Shared>) -> Result<(), ServerError> {
         Err(ServerError::Flush {
             target: String::new(),
             lun: 0,
-            source: std::io::Error::other(e.to_string()),
+            err: std::io::Error::other(e.to_string()),
         })
     })
 }
