@@ -101,7 +101,7 @@ pub fn read16(lba: u64, blocks: u32, block_size: u32) -> Result<Command> {
 /// WRITE(16) of `data` (a whole number of blocks) at `lba`; `fua` forces
 /// the data to the medium before GOOD status.
 pub fn write16(lba: u64, data: bytes::Bytes, block_size: u32, fua: bool) -> Result<Command> {
-    if block_size == 0 || data.len() % block_size as usize != 0 {
+    if block_size == 0 || !data.len().is_multiple_of(block_size as usize) {
         return Err(Error::InvalidArgument(format!(
             "write of {} bytes is not a multiple of the {block_size}-byte block size",
             data.len()

@@ -8,7 +8,7 @@ use crate::identity::Isid;
 use crate::session::Limits;
 
 /// Everything a login needs besides the URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct SessionConfig {
     /// Explicit initiator name; `None` resolves it as
     /// [`crate::identity::resolve_initiator_name`] describes.
@@ -19,6 +19,9 @@ pub struct SessionConfig {
     /// Operational parameters offered at login (digests, burst sizes,
     /// ImmediateData, InitialR2T, MaxRecvDataSegmentLength, ...).
     pub prefs: OperationalPrefs,
+    /// The target's CHAP name and secret for mutual CHAP (we challenge the
+    /// target too); our own CHAP credentials come from the URL.
+    pub target_chap: Option<(String, String)>,
     /// Time allowed for TCP connect plus the whole login.
     pub login_timeout: Duration,
     pub limits: Limits,
@@ -34,9 +37,27 @@ impl Default for SessionConfig {
             initiator_name: None,
             isid: None,
             prefs: OperationalPrefs::default(),
+            target_chap: None,
             login_timeout: Duration::from_secs(15),
             limits: Limits::default(),
             unit_attention_retries: 5,
         }
+    }
+}
+
+impl std::fmt::Debug for SessionConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionConfig")
+            .field("initiator_name", &self.initiator_name)
+            .field("isid", &self.isid)
+            .field("prefs", &self.prefs)
+            .field(
+                "target_chap",
+                &self.target_chap.as_ref().map(|(n, _)| (n, "<redacted>")),
+            )
+            .field("login_timeout", &self.login_timeout)
+            .field("limits", &self.limits)
+            .field("unit_attention_retries", &self.unit_attention_retries)
+            .finish()
     }
 }

@@ -168,8 +168,7 @@ pub fn parse_initiator_name_file(text: &str) -> Option<&str> {
         .filter(|l| !l.starts_with('#'))
         .filter_map(|l| l.strip_prefix("InitiatorName="))
         .map(str::trim)
-        .filter(|v| !v.is_empty())
-        .last()
+        .rfind(|v| !v.is_empty())
 }
 
 fn host_name() -> Option<String> {

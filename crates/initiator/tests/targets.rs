@@ -87,8 +87,9 @@ async fn discovery(t: &TestTarget) {
         .iter()
         .find(|d| d.name == t.target_name)
         .unwrap_or_else(|| panic!("{} not in {found:?}", t.target_name));
+    let want = format!("127.0.0.1:{}", t.port);
     assert!(
-        me.portals.iter().any(|(_, port, _)| *port == t.port),
+        me.addresses.iter().any(|(a, _)| *a == want),
         "portal {} not listed: {me:?}",
         t.port
     );
