@@ -389,8 +389,10 @@ impl LogicalUnit {
                 return CommandOutcome::check_condition(Sense::unit_attention(code));
             }
         }
-        if !self.reservations.check(req.nexus, req.cdb) {
-            return CommandOutcome::reservation_conflict();
+        // RESERVATION CONFLICT, or DATA PROTECT while PR information is
+        // lost (SPC-5 5.13.5.3).
+        if let Some(o) = self.reservations.gate(req.nexus, req.cdb) {
+            return o;
         }
         if matches!(op, 0x5e | 0x5f | 0x16 | 0x56 | 0x17 | 0x57) {
             return self.reservations.execute(req.nexus, req.cdb, req.data_out);

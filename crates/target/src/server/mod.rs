@@ -201,6 +201,12 @@ impl Server {
                     .check_alignment(lc.block_size)
                     .map_err(backend_err)?;
                 let mut cfg = LuConfig::new(&tc.name, lun, ports.clone(), lun_list.clone());
+                // APTPL persistent-reservation state lives under the data dir.
+                cfg.pr_state_path = Some(crate::lu::reservation::state_path(
+                    &config.data_dir,
+                    &tc.name,
+                    lun,
+                ));
                 cfg.block_size = lc.block_size;
                 cfg.read_only = lc.read_only;
                 if let Some(s) = &lc.serial {
