@@ -151,6 +151,27 @@ async fn login(url: &IscsiUrl, config: &SessionConfig, target: Option<&str>) -> 
             }
         }
     };
+    // A target that cannot do a digest we insist on (None not offered)
+    // leaves digests off; refuse such a session rather than run unprotected.
+    use iscsi::params::Digest;
+    for (what, prefs, on) in [
+        (
+            "HeaderDigest",
+            &config.prefs.header_digest,
+            done.params.header_digest,
+        ),
+        (
+            "DataDigest",
+            &config.prefs.data_digest,
+            done.params.data_digest,
+        ),
+    ] {
+        if !on && !prefs.is_empty() && !prefs.contains(&Digest::None) {
+            return Err(Error::Negotiation(format!(
+                "target does not accept {what}=CRC32C, and None was not offered"
+            )));
+        }
+    }
     tracing::debug!(params = ?done.params, tsih = done.tsih, "login complete");
     Ok(LoggedIn {
         stream,
