@@ -917,10 +917,11 @@ impl InitiatorLogin {
             }
             None => pairs.push(("SessionType".to_string(), "Discovery".to_string())),
         }
-        let methods = if self.cfg.chap.is_some() {
-            "CHAP,None"
-        } else {
-            "None"
+        // With mutual CHAP we insist on authenticating the target: no None.
+        let methods = match (&self.cfg.chap, &self.cfg.chap_mutual) {
+            (Some(_), Some(_)) => "CHAP",
+            (Some(_), None) => "CHAP,None",
+            (None, _) => "None",
         };
         pairs.push(("AuthMethod".to_string(), methods.to_string()));
         // Ask to move on right away; a target wanting CHAP holds us back.
@@ -1063,6 +1064,9 @@ impl InitiatorLogin {
         let auth = |s: &str| LoginError::Auth(s.to_string());
         match self.auth {
             IAuth::Offered => match auth_method.as_deref() {
+                Some("None") | None if self.cfg.chap_mutual.is_some() => Err(auth(
+                    "target did not authenticate itself (mutual CHAP required)",
+                )),
                 Some("None") | None => {
                     self.auth = IAuth::Done;
                     Ok(None)

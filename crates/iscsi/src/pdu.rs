@@ -457,17 +457,11 @@ impl NopOut {
         if !pdu.final_bit() {
             return Err(invalid("NOP-Out F bit", "must be 1"));
         }
-        let itt = get32(b, 16);
-        let ttt = get32(b, 20);
-        if itt == RESERVED_TAG && ttt == RESERVED_TAG && !pdu.data.is_empty() {
-            // A no-response NOP-Out that is not a ping answer may not carry data?
-            // RFC permits it; nothing to reject.
-        }
         Ok(NopOut {
             immediate: pdu.immediate(),
             lun: get_lun(b),
-            itt,
-            ttt,
+            itt: get32(b, 16),
+            ttt: get32(b, 20),
             cmd_sn: get32(b, 24),
             exp_stat_sn: get32(b, 28),
             data: pdu.data.clone(),

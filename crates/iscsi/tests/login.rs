@@ -193,6 +193,42 @@ fn chap_failures() {
         other => panic!("expected initiator auth failure, got {other:?}"),
     }
 
+    // mutual CHAP configured on the initiator, target without CHAP: the
+    // initiator offers only CHAP, so the target cannot downgrade to None
+    let mut icfg = InitiatorLoginConfig::new(INITIATOR, ISID, Some(TARGET.into()));
+    icfg.chap = Some(ChapCredential::new("host1", "s3cret-s3cret"));
+    icfg.chap_mutual = Some(ChapCredential::new("disk1", "target-secret!"));
+    expect_target_fail(
+        run(target_cfg(), icfg.clone()),
+        LoginStatus::AUTHENTICATION_FAILURE,
+    );
+    let mut i = InitiatorLogin::new(icfg);
+    let first = LoginRequest::parse(&i.start()).unwrap();
+    assert_eq!(
+        keys::get(&keys::parse(&first.data).unwrap(), "AuthMethod"),
+        Some("CHAP")
+    );
+    let mut b = keys::TextBuilder::new();
+    b.push("AuthMethod", "None");
+    let rogue = LoginResponse {
+        transit: true,
+        cont: false,
+        csg: Stage::Security,
+        nsg: Stage::Operational,
+        version_max: 0,
+        version_active: 0,
+        isid: ISID,
+        tsih: 0,
+        itt: 0,
+        stat_sn: 1,
+        exp_cmd_sn: 1,
+        max_cmd_sn: 1,
+        status_class: 0,
+        status_detail: 0,
+        data: b.finish(),
+    };
+    assert!(matches!(i.step(&rogue.to_pdu()), Err(LoginError::Auth(_))));
+
     // discovery is open unless chap_for_discovery
     let icfg = InitiatorLoginConfig::new(INITIATOR, ISID, None);
     expect_ok(run(tcfg.clone(), icfg.clone()));
