@@ -96,7 +96,9 @@ pub struct LuConfig {
     pub revision: String,
     /// Unit serial number (VPD 80h), ASCII.
     pub serial: String,
-    /// NAA IEEE Registered Extended (type 6) identifier, 16 bytes.
+    /// NAA identifier (VPD 83h). Type 6 (IEEE Registered Extended) uses
+    /// all 16 bytes; types 2, 3 and 5 use the first 8 (the rest is
+    /// ignored).
     pub naa: [u8; 16],
     /// The iSCSI target name the LU is served under.
     pub target_name: String,
@@ -131,7 +133,14 @@ impl LuConfig {
             read_only: false,
             vendor: "KEYFENCE".into(),
             product: "keyfence-lu".into(),
-            revision: env!("CARGO_PKG_VERSION").chars().take(4).collect(),
+            revision: concat!(
+                env!("CARGO_PKG_VERSION_MAJOR"),
+                ".",
+                env!("CARGO_PKG_VERSION_MINOR")
+            )
+            .chars()
+            .take(4)
+            .collect(),
             serial,
             naa,
             target_name: target_name.to_owned(),

@@ -16,9 +16,11 @@ use super::{CommandOutcome, CommandRequest, LogicalUnit};
 pub(crate) const MAX_TRANSFER_BYTES: u64 = 16 << 20;
 /// Preferred transfer size, bytes.
 pub(crate) const OPTIMAL_TRANSFER_BYTES: u64 = 1 << 20;
-/// Largest UNMAP / WRITE SAME range, bytes.
-pub(crate) const MAX_UNMAP_BYTES: u64 = 1 << 30;
-pub(crate) const MAX_WRITE_SAME_BYTES: u64 = 1 << 30;
+/// Largest range one UNMAP descriptor may cover, bytes.
+pub(crate) const MAX_UNMAP_BYTES: u64 = 256 << 20;
+/// Largest WRITE SAME range, bytes (writing it may mean writing every
+/// block, so it is bounded like a transfer).
+pub(crate) const MAX_WRITE_SAME_BYTES: u64 = MAX_TRANSFER_BYTES;
 pub(crate) const MAX_UNMAP_DESCRIPTORS: u32 = 256;
 /// Unmap granularity: file systems deallocate whole pages.
 pub(crate) const UNMAP_GRANULARITY_BYTES: u64 = 4096;
@@ -89,6 +91,15 @@ impl LogicalUnit {
             return Err(Sense::invalid_cdb_field(length_field(cdb), Some(7)));
         }
         Ok(())
+    }
+
+    /// How many whole blocks of the `blocks` the CDB asks to write the
+    /// data-out holds. When the transport's expected transfer length was
+    /// shorter than the CDB's (an underflow the transport reports as
+    /// residual), only the blocks actually received are written.
+    fn received_blocks(&self, req: &CommandRequest<'_>, blocks: u32) -> u32 {
+        let have = (req.data_out.len() as u64) >> self.block_shift;
+        have.min(u64::from(blocks)) as u32
     }
 
     /// The data-out bytes for `blocks` blocks; fewer received than the CDB
@@ -226,6 +237,7 @@ impl LogicalUnit {
         self.check_transfer(req.cdb, blocks)?;
         self.check_writable()?;
         self.check_range(lba, blocks.into())?;
+        let blocks = self.received_blocks(req, blocks);
         if blocks == 0 {
             return Ok(CommandOutcome::good());
         }
@@ -405,14 +417,16 @@ impl LogicalUnit {
         if blocks > MAX_COMPARE_AND_WRITE_BLOCKS {
             return Err(Sense::invalid_cdb_field(13, Some(7)));
         }
+        // The data-out must hold exactly the verify and write instances
+        // (also for zero blocks: then there must be none).
+        let half = self.bytes(blocks.into()) as usize;
+        if req.data_out.len() != 2 * half {
+            return Err(Sense::invalid_cdb_field(13, Some(7)));
+        }
         self.check_writable()?;
         self.check_range(lba, blocks.into())?;
         if blocks == 0 {
             return Ok(CommandOutcome::good());
-        }
-        let half = self.bytes(blocks.into()) as usize;
-        if req.data_out.len() != 2 * half {
-            return Err(Sense::invalid_cdb_field(13, Some(7)));
         }
         let (verify, write) = req.data_out.split_at(half);
         {
@@ -439,6 +453,7 @@ impl LogicalUnit {
         self.check_transfer(req.cdb, blocks)?;
         self.check_writable()?;
         self.check_range(lba, blocks.into())?;
+        let blocks = self.received_blocks(req, blocks);
         if blocks == 0 {
             return Ok(CommandOutcome::good());
         }

@@ -28,6 +28,10 @@ fn lu_with(backend: Arc<dyn BlockBackend>, cfg: LuConfig) -> LogicalUnit {
     LogicalUnit::new(cfg, backend).unwrap()
 }
 
+fn big_mem_lu() -> LogicalUnit {
+    lu_with(Arc::new(MemBackend::new(64 << 20)), config())
+}
+
 fn mem_lu(blocks: u64) -> (LogicalUnit, Arc<MemBackend>) {
     let b = Arc::new(MemBackend::new(blocks * 512));
     (lu_with(b.clone(), config()), b)
@@ -135,9 +139,13 @@ fn read_write_roundtrip_and_ranges() {
     // RDPROTECT without protection information.
     let s = sense(&run(&lu, &n, &rw10(0x28, 0x20, 0, 1), &[]));
     assert_eq!(s, Sense::invalid_cdb_field(1, Some(7)));
-    // Too little data-out for the transfer length.
-    let s = sense(&run(&lu, &n, &rw10(0x2a, 0, 0, 2), &data[..512]));
-    assert_eq!(s, Sense::invalid_cdb_field(7, Some(7)));
+    // Less data-out than the transfer length (the transport saw a
+    // shorter expected length): only the whole blocks received are written.
+    good(&run(&lu, &n, &rw10(0x2a, 0, 20, 2), &[0xee; 512 + 100]));
+    let o = run(&lu, &n, &rw10(0x28, 0, 20, 2), &[]);
+    assert!(good(&o)[..512].iter().all(|&b| b == 0xee));
+    assert!(good(&o)[512..].iter().all(|&b| b == 0));
+    good(&run(&lu, &n, &rw10(0x2a, 0, 22, 2), &[]));
     // FUA reaches the backend's flush; a plain write does not.
     let before = b.flush_count();
     good(&run(&lu, &n, &rw10(0x2a, 0, 0, 1), &data[..512]));
@@ -235,6 +243,11 @@ fn standard_inquiry_and_vpd() {
     assert_eq!(bl[5], 128);
     assert_eq!(u32::from_be_bytes(bl[8..12].try_into().unwrap()), 32768);
     assert_eq!(u32::from_be_bytes(bl[24..28].try_into().unwrap()), 256);
+    // MAXIMUM UNMAP LBA COUNT 256 MiB worth; MAXIMUM WRITE SAME LENGTH no
+    // more than a transfer.
+    assert_eq!(u32::from_be_bytes(bl[20..24].try_into().unwrap()), 524288);
+    assert_eq!(u64::from_be_bytes(bl[36..44].try_into().unwrap()), 32768);
+
     let o = run(&lu, &n, &inquiry(true, 0xb2, 255), &[]);
     assert_eq!(&good(&o)[4..8], &[0, 0xe4, 0x02, 0]);
     let o = run(&lu, &n, &inquiry(true, 0xb1, 255), &[]);
@@ -484,11 +497,31 @@ fn compare_and_write() {
     ok[512..].fill(9);
     good(&run(&lu, &n, &caw(3, 1, true), &ok));
     assert_eq!(b.flush_count(), before + 1);
-    // Wrong data-out size, range.
+    // Wrong data-out size (also with zero blocks), range.
     let s = sense(&run(&lu, &n, &caw(3, 1, false), &ok[..512]));
     assert_eq!(s, Sense::invalid_cdb_field(13, Some(7)));
+    let s = sense(&run(&lu, &n, &caw(3, 0, false), &ok));
+    assert_eq!(s, Sense::invalid_cdb_field(13, Some(7)));
+    good(&run(&lu, &n, &caw(3, 0, false), &[]));
     let s = sense(&run(&lu, &n, &caw(64, 1, false), &ok));
     assert_eq!(s.code(), asc::LBA_OUT_OF_RANGE);
+}
+
+#[test]
+fn write_same_limit() {
+    let lu = big_mem_lu();
+    let n = nexus("iqn.a");
+    ready(&lu, &n);
+    // Over MAXIMUM WRITE SAME LENGTH: refused at the length field, also
+    // when NUMBER OF LOGICAL BLOCKS 0 means "to the end".
+    let s = sense(&run(&lu, &n, &rw16(0x93, 0x08, 0, 32769), &[0; 512]));
+    assert_eq!(s, Sense::invalid_cdb_field(10, Some(7)));
+    let s = sense(&run(&lu, &n, &rw10(0x41, 0, 0, 0), &[0; 512]));
+    assert_eq!(s, Sense::invalid_cdb_field(7, Some(7)));
+    good(&run(&lu, &n, &rw16(0x93, 0, 0, 32768), &[1; 512]));
+    let o = run(&lu, &n, &rw16(0x88, 0, 32767, 2), &[]);
+    assert!(good(&o)[..512].iter().all(|&b| b == 1));
+    assert!(good(&o)[512..].iter().all(|&b| b == 0));
 }
 
 #[test]
