@@ -129,6 +129,8 @@ struct Shared {
     stop: Notify,
     stop_reason: Mutex<Option<String>>,
     exp_stat_sn: AtomicU32,
+    /// Target NOP-In pings answered.
+    pings_answered: AtomicU32,
     params: SessionParams,
 }
 
@@ -317,6 +319,7 @@ impl Session {
             stop: Notify::new(),
             stop_reason: Mutex::new(None),
             exp_stat_sn: AtomicU32::new(l.exp_stat_sn),
+            pings_answered: AtomicU32::new(0),
             params: l.params.clone(),
         });
         let _ = l.stream.set_nodelay(true);
@@ -358,6 +361,11 @@ impl Session {
     /// Why the session closed, if it has.
     pub fn closed_reason(&self) -> Option<String> {
         self.inner.shared.lock().closed.clone()
+    }
+
+    /// How many target NOP-In pings this session has answered.
+    pub fn pings_answered(&self) -> u32 {
+        self.inner.shared.pings_answered.load(Ordering::Relaxed)
     }
 
     /// The most tasks (commands, pings, ...) that were outstanding at once.
@@ -1073,6 +1081,7 @@ fn on_nop_in(shared: &Shared, n: NopIn) -> Result<()> {
         }
         .to_pdu();
         shared.send(&st, pdu)?;
+        shared.pings_answered.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
 }

@@ -53,6 +53,7 @@ against!(
     login_and_identify,
     read_write_roundtrip,
     many_outstanding_commands,
+    write_paths,
     nop_and_logout,
     pr_register_reserve_release_clear,
     pr_nexus_survives_reconnect,
@@ -452,4 +453,62 @@ async fn keyfence_digests() {
     if let Some(t) = TestTarget::start_keyfence(Options::default()) {
         digests(&t, None).await;
     }
+}
+
+/// Every way write data can travel: R2T only (no immediate data), immediate
+/// data plus R2Ts, unsolicited Data-Out (InitialR2T=No, where the target
+/// allows it), with tiny PDUs and bursts so one command needs many R2Ts.
+async fn write_paths(t: &TestTarget) {
+    let variants = [
+        ("r2t-only", false, true, 4096u32, 16 * 1024u32, 8 * 1024u32),
+        ("immediate", true, true, 8192, 64 * 1024, 16 * 1024),
+        ("unsolicited", true, false, 4096, 32 * 1024, 16 * 1024),
+        ("unsolicited-no-imm", false, false, 512, 16 * 1024, 4 * 1024),
+    ];
+    for (i, (label, imm, r2t, mrdsl, burst, first)) in variants.into_iter().enumerate() {
+        let mut cfg = config(&format!("wp-{label}"));
+        cfg.prefs.immediate_data = imm;
+        cfg.prefs.initial_r2t = r2t;
+        cfg.prefs.max_recv_data_segment_length = mrdsl;
+        cfg.prefs.max_burst_length = burst;
+        cfg.prefs.first_burst_length = first;
+        let dev = Device::connect(&t.url, &cfg)
+            .await
+            .unwrap_or_else(|e| panic!("{label}: login: {e}"));
+        dev.clear_unit_attentions().await.unwrap();
+        let p = dev.session().params().clone();
+        assert!(p.max_burst_length <= burst, "{label}: {p:?}");
+        assert_eq!(p.immediate_data, imm && p.immediate_data, "{label}");
+        let bs = dev.capacity().await.unwrap().block_size as usize;
+        for (j, len) in [bs, 3 * bs, 200 * 1024 + bs].into_iter().enumerate() {
+            let data = pattern((i * 10 + j) as u64, len);
+            let lba = (20_000 + i * 1000 + j * 500) as u64;
+            dev.write(lba, data.clone())
+                .await
+                .unwrap_or_else(|e| panic!("{label}: write {len}: {e} ({p:?})"));
+            let back = dev.read(lba, (len / bs) as u32).await.unwrap();
+            assert!(back == data, "{label}: mismatch at {len} bytes");
+        }
+        dev.close().await.unwrap();
+    }
+}
+
+/// tgtd pings idle sessions with NOP-In and drops those that do not answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgtd_nop_in_pings_are_answered() {
+    let Some(t) = TestTarget::start_tgtd(Options {
+        nop_interval: Some(1),
+        ..Options::default()
+    }) else {
+        return;
+    };
+    let dev = open(&t, "pinged").await;
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert!(
+        dev.session().pings_answered() >= 2,
+        "answered {} pings",
+        dev.session().pings_answered()
+    );
+    dev.inquiry().await.expect("session alive after idle pings");
+    dev.close().await.unwrap();
 }

@@ -45,6 +45,8 @@ pub struct Options {
     pub size: u64,
     /// Let the target accept CRC32C header and data digests.
     pub digests: bool,
+    /// tgtd: send NOP-In pings every this many seconds.
+    pub nop_interval: Option<u32>,
 }
 
 impl Default for Options {
@@ -53,6 +55,7 @@ impl Default for Options {
             chap: None,
             size: LUN_SIZE,
             digests: false,
+            nop_interval: None,
         }
     }
 }
@@ -124,9 +127,12 @@ impl TestTarget {
             let control = 10_000 + (std::process::id() % 700) * 32 + n % 32;
             let port = free_port();
             let log = std::fs::File::create(dir.path().join("tgtd.log")).expect("log");
+            let mut iscsi_opts = format!("portal=127.0.0.1:{port}");
+            if let Some(n) = opts.nop_interval {
+                iscsi_opts.push_str(&format!(",nop_interval={n},nop_count=2"));
+            }
             let mut child = Command::new(&tgtd)
-                .args(["-f", "-C", &control.to_string(), "--iscsi"])
-                .arg(format!("portal=127.0.0.1:{port}"))
+                .args(["-f", "-C", &control.to_string(), "--iscsi", &iscsi_opts])
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().expect("log"))
                 .stderr(log)
