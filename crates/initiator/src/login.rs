@@ -14,7 +14,14 @@ use iscsi::{Pdu, PduCodec};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub use iscsi::text::DiscoveredTarget;
+/// One target listed by SendTargets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveredTarget {
+    pub name: String,
+    /// `(host, port, portal group tag)` for each portal offered; IPv6 hosts
+    /// without brackets (as in [`IscsiUrl::host`]).
+    pub portals: Vec<(String, u16, Option<u16>)>,
+}
 
 use crate::config::SessionConfig;
 use crate::error::{Error, Result};
@@ -41,10 +48,33 @@ pub async fn discover(url: &IscsiUrl, config: &SessionConfig) -> Result<Vec<Disc
         )]))
         .await;
     let _ = session.logout().await;
-    iscsi::text::parse_send_targets(&text?).map_err(|e| Error::BadData {
+    let bad = |detail: String| Error::BadData {
         what: "SendTargets response",
-        detail: e.to_string(),
-    })
+        detail,
+    };
+    let found = iscsi::text::parse_send_targets(&text?).map_err(|e| bad(e.to_string()))?;
+    found
+        .into_iter()
+        .map(|t| {
+            let portals = t
+                .addresses
+                .iter()
+                .map(|(addr, tpgt)| {
+                    // `addr` is host:port with IPv6 hosts in brackets.
+                    let (host, port) = addr
+                        .rsplit_once(':')
+                        .and_then(|(h, p)| Some((h, p.parse::<u16>().ok()?)))
+                        .ok_or_else(|| bad(format!("TargetAddress {addr:?}")))?;
+                    let host = host.trim_start_matches('[').trim_end_matches(']');
+                    Ok((host.to_string(), port, Some(*tpgt)))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Ok(DiscoveredTarget {
+                name: t.name,
+                portals,
+            })
+        })
+        .collect()
 }
 
 /// The initiator name a login with `config` uses.

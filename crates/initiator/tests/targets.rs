@@ -88,9 +88,10 @@ async fn discovery(t: &TestTarget) {
         .iter()
         .find(|d| d.name == t.target_name)
         .unwrap_or_else(|| panic!("{} not in {found:?}", t.target_name));
-    let want = format!("127.0.0.1:{}", t.port);
     assert!(
-        me.addresses.iter().any(|(a, _)| *a == want),
+        me.portals
+            .iter()
+            .any(|(h, p, tag)| h == "127.0.0.1" && *p == t.port && tag.is_some()),
         "portal {} not listed: {me:?}",
         t.port
     );
