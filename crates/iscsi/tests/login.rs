@@ -579,3 +579,199 @@ fn digest_preferences_meet() {
     let (ts, is, _) = expect_ok(run(tcfg, icfg));
     assert!(!ts.params.header_digest && !is.params.header_digest);
 }
+
+fn login_response(csg: Stage, transit: Option<Stage>, cont: bool, data: Bytes, tsih: u16) -> Pdu {
+    LoginResponse {
+        transit: transit.is_some(),
+        cont,
+        csg,
+        nsg: transit.unwrap_or(csg),
+        version_max: 0,
+        version_active: 0,
+        isid: ISID,
+        tsih,
+        itt: 0,
+        stat_sn: 10,
+        exp_cmd_sn: 1,
+        max_cmd_sn: 8,
+        status_class: 0,
+        status_detail: 0,
+        data,
+    }
+    .to_pdu()
+}
+
+/// The initiator answers keys the target offers, collects a response the
+/// target split with the C bit, and checks the target's answers.
+#[test]
+fn initiator_handles_target_offers_and_split_responses() {
+    let mut i = InitiatorLogin::new(InitiatorLoginConfig::new(
+        INITIATOR,
+        ISID,
+        Some(TARGET.into()),
+    ));
+    i.start();
+    let mut b = keys::TextBuilder::new();
+    b.push("AuthMethod", "None")
+        .push("TargetPortalGroupTag", "3");
+    let step = i
+        .step(&login_response(
+            Stage::Security,
+            Some(Stage::Operational),
+            false,
+            b.finish(),
+            0,
+        ))
+        .unwrap();
+    let InitiatorStep::Send(req) = step else {
+        panic!()
+    };
+    let req = LoginRequest::parse(&req).unwrap();
+    assert_eq!(req.csg, Stage::Operational);
+    assert_eq!((req.transit, req.nsg), (true, Stage::FullFeature));
+    assert_eq!(req.exp_stat_sn, 11);
+    let offered = keys::parse(&req.data).unwrap();
+    assert_eq!(keys::get(&offered, "ErrorRecoveryLevel"), Some("0"));
+    assert_eq!(
+        keys::get(&offered, "MaxRecvDataSegmentLength"),
+        Some("262144")
+    );
+
+    // target answers part of it in two PDUs (C bit) and offers its own keys
+    let mut b = keys::TextBuilder::new();
+    b.push("HeaderDigest", "None")
+        .push("DataDigest", "None")
+        .push("MaxBurstLength", "65536")
+        .push("X-com.example.TargetKey", "1")
+        .push("MaxRecvDataSegmentLength", "32768")
+        .push("iSCSIProtocolLevel", "1");
+    let text = b.finish();
+    let step = i
+        .step(&login_response(
+            Stage::Operational,
+            None,
+            true,
+            text.slice(..30),
+            0,
+        ))
+        .unwrap();
+    let InitiatorStep::Send(req) = step else {
+        panic!()
+    };
+    let req = LoginRequest::parse(&req).unwrap();
+    assert!(req.data.is_empty() && !req.transit && !req.cont);
+    let step = i
+        .step(&login_response(
+            Stage::Operational,
+            None,
+            false,
+            text.slice(30..),
+            0,
+        ))
+        .unwrap();
+    let InitiatorStep::Send(req) = step else {
+        panic!()
+    };
+    let req = LoginRequest::parse(&req).unwrap();
+    let answers = keys::parse(&req.data).unwrap();
+    assert_eq!(
+        keys::get(&answers, "X-com.example.TargetKey"),
+        Some("NotUnderstood")
+    );
+    assert_eq!(keys::get(&answers, "iSCSIProtocolLevel"), Some("1"));
+    assert!(keys::get(&answers, "MaxBurstLength").is_none());
+    assert!(req.transit);
+
+    // final response: answers the rest, TSIH assigned
+    let mut b = keys::TextBuilder::new();
+    b.push("ImmediateData", "Yes").push("InitialR2T", "Yes");
+    let step = i
+        .step(&login_response(
+            Stage::Operational,
+            Some(Stage::FullFeature),
+            false,
+            b.finish(),
+            9,
+        ))
+        .unwrap();
+    let InitiatorStep::Complete(s) = step else {
+        panic!()
+    };
+    assert_eq!(s.tsih, 9);
+    assert_eq!(s.target_portal_group_tag, Some(3));
+    assert_eq!(s.params.max_burst_length, 65536);
+    assert_eq!(s.params.max_send_data_segment_length, 32768);
+    assert!(s.params.initial_r2t && s.params.immediate_data);
+    assert_eq!(s.exp_stat_sn, 11);
+    assert_eq!(s.max_cmd_sn, 8);
+}
+
+#[test]
+fn initiator_rejects_protocol_violations() {
+    let start = || {
+        let mut i = InitiatorLogin::new(InitiatorLoginConfig::new(
+            INITIATOR,
+            ISID,
+            Some(TARGET.into()),
+        ));
+        i.start();
+        i
+    };
+    // final response without TSIH
+    let mut i = start();
+    let e = i
+        .step(&login_response(
+            Stage::Security,
+            Some(Stage::FullFeature),
+            false,
+            Bytes::new(),
+            0,
+        ))
+        .unwrap_err();
+    assert!(matches!(e, LoginError::Protocol(_)), "{e:?}");
+    // answer above our Min offer
+    let mut i = start();
+    i.step(&login_response(
+        Stage::Security,
+        Some(Stage::Operational),
+        false,
+        Bytes::new(),
+        0,
+    ))
+    .unwrap();
+    let mut b = keys::TextBuilder::new();
+    b.push("MaxBurstLength", "99999999");
+    let e = i
+        .step(&login_response(
+            Stage::Operational,
+            None,
+            false,
+            b.finish(),
+            0,
+        ))
+        .unwrap_err();
+    assert!(matches!(e, LoginError::Negotiation(_)), "{e:?}");
+    // wrong CSG
+    let mut i = start();
+    let e = i
+        .step(&login_response(
+            Stage::Operational,
+            None,
+            false,
+            Bytes::new(),
+            0,
+        ))
+        .unwrap_err();
+    assert!(matches!(e, LoginError::Protocol(_)));
+    // target chooses CHAP while we have no credentials
+    let mut i = start();
+    let mut b = keys::TextBuilder::new();
+    b.push("AuthMethod", "CHAP");
+    let e = i
+        .step(&login_response(Stage::Security, None, false, b.finish(), 0))
+        .unwrap_err();
+    assert!(matches!(e, LoginError::Auth(_)));
+    // not a login response
+    let mut i = start();
+    assert!(i.step(&Pdu::from_bhs([0x20; 48])).is_err());
+}
