@@ -37,6 +37,11 @@ pub enum PduError {
     /// An Additional Header Segment is malformed.
     #[error("malformed AHS: {0}")]
     BadAhs(&'static str),
+    /// A Task Management Function Request with an undefined function
+    /// code: a target answers with a Task Management Function Response
+    /// "function not supported" (5), RFC 7143 §11.6.1, not with a Reject.
+    #[error("undefined task management function {0}")]
+    UnknownTmfFunction(u8),
 }
 
 impl PduError {
@@ -45,9 +50,10 @@ impl PduError {
         match self {
             PduError::UnknownOpcode(_) => RejectReason::CommandNotSupported,
             PduError::WrongOpcode { .. } => RejectReason::ProtocolError,
-            PduError::InvalidField { .. } | PduError::BadDataSegment(_) | PduError::BadAhs(_) => {
-                RejectReason::InvalidPduField
-            }
+            PduError::InvalidField { .. }
+            | PduError::BadDataSegment(_)
+            | PduError::BadAhs(_)
+            | PduError::UnknownTmfFunction(_) => RejectReason::InvalidPduField,
         }
     }
 }
@@ -775,7 +781,7 @@ impl TmfFunction {
             6 => TmfFunction::TargetWarmReset,
             7 => TmfFunction::TargetColdReset,
             8 => TmfFunction::TaskReassign,
-            _ => return Err(invalid("TMF function", "undefined function code")),
+            other => return Err(PduError::UnknownTmfFunction(other)),
         })
     }
 }

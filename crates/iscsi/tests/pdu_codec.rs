@@ -739,6 +739,14 @@ fn malformed_fields_are_precise_errors() {
     let mut j = [0u8; 48];
     j[0] = 0x3f;
     assert!(Reject::parse(&Pdu::from_bhs(j)).is_err());
+    // undefined TMF function: answered with TMF response 5, so a distinct error
+    let mut t = [0u8; 48];
+    t[0] = 0x02;
+    t[1] = 0x80 | 0x20;
+    assert_eq!(
+        TaskMgmtRequest::parse(&Pdu::from_bhs(t)),
+        Err(PduError::UnknownTmfFunction(0x20))
+    );
     // wrong opcode
     assert!(matches!(
         NopIn::parse(&Pdu::from_bhs(cmd)),
