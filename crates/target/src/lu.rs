@@ -381,6 +381,30 @@ impl LogicalUnit {
         cdb::data_out_len(cdb, self.cfg.block_size).ok()
     }
 
+    /// Check the transport's expected data-out length against a command
+    /// whose data-out must be exactly what its CDB implies (COMPARE AND
+    /// WRITE, WRITE SAME). Other commands tolerate overflow and underflow
+    /// (the transport reports residuals; only whole blocks received are
+    /// written). Call before collecting data; on `Err` answer CHECK
+    /// CONDITION with the sense and do not execute.
+    pub fn check_data_out_length(&self, cdb: &[u8], edtl: u64) -> Result<(), Sense> {
+        let field = match cdb::parse(cdb) {
+            Ok(Cdb::CompareAndWrite { .. }) => 13,
+            Ok(Cdb::WriteSame { sixteen, .. }) => {
+                if sixteen {
+                    10
+                } else {
+                    7
+                }
+            }
+            _ => return Ok(()),
+        };
+        match cdb::data_out_len(cdb, self.cfg.block_size) {
+            Ok(want) if want != edtl => Err(Sense::invalid_cdb_field(field, Some(7))),
+            _ => Ok(()),
+        }
+    }
+
     /// True when the command may block for long (cache flushes, FUA
     /// writes, unmapping, large WRITE SAME): run it on a blocking pool.
     pub fn is_blocking(&self, cdb: &[u8]) -> bool {

@@ -161,6 +161,7 @@ impl LogicalUnit {
                         fua: true,
                     },
                 )?;
+                let blocks = self.received_blocks(req, blocks);
                 if bytchk == 1 {
                     // Read back what reached the medium and compare.
                     self.verify(req, lba, blocks, 1)

@@ -908,6 +908,17 @@ fn blocking_hints_and_data_out_len() {
     assert_eq!(lu.data_out_len(&rw10(0x2a, 0, 0, 3)), Some(1536));
     assert_eq!(lu.data_out_len(&rw10(0x28, 0, 0, 3)), Some(0));
     assert_eq!(lu.data_out_len(&[0xc0; 16]), None);
+    // Exact data-out for COMPARE AND WRITE and WRITE SAME only.
+    assert!(lu.check_data_out_length(&caw(0, 2, false), 2048).is_ok());
+    assert_eq!(
+        lu.check_data_out_length(&caw(0, 0, false), 262144),
+        Err(Sense::invalid_cdb_field(13, Some(7)))
+    );
+    assert!(lu
+        .check_data_out_length(&rw16(0x93, 0, 0, 8), 1024)
+        .is_err());
+    assert!(lu.check_data_out_length(&rw16(0x93, 1, 0, 8), 0).is_ok());
+    assert!(lu.check_data_out_length(&rw10(0x2a, 0, 0, 2), 512).is_ok());
 }
 
 proptest! {
@@ -946,4 +957,17 @@ proptest! {
         let o = run(&lu, &n, &cdb, &data);
         prop_assert!(o.status == ScsiStatus::Good || o.status == ScsiStatus::CheckCondition);
     }
+}
+
+#[test]
+fn write_and_verify_underflow_writes_received_blocks() {
+    let (lu, _) = mem_lu(64);
+    let n = nexus("iqn.a");
+    ready(&lu, &n);
+    good(&run(&lu, &n, &rw10(0x2a, 0, 0, 2), &[b'a'; 1024]));
+    good(&run(&lu, &n, &rw10(0x2e, 0, 0, 2), &[b'b'; 512]));
+    let o = run(&lu, &n, &rw10(0x28, 0, 0, 2), &[]);
+    assert!(good(&o)[..512].iter().all(|&b| b == b'b'));
+    assert!(good(&o)[512..].iter().all(|&b| b == b'a'));
+    good(&run(&lu, &n, &rw10(0x2e, 0x02, 0, 1), &[]));
 }
