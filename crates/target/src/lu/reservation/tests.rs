@@ -153,3 +153,167 @@ fn without_store_aptpl_is_refused() {
     assert_eq!(s.field.unwrap().byte, 20);
     assert!(read_keys(&r, &a).keys.is_empty());
 }
+
+#[test]
+fn preempt_and_abort_queues_uas_and_aborts() {
+    let c = ctx(None);
+    let ua = c.unit_attentions.clone();
+    let r = Reservations::with_store(c, None);
+    let (a, b, x) = (nexus("iqn.a", 1), nexus("iqn.b", 1), nexus("iqn.c", 1));
+    for n in [&a, &b, &x] {
+        // Consume the POWER ON OCCURRED of a new nexus.
+        assert_eq!(ua.take(n), Some(asc::POWER_ON_OCCURRED));
+    }
+    out(&r, &a, PrOutAction::Register, None, keyed(0, 1, false));
+    out(&r, &b, PrOutAction::Register, None, keyed(0, 2, false));
+    out(
+        &r,
+        &a,
+        PrOutAction::Reserve,
+        Some(PrType::WriteExclusive),
+        keyed(1, 0, false),
+    );
+    let write = [0x2au8, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    assert!(r.check(&a, &write));
+    assert!(!r.check(&b, &write));
+    assert!(r
+        .gate(&x, &write)
+        .is_some_and(|o| o.status == ScsiStatus::ReservationConflict));
+    let o = out(
+        &r,
+        &b,
+        PrOutAction::PreemptAndAbort,
+        Some(PrType::ExclusiveAccess),
+        keyed(2, 1, false),
+    );
+    assert_eq!(o.status, ScsiStatus::Good);
+    assert_eq!(o.effects, vec![LuEffect::AbortTasks { nexus: a.clone() }]);
+    assert_eq!(ua.take(&a), Some(asc::REGISTRATIONS_PREEMPTED));
+    assert_eq!(ua.take(&b), None);
+    assert_eq!(ua.take(&x), None, "non-registrants get no unit attention");
+    assert!(r.check(&b, &write) && !r.check(&a, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]));
+    // PR IN answers are cut to the allocation length.
+    let cdb = PrInCdb::new(PrInAction::ReadKeys, 12).encode();
+    let o = r.execute(&a, &cdb, &[]);
+    assert_eq!(o.data_in.len(), 12);
+    assert_eq!(
+        &o.data_in[4..8],
+        &[0, 0, 0, 8],
+        "ADDITIONAL LENGTH is not truncated"
+    );
+}
+
+#[test]
+fn spc2_reservation_ends_with_nexus_loss_and_resets() {
+    let r = Reservations::with_store(ctx(None), None);
+    let (a, b) = (nexus("iqn.a", 1), nexus("iqn.b", 1));
+    let reserve6 = [0x16u8, 0, 0, 0, 0, 0];
+    let tur = [0u8; 6];
+    assert_eq!(r.execute(&a, &reserve6, &[]).status, ScsiStatus::Good);
+    assert!(!r.check(&b, &tur));
+    r.on_nexus_loss(&b);
+    assert!(!r.check(&b, &tur), "another nexus's loss changes nothing");
+    r.on_nexus_loss(&a);
+    assert!(r.check(&b, &tur));
+    assert_eq!(r.execute(&b, &reserve6, &[]).status, ScsiStatus::Good);
+    r.on_lu_reset();
+    assert!(r.check(&a, &tur));
+    assert_eq!(r.execute(&a, &reserve6, &[]).status, ScsiStatus::Good);
+    r.on_target_reset();
+    assert!(r.check(&b, &tur));
+}
+
+#[test]
+fn file_store_failure_leaves_disk_and_memory_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = state_path(dir.path(), "iqn.2026-11.io.keyfence:t", 0);
+    let r = Reservations::new(ctx(Some(path.clone())));
+    let a = nexus("iqn.a", 1);
+    assert_eq!(
+        out(&r, &a, PrOutAction::Register, None, keyed(0, 5, true)).status,
+        ScsiStatus::Good
+    );
+    let on_disk = std::fs::read(&path).unwrap();
+    let before = r.snapshot();
+    // Make the directory unusable for the temp file + rename: replace the
+    // directory by a plain file (root ignores permission bits).
+    let pdir = path.parent().unwrap().to_path_buf();
+    let moved = dir.path().join("moved");
+    std::fs::rename(&pdir, &moved).unwrap();
+    std::fs::write(&pdir, b"not a directory").unwrap();
+    let o = out(
+        &r,
+        &a,
+        PrOutAction::Reserve,
+        Some(PrType::ExclusiveAccess),
+        keyed(5, 0, false),
+    );
+    assert_eq!(o.status, ScsiStatus::CheckCondition);
+    assert_eq!(o.sense.unwrap().key, SenseKey::HardwareError);
+    assert_eq!(*r.snapshot(), *before, "in-memory state unchanged");
+    assert!(r.check(&nexus("iqn.b", 1), &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0]));
+    // Restore the directory: the old file is intact, and the next command works.
+    std::fs::remove_file(&pdir).unwrap();
+    std::fs::rename(&moved, &pdir).unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), on_disk);
+    assert_eq!(
+        out(
+            &r,
+            &a,
+            PrOutAction::Reserve,
+            Some(PrType::ExclusiveAccess),
+            keyed(5, 0, false)
+        )
+        .status,
+        ScsiStatus::Good
+    );
+    let f = read_state_file(&path).unwrap().unwrap();
+    assert_eq!(f.version, 2);
+    assert!(f.state.reservation.is_some());
+}
+
+#[test]
+fn crash_leftovers_and_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = state_path(dir.path(), "iqn.2026-11.io.keyfence:t", 0);
+    let a = nexus("iqn.a", 1);
+    {
+        let r = Reservations::new(ctx(Some(path.clone())));
+        out(&r, &a, PrOutAction::Register, None, keyed(0, 7, true));
+    }
+    // A crash after writing the temp file but before the rename leaves a
+    // temp file behind: it is ignored, the last committed state loads.
+    let tmp = path.parent().unwrap().join(".lun0.json.tmp.999999");
+    std::fs::write(&tmp, b"{ half written").unwrap();
+    let r = Reservations::new(ctx(Some(path.clone())));
+    assert_eq!(read_keys(&r, &a).keys, vec![7]);
+    drop(r);
+
+    // An unreadable file is lost PR information: DATA PROTECT for
+    // everything but the SPC-5 5.13.5.2 commands, until REPLACE LOST
+    // RESERVATION, which persists the replacement.
+    std::fs::write(&path, b"garbage").unwrap();
+    let r = Reservations::new(ctx(Some(path.clone())));
+    let read = [0x28u8, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let o = r.gate(&a, &read).unwrap();
+    let s = o.sense.unwrap();
+    assert_eq!((s.key, s.asc, s.ascq), (SenseKey::DataProtect, 0x44, 0x01));
+    assert!(r.gate(&a, &[0x12, 0, 0, 0, 36, 0]).is_none());
+    let p = PrOutParams {
+        service_action_key: 9,
+        aptpl: true,
+        ..Default::default()
+    };
+    let o = out(
+        &r,
+        &a,
+        PrOutAction::ReplaceLostReservation,
+        Some(PrType::WriteExclusive),
+        p,
+    );
+    assert_eq!(o.status, ScsiStatus::Good);
+    assert!(r.gate(&a, &read).is_none());
+    let f = read_state_file(&path).unwrap().unwrap();
+    assert_eq!(f.state.generation, 0);
+    assert_eq!(f.state.registrations[0].key, format!("{:016x}", 9));
+}
