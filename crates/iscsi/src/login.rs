@@ -715,6 +715,20 @@ impl TargetLogin {
     }
 }
 
+/// Builds a redirection Login Response (Status-Class 1) sending the
+/// initiator to `target_address` (`host:port,tpgt`, IPv6 in brackets).
+pub fn redirect_login(req: &Pdu, permanent: bool, target_address: &str, stat_sn: u32) -> Pdu {
+    let status = if permanent {
+        LoginStatus::TARGET_MOVED_PERMANENTLY
+    } else {
+        LoginStatus::TARGET_MOVED_TEMPORARILY
+    };
+    let p = reject_login(req, status, stat_sn);
+    let mut b = keys::TextBuilder::new();
+    b.push("TargetAddress", target_address);
+    Pdu::new(p.bhs, Bytes::new(), b.finish())
+}
+
 /// Builds a Login Response that rejects `req` with `status`, for use when
 /// no [`TargetLogin`] exists (e.g. the portal is shutting down).
 pub fn reject_login(req: &Pdu, status: LoginStatus, stat_sn: u32) -> Pdu {

@@ -560,6 +560,39 @@ fn initiator_reports_target_status_and_redirect() {
 }
 
 #[test]
+fn redirect_reaches_the_initiator() {
+    let mut i = InitiatorLogin::new(InitiatorLoginConfig::new(
+        INITIATOR,
+        ISID,
+        Some(TARGET.into()),
+    ));
+    let first = i.start();
+    let rsp = redirect_login(&wire(&first), true, "[::1]:3261,2", 5);
+    let parsed = LoginResponse::parse(&rsp).unwrap();
+    assert_eq!((parsed.status_class, parsed.status_detail), (1, 2));
+    assert_eq!(parsed.isid, ISID);
+    match i.step(&wire(&rsp)) {
+        Err(LoginError::Status { status, redirect }) => {
+            assert_eq!(status, LoginStatus::TARGET_MOVED_PERMANENTLY);
+            assert_eq!(redirect.as_deref(), Some("[::1]:3261,2"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let rsp = reject_login(&first, LoginStatus::SERVICE_UNAVAILABLE, 0);
+    let mut i = InitiatorLogin::new(InitiatorLoginConfig::new(
+        INITIATOR,
+        ISID,
+        Some(TARGET.into()),
+    ));
+    i.start();
+    let e = i.step(&rsp).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "login rejected by target: 0x0301 (service unavailable)"
+    );
+}
+
+#[test]
 fn digest_preferences_meet() {
     let mut tcfg = target_cfg();
     tcfg.prefs = OperationalPrefs {
