@@ -419,7 +419,7 @@ pub fn pr_out(
     };
     match (&params, action) {
         (Params::Basic(p), PrOutAction::Register | PrOutAction::RegisterAndIgnoreExistingKey) => {
-            register(&mut tx, nexus, ports, p, reg.is_some())?
+            register(&mut tx, nexus, ports, p, &tid_offsets(list), reg.is_some())?
         }
         (Params::Basic(_), PrOutAction::Reserve) => {
             reserve(&mut tx, nexus, pr_type.expect("validated type"))?
@@ -448,13 +448,32 @@ pub fn pr_out(
     Ok(tx.finish(state))
 }
 
+/// Byte offsets of the SPEC_I_PT TransportIDs in a parameter list that
+/// decoded successfully (for field pointers).
+fn tid_offsets(list: &[u8]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut at = BASIC_PARAM_LEN + 4;
+    while let Some(rest) = list.get(at..).filter(|r| !r.is_empty()) {
+        match TransportId::parse(rest) {
+            Ok((_, used)) => {
+                out.push(at);
+                at += used;
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
 /// REGISTER / REGISTER AND IGNORE EXISTING KEY (SPC-5 5.13.7, tables
-/// 67-69); the reservation key was verified by the caller.
+/// 67-69); the reservation key was verified by the caller. `offsets` are
+/// where the TransportIDs start in the parameter list.
 fn register(
     tx: &mut Tx,
     nexus: &Nexus,
     ports: &[TargetPort],
     p: &PrOutParams,
+    offsets: &[usize],
     registered: bool,
 ) -> Result<(), Reject> {
     if p.spec_i_pt && registered {
@@ -480,8 +499,8 @@ fn register(
         // SPEC_I_PT: every TransportID, all or nothing.
         let mut others: Vec<Nexus> = Vec::new();
         if p.spec_i_pt {
-            let mut at = BASIC_PARAM_LEN + 4;
-            for tid in &p.transport_ids {
+            for (i, tid) in p.transport_ids.iter().enumerate() {
+                let at = offsets.get(i).copied().unwrap_or(BASIC_PARAM_LEN + 4);
                 let field = u16::try_from(at).unwrap_or(u16::MAX);
                 let port = tid
                     .initiator_port()
@@ -501,7 +520,6 @@ fn register(
                     }
                     others.push(n);
                 }
-                at += tid.encoded_len();
             }
         }
         let new_count = own
