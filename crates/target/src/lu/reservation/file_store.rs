@@ -27,11 +27,14 @@ pub struct StateFile {
 
 /// Where the PR state of `lun` of `target` lives under `data_dir`.
 pub fn state_path(data_dir: &Path, target: &str, lun: u64) -> PathBuf {
-    let dir: String = target
+    let mut dir: String = target
         .to_ascii_lowercase()
         .chars()
         .map(|c| if c == '/' || c == '\0' { '_' } else { c })
         .collect();
+    if dir.is_empty() || dir == "." || dir == ".." {
+        dir = format!("_{dir}");
+    }
     data_dir.join("pr").join(dir).join(format!("lun{lun}.json"))
 }
 
