@@ -88,7 +88,7 @@ enum TaskKind {
     Scsi {
         lun: Lun,
         /// Data-In gathered so far.
-        data_in: BytesMut,
+        data_in: DataInBuf,
         data_in_len: u32,
         next_data_sn: u32,
         /// Write payload, kept for R2Ts.
@@ -99,6 +99,54 @@ enum TaskKind {
     Logout,
     Tmf,
     Text,
+}
+
+/// Data-In of one command. The common case, all data in one PDU at offset
+/// 0, keeps the received buffer without copying.
+enum DataInBuf {
+    Empty,
+    Single(Bytes),
+    Gathered(BytesMut),
+}
+
+impl DataInBuf {
+    /// Place `data` at `off` (bounds already checked by the caller).
+    fn put(&mut self, off: usize, data: Bytes) {
+        match self {
+            DataInBuf::Empty if off == 0 => *self = DataInBuf::Single(data),
+            DataInBuf::Empty => {
+                let mut b = BytesMut::with_capacity(off + data.len());
+                b.resize(off, 0);
+                b.extend_from_slice(&data);
+                *self = DataInBuf::Gathered(b);
+            }
+            DataInBuf::Single(first) => {
+                let mut b = BytesMut::with_capacity(first.len() + data.len());
+                b.extend_from_slice(first);
+                *self = DataInBuf::Gathered(b);
+                self.put(off, data);
+            }
+            DataInBuf::Gathered(b) => {
+                let end = off + data.len();
+                if off == b.len() {
+                    b.extend_from_slice(&data);
+                } else {
+                    if b.len() < end {
+                        b.resize(end, 0);
+                    }
+                    b[off..end].copy_from_slice(&data);
+                }
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            DataInBuf::Empty => Bytes::new(),
+            DataInBuf::Single(b) => b,
+            DataInBuf::Gathered(b) => b.freeze(),
+        }
+    }
 }
 
 struct Task {
@@ -453,7 +501,7 @@ impl Session {
                 );
                 let kind = TaskKind::Scsi {
                     lun: lun_field,
-                    data_in: BytesMut::new(),
+                    data_in: DataInBuf::Empty,
                     data_in_len: cmd.data_in_len,
                     next_data_sn: 0,
                     data_out: data.clone(),
@@ -953,14 +1001,7 @@ fn on_data_in(shared: &Shared, d: DataIn) -> Result<()> {
                 data_in_len
             ))
         })?;
-    if off == data_in.len() {
-        data_in.extend_from_slice(&d.data);
-    } else {
-        if data_in.len() < end {
-            data_in.resize(end, 0);
-        }
-        data_in[off..end].copy_from_slice(&d.data);
-    }
+    data_in.put(off, d.data);
     if let Some(status) = d.status {
         let task = st.tasks.remove(&d.itt);
         drop(st);
@@ -973,7 +1014,7 @@ fn on_data_in(shared: &Shared, d: DataIn) -> Result<()> {
             let _ = reply.send(Ok(Reply::Scsi(ScsiResult {
                 status,
                 sense: None,
-                data: data_in.freeze(),
+                data: data_in.into_bytes(),
                 residual: d.residual,
             })));
         }
@@ -1002,7 +1043,7 @@ fn on_response(shared: &Shared, r: ScsiResponse) -> Result<()> {
                     } else {
                         Sense::parse(&r.sense)
                     },
-                    data: data_in.freeze(),
+                    data: data_in.into_bytes(),
                     residual: r.residual,
                 }))
             }
@@ -1108,6 +1149,21 @@ mod tests {
         assert_eq!((parsed[0].data_sn, parsed[1].data_sn), (0, 1));
         assert!(!parsed[0].final_bit && parsed[1].final_bit);
         assert!(parsed.iter().all(|d| d.ttt == 9 && d.itt == 5));
+    }
+
+    #[test]
+    fn data_in_gathering() {
+        let mut d = DataInBuf::Empty;
+        d.put(0, Bytes::from_static(b"abcd"));
+        assert!(matches!(d, DataInBuf::Single(_)));
+        d.put(4, Bytes::from_static(b"ef"));
+        d.put(8, Bytes::from_static(b"ij"));
+        d.put(6, Bytes::from_static(b"gh"));
+        assert_eq!(&d.into_bytes()[..], b"abcdefghij");
+        let mut d = DataInBuf::Empty;
+        d.put(2, Bytes::from_static(b"cd"));
+        d.put(0, Bytes::from_static(b"ab"));
+        assert_eq!(&d.into_bytes()[..], b"abcd");
     }
 
     #[test]
