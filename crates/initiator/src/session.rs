@@ -583,7 +583,15 @@ impl Session {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(Error::SessionClosed),
             Err(_) => {
-                self.inner.shared.lock().tasks.remove(&itt);
+                // SCSI tasks stay registered until ABORT TASK has named
+                // them (it needs their CmdSN); others are forgotten now.
+                let mut st = self.inner.shared.lock();
+                if !matches!(
+                    st.tasks.get(&itt).map(|t| &t.kind),
+                    Some(TaskKind::Scsi { .. })
+                ) {
+                    st.tasks.remove(&itt);
+                }
                 Err(Error::Timeout { what, after })
             }
         }
@@ -592,7 +600,9 @@ impl Session {
     /// After a command timed out, ask the target to abort it; if even that
     /// does not complete, the session is unusable and is closed.
     async fn abort_after_timeout(&self, lun: Lun, itt: u32) {
-        match self.task_management(TmfFunction::AbortTask, lun, itt).await {
+        let r = self.task_management(TmfFunction::AbortTask, lun, itt).await;
+        self.inner.shared.lock().tasks.remove(&itt);
+        match r {
             Ok(TmfResponse::FunctionComplete) | Ok(TmfResponse::TaskDoesNotExist) => {}
             other => {
                 tracing::warn!(itt, ?other, "ABORT TASK failed; closing session");
@@ -873,17 +883,22 @@ fn dispatch(shared: &Shared, pdu: Pdu) -> Result<()> {
     match op {
         Opcode::DataIn => {
             let d = DataIn::parse(&pdu).map_err(bad)?;
-            shared.update_window(d.exp_cmd_sn, d.max_cmd_sn);
+            let (exp, max) = (d.exp_cmd_sn, d.max_cmd_sn);
             if d.status.is_some() {
                 shared.update_stat_sn(d.stat_sn, true);
             }
-            on_data_in(shared, d)
+            // Complete first, then open the window for waiting commands.
+            on_data_in(shared, d)?;
+            shared.update_window(exp, max);
+            Ok(())
         }
         Opcode::ScsiResponse => {
             let r = ScsiResponse::parse(&pdu).map_err(bad)?;
-            shared.update_window(r.exp_cmd_sn, r.max_cmd_sn);
+            let (exp, max) = (r.exp_cmd_sn, r.max_cmd_sn);
             shared.update_stat_sn(r.stat_sn, true);
-            on_response(shared, r)
+            on_response(shared, r)?;
+            shared.update_window(exp, max);
+            Ok(())
         }
         Opcode::R2t => {
             let r = R2t::parse(&pdu).map_err(bad)?;
@@ -991,8 +1006,7 @@ fn on_data_in(shared: &Shared, d: DataIn) -> Result<()> {
     }
     *next_data_sn = next_data_sn.wrapping_add(1);
     let off = d.buffer_offset as usize;
-    let end = off
-        .checked_add(d.data.len())
+    off.checked_add(d.data.len())
         .filter(|&e| e <= *data_in_len as usize)
         .ok_or_else(|| {
             Error::protocol(format!(
