@@ -111,8 +111,18 @@ impl Features {
 // ------------------------------------------------------------ access ---
 
 /// May `nexus` run `cdb` given `state`? One lookup in the table of
-/// [`crate::access`]; the holder is always allowed.
+/// [`crate::access`]; the holder is always allowed. Scans the
+/// registrations; [`AccessView`] answers the same in O(1).
 pub fn check_access(state: &PrState, nexus: &Nexus, cdb: &[u8]) -> Access {
+    decide(state, nexus, cdb, |n| state.is_registered(n))
+}
+
+fn decide(
+    state: &PrState,
+    nexus: &Nexus,
+    cdb: &[u8],
+    registered: impl Fn(&Nexus) -> bool,
+) -> Access {
     if state.lost && !access::allowed_while_pr_lost(cdb) {
         return Access::Check(PR_INFORMATION_LOST);
     }
@@ -124,12 +134,45 @@ pub fn check_access(state: &PrState, nexus: &Nexus, cdb: &[u8]) -> Access {
     let Some(res) = &state.reservation else {
         return Access::Allowed;
     };
-    if state.is_holder(nexus) {
+    let is_registered = registered(nexus);
+    let holder = match &res.holder {
+        None => is_registered,
+        Some(h) => h == nexus,
+    };
+    if holder {
         return Access::Allowed;
     }
-    match access::entry(cdb, res.pr_type, state.is_registered(nexus)) {
+    match access::entry(cdb, res.pr_type, is_registered) {
         Entry::A => Access::Allowed,
         Entry::C => Access::Conflict,
+    }
+}
+
+/// An immutable state plus an index of its registered I_T nexuses, built
+/// once per state change so the per-command decision is O(1).
+#[derive(Debug, Clone, Default)]
+pub struct AccessView {
+    state: std::sync::Arc<PrState>,
+    registered: std::collections::HashSet<Nexus>,
+}
+
+impl AccessView {
+    pub fn new(state: std::sync::Arc<PrState>) -> Self {
+        let registered = state
+            .registrations
+            .iter()
+            .map(|g| g.nexus.clone())
+            .collect();
+        AccessView { state, registered }
+    }
+
+    pub fn state(&self) -> &std::sync::Arc<PrState> {
+        &self.state
+    }
+
+    /// Same answer as [`check_access`] on the state.
+    pub fn check(&self, nexus: &Nexus, cdb: &[u8]) -> Access {
+        decide(&self.state, nexus, cdb, |n| self.registered.contains(n))
     }
 }
 

@@ -373,9 +373,12 @@ proptest! {
             let r = lu.reservation().reservation.map(|r| (r.pr_type, r.key));
             let mr = m.res.map(|(t, h)| (t, h.and_then(|h| m.key(h)).unwrap_or(0)));
             prop_assert_eq!(r, mr);
-            // Access decisions for every nexus.
+            // Access decisions for every nexus (the indexed view agrees).
+            let view = pr::AccessView::new(std::sync::Arc::new(lu.st.clone()));
             for j in 0..N {
                 let x = nexus(j);
+                prop_assert_eq!(view.check(&x, &READ10), lu.access(&x, &READ10));
+                prop_assert_eq!(view.check(&x, &WRITE10), lu.access(&x, &WRITE10));
                 prop_assert_eq!(lu.can_read(&x), m.can(j, false), "read by {} after {:?}", j, op);
                 prop_assert_eq!(lu.can_write(&x), m.can(j, true), "write by {} after {:?}", j, op);
             }

@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use pr::{Access, Applied, Effects, Features, Persist, PrState, PrStore, Reject, StoreError};
+use pr::{
+    Access, AccessView, Applied, Effects, Features, Persist, PrState, PrStore, Reject, StoreError,
+};
 use scsi::pr_data::{PrInCdb, PrOutAction, PrOutCdb, PrType};
 use scsi::sense::asc;
 use scsi::{Nexus, Sense, SenseKey};
@@ -30,7 +32,7 @@ use super::{CommandOutcome, LuEffect, ReservationContext, UaScope};
 #[derive(Debug)]
 pub struct Reservations {
     ctx: ReservationContext,
-    view: ArcSwap<PrState>,
+    view: ArcSwap<AccessView>,
     writer: Mutex<Writer>,
     store: Option<Arc<dyn PrStore>>,
     features: Features,
@@ -97,7 +99,7 @@ impl Reservations {
                 ptpl_c: store.is_some(),
             },
             ctx,
-            view: ArcSwap::from_pointee(state),
+            view: ArcSwap::from_pointee(AccessView::new(Arc::new(state))),
             writer: Mutex::new(Writer { version }),
             store,
         }
@@ -105,14 +107,18 @@ impl Reservations {
 
     /// The current state (a snapshot).
     pub fn snapshot(&self) -> Arc<PrState> {
-        self.view.load_full()
+        self.view.load().state().clone()
+    }
+
+    fn publish(&self, state: Arc<PrState>) {
+        self.view.store(Arc::new(AccessView::new(state)));
     }
 
     /// The reservation decision for `cdb` from `nexus`: `None` to go on,
     /// or the outcome to end the command with (RESERVATION CONFLICT, or
     /// CHECK CONDITION while PR information is lost).
     pub fn gate(&self, nexus: &Nexus, cdb: &[u8]) -> Option<CommandOutcome> {
-        match pr::check_access(&self.view.load(), nexus, cdb) {
+        match self.view.load().check(nexus, cdb) {
             Access::Allowed => None,
             Access::Conflict => Some(CommandOutcome::reservation_conflict()),
             Access::Check(s) => Some(CommandOutcome::check_condition(s)),
@@ -123,10 +129,7 @@ impl Reservations {
     /// answers RESERVATION CONFLICT. (See [`Reservations::gate`] for the
     /// lost-reservation condition, which is a CHECK CONDITION.)
     pub fn check(&self, nexus: &Nexus, cdb: &[u8]) -> bool {
-        matches!(
-            pr::check_access(&self.view.load(), nexus, cdb),
-            Access::Allowed
-        )
+        matches!(self.view.load().check(nexus, cdb), Access::Allowed)
     }
 
     /// Run PERSISTENT RESERVE IN/OUT, RESERVE(6/10) or RELEASE(6/10).
@@ -145,7 +148,7 @@ impl Reservations {
         if cdb.len() < 10 {
             return CommandOutcome::check_condition(Sense::invalid_cdb_field(0, None));
         }
-        let state = self.view.load();
+        let state = self.snapshot();
         match pr::pr_in(&state, cdb, self.features) {
             Ok(mut data) => {
                 let alloc = PrInCdb::parse(cdb).map_or(0, |c| usize::from(c.allocation_length));
@@ -161,7 +164,7 @@ impl Reservations {
             return CommandOutcome::check_condition(Sense::invalid_cdb_field(0, None));
         }
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let before = self.view.load_full();
+        let before = self.snapshot();
         let result = pr::pr_out(
             &before,
             nexus,
@@ -184,7 +187,7 @@ impl Reservations {
 
     fn spc2(&self, nexus: &Nexus, cdb: &[u8]) -> CommandOutcome {
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let before = self.view.load_full();
+        let before = self.snapshot();
         match pr::spc2(&before, nexus, cdb) {
             Ok(applied) => match self.commit(&mut w, applied) {
                 Ok((o, _)) => o,
@@ -230,7 +233,7 @@ impl Reservations {
             }
         }
         let state = Arc::new(state);
-        self.view.store(state.clone());
+        self.publish(state.clone());
         for (n, code) in &unit_attentions {
             self.ctx.unit_attentions.queue(UaScope::Nexus(n), *code);
         }
@@ -245,12 +248,12 @@ impl Reservations {
     /// The I_T nexus is gone (session closed or dropped): its SPC-2
     /// reservation, if any, ends. Persistent reservations stay.
     pub fn on_nexus_loss(&self, nexus: &Nexus) {
-        if self.view.load().spc2.as_ref() != Some(nexus) {
+        if self.snapshot().spc2.as_ref() != Some(nexus) {
             return;
         }
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(st) = pr::on_nexus_loss(&self.view.load(), nexus) {
-            self.view.store(Arc::new(st));
+        if let Some(st) = pr::on_nexus_loss(&self.snapshot(), nexus) {
+            self.publish(Arc::new(st));
         }
     }
 
@@ -266,8 +269,8 @@ impl Reservations {
 
     fn reset(&self) {
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(st) = pr::on_reset(&self.view.load()) {
-            self.view.store(Arc::new(st));
+        if let Some(st) = pr::on_reset(&self.snapshot()) {
+            self.publish(Arc::new(st));
         }
     }
 }
