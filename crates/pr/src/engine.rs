@@ -69,8 +69,8 @@ pub enum Persist {
 pub struct Effects {
     /// Unit attentions to establish, one per I_T nexus (SPC-5 5.13.11).
     pub unit_attentions: Vec<(Nexus, Asc)>,
-    /// I_T nexuses whose tasks PREEMPT AND ABORT aborts (all but the PR
-    /// OUT command itself).
+    /// I_T nexuses whose tasks PREEMPT AND ABORT aborts (the PR OUT
+    /// command itself excepted, which may be on one of them).
     pub abort_tasks_of: Vec<Nexus>,
     /// `Some` when the persisted state must change before GOOD.
     pub persist: Option<Persist>,
@@ -622,6 +622,21 @@ fn preempt(
     abort: bool,
 ) -> Result<(), Reject> {
     let res = tx.st.reservation.clone();
+    // PREEMPT AND ABORT aborts the commands of every I_T nexus registered
+    // with the key, holder or not, or of every registered I_T nexus for
+    // key zero under an all-registrants reservation (last paragraph of
+    // SPC-5 5.13.11.2.6); the LU spares the PR OUT command itself.
+    let ar_zero = sa_key == 0 && res.as_ref().is_some_and(|r| r.pr_type.all_registrants());
+    let abort_set: Vec<Nexus> = if abort {
+        tx.st
+            .registrations
+            .iter()
+            .filter(|g| ar_zero || g.key == sa_key)
+            .map(|g| g.nexus.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
     let holder_key = res
         .as_ref()
         .and_then(|r| r.holder.as_ref())
@@ -682,15 +697,6 @@ fn preempt(
                 }
             }
         }
-        if abort {
-            let mut victims = removed;
-            if let Some(h) = old.holder {
-                if &h != nexus && !victims.contains(&h) {
-                    victims.push(h);
-                }
-            }
-            tx.fx.abort_tasks_of = victims;
-        }
     } else {
         // 5.13.11.2.5: remove the registrations with the key, reservation
         // untouched (unless that empties an all-registrants one).
@@ -710,10 +716,8 @@ fn preempt(
                 tx.ua(n, asc::REGISTRATIONS_PREEMPTED);
             }
         }
-        if abort {
-            tx.fx.abort_tasks_of = removed.into_iter().filter(|n| n != nexus).collect();
-        }
     }
+    tx.fx.abort_tasks_of = abort_set;
     tx.bump();
     Ok(())
 }

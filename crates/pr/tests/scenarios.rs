@@ -569,9 +569,11 @@ fn preempt_all_registrants() {
         ];
         expect.sort_by(|x, y| x.0.cmp(&y.0));
         assert_eq!(uas(&e), expect);
+        // Key zero under all-registrants: every registered nexus's tasks,
+        // the preemptor's included (its PR OUT excepted by the LU).
         let mut ab = e.abort_tasks_of.clone();
         ab.sort();
-        let mut want = vec![a.clone(), c.clone()];
+        let mut want = vec![a.clone(), b.clone(), c.clone()];
         want.sort();
         assert_eq!(ab, want);
         assert_eq!(lu.keys().keys, vec![KB]);
