@@ -213,7 +213,12 @@ impl LogicalUnit {
                 d[..8].copy_from_slice(&(self.blocks - 1).to_be_bytes());
                 d[8..12].copy_from_slice(&self.cfg.block_size.to_be_bytes());
                 // Byte 13: P_I_EXPONENT 0, LOGICAL BLOCKS PER PHYSICAL BLOCK
-                // EXPONENT 0. Byte 14: LBPME, LBPRZ.
+                // EXPONENT 0: every logical block is written whole. (The
+                // 4 KiB allocation unit of the backing file is reported as
+                // the unmap granularity in VPD B0h instead; initiators that
+                // read a physical block size of 4 KiB as an alignment for
+                // LBA status descriptors misreport unaligned queries.)
+                // Byte 14: LBPME, LBPRZ; LOWEST ALIGNED LBA 0.
                 d[14] = 0x80
                     | if self.backend.discard_zeroes() {
                         0x40

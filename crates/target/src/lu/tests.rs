@@ -281,6 +281,7 @@ fn capacity() {
     let d = good(&o);
     assert_eq!(d.len(), 32);
     assert_eq!(&d[..12], &[0, 0, 0, 0, 0, 0, 0, 63, 0, 0, 2, 0]);
+    assert_eq!(d[13], 0);
     assert_eq!(d[14], 0xc0); // LBPME, LBPRZ
     c[13] = 8;
     assert_eq!(good(&run(&lu, &n, &c, &[])).len(), 8);
