@@ -1,6 +1,6 @@
 //! Random PR OUT sequences from several I_T nexuses, run through the
 //! engine and through a small reference model written directly from the
-//! SPC-5 tables (67, 68, 71, 72, figure 9) and the access table columns
+//! SPC-5 tables (67, 68, 70, 71, 72, figure 9) and the access table columns
 //! for READ/WRITE; every response, unit attention, READ KEYS / READ
 //! RESERVATION answer and access decision must agree.
 
@@ -44,10 +44,69 @@ enum Op {
         t: u8,
         abort: bool,
     },
+    Move {
+        rk: u64,
+        sark: u64,
+        dest: usize,
+        unreg: bool,
+    },
+}
+
+/// Sentinel keys resolved against the model's state before a step runs,
+/// so that sequences reach deep states: the acting nexus's own key, or
+/// the key of nexus `j`.
+const OWN: u64 = 0xdead_0000_0000_0000;
+const KEY_OF: u64 = 0xdead_0000_0000_0100;
+
+fn resolve_key(k: u64, m: &Model, who: usize) -> u64 {
+    if k == OWN {
+        m.key(who).unwrap_or(0)
+    } else if (KEY_OF..KEY_OF + N as u64).contains(&k) {
+        let j = (k - KEY_OF) as usize;
+        m.key(j).unwrap_or(j as u64 + 1)
+    } else {
+        k
+    }
+}
+
+fn resolve(op: Op, m: &Model, who: usize) -> Op {
+    let r = |k| resolve_key(k, m, who);
+    match op {
+        Op::Register { rk, sark } => Op::Register {
+            rk: r(rk),
+            sark: r(sark),
+        },
+        Op::Riek { sark } => Op::Riek { sark: r(sark) },
+        Op::Reserve { rk, t } => Op::Reserve { rk: r(rk), t },
+        Op::Release { rk, t } => Op::Release { rk: r(rk), t },
+        Op::Clear { rk } => Op::Clear { rk: r(rk) },
+        Op::Preempt { rk, sark, t, abort } => Op::Preempt {
+            rk: r(rk),
+            sark: r(sark),
+            t,
+            abort,
+        },
+        Op::Move {
+            rk,
+            sark,
+            dest,
+            unreg,
+        } => Op::Move {
+            rk: r(rk),
+            sark: r(sark),
+            dest,
+            unreg,
+        },
+    }
 }
 
 fn op() -> impl Strategy<Value = Op> {
-    let key = prop_oneof![3 => 0u64..4, 1 => Just(u64::MAX)];
+    let key = prop_oneof![
+        3 => 0u64..4,
+        1 => Just(u64::MAX),
+        4 => Just(OWN),
+        3 => (0..N as u64).prop_map(|j| KEY_OF + j),
+    ];
     let ty = prop_oneof![8 => prop::sample::select(vec![1u8, 3, 5, 6, 7, 8]), 1 => Just(2u8)];
     prop_oneof![
         (key.clone(), key.clone()).prop_map(|(rk, sark)| Op::Register { rk, sark }),
@@ -55,11 +114,13 @@ fn op() -> impl Strategy<Value = Op> {
         (key.clone(), ty.clone()).prop_map(|(rk, t)| Op::Reserve { rk, t }),
         (key.clone(), ty.clone()).prop_map(|(rk, t)| Op::Release { rk, t }),
         key.clone().prop_map(|rk| Op::Clear { rk }),
-        (key.clone(), key, ty, any::<bool>()).prop_map(|(rk, sark, t, abort)| Op::Preempt {
+        (key.clone(), key.clone(), ty, any::<bool>())
+            .prop_map(|(rk, sark, t, abort)| Op::Preempt { rk, sark, t, abort }),
+        (key.clone(), key, 0..N, any::<bool>()).prop_map(|(rk, sark, dest, unreg)| Op::Move {
             rk,
             sark,
-            t,
-            abort
+            dest,
+            unreg
         }),
     ]
 }
@@ -191,6 +252,36 @@ impl Model {
                 self.generation = self.generation.wrapping_add(1);
                 St::Good
             }
+            Op::Move {
+                rk,
+                sark,
+                dest,
+                unreg,
+            } => {
+                // Table 70 and SPC-5 5.13.8.
+                if mine != Some(rk) {
+                    return St::Conflict;
+                }
+                let Some((t, _)) = self.res else {
+                    return INVALID_FIELD_CDB;
+                };
+                if all_reg(t) || !self.holder(n) {
+                    return St::Conflict;
+                }
+                if sark == 0 || dest == n {
+                    return INVALID_FIELD_PARAM;
+                }
+                match self.regs.iter_mut().find(|r| r.0 == dest) {
+                    Some(r) => r.1 = sark,
+                    None => self.regs.push((dest, sark)),
+                }
+                self.res = Some((t, Some(dest)));
+                if unreg {
+                    self.unregister(n, uas);
+                }
+                self.generation = self.generation.wrapping_add(1);
+                St::Good
+            }
             Op::Preempt { rk, sark, t, .. } => {
                 if !valid_type(t) {
                     return INVALID_FIELD_CDB;
@@ -314,6 +405,22 @@ fn run_engine(lu: &mut Lu, n: &Nexus, op: Op) -> (St, Uas, Vec<Nexus>) {
             lu.raw(n, &cdb, &data)
         }
         Op::Clear { rk } => lu.out(n, PrOutAction::Clear, None, &params_of(rk, 0)),
+        Op::Move {
+            rk,
+            sark,
+            dest,
+            unreg,
+        } => lu.move_to(
+            n,
+            &scsi::pr_data::RegisterMoveParams {
+                reservation_key: rk,
+                service_action_key: sark,
+                unreg,
+                aptpl: false,
+                relative_target_port: 1,
+                transport_id: tid(&nexus(dest)),
+            },
+        ),
         Op::Preempt { rk, sark, t, abort } => {
             let sa = if abort {
                 PrOutAction::PreemptAndAbort
@@ -348,10 +455,20 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
     #[test]
-    fn engine_matches_model(steps in prop::collection::vec((0..N, op()), 1..40)) {
+    fn engine_matches_model(
+        prefix in any::<bool>(),
+        steps in prop::collection::vec((0..N, op()), 1..40),
+    ) {
         let mut lu = Lu::default();
         let mut m = Model::default();
-        for (i, (who, op)) in steps.into_iter().enumerate() {
+        // Half the runs start with every nexus registered.
+        let start: Vec<(usize, Op)> = if prefix {
+            (0..N).map(|i| (i, Op::Register { rk: 0, sark: i as u64 + 1 })).collect()
+        } else {
+            vec![]
+        };
+        for (i, (who, op)) in start.into_iter().chain(steps).enumerate() {
+            let op = resolve(op, &m, who);
             let n = nexus(who);
             // SPC-5 5.13.11.2.6: PREEMPT AND ABORT aborts the tasks of every
             // nexus registered with the key (all registered nexuses for key
