@@ -710,6 +710,14 @@ impl Session {
             self.reject(wire, RejectReason::ProtocolError, &pdu.bhs);
             return;
         }
+        // COMPARE AND WRITE and WRITE SAME need exactly the data-out their
+        // CDB implies; any other expected length fails the command.
+        if let Some(lu) = &lu {
+            if let Err(sense) = lu.check_data_out_length(cdb, u64::from(edtl)) {
+                self.discard_then_respond(wire, meta, &cmd, CommandOutcome::check_condition(sense));
+                return;
+            }
+        }
         // Data the CDB does not want, or EDTL not a whole number of what
         // the command transfers, cannot be executed faithfully.
         if wanted > edtl && edtl > 0 && wanted_out.is_some() {
