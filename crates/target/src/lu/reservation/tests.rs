@@ -317,3 +317,104 @@ fn crash_leftovers_and_corruption() {
     assert_eq!(f.state.generation, 0);
     assert_eq!(f.state.registrations[0].key, format!("{:016x}", 9));
 }
+
+/// The gate inside a whole LogicalUnit: reservation conflicts on real
+/// READ/WRITE, unit attentions delivered on the next command of the
+/// right nexus only.
+#[test]
+fn through_the_logical_unit() {
+    use crate::backend::MemBackend;
+    use crate::lu::{CommandRequest, LogicalUnit, LuConfig, TargetLuns};
+
+    let luns = Arc::new(TargetLuns::new(vec![0]));
+    let cfg = LuConfig::new("iqn.2026-11.io.keyfence:t", 0, vec![port(1), port(2)], luns);
+    let lu = LogicalUnit::new(cfg, Arc::new(MemBackend::new(1 << 20))).unwrap();
+    let (a, b, c) = (nexus("iqn.a", 1), nexus("iqn.b", 1), nexus("iqn.c", 1));
+    let run = |n: &Nexus, cdb: &[u8], data: &[u8]| {
+        lu.execute(&CommandRequest {
+            nexus: n,
+            cdb,
+            data_out: data,
+        })
+    };
+    let tur = [0u8; 6];
+    for n in [&a, &b, &c] {
+        // POWER ON OCCURRED first, then clean.
+        assert_eq!(run(n, &tur, &[]).status, ScsiStatus::CheckCondition);
+        assert_eq!(run(n, &tur, &[]).status, ScsiStatus::Good);
+    }
+    let prout = |n: &Nexus, sa: PrOutAction, t: Option<PrType>, p: PrOutParams| {
+        let d = p.encode();
+        run(n, &PrOutCdb::new(sa, t, d.len() as u32).encode(), &d)
+    };
+    assert_eq!(
+        prout(&a, PrOutAction::Register, None, keyed(0, 0xa, false)).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(
+        prout(&b, PrOutAction::Register, None, keyed(0, 0xb, false)).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(
+        prout(
+            &a,
+            PrOutAction::Reserve,
+            Some(PrType::ExclusiveAccessRegistrantsOnly),
+            keyed(0xa, 0, false)
+        )
+        .status,
+        ScsiStatus::Good
+    );
+    let write = [0x2au8, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    let block = vec![0x5au8; 512];
+    assert_eq!(run(&a, &write, &block).status, ScsiStatus::Good);
+    assert_eq!(
+        run(&b, &write, &block).status,
+        ScsiStatus::Good,
+        "registrant under EA_RO"
+    );
+    assert_eq!(
+        run(&c, &write, &block).status,
+        ScsiStatus::ReservationConflict
+    );
+    assert_eq!(
+        run(&c, &[0x28, 0, 0, 0, 0, 0, 0, 0, 1, 0], &[]).status,
+        ScsiStatus::ReservationConflict
+    );
+    // INQUIRY and READ CAPACITY pass for anyone.
+    assert_eq!(
+        run(&c, &[0x12, 0, 0, 0, 36, 0], &[]).status,
+        ScsiStatus::Good
+    );
+    assert_eq!(
+        run(&c, &[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]).status,
+        ScsiStatus::Good
+    );
+    // The holder releases: B (registrant) gets RESERVATIONS RELEASED on
+    // its next command; A (releasing) and C (not registered) do not.
+    assert_eq!(
+        prout(
+            &a,
+            PrOutAction::Release,
+            Some(PrType::ExclusiveAccessRegistrantsOnly),
+            keyed(0xa, 0, false)
+        )
+        .status,
+        ScsiStatus::Good
+    );
+    let o = run(&b, &tur, &[]);
+    assert_eq!(o.status, ScsiStatus::CheckCondition);
+    let s = o.sense.unwrap();
+    assert_eq!(
+        (s.key, s.asc, s.ascq),
+        (SenseKey::UnitAttention, 0x2a, 0x04)
+    );
+    assert_eq!(run(&b, &tur, &[]).status, ScsiStatus::Good);
+    assert_eq!(run(&a, &tur, &[]).status, ScsiStatus::Good);
+    assert_eq!(run(&c, &tur, &[]).status, ScsiStatus::Good);
+    assert_eq!(run(&c, &write, &block).status, ScsiStatus::Good);
+    // Nexus loss keeps registrations (READ KEYS still shows both).
+    lu.nexus_lost(&a);
+    let o = run(&b, &PrInCdb::new(PrInAction::ReadKeys, 64).encode(), &[]);
+    assert_eq!(ReadKeys::decode(&o.data_in).unwrap().keys, vec![0xa, 0xb]);
+}
