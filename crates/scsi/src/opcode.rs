@@ -545,17 +545,24 @@ pub static COMMANDS: &[CommandInfo] = &[
 
 /// Does the operation code carry a service action in CDB byte 1?
 pub fn has_service_action(opcode: u8) -> bool {
-    COMMANDS
-        .iter()
-        .any(|c| c.opcode == opcode && c.service_action.is_some())
+    matches!(
+        opcode,
+        PERSISTENT_RESERVE_IN | PERSISTENT_RESERVE_OUT | SERVICE_ACTION_IN_16 | MAINTENANCE_IN
+    )
 }
 
 /// The implemented command with this operation code and (for commands
-/// with service actions) service action.
+/// with service actions) service action. `COMMANDS` is sorted, so this is
+/// a binary search.
 pub fn lookup(opcode: u8, service_action: Option<u8>) -> Option<&'static CommandInfo> {
-    COMMANDS.iter().find(|c| {
-        c.opcode == opcode && (c.service_action.is_none() || c.service_action == service_action)
-    })
+    let key = (
+        opcode,
+        service_action.filter(|_| has_service_action(opcode)),
+    );
+    COMMANDS
+        .binary_search_by(|c| (c.opcode, c.service_action).cmp(&key))
+        .ok()
+        .map(|i| &COMMANDS[i])
 }
 
 #[cfg(test)]
@@ -584,5 +591,17 @@ mod tests {
         assert!(lookup(0x9e, Some(0x11)).is_none());
         assert!(has_service_action(0xa3));
         assert!(!has_service_action(0x28));
+        assert_eq!(lookup(0x28, Some(3)).unwrap().name, "READ(10)");
+        assert!(lookup(0x5e, None).is_none());
+        // has_service_action agrees with the table.
+        for c in COMMANDS {
+            assert_eq!(
+                has_service_action(c.opcode),
+                c.service_action.is_some(),
+                "{}",
+                c.name
+            );
+            assert_eq!(lookup(c.opcode, c.service_action), Some(c));
+        }
     }
 }
