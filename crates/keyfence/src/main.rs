@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 mod bench;
+mod fence;
 mod mpathpersist;
 mod persist;
 mod pr_show;
@@ -24,6 +25,7 @@ Commands:
   mpathpersist  mpathpersist-compatible multipath PR tool (also run as mpathpersist)
   pr            inspect PR state: `keyfence pr show`
   bench         block I/O load over iSCSI at a fixed queue depth
+  fence         I/O fencing: agent (also run as fence_keyfence), check, acquire, race
   help          print this help
 
 Run `keyfence <COMMAND> --help` for a command's options.
@@ -39,6 +41,7 @@ fn main() -> ExitCode {
     match prog.as_str() {
         "sg_persist" => return persist::run(&args[1..]),
         "mpathpersist" => return mpathpersist::run(&args[1..]),
+        "fence_keyfence" => return fence::agent_main(&args[1..]),
         _ => {}
     }
     if args.len() < 2 {
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
         "mpathpersist" => mpathpersist::run(rest),
         "pr" => pr_show::run(rest),
         "bench" => bench::run(rest),
+        "fence" => fence::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             ExitCode::SUCCESS

@@ -1,0 +1,199 @@
+//! `keyfence fence race`: the coordinator-disk race that settles a split
+//! cluster without quorum.
+//!
+//! Both halves hold registrations on an odd number of small coordinator LUNs
+//! (registered with `fence agent -o on` beforehand). When the interconnect
+//! fails, each half runs `race` with its own key and the other half's keys:
+//! on every disk, in one agreed order (sorted by name, so the order given on
+//! the command line does not matter), it preempts the other half's keys. A
+//! side whose own key has already been removed on a disk gets RESERVATION
+//! CONFLICT there and has lost that disk. The side that wins a majority of
+//! the disks continues (exit 0); the other runs its `--action` and exits 1.
+//! Since a disk, once won, can no longer be preempted by the loser (its key
+//! is gone), exactly one side can hold a majority.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use initiator::{Device, Error};
+
+use super::agent::FENCE_TYPE;
+use super::key::parse_key;
+use super::{connect_any, fmt_key, FenceDevice, Role};
+
+/// Race the other half of the cluster for a majority of coordinator LUNs.
+#[derive(Debug, Parser)]
+#[command(name = "keyfence fence race")]
+struct Args {
+    /// Coordinator LUNs (odd number): iSCSI URLs or multipath map names.
+    #[arg(long, short = 'd')]
+    devices: String,
+    /// This side's key (registered on the coordinator LUNs).
+    #[arg(long, short = 'k')]
+    key: String,
+    /// The other side's keys, comma separated.
+    #[arg(long)]
+    victim_keys: String,
+    /// Command run through `sh -c` when this side loses.
+    #[arg(long)]
+    action: Option<String>,
+    #[arg(long)]
+    initiator_name: Option<String>,
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Milliseconds allowed for each login and command.
+    #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
+    timeout_ms: u64,
+}
+
+/// What happened on one coordinator disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskOutcome {
+    /// Our key is registered and no victim key is.
+    Won(String),
+    /// Our key was removed by the other side.
+    Lost(String),
+    /// The disk could not be used (unreachable, error, ambiguous).
+    Failed(String),
+}
+
+pub fn run(args: &[OsString]) -> ExitCode {
+    let argv = std::iter::once(OsString::from("keyfence fence race")).chain(args.iter().cloned());
+    let a = match Args::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    let setup = || -> Result<(Vec<FenceDevice>, u64, Vec<u64>, String), String> {
+        let mut devs = super::resolve_devices(&a.devices, a.config.as_deref())?;
+        if devs.len() % 2 == 0 {
+            return Err(format!(
+                "{} coordinator devices given: an odd number is needed so that one side wins a majority",
+                devs.len()
+            ));
+        }
+        devs.sort_by(|x, y| x.name.cmp(&y.name));
+        let mine = parse_key(&a.key)?;
+        let victims = a
+            .victim_keys
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(parse_key)
+            .collect::<Result<Vec<_>, _>>()?;
+        if victims.is_empty() {
+            return Err("no --victim-keys given".into());
+        }
+        if victims.contains(&mine) {
+            return Err("this side's key is among the victim keys".into());
+        }
+        let name = super::initiator_name(a.initiator_name.as_deref())?;
+        Ok((devs, mine, victims, name))
+    };
+    let (devs, mine, victims, name) = match setup() {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("keyfence fence race: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match super::runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("keyfence fence race: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let t = Duration::from_millis(a.timeout_ms);
+    let mut won = 0;
+    for d in &devs {
+        let o = rt.block_on(async {
+            match tokio::time::timeout(t.saturating_mul(4), race_disk(d, &name, mine, &victims, t))
+                .await
+            {
+                Ok(o) => o,
+                Err(_) => {
+                    DiskOutcome::Failed(format!("no answer within {:?}", t.saturating_mul(4)))
+                }
+            }
+        });
+        match &o {
+            DiskOutcome::Won(s) => {
+                won += 1;
+                println!("{}: won: {s}", d.name);
+            }
+            DiskOutcome::Lost(s) => println!("{}: lost: {s}", d.name),
+            DiskOutcome::Failed(s) => println!("{}: failed: {s}", d.name),
+        }
+    }
+    if won * 2 > devs.len() {
+        println!("race won: {won} of {} coordinator devices", devs.len());
+        return ExitCode::SUCCESS;
+    }
+    println!(
+        "race lost: {won} of {} coordinator devices; this side must stop",
+        devs.len()
+    );
+    if let Some(cmd) = &a.action {
+        match std::process::Command::new("sh").arg("-c").arg(cmd).status() {
+            Ok(s) if !s.success() => eprintln!("action {cmd:?} exited with {s}"),
+            Ok(_) => {}
+            Err(e) => eprintln!("cannot run action {cmd:?}: {e}"),
+        }
+    }
+    ExitCode::from(1)
+}
+
+async fn race_disk(
+    d: &FenceDevice,
+    name: &str,
+    mine: u64,
+    victims: &[u64],
+    t: Duration,
+) -> DiskOutcome {
+    let dev = match connect_any(d, name, Role::Agent, t).await {
+        Ok(dev) => dev,
+        Err(e) => return DiskOutcome::Failed(e),
+    };
+    let o = race_on(&dev, mine, victims).await;
+    let _ = dev.close().await;
+    o
+}
+
+async fn race_on(dev: &Device, mine: u64, victims: &[u64]) -> DiskOutcome {
+    let mut done = Vec::new();
+    for &v in victims {
+        let keys = match dev.read_keys().await {
+            Ok(k) => k.keys,
+            Err(e) => return DiskOutcome::Failed(format!("READ KEYS: {e}")),
+        };
+        if !keys.contains(&mine) {
+            return DiskOutcome::Lost(format!("our key {} was removed", fmt_key(mine)));
+        }
+        if !keys.contains(&v) {
+            continue;
+        }
+        match dev.preempt_and_abort(mine, v, FENCE_TYPE).await {
+            Ok(()) => done.push(fmt_key(v)),
+            // Our key went away under us, or the victim's did; look again.
+            Err(Error::ReservationConflict) => continue,
+            Err(e) => return DiskOutcome::Failed(format!("PREEMPT AND ABORT {}: {e}", fmt_key(v))),
+        }
+    }
+    match dev.read_keys().await {
+        Ok(k) if !k.keys.contains(&mine) => {
+            DiskOutcome::Lost(format!("our key {} was removed", fmt_key(mine)))
+        }
+        Ok(k) => match victims.iter().find(|v| k.keys.contains(v)) {
+            Some(v) => DiskOutcome::Failed(format!("key {} is still registered", fmt_key(*v))),
+            None if done.is_empty() => DiskOutcome::Won("no victim key was registered".into()),
+            None => DiskOutcome::Won(format!("preempted {}", done.join(" "))),
+        },
+        Err(e) => DiskOutcome::Failed(format!("READ KEYS: {e}")),
+    }
+}
