@@ -14,7 +14,7 @@ use scsi::pr_data::{
 };
 use scsi::sense::{asc, Asc};
 use scsi::transport_id::TransportId;
-use scsi::{Nexus, Sense, SenseKey, TargetPort};
+use scsi::{InitiatorPort, Nexus, Sense, SenseKey, TargetPort};
 
 use crate::access::{self, Entry};
 use crate::state::{PrState, Registration, Reservation};
@@ -106,6 +106,18 @@ impl Features {
             type_mask: Capabilities::type_mask_for(&PrType::ALL),
         }
     }
+}
+
+/// What a PR OUT needs to know about the logical unit besides its state.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The LU's target ports (ALL_TG_PT, SPEC_I_PT, REGISTER AND MOVE).
+    pub target_ports: &'a [TargetPort],
+    /// The initiator ports known to the device server (a SPEC_I_PT iSCSI
+    /// TransportID of format 00b registers every one with that name,
+    /// SPC-5 7.6.4.6).
+    pub known_initiators: &'a [InitiatorPort],
+    pub features: Features,
 }
 
 // ------------------------------------------------------------ access ---
@@ -364,18 +376,18 @@ fn resources(count: usize) -> Result<(), Reject> {
     Ok(())
 }
 
-/// Execute a PERSISTENT RESERVE OUT received on `nexus`. `ports` are the
-/// LU's target ports (ALL_TG_PT, SPEC_I_PT, REGISTER AND MOVE); `data`
-/// holds the data-out bytes received (the parameter list is its first
+/// Execute a PERSISTENT RESERVE OUT received on `nexus`. `data` holds
+/// the data-out bytes received (the parameter list is its first
 /// PARAMETER LIST LENGTH bytes).
 pub fn pr_out(
     state: &PrState,
     nexus: &Nexus,
-    ports: &[TargetPort],
-    features: Features,
+    ctx: &Context<'_>,
     cdb: &[u8],
     data: &[u8],
 ) -> Result<Applied, Reject> {
+    let ports = ctx.target_ports;
+    let features = ctx.features;
     let c = PrOutCdb::parse(cdb).ok_or(check(Sense::invalid_cdb_field(0, None)))?;
     let action = PrOutAction::from_u8(c.service_action)
         .ok_or(check(Sense::invalid_cdb_field(1, Some(4))))?;
@@ -462,7 +474,7 @@ pub fn pr_out(
     };
     match (&params, action) {
         (Params::Basic(p), PrOutAction::Register | PrOutAction::RegisterAndIgnoreExistingKey) => {
-            register(&mut tx, nexus, ports, p, &tid_offsets(list), reg.is_some())?
+            register(&mut tx, nexus, ctx, p, &tid_offsets(list), reg.is_some())?
         }
         (Params::Basic(_), PrOutAction::Reserve) => {
             reserve(&mut tx, nexus, pr_type.expect("validated type"))?
@@ -514,11 +526,12 @@ fn tid_offsets(list: &[u8]) -> Vec<usize> {
 fn register(
     tx: &mut Tx,
     nexus: &Nexus,
-    ports: &[TargetPort],
+    ctx: &Context<'_>,
     p: &PrOutParams,
     offsets: &[usize],
     registered: bool,
 ) -> Result<(), Reject> {
+    let ports = ctx.target_ports;
     if p.spec_i_pt && registered {
         return Err(check(Sense::invalid_param_field(20, Some(3))));
     }
@@ -545,23 +558,37 @@ fn register(
             for (i, tid) in p.transport_ids.iter().enumerate() {
                 let at = offsets.get(i).copied().unwrap_or(BASIC_PARAM_LEN + 4);
                 let field = u16::try_from(at).unwrap_or(u16::MAX);
-                let port = tid
-                    .initiator_port()
-                    .ok_or(check(Sense::invalid_param_field(field, None)))?;
+                // Format 01b names one initiator port; format 00b every
+                // initiator port known with that iSCSI name (SPC-5
+                // 7.6.4.6). Other protocols cannot reach an iSCSI target.
+                let iports: Vec<InitiatorPort> = match tid {
+                    TransportId::Iscsi { isid: Some(_), .. } => {
+                        tid.initiator_port().into_iter().collect()
+                    }
+                    TransportId::Iscsi { isid: None, .. } => ctx
+                        .known_initiators
+                        .iter()
+                        .filter(|i| tid.matches(i))
+                        .cloned()
+                        .collect(),
+                    _ => return Err(check(Sense::invalid_param_field(field, None))),
+                };
                 let tports: Vec<TargetPort> = if p.all_tg_pt {
                     ports.to_vec()
                 } else {
                     vec![nexus.target.clone()]
                 };
-                for tp in tports {
-                    let n = Nexus::new(port.clone(), tp);
-                    if own.contains(&n) || others.contains(&n) {
-                        continue;
+                for port in &iports {
+                    for tp in &tports {
+                        let n = Nexus::new(port.clone(), tp.clone());
+                        if own.contains(&n) || others.contains(&n) {
+                            continue;
+                        }
+                        if tx.st.is_registered(&n) {
+                            return Err(check(Sense::invalid_param_field(field, None)));
+                        }
+                        others.push(n);
                     }
-                    if tx.st.is_registered(&n) {
-                        return Err(check(Sense::invalid_param_field(field, None)));
-                    }
-                    others.push(n);
                 }
             }
         }

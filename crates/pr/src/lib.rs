@@ -18,7 +18,7 @@ pub mod store;
 
 pub use engine::{
     check_access, full_status, on_nexus_loss, on_reset, pr_in, pr_out, spc2, Access, AccessView,
-    Applied, Effects, Features, Persist, Reject, MAX_REGISTRATIONS, PR_INFORMATION_LOST,
+    Applied, Context, Effects, Features, Persist, Reject, MAX_REGISTRATIONS, PR_INFORMATION_LOST,
 };
 pub use scsi::pr_data::{PrOutAction, PrType};
 pub use state::{PrState, Registration, Reservation, StateRecord};

@@ -24,7 +24,7 @@ proptest! {
         let mut cdb = PrOutCdb::new(PrOutAction::Register, None, len).encode();
         cdb[1] = b1;
         cdb[2] = b2;
-        let r = pr::pr_out(&lu.st, &a, &lu.ports, lu.features, &cdb, &data);
+        let r = pr::pr_out(&lu.st, &a, &lu.ctx(), &cdb, &data);
         if r.is_err() {
             prop_assert_eq!(&lu.st, &before);
         }

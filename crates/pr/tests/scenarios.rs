@@ -350,14 +350,48 @@ fn spec_i_pt_all_or_nothing() {
     assert!(!lu.st.is_registered(&a) && !lu.st.is_registered(&b));
     assert_eq!(lu.st.generation, g);
 
-    // Format 00b (name only) does not designate one initiator port.
-    let name_only = TransportId::Iscsi {
-        name: "iqn.2026-11.test:b".into(),
+    // Format 00b (iSCSI name only): every initiator port known with that
+    // name (SPC-5 7.6.4.6), here two ISIDs of B; an unknown name adds none.
+    let name_only = |n: &str| TransportId::Iscsi {
+        name: n.into(),
         isid: None,
     };
-    let r = lu.out(&a, PrOutAction::Register, None, &p(vec![name_only]));
+    let b7 = nx("iqn.2026-11.test:b", 7, 1);
+    let mut lu2 = Lu {
+        known: vec![
+            b.initiator.clone(),
+            b7.initiator.clone(),
+            c.initiator.clone(),
+        ],
+        ..Lu::default()
+    };
+    lu2.out(
+        &a,
+        PrOutAction::Register,
+        None,
+        &p(vec![
+            name_only("iqn.2026-11.test:b"),
+            name_only("iqn.2026-11.test:nobody"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(lu2.keys().keys, vec![KA, KA, KA]);
+    assert!(lu2.st.is_registered(&b) && lu2.st.is_registered(&b7));
+    assert!(!lu2.st.is_registered(&c));
+    // ... and it fails as a whole if one of those ports is registered.
+    let mut lu3 = Lu {
+        known: lu2.known.clone(),
+        ..Lu::default()
+    };
+    lu3.register(&b7, KB);
+    let r = lu3.out(
+        &a,
+        PrOutAction::Register,
+        None,
+        &p(vec![name_only("iqn.2026-11.test:b")]),
+    );
     assert_eq!(st_of(&r), INVALID_FIELD_PARAM);
-    assert!(!lu.st.is_registered(&a));
+    assert_eq!(lu3.keys().keys, vec![KB]);
 
     // Non-iSCSI TransportID: rejected, nothing registered.
     let fc = TransportId::FibreChannel {

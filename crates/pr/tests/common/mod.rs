@@ -66,6 +66,7 @@ pub const PLLE: St = St::Check(5, 0x1a, 0);
 pub struct Lu {
     pub st: PrState,
     pub ports: Vec<TargetPort>,
+    pub known: Vec<InitiatorPort>,
     pub features: Features,
 }
 
@@ -74,14 +75,23 @@ impl Default for Lu {
         Lu {
             st: PrState::default(),
             ports: vec![tp(1), tp(2)],
+            known: vec![],
             features: Features { ptpl_c: true },
         }
     }
 }
 
 impl Lu {
+    pub fn ctx(&self) -> pr::Context<'_> {
+        pr::Context {
+            target_ports: &self.ports,
+            known_initiators: &self.known,
+            features: self.features,
+        }
+    }
+
     pub fn raw(&mut self, n: &Nexus, cdb: &[u8], data: &[u8]) -> Result<Effects, Reject> {
-        let r = pr::pr_out(&self.st, n, &self.ports, self.features, cdb, data)?;
+        let r = pr::pr_out(&self.st, n, &self.ctx(), cdb, data)?;
         self.st = r.state;
         Ok(r.effects)
     }

@@ -165,14 +165,24 @@ impl Reservations {
         }
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let before = self.snapshot();
-        let result = pr::pr_out(
-            &before,
-            nexus,
-            &self.ctx.target_ports,
-            self.features,
-            cdb,
-            data,
-        );
+        // Initiator ports known to the device server: every nexus the LU
+        // has seen, plus this one.
+        let mut known: Vec<scsi::InitiatorPort> = self
+            .ctx
+            .unit_attentions
+            .known_nexuses()
+            .into_iter()
+            .map(|n| n.initiator)
+            .chain(std::iter::once(nexus.initiator.clone()))
+            .collect();
+        known.sort();
+        known.dedup();
+        let ctx = pr::Context {
+            target_ports: &self.ctx.target_ports,
+            known_initiators: &known,
+            features: self.features,
+        };
+        let result = pr::pr_out(&before, nexus, &ctx, cdb, data);
         let (outcome, after) = match result {
             Ok(applied) => match self.commit(&mut w, applied) {
                 Ok((o, st)) => (o, Some(st)),

@@ -159,6 +159,12 @@ impl UnitAttentions {
         }
     }
 
+    /// The I_T nexuses this LU has seen (active or lost); the PR engine
+    /// takes them as the initiator ports known to the device server.
+    pub fn known_nexuses(&self) -> Vec<Nexus> {
+        self.map.load().keys().cloned().collect()
+    }
+
     /// A reset: every nexus's queue is replaced by `code`.
     pub fn reset_all(&self, code: Asc) {
         for e in self.map.load().values() {

@@ -418,3 +418,32 @@ fn through_the_logical_unit() {
     let o = run(&b, &PrInCdb::new(PrInAction::ReadKeys, 64).encode(), &[]);
     assert_eq!(ReadKeys::decode(&o.data_in).unwrap().keys, vec![0xa, 0xb]);
 }
+
+/// SPEC_I_PT with an iSCSI name only (format 00b) registers the initiator
+/// ports of that name the LU knows (SPC-5 7.6.4.6).
+#[test]
+fn spec_i_pt_name_only_uses_known_ports() {
+    let c = ctx(None);
+    let ua = c.unit_attentions.clone();
+    let r = Reservations::with_store(c, None);
+    let (a, b1, b2) = (nexus("iqn.a", 1), nexus("iqn.b", 1), nexus("iqn.b", 2));
+    // The LU has seen both sessions of iqn.b.
+    ua.take(&b1);
+    ua.take(&b2);
+    let p = PrOutParams {
+        service_action_key: 0x77,
+        spec_i_pt: true,
+        transport_ids: vec![scsi::transport_id::TransportId::Iscsi {
+            name: "iqn.b".into(),
+            isid: None,
+        }],
+        ..Default::default()
+    };
+    assert_eq!(
+        out(&r, &a, PrOutAction::Register, None, p).status,
+        ScsiStatus::Good
+    );
+    let s = r.snapshot();
+    assert!(s.is_registered(&a) && s.is_registered(&b1) && s.is_registered(&b2));
+    assert_eq!(read_keys(&r, &a).keys, vec![0x77; 3]);
+}
