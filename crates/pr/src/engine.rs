@@ -496,7 +496,7 @@ pub fn pr_out(
             action == PrOutAction::PreemptAndAbort,
         )?,
         (Params::Move(p), PrOutAction::RegisterAndMove) => {
-            register_and_move(&mut tx, nexus, ports, p)?
+            register_and_move(&mut tx, nexus, ctx, p)?
         }
         _ => unreachable!("parameter layout follows the service action"),
     }
@@ -753,9 +753,10 @@ fn preempt(
 fn register_and_move(
     tx: &mut Tx,
     nexus: &Nexus,
-    ports: &[TargetPort],
+    ctx: &Context<'_>,
     p: &RegisterMoveParams,
 ) -> Result<(), Reject> {
+    let ports = ctx.target_ports;
     let Some(res) = tx.st.reservation.clone() else {
         return Err(check(Sense::illegal_request(asc::INVALID_FIELD_IN_CDB)));
     };
@@ -766,10 +767,24 @@ fn register_and_move(
         return Err(check(Sense::invalid_param_field(8, None)));
     }
     let tid_at = RegisterMoveParams::TRANSPORT_ID_OFFSET as u16;
-    let port = p
-        .transport_id
-        .initiator_port()
-        .ok_or(check(Sense::invalid_param_field(tid_at, None)))?;
+    // The destination is one initiator port: format 01b names it; a
+    // format 00b iSCSI name does only when exactly one known initiator
+    // port has that name.
+    let port = match &p.transport_id {
+        TransportId::Iscsi { isid: Some(_), .. } => p.transport_id.initiator_port(),
+        TransportId::Iscsi { isid: None, .. } => {
+            let mut m = ctx
+                .known_initiators
+                .iter()
+                .filter(|i| p.transport_id.matches(i));
+            match (m.next(), m.next()) {
+                (Some(one), None) => Some(one.clone()),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+    .ok_or(check(Sense::invalid_param_field(tid_at, None)))?;
     if port == nexus.initiator {
         return Err(check(Sense::invalid_param_field(tid_at, None)));
     }

@@ -715,6 +715,25 @@ fn register_and_move() {
     assert!(lu.st.is_holder(&c));
     assert_eq!(lu.keys().keys, vec![KA, KC]);
 
+    // A name-only TransportID moves to the one known port of that name;
+    // with two known ports of the name it is ambiguous and refused.
+    let mut lu = Lu {
+        known: vec![b.initiator.clone()],
+        ..Lu::default()
+    };
+    lu.register(&a, KA);
+    lu.reserve(&a, KA, PrType::WriteExclusive).unwrap();
+    let mut p = move_params(&dest, 1, false);
+    p.transport_id = TransportId::Iscsi {
+        name: "iqn.2026-11.test:b".into(),
+        isid: None,
+    };
+    lu.known.push(nx("iqn.2026-11.test:b", 9, 1).initiator);
+    assert_eq!(st_of(&lu.move_to(&a, &p)), INVALID_FIELD_PARAM);
+    lu.known.pop();
+    lu.move_to(&a, &p).unwrap();
+    assert!(lu.st.is_holder(&b));
+
     // All-registrants reservations cannot be moved.
     let mut lu = Lu::default();
     lu.register(&a, KA);
