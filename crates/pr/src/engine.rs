@@ -386,7 +386,6 @@ pub fn pr_out(
     cdb: &[u8],
     data: &[u8],
 ) -> Result<Applied, Reject> {
-    let ports = ctx.target_ports;
     let features = ctx.features;
     let c = PrOutCdb::parse(cdb).ok_or(check(Sense::invalid_cdb_field(0, None)))?;
     let action = PrOutAction::from_u8(c.service_action)
