@@ -1,0 +1,410 @@
+//! fence_keyfence, `fence check`, `fence acquire` and `fence race` against
+//! real `keyfence serve` targets on 127.0.0.1.
+
+mod fence_support;
+
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fence_support::*;
+
+fn three_targets() -> Vec<Target> {
+    (1..=3)
+        .map(|i| Target::start(&format!("iqn.2026-11.io.keyfence.test:fence{i}"), "16M"))
+        .collect()
+}
+
+fn list(ts: &[&Target]) -> String {
+    ts.iter().map(|t| t.url()).collect::<Vec<_>>().join(",")
+}
+
+#[test]
+fn agent_unfences_fences_and_reports_status_by_majority() {
+    let mut ts = three_targets();
+    let tmp = tempfile::tempdir().unwrap();
+    let devs = list(&ts.iter().collect::<Vec<_>>());
+    let agent = agent_link(tmp.path());
+    let store1 = tmp.path().join("n1");
+    let store2 = tmp.path().join("n2");
+
+    // Run by its name, as Pacemaker does: metadata.
+    let o = run_bounded(
+        Command::new(&agent).args(["-o", "metadata"]),
+        None,
+        Duration::from_secs(10),
+    );
+    assert_eq!(code(&o), 0);
+    let meta = text(&o.stdout);
+    assert!(meta.contains("<action name=\"on\" on_target=\"1\" automatic=\"1\"/>"));
+    assert!(meta.contains("resource-agent name=\"fence_keyfence\""));
+
+    // Unfence node 1 through the stdin protocol, node 2 with arguments.
+    let stdin = format!(
+        "# stonith-ng style\naction=on\nkey=11\ndevices={devs}\ninitiator_name={}\nstore_path={}\npcmk_host_list=n1\n",
+        iname("n1"),
+        store1.display()
+    );
+    let o = run_bounded(
+        &mut Command::new(&agent),
+        Some(&stdin),
+        Duration::from_secs(30),
+    );
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stderr).contains("Ignoring unknown option 'pcmk_host_list=n1'"));
+    unfence(&devs, "0x22", "n2", &store2);
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("n2.key"))
+            .unwrap()
+            .trim(),
+        "22"
+    );
+
+    let agent_as = |node: &str, args: &[&str]| {
+        let mut c = Command::new(&agent);
+        c.args(args).args([
+            "-d",
+            &devs,
+            "--initiator-name",
+            &iname(node),
+            "--timeout",
+            "2",
+        ]);
+        run_bounded(&mut c, None, Duration::from_secs(30))
+    };
+    let o = agent_as("n1", &["-o", "status", "-k", "22"]);
+    assert_eq!((code(&o), text(&o.stdout).trim()), (0, "Status: ON"));
+    let o = agent_as("n1", &["-o", "list"]);
+    assert_eq!(code(&o), 0);
+    assert!(
+        text(&o.stdout).contains("0x11,registered on 3 of 3"),
+        "{}",
+        text(&o.stdout)
+    );
+    assert!(text(&o.stdout).contains("0x22,registered on 3 of 3"));
+    let o = agent_as("n1", &["-o", "monitor"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    // A node cannot fence itself.
+    let o = agent_as("n1", &["-o", "off", "-k", "11"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        text(&o.stderr).contains("You can not fence yourself"),
+        "{}",
+        text(&o.stderr)
+    );
+    // Bad input: one-line error, exit 1.
+    let o = agent_as("n1", &["-o", "off", "-k", "0"]);
+    assert_eq!(code(&o), 1);
+    assert!(text(&o.stderr).contains("key cannot be 0"));
+    let o = agent_as("n1", &["-o", "explode", "-k", "22"]);
+    assert_eq!(code(&o), 1);
+
+    // One device down: fencing still succeeds on the majority.
+    ts[2].stop();
+    let o = agent_as("n1", &["-o", "off", "-k", "22"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(text(&o.stdout).contains("Success: Powered OFF"));
+    assert!(
+        text(&o.stderr).contains(&format!("{}: FAILED", ts[2].url())),
+        "the unreachable device is reported: {}",
+        text(&o.stderr)
+    );
+    let o = agent_as("n1", &["-o", "status", "-k", "22"]);
+    assert_eq!((code(&o), text(&o.stdout).trim()), (2, "Status: OFF"));
+    // The fenced node's watchdog check notices; node 1's does not.
+    let store2s = store2.to_str().unwrap();
+    let o = keyfence(&[
+        "fence",
+        "check",
+        "--store-path",
+        store2s,
+        "--initiator-name",
+        &iname("n2"),
+        "--deadline-ms",
+        "3000",
+    ]);
+    assert_eq!(code(&o), 2, "{}", text(&o.stderr));
+    let o = keyfence(&[
+        "fence",
+        "check",
+        "--store-path",
+        store1.to_str().unwrap(),
+        "--initiator-name",
+        &iname("n1"),
+        "--deadline-ms",
+        "3000",
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    // The fenced node cannot fence back: its port has no registration.
+    let o = agent_as("n2", &["-o", "off", "-k", "11"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        text(&o.stderr).contains("not registered"),
+        "{}",
+        text(&o.stderr)
+    );
+    // Unfencing needs every device.
+    let o = agent_as("n2", &["-o", "on", "-k", "22", "--store-path", store2s]);
+    assert_eq!(code(&o), 1, "{}", text(&o.stderr));
+
+    // Two of three down: no majority, fencing fails.
+    ts[1].stop();
+    let o = agent_as("n2", &["-o", "off", "-k", "11"]);
+    assert_eq!(code(&o), 1);
+    assert!(
+        text(&o.stderr).contains("a majority is needed"),
+        "{}",
+        text(&o.stderr)
+    );
+    let o = agent_as("n1", &["-o", "monitor"]);
+    assert_eq!(code(&o), 1);
+}
+
+#[test]
+fn check_answers_within_its_deadline_when_devices_hang() {
+    // A "device" that accepts connections and never says a word.
+    let hang = TcpListener::bind("127.0.0.1:0").unwrap();
+    let hang_url = format!(
+        "iscsi://127.0.0.1:{}/iqn.2026-11.io.keyfence.test:hang/0",
+        hang.local_addr().unwrap().port()
+    );
+    let t = Target::start("iqn.2026-11.io.keyfence.test:check", "16M");
+    let tmp = tempfile::tempdir().unwrap();
+    unfence(&t.url(), "0x33", "n3", &tmp.path().join("n3"));
+
+    let start = Instant::now();
+    let o = keyfence(&[
+        "fence",
+        "check",
+        "-d",
+        &hang_url,
+        "-k",
+        "0x33",
+        "--initiator-name",
+        &iname("n3"),
+        "--deadline-ms",
+        "1500",
+    ]);
+    let took = start.elapsed();
+    assert_eq!(code(&o), 2, "{}", text(&o.stderr));
+    assert!(took < Duration::from_millis(3000), "check took {took:?}");
+    assert!(text(&o.stderr).contains("1 silent"), "{}", text(&o.stderr));
+
+    // One good device among hanging ones is enough, and answers at once.
+    let devs = format!("{hang_url},{}", t.url());
+    let start = Instant::now();
+    let o = keyfence(&[
+        "fence",
+        "check",
+        "-d",
+        &devs,
+        "-k",
+        "0x33",
+        "--initiator-name",
+        &iname("n3"),
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    assert!(start.elapsed() < Duration::from_millis(3000));
+    println!(
+        "check with one hanging device answered in {:?}",
+        start.elapsed()
+    );
+
+    // Watchdog repair convention.
+    let o = keyfence(&["fence", "check", "repair", "7"]);
+    assert_eq!(code(&o), 7);
+    drop(hang);
+}
+
+#[test]
+fn acquire_takes_over_and_fails_fast_when_preempted() {
+    let t = Target::start("iqn.2026-11.io.keyfence.test:acquire", "16M");
+    let tmp = tempfile::tempdir().unwrap();
+    let url = t.url();
+    // Node B holds the reservation first.
+    unfence(&url, "0xb0", "nb", &tmp.path().join("nb"));
+    let marker = tmp.path().join("lost");
+    let interval_ms = 100u64;
+    let mut acq = Command::new(BIN)
+        .args([
+            "fence",
+            "acquire",
+            "-d",
+            &url,
+            "-k",
+            "0xa0",
+            "--initiator-name",
+            &iname("na"),
+        ])
+        .args([
+            "--probe-interval",
+            &interval_ms.to_string(),
+            "--timeout-ms",
+            "2000",
+            "--max-run-ms",
+            "30000",
+        ])
+        .arg("--action")
+        .arg(format!("echo \"$KEYFENCE_LOST\" > {}", marker.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It preempts B and holds the reservation.
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = keyfence(&[
+            "fence",
+            "agent",
+            "-o",
+            "status",
+            "-k",
+            "b0",
+            "-d",
+            &url,
+            "--initiator-name",
+            &iname("na"),
+        ]);
+        if code(&o) == 2 {
+            break;
+        }
+        assert!(Instant::now() < end, "acquire did not preempt node B");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = keyfence(&["persist", "-n", "-i", "-r", &url]);
+    assert!(text(&o.stdout).contains("Key=0xa0"), "{}", text(&o.stdout));
+    std::thread::sleep(Duration::from_millis(3 * interval_ms));
+    assert!(!marker.exists(), "no false alarm while ownership holds");
+
+    // Node B comes back and fences A.
+    unfence(&url, "0xb0", "nb", &tmp.path().join("nb"));
+    let t0 = monotonic_ns();
+    let o = keyfence(&[
+        "fence",
+        "agent",
+        "-o",
+        "off",
+        "-k",
+        "a0",
+        "-d",
+        &url,
+        "--initiator-name",
+        &iname("nb"),
+    ]);
+    let t1 = monotonic_ns();
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < end, "failfast action never ran");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let seen = monotonic_ns();
+    let out = acq.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = text(&out.stderr);
+    let lost_at: u64 = err
+        .split("ownership lost at monotonic ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no detection time in {err}"));
+    let reason = std::fs::read_to_string(&marker).unwrap();
+    assert!(
+        reason.contains("no longer registered") || reason.contains("PREEMPTED"),
+        "{reason}"
+    );
+    let from_start = lost_at.saturating_sub(t0) as f64 / 1e6;
+    let from_done = lost_at as f64 / 1e6 - t1 as f64 / 1e6;
+    println!(
+        "failfast: probe interval {interval_ms} ms; detected {from_start:.1} ms after the fence command started, \
+         {from_done:.1} ms after it returned; marker seen {:.1} ms after it returned; reason: {}",
+        (seen - t1) as f64 / 1e6,
+        reason.trim()
+    );
+    // Bound: one probe interval plus a round trip (and process start-up
+    // of the fence command, which is counted in from_start).
+    assert!(from_start < (interval_ms + 1000) as f64, "{from_start} ms");
+}
+
+#[test]
+fn coordinator_race_has_exactly_one_winner() {
+    let ts = three_targets();
+    let tmp = tempfile::tempdir().unwrap();
+    // Listed in different orders on purpose: race sorts them.
+    let a_devs = list(&[&ts[0], &ts[1], &ts[2]]);
+    let b_devs = list(&[&ts[2], &ts[0], &ts[1]]);
+    for round in 0..3 {
+        unfence(&a_devs, "0xa1", "sa", &tmp.path().join("sa"));
+        unfence(&a_devs, "0xb1", "sb", &tmp.path().join("sb"));
+        let lost_a = tmp.path().join(format!("lost-a-{round}"));
+        let lost_b = tmp.path().join(format!("lost-b-{round}"));
+        let spawn = |devs: &str, me: &str, other: &str, node: &str, marker: &std::path::Path| {
+            Command::new(BIN)
+                .args([
+                    "fence",
+                    "race",
+                    "-d",
+                    devs,
+                    "-k",
+                    me,
+                    "--victim-keys",
+                    other,
+                ])
+                .args(["--initiator-name", &iname(node), "--timeout-ms", "3000"])
+                .arg("--action")
+                .arg(format!("touch {}", marker.display()))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let a = spawn(&a_devs, "0xa1", "0xb1", "sa", &lost_a);
+        let b = spawn(&b_devs, "0xb1", "0xa1", "sb", &lost_b);
+        let a = a.wait_with_output().unwrap();
+        let b = b.wait_with_output().unwrap();
+        let (ca, cb) = (code(&a), code(&b));
+        println!(
+            "race round {round}: side A exit {ca}\n{}side B exit {cb}\n{}",
+            text(&a.stdout),
+            text(&b.stdout)
+        );
+        assert!(
+            (ca == 0 && cb == 1) || (ca == 1 && cb == 0),
+            "exactly one winner: A {ca} {} B {cb} {}",
+            text(&a.stderr),
+            text(&b.stderr)
+        );
+        let (winner, loser_marker, winner_marker, wkey, lkey) = if ca == 0 {
+            (&a, &lost_b, &lost_a, "0xa1", "0xb1")
+        } else {
+            (&b, &lost_a, &lost_b, "0xb1", "0xa1")
+        };
+        assert!(loser_marker.exists() && !winner_marker.exists());
+        assert_eq!(text(&winner.stdout).matches(": won").count() >= 2, true);
+        // The winner's key is on a majority, the loser's on a minority.
+        let mut w = 0;
+        let mut l = 0;
+        for t in &ts {
+            let o = keyfence(&["persist", "-n", "-i", "-k", &t.url()]);
+            let s = text(&o.stdout);
+            w += usize::from(s.contains(wkey));
+            l += usize::from(s.contains(lkey));
+        }
+        assert!(w >= 2 && l <= 1, "winner on {w}, loser on {l}");
+    }
+    // An even number of coordinator disks is refused.
+    let o = keyfence(&[
+        "fence",
+        "race",
+        "-d",
+        &list(&[&ts[0], &ts[1]]),
+        "-k",
+        "1",
+        "--victim-keys",
+        "2",
+        "--initiator-name",
+        &iname("x"),
+    ]);
+    assert_eq!(code(&o), 1);
+    assert!(text(&o.stderr).contains("odd number"));
+}

@@ -1,0 +1,323 @@
+//! Split brain: three nodes (three writer processes, each its own initiator
+//! name and key) write to one LUN reserved Write Exclusive – Registrants
+//! Only. At a random moment one node is cut off from the cluster (its
+//! heartbeat stops, its storage path stays up and it keeps writing). A
+//! survivor notices the silent heartbeat, decides to fence and runs
+//! `fence_keyfence -o off`. Afterwards the LUN is read back: no record the
+//! fenced node issued after fencing returned may be on the disk, and no
+//! write of the fenced node may have been acknowledged after that moment.
+//!
+//! Rounds: 5, or `KEYFENCE_SPLIT_ROUNDS` (scripts/split-brain.sh runs many).
+
+mod fence_support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fence_support::*;
+use rand::Rng;
+
+const NODES: usize = 3;
+const REGION: u64 = 256;
+/// Heartbeat silence after which the survivors decide to fence.
+const SILENCE_MS: u64 = 60;
+
+struct LogLine {
+    acked: bool,
+    seq: u64,
+    lba: u64,
+    t_issue: u64,
+    t_done: u64,
+}
+
+fn parse_log(path: &Path) -> Vec<LogLine> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+            Some(LogLine {
+                acked: *f.first()? == "ack",
+                seq: num(1)?,
+                lba: num(2)?,
+                t_issue: num(3)?,
+                t_done: num(4)?,
+            })
+        })
+        .collect()
+}
+
+fn heartbeat(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+struct Rec {
+    lba: u64,
+    node: u32,
+    seq: u64,
+    t_ns: u64,
+}
+
+fn scan(url: &str, lba: u64) -> Vec<Rec> {
+    let o = keyfence(&[
+        "fence",
+        "scan",
+        "--device",
+        url,
+        "--region-lba",
+        &lba.to_string(),
+        "--region-blocks",
+        &REGION.to_string(),
+        "--initiator-name",
+        &iname("reader"),
+    ]);
+    assert_eq!(code(&o), 0, "scan: {}", text(&o.stderr));
+    text(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            assert!(v.get("corrupt").is_none(), "corrupt block: {l}");
+            Rec {
+                lba: v["lba"].as_u64().unwrap(),
+                node: v["node"].as_u64().unwrap() as u32,
+                seq: v["seq"].as_u64().unwrap(),
+                t_ns: v["t_ns"].as_u64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+fn stats(v: &mut [f64]) -> String {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    format!(
+        "min {:.1} ms, median {:.1} ms, max {:.1} ms",
+        v[0],
+        v[v.len() / 2],
+        v[v.len() - 1]
+    )
+}
+
+#[test]
+fn fenced_node_never_writes_after_fencing_returns() {
+    let rounds: usize = std::env::var("KEYFENCE_SPLIT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let t = Target::start("iqn.2026-11.io.keyfence.test:splitbrain", "32M");
+    let url = t.url();
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = agent_link(tmp.path());
+    let mut rng = rand::thread_rng();
+    let keys = ["0x5b01", "0x5b02", "0x5b03"];
+    let mut fence_ms = Vec::new();
+    let mut refuse_ms = Vec::new();
+    let mut late_records = 0usize;
+    let mut late_acks = 0usize;
+
+    for round in 0..rounds {
+        let dir = tmp.path().join(format!("r{round}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        // Unfence every node (Pacemaker's automatic "on").
+        for n in 0..NODES {
+            unfence(
+                &url,
+                keys[n],
+                &format!("node{n}"),
+                &dir.join(format!("store{n}")),
+            );
+        }
+        let region = |n: usize| ((round % 40) * NODES + n) as u64 * REGION;
+        let stop = dir.join("stop");
+        let mut writers: Vec<Child> = (0..NODES)
+            .map(|n| {
+                Command::new(BIN)
+                    .args([
+                        "fence",
+                        "writer",
+                        "--device",
+                        &url,
+                        "--node",
+                        &n.to_string(),
+                    ])
+                    .args(["--key", keys[n], "--region-lba", &region(n).to_string()])
+                    .args(["--region-blocks", &REGION.to_string()])
+                    .args(["--initiator-name", &iname(&format!("node{n}"))])
+                    .arg("--heartbeat")
+                    .arg(dir.join(format!("hb{n}")))
+                    .arg("--cut")
+                    .arg(dir.join(format!("cut{n}")))
+                    .arg("--stop")
+                    .arg(&stop)
+                    .arg("--log")
+                    .arg(dir.join(format!("log{n}")))
+                    .args(["--max-ms", "30000", "--timeout-ms", "2000"])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        // Every node is writing.
+        let end = Instant::now() + Duration::from_secs(20);
+        while (0..NODES).any(|n| heartbeat(&dir.join(format!("hb{n}"))).unwrap_or(0) < 20) {
+            assert!(Instant::now() < end, "writers did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Cut a random node off at a random moment.
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
+        let victim = rng.gen_range(0..NODES);
+        let survivor = (victim + 1 + rng.gen_range(0..NODES - 1)) % NODES;
+        std::fs::write(dir.join(format!("cut{victim}")), b"").unwrap();
+        // The survivor's membership layer: the victim's heartbeat is silent.
+        let hb = dir.join(format!("hb{victim}"));
+        let mut last = heartbeat(&hb);
+        let mut since = Instant::now();
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = heartbeat(&hb);
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= Duration::from_millis(SILENCE_MS) {
+                break;
+            }
+            assert!(Instant::now() < end);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let t_decide = monotonic_ns();
+        let o = run_bounded(
+            Command::new(&agent)
+                .args(["-o", "off", "-k", keys[victim], "-d", &url])
+                .args([
+                    "--initiator-name",
+                    &iname(&format!("node{survivor}")),
+                    "--timeout",
+                    "5",
+                ]),
+            None,
+            Duration::from_secs(30),
+        );
+        let t_fenced = monotonic_ns();
+        assert_eq!(code(&o), 0, "fence_keyfence: {}", text(&o.stderr));
+        assert!(text(&o.stdout).contains("Success: Powered OFF"));
+        // The fenced node keeps trying for a while; survivors keep writing.
+        std::thread::sleep(Duration::from_millis(200));
+        std::fs::write(&stop, b"").unwrap();
+        for (n, w) in writers.iter_mut().enumerate() {
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(s) = w.try_wait().unwrap() {
+                    assert!(s.success(), "writer {n} failed");
+                    break;
+                }
+                if Instant::now() > end {
+                    let _ = w.kill();
+                    panic!("writer {n} did not stop");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        // What the disk says.
+        for n in 0..NODES {
+            let log = parse_log(&dir.join(format!("log{n}")));
+            let recs = scan(&url, region(n));
+            assert!(
+                recs.iter().all(|r| r.node as usize == n),
+                "records in the wrong region"
+            );
+            // Every acknowledged write is on the disk (or overwritten by a
+            // later write to the same block).
+            let mut newest: HashMap<u64, u64> = HashMap::new();
+            for l in log.iter().filter(|l| l.acked) {
+                let e = newest.entry(l.lba).or_default();
+                *e = (*e).max(l.seq);
+            }
+            for r in &recs {
+                if let Some(acked) = newest.get(&r.lba) {
+                    assert!(
+                        r.seq >= *acked,
+                        "node {n}: acknowledged seq {acked} lost at lba {}",
+                        r.lba
+                    );
+                }
+            }
+            for (lba, seq) in &newest {
+                assert!(
+                    recs.iter().any(|r| r.lba == *lba),
+                    "node {n}: acked seq {seq} at {lba} missing"
+                );
+            }
+            if n == victim {
+                let late_r = recs.iter().filter(|r| r.t_ns > t_fenced).count();
+                let late_a = log
+                    .iter()
+                    .filter(|l| l.acked && l.t_done > t_fenced)
+                    .count();
+                let issued_late_acked = log
+                    .iter()
+                    .filter(|l| l.acked && l.t_issue > t_fenced)
+                    .count();
+                late_records += late_r;
+                late_acks += late_a;
+                assert_eq!(
+                    late_r, 0,
+                    "round {round}: records of the fenced node written after fencing"
+                );
+                assert_eq!(
+                    late_a, 0,
+                    "round {round}: writes acknowledged after fencing returned"
+                );
+                assert_eq!(issued_late_acked, 0);
+                let refused = log
+                    .iter()
+                    .find(|l| !l.acked && l.t_done >= t_decide)
+                    .expect("the fenced node kept writing and was refused");
+                assert!(
+                    log.iter()
+                        .filter(|l| !l.acked && l.t_issue > t_fenced)
+                        .count()
+                        > 0,
+                    "fenced node tried after fencing"
+                );
+                fence_ms.push((t_fenced - t_decide) as f64 / 1e6);
+                refuse_ms.push(refused.t_done.saturating_sub(t_decide) as f64 / 1e6);
+                println!(
+                    "round {round}: cut node{victim}, fenced by node{survivor}; fence_keyfence took {:.1} ms; \
+                     first refused write {:.1} ms after the decision; acked writes before fencing: {}",
+                    (t_fenced - t_decide) as f64 / 1e6,
+                    refused.t_done.saturating_sub(t_decide) as f64 / 1e6,
+                    log.iter().filter(|l| l.acked).count()
+                );
+            } else {
+                // Survivors were not disturbed.
+                assert!(
+                    log.iter().any(|l| l.acked && l.t_issue > t_fenced),
+                    "survivor node{n} could not write after fencing"
+                );
+                assert!(recs.iter().any(|r| r.t_ns > t_fenced));
+            }
+        }
+    }
+    println!(
+        "split brain: {rounds} rounds, late records on disk {late_records}, late acknowledged writes {late_acks}"
+    );
+    println!(
+        "decision -> fence_keyfence returned: {}",
+        stats(&mut fence_ms)
+    );
+    println!(
+        "decision -> victim's next write refused: {}",
+        stats(&mut refuse_ms)
+    );
+}
