@@ -429,26 +429,32 @@ pub fn pr_out(
         }
     }
 
-    // SCOPE and TYPE, where valid (SPC-5 table 216).
-    let pr_type = match action {
-        PrOutAction::Reserve
-        | PrOutAction::Release
-        | PrOutAction::Preempt
-        | PrOutAction::PreemptAndAbort
-        | PrOutAction::ReplaceLostReservation => {
-            if c.scope != LU_SCOPE {
-                return Err(check(Sense::invalid_cdb_field(2, Some(7))));
+    // SCOPE and TYPE, where valid (SPC-5 table 216); checked after the
+    // reservation key, which is verified "regardless of the SERVICE
+    // ACTION and SCOPE field values" (SPC-5 6.16.3).
+    let scope_type = || -> Result<Option<PrType>, Reject> {
+        match action {
+            PrOutAction::Reserve
+            | PrOutAction::Release
+            | PrOutAction::Preempt
+            | PrOutAction::PreemptAndAbort
+            | PrOutAction::ReplaceLostReservation => {
+                if c.scope != LU_SCOPE {
+                    return Err(check(Sense::invalid_cdb_field(2, Some(7))));
+                }
+                PrType::from_u8(c.pr_type)
+                    .map(Some)
+                    .ok_or(check(Sense::invalid_cdb_field(2, Some(3))))
             }
-            Some(PrType::from_u8(c.pr_type).ok_or(check(Sense::invalid_cdb_field(2, Some(3))))?)
+            _ => Ok(None),
         }
-        _ => None,
     };
 
     if action == PrOutAction::ReplaceLostReservation {
         let Params::Basic(p) = &params else {
             unreachable!("basic layout decoded for RLR")
         };
-        return replace_lost(state, nexus, p, pr_type);
+        return replace_lost(state, nexus, p, scope_type()?);
     }
 
     let reg = state.registration(nexus).cloned();
@@ -466,6 +472,8 @@ pub fn pr_out(
             _ => return Err(Reject::Conflict),
         },
     }
+
+    let pr_type = scope_type()?;
 
     let mut tx = Tx {
         st: state.clone(),

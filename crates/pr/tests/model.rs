@@ -203,11 +203,11 @@ impl Model {
             Op::Register { rk, sark } => self.register(n, mine, rk, sark, uas),
             Op::Riek { sark } => self.register(n, mine, mine.unwrap_or(0), sark, uas),
             Op::Reserve { rk, t } => {
-                if !valid_type(t) {
-                    return INVALID_FIELD_CDB;
-                }
                 if mine != Some(rk) {
                     return St::Conflict;
+                }
+                if !valid_type(t) {
+                    return INVALID_FIELD_CDB;
                 }
                 match self.res {
                     None => {
@@ -219,11 +219,11 @@ impl Model {
                 }
             }
             Op::Release { rk, t } => {
-                if !valid_type(t) {
-                    return INVALID_FIELD_CDB;
-                }
                 if mine != Some(rk) {
                     return St::Conflict;
+                }
+                if !valid_type(t) {
+                    return INVALID_FIELD_CDB;
                 }
                 match self.res {
                     None => St::Good,
@@ -283,11 +283,11 @@ impl Model {
                 St::Good
             }
             Op::Preempt { rk, sark, t, .. } => {
-                if !valid_type(t) {
-                    return INVALID_FIELD_CDB;
-                }
                 if mine != Some(rk) {
                     return St::Conflict;
+                }
+                if !valid_type(t) {
+                    return INVALID_FIELD_CDB;
                 }
                 // Figure 9.
                 let preempt_res = match self.res {

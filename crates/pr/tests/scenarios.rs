@@ -302,6 +302,14 @@ fn cdb_and_parameter_list_errors() {
         assert!(f.in_cdb);
         assert_eq!((f.byte, f.bit), (2, Some(bit)));
     }
+    // The reservation key is verified first (SPC-5 6.16.3): an
+    // unregistered nexus gets RESERVATION CONFLICT even with a bad TYPE.
+    let mut cdb = PrOutCdb::new(PrOutAction::Reserve, None, 24).encode();
+    cdb[2] = 0x12;
+    assert_eq!(
+        st_of(&lu.raw(&c(), &cdb, &params(0, 0).encode())),
+        St::Conflict
+    );
     // Unknown service action.
     let mut cdb = PrOutCdb::new(PrOutAction::Register, None, 24).encode();
     cdb[1] = 0x09;
