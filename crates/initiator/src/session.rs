@@ -807,36 +807,94 @@ fn data_out_pdus(
     }
 }
 
+/// Data segments at least this long are written from the caller's buffer
+/// (vectored write) instead of being copied into the batch.
+const ZERO_COPY_MIN: usize = 16 * 1024;
+
 async fn writer(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Pdu>,
     codec: PduCodec,
     shared: Arc<Shared>,
 ) {
-    const BATCH: usize = 512 * 1024;
-    let mut buf = BytesMut::with_capacity(BATCH);
+    const BATCH: usize = 1024 * 1024;
+    // The batch as a list of segments: copied small parts and large
+    // payloads referenced in place.
+    let mut segs: std::collections::VecDeque<Bytes> = std::collections::VecDeque::new();
+    let mut small = BytesMut::with_capacity(64 * 1024);
     while let Some(first) = rx.recv().await {
-        buf.clear();
+        let mut total = 0usize;
         let mut next = Some(first);
         while let Some(mut pdu) = next.take() {
             // Every initiator PDU carries ExpStatSN at bytes 28..32.
             let esn = shared.exp_stat_sn.load(Ordering::Acquire);
             pdu.bhs[28..32].copy_from_slice(&esn.to_be_bytes());
-            if let Err(e) = codec.encode(&pdu, &mut buf) {
+            let before = small.len();
+            let r = if pdu.data.len() >= ZERO_COPY_MIN {
+                codec
+                    .encode_header(&pdu.bhs, &pdu.ahs, pdu.data.len(), &mut small)
+                    .map(|()| {
+                        segs.push_back(small.split().freeze());
+                        segs.push_back(pdu.data.clone());
+                        let (trailer, n) = codec.data_trailer(&pdu.data);
+                        small.extend_from_slice(&trailer[..n]);
+                    })
+            } else {
+                codec.encode(&pdu, &mut small)
+            };
+            if let Err(e) = r {
                 tracing::error!(error = %e, "cannot encode PDU");
                 shared.shutdown(&format!("cannot encode PDU: {e}"));
                 return;
             }
-            if buf.len() < BATCH {
+            total += small.len().saturating_sub(before) + pdu.data.len();
+            if total < BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        if !small.is_empty() {
+            segs.push_back(small.split().freeze());
+        }
+        if let Err(e) = write_segments(&mut wr, &mut segs).await {
             shared.shutdown(&format!("write failed: {e}"));
             return;
         }
+        if small.capacity() < 16 * 1024 {
+            small = BytesMut::with_capacity(64 * 1024);
+        }
     }
     let _ = wr.shutdown().await;
+}
+
+/// Write every segment, in order, with as few system calls as possible.
+async fn write_segments(
+    wr: &mut OwnedWriteHalf,
+    segs: &mut std::collections::VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    use bytes::Buf;
+    while !segs.is_empty() {
+        let slices: Vec<std::io::IoSlice<'_>> = segs
+            .iter()
+            .take(64)
+            .map(|b| std::io::IoSlice::new(b))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        drop(slices);
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = segs.front_mut() else { break };
+            if n >= front.len() {
+                n -= front.len();
+                segs.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn reader(
@@ -849,8 +907,8 @@ async fn reader(
         let pdu = match codec.decode(&mut buf) {
             Ok(Some(p)) => p,
             Ok(None) => {
-                if buf.capacity() - buf.len() < 64 * 1024 {
-                    buf.reserve(256 * 1024);
+                if buf.capacity() - buf.len() < 256 * 1024 {
+                    buf.reserve(1024 * 1024);
                 }
                 tokio::select! {
                     r = rd.read_buf(&mut buf) => match r {
