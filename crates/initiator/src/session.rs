@@ -1011,7 +1011,14 @@ fn dispatch(shared: &Shared, pdu: Pdu) -> Result<()> {
                     sense = ?Sense::parse(&a.sense),
                     "target reported an asynchronous SCSI event"
                 ),
-                1 => tracing::warn!(within_secs = a.parameter3, "target requests logout"),
+                1 => {
+                    // RFC 7143 §11.9.1: log out within Parameter3 seconds.
+                    tracing::warn!(
+                        within_secs = a.parameter3,
+                        "target requests logout; logging out"
+                    );
+                    request_logout(shared)?;
+                }
                 2 | 3 => tracing::warn!(
                     event = a.async_event,
                     time2wait = a.parameter2,
@@ -1025,6 +1032,43 @@ fn dispatch(shared: &Shared, pdu: Pdu) -> Result<()> {
             "target sent an initiator opcode {other:?}"
         ))),
     }
+}
+
+/// Log out on the target's request. Commands still outstanding fail when
+/// the target then closes the connection.
+fn request_logout(shared: &Shared) -> Result<()> {
+    let mut st = shared.lock();
+    if st.tx.is_none()
+        || st
+            .tasks
+            .values()
+            .any(|t| matches!(t.kind, TaskKind::Logout))
+    {
+        return Ok(());
+    }
+    let itt = alloc_itt(&mut st);
+    let cmd_sn = st.cmd_sn;
+    let pdu = LogoutRequest {
+        immediate: true,
+        reason: LogoutReason::CloseSession,
+        itt,
+        cid: 0,
+        cmd_sn,
+        exp_stat_sn: 0,
+    }
+    .to_pdu();
+    // Nobody waits for this reply; the session closes when the target
+    // drops the connection after its Logout Response.
+    let (tx, _rx) = oneshot::channel();
+    st.tasks.insert(
+        itt,
+        Task {
+            kind: TaskKind::Logout,
+            cmd_sn,
+            reply: tx,
+        },
+    );
+    shared.send(&st, pdu)
 }
 
 fn complete(shared: &Shared, itt: u32, reply: Result<Reply>) {

@@ -31,6 +31,8 @@ enum Script {
     RejectAll,
     /// Answer a READ with Data-In whose DataSN skips one.
     BadDataSn,
+    /// Ask the initiator to log out (Async Message event 1) right away.
+    AsyncLogout,
 }
 
 #[derive(Default)]
@@ -39,6 +41,7 @@ struct Seen {
     cmds: Vec<(u32, u32)>,
     aborts: Vec<(u32, u32)>,
     ping_replies: u32,
+    logged_out: bool,
 }
 
 struct Conn {
@@ -119,6 +122,26 @@ async fn serve(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>) {
         .to_pdu(),
     )
     .await;
+    if script == Script::AsyncLogout {
+        c.write(
+            iscsi::pdu::AsyncMessage {
+                lun: Default::default(),
+                stat_sn,
+                exp_cmd_sn,
+                max_cmd_sn: max(exp_cmd_sn),
+                async_event: 1,
+                async_vcode: 0,
+                parameter1: 0,
+                parameter2: 0,
+                parameter3: 5,
+                sense: Bytes::new(),
+                event_data: Bytes::new(),
+            }
+            .to_pdu(),
+        )
+        .await;
+        stat_sn += 1;
+    }
     while let Some(p) = c.read().await {
         match p.opcode().unwrap() {
             Opcode::NopOut => {
@@ -155,7 +178,7 @@ async fn serve(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>) {
                         c.write(rsp(stat_sn, exp_cmd_sn).to_pdu()).await;
                         stat_sn += 1;
                     }
-                    Script::Hang => {}
+                    Script::Hang | Script::AsyncLogout => {}
                     Script::RejectAll => {
                         let mut r = Reject::new(RejectReason::InvalidPduField, &p.bhs);
                         r.stat_sn = stat_sn;
@@ -224,6 +247,7 @@ async fn serve(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>) {
                     .to_pdu(),
                 )
                 .await;
+                seen.lock().unwrap().logged_out = true;
                 return;
             }
             other => panic!("mock target got unexpected {other:?}"),
@@ -335,4 +359,24 @@ async fn data_sn_gap_ends_the_session() {
         s.execute(0, &commands::test_unit_ready()).await,
         Err(Error::ConnectionLost(_))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_requested_logout_is_honoured() {
+    let (url, seen, h) = start(Script::AsyncLogout).await;
+    let s = initiator::login::connect(&url, &config(5_000))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), h)
+        .await
+        .expect("mock target sees a Logout Request")
+        .unwrap();
+    assert!(seen.lock().unwrap().logged_out);
+    for _ in 0..100 {
+        if s.is_closed() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("session still open after the target-requested logout");
 }
