@@ -57,6 +57,7 @@ against!(
     nop_and_logout,
     pr_register_reserve_release_clear,
     pr_nexus_survives_reconnect,
+    pr_full_status_move_and_abort,
     bad_lba_is_check_condition,
 );
 
@@ -512,4 +513,129 @@ async fn tgtd_nop_in_pings_are_answered() {
     );
     dev.inquiry().await.expect("session alive after idle pings");
     dev.close().await.unwrap();
+}
+
+/// READ FULL STATUS, REPORT CAPABILITIES, REGISTER AND MOVE and PREEMPT AND
+/// ABORT. tgt implements none of READ FULL STATUS, REGISTER AND MOVE and
+/// PREEMPT AND ABORT: there the typed error (ILLEGAL REQUEST) is checked.
+async fn pr_full_status_move_and_abort(t: &TestTarget) {
+    let a = open(t, "adv-a").await;
+    let b = open(t, "adv-b").await;
+    let none = RegisterOptions::default();
+    let (ka, kb) = (0xa0a0u64, 0xb0b0u64);
+    a.register_and_ignore(ka, &none).await.unwrap();
+    a.clear(ka).await.unwrap();
+    a.register(0, ka, &none).await.unwrap();
+    b.register(0, kb, &none).await.unwrap();
+    a.reserve(ka, PrType::ExclusiveAccessRegistrantsOnly)
+        .await
+        .unwrap();
+
+    let invalid_cdb = |r: Result<(), Error>| match r {
+        Err(Error::CheckCondition(s)) => {
+            assert_eq!(s.key, initiator::SenseKey::IllegalRequest, "{s:?}");
+        }
+        other => panic!("expected ILLEGAL REQUEST, got {other:?}"),
+    };
+    match t.kind {
+        Kind::Tgtd => invalid_cdb(a.read_full_status().await.map(drop)),
+        Kind::Keyfence => {
+            let fs = a.read_full_status().await.expect("READ FULL STATUS");
+            assert_eq!(fs.descriptors.len(), 2, "{fs:?}");
+            for (dev, key) in [(&a, ka), (&b, kb)] {
+                let port = dev.session().initiator_port();
+                let d = fs
+                    .descriptors
+                    .iter()
+                    .find(|d| d.transport_id.matches(&port))
+                    .unwrap_or_else(|| panic!("{port} not in {fs:?}"));
+                assert_eq!(d.key, key);
+                assert_eq!(d.r_holder, key == ka);
+                if d.r_holder {
+                    assert_eq!(d.pr_type, PrType::ExclusiveAccessRegistrantsOnly.code());
+                }
+            }
+            let caps = a.report_capabilities().await.expect("REPORT CAPABILITIES");
+            assert!(
+                caps.tmv && caps.supports(PrType::WriteExclusive),
+                "{caps:?}"
+            );
+        }
+    }
+
+    // REGISTER AND MOVE the reservation from A to B.
+    let rtpi = a
+        .device_identification()
+        .await
+        .unwrap()
+        .iter()
+        .find_map(|d| d.relative_target_port())
+        .unwrap_or(1);
+    let to = initiator::MoveTarget {
+        transport_id: initiator::TransportId::for_port(&b.session().initiator_port()),
+        relative_target_port: rtpi,
+        unreg: true,
+        aptpl: false,
+    };
+    let moved = a
+        .register_and_move(ka, kb, PrType::ExclusiveAccessRegistrantsOnly, &to)
+        .await;
+    match t.kind {
+        Kind::Tgtd => invalid_cdb(moved),
+        Kind::Keyfence => {
+            moved.expect("REGISTER AND MOVE");
+            // SPC-4 5.13.8: the reservation keeps its scope and type.
+            let r = b.read_reservation().await.unwrap().reservation.unwrap();
+            assert_eq!(
+                (r.key, r.pr_type),
+                (kb, PrType::ExclusiveAccessRegistrantsOnly.code())
+            );
+            assert_eq!(
+                b.read_keys().await.unwrap().keys,
+                vec![kb],
+                "A unregistered"
+            );
+            a.register(0, ka, &none).await.expect("A registers again");
+        }
+    }
+
+    // PREEMPT AND ABORT: the reservation holder removes the other.
+    let (holder, hk, victim, vk) = match t.kind {
+        Kind::Tgtd => (&a, ka, &b, kb),
+        Kind::Keyfence => (&b, kb, &a, ka),
+    };
+    let r = holder
+        .preempt_and_abort(hk, vk, PrType::ExclusiveAccess)
+        .await;
+    if t.kind == Kind::Tgtd {
+        invalid_cdb(r);
+        holder
+            .preempt(hk, vk, PrType::ExclusiveAccess)
+            .await
+            .expect("PREEMPT");
+    } else {
+        r.expect("PREEMPT AND ABORT");
+    }
+    let keys = holder.read_keys().await.unwrap().keys;
+    assert_eq!(keys, vec![hk]);
+    // Preempting a key that does not hold the reservation removes its
+    // registration but leaves the reservation as it is (SPC-4 5.13.11.2.4).
+    let r = holder
+        .read_reservation()
+        .await
+        .unwrap()
+        .reservation
+        .unwrap();
+    assert_eq!(
+        (r.key, r.pr_type),
+        (hk, PrType::ExclusiveAccessRegistrantsOnly.code())
+    );
+    // The victim is unregistered now: Exclusive Access, registrants only,
+    // refuses even its reads.
+    let bs = 1;
+    assert!(matches!(
+        victim.read(0, bs).await,
+        Err(Error::ReservationConflict)
+    ));
+    holder.clear(hk).await.unwrap();
 }
