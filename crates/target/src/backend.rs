@@ -167,6 +167,24 @@ impl FileBackend {
         }
     }
 
+    /// Zero a range of a block device in the device itself (BLKZEROOUT:
+    /// WRITE ZEROES / UNMAP with guaranteed zeroes where the device has
+    /// them), instead of sending zero-filled buffers.
+    fn zero_out_device(&self, offset: u64, len: u64) -> io::Result<()> {
+        /// `_IO(0x12, 127)` from <linux/fs.h>.
+        const BLKZEROOUT: u32 = 0x127f;
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKZEROOUT reads two u64 (start, length) through the
+        // pointer, which points at `range` and is valid for the call; the
+        // fd is owned by `self.file`.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), BLKZEROOUT as _, range.as_ptr()) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+
     fn seek(&self, offset: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
         let Ok(off) = libc::off_t::try_from(offset) else {
             return Ok(None);
@@ -221,16 +239,28 @@ impl BlockBackend for FileBackend {
         if len == 0 {
             return Ok(());
         }
-        if !self.is_block_device {
-            match self.punch_hole(offset, len) {
-                Ok(()) => return Ok(()),
-                Err(e)
-                    if e.raw_os_error() == Some(libc::EOPNOTSUPP)
-                        || e.raw_os_error() == Some(libc::ENOSYS) => {}
-                Err(e) => return Err(e),
+        let offloaded = if self.is_block_device {
+            self.zero_out_device(offset, len)
+        } else {
+            self.punch_hole(offset, len)
+        };
+        match offloaded {
+            Ok(()) => Ok(()),
+            // Not supported by this file system or device (or not for this
+            // alignment): write the zeroes.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP)
+                        | Some(libc::ENOSYS)
+                        | Some(libc::EINVAL)
+                        | Some(libc::ENOTTY)
+                ) =>
+            {
+                write_zeroes(self, offset, len)
             }
+            Err(e) => Err(e),
         }
-        write_zeroes(self, offset, len)
     }
 
     fn mapped_ranges(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
