@@ -11,15 +11,25 @@ use crate::url::UrlError;
 /// good SCSI status back.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    // The wrapped errors are part of the message and deliberately not
+    // exposed as `source()`, so printing the error chain (`{:#}`) does not
+    // repeat them.
     /// Socket-level failure (connect, read, write).
     #[error("I/O error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+
+    /// The TCP connection to the portal could not be opened.
+    #[error("cannot connect to {portal}: {error}")]
+    Connect {
+        portal: String,
+        error: std::io::Error,
+    },
 
     #[error("invalid iSCSI URL: {0}")]
-    Url(#[from] UrlError),
+    Url(UrlError),
 
     #[error("{0}")]
-    Identity(#[from] IdentityError),
+    Identity(IdentityError),
 
     /// The target refused the login (RFC 7143 §11.13.5).
     #[error("login to {target} failed: {} (status class 0x{class:02x}, detail 0x{detail:02x})", login_status_text(*.class, *.detail))]
@@ -96,6 +106,24 @@ pub enum Error {
     InvalidArgument(String),
 }
 
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
+impl From<UrlError> for Error {
+    fn from(e: UrlError) -> Self {
+        Error::Url(e)
+    }
+}
+
+impl From<IdentityError> for Error {
+    fn from(e: IdentityError) -> Self {
+        Error::Identity(e)
+    }
+}
+
 impl Error {
     /// The sense data, for CHECK CONDITION errors.
     pub fn sense(&self) -> Option<&Sense> {
@@ -114,7 +142,11 @@ impl Error {
     pub fn is_connection_error(&self) -> bool {
         matches!(
             self,
-            Error::Io(_) | Error::ConnectionLost(_) | Error::SessionClosed | Error::Protocol(_)
+            Error::Io(_)
+                | Error::Connect { .. }
+                | Error::ConnectionLost(_)
+                | Error::SessionClosed
+                | Error::Protocol(_)
         )
     }
 

@@ -153,7 +153,12 @@ async fn login(url: &IscsiUrl, config: &SessionConfig, target: Option<&str>) -> 
         .map(|(n, s)| ChapCredential::new(n.clone(), s.clone().into_bytes()));
     let mut login = InitiatorLogin::new(cfg);
 
-    let mut stream = TcpStream::connect(&portal).await?;
+    let mut stream = TcpStream::connect(&portal)
+        .await
+        .map_err(|error| Error::Connect {
+            portal: portal.clone(),
+            error,
+        })?;
     let _ = stream.set_nodelay(true);
     let mut codec = PduCodec::new();
     let mut buf = BytesMut::with_capacity(16 * 1024);
