@@ -51,9 +51,10 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     /// Make the byte range read back as zeroes, preferably by deallocating
     /// it (hole punching); falls back to writing zeroes.
     fn discard(&self, offset: u64, len: u64) -> io::Result<()>;
-    /// The allocated (mapped) byte ranges intersecting `range`, in order.
+    /// The allocated (mapped) byte ranges intersecting `range`, in order,
+    /// at most `limit` of them (the caller asks again past the last one).
     /// Backends that cannot tell report the whole range as mapped.
-    fn mapped_ranges(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>>;
+    fn mapped_ranges(&self, range: Range<u64>, limit: usize) -> io::Result<Vec<Range<u64>>>;
     /// True when writes are refused by the medium itself.
     fn is_read_only(&self) -> bool;
     /// True when a discarded range reads back as zeroes (LBPRZ).
@@ -263,10 +264,10 @@ impl BlockBackend for FileBackend {
         }
     }
 
-    fn mapped_ranges(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
+    fn mapped_ranges(&self, range: Range<u64>, limit: usize) -> io::Result<Vec<Range<u64>>> {
         let end = range.end.min(self.len);
         let mut out = Vec::new();
-        if range.start >= end {
+        if range.start >= end || limit == 0 {
             return Ok(out);
         }
         if self.is_block_device {
@@ -274,7 +275,7 @@ impl BlockBackend for FileBackend {
             return Ok(out);
         }
         let mut pos = range.start;
-        while pos < end {
+        while pos < end && out.len() < limit {
             let Some(data) = self.seek(pos, libc::SEEK_DATA)? else {
                 break;
             };
@@ -424,7 +425,7 @@ impl BlockBackend for MemBackend {
         Ok(())
     }
 
-    fn mapped_ranges(&self, range: Range<u64>) -> io::Result<Vec<Range<u64>>> {
+    fn mapped_ranges(&self, range: Range<u64>, limit: usize) -> io::Result<Vec<Range<u64>>> {
         let m = self
             .mapped
             .read()
@@ -437,8 +438,10 @@ impl BlockBackend for MemBackend {
             if m.get(c as usize).copied().unwrap_or(false) {
                 let s = (c * MEM_CHUNK).max(range.start);
                 let e = ((c + 1) * MEM_CHUNK).min(end);
+                let n = out.len();
                 match out.last_mut() {
                     Some(last) if last.end == s => last.end = e,
+                    _ if n == limit => break,
                     _ => out.push(s..e),
                 }
             }
@@ -462,13 +465,13 @@ mod tests {
         let p = dir.path().join("lu.img");
         let b = FileBackend::open(&p, Some(8 << 20), false).unwrap();
         assert_eq!(b.len(), 8 << 20);
-        assert!(b.mapped_ranges(0..b.len()).unwrap().is_empty());
+        assert!(b.mapped_ranges(0..b.len(), 16).unwrap().is_empty());
         b.write_at(&[0xaa; 65536], 1 << 20).unwrap();
-        let m = b.mapped_ranges(0..b.len()).unwrap();
+        let m = b.mapped_ranges(0..b.len(), 16).unwrap();
         assert_eq!(m.len(), 1);
         assert!(m[0].start <= 1 << 20 && m[0].end >= (1 << 20) + 65536);
         b.discard(1 << 20, 65536).unwrap();
-        assert!(b.mapped_ranges(0..b.len()).unwrap().is_empty());
+        assert!(b.mapped_ranges(0..b.len(), 16).unwrap().is_empty());
         let mut buf = [1u8; 512];
         b.read_at(&mut buf, 1 << 20).unwrap();
         assert!(buf.iter().all(|&x| x == 0));
@@ -485,9 +488,16 @@ mod tests {
     fn mem_backend_maps_chunks() {
         let b = MemBackend::new(64 * 1024);
         b.write_at(&[1; 10], 5000).unwrap();
-        assert_eq!(b.mapped_ranges(0..65536).unwrap(), vec![4096..8192]);
+        assert_eq!(b.mapped_ranges(0..65536, 16).unwrap(), vec![4096..8192]);
         b.discard(4096, 4096).unwrap();
-        assert!(b.mapped_ranges(0..65536).unwrap().is_empty());
+        assert!(b.mapped_ranges(0..65536, 16).unwrap().is_empty());
         assert!(b.read_at(&mut [0; 2], 65535).is_err());
+        b.write_at(&[1], 0).unwrap();
+        b.write_at(&[1], 3 * 4096).unwrap();
+        assert_eq!(b.mapped_ranges(0..65536, 1).unwrap(), vec![0..4096]);
+        assert_eq!(
+            b.mapped_ranges(0..65536, 2).unwrap(),
+            vec![0..4096, 12288..16384]
+        );
     }
 }

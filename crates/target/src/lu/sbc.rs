@@ -487,7 +487,13 @@ impl LogicalUnit {
         let bs = u64::from(self.cfg.block_size);
         let start = self.bytes(lba);
         let end = self.bytes(self.blocks);
-        let mapped = self.backend.mapped_ranges(start..end).map_err(read_error)?;
+        let mapped = self
+            .backend
+            .mapped_ranges(start..end, want)
+            .map_err(read_error)?;
+        // With the limit reached, what lies past the last range is unknown:
+        // report up to there and let the initiator ask again.
+        let truncated = mapped.len() >= want;
         // Walk the medium from `lba`: alternate deallocated and mapped
         // extents, a block counting as mapped if any byte of it is.
         let mut descs: Vec<(u64, u64, u8)> = Vec::with_capacity(want);
@@ -522,7 +528,9 @@ impl LogicalUnit {
                 break;
             }
         }
-        push(cursor, self.blocks, 1, &mut descs);
+        if !truncated {
+            push(cursor, self.blocks, 1, &mut descs);
+        }
         let mut d = Vec::with_capacity(8 + 16 * descs.len());
         d.extend_from_slice(&((4 + 16 * descs.len()) as u32).to_be_bytes());
         d.extend_from_slice(&[0; 4]);

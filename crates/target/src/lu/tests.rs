@@ -379,6 +379,14 @@ fn unmap_and_get_lba_status_on_sparse_file() {
         lba_status(good(&o)),
         vec![(0, 100, 1), (100, 4, 0), (104, 920, 1)]
     );
+    // Room for one or two descriptors only.
+    let o = run(&lu, &n, &get_lba_status(0, 24), &[]);
+    assert_eq!(lba_status(good(&o)), vec![(0, 100, 1)]);
+    let o = run(&lu, &n, &get_lba_status(0, 40), &[]);
+    assert_eq!(lba_status(good(&o)), vec![(0, 100, 1), (100, 4, 0)]);
+    // PARAMETER DATA LENGTH tells the whole length even when cut short.
+    let o = run(&lu, &n, &get_lba_status(0, 12), &[]);
+    assert_eq!(&good(&o)[..4], &[0, 0, 0, 20]);
     // The first descriptor starts at the requested LBA.
     let o = run(&lu, &n, &get_lba_status(101, 24), &[]);
     assert_eq!(lba_status(good(&o)), vec![(101, 3, 0)]);
