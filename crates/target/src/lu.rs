@@ -360,6 +360,17 @@ impl LogicalUnit {
         self.blocks
     }
 
+    /// The storage the LU sits on.
+    pub fn backend(&self) -> &Arc<dyn BlockBackend> {
+        &self.backend
+    }
+
+    /// Make every completed write durable (shutdown, cache flush on
+    /// demand).
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.backend.flush()
+    }
+
     pub fn reservations(&self) -> &Reservations {
         &self.reservations
     }
