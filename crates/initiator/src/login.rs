@@ -94,12 +94,52 @@ pub fn isid_for(url: &IscsiUrl, config: &SessionConfig) -> Result<Isid> {
         .unwrap_or_else(|| Isid::derive(&name, &url.portal(), url.target.as_deref().unwrap_or(""))))
 }
 
+/// Most redirections (login status class 1) followed for one login.
+const MAX_REDIRECTS: usize = 4;
+
+/// Why one login attempt did not produce a session.
+enum Attempt {
+    Failed(Error),
+    /// Status class 1 with a TargetAddress: try there.
+    Redirected(String),
+}
+
+impl From<Error> for Attempt {
+    fn from(e: Error) -> Self {
+        Attempt::Failed(e)
+    }
+}
+
 async fn login_timed(
     url: &IscsiUrl,
     config: &SessionConfig,
     target: Option<&str>,
 ) -> Result<LoggedIn> {
-    match tokio::time::timeout(config.login_timeout, login(url, config, target)).await {
+    let follow = async {
+        // The ISID belongs to the path the caller named, also when the
+        // target sends us elsewhere: the I_T nexus must not change.
+        let name = initiator_name(config)?;
+        let isid = config
+            .isid
+            .unwrap_or_else(|| Isid::derive(&name, &url.portal(), target.unwrap_or("")));
+        let mut portal = url.portal();
+        for _ in 0..=MAX_REDIRECTS {
+            match login(url, &portal, &name, isid, config, target).await {
+                Ok(l) => return Ok(l),
+                Err(Attempt::Failed(e)) => return Err(e),
+                Err(Attempt::Redirected(addr)) => {
+                    let (hostport, _tpgt) = iscsi::text::parse_target_address(&addr)
+                        .map_err(|e| Error::protocol(format!("bad redirection {addr:?}: {e}")))?;
+                    tracing::info!(from = %portal, to = %hostport, "login redirected");
+                    portal = hostport;
+                }
+            }
+        }
+        Err(Error::protocol(format!(
+            "more than {MAX_REDIRECTS} login redirections"
+        )))
+    };
+    match tokio::time::timeout(config.login_timeout, follow).await {
         Ok(r) => r,
         Err(_) => Err(Error::Timeout {
             what: "login",
@@ -132,12 +172,16 @@ async fn recv(stream: &mut TcpStream, codec: &mut PduCodec, buf: &mut BytesMut) 
     }
 }
 
-async fn login(url: &IscsiUrl, config: &SessionConfig, target: Option<&str>) -> Result<LoggedIn> {
-    let name = initiator_name(config)?;
-    let portal = url.portal();
-    let isid = config
-        .isid
-        .unwrap_or_else(|| Isid::derive(&name, &portal, target.unwrap_or("")));
+async fn login(
+    url: &IscsiUrl,
+    portal: &str,
+    name: &str,
+    isid: Isid,
+    config: &SessionConfig,
+    target: Option<&str>,
+) -> std::result::Result<LoggedIn, Attempt> {
+    let name = name.to_string();
+    let portal = portal.to_string();
     tracing::debug!(%portal, initiator = %name, %isid, ?target, "logging in");
     let mut cfg = InitiatorLoginConfig::new(name.clone(), isid.value(), target.map(str::to_string));
     cfg.prefs = config.prefs.clone();
@@ -170,19 +214,21 @@ async fn login(url: &IscsiUrl, config: &SessionConfig, target: Option<&str>) -> 
         match login.step(&rsp) {
             Ok(InitiatorStep::Send(p)) => next = p,
             Ok(InitiatorStep::Complete(s)) => break s,
-            Err(LoginError::Status { status, redirect }) => {
-                if let Some(r) = redirect {
-                    tracing::warn!(%r, "target redirects; following redirects is not supported");
-                }
+            Err(LoginError::Status {
+                status,
+                redirect: Some(addr),
+            }) if status.class == 1 => return Err(Attempt::Redirected(addr)),
+            Err(LoginError::Status { status, .. }) => {
                 return Err(Error::Login {
                     target: target_label,
                     class: status.class,
                     detail: status.detail,
-                });
+                }
+                .into());
             }
-            Err(LoginError::Protocol(m)) => return Err(Error::Protocol(m)),
+            Err(LoginError::Protocol(m)) => return Err(Error::Protocol(m).into()),
             Err(e @ (LoginError::Auth(_) | LoginError::Negotiation(_))) => {
-                return Err(Error::Negotiation(e.to_string()))
+                return Err(Error::Negotiation(e.to_string()).into())
             }
         }
     };
@@ -204,7 +250,8 @@ async fn login(url: &IscsiUrl, config: &SessionConfig, target: Option<&str>) -> 
         if !on && !prefs.is_empty() && !prefs.contains(&Digest::None) {
             return Err(Error::Negotiation(format!(
                 "target does not accept {what}=CRC32C, and None was not offered"
-            )));
+            ))
+            .into());
         }
     }
     tracing::debug!(params = ?done.params, tsih = done.tsih, "login complete");

@@ -380,3 +380,69 @@ async fn target_requested_logout_is_honoured() {
     }
     panic!("session still open after the target-requested logout");
 }
+
+/// Answer the first Login Request with "target moved temporarily" to
+/// `to_port` (RFC 7143 §11.13.5, status 0x0101 with TargetAddress).
+async fn redirector(listener: TcpListener, to_port: u16) {
+    let (sock, _) = listener.accept().await.unwrap();
+    let mut c = Conn {
+        sock,
+        codec: PduCodec::new(),
+        buf: BytesMut::new(),
+    };
+    let p = c.read().await.expect("login request");
+    let req = iscsi::pdu::LoginRequest::parse(&p).unwrap();
+    let text = iscsi::keys::build(&[(
+        "TargetAddress".to_string(),
+        format!("127.0.0.1:{to_port},1"),
+    )]);
+    c.write(
+        iscsi::pdu::LoginResponse {
+            transit: false,
+            cont: false,
+            csg: req.csg,
+            nsg: req.csg,
+            version_max: 0,
+            version_active: 0,
+            isid: req.isid,
+            tsih: 0,
+            itt: req.itt,
+            stat_sn: 0,
+            exp_cmd_sn: req.cmd_sn,
+            max_cmd_sn: req.cmd_sn,
+            status_class: 1,
+            status_detail: 1,
+            data: text,
+        }
+        .to_pdu(),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn login_follows_redirect_and_keeps_isid() {
+    let (back_url, _seen, back) = start(Script::NarrowWindow).await;
+    let front = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let front_port = front.local_addr().unwrap().port();
+    let r = tokio::spawn(redirector(front, back_url.port));
+    let url = IscsiUrl::parse(&format!("iscsi://127.0.0.1:{front_port}/{IQN}/0")).unwrap();
+    let cfg = config(5_000);
+    let s = initiator::login::connect(&url, &cfg)
+        .await
+        .expect("redirected login");
+    r.await.unwrap();
+    assert_eq!(s.info().portal, back_url.portal());
+    let isid = initiator::login::isid_for(&url, &cfg).unwrap();
+    assert_eq!(
+        s.info().isid,
+        isid.value(),
+        "the ISID of the path asked for"
+    );
+    s.execute(0, &commands::test_unit_ready())
+        .await
+        .unwrap()
+        .into_result()
+        .unwrap();
+    s.logout().await.unwrap();
+    back.await.unwrap();
+}
