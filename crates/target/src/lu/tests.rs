@@ -882,6 +882,13 @@ fn misc_commands() {
 }
 
 #[test]
+fn logical_unit_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<LogicalUnit>();
+    assert_send_sync::<CommandOutcome>();
+}
+
+#[test]
 fn config_validation() {
     let b: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(1000));
     assert!(matches!(
@@ -946,6 +953,11 @@ proptest! {
         run(&lu, &n, &[0; 6], &[]);
         let mut cdb = vec![op];
         cdb.extend_from_slice(&rest);
+        // The transport-facing helpers never panic either.
+        let _ = lu.data_out_len(&cdb);
+        let _ = lu.is_blocking(&cdb);
+        let _ = lu.check_data_out_length(&cdb, data.len() as u64);
+        let _ = execute_no_lu(&CommandRequest { nexus: &n, cdb: &cdb, data_out: &data }, &TargetLuns::new(vec![0]));
         let o = run(&lu, &n, &cdb, &data);
         if o.status == ScsiStatus::CheckCondition {
             prop_assert!(o.sense.is_some());
@@ -962,7 +974,11 @@ proptest! {
         let (lu, _) = mem_lu(16);
         let n = nexus("iqn.p");
         run(&lu, &n, &[0; 6], &[]);
-        let cdb = if ms { mode_select10(&data).to_vec() } else { unmap_cdb(data.len()).to_vec() };
+        let cdb = match (ms, data.len() % 2) {
+            (true, 0) => mode_select10(&data).to_vec(),
+            (true, _) => vec![0x15, 0x10, 0, 0, data.len().min(255) as u8, 0],
+            _ => unmap_cdb(data.len()).to_vec(),
+        };
         let o = run(&lu, &n, &cdb, &data);
         prop_assert!(o.status == ScsiStatus::Good || o.status == ScsiStatus::CheckCondition);
     }
