@@ -26,7 +26,7 @@
 //!
 //! keyfence therefore derives the ISID deterministically from
 //! (initiator name, target portal, target name) using the "Random" ISID
-//! format of RFC 7143 §10.12.5: T = 0b10, A = 0 (reserved), and the 24-bit B/C
+//! format of RFC 7143 §11.12.5: T = 0b10, A = 0 (reserved), and the 24-bit B/C
 //! and 16-bit D (qualifier) fields filled with 40 bits of a 64-bit FNV-1a hash
 //! of the three strings. The hash is fixed by this module (not std's
 //! `DefaultHasher`, whose output may change between Rust releases), so the
@@ -247,7 +247,7 @@ pub fn validate_name(name: &str) -> Result<String, IdentityError> {
     Ok(lower)
 }
 
-/// A 48-bit initiator session identifier (RFC 7143 §10.12.5).
+/// A 48-bit initiator session identifier (RFC 7143 §11.12.5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Isid(u64);
 

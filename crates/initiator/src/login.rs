@@ -1,5 +1,5 @@
 //! Connecting: TCP connect, the login phase (RFC 7143 §6.3) with optional
-//! CHAP (§12.1.3), and SendTargets discovery (§13 / Appendix C).
+//! CHAP (§12.1.3), and SendTargets discovery (§13.3, Appendix C).
 //!
 //! The login itself is `iscsi::login::InitiatorLogin` (sans-IO: security
 //! stage with AuthMethod None or CHAP, optionally mutual, then operational

@@ -1223,7 +1223,7 @@ fn on_nop_in(shared: &Shared, n: NopIn) -> Result<()> {
     }
     if n.ttt != RESERVED_TAG {
         // A target ping: answer with an immediate NOP-Out echoing the TTT
-        // and the ping data (RFC 7143 §11.18.4), without advancing CmdSN.
+        // and the ping data (RFC 7143 §11.18), without advancing CmdSN.
         let st = shared.lock();
         let max = shared.params.max_send_data_segment_length as usize;
         let data = n.data.slice(..n.data.len().min(max));
