@@ -50,6 +50,7 @@ pub const FENCE_TYPE: PrType = PrType::WriteExclusiveRegistrantsOnly;
 pub struct Opts {
     pub action: String,
     pub plug: Option<String>,
+    pub nodename: Option<String>,
     pub devices: Option<String>,
     pub key: Option<String>,
     pub initiator_name: Option<String>,
@@ -72,6 +73,7 @@ impl Default for Opts {
         Opts {
             action: "off".into(),
             plug: None,
+            nodename: None,
             devices: None,
             key: None,
             initiator_name: None,
@@ -129,7 +131,8 @@ fn set(o: &mut Opts, name: &str, value: Option<&str>) -> Result<(), String> {
     };
     match name {
         "action" | "option" => o.action = v().to_ascii_lowercase(),
-        "plug" | "port" | "nodename" => o.plug = Some(v()),
+        "plug" | "port" => o.plug = Some(v()),
+        "nodename" => o.nodename = Some(v()),
         "devices" => o.devices = Some(v()),
         "key" => o.key = Some(v()),
         "initiator-name" => o.initiator_name = Some(v()),
@@ -400,15 +403,23 @@ fn xml_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// The key the action is about: explicit, or derived from the node name.
+/// The key the action is about: explicit; or a plug that is itself a key
+/// (`pcmk_host_map="node1:0x1001;node2:0x1002"`, as with fence_mpath);
+/// or derived from the node name (nodename, else plug, as fence_scsi).
 fn target_key(o: &Opts) -> Result<u64, String> {
     if let Some(k) = o.key.as_deref().filter(|k| !k.trim().is_empty()) {
         return key::parse_key(k);
     }
+    if let Some(p) = o.plug.as_deref().map(str::trim) {
+        if p.starts_with("0x") || p.starts_with("0X") {
+            return key::parse_key(p);
+        }
+    }
     let node = o
-        .plug
+        .nodename
         .as_deref()
         .filter(|p| !p.is_empty())
+        .or(o.plug.as_deref().filter(|p| !p.is_empty()))
         .ok_or("nodename or key is required")?;
     let t = o.timeout;
     let cluster = match &o.cluster_name {
@@ -493,7 +504,10 @@ pub fn execute(o: &Opts) -> u8 {
         }
     };
     if action == "validate-all" {
-        if o.key.is_none() && o.plug.as_deref().is_none_or(str::is_empty) {
+        if o.key.is_none()
+            && o.plug.as_deref().is_none_or(str::is_empty)
+            && o.nodename.as_deref().is_none_or(str::is_empty)
+        {
             eprintln!("Failed: nodename or key is required");
             return 1;
         }
@@ -803,14 +817,19 @@ async fn fence_device(
     }
     let keys = d.read_keys().await.map_err(|e| format!("READ KEYS: {e}"))?;
     let mut how = "was not registered";
+    let mut preempted_at = None;
     if keys.keys.contains(&victim) {
         match d.preempt_and_abort(mine, victim, FENCE_TYPE).await {
-            Ok(()) => how = "preempted and aborted",
+            Ok(()) => {
+                how = "preempted and aborted";
+                preempted_at = Some(super::monotonic_ns());
+            }
             Err(e) if unsupported(&e) => {
                 d.preempt(mine, victim, FENCE_TYPE)
                     .await
                     .map_err(|e| format!("PREEMPT: {e}"))?;
                 how = "preempted (PREEMPT AND ABORT unsupported)";
+                preempted_at = Some(super::monotonic_ns());
             }
             Err(Error::ReservationConflict) => {
                 return Err(format!(
@@ -844,8 +863,11 @@ async fn fence_device(
         return Err("no reservation exists on the device".into());
     };
     let _ = d.close().await;
+    let at = preempted_at
+        .map(|t| format!(" (completed at monotonic {t} ns)"))
+        .unwrap_or_default();
     Ok(format!(
-        "key {} {how}; reservation held by {} (generation {})",
+        "key {} {how}{at}; reservation held by {} (generation {})",
         fmt_key(victim),
         fmt_key(r.key),
         res.generation
@@ -1033,6 +1055,22 @@ mod tests {
         };
         assert_eq!(target_key(&o).unwrap(), 0x10);
         assert!(target_key(&Opts::default()).is_err());
+        // pcmk_host_map can map node names straight to keys.
+        let o = Opts {
+            plug: Some("0x1001".into()),
+            nodename: Some("node1".into()),
+            ..Opts::default()
+        };
+        assert_eq!(target_key(&o).unwrap(), 0x1001);
+        // Otherwise nodename wins over plug, as in fence_scsi.
+        let o = Opts {
+            plug: Some("other".into()),
+            nodename: Some("node1".into()),
+            cluster_name: Some("mycluster".into()),
+            key_value: KeyValue::Hash,
+            ..Opts::default()
+        };
+        assert_eq!(target_key(&o).unwrap(), 0x6c9d_1645);
     }
 
     #[test]

@@ -61,6 +61,7 @@ pub fn run(args: &[OsString]) -> ExitCode {
         "race" => race::run(rest),
         "writer" => writer::run_writer(rest),
         "scan" => writer::run_scan(rest),
+        "stamp" => writer::run_stamp(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             ExitCode::SUCCESS

@@ -205,6 +205,84 @@ async fn writer(a: &WriterArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// Overwrite a region with takeover records (as a surviving node would
+/// after fencing): any later write of the fenced node would show.
+#[derive(Debug, Parser)]
+#[command(name = "keyfence fence stamp")]
+struct StampArgs {
+    #[arg(long)]
+    device: String,
+    #[arg(long)]
+    node: u32,
+    #[arg(long)]
+    key: String,
+    #[arg(long)]
+    region_lba: u64,
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    region_blocks: u64,
+    #[arg(long)]
+    initiator_name: Option<String>,
+}
+
+pub fn run_stamp(args: &[OsString]) -> ExitCode {
+    let argv = std::iter::once(OsString::from("keyfence fence stamp")).chain(args.iter().cloned());
+    let a = match StampArgs::try_parse_from(argv) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    let rt = match super::runtime() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("stamp: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(stamp(&a)) {
+        Ok(t) => {
+            println!("stamped at monotonic {t} ns");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stamp: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Write the whole region with one WRITE through the agent's (registered)
+/// port; returns the completion time.
+async fn stamp(a: &StampArgs) -> Result<u64, String> {
+    let key = parse_key(&a.key)?;
+    let url = initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
+    let name = super::initiator_name(a.initiator_name.as_deref())?;
+    let dev = connect(&url, &name, Role::Agent, Duration::from_secs(10)).await?;
+    let bs = dev
+        .capacity()
+        .await
+        .map_err(|e| format!("READ CAPACITY: {e}"))?
+        .block_size as usize;
+    let t = monotonic_ns();
+    let mut data = Vec::new();
+    for i in 0..a.region_blocks {
+        let rec = Record {
+            node: a.node,
+            seq: i,
+            t_ns: t,
+            key,
+        };
+        data.extend_from_slice(&rec.encode(bs));
+    }
+    dev.write(a.region_lba, Bytes::from(data))
+        .await
+        .map_err(|e| format!("WRITE: {e}"))?;
+    let done = monotonic_ns();
+    let _ = dev.close().await;
+    Ok(done)
+}
+
 /// Read a region back.
 #[derive(Debug, Parser)]
 #[command(name = "keyfence fence scan")]
