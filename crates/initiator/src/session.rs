@@ -59,6 +59,12 @@ pub struct ScsiResult {
 }
 
 impl ScsiResult {
+    /// The status as a [`scsi::ScsiStatus`] (`None` for a value SAM-5 does
+    /// not define).
+    pub fn scsi_status(&self) -> Option<scsi::ScsiStatus> {
+        scsi::ScsiStatus::from_u8(self.status)
+    }
+
     /// True for GOOD (and CONDITION MET).
     pub fn is_good(&self) -> bool {
         matches!(self.status, 0x00 | 0x04)
