@@ -18,6 +18,9 @@ use crate::url::IscsiUrl;
 /// queues at most a handful per I_T nexus, so more means something is wrong.
 pub const MAX_UNIT_ATTENTION_RETRIES: u32 = 16;
 
+/// BUSY / TASK SET FULL retries per command (about 4 s of backoff in all).
+pub const MAX_BUSY_RETRIES: u32 = 12;
+
 /// One LUN of one target, over a logged-in session.
 pub struct Device {
     session: Session,
@@ -126,19 +129,28 @@ impl Device {
         self.session.execute(self.lun, cmd).await
     }
 
-    /// Run a command, retrying through up to `retries` UNIT ATTENTIONs.
+    /// Run a command, retrying through up to `retries` UNIT ATTENTIONs and
+    /// up to [`MAX_BUSY_RETRIES`] BUSY / TASK SET FULL statuses (with
+    /// exponential backoff). Both mean the command was not executed.
     pub async fn execute_retry_ua(&self, cmd: &Command, retries: u32) -> Result<ScsiResult> {
         let retries = retries.min(MAX_UNIT_ATTENTION_RETRIES);
-        let mut attempt = 0;
+        let (mut ua, mut busy) = (0, 0);
+        let mut backoff = std::time::Duration::from_millis(2);
         loop {
             match self.session.execute(self.lun, cmd).await?.into_result() {
-                Err(Error::UnitAttention(s)) if attempt < retries => {
+                Err(Error::UnitAttention(s)) if ua < retries => {
                     tracing::info!(asc = s.asc, ascq = s.ascq, "UNIT ATTENTION; retrying");
                     self.unit_attentions
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .push(s);
-                    attempt += 1;
+                    ua += 1;
+                }
+                Err(Error::Status(st @ (0x08 | 0x28))) if busy < MAX_BUSY_RETRIES => {
+                    tracing::debug!(status = st, ?backoff, "target busy; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_millis(500));
+                    busy += 1;
                 }
                 r => return r,
             }
