@@ -110,25 +110,47 @@ def main():
         excluded += list(PR_SUITES) if e == "pr" else [e]
 
     workdir = tempfile.mkdtemp(prefix="kf-conformance-")
-    target = (KeyfenceTarget(os.path.abspath(args.binary), workdir, args.size)
-              if args.peer == "keyfence" else TgtTarget(workdir, args.size))
+
+    def run_suite(target, test, n_urls):
+        try:
+            urls = target.start()[:n_urls]
+            print(f"running iscsi-test-cu --test={test} against {args.peer}: {' '.join(urls)}",
+                  flush=True)
+            run = subprocess.run(["iscsi-test-cu", "-d", f"--test={test}", *urls],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                 timeout=args.timeout, cwd=workdir)
+            return run.stdout.decode("utf-8", "replace")
+        finally:
+            target.stop()
+
     try:
-        urls = target.start()
-        print(f"running iscsi-test-cu against {args.peer}: {' '.join(urls)}", flush=True)
-        run = subprocess.run(["iscsi-test-cu", "-d", f"--test={args.test}", *urls],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             timeout=args.timeout, cwd=workdir)
-        text = run.stdout.decode("utf-8", "replace")
+        if args.peer == "keyfence":
+            target = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "rw"),
+                                    args.size)
+        else:
+            target = TgtTarget(os.path.join(workdir, "rw"), args.size)
+        os.makedirs(target.workdir)
+        text = run_suite(target, args.test, 2)
+        results, summary = parse(text)
+        # The ReadOnly suite only runs against a write-protected LU: give it one.
+        if args.peer == "keyfence" and any(r[0] == "ReadOnly" and r[2] == "skipped"
+                                           for r in results):
+            ro = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "ro"),
+                                args.size, read_only=True)
+            os.makedirs(ro.workdir)
+            ro_text = run_suite(ro, "ALL.ReadOnly", 1)
+            ro_results, _ = parse(ro_text)
+            if ro_results:
+                results = [r for r in results if r[0] != "ReadOnly"] + ro_results
+                text += "\n" + ro_text
+                summary = None
     except (RuntimeError, subprocess.SubprocessError, OSError) as e:
         print(f"conformance run failed: {e}", file=sys.stderr)
         return 2
-    finally:
-        target.stop()
     if args.log:
         with open(args.log, "w") as f:
             f.write(text)
 
-    results, summary = parse(text)
     if not results:
         print(text[-3000:], file=sys.stderr)
         print("no test outcomes found in iscsi-test-cu output", file=sys.stderr)

@@ -32,11 +32,12 @@ KEYFENCE_IQN = "iqn.2026-11.io.keyfence:test"
 
 
 class KeyfenceTarget:
-    def __init__(self, binary, workdir, size, image=None):
+    def __init__(self, binary, workdir, size, image=None, read_only=False):
         self.binary = binary
         self.workdir = workdir
         self.size = size
         self.image = image
+        self.read_only = read_only
         self.proc = None
 
     def start(self):
@@ -45,10 +46,25 @@ class KeyfenceTarget:
         if self.image:
             os.makedirs(data, exist_ok=True)
             os.replace(self.image, os.path.join(data, "lun0.img"))
-        args = [self.binary, "serve", "--data-dir", data,
-                "--target-name", KEYFENCE_IQN, "--size", str(self.size)]
-        for p in self.ports:
-            args += ["--listen", f"127.0.0.1:{p}"]
+        if self.read_only:
+            # A write-protected LUN can only be described in a config file.
+            os.makedirs(data, exist_ok=True)
+            img = os.path.join(data, "lun0.img")
+            if not os.path.exists(img):
+                with open(img, "wb") as f:  # serve does not create read-only files
+                    f.truncate(self.size)
+            conf = os.path.join(self.workdir, "keyfence.toml")
+            portals = ", ".join(f'"127.0.0.1:{p}"' for p in self.ports)
+            with open(conf, "w") as f:
+                f.write(f'data_dir = "{data}"\n\n[[target]]\nname = "{KEYFENCE_IQN}"\n'
+                        f'portals = [{portals}]\n\n[[target.lun]]\nid = 0\n'
+                        f'path = "lun0.img"\nsize = {self.size}\nread_only = true\n')
+            args = [self.binary, "serve", "--config", conf]
+        else:
+            args = [self.binary, "serve", "--data-dir", data,
+                    "--target-name", KEYFENCE_IQN, "--size", str(self.size)]
+            for p in self.ports:
+                args += ["--listen", f"127.0.0.1:{p}"]
         self.log = open(os.path.join(self.workdir, "keyfence.log"), "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
         for p in self.ports:
