@@ -33,6 +33,8 @@ enum Script {
     BadDataSn,
     /// Ask the initiator to log out (Async Message event 1) right away.
     AsyncLogout,
+    /// BUSY for the first two commands, then GOOD.
+    BusyTwice,
 }
 
 #[derive(Default)]
@@ -158,9 +160,10 @@ async fn serve(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>) {
                     .push((cmd.cmd_sn, max(exp_cmd_sn)));
                 assert_eq!(cmd.cmd_sn, exp_cmd_sn, "CmdSN out of sequence");
                 exp_cmd_sn = exp_cmd_sn.wrapping_add(1);
+                let busy = script == Script::BusyTwice && seen.lock().unwrap().cmds.len() <= 2;
                 let rsp = |stat_sn, exp_cmd_sn| ScsiResponse {
                     response: 0,
-                    status: 0,
+                    status: if busy { 0x08 } else { 0 },
                     residual: Residual::None,
                     bidi_read_residual: Residual::None,
                     itt: cmd.itt,
@@ -173,7 +176,7 @@ async fn serve(listener: TcpListener, script: Script, seen: Arc<Mutex<Seen>>) {
                     response_data: Bytes::new(),
                 };
                 match script {
-                    Script::NarrowWindow => {
+                    Script::NarrowWindow | Script::BusyTwice => {
                         tokio::time::sleep(Duration::from_millis(5)).await;
                         c.write(rsp(stat_sn, exp_cmd_sn).to_pdu()).await;
                         stat_sn += 1;
@@ -445,4 +448,19 @@ async fn login_follows_redirect_and_keeps_isid() {
         .unwrap();
     s.logout().await.unwrap();
     back.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_is_retried_by_typed_calls() {
+    let (url, seen, h) = start(Script::BusyTwice).await;
+    let cfg = config(5_000);
+    let s = initiator::login::connect(&url, &cfg).await.unwrap();
+    let dev = initiator::Device::on_session(s.clone(), &url, 0, &cfg);
+    dev.test_unit_ready().await.expect("GOOD after two BUSY");
+    assert_eq!(seen.lock().unwrap().cmds.len(), 3);
+    // The raw call reports what the target said.
+    let r = dev.execute_raw(&commands::test_unit_ready()).await.unwrap();
+    assert_eq!(r.status, 0);
+    s.logout().await.unwrap();
+    h.await.unwrap();
 }
