@@ -271,7 +271,19 @@ async fn pr_register_reserve_release_clear(t: &TestTarget) {
     assert_eq!(a.read_keys().await.unwrap().keys, vec![ka]);
     // B's registration is gone: its next command sees a UNIT ATTENTION
     // (REGISTRATIONS PREEMPTED), which typed calls retry and record.
+    b.take_unit_attentions();
     b.read_keys().await.expect("read keys by preempted B");
+    let uas = b.take_unit_attentions();
+    // SPC-4 5.13.11.2.4 says REGISTRATIONS PREEMPTED; tgt reports
+    // RESERVATIONS PREEMPTED to a preempted reservation holder.
+    let accepted: &[(u8, u8)] = match t.kind {
+        Kind::Keyfence => &[(0x2a, 0x05)],
+        Kind::Tgtd => &[(0x2a, 0x05), (0x2a, 0x03)],
+    };
+    assert!(
+        uas.iter().any(|s| accepted.contains(&(s.asc, s.ascq))),
+        "REGISTRATIONS PREEMPTED expected, got {uas:?}"
+    );
     a.clear(ka).await.expect("clear");
     let after = a.read_keys().await.unwrap();
     assert!(after.keys.is_empty(), "{after:?}");
