@@ -225,7 +225,7 @@ fn acquire_takes_over_and_fails_fast_when_preempted() {
     unfence(&url, "0xb0", "nb", &tmp.path().join("nb"));
     let marker = tmp.path().join("lost");
     let interval_ms = 100u64;
-    let mut acq = Command::new(BIN)
+    let acq = Command::new(BIN)
         .args([
             "fence",
             "acquire",
@@ -380,7 +380,7 @@ fn coordinator_race_has_exactly_one_winner() {
             (&b, &lost_a, &lost_b, "0xb1", "0xa1")
         };
         assert!(loser_marker.exists() && !winner_marker.exists());
-        assert_eq!(text(&winner.stdout).matches(": won").count() >= 2, true);
+        assert!(text(&winner.stdout).matches(": won").count() >= 2);
         // The winner's key is on a majority, the loser's on a minority.
         let mut w = 0;
         let mut l = 0;
@@ -407,4 +407,120 @@ fn coordinator_race_has_exactly_one_winner() {
     ]);
     assert_eq!(code(&o), 1);
     assert!(text(&o.stderr).contains("odd number"));
+}
+
+#[test]
+fn agent_fences_a_multipath_map_from_the_configuration() {
+    let t = Target::start_portals("iqn.2026-11.io.keyfence.test:mpath", "16M", 2);
+    let tmp = tempfile::tempdir().unwrap();
+    let paths = t.urls();
+    let cfg = tmp.path().join("keyfence.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[multipath]]\nname = \"mpathf\"\npaths = [\"{}\", \"{}\"]\n",
+            paths[0], paths[1]
+        ),
+    )
+    .unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let agent = |node: &str, args: &[&str]| {
+        let mut a = vec!["fence", "agent", "--config", cfg_s, "--timeout", "3"];
+        a.extend_from_slice(args);
+        let n = iname(node);
+        a.extend_from_slice(&["--initiator-name", &n]);
+        keyfence(&a)
+    };
+    for (node, key) in [("m1", "0x71"), ("m2", "0x72")] {
+        let store = tmp.path().join(node);
+        let o = agent(
+            node,
+            &[
+                "-o",
+                "on",
+                "-k",
+                key,
+                "-d",
+                "/dev/mapper/mpathf",
+                "--store-path",
+                store.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    }
+    // `on` registered both paths (two I_T nexuses per node).
+    let o = keyfence(&["persist", "-n", "-i", "-k", &paths[1]]);
+    let keys = text(&o.stdout);
+    assert_eq!(keys.matches("0x72").count(), 2, "{keys}");
+    assert_eq!(keys.matches("0x71").count(), 2, "{keys}");
+
+    let o = agent("m1", &["-o", "off", "-k", "0x72", "-d", "mpathf"]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+    let o = keyfence(&["persist", "-n", "-i", "-k", &paths[0]]);
+    assert!(!text(&o.stdout).contains("0x72"), "{}", text(&o.stdout));
+    assert_eq!(text(&o.stdout).matches("0x71").count(), 2);
+    let o = agent("m1", &["-o", "status", "-k", "0x72", "-d", "mpathf"]);
+    assert_eq!(code(&o), 2);
+    // A name that is neither a URL nor a map: one-line error.
+    let o = agent("m1", &["-o", "status", "-k", "0x72", "-d", "mpathz"]);
+    assert_eq!(code(&o), 1);
+    assert!(text(&o.stderr).contains("neither an iSCSI URL nor a multipath map"));
+}
+
+#[test]
+fn acquire_fails_fast_when_the_storage_goes_away() {
+    let mut t = Target::start("iqn.2026-11.io.keyfence.test:vanish", "16M");
+    let tmp = tempfile::tempdir().unwrap();
+    let marker = tmp.path().join("lost");
+    let acq = Command::new(BIN)
+        .args([
+            "fence",
+            "acquire",
+            "-d",
+            &t.url(),
+            "-k",
+            "0xc0",
+            "--initiator-name",
+            &iname("nc"),
+        ])
+        .args([
+            "--probe-interval",
+            "50",
+            "--timeout-ms",
+            "300",
+            "--lost-after",
+            "600",
+            "--max-run-ms",
+            "30000",
+        ])
+        .arg("--action")
+        .arg(format!("echo \"$KEYFENCE_LOST\" > {}", marker.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = keyfence(&["persist", "-n", "-i", "-r", &t.url()]);
+        if text(&o.stdout).contains("Key=0xc0") {
+            break;
+        }
+        assert!(Instant::now() < end, "acquire did not reserve");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let gone = Instant::now();
+    t.stop();
+    let out = acq.wait_with_output().unwrap();
+    let took = gone.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let reason = std::fs::read_to_string(&marker).unwrap();
+    assert!(reason.contains("not probed successfully"), "{reason}");
+    println!(
+        "failfast on lost storage after {took:?} (lost-after 600 ms): {}",
+        reason.trim()
+    );
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
 }

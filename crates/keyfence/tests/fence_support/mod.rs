@@ -13,19 +13,31 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_keyfence");
 pub struct Target {
     pub child: Option<Child>,
     pub port: u16,
+    /// Further portals (one per extra `--listen`), for multipath.
+    pub more_ports: Vec<u16>,
     pub iqn: String,
     pub dir: tempfile::TempDir,
 }
 
 impl Target {
     pub fn start(iqn: &str, size: &str) -> Target {
+        Target::start_portals(iqn, size, 1)
+    }
+
+    /// A target listening on `portals` ports (portal groups 1, 2, ...).
+    pub fn start_portals(iqn: &str, size: &str, portals: usize) -> Target {
         for _ in 0..20 {
             let dir = tempfile::tempdir().expect("tempdir");
             let port = free_port();
-            let child = Command::new(BIN)
-                .args(["serve", "--data-dir"])
+            let more_ports: Vec<u16> = (1..portals).map(|_| free_port()).collect();
+            let mut cmd = Command::new(BIN);
+            cmd.args(["serve", "--data-dir"])
                 .arg(dir.path())
-                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(["--listen", &format!("127.0.0.1:{port}")]);
+            for p in &more_ports {
+                cmd.args(["--listen", &format!("127.0.0.1:{p}")]);
+            }
+            let child = cmd
                 .args(["--target-name", iqn, "--size", size, "--log-level", "error"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit())
@@ -34,6 +46,7 @@ impl Target {
             let mut t = Target {
                 child: Some(child),
                 port,
+                more_ports,
                 iqn: iqn.to_string(),
                 dir,
             };
@@ -53,7 +66,8 @@ impl Target {
                     return false;
                 }
             }
-            if TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            let up = |p: u16| TcpStream::connect(("127.0.0.1", p)).is_ok();
+            if up(self.port) && self.more_ports.iter().all(|p| up(*p)) {
                 return true;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -63,6 +77,14 @@ impl Target {
 
     pub fn url(&self) -> String {
         format!("iscsi://127.0.0.1:{}/{}/0", self.port, self.iqn)
+    }
+
+    /// URLs of every portal.
+    pub fn urls(&self) -> Vec<String> {
+        std::iter::once(self.port)
+            .chain(self.more_ports.iter().copied())
+            .map(|p| format!("iscsi://127.0.0.1:{p}/{}/0", self.iqn))
+            .collect()
     }
 
     /// Kill the target (SIGKILL: the device becomes unreachable).
