@@ -507,16 +507,9 @@ async fn write_paths(t: &TestTarget) {
     }
 }
 
-/// tgtd pings idle sessions with NOP-In and drops those that do not answer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tgtd_nop_in_pings_are_answered() {
-    let Some(t) = TestTarget::start_tgtd(Options {
-        nop_interval: Some(1),
-        ..Options::default()
-    }) else {
-        return;
-    };
-    let dev = open(&t, "pinged").await;
+/// Targets ping idle sessions with NOP-In and drop those that do not answer.
+async fn nop_in_pings_are_answered(t: &TestTarget) {
+    let dev = open(t, "pinged").await;
     tokio::time::sleep(Duration::from_millis(4500)).await;
     assert!(
         dev.session().pings_answered() >= 2,
@@ -525,6 +518,28 @@ async fn tgtd_nop_in_pings_are_answered() {
     );
     dev.inquiry().await.expect("session alive after idle pings");
     dev.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tgtd_nop_in_pings_are_answered() {
+    let opts = Options {
+        nop_interval: Some(1),
+        ..Options::default()
+    };
+    if let Some(t) = TestTarget::start_tgtd(opts) {
+        nop_in_pings_are_answered(&t).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyfence_nop_in_pings_are_answered() {
+    let opts = Options {
+        nop_interval: Some(1),
+        ..Options::default()
+    };
+    if let Some(t) = TestTarget::start_keyfence(opts) {
+        nop_in_pings_are_answered(&t).await;
+    }
 }
 
 /// READ FULL STATUS, REPORT CAPABILITIES, REGISTER AND MOVE and PREEMPT AND

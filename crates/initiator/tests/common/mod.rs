@@ -45,7 +45,7 @@ pub struct Options {
     pub size: u64,
     /// Let the target accept CRC32C header and data digests.
     pub digests: bool,
-    /// tgtd: send NOP-In pings every this many seconds.
+    /// Send NOP-In pings to idle connections every this many seconds.
     pub nop_interval: Option<u32>,
 }
 
@@ -255,17 +255,29 @@ impl TestTarget {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         let log = std::fs::File::create(dir.path().join("keyfence.log")).expect("log");
-        let mut child = Command::new(&bin)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .args([
-                "--target-name",
-                KEYFENCE_IQN,
-                "--size",
-                &opts.size.to_string(),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+        let mut cmd = Command::new(&bin);
+        cmd.arg("serve");
+        if let Some(n) = opts.nop_interval {
+            // Pinging is configured through the TOML file.
+            let data = dir.path().join("data");
+            std::fs::create_dir_all(&data).expect("data dir");
+            let cfg = dir.path().join("keyfence.toml");
+            let text = format!(
+                "data_dir = {data:?}\n\n[limits]\nnop_in_interval_secs = {n}\nnop_in_timeout_secs = {n}\n\n\
+                 [[target]]\nname = \"{KEYFENCE_IQN}\"\nportals = [\"127.0.0.1:{port}\"]\n\n\
+                 [[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"{}M\"\n",
+                opts.size >> 20
+            );
+            std::fs::write(&cfg, text).expect("write config");
+            cmd.arg("--config").arg(cfg);
+        } else {
+            cmd.arg("--data-dir")
+                .arg(dir.path().join("data"))
+                .args(["--target-name", KEYFENCE_IQN])
+                .args(["--size", &opts.size.to_string()])
+                .args(["--listen", &format!("127.0.0.1:{port}")]);
+        }
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
