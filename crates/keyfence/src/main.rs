@@ -12,6 +12,7 @@ mod mpathpersist;
 mod persist;
 mod pr_show;
 mod serve;
+mod takeover;
 
 const USAGE: &str = "\
 keyfence: SCSI-3 persistent reservations, an iSCSI target and fencing
@@ -23,6 +24,7 @@ Commands:
                 LUN 0 on 127.0.0.1:3260, data in ./keyfence-data)
   persist       sg_persist-compatible PR tool over iSCSI (also run as sg_persist)
   mpathpersist  mpathpersist-compatible multipath PR tool (also run as mpathpersist)
+  takeover      take back PR registration/reservation after a new I_T nexus
   pr            inspect PR state: `keyfence pr show`
   bench         block I/O load over iSCSI at a fixed queue depth
   fence         I/O fencing: agent (also run as fence_keyfence), check, acquire, race
@@ -55,6 +57,7 @@ fn main() -> ExitCode {
         "persist" | "sg_persist" => persist::run(rest),
         "mpathpersist" => mpathpersist::run(rest),
         "pr" => pr_show::run(rest),
+        "takeover" => takeover::run(rest),
         "bench" => bench::run(rest),
         "fence" => fence::run(rest),
         "help" | "--help" | "-h" => {

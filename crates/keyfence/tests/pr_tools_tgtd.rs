@@ -1,0 +1,544 @@
+//! `keyfence persist` (sg_persist), `keyfence mpathpersist` and
+//! `keyfence takeover` run as processes against a real Debian tgtd on
+//! loopback. Each test starts its own tgtd (own control port, own portal,
+//! file-backed LUN in a temporary directory) and tears it down.
+//!
+//! tgtd ties registrations to the session, not to the initiator port, so
+//! every tool invocation (a new session) is a new, unregistered I_T nexus
+//! to it: PR OUT commands that need a registration conflict, which is how
+//! the RESERVATION CONFLICT exit statuses are exercised here.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+const KF: &str = env!("CARGO_BIN_EXE_keyfence");
+const IQN: &str = "iqn.2026-11.io.keyfence:tgtd-test";
+const INITIATOR: &str = "iqn.2026-11.io.keyfence.test:cli";
+const HEADER: &str = "  IET       VIRTUAL-DISK      0001\n  Peripheral device type: disk\n";
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Tgtd {
+    child: Child,
+    ctl: u32,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Tgtd {
+    fn start() -> Tgtd {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let img = dir.path().join("lun1.img");
+        std::fs::File::create(&img)
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("backing file");
+        // A control port no other tgtd is using: its socket must not answer.
+        let ctl = loop {
+            let n =
+                4000 + (std::process::id() % 1500) * 16 + SEQ.fetch_add(1, Ordering::SeqCst) % 16;
+            let sock = format!("/var/run/tgtd/socket.{n}");
+            if std::os::unix::net::UnixStream::connect(&sock).is_err() {
+                break n;
+            }
+        };
+        let port = free_port();
+        let child = Command::new("tgtd")
+            .args([
+                "-f",
+                "-C",
+                &ctl.to_string(),
+                "--iscsi",
+                &format!("portal=127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tgtd (package tgt) must be installed");
+        let t = Tgtd {
+            child,
+            ctl,
+            port,
+            _dir: dir,
+        };
+        // Wait (bounded) for the control socket of *our* tgtd.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut t = t;
+        loop {
+            assert!(
+                matches!(t.child.try_wait(), Ok(None)),
+                "tgtd -C {} exited at start-up",
+                t.ctl
+            );
+            if t.adm(&["--op", "show", "--mode", "system"]) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "tgtd did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert!(
+            t.adm(&["--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", IQN])
+        );
+        assert!(t.adm(&[
+            "--lld",
+            "iscsi",
+            "--op",
+            "new",
+            "--mode",
+            "logicalunit",
+            "--tid",
+            "1",
+            "--lun",
+            "1",
+            "-b",
+            img.to_str().expect("utf-8 path"),
+        ]));
+        assert!(t.adm(&[
+            "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"
+        ]));
+        // And for the portal to accept connections.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tgtd portal did not open");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        t
+    }
+
+    fn adm(&self, args: &[&str]) -> bool {
+        Command::new("tgtadm")
+            .args(["-C", &self.ctl.to_string()])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    fn url(&self) -> String {
+        format!("iscsi://127.0.0.1:{}/{IQN}/1", self.port)
+    }
+}
+
+impl Drop for Tgtd {
+    fn drop(&mut self) {
+        // tgtd ignores SIGTERM while it has targets: delete them first.
+        self.adm(&[
+            "--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", "1", "--force",
+        ]);
+        self.adm(&["--op", "delete", "--mode", "system"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn kf(args: &[&str]) -> Output {
+    Command::new(KF)
+        .args(args)
+        .env("KEYFENCE_INITIATOR_NAME", INITIATOR)
+        .env_remove("KEYFENCE_CONFIG")
+        .output()
+        .expect("run keyfence")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn check(o: &Output, code: i32, stdout: &str, stderr: &str) {
+    assert_eq!(
+        (
+            o.status.code(),
+            text(&o.stdout).as_str(),
+            text(&o.stderr).as_str()
+        ),
+        (Some(code), stdout, stderr)
+    );
+}
+
+#[test]
+fn sg_persist_register_read_keys_and_reservation() {
+    let t = Tgtd::start();
+    let d = t.url();
+    check(
+        &kf(&["persist", "-i", "-k", "-d", &d]),
+        0,
+        &format!("{HEADER}  PR generation=0x0, there are NO registered reservation keys\n"),
+        "",
+    );
+    check(
+        &kf(&["persist", "-n", "-o", "-G", "-S", "0x123abc", "-d", &d]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(&["persist", "-n", "-i", "-k", "-d", &d]),
+        0,
+        "  PR generation=0x1, 1 registered reservation key follows:\n    0x123abc\n",
+        "",
+    );
+    // A new invocation is a new nexus to tgtd: REGISTER AND IGNORE adds one.
+    check(
+        &kf(&[
+            "persist",
+            "-n",
+            "--out",
+            "--register-ignore",
+            "--param-sark=beef",
+            &d,
+        ]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(&["persist", "-n", "-i", "-k", &d]),
+        0,
+        "  PR generation=0x2, 2 registered reservation keys follow:\n    0x123abc\n    0xbeef\n",
+        "",
+    );
+    check(
+        &kf(&["persist", "-r", &d]),
+        0,
+        &format!("{HEADER}  PR generation=0x2, there is NO reservation held\n"),
+        "",
+    );
+    check(
+        &kf(&["persist", "-n", "-H", "-k", &d]),
+        0,
+        "  PR generation=0x2, Additional length=16\n 00     00 00 00 00 00 12 3a bc  00 00 00 00 00 00 be ef\n",
+        "",
+    );
+}
+
+#[test]
+fn sg_persist_conflicts_exit_24() {
+    let t = Tgtd::start();
+    let d = t.url();
+    check(
+        &kf(&["persist", "-n", "-o", "-G", "-S", "1", &d]),
+        0,
+        "",
+        "",
+    );
+    // This invocation's nexus is not registered.
+    check(
+        &kf(&["persist", "-n", "-o", "-R", "-T", "5", "-K", "1", "-d", &d]),
+        24,
+        "",
+        "PR out (Reserve): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+    );
+    check(
+        &kf(&[
+            "persist", "-n", "-o", "-P", "-T", "5", "-K", "2", "-S", "1", "-d", &d,
+        ]),
+        24,
+        "",
+        "PR out (Preempt): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+    );
+    // tgtd does not implement PREEMPT AND ABORT: ILLEGAL REQUEST, status 5.
+    check(
+        &kf(&["persist", "-n", "-o", "-A", "-T", "5", "-K", "2", "-S", "1", "-d", &d]),
+        5,
+        "",
+        "PR out (Preempt and abort): bad field in cdb or parameter list (perhaps unsupported service action)\nsg_persist failed: Illegal request\n",
+    );
+    check(
+        &kf(&["persist", "-n", "-o", "-C", "-K", "7", &d]),
+        24,
+        "",
+        "PR out (Clear): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+    );
+    // REGISTER with a wrong current key from an unregistered nexus.
+    check(
+        &kf(&["persist", "-n", "-o", "-G", "-K", "5", "-S", "6", &d]),
+        24,
+        "",
+        "PR out (Register): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+    );
+}
+
+#[test]
+fn sg_persist_capabilities_and_unsupported_full_status() {
+    let t = Tgtd::start();
+    let d = t.url();
+    check(
+        &kf(&["persist", "-n", "-c", &d]),
+        0,
+        concat!(
+            "Report capabilities response:\n",
+            "  Replace Lost Reservation Capable(RLR_C): 0\n",
+            "  Compatible Reservation Handling(CRH): 0\n",
+            "  Specify Initiator Ports Capable(SIP_C): 0\n",
+            "  All Target Ports Capable(ATP_C): 0\n",
+            "  Persist Through Power Loss Capable(PTPL_C): 0\n",
+            "  Type Mask Valid(TMV): 1\n",
+            "  Allow Commands: 0\n",
+            "  Persist Through Power Loss Active(PTPL_A): 0\n",
+            "    Support indicated in Type mask:\n",
+            "      Write Exclusive, all registrants: 1\n",
+            "      Exclusive Access, registrants only: 1\n",
+            "      Write Exclusive, registrants only: 1\n",
+            "      Exclusive Access: 1\n",
+            "      Write Exclusive: 1\n",
+            "      Exclusive Access, all registrants: 1\n"
+        ),
+        "",
+    );
+    // tgtd does not implement READ FULL STATUS.
+    check(
+        &kf(&["persist", "-n", "-s", &d]),
+        5,
+        "",
+        "PR in (Read full status): bad field in cdb or parameter list (perhaps unsupported service action)\nsg_persist failed: Illegal request\n",
+    );
+}
+
+#[test]
+fn sg_persist_argv0_dispatch_and_no_service_action_notice() {
+    let t = Tgtd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("sg_persist");
+    std::os::unix::fs::symlink(KF, &link).expect("symlink");
+    let o = Command::new(&link)
+        .args(["-n", &t.url()])
+        .env("KEYFENCE_INITIATOR_NAME", INITIATOR)
+        .output()
+        .expect("run sg_persist link");
+    check(
+        &o,
+        0,
+        "  PR generation=0x0, there are NO registered reservation keys\n",
+        ">> No service action given; assume Persistent Reserve In command\n>> with Read Keys service action\n",
+    );
+}
+
+#[test]
+fn sg_persist_unreachable_device_and_bad_urls() {
+    let port = free_port();
+    let d = format!("iscsi://127.0.0.1:{port}/{IQN}/1");
+    let o = kf(&["persist", "-k", &d]);
+    assert_eq!(o.status.code(), Some(15));
+    assert!(text(&o.stdout).is_empty());
+    let e = text(&o.stderr);
+    assert!(
+        e.starts_with(&format!("sg_persist: error opening file (ro): {d}: ")),
+        "{e}"
+    );
+    let o = kf(&["persist", "-n", "-k", &d]);
+    assert_eq!(o.status.code(), Some(15));
+    assert!(text(&o.stderr).starts_with(&format!("sg_persist: error opening file {d} (rw): ")));
+    let o = kf(&["persist", "-k", "/dev/sda"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).starts_with("sg_persist: invalid iSCSI URL"));
+}
+
+#[test]
+fn sg_persist_option_errors_through_the_binary() {
+    let d = "iscsi://127.0.0.1/iqn.2026-11.io.keyfence:x/0";
+    let o = kf(&["persist", "-i", "-o", "-G", d]);
+    assert_eq!(o.status.code(), Some(31));
+    assert!(text(&o.stderr).starts_with("choose '--in' _or_ '--out' (not both)\n"));
+    assert_eq!(kf(&["persist", "-G", d]).status.code(), Some(31));
+    assert_eq!(kf(&["persist", "-o", "-M", d]).status.code(), Some(31));
+    assert_eq!(kf(&["persist", "--bogus", d]).status.code(), Some(1));
+    assert_eq!(
+        kf(&["persist", "-K", "xyz", "-o", "-G", d]).status.code(),
+        Some(1)
+    );
+    assert_eq!(kf(&["persist"]).status.code(), Some(1));
+    let o = kf(&["persist", "-V"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(text(&o.stderr).starts_with("version: 0.67 20190913"));
+}
+
+fn write_config(dir: &Path, body: &str) -> PathBuf {
+    let p = dir.join("keyfence.toml");
+    std::fs::write(&p, body).expect("config");
+    p
+}
+
+#[test]
+fn mpathpersist_over_tgtd() {
+    let t = Tgtd::start();
+    let d = t.url();
+    check(
+        &kf(&["mpathpersist", "-i", "-k", "-d", &d]),
+        0,
+        "  PR generation=0x0, \t0 registered reservation key.\n",
+        "",
+    );
+    check(
+        &kf(&[
+            "mpathpersist",
+            "-o",
+            "--register",
+            "--param-sark=123abc",
+            "-d",
+            &d,
+        ]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(&["mpathpersist", "--in", "--read-keys", "-d", &d]),
+        0,
+        "  PR generation=0x1, \t1 registered reservation key follows:\n    0x123abc\n",
+        "",
+    );
+    check(
+        &kf(&["mpathpersist", "-i", "-r", "-d", &d]),
+        0,
+        "  PR generation=0x1, there is NO reservation held \n",
+        "",
+    );
+    // New nexus, not registered: conflict, MPATH_PR_RESERV_CONFLICT (11).
+    let o = kf(&[
+        "mpathpersist",
+        "-o",
+        "--reserve",
+        "--prout-type=5",
+        "--param-rk=123abc",
+        "-d",
+        &d,
+    ]);
+    assert_eq!(o.status.code(), Some(11));
+    assert_eq!(
+        text(&o.stdout),
+        "persistent reserve out: scsi status: Reservation Conflict\nPR out: command failed\n"
+    );
+    // tgtd has no READ FULL STATUS: ILLEGAL REQUEST (5).
+    let o = kf(&["mpathpersist", "-i", "-s", "-d", &d]);
+    assert_eq!(o.status.code(), Some(5));
+    assert_eq!(text(&o.stderr), "Persistent Reserve IN command failed\n");
+}
+
+#[test]
+fn mpathpersist_map_with_a_dead_path_and_key_check() {
+    let t = Tgtd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dead = free_port();
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "[[multipath]]\nname = \"mpatha\"\nreservation_key = \"0xabc\"\npaths = [\"iscsi://127.0.0.1:{dead}/{IQN}/1\", \"{}\"]\n",
+            t.url()
+        ),
+    );
+    let c = cfg.to_str().expect("utf-8");
+    check(
+        &kf(&[
+            "mpathpersist",
+            "--config",
+            c,
+            "-o",
+            "-G",
+            "-S",
+            "abc",
+            "-d",
+            "/dev/mapper/mpatha",
+        ]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(&["mpathpersist", "--config", c, "-i", "-k", "mpatha"]),
+        0,
+        "  PR generation=0x1, \t1 registered reservation key follows:\n    0xabc\n",
+        "",
+    );
+    // Keys other than the configured one are refused before anything is sent.
+    let o = kf(&[
+        "mpathpersist",
+        "--config",
+        c,
+        "-o",
+        "-G",
+        "-S",
+        "def",
+        "mpatha",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        text(&o.stderr),
+        "mpatha: configured reservation key doesn't match: 0xabc\n"
+    );
+    // Unknown map.
+    let o = kf(&["mpathpersist", "--config", c, "-i", "-k", "mpathz"]);
+    assert_eq!(o.status.code(), Some(12));
+    // All paths dead: MPATH_PR_DMMP_ERROR.
+    let cfg2 = write_config(
+        dir.path(),
+        &format!("[[multipath]]\nname = \"m\"\npaths = [\"iscsi://127.0.0.1:{dead}/{IQN}/1\"]\n"),
+    );
+    let o = kf(&[
+        "mpathpersist",
+        "--config",
+        cfg2.to_str().expect("utf-8"),
+        "-i",
+        "-k",
+        "m",
+    ]);
+    assert_eq!(o.status.code(), Some(13));
+    assert_eq!(text(&o.stderr), "m: no usable path\n");
+}
+
+#[test]
+fn mpathpersist_batch_file() {
+    let t = Tgtd::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let batch = dir.path().join("batch");
+    std::fs::write(
+        &batch,
+        format!(
+            "# register, then read\nmpathpersist -o -G -S 0x77 -d {u}\n\n-i -k -d {u}   # comment\n-i -q\n",
+            u = t.url()
+        ),
+    )
+    .expect("batch");
+    let o = kf(&["mpathpersist", "-f", batch.to_str().expect("utf-8")]);
+    assert_eq!(
+        text(&o.stdout),
+        "  PR generation=0x1, \t1 registered reservation key follows:\n    0x77\n"
+    );
+    // Line 5 has a syntax error: reported, and the status says so.
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).contains("syntax error on line 5 in batch file\n"));
+}
+
+#[test]
+fn mpathpersist_usage_errors() {
+    let o = kf(&["mpathpersist"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).starts_with("No parameter used\nmultipath-tools v0.9.4"));
+    let o = kf(&["mpathpersist", "-k", "m"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o.stderr).starts_with("choose either '--in' or '--out' \n"));
+    let o = kf(&["mpathpersist", "-h"]);
+    assert_eq!(o.status.code(), Some(0));
+}
