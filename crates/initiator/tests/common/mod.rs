@@ -94,15 +94,6 @@ fn which(prog: &str) -> Option<PathBuf> {
 static NEXT_CONTROL: AtomicU32 = AtomicU32::new(0);
 
 impl TestTarget {
-    /// The target named by `KEYFENCE_TEST_TARGET` (`tgtd`, the default, or
-    /// `keyfence`).
-    pub fn from_env(opts: Options) -> Option<TestTarget> {
-        match std::env::var("KEYFENCE_TEST_TARGET").as_deref() {
-            Ok("keyfence") => Self::start(Kind::Keyfence, opts),
-            _ => Self::start(Kind::Tgtd, opts),
-        }
-    }
-
     pub fn start(kind: Kind, opts: Options) -> Option<TestTarget> {
         match kind {
             Kind::Tgtd => Self::start_tgtd(opts),
