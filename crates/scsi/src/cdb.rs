@@ -53,6 +53,13 @@ pub enum Cdb {
     PreventAllow {
         prevent: u8,
     },
+    /// SEND DIAGNOSTIC: only the default self-test is implemented.
+    SendDiagnostic {
+        self_test_code: u8,
+        pf: bool,
+        self_test: bool,
+        param_len: u16,
+    },
     ReadCapacity10,
     ReadCapacity16 {
         alloc_len: u32,
@@ -256,6 +263,20 @@ pub fn parse(cdb: &[u8]) -> Result<Cdb, Sense> {
             start: c[4] & 0x01 != 0,
         },
         op::PREVENT_ALLOW_MEDIUM_REMOVAL => Cdb::PreventAllow { prevent: c[4] & 3 },
+        op::SEND_DIAGNOSTIC => {
+            let self_test_code = c[1] >> 5;
+            let self_test = c[1] & 0x04 != 0;
+            // SPC-4 6.42: a SELF-TEST CODE with SELFTEST set is invalid.
+            if self_test && self_test_code != 0 {
+                return Err(Sense::invalid_cdb_field(1, Some(7)));
+            }
+            Cdb::SendDiagnostic {
+                self_test_code,
+                pf: c[1] & 0x10 != 0,
+                self_test,
+                param_len: be16(c, 3),
+            }
+        }
         op::READ_CAPACITY_10 => {
             // SBC-3: with PMI zero the LOGICAL BLOCK ADDRESS must be zero.
             if c[8] & 1 == 0 && be32(c, 2) != 0 {
@@ -483,6 +504,7 @@ pub fn data_out_len(cdb: &[u8], block_size: u32) -> Result<u64, Sense> {
         Cdb::CompareAndWrite { blocks, .. } => 2 * u64::from(blocks) * bs,
         Cdb::Unmap { param_len } => u64::from(param_len),
         Cdb::ModeSelect { param_len, .. } => u64::from(param_len),
+        Cdb::SendDiagnostic { param_len, .. } => u64::from(param_len),
         Cdb::Reservation => match cdb.first() {
             Some(&op::PERSISTENT_RESERVE_OUT) if cdb.len() >= 9 => u64::from(be32(cdb, 5)),
             Some(&op::RESERVE_10) if cdb.len() >= 9 => u64::from(be16(cdb, 7)),
@@ -503,7 +525,7 @@ pub fn is_blocking(cdb: &[u8], block_size: u32) -> bool {
         Ok(Cdb::SynchronizeCache { .. }) | Ok(Cdb::Unmap { .. }) | Ok(Cdb::ModeSelect { .. }) => {
             true
         }
-        Ok(Cdb::StartStopUnit { .. }) => true,
+        Ok(Cdb::StartStopUnit { .. }) | Ok(Cdb::SendDiagnostic { .. }) => true,
         Ok(Cdb::Write { flags, .. })
         | Ok(Cdb::OrWrite { flags, .. })
         | Ok(Cdb::CompareAndWrite { flags, .. }) => flags.fua,

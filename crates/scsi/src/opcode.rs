@@ -17,6 +17,7 @@ pub const RESERVE_6: u8 = 0x16;
 pub const RELEASE_6: u8 = 0x17;
 pub const MODE_SENSE_6: u8 = 0x1a;
 pub const START_STOP_UNIT: u8 = 0x1b;
+pub const SEND_DIAGNOSTIC: u8 = 0x1d;
 pub const PREVENT_ALLOW_MEDIUM_REMOVAL: u8 = 0x1e;
 pub const READ_CAPACITY_10: u8 = 0x25;
 pub const READ_10: u8 = 0x28;
@@ -169,6 +170,13 @@ pub static COMMANDS: &[CommandInfo] = &[
         "START STOP UNIT",
         &[0x1b, 0x01, 0, 0x0f, 0xf7, C],
         30,
+    ),
+    cmd(
+        SEND_DIAGNOSTIC,
+        None,
+        "SEND DIAGNOSTIC",
+        &[0x1d, 0xf7, 0, 0xff, 0xff, C],
+        60,
     ),
     cmd(
         PREVENT_ALLOW_MEDIUM_REMOVAL,

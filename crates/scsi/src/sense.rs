@@ -91,6 +91,7 @@ pub mod asc {
     pub const OVERLAPPED_COMMANDS_ATTEMPTED: Asc = Asc(0x4e, 0x00);
     pub const INSUFFICIENT_REGISTRATION_RESOURCES: Asc = Asc(0x55, 0x04);
     pub const MEDIUM_REMOVAL_PREVENTED: Asc = Asc(0x53, 0x02);
+    pub const LOGICAL_UNIT_FAILED_SELF_TEST: Asc = Asc(0x3e, 0x03);
 }
 
 /// Sense-key specific information (SPC-4 4.5.2.4.2): field pointer into the

@@ -183,6 +183,26 @@ impl LogicalUnit {
                 }
                 Ok(CommandOutcome::good())
             }
+            Cdb::SendDiagnostic {
+                self_test_code,
+                self_test,
+                param_len,
+                ..
+            } => {
+                if self_test_code != 0 {
+                    // Background self-tests are not implemented.
+                    return Err(Sense::invalid_cdb_field(1, Some(7)));
+                }
+                if param_len != 0 {
+                    // No diagnostic pages are supported: the page code of
+                    // whatever was sent is not one.
+                    return Err(Sense::invalid_param_field(0, None));
+                }
+                if self_test {
+                    self.default_self_test()?;
+                }
+                Ok(CommandOutcome::good())
+            }
             Cdb::ReadDefectData {
                 twelve,
                 plist,
@@ -218,6 +238,25 @@ impl LogicalUnit {
             // SENSE and the SBC commands are handled by the caller.
             _ => Err(Sense::illegal_request(asc::INVALID_COMMAND_OPERATION_CODE)),
         }
+    }
+
+    /// The default self-test (SPC-4 5.13.2): the medium must be readable
+    /// at both ends and the cache must flush.
+    fn default_self_test(&self) -> Result<(), Sense> {
+        let failed = |e: std::io::Error| {
+            tracing::warn!(error = %e, lun = self.cfg.lun, "default self-test failed");
+            Sense::new(SenseKey::HardwareError, asc::LOGICAL_UNIT_FAILED_SELF_TEST)
+        };
+        let bs = self.cfg.block_size as usize;
+        let mut buf = vec![0u8; bs];
+        self.backend.read_at(&mut buf, 0).map_err(failed)?;
+        self.backend
+            .read_at(&mut buf, self.bytes(self.blocks - 1))
+            .map_err(failed)?;
+        if !self.write_protected() {
+            self.backend.flush().map_err(failed)?;
+        }
+        Ok(())
     }
 
     fn standard_inquiry(&self) -> Vec<u8> {

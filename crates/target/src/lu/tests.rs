@@ -876,6 +876,15 @@ fn misc_commands() {
     assert_eq!(good(&o), &[0, 0x0d, 0, 0, 0, 0, 0, 0]);
     let s = sense(&run(&lu, &n, &[0xc0, 0, 0, 0, 0, 0], &[]));
     assert_eq!(s.code(), asc::INVALID_COMMAND_OPERATION_CODE);
+    // SEND DIAGNOSTIC: the default self-test, and nothing else.
+    good(&run(&lu, &n, &[0x1d, 0x04, 0, 0, 0, 0], &[]));
+    good(&run(&lu, &n, &[0x1d, 0x00, 0, 0, 0, 0], &[]));
+    let s = sense(&run(&lu, &n, &[0x1d, 0x24, 0, 0, 0, 0], &[]));
+    assert_eq!(s, Sense::invalid_cdb_field(1, Some(7)));
+    let s = sense(&run(&lu, &n, &[0x1d, 0x20, 0, 0, 0, 0], &[]));
+    assert_eq!(s, Sense::invalid_cdb_field(1, Some(7)));
+    let s = sense(&run(&lu, &n, &[0x1d, 0x10, 0, 0, 4, 0], &[0x80, 0, 0, 0]));
+    assert_eq!(s, Sense::invalid_param_field(0, None));
     // NACA is refused.
     let s = sense(&run(&lu, &n, &[0, 0, 0, 0, 0, 0x04], &[]));
     assert_eq!(s, Sense::invalid_cdb_field(5, Some(2)));
