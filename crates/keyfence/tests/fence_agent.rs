@@ -210,6 +210,16 @@ fn check_answers_within_its_deadline_when_devices_hang() {
         start.elapsed()
     );
 
+    // A node that was never unfenced has nothing to lose: exit 0.
+    let none = tmp.path().join("never-unfenced");
+    let o = keyfence(&[
+        "fence",
+        "check",
+        "--store-path",
+        none.to_str().unwrap(),
+        "test",
+    ]);
+    assert_eq!(code(&o), 0, "{}", text(&o.stderr));
     // Watchdog repair convention.
     let o = keyfence(&["fence", "check", "repair", "7"]);
     assert_eq!(code(&o), 7);

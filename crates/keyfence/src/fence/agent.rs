@@ -561,7 +561,12 @@ pub fn execute(o: &Opts) -> u8 {
                 log.debug(&format!("delaying fencing by {:?}", o.delay));
                 std::thread::sleep(o.delay);
             }
-            rt.block_on(action_off(&ctx, &devs, k, &log))
+            let done = if action == "reboot" {
+                "Success: Rebooted"
+            } else {
+                "Success: Powered OFF"
+            };
+            rt.block_on(action_off(&ctx, &devs, k, &log, done))
         }
         ("status", Some(k)) => rt.block_on(action_status(&ctx, &devs, k, &log)),
         ("monitor", _) => rt.block_on(action_monitor(&ctx, &devs, &log)),
@@ -771,7 +776,7 @@ async fn unfence_device(
     Ok(detail)
 }
 
-async fn action_off(ctx: &Ctx, devs: &[FenceDevice], victim: u64, log: &Log) -> u8 {
+async fn action_off(ctx: &Ctx, devs: &[FenceDevice], victim: u64, log: &Log, done: &str) -> u8 {
     let (name, t) = (ctx.name.clone(), ctx.timeout);
     let results = on_all(devs, job_deadline(t), move |d| {
         let name = name.clone();
@@ -780,7 +785,7 @@ async fn action_off(ctx: &Ctx, devs: &[FenceDevice], victim: u64, log: &Log) -> 
     .await;
     let ok = report(&results, log);
     if ok * 2 > devs.len() {
-        println!("Success: Powered OFF");
+        println!("{done}");
         0
     } else {
         eprintln!(

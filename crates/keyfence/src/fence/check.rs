@@ -75,35 +75,51 @@ pub fn run(args: &[OsString]) -> ExitCode {
         }
     }
     let deadline = Duration::from_millis(a.deadline_ms);
-    let setup = || -> Result<(Vec<FenceDevice>, u64, String), String> {
+    // Like fence_scsi_check: a node that was never unfenced (no stored key
+    // or devices) has nothing to lose, so the watchdog must not reboot it.
+    let stored = |ext: &str| -> Result<Option<String>, String> {
+        let p = store_file(&a.store_path, ext);
+        match std::fs::read_to_string(&p) {
+            Ok(t) => Ok(Some(t)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(format!("{}: {e}", p.display())),
+        }
+    };
+    let setup = || -> Result<Option<(Vec<FenceDevice>, u64, String)>, String> {
         let list = match &a.devices {
             Some(d) => d.clone(),
-            None => {
-                let p = store_file(&a.store_path, "dev");
-                std::fs::read_to_string(&p)
-                    .map_err(|e| format!("no --devices and cannot read {}: {e}", p.display()))?
+            None => match stored("dev")? {
+                Some(t) => t
                     .lines()
                     .map(str::trim)
                     .filter(|l| !l.is_empty())
                     .collect::<Vec<_>>()
-                    .join(",")
-            }
+                    .join(","),
+                None => return Ok(None),
+            },
         };
         let key = match &a.key {
             Some(k) => parse_key(k)?,
-            None => {
-                let p = store_file(&a.store_path, "key");
-                let t = std::fs::read_to_string(&p)
-                    .map_err(|e| format!("no --key and cannot read {}: {e}", p.display()))?;
-                parse_key(t.trim())?
-            }
+            None => match stored("key")? {
+                Some(t) => parse_key(t.trim())?,
+                None => return Ok(None),
+            },
         };
         let devs = super::resolve_devices(&list, a.config.as_deref())?;
         let name = super::initiator_name(a.initiator_name.as_deref())?;
-        Ok((devs, key, name))
+        Ok(Some((devs, key, name)))
     };
     let (devs, key, name) = match setup() {
-        Ok(v) => v,
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            if a.verbose {
+                eprintln!(
+                    "keyfence fence check: no key or devices stored under {} (node not unfenced): nothing to check",
+                    a.store_path.display()
+                );
+            }
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("keyfence fence check: {e}");
             return ExitCode::from(1);
