@@ -1,0 +1,560 @@
+//! The PR tools against `keyfence serve` with two portals (two target
+//! ports, relative target port identifiers 1 and 2): sg_persist actions
+//! across invocations (same initiator port every time), READ FULL STATUS
+//! and REGISTER AND MOVE, takeover after a "crash", and the multipath
+//! behaviour of mpathpersist: registration on both target ports, rollback
+//! on a partial conflict, RELEASE with a dead holder path, --reregister.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use initiator::Isid;
+
+const KF: &str = env!("CARGO_BIN_EXE_keyfence");
+const IQN: &str = "iqn.2026-11.io.keyfence:serve-test";
+const INIT_A: &str = "iqn.2026-11.io.keyfence.test:node-a";
+const INIT_B: &str = "iqn.2026-11.io.keyfence.test:node-b";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Serve {
+    child: Child,
+    ports: [u16; 2],
+    _dir: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start() -> Serve {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ports = [free_port(), free_port()];
+        let child = Command::new(KF)
+            .args([
+                "serve",
+                "--target-name",
+                IQN,
+                "--size",
+                "16M",
+                "--log-level",
+                "error",
+            ])
+            .args(["--listen", &format!("127.0.0.1:{}", ports[0])])
+            .args(["--listen", &format!("127.0.0.1:{}", ports[1])])
+            .arg("--data-dir")
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("keyfence serve");
+        let mut s = Serve {
+            child,
+            ports,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        for p in ports {
+            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
+                assert!(
+                    matches!(s.child.try_wait(), Ok(None)),
+                    "keyfence serve exited"
+                );
+                assert!(Instant::now() < deadline, "keyfence serve did not listen");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        s
+    }
+
+    fn url(&self, path: usize) -> String {
+        format!("iscsi://127.0.0.1:{}/{IQN}/0", self.ports[path])
+    }
+
+    /// The initiator port keyfence derives for `name` on portal `path`.
+    fn port_of(&self, name: &str, path: usize) -> String {
+        let isid = Isid::derive(name, &format!("127.0.0.1:{}", self.ports[path]), IQN);
+        format!("{name},i,0x{:012x}", isid.value())
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn kf(init: &str, args: &[&str]) -> Output {
+    Command::new(KF)
+        .args(args)
+        .env("KEYFENCE_INITIATOR_NAME", init)
+        .env_remove("KEYFENCE_CONFIG")
+        .output()
+        .expect("run keyfence")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn check(o: &Output, code: i32, stdout: &str, stderr: &str) {
+    assert_eq!(
+        (
+            o.status.code(),
+            text(&o.stdout).as_str(),
+            text(&o.stderr).as_str()
+        ),
+        (Some(code), stdout, stderr)
+    );
+}
+
+fn ok(o: &Output) -> String {
+    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
+    text(&o.stdout)
+}
+
+#[test]
+fn sg_persist_full_cycle_on_keyfence() {
+    let s = Serve::start();
+    let d = s.url(0);
+    check(
+        &kf(INIT_A, &["persist", "-n", "-o", "-G", "-S", "0xa1", &d]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(INIT_B, &["persist", "-n", "-o", "-G", "-S", "0xb2", &d]),
+        0,
+        "",
+        "",
+    );
+    // Same initiator port in a new invocation: the registration is ours.
+    check(
+        &kf(
+            INIT_A,
+            &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
+        ),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(INIT_B, &["persist", "-n", "-i", "-r", &d]),
+        0,
+        "  PR generation=0x2, Reservation follows:\n    Key=0xa1\n    scope: LU_SCOPE,  type: Write Exclusive, registrants only\n",
+        "",
+    );
+    let expect = format!(
+        concat!(
+            "  PR generation=0x2\n",
+            "    Key=0xa1\n",
+            "      All target ports bit clear\n",
+            "      Relative port address: 0x1\n",
+            "      << Reservation holder >>\n",
+            "      scope: LU_SCOPE,  type: Write Exclusive, registrants only\n",
+            "      Transport Id of initiator:\n",
+            "        iSCSI world wide unique port id: {}\n",
+            "    Key=0xb2\n",
+            "      All target ports bit clear\n",
+            "      Relative port address: 0x1\n",
+            "      not reservation holder\n",
+            "      Transport Id of initiator:\n",
+            "        iSCSI world wide unique port id: {}\n",
+        ),
+        s.port_of(INIT_A, 0),
+        s.port_of(INIT_B, 0)
+    );
+    check(&kf(INIT_B, &["persist", "-n", "-s", &d]), 0, &expect, "");
+    // B may not reserve; A's key is not B's to release.
+    check(
+        &kf(
+            INIT_B,
+            &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xb2", &d],
+        ),
+        24,
+        "",
+        "PR out (Reserve): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+    );
+    // fence_scsi's fencing step: B preempts and aborts A.
+    check(
+        &kf(
+            INIT_B,
+            &[
+                "persist", "-n", "-o", "-A", "-T", "5", "-K", "0xb2", "-S", "0xa1", "-d", &d,
+            ],
+        ),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(INIT_A, &["persist", "-n", "-k", &d]),
+        0,
+        "  PR generation=0x3, 1 registered reservation key follows:\n    0xb2\n",
+        "",
+    );
+    // A is fenced: anything it tries conflicts.
+    check(
+        &kf(
+            INIT_A,
+            &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
+        ),
+        24,
+        "",
+        "PR out (Reserve): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+    );
+    // B moves its reservation to A's initiator port on target port 2.
+    check(
+        &kf(
+            INIT_B,
+            &[
+                "persist",
+                "-n",
+                "-o",
+                "-M",
+                "-K",
+                "0xb2",
+                "-S",
+                "0xc3",
+                "-T",
+                "5",
+                "-Q",
+                "2",
+                "-X",
+                &s.port_of(INIT_A, 1),
+                &d,
+            ],
+        ),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(INIT_A, &["persist", "-n", "-r", &s.url(1)]),
+        0,
+        "  PR generation=0x4, Reservation follows:\n    Key=0xc3\n    scope: LU_SCOPE,  type: Write Exclusive, registrants only\n",
+        "",
+    );
+    check(
+        &kf(
+            INIT_A,
+            &[
+                "persist",
+                "-n",
+                "-o",
+                "-L",
+                "-T",
+                "5",
+                "-K",
+                "0xc3",
+                &s.url(1),
+            ],
+        ),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(
+            INIT_A,
+            &["persist", "-n", "-o", "-C", "-K", "0xc3", &s.url(1)],
+        ),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(INIT_A, &["persist", "-n", "-i", "-k", &d]),
+        0,
+        "  PR generation=0x5, there are NO registered reservation keys\n",
+        "",
+    );
+}
+
+#[test]
+fn takeover_after_a_crash() {
+    let s = Serve::start();
+    let d = s.url(0);
+    check(
+        &kf(INIT_A, &["persist", "-n", "-o", "-G", "-S", "0xa1", &d]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(
+            INIT_A,
+            &["persist", "-n", "-o", "-R", "-T", "6", "-K", "0xa1", &d],
+        ),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(INIT_B, &["persist", "-n", "-o", "-G", "-S", "0xb2", &d]),
+        0,
+        "",
+        "",
+    );
+    // A "reboots" and comes back as ISID 0x800000000042.
+    let out = ok(&kf(
+        INIT_A,
+        &["takeover", "--isid", "800000000042", "-K", "0xa2", &d],
+    ));
+    let new_port = format!("{INIT_A},i,0x800000000042");
+    assert!(
+        out.starts_with(&format!("takeover of {d} as new I_T nexus {new_port}\n")),
+        "{out}"
+    );
+    assert!(out.contains(&format!(
+        "    key 0xa1  {}  relative target port 1  (holder)\n",
+        s.port_of(INIT_A, 0)
+    )));
+    assert!(out.contains("  registered the new nexus with key 0xa2\n"));
+    assert!(out.contains(
+        "  preempted and aborted key 0xa1 (1 old registration(s), reservation taken as Exclusive Access, registrants only)\n"
+    ));
+    let after = &out[out.find("  after:\n").expect("after section")..];
+    assert_eq!(
+        after,
+        format!(
+            "  after:\n    reservation: Exclusive Access, registrants only held with key 0xa2\n    key 0xb2  {}  relative target port 1\n    key 0xa2  {new_port}  relative target port 1  (holder)\n",
+            s.port_of(INIT_B, 0)
+        )
+    );
+    // Nothing left to take over.
+    let out = ok(&kf(
+        "iqn.2026-11.io.keyfence.test:node-c",
+        &["takeover", &d],
+    ));
+    assert!(out.contains(
+        "  no registration of this initiator under another ISID: nothing to take over\n"
+    ));
+    let o = kf(INIT_A, &["takeover", "-T", "2", &d]);
+    assert_eq!(o.status.code(), Some(1));
+}
+
+fn config(dir: &Path, s: &Serve, dead: u16) -> String {
+    let p = dir.join("keyfence.toml");
+    std::fs::write(
+        &p,
+        format!(
+            concat!(
+                "[[multipath]]\nname = \"mpatha\"\nreservation_key = \"0x1234\"\n",
+                "paths = [\"{a}\", \"{b}\"]\n",
+                "[[multipath]]\nname = \"halfdead\"\nreservation_key = \"0x1234\"\n",
+                "paths = [\"iscsi://127.0.0.1:{dead}/{iqn}/0\", \"{b}\"]\n",
+            ),
+            a = s.url(0),
+            b = s.url(1),
+            dead = dead,
+            iqn = IQN
+        ),
+    )
+    .expect("config");
+    p.to_str().expect("utf-8").to_string()
+}
+
+fn full_status_regs(init: &str, cfg: &str) -> Vec<(String, String, String)> {
+    // (key, relative port line, port) triples from mpathpersist -i -s.
+    let out = ok(&kf(
+        init,
+        &["mpathpersist", "--config", cfg, "-i", "-s", "mpatha"],
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    let mut regs = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        if let Some(k) = lines[i].strip_prefix("   Key = ") {
+            let rp = lines
+                .get(i + 2)
+                .map(|l| l.trim().to_string())
+                .unwrap_or_default();
+            let port = lines[i..]
+                .iter()
+                .find_map(|l| l.strip_prefix("   iSCSI world wide unique port id: "))
+                .unwrap_or("")
+                .to_string();
+            regs.push((k.to_string(), rp, port));
+        }
+        i += 1;
+    }
+    regs.sort();
+    regs
+}
+
+#[test]
+fn mpathpersist_two_paths() {
+    let s = Serve::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &s, free_port());
+    let m = |args: &[&str]| {
+        let mut a = vec!["mpathpersist", "--config", cfg.as_str()];
+        a.extend_from_slice(args);
+        kf(INIT_A, &a)
+    };
+    // Registration lands on both target ports, one nexus each.
+    check(
+        &m(&[
+            "-o",
+            "--register",
+            "--param-sark=1234",
+            "-d",
+            "/dev/mapper/mpatha",
+        ]),
+        0,
+        "",
+        "",
+    );
+    let a0 = s.port_of(INIT_A, 0);
+    let a1 = s.port_of(INIT_A, 1);
+    assert_eq!(
+        full_status_regs(INIT_A, &cfg),
+        vec![
+            (
+                "0x1234".into(),
+                "Relative port address: 0x1".into(),
+                a0.clone()
+            ),
+            (
+                "0x1234".into(),
+                "Relative port address: 0x2".into(),
+                a1.clone()
+            ),
+        ]
+    );
+    check(
+        &m(&["-i", "-k", "mpatha"]),
+        0,
+        "  PR generation=0x2, \t2 registered reservation keys follow:\n    0x1234\n    0x1234\n",
+        "",
+    );
+    // Reserve goes down the first path; the holder is path 0's nexus.
+    check(
+        &m(&[
+            "-o",
+            "--reserve",
+            "--prout-type=5",
+            "--param-rk=1234",
+            "mpatha",
+        ]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &m(&["-i", "-r", "mpatha"]),
+        0,
+        "  PR generation=0x2, Reservation follows:\n   Key = 0x1234\n  scope = LU_SCOPE, type = Write Exclusive, registrants only\n",
+        "",
+    );
+    // Path 0 dies; RELEASE through what is left must still free the LU.
+    let o = m(&[
+        "-v",
+        "2",
+        "-o",
+        "--release",
+        "--prout-type=5",
+        "--param-rk=1234",
+        "halfdead",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("halfdead: reservation with key 0x1234 still held after RELEASE on all paths"),
+        "{e}"
+    );
+    assert!(e.contains("cannot restore 1 registration(s) with key 0x1234 on relative target port 1: no live path there"), "{e}");
+    check(
+        &m(&["-i", "-r", "mpatha"]),
+        0,
+        "  PR generation=0x4, there is NO reservation held \n",
+        "",
+    );
+    assert_eq!(
+        full_status_regs(INIT_A, &cfg),
+        vec![(
+            "0x1234".into(),
+            "Relative port address: 0x2".into(),
+            a1.clone()
+        )]
+    );
+    // Path 0 is back: --reregister gives it its registration again.
+    check(
+        &m(&["--reregister", "mpatha"]),
+        0,
+        "mpatha: 1 path(s) re-registered with key 0x1234\n",
+        "",
+    );
+    assert_eq!(full_status_regs(INIT_A, &cfg).len(), 2);
+    check(
+        &m(&["--reregister", "mpatha"]),
+        0,
+        "mpatha: 0 path(s) re-registered with key 0x1234\n",
+        "",
+    );
+}
+
+#[test]
+fn mpathpersist_rolls_back_a_partial_registration() {
+    let s = Serve::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path(), &s, free_port());
+    // Path 0's initiator port is already registered with another key, so
+    // REGISTER with key 0 conflicts there and succeeds on path 1 only.
+    check(
+        &kf(
+            INIT_A,
+            &["persist", "-n", "-o", "-G", "-S", "0x999", &s.url(0)],
+        ),
+        0,
+        "",
+        "",
+    );
+    let o = kf(
+        INIT_A,
+        &[
+            "mpathpersist",
+            "--config",
+            &cfg,
+            "-v",
+            "2",
+            "-o",
+            "-G",
+            "-S",
+            "0x1234",
+            "mpatha",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(11));
+    assert_eq!(
+        text(&o.stdout),
+        "persistent reserve out: scsi status: Reservation Conflict\nPR out: command failed\n"
+    );
+    assert!(text(&o.stderr).contains(&format!(
+        "mpatha: rolling back registration on path {} (to key 0x0)\n",
+        s.url(1)
+    )));
+    // Only the pre-existing registration is left.
+    assert_eq!(
+        full_status_regs(INIT_A, &cfg),
+        vec![(
+            "0x999".into(),
+            "Relative port address: 0x1".into(),
+            s.port_of(INIT_A, 0)
+        )]
+    );
+}
