@@ -55,11 +55,8 @@ pub const MAX_LUN: u16 = 16383;
 /// A configuration that could not be used. Every message is one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("cannot read config {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
     #[error("{location}: {message}")]
     Syntax { location: String, message: String },
     #[error("{0}")]
@@ -369,9 +366,9 @@ impl Config {
     /// Read, parse and validate a config file. A relative `data_dir` is
     /// resolved against the file's directory.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            err,
         })?;
         let mut cfg = Config::from_toml(&text, &path.display().to_string())?;
         if cfg.data_dir.is_relative() {
