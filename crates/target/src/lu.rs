@@ -470,6 +470,16 @@ impl LogicalUnit {
         CommandOutcome::data(Bytes::copy_from_slice(&bytes[..n]))
     }
 
+    /// Sense data for a CHECK CONDITION of this LU as the transport must
+    /// send it: fixed format, or descriptor format when the control mode
+    /// page's D_SENSE bit is set.
+    pub fn sense_bytes(&self, sense: &Sense) -> Bytes {
+        Bytes::from(spc::encode_sense(
+            sense,
+            self.mode.d_sense.load(Ordering::Relaxed),
+        ))
+    }
+
     /// The I_T nexus is gone (session ended or connection lost).
     pub fn nexus_lost(&self, nexus: &Nexus) {
         self.ua.nexus_lost(nexus);

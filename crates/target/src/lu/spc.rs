@@ -455,11 +455,16 @@ impl LogicalUnit {
                 p[0] = PAGE_CONTROL;
                 p[1] = 10;
                 if pc == PC_CHANGEABLE {
+                    p[2] = 0x04; // D_SENSE
                     p[4] = 0x08; // SWP
                     return p;
                 }
-                // GLTSD = 1 (no log parameters are saved); D_SENSE = 0.
+                // GLTSD = 1 (no log parameters are saved); D_SENSE: fixed
+                // format sense data by default.
                 p[2] = 0x02;
+                if pc == PC_CURRENT && self.mode.d_sense.load(Ordering::Relaxed) {
+                    p[2] |= 0x04;
+                }
                 // QUEUE ALGORITHM MODIFIER 1: commands may be reordered
                 // (they run concurrently); QERR 00b.
                 p[3] = self.mode.qam.load(Ordering::Relaxed) << 4;
@@ -644,6 +649,8 @@ impl LogicalUnit {
                 _ => {
                     let swp = body[4] & 0x08 != 0;
                     changed |= self.mode.swp.swap(swp, Ordering::SeqCst) != swp;
+                    let d_sense = body[2] & 0x04 != 0;
+                    changed |= self.mode.d_sense.swap(d_sense, Ordering::SeqCst) != d_sense;
                 }
             }
         }

@@ -696,6 +696,17 @@ fn mode_sense_and_select() {
     good(&run(&lu, &n, &[0x15, 0x10, 0, 0, p6.len() as u8, 0], &p6));
     let s = sense(&run(&lu, &n, &rw10(0x2a, 0, 0, 1), &[1; 512]));
     assert_eq!(s.key, SenseKey::DataProtect);
+    assert_eq!(lu.sense_bytes(&s)[0], 0x70);
+    // D_SENSE: sense data switches to descriptor format.
+    p6[4 + 2] |= 0x04;
+    good(&run(&lu, &n, &[0x15, 0x10, 0, 0, p6.len() as u8, 0], &p6));
+    let o = run(&lu, &n, &[0x1a, 0x08, 0x0a, 0, 255, 0], &[]);
+    assert_eq!(good(&o)[4 + 2] & 0x04, 0x04);
+    let s = sense(&run(&lu, &n, &rw10(0x2a, 0, 0, 1), &[1; 512]));
+    let b = lu.sense_bytes(&s);
+    assert_eq!(&b[..4], &[0x72, 0x07, 0x27, 0x00]);
+    let rs = run(&lu, &n, &[0x03, 0, 0, 0, 252, 0], &[]);
+    assert_eq!(good(&rs)[0], 0x72);
 }
 
 #[test]

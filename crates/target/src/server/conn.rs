@@ -995,9 +995,11 @@ impl Session {
                 return;
             }
         }
-        let sense = match &outcome.sense {
-            Some(s) => Bytes::copy_from_slice(&s.to_fixed()),
-            None => Bytes::new(),
+        // The LU knows the sense format its control mode page asks for.
+        let sense = match (&outcome.sense, self.lu_for(meta.lun)) {
+            (Some(s), Some(lu)) => lu.sense_bytes(s),
+            (Some(s), None) => Bytes::copy_from_slice(&s.to_fixed()),
+            (None, _) => Bytes::new(),
         };
         let r = ScsiResponse {
             response: 0,
