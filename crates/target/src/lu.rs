@@ -4,9 +4,11 @@
 //! The LU is synchronous and transport agnostic: the server hands it one
 //! [`CommandRequest`] (nexus, CDB, data-out buffer) and gets back a
 //! [`CommandOutcome`] (status, sense, data-in, effects). It may be called
-//! concurrently from any number of threads; READ and WRITE take no lock
-//! shared by all sessions (only COMPARE AND WRITE ranges are locked, by
-//! stripe).
+//! concurrently from any number of threads and takes no lock shared by all
+//! sessions on the READ/WRITE path: reads take no lock at all, writes take
+//! shared locks on the LBA stripes they touch, and COMPARE AND WRITE and
+//! ORWRITE take their stripes exclusively so that the read-compare/modify-
+//! write is atomic against every other writer.
 //!
 //! Every command passes one gate first ([`LogicalUnit::execute`]): the unit
 //! attention check of its I_T nexus, then the reservation gate owned by
