@@ -558,3 +558,30 @@ fn mpathpersist_rolls_back_a_partial_registration() {
         )]
     );
 }
+
+#[test]
+fn mpathpersist_on_a_url_uses_every_portal() {
+    let s = Serve::start();
+    // No map: the URL's target portals (SendTargets) become the paths.
+    let d = s.url(0);
+    check(
+        &kf(
+            INIT_B,
+            &["mpathpersist", "-o", "-G", "-S", "0x55", "-d", &d],
+        ),
+        0,
+        "",
+        "",
+    );
+    let out = ok(&kf(INIT_B, &["persist", "-n", "-s", &d]));
+    assert!(out.contains("      Relative port address: 0x1\n"), "{out}");
+    assert!(out.contains("      Relative port address: 0x2\n"), "{out}");
+    assert!(out.contains(&s.port_of(INIT_B, 0)), "{out}");
+    assert!(out.contains(&s.port_of(INIT_B, 1)), "{out}");
+    check(
+        &kf(INIT_B, &["mpathpersist", "-i", "-k", &d]),
+        0,
+        "  PR generation=0x2, \t2 registered reservation keys follow:\n    0x55\n    0x55\n",
+        "",
+    );
+}

@@ -10,6 +10,8 @@ use scsi::SenseKey;
 use crate::persist::format::PR_TYPE_STRS;
 
 /// libmpathpersist return statuses (mpath_persist.h), used as exit status.
+/// The list is complete even where keyfence never returns a value.
+#[allow(dead_code)]
 pub mod code {
     pub const SUCCESS: u8 = 0;
     pub const SYNTAX_ERROR: u8 = 1;

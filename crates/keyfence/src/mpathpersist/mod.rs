@@ -394,6 +394,9 @@ pub async fn handle_args(args: &[OsString], line: usize, ctx: &mut Ctx, out: &mu
     if c.help {
         out.stderr.push_str(VERSION_STRING);
         out.stderr.push_str(USAGE);
+        out.stderr
+            .push_str("\nkeyfence mpathpersist differs from mpathpersist here:\n");
+        out.stderr.push_str(DIFFERENCES);
         return code::SUCCESS;
     }
     if line == 0 {

@@ -35,7 +35,6 @@ use scsi::transport_id::TransportId;
 use super::format::code;
 use crate::persist::device::Lun;
 
-pub const PRIN_RKEY: u8 = 0;
 pub const PRIN_RRES: u8 = 1;
 pub const PRIN_RFSTAT: u8 = 3;
 pub const PROUT_REG: u8 = 0;
@@ -68,13 +67,6 @@ impl PathInfo {
                 isid: Some(i),
             } => name.eq_ignore_ascii_case(&self.initiator_name) && *i == self.isid,
             _ => false,
-        }
-    }
-
-    pub fn transport_id(&self) -> TransportId {
-        TransportId::Iscsi {
-            name: self.initiator_name.clone(),
-            isid: Some(self.isid),
         }
     }
 }

@@ -344,7 +344,7 @@ fn push_scope_type(s: &mut String, lead: &str, scope_type: u8) {
 /// `declared_len` is the descriptor's ADDITIONAL DESCRIPTOR LENGTH; `tid`
 /// may be shorter if the response was truncated.
 pub fn decode_transport_id(s: &mut String, lip: &str, tid: &[u8], declared_len: usize) {
-    if declared_len < 24 || declared_len % 4 != 0 {
+    if declared_len < 24 || declared_len & 3 != 0 {
         // sg3_utils prints the size of its own text buffer here (1024),
         // not the TransportID length; reproduced for identical output.
         let _ = writeln!(
@@ -542,7 +542,7 @@ mod tests {
             name.extend(i.as_bytes());
         }
         name.push(0);
-        while name.len() % 4 != 0 || name.len() < 20 {
+        while name.len() & 3 != 0 || name.len() < 20 {
             name.push(0);
         }
         let mut tid = vec![if isid.is_some() { 0x45 } else { 0x05 }, 0];

@@ -135,7 +135,7 @@ pub fn decode_symbolic(s: &str, err: &mut String) -> Option<Vec<u8>> {
             let mut alen = name.len() + 1;
             if alen < 20 {
                 alen = 20;
-            } else if alen % 4 != 0 {
+            } else if alen & 3 != 0 {
                 alen = (alen / 4 + 1) * 4;
             }
             if alen > 241 {
