@@ -518,3 +518,172 @@ impl<P: Lun + 'static> Multipath<P> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A scripted path: answers PR OUT per service action, counts calls.
+    struct Fake {
+        /// Outcome for any PR OUT / PR IN: None = GOOD.
+        fail: Mutex<Option<fn() -> Error>>,
+        seen: Mutex<Vec<(u8, u8, Vec<u8>)>>,
+    }
+
+    impl Fake {
+        fn new(fail: Option<fn() -> Error>) -> Arc<Fake> {
+            Arc::new(Fake {
+                fail: Mutex::new(fail),
+                seen: Mutex::new(Vec::new()),
+            })
+        }
+        fn seen(&self) -> Vec<(u8, u8, Vec<u8>)> {
+            self.seen.lock().unwrap().clone()
+        }
+    }
+
+    impl Lun for Fake {
+        async fn execute(&self, cmd: Command) -> initiator::Result<Vec<u8>> {
+            self.seen
+                .lock()
+                .unwrap()
+                .push((cmd.cdb[0], cmd.cdb[1] & 0x1f, cmd.data_out.to_vec()));
+            let f = *self.fail.lock().unwrap();
+            match f {
+                Some(mk) => Err(mk()),
+                None if cmd.cdb[0] == 0x5e => Ok(vec![0, 0, 0, 1, 0, 0, 0, 0]),
+                None => Ok(Vec::new()),
+            }
+        }
+    }
+
+    fn path(n: u64, lun: &Arc<Fake>) -> MPath<Fake> {
+        MPath {
+            info: PathInfo {
+                url: format!("p{n}"),
+                initiator_name: "iqn.x:y".into(),
+                isid: n,
+                rtpi: Some(n as u16),
+            },
+            lun: Some(lun.clone()),
+            down: None,
+        }
+    }
+
+    fn conflict() -> Error {
+        Error::ReservationConflict
+    }
+    fn gone() -> Error {
+        Error::ConnectionLost("reset".into())
+    }
+
+    #[tokio::test]
+    async fn prin_fails_over_on_path_errors_only() {
+        let a = Fake::new(Some(gone));
+        let b = Fake::new(None);
+        let mut mp = Multipath::new("m".into(), vec![path(1, &a), path(2, &b)]);
+        let d = mp.prin(0, 8192).await.unwrap();
+        assert_eq!(d, vec![0, 0, 0, 1, 0, 0, 0, 0]);
+        assert!(mp.paths[0].lun.is_none(), "failed path is marked down");
+        assert_eq!(b.seen().len(), 1);
+        // A SCSI error is the device's answer: no failover.
+        let c = Fake::new(Some(conflict));
+        let d2 = Fake::new(None);
+        let mut mp = Multipath::new("m".into(), vec![path(1, &c), path(2, &d2)]);
+        assert_eq!(
+            mp.prin(0, 8192).await.unwrap_err().status,
+            code::RESERV_CONFLICT
+        );
+        assert!(d2.seen().is_empty());
+        // No path at all.
+        let mut mp: Multipath<Fake> = Multipath::new("m".into(), vec![]);
+        assert_eq!(mp.prin(0, 8192).await.unwrap_err().status, code::DMMP_ERROR);
+    }
+
+    #[tokio::test]
+    async fn register_ignore_rollback_unregisters() {
+        let a = Fake::new(None);
+        let b = Fake::new(Some(conflict));
+        let mut mp = Multipath::new("m".into(), vec![path(1, &a), path(2, &b)]);
+        let e = mp
+            .register(PROUT_REG_IGN, 0, 0x77, false, false, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, code::RESERV_CONFLICT);
+        let seen = a.seen();
+        assert_eq!(seen.len(), 2, "registration then rollback on the good path");
+        let (_, sa, p) = &seen[1];
+        assert_eq!(*sa, PROUT_REG_IGN);
+        assert_eq!(
+            &p[8..16],
+            &0u64.to_be_bytes(),
+            "rolled back to unregistered"
+        );
+        // REGISTER rolls back to the key it replaced.
+        let a = Fake::new(None);
+        let b = Fake::new(Some(conflict));
+        let mut mp = Multipath::new("m".into(), vec![path(1, &a), path(2, &b)]);
+        mp.register(PROUT_REG, 0x11, 0x22, false, false, &[])
+            .await
+            .unwrap_err();
+        let (_, _, p) = &a.seen()[1];
+        assert_eq!(&p[8..16], &0x11u64.to_be_bytes());
+        // Unregistering (SARK 0) is never rolled back.
+        let a = Fake::new(None);
+        let b = Fake::new(Some(conflict));
+        let mut mp = Multipath::new("m".into(), vec![path(1, &a), path(2, &b)]);
+        mp.register(PROUT_REG, 0x11, 0, false, false, &[])
+            .await
+            .unwrap_err();
+        assert_eq!(a.seen().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn all_tg_pt_registers_once_per_initiator_port() {
+        let a = Fake::new(None);
+        let b = Fake::new(None);
+        let mut p2 = path(2, &b);
+        p2.info.isid = 1; // same initiator port as path 1, other target port
+        let mut mp = Multipath::new("m".into(), vec![path(1, &a), p2]);
+        mp.register(PROUT_REG, 0, 0x5, true, false, &[])
+            .await
+            .unwrap();
+        assert_eq!(a.seen().len() + b.seen().len(), 1);
+        assert_eq!(a.seen()[0].2[20], 0x04, "ALL_TG_PT set");
+        // Without ALL_TG_PT each I_T nexus registers.
+        let a = Fake::new(None);
+        let b = Fake::new(None);
+        let mut p2 = path(2, &b);
+        p2.info.isid = 1;
+        let mut mp = Multipath::new("m".into(), vec![path(1, &a), p2]);
+        mp.register(PROUT_REG, 0, 0x5, false, false, &[])
+            .await
+            .unwrap();
+        assert_eq!((a.seen().len(), b.seen().len()), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn one_path_commands_skip_dead_paths() {
+        let a = Fake::new(Some(gone));
+        let b = Fake::new(None);
+        let mut mp = Multipath::new("m".into(), vec![path(1, &a), path(2, &b)]);
+        let cmd = crate::persist::device::prout_cmd(1, 5, basic_params(5, 0, false, false, &[]));
+        let (i, _) = mp.one_path(&cmd).await.unwrap();
+        assert_eq!(i, 1);
+        assert_eq!(b.seen()[0].1, 1);
+    }
+
+    #[test]
+    fn parameter_list_with_transport_ids() {
+        let t = TransportId::Iscsi {
+            name: "iqn.a".into(),
+            isid: Some(1),
+        };
+        let p = basic_params(1, 2, true, true, &[t.clone()]);
+        assert_eq!(p[20], 0x0d);
+        let len = u32::from_be_bytes([p[24], p[25], p[26], p[27]]) as usize;
+        assert_eq!(p.len(), 28 + len);
+        assert_eq!(TransportId::parse(&p[28..]).unwrap().0, t);
+    }
+}
