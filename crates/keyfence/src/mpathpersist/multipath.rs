@@ -680,7 +680,7 @@ mod tests {
             name: "iqn.a".into(),
             isid: Some(1),
         };
-        let p = basic_params(1, 2, true, true, &[t.clone()]);
+        let p = basic_params(1, 2, true, true, std::slice::from_ref(&t));
         assert_eq!(p[20], 0x0d);
         let len = u32::from_be_bytes([p[24], p[25], p[26], p[27]]) as usize;
         assert_eq!(p.len(), 28 + len);
