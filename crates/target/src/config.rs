@@ -277,7 +277,7 @@ impl<'de> Deserialize<'de> for ByteSize {
 
 fn parse_hex(s: &str) -> Result<Vec<u8>, ()> {
     let s = s.strip_prefix("0x").unwrap_or(s);
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(());
     }
     (0..s.len())

@@ -39,6 +39,11 @@ use crate::lu::{execute_no_lu, CommandOutcome, CommandRequest, LogicalUnit, LuEf
 /// Data payloads at most this long are copied into the header buffer
 /// rather than sent as their own iovec.
 const COPY_THRESHOLD: usize = 2048;
+/// Largest data-out one command may transfer (the transport buffers it
+/// whole before the LU executes it).
+const MAX_WRITE_BYTES: u32 = 64 << 20;
+/// Most write data one session may have buffered at a time.
+const SESSION_WRITE_BUDGET: u64 = 128 << 20;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -671,6 +676,13 @@ impl Session {
             self.reject(wire, RejectReason::TaskInProgress, &pdu.bhs);
             return;
         }
+        if cmd.immediate && self.writes.len() + self.in_flight.len() >= self.window as usize {
+            // Immediate commands bypass the CmdSN window; they must not
+            // bypass the resource limit too.
+            let pdu = cmd.to_pdu();
+            self.reject(wire, RejectReason::ImmediateCommandReject, &pdu.bhs);
+            return;
+        }
         let lu = self.lu_for(cmd.lun);
         let cdb = cmd.cdb.as_slice();
         let edtl = cmd.expected_data_transfer_length;
@@ -699,6 +711,28 @@ impl Session {
         }
         let wanted = wanted_out.unwrap_or(0);
         let collect = edtl.min(wanted);
+        if collect > MAX_WRITE_BYTES {
+            // More than the Block Limits we can buffer for one command.
+            let field = match cdb.first() {
+                Some(0x2a | 0x2e | 0x8a | 0x8e | 0xaa | 0xae) => {
+                    Sense::invalid_cdb_field(transfer_length_byte(cdb), None)
+                }
+                _ => Sense::illegal_request(asc::INVALID_FIELD_IN_CDB),
+            };
+            self.respond(wire, &meta, CommandOutcome::check_condition(field));
+            return;
+        }
+        let buffered: u64 = self.writes.values().map(|t| u64::from(t.collect)).sum();
+        if !self.writes.is_empty() && buffered + u64::from(collect) > SESSION_WRITE_BUDGET {
+            // Too much write data already buffered for this session: the
+            // initiator retries when earlier writes have completed.
+            self.respond(
+                wire,
+                &meta,
+                CommandOutcome::with_status(ScsiStatus::TaskSetFull),
+            );
+            return;
+        }
         let unsolicited_limit = if self.params.initial_r2t {
             cmd.data.len() as u32
         } else {
@@ -723,7 +757,7 @@ impl Session {
         if wanted > edtl && edtl > 0 && wanted_out.is_some() {
             if let Some(lu) = &lu {
                 let bs = lu.config().block_size;
-                if is_block_transfer(cdb) && edtl % bs != 0 {
+                if is_block_transfer(cdb) && !edtl.is_multiple_of(bs) {
                     let outcome = CommandOutcome::check_condition(Sense::illegal_request(
                         scsi::sense::Asc(0x0e, 0x03),
                     ));
@@ -883,14 +917,14 @@ impl Session {
             let t = &self.shared.targets[self.target.unwrap_or(0)];
             let req = CommandRequest {
                 nexus: &nexus,
-                cdb: &cdb,
+                cdb,
                 data_out: &data_out,
             };
             let outcome = execute_no_lu(&req, &t.lun_list);
             self.respond(wire, &meta, outcome);
             return;
         };
-        if lu.is_blocking(&cdb) {
+        if lu.is_blocking(cdb) {
             self.in_flight.insert(
                 meta.itt,
                 InFlight {
@@ -913,7 +947,7 @@ impl Session {
         }
         let req = CommandRequest {
             nexus: &nexus,
-            cdb: &cdb,
+            cdb,
             data_out: &data_out,
         };
         let outcome = lu.execute(&req);
@@ -1019,24 +1053,19 @@ impl Session {
     }
 
     fn apply_effect(&mut self, meta: &Meta, e: &LuEffect) {
-        match e {
-            LuEffect::AbortTasks { nexus } => {
-                let lun = meta.lun;
-                let lun_n = lun.number().map(u64::from);
-                if self.nexus.as_ref() == Some(nexus) {
-                    let itt = meta.itt;
-                    self.abort_where(|i, l| i != itt && l == lun);
-                }
-                if let Some(n) = lun_n {
-                    self.shared.sessions().send_to_nexus(
-                        nexus,
-                        Some(self.tsih),
-                        SessionCtl::AbortTasks { lun: Some(n) },
-                    );
-                }
-            }
-            #[allow(unreachable_patterns)]
-            _ => {}
+        // PREEMPT AND ABORT: the preempted nexus loses its tasks on this LU.
+        let LuEffect::AbortTasks { nexus } = e;
+        let lun = meta.lun;
+        if self.nexus.as_ref() == Some(nexus) {
+            let itt = meta.itt;
+            self.abort_where(|i, l| i != itt && l == lun);
+        }
+        if let Some(n) = lun.number().map(u64::from) {
+            self.shared.sessions().send_to_nexus(
+                nexus,
+                Some(self.tsih),
+                SessionCtl::AbortTasks { lun: Some(n) },
+            );
         }
     }
 
@@ -1116,8 +1145,7 @@ impl Session {
                 if !known {
                     // Not found. If its CmdSN is in the window but has not
                     // arrived, RFC 7143 11.5.1 says "function complete".
-                    let pending = serial::in_window(t.ref_cmd_sn, self.exp_cmd_sn, self.max_cmd_sn)
-                        && !t.immediate;
+                    let pending = serial::in_window(t.ref_cmd_sn, self.exp_cmd_sn, self.max_cmd_sn);
                     let resp = if pending {
                         TmfResponse::FunctionComplete
                     } else {
@@ -1389,6 +1417,15 @@ fn lun_key(n: u64) -> u64 {
         .and_then(Lun::from_number)
         .map(|l| l.to_u64())
         .unwrap_or(u64::MAX)
+}
+
+/// Offset of the TRANSFER LENGTH field of a WRITE / WRITE AND VERIFY CDB.
+fn transfer_length_byte(cdb: &[u8]) -> u16 {
+    match cdb.first() {
+        Some(0xaa | 0xae) => 6,
+        Some(0x8a | 0x8e) => 10,
+        _ => 7,
+    }
 }
 
 /// READ/WRITE-family CDBs whose transfer is counted in logical blocks.
