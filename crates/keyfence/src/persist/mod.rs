@@ -36,6 +36,12 @@ pub const DIFFERENCES: &str = "\
 - PR IN data longer than the allocation length is never read past its
   end: the header still reports the device's count, only the keys that
   were transferred are listed.
+- Every invocation logs in with the same ISID (derived from initiator
+  name, portal and target), so it is the same I_T nexus each time, as a
+  host's device node is; two invocations on one device at the same moment
+  share that nexus and the second login reinstates the first session.
+- -v adds the initiator's error text instead of sg3_utils' CDB and sense
+  dumps; the other stderr lines and all of stdout are unchanged.
 ";
 
 /// Everything one invocation writes, so that tests can compare it.
