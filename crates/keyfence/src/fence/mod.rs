@@ -196,7 +196,15 @@ pub async fn connect(
     let cfg = session_config(url, initiator_name, role, timeout);
     match tokio::time::timeout(timeout, Device::connect(url, &cfg)).await {
         Ok(Ok(d)) => Ok(d),
-        Ok(Err(e)) => Err(format!("{}: {e}", url.portal())),
+        Ok(Err(e)) => {
+            let msg = e.to_string();
+            let portal = url.portal();
+            Err(if msg.contains(&portal) {
+                msg
+            } else {
+                format!("{portal}: {msg}")
+            })
+        }
         Err(_) => Err(format!(
             "{}: login timed out after {timeout:?}",
             url.portal()
