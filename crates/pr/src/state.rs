@@ -76,9 +76,10 @@ impl PrState {
             && self.reservation == other.reservation
     }
 
-    /// The state as it is after a power cycle: the durable part when
-    /// APTPL is set, nothing otherwise.
-    pub fn after_power_loss(&self) -> PrState {
+    /// The part a store keeps: the durable part when APTPL is set,
+    /// nothing otherwise. The generation is kept as a record of the last
+    /// change; [`PrState::after_power_loss`] is what a power on restores.
+    pub fn durable(&self) -> PrState {
         if self.aptpl {
             PrState {
                 generation: self.generation,
@@ -90,6 +91,17 @@ impl PrState {
             }
         } else {
             PrState::default()
+        }
+    }
+
+    /// The state as it is after a power cycle: the durable part when
+    /// APTPL is set, nothing otherwise, with PRgeneration zero ("Regardless
+    /// of the APTPL bit value the PRgeneration value shall be set to zero
+    /// by a power on", SPC-4 6.15.2).
+    pub fn after_power_loss(&self) -> PrState {
+        PrState {
+            generation: 0,
+            ..self.durable()
         }
     }
 }
@@ -237,5 +249,56 @@ impl StateRecord {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nexus(name: &str) -> Nexus {
+        Nexus::new(
+            InitiatorPort::new(name, 1),
+            TargetPort::new("iqn.2026-11.io.keyfence:t", 1, 1),
+        )
+    }
+
+    #[test]
+    fn power_on_zeroes_the_generation_and_keeps_aptpl_state() {
+        let n = nexus("iqn.a");
+        let st = PrState {
+            generation: 7,
+            aptpl: true,
+            registrations: vec![Registration {
+                nexus: n.clone(),
+                key: 0x11,
+                all_tg_pt: false,
+            }],
+            reservation: Some(Reservation {
+                pr_type: PrType::WriteExclusiveRegistrantsOnly,
+                holder: Some(n.clone()),
+            }),
+            lost: false,
+            spc2: Some(nexus("iqn.b")),
+        };
+        // The store keeps the generation of the last change ...
+        let kept = st.durable();
+        assert_eq!(kept.generation, 7);
+        assert_eq!(kept.spc2, None);
+        assert!(kept.durable_eq(&st));
+        // ... a power on reports zero (SPC-4 6.15.2), registrations and
+        // reservation intact.
+        let on = st.after_power_loss();
+        assert_eq!(on.generation, 0);
+        assert_eq!((on.aptpl, &on.registrations), (true, &st.registrations));
+        assert_eq!(on.reservation, st.reservation);
+        assert_eq!(on.spc2, None);
+        // Without APTPL nothing survives.
+        let plain = PrState {
+            aptpl: false,
+            ..st
+        };
+        assert_eq!(plain.durable(), PrState::default());
+        assert_eq!(plain.after_power_loss(), PrState::default());
     }
 }

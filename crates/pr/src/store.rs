@@ -84,7 +84,7 @@ impl PrStore for MemoryStore {
         match new {
             Some(s) => {
                 g.0 += 1;
-                g.1 = Some(s.after_power_loss());
+                g.1 = Some(s.durable());
             }
             None => {
                 g.0 = 0;

@@ -162,7 +162,7 @@ impl PrStore for FileStore {
                     version,
                     target: self.target.clone(),
                     lun: self.lun,
-                    state: StateRecord::from(state.after_power_loss()),
+                    state: StateRecord::from(state.durable()),
                 };
                 let mut bytes = serde_json::to_vec_pretty(&file)
                     .map_err(|e| StoreError::Io(format!("encoding PR state: {e}")))?;
