@@ -294,10 +294,7 @@ mod tests {
         assert_eq!(on.reservation, st.reservation);
         assert_eq!(on.spc2, None);
         // Without APTPL nothing survives.
-        let plain = PrState {
-            aptpl: false,
-            ..st
-        };
+        let plain = PrState { aptpl: false, ..st };
         assert_eq!(plain.durable(), PrState::default());
         assert_eq!(plain.after_power_loss(), PrState::default());
     }
