@@ -51,6 +51,44 @@ def keyfence_bench(binary, url, rw, bs, qd, seconds):
     return float(m.group(1)), float(m.group(2))
 
 
+def persist(binary, url, initiator, *args):
+    """One sg_persist-compatible PR OUT through `keyfence persist`."""
+    subprocess.run([binary, "persist", "--initiator-name", initiator, "--no-inquiry", "--out",
+                    *args, url], check=True, stdout=subprocess.DEVNULL, timeout=30)
+
+
+def pr_fast_path(binary, workdir, size, rounds, seconds):
+    """4 KiB random reads with a Write Exclusive - Registrants Only reservation
+    held and two registrants, against no reservation, on the same target."""
+    img = os.path.join(workdir, "pr.img")
+    make_image(img, size)
+    kf = KeyfenceTarget(binary, os.path.join(workdir, "pr"), size, image=img)
+    os.makedirs(kf.workdir)
+    a, b = "iqn.2026-11.io.keyfence:bench-a", "iqn.2026-11.io.keyfence:bench-b"
+    free, held = [], []
+    try:
+        url = kf.start()[0]
+        for r in range(rounds):
+            for state in ("none", "WERO"):
+                if state == "WERO":
+                    persist(binary, url, a, "--register", "--param-sark=0xa")
+                    persist(binary, url, b, "--register", "--param-sark=0xb")
+                    persist(binary, url, a, "--reserve", "--param-rk=0xa", "--prout-type=5")
+                v = iscsi_perf(url, 32, 8, True, seconds)[0]
+                (held if state == "WERO" else free).append(v)
+                print(f"round {r + 1}: 4k randread qd32 reservation={state:<5} {v:>8}",
+                      file=sys.stderr, flush=True)
+                if state == "WERO":
+                    persist(binary, url, a, "--clear", "--param-rk=0xa")
+    finally:
+        kf.stop()
+    f, h = statistics.median(free), statistics.median(held)
+    print("\n| PR fast path: 4k randread qd32 | IOPS |\n|---|---:|")
+    print(f"| no reservation | {f:.0f} |\n| WERO held, two registrants | {h:.0f} |")
+    print(f"| ratio (held / none) | {h / f:.3f} |")
+    print(f"\n({rounds} alternating rounds of {seconds} s, medians)")
+
+
 def make_image(path, size):
     """A file of `size` bytes of pseudo-random data, so reads touch real pages."""
     chunk = os.urandom(1 << 20)
@@ -68,6 +106,9 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--size", type=int, default=512 << 20)
     ap.add_argument("--no-writes", action="store_true", help="skip the write workloads")
+    ap.add_argument("--pr", action="store_true",
+                    help="measure the reservation check instead: reads with and without a "
+                         "WERO reservation on keyfence")
     args = ap.parse_args()
     binary = os.path.abspath(args.binary)
     for tool in ("iscsi-perf", "tgtd", "tgtadm"):
@@ -76,6 +117,12 @@ def main():
             return 2
 
     workdir = tempfile.mkdtemp(prefix="kf-bench-")
+    if args.pr:
+        try:
+            pr_fast_path(binary, workdir, args.size, args.rounds, args.seconds)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return 0
     kf_img = os.path.join(workdir, "kf.img")
     tgt_img = os.path.join(workdir, "tgt.img")
     make_image(kf_img, args.size)

@@ -428,19 +428,25 @@ impl LogicalUnit {
     /// Execute one command. Never panics on any input.
     pub fn execute(&self, req: &CommandRequest<'_>) -> CommandOutcome {
         let op = req.cdb.first().copied().unwrap_or(0xff);
+        let nexus_state = self.ua.entry(req.nexus);
         // Unit attentions: INQUIRY, REPORT LUNS and REQUEST SENSE neither
         // report nor clear them (REQUEST SENSE returns it as its data).
         if !matches!(op, 0x12 | 0xa0 | 0x03) {
-            if let Some(code) = self.ua.take(req.nexus) {
+            if let Some(code) = nexus_state.take() {
                 return CommandOutcome::check_condition(Sense::unit_attention(code));
             }
         }
+        let reservation_command = matches!(op, 0x5e | 0x5f | 0x16 | 0x56 | 0x17 | 0x57);
+        // Every other command counts as in flight from the reservation
+        // check until its medium access is over, so PREEMPT AND ABORT can
+        // wait for the preempted nexus's commands (SPC-4 5.13.11.2.4).
+        let _inflight = (!reservation_command).then(|| nexus_state.enter());
         // RESERVATION CONFLICT, or DATA PROTECT while PR information is
         // lost (SPC-5 5.13.5.3).
         if let Some(o) = self.reservations.gate(req.nexus, req.cdb) {
             return o;
         }
-        if matches!(op, 0x5e | 0x5f | 0x16 | 0x56 | 0x17 | 0x57) {
+        if reservation_command {
             return self.reservations.execute(req.nexus, req.cdb, req.data_out);
         }
         let decoded = match cdb::parse(req.cdb) {

@@ -14,6 +14,7 @@ mod file_store;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -27,6 +28,10 @@ use scsi::{Nexus, Sense, SenseKey};
 pub use file_store::{read_state_file, state_path, FileStore, StateFile, FORMAT};
 
 use super::{CommandOutcome, LuEffect, ReservationContext, UaScope};
+
+/// How long PREEMPT AND ABORT waits for the preempted nexuses' commands
+/// that are already past the reservation check.
+const ABORT_DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
 /// Reservation state of one logical unit.
 #[derive(Debug)]
@@ -246,6 +251,28 @@ impl Reservations {
         self.publish(state.clone());
         for (n, code) in &unit_attentions {
             self.ctx.unit_attentions.queue(UaScope::Nexus(n), *code);
+        }
+        // PREEMPT AND ABORT: the preempted nexuses' commands that passed
+        // the reservation check under the old state finish before this
+        // command completes; the ones after see the new state. Without
+        // this, a fenced node's write could land after the fencer's GOOD.
+        if !abort_tasks_of.is_empty()
+            && !self
+                .ctx
+                .unit_attentions
+                .wait_idle(&abort_tasks_of, ABORT_DRAIN_LIMIT)
+        {
+            // The preemption is in force (and persisted), but we cannot
+            // vouch that nothing of the victims lands after we answer: say
+            // so rather than GOOD, so the fencer does not trust it.
+            tracing::error!(
+                lun = self.ctx.lun,
+                "preempted nexuses' commands did not finish in {ABORT_DRAIN_LIMIT:?}"
+            );
+            return Err(CommandOutcome::check_condition(Sense::new(
+                SenseKey::HardwareError,
+                asc::INTERNAL_TARGET_FAILURE,
+            )));
         }
         let mut outcome = CommandOutcome::good();
         outcome.effects = abort_tasks_of

@@ -1,5 +1,6 @@
 //! Unit attention conditions, one queue per I_T nexus (SAM-5 5.14, SPC-4
-//! 5.14).
+//! 5.14), and the count of each nexus's commands that are past the
+//! reservation check, which PREEMPT AND ABORT waits on.
 //!
 //! The table is read on every command, so lookups are lock free: the map
 //! of nexuses lives behind an `ArcSwap` and is replaced (copy on write)
@@ -7,8 +8,9 @@
 //! flag checked before its queue mutex is touched.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use scsi::sense::{asc, Asc};
@@ -21,11 +23,26 @@ const QUEUE_MAX: usize = 16;
 const LOST_MAX: usize = 4096;
 
 #[derive(Debug, Default)]
-struct NexusUa {
+pub(crate) struct NexusUa {
     pending: AtomicBool,
     queue: Mutex<VecDeque<Asc>>,
     /// false once the nexus was lost (kept to report the loss).
     active: AtomicBool,
+    /// Commands of this nexus between the reservation check and the end
+    /// of their medium access. Only this nexus's commands touch it, so it
+    /// is not a point of contention between sessions.
+    inflight: AtomicU32,
+}
+
+/// A command of one nexus that has entered the reservation check; while it
+/// lives, a PREEMPT AND ABORT naming this nexus does not complete.
+#[derive(Debug)]
+pub(crate) struct Inflight(Arc<NexusUa>);
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Release);
+    }
 }
 
 impl NexusUa {
@@ -47,7 +64,17 @@ impl NexusUa {
         self.pending.store(true, Ordering::Release);
     }
 
-    fn take(&self) -> Option<Asc> {
+    /// Mark a command in flight before it is checked against the
+    /// reservation. The fence pairs with the one in
+    /// [`UnitAttentions::wait_idle`]: either the preempting thread sees
+    /// this command in flight, or this command sees the new reservation.
+    pub(crate) fn enter(self: &Arc<Self>) -> Inflight {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Inflight(self.clone())
+    }
+
+    pub(crate) fn take(&self) -> Option<Asc> {
         if !self.pending.load(Ordering::Acquire) {
             return None;
         }
@@ -88,7 +115,7 @@ impl UnitAttentions {
 
     /// The state of `nexus`, creating it with POWER ON OCCURRED when the
     /// nexus is new to this LU.
-    fn entry(&self, nexus: &Nexus) -> Arc<NexusUa> {
+    pub(crate) fn entry(&self, nexus: &Nexus) -> Arc<NexusUa> {
         if let Some(e) = self.map.load().get(nexus) {
             if !e.active.load(Ordering::Acquire) {
                 e.active.store(true, Ordering::Release);
@@ -157,6 +184,34 @@ impl UnitAttentions {
             e.active.store(false, Ordering::Release);
             e.replace(asc::I_T_NEXUS_LOSS_OCCURRED);
         }
+    }
+
+    /// Wait until no command of `nexuses` that passed the reservation check
+    /// before now is still running (they finish their medium access or
+    /// fail; later ones see the state published before this call). Called
+    /// by PREEMPT AND ABORT after publishing, so that no write of a
+    /// preempted nexus lands after the command completes. Returns false if
+    /// `limit` passed first.
+    pub fn wait_idle(&self, nexuses: &[Nexus], limit: Duration) -> bool {
+        fence(Ordering::SeqCst);
+        let start = Instant::now();
+        let map = self.map.load();
+        for n in nexuses {
+            let Some(e) = map.get(n) else { continue };
+            let mut spins = 0u32;
+            while e.inflight.load(Ordering::SeqCst) != 0 {
+                if start.elapsed() > limit {
+                    return false;
+                }
+                spins += 1;
+                if spins < 64 {
+                    std::thread::yield_now();
+                } else {
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        }
+        true
     }
 
     /// The I_T nexuses this LU has seen (active or lost); the PR engine

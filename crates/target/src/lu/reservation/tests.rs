@@ -447,3 +447,164 @@ fn spec_i_pt_name_only_uses_known_ports() {
     assert!(s.is_registered(&a) && s.is_registered(&b1) && s.is_registered(&b2));
     assert_eq!(read_keys(&r, &a).keys, vec![0x77; 3]);
 }
+
+/// A backend whose writes wait at a gate the test opens, to hold a command
+/// between the reservation check and the end of its medium access.
+#[derive(Debug)]
+struct GatedBackend {
+    inner: crate::backend::MemBackend,
+    open: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+    entered: std::sync::atomic::AtomicBool,
+}
+
+impl GatedBackend {
+    fn release(&self) {
+        *self.open.lock().unwrap() = true;
+        self.cv.notify_all();
+    }
+}
+
+impl crate::backend::BlockBackend for GatedBackend {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.entered
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.cv.wait(open).unwrap();
+        }
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn mapped_ranges(
+        &self,
+        range: std::ops::Range<u64>,
+        limit: usize,
+    ) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        self.inner.mapped_ranges(range, limit)
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// PREEMPT AND ABORT completes only after the preempted nexus's write that
+/// was already past the reservation check has finished: a fencer's GOOD
+/// means nothing of the victim lands afterwards. The victim's next write
+/// is refused.
+#[test]
+fn preempt_and_abort_waits_for_victims_commands_in_flight() {
+    use crate::backend::MemBackend;
+    use crate::lu::{CommandRequest, LogicalUnit, LuConfig, TargetLuns};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+
+    let backend = Arc::new(GatedBackend {
+        inner: MemBackend::new(1 << 20),
+        open: std::sync::Mutex::new(true),
+        cv: std::sync::Condvar::new(),
+        entered: std::sync::atomic::AtomicBool::new(false),
+    });
+    let luns = Arc::new(TargetLuns::new(vec![0]));
+    let cfg = LuConfig::new("iqn.2026-11.io.keyfence:t", 0, vec![port(1), port(2)], luns);
+    let lu = Arc::new(LogicalUnit::new(cfg, backend.clone()).unwrap());
+    let (fencer, victim) = (nexus("iqn.fencer", 1), nexus("iqn.victim", 1));
+    fn run(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], data: &[u8]) -> CommandOutcome {
+        lu.execute(&CommandRequest {
+            nexus: n,
+            cdb,
+            data_out: data,
+        })
+    }
+    fn prout(
+        lu: &LogicalUnit,
+        n: &Nexus,
+        sa: PrOutAction,
+        t: Option<PrType>,
+        p: PrOutParams,
+    ) -> CommandOutcome {
+        let d = p.encode();
+        run(lu, n, &PrOutCdb::new(sa, t, d.len() as u32).encode(), &d)
+    }
+    for (n, key) in [(&fencer, 0xf1), (&victim, 0x71)] {
+        run(&lu, n, &[0u8; 6], &[]); // POWER ON OCCURRED
+        let o = prout(&lu, n, PrOutAction::Register, None, keyed(0, key, false));
+        assert_eq!(o.status, ScsiStatus::Good);
+    }
+    let wero = Some(PrType::WriteExclusiveRegistrantsOnly);
+    assert_eq!(
+        prout(
+            &lu,
+            &fencer,
+            PrOutAction::Reserve,
+            wero,
+            keyed(0xf1, 0, false)
+        )
+        .status,
+        ScsiStatus::Good
+    );
+    let write = [0x2au8, 0, 0, 0, 0, 8, 0, 0, 1, 0];
+
+    // The victim's write passes the check, then stalls in the backend.
+    *backend.open.lock().unwrap() = false;
+    let (lu2, v2) = (lu.clone(), victim.clone());
+    let victim_write = std::thread::spawn(move || run(&lu2, &v2, &write, &[0x77; 512]));
+    while !backend.entered.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (lu3, f3) = (lu.clone(), fencer.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let fence = std::thread::spawn(move || {
+        let o = prout(
+            &lu3,
+            &f3,
+            PrOutAction::PreemptAndAbort,
+            wero,
+            keyed(0xf1, 0x71, false),
+        );
+        tx.send(()).unwrap();
+        o
+    });
+    // While the victim's write is in flight, the preempt may not complete.
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "PREEMPT AND ABORT completed while the preempted nexus still had a write in flight"
+    );
+    backend.release();
+    let w = victim_write.join().unwrap();
+    assert_eq!(
+        w.status,
+        ScsiStatus::Good,
+        "it passed the check before the preempt"
+    );
+    let o = fence.join().unwrap();
+    assert_eq!(o.status, ScsiStatus::Good);
+    assert_eq!(
+        o.effects,
+        vec![LuEffect::AbortTasks {
+            nexus: victim.clone()
+        }]
+    );
+    // The victim hears REGISTRATIONS PREEMPTED, then every write conflicts.
+    let o = run(&lu, &victim, &write, &[0x77; 512]);
+    let s = o.sense.expect("unit attention");
+    assert_eq!(
+        (s.key, s.asc, s.ascq),
+        (SenseKey::UnitAttention, 0x2a, 0x05)
+    );
+    assert_eq!(
+        run(&lu, &victim, &write, &[0x77; 512]).status,
+        ScsiStatus::ReservationConflict
+    );
+}
