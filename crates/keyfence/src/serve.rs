@@ -81,9 +81,11 @@ fn init_tracing(level: Option<&str>) {
         eprintln!("keyfence serve: bad log filter ({e}); using 'info'");
         EnvFilter::new("info")
     });
+    use std::io::IsTerminal;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 

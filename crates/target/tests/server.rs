@@ -387,6 +387,67 @@ fn write_with_r2t() {
     assert!(data == pattern, "data read back differs");
 }
 
+/// A command with a task attribute, to be sent without waiting.
+fn with_attr(c: &mut Client, cdb: &[u8], read: bool, edtl: u32, attr: TaskAttr) -> (u32, Pdu) {
+    let itt = c.next_itt();
+    let cmd = ScsiCommand {
+        immediate: false,
+        final_bit: true,
+        read,
+        write: false,
+        attr,
+        lun: Lun::from_number(0).unwrap(),
+        itt,
+        expected_data_transfer_length: edtl,
+        cmd_sn: c.cmd_sn,
+        exp_stat_sn: c.exp_stat_sn,
+        cdb: Cdb::new(cdb).unwrap(),
+        bidi_read_length: None,
+        data: Bytes::new(),
+    };
+    c.cmd_sn = c.cmd_sn.wrapping_add(1);
+    (itt, cmd.to_pdu())
+}
+
+/// The ITT whose status arrives next.
+fn next_status_itt(c: &mut Client) -> u32 {
+    loop {
+        match c.recv_target() {
+            TargetPdu::DataIn(d) if d.status.is_some() => return d.itt,
+            TargetPdu::DataIn(_) => {}
+            TargetPdu::ScsiResponse(r) => return r.itt,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn ordered_task_waits_for_older_tasks() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(c.login(0x23d0_0000_0009, Some(IQN)).status_class, 0);
+    c.clear_ua();
+    // SYNCHRONIZE CACHE runs on the blocking pool; a READ with ORDERED
+    // attribute sent right behind it must not complete before it.
+    let sync = [0x35u8, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    for _ in 0..5 {
+        let (s, p1) = with_attr(&mut c, &sync, false, 0, TaskAttr::Simple);
+        let (r, p2) = with_attr(&mut c, &read10(0, 8), true, 4096, TaskAttr::Ordered);
+        // One TCP write: the target decodes both before executing either,
+        // so a SIMPLE READ would finish while the flush is still running.
+        let mut out = BytesMut::new();
+        c.codec.encode(&p1, &mut out).unwrap();
+        c.codec.encode(&p2, &mut out).unwrap();
+        c.s.write_all(&out).unwrap();
+        assert_eq!(
+            next_status_itt(&mut c),
+            s,
+            "SYNCHRONIZE CACHE completes first"
+        );
+        assert_eq!(next_status_itt(&mut c), r);
+    }
+}
+
 #[test]
 fn malformed_pdu_gets_reject() {
     let srv = TestServer::start(1, Limits::default());

@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use iscsi::pdu::{
     DataIn, DataOut, InitiatorPdu, LogoutReason, LogoutRequest, LogoutResponse, LogoutResponseCode,
-    NopIn, NopOut, R2t, Reject, Residual, ScsiCommand, ScsiResponse, TaskMgmtRequest,
+    NopIn, NopOut, R2t, Reject, Residual, ScsiCommand, ScsiResponse, TaskAttr, TaskMgmtRequest,
     TaskMgmtResponse, TextRequest, TmfFunction, TmfResponse, BHS_LEN, RESERVED_TAG,
 };
 use iscsi::text::{DiscoveredTarget, TextContext, TextError, TextResponder};
@@ -318,6 +318,12 @@ pub(super) struct Session {
 
     writes: HashMap<u32, WriteTask>,
     in_flight: HashMap<u32, InFlight>,
+    /// Commands held back by ORDERED task attribute semantics (SAM-5
+    /// 8.5): an ORDERED task waits for every older task, and every newer
+    /// task waits for it.
+    deferred: VecDeque<ScsiCommand>,
+    /// The ORDERED task currently running or collecting data.
+    ordered_running: Option<u32>,
     pending_tmfs: Vec<PendingTmf>,
     next_ttt: u32,
     done_tx: mpsc::UnboundedSender<Completion>,
@@ -366,6 +372,8 @@ impl Session {
             queued: HashMap::new(),
             writes: HashMap::new(),
             in_flight: HashMap::new(),
+            deferred: VecDeque::new(),
+            ordered_running: None,
             pending_tmfs: Vec::new(),
             next_ttt: 1,
             done_tx,
@@ -385,7 +393,9 @@ impl Session {
     /// MaxCmdSN = ExpCmdSN + window - 1 - (commands still holding
     /// resources), never decreasing.
     fn update_window(&mut self) {
-        let busy = (self.writes.len() + self.in_flight.len() + self.queued.len()) as u32;
+        let busy =
+            (self.writes.len() + self.in_flight.len() + self.queued.len() + self.deferred.len())
+                as u32;
         let room = self.window.saturating_sub(busy).max(1);
         let m = self.exp_cmd_sn.wrapping_add(room - 1);
         if serial::gt(m, self.max_cmd_sn) {
@@ -449,7 +459,7 @@ impl Session {
                 Some(c) = self.done_rx.recv() => self.complete(wire, c),
                 Some(c) = ctl.recv() => match c {
                     SessionCtl::Close => return ConnEnd::Closed("closed by the target (reinstatement or reset)"),
-                    SessionCtl::AbortTasks { lun } => self.abort_matching(|l| lun.is_none_or(|x| l.to_u64() == lun_key(x))),
+                    SessionCtl::AbortTasks { lun } => self.abort_matching(wire, |l| lun.is_none_or(|x| l.to_u64() == lun_key(x))),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     if let Some((_, sent)) = self.ping {
@@ -603,7 +613,7 @@ impl Session {
                 if self.target.is_none() {
                     self.reject(wire, RejectReason::ProtocolError, &pdu.bhs);
                 } else {
-                    self.scsi_command(wire, cmd);
+                    self.submit(wire, cmd);
                 }
             }
             InitiatorPdu::DataOut(d) => self.data_out(wire, d)?,
@@ -667,6 +677,58 @@ impl Session {
         let t = &self.shared.targets[self.target?];
         let n = lun.number()?;
         t.luns.get(&u64::from(n)).cloned()
+    }
+
+    /// Start a command now or hold it back for task ordering.
+    fn submit(&mut self, wire: &mut Wire, cmd: ScsiCommand) {
+        let wait = match cmd.attr {
+            TaskAttr::HeadOfQueue => false,
+            TaskAttr::Ordered => {
+                !self.deferred.is_empty()
+                    || self.ordered_running.is_some()
+                    || !self.writes.is_empty()
+                    || !self.in_flight.is_empty()
+            }
+            _ => !self.deferred.is_empty() || self.ordered_running.is_some(),
+        };
+        if wait {
+            self.deferred.push_back(cmd);
+        } else {
+            self.start(wire, cmd);
+        }
+    }
+
+    fn start(&mut self, wire: &mut Wire, cmd: ScsiCommand) {
+        let ordered = cmd.attr == TaskAttr::Ordered;
+        let itt = cmd.itt;
+        self.scsi_command(wire, cmd);
+        if ordered && (self.writes.contains_key(&itt) || self.in_flight.contains_key(&itt)) {
+            self.ordered_running = Some(itt);
+        }
+    }
+
+    /// Start held-back commands whose turn has come.
+    fn release_deferred(&mut self, wire: &mut Wire) {
+        if let Some(itt) = self.ordered_running {
+            if self.writes.contains_key(&itt) || self.in_flight.contains_key(&itt) {
+                return;
+            }
+            self.ordered_running = None;
+        }
+        while let Some(front) = self.deferred.front() {
+            if self.ordered_running.is_some() {
+                break;
+            }
+            if front.attr == TaskAttr::Ordered
+                && !(self.writes.is_empty() && self.in_flight.is_empty())
+            {
+                break;
+            }
+            let Some(cmd) = self.deferred.pop_front() else {
+                break;
+            };
+            self.start(wire, cmd);
+        }
     }
 
     fn scsi_command(&mut self, wire: &mut Wire, cmd: ScsiCommand) {
@@ -899,6 +961,9 @@ impl Session {
             wanted_out: Some(t.wanted),
         };
         self.advance_write(wire, meta);
+        if self.ordered_running.is_some() || !self.deferred.is_empty() {
+            self.release_deferred(wire);
+        }
         Ok(())
     }
 
@@ -960,6 +1025,7 @@ impl Session {
             self.respond(wire, &c.meta, c.outcome);
         }
         self.finish_tmfs(wire, c.meta.itt);
+        self.release_deferred(wire);
         self.update_window();
     }
 
@@ -1075,6 +1141,7 @@ impl Session {
     /// Returns the ITTs still running on the blocking pool.
     fn abort_where(&mut self, f: impl Fn(u32, Lun) -> bool) -> Vec<u32> {
         self.writes.retain(|itt, t| !f(*itt, t.lun));
+        self.deferred.retain(|c| !f(c.itt, c.lun));
         let mut running = Vec::new();
         for (itt, fl) in self.in_flight.iter_mut() {
             if f(*itt, fl.lun) {
@@ -1090,8 +1157,9 @@ impl Session {
         running
     }
 
-    fn abort_matching(&mut self, lun_pred: impl Fn(Lun) -> bool) {
+    fn abort_matching(&mut self, wire: &mut Wire, lun_pred: impl Fn(Lun) -> bool) {
         self.abort_where(|_, l| lun_pred(l));
+        self.release_deferred(wire);
         self.update_window();
     }
 
@@ -1141,7 +1209,8 @@ impl Session {
                         .in_flight
                         .get(&rtt)
                         .is_some_and(|f| f.lun == t.lun && !f.aborted)
-                    || self.queued.values().any(|p| p.itt() == rtt);
+                    || self.queued.values().any(|p| p.itt() == rtt)
+                    || self.deferred.iter().any(|c| c.itt == rtt && c.lun == t.lun);
                 if !known {
                     // Not found. If its CmdSN is in the window but has not
                     // arrived, RFC 7143 11.5.1 says "function complete".
@@ -1218,6 +1287,7 @@ impl Session {
                 return;
             }
         };
+        self.release_deferred(wire);
         self.update_window();
         if running.is_empty() {
             self.tmf_response(wire, t.itt, TmfResponse::FunctionComplete);
@@ -1291,8 +1361,9 @@ impl Session {
         };
         wire.push_pdu(&r.to_pdu());
         if response == LogoutResponseCode::Success {
-            // Tasks still collecting data are aborted by the logout.
-            self.writes.clear();
+            // The logout ends every task: those still collecting data or
+            // held back are dropped, running ones finish without status.
+            self.abort_where(|_, _| true);
             self.closing = Some(ConnEnd::Logout);
         }
     }
