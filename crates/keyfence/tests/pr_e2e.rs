@@ -910,3 +910,141 @@ async fn takeover_from_a_new_isid_then_pr_show_url() {
     })
     .await;
 }
+
+// ----------------------------------------------------------------- f ---
+
+const MOVER: Port = Port::new("iqn.2026-11.io.keyfence.test:mover", 0x8000_0000_f001);
+const STAYER: Port = Port::new("iqn.2026-11.io.keyfence.test:stayer", 0x8000_0000_f002);
+const TAKER: Port = Port::new("iqn.2026-11.io.keyfence.test:taker", 0x8000_0000_f003);
+const HEIR: Port = Port::new("iqn.2026-11.io.keyfence.test:heir", 0x8000_0000_f004);
+
+fn illegal_request(r: Result<(), Error>) -> (u8, u8) {
+    match r {
+        Err(Error::CheckCondition(s)) if s.key == initiator::SenseKey::IllegalRequest => {
+            (s.asc, s.ascq)
+        }
+        other => panic!("expected ILLEGAL REQUEST, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn release_errors_preempt_variants_and_register_and_move() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Target::start(dir.path());
+        let (we_ro, ea_ro) = (
+            PrType::WriteExclusiveRegistrantsOnly,
+            PrType::ExclusiveAccessRegistrantsOnly,
+        );
+        let (km, ks, kt, kh) = (0xf1u64, 0xf2u64, 0xf3u64, 0xf4u64);
+        let m = login(&t.url(1), MOVER, &[POWER_ON]).await;
+        let s = login(&t.url(1), STAYER, &[POWER_ON]).await;
+        let k = login(&t.url(2), TAKER, &[POWER_ON]).await;
+        m.register(0, km, &plain()).await.unwrap();
+        s.register(0, ks, &plain()).await.unwrap();
+        k.register(0, kt, &plain()).await.unwrap();
+        m.reserve(km, we_ro).await.unwrap();
+
+        // RESERVE from an unregistered nexus, REGISTER with a wrong key:
+        // RESERVATION CONFLICT. RELEASE of another type by the holder:
+        // INVALID RELEASE OF PERSISTENT RESERVATION. RELEASE by a
+        // registrant that does not hold: GOOD, nothing happens.
+        let h = login(&t.url(1), HEIR, &[POWER_ON]).await;
+        assert!(matches!(
+            h.reserve(kh, we_ro).await,
+            Err(Error::ReservationConflict)
+        ));
+        assert!(matches!(
+            s.register(ks + 1, 0x99, &plain()).await,
+            Err(Error::ReservationConflict)
+        ));
+        assert_eq!(illegal_request(m.release(km, ea_ro).await), (0x26, 0x04));
+        s.release(ks, we_ro).await.unwrap();
+        assert_eq!(
+            s.read_reservation().await.unwrap(),
+            reservation(3, Some((km, we_ro)))
+        );
+        // PREEMPT with a zero key when the reservation is not
+        // all-registrants: INVALID FIELD IN PARAMETER LIST.
+        assert_eq!(illegal_request(k.preempt(kt, 0, we_ro).await), (0x26, 0x00));
+        // PREEMPT of a key nobody has: RESERVATION CONFLICT.
+        assert!(matches!(
+            k.preempt(kt, 0x7777, we_ro).await,
+            Err(Error::ReservationConflict)
+        ));
+        for d in [&m, &s, &k, &h] {
+            assert_eq!(uas(d).await, vec![]);
+        }
+
+        // PREEMPT of a registrant that does not hold: its registration
+        // goes, the reservation stays.
+        k.preempt(kt, ks, we_ro).await.unwrap();
+        assert_eq!(uas(&s).await, vec![REGISTRATIONS_PREEMPTED]);
+        assert_eq!(uas(&m).await, vec![]);
+        assert_eq!(uas(&k).await, vec![]);
+        assert_eq!(
+            k.read_reservation().await.unwrap(),
+            reservation(4, Some((km, we_ro)))
+        );
+        assert_eq!(access(&s).await, (Good, Conflict));
+
+        // PREEMPT of the holder with another type: the holder loses
+        // registration and reservation (REGISTRATIONS PREEMPTED); the
+        // registrants that keep their registration hear RESERVATIONS
+        // RELEASED because the type changed (SPC-4 5.12.11.2.4).
+        s.register(0, ks, &plain()).await.unwrap();
+        k.preempt(kt, km, ea_ro).await.unwrap();
+        assert_eq!(uas(&m).await, vec![REGISTRATIONS_PREEMPTED]);
+        assert_eq!(uas(&s).await, vec![RESERVATIONS_RELEASED]);
+        assert_eq!(uas(&k).await, vec![]);
+        assert_eq!(uas(&h).await, vec![]);
+        assert_eq!(k.read_keys().await.unwrap(), keys(6, &[kt, ks]));
+        assert_eq!(
+            k.read_reservation().await.unwrap(),
+            reservation(6, Some((kt, ea_ro)))
+        );
+        assert_eq!(access(&m).await, (Conflict, Conflict));
+        assert_eq!(access(&s).await, (Good, Good));
+
+        // REGISTER AND MOVE to an initiator port that has not logged in
+        // yet, through the other target port: it is registered with the
+        // new key and holds the reservation; the mover stays registered.
+        k.register_and_move(
+            kt,
+            kh,
+            ea_ro,
+            &initiator::MoveTarget {
+                transport_id: HEIR.tid(),
+                relative_target_port: 2,
+                unreg: false,
+                aptpl: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            rows(&s.read_full_status().await.unwrap()),
+            sorted(vec![
+                row(kt, TAKER, 2, false, None),
+                row(ks, STAYER, 1, false, None),
+                row(kh, HEIR, 2, false, Some(ea_ro)),
+            ])
+        );
+        assert_eq!(
+            s.read_reservation().await.unwrap(),
+            reservation(7, Some((kh, ea_ro)))
+        );
+        // The heir's nexus through port 1 is not the one moved to.
+        assert_eq!(access(&h).await, (Conflict, Conflict));
+        let h2 = login(&t.url(2), HEIR, &[POWER_ON]).await;
+        assert_eq!(access(&h2).await, (Good, Good));
+        // RELEASE by the new holder: EA_RO is a registrants-only type.
+        h2.release(kh, ea_ro).await.unwrap();
+        assert_eq!(uas(&k).await, vec![RESERVATIONS_RELEASED]);
+        assert_eq!(uas(&s).await, vec![RESERVATIONS_RELEASED]);
+        assert_eq!(uas(&h2).await, vec![]);
+        assert_eq!(uas(&h).await, vec![]);
+        assert_eq!(uas(&m).await, vec![]);
+    })
+    .await;
+}
