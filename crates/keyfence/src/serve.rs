@@ -168,3 +168,66 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("keyfence serve").chain(list.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn no_arguments_serve_the_default_target() {
+        let cfg = config_from_args(&args(&[])).unwrap();
+        let t = &cfg.targets[0];
+        assert_eq!(t.name, DEFAULT_TARGET_NAME);
+        assert_eq!(t.portals, vec![DEFAULT_PORTAL.to_string()]);
+        assert_eq!(
+            t.luns[0].backing(&cfg.data_dir),
+            target::config::Backing::File {
+                path: PathBuf::from("keyfence-data/lun0.img"),
+                size: 1 << 30
+            }
+        );
+    }
+
+    #[test]
+    fn repeated_listen_makes_portal_groups_in_order() {
+        let cfg = config_from_args(&args(&[
+            "--listen",
+            "127.0.0.1:3261",
+            "--listen",
+            "127.0.0.1:3262",
+            "--size",
+            "64M",
+            "--data-dir",
+            "/srv/kf",
+            "--target-name",
+            "iqn.2026-11.io.example:t1",
+        ]))
+        .unwrap();
+        let t = &cfg.targets[0];
+        let groups: Vec<_> = t.portal_groups().collect();
+        assert_eq!(groups[0], (1, "127.0.0.1:3261".parse().unwrap()));
+        assert_eq!(groups[1], (2, "127.0.0.1:3262".parse().unwrap()));
+        assert_eq!(t.luns[0].size, Some(ByteSize(64 << 20)));
+        assert_eq!(cfg.data_dir, PathBuf::from("/srv/kf"));
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        assert!(config_from_args(&args(&["--listen", "localhost"])).is_err());
+        assert!(config_from_args(&args(&["--target-name", "target0"])).is_err());
+        let e = Args::try_parse_from(["keyfence serve", "--size", "1Q"]).unwrap_err();
+        assert!(e.to_string().contains("unknown unit"), "{e}");
+        assert!(Args::try_parse_from([
+            "keyfence serve",
+            "--config",
+            "a.toml",
+            "--listen",
+            "127.0.0.1:1"
+        ])
+        .is_err());
+    }
+}
