@@ -353,7 +353,7 @@ async fn aptpl_state_survives_kill_9_until_a_pr_out_clears_aptpl() {
     bounded(async {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().to_path_buf();
-        let (ka, kb, kc) = (0xa1a1_0000_0000_0001u64, 0xb2b2_0000_0000_0002, 0xc3c3_3);
+        let (ka, kb, kc) = (0xa1a1_0000_0000_0001u64, 0xb2b2_0000_0000_0002, 0xc3c3_0003);
         let we_ro = PrType::WriteExclusiveRegistrantsOnly;
 
         let t = Target::start(&data);
@@ -1045,6 +1045,50 @@ async fn release_errors_preempt_variants_and_register_and_move() {
         assert_eq!(uas(&h2).await, vec![]);
         assert_eq!(uas(&h).await, vec![]);
         assert_eq!(uas(&m).await, vec![]);
+
+        // An all-registrants reservation lasts until its last registrant
+        // leaves, then goes without a unit attention to anybody.
+        let we_ar = PrType::WriteExclusiveAllRegistrants;
+        h2.reserve(kh, we_ar).await.unwrap();
+        k.register(kt, 0, &plain()).await.unwrap();
+        s.register(ks, 0, &plain()).await.unwrap();
+        assert_eq!(
+            m.read_reservation().await.unwrap(),
+            reservation(9, Some((0, we_ar)))
+        );
+        assert_eq!(access(&s).await, (Good, Conflict));
+        h2.register(kh, 0, &plain()).await.unwrap();
+        assert_eq!(m.read_keys().await.unwrap(), keys(10, &[]));
+        assert_eq!(m.read_reservation().await.unwrap(), reservation(10, None));
+        for d in [&m, &s, &k, &h, &h2] {
+            assert_eq!(uas(d).await, vec![]);
+        }
+        assert_eq!(access(&s).await, (Good, Good));
+
+        // `pr show --url` of an LU without registrations.
+        let url1 = t.url(1);
+        let o = tokio::task::spawn_blocking(move || {
+            pr_show(&[
+                "--url",
+                url1.as_str(),
+                "--initiator-name",
+                "iqn.2026-11.io.keyfence.test:observer",
+            ])
+        })
+        .await
+        .unwrap();
+        assert_eq!(
+            (o.status.code(), text(&o.stdout), text(&o.stderr)),
+            (
+                Some(0),
+                format!(
+                    "Target {IQN}  LUN 0\n  PRgeneration 0xa  APTPL off  ({})\n  \
+                     Reservation: none\n  Registrations: none\n\n",
+                    t.url(1)
+                ),
+                String::new()
+            )
+        );
     })
     .await;
 }
