@@ -196,7 +196,15 @@ pub(super) async fn serve_connection(
     let mut wire = Wire::new(sock, peer);
     debug!(%peer, portal = %info.addr, "connection accepted");
     let timeout = Duration::from_secs(u64::from(shared.limits.login_timeout_secs));
-    let est = match tokio::time::timeout(timeout, login::login(&shared, &info, &mut wire)).await {
+    let mut shutdown = shared.shutdown.clone();
+    let attempt = tokio::select! {
+        r = tokio::time::timeout(timeout, login::login(&shared, &info, &mut wire)) => r,
+        _ = shutdown.wait_for(|s| *s) => {
+            debug!(%peer, "target shutting down during login");
+            return;
+        }
+    };
+    let est = match attempt {
         Ok(Ok(Some(est))) => est,
         Ok(Ok(None)) => {
             let _ = wire.flush().await;

@@ -106,7 +106,16 @@ pub(super) async fn login(
         .and_then(|t| info.tpgt_of(t))
         .or_else(|| info.groups.first().map(|g| g.1))
         .unwrap_or(1);
-    let tsih = shared.sessions().reserve();
+    let Some(reservation) = TsihReservation::new(shared) else {
+        warn!(peer = %wire.peer, "no TSIH left; login refused");
+        wire.push_pdu(&iscsi::login::reject_login(
+            &pdu,
+            LoginStatus::OUT_OF_RESOURCES,
+            0,
+        ));
+        return Ok(None);
+    };
+    let tsih = reservation.tsih;
     let cfg = TargetLoginConfig {
         portal_group_tag: tpgt,
         targets: info
@@ -185,6 +194,7 @@ pub(super) async fn login(
                 let admitted = shared.sessions().admit(tsih, key, nexus);
                 match admitted {
                     Ok(registration) => {
+                        reservation.admitted();
                         wire.push_pdu(&response);
                         wire.flush().await?;
                         // Digests and data segment limits apply from the
@@ -216,16 +226,41 @@ pub(super) async fn login(
         match next_pdu(wire).await {
             Ok(Some(p)) => pdu = p,
             Ok(None) => break None,
-            Err(e) => {
-                shared.sessions().release(tsih);
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         }
     };
-    if result.is_none() {
-        shared.sessions().release(tsih);
-    }
     Ok(result)
+}
+
+/// A TSIH held for a login in progress; given back when dropped (failed,
+/// timed out or abandoned login) unless the session was admitted.
+struct TsihReservation {
+    shared: Arc<Shared>,
+    tsih: u16,
+    admitted: std::cell::Cell<bool>,
+}
+
+impl TsihReservation {
+    fn new(shared: &Arc<Shared>) -> Option<TsihReservation> {
+        let tsih = shared.sessions().reserve()?;
+        Some(TsihReservation {
+            shared: shared.clone(),
+            tsih,
+            admitted: std::cell::Cell::new(false),
+        })
+    }
+
+    fn admitted(&self) {
+        self.admitted.set(true);
+    }
+}
+
+impl Drop for TsihReservation {
+    fn drop(&mut self) {
+        if !self.admitted.get() {
+            self.shared.sessions().release(self.tsih);
+        }
+    }
 }
 
 /// Every target with its portals, for SendTargets.

@@ -106,14 +106,17 @@ impl SessionTable {
     /// A TSIH for a login in progress: non-zero, not used by a session
     /// or another login. Give it back with [`Self::release`] if the login
     /// fails.
-    pub fn reserve(&mut self) -> u16 {
+    pub fn reserve(&mut self) -> Option<u16> {
         let mut tsih = self.next_tsih;
-        while tsih == 0 || self.sessions.contains_key(&tsih) || self.reserved.contains(&tsih) {
+        for _ in 0..=u16::MAX {
+            if tsih != 0 && !self.sessions.contains_key(&tsih) && !self.reserved.contains(&tsih) {
+                self.next_tsih = tsih.wrapping_add(1);
+                self.reserved.insert(tsih);
+                return Some(tsih);
+            }
             tsih = tsih.wrapping_add(1);
         }
-        self.next_tsih = tsih.wrapping_add(1);
-        self.reserved.insert(tsih);
-        tsih
+        None
     }
 
     pub fn release(&mut self, tsih: u16) {
@@ -193,26 +196,26 @@ mod tests {
     #[test]
     fn tsih_is_unique_nonzero_and_limit_holds() {
         let mut t = SessionTable::new(2);
-        let (ta, tb) = (t.reserve(), t.reserve());
+        let (ta, tb) = (t.reserve().unwrap(), t.reserve().unwrap());
         assert_ne!(ta, 0);
         assert_ne!(ta, tb, "reserved TSIHs differ");
         let a = t.admit(ta, key(1), None).unwrap();
         let _b = t.admit(tb, key(2), None).unwrap();
-        let tc = t.reserve();
+        let tc = t.reserve().unwrap();
         assert_eq!(
             t.admit(tc, key(3), None).unwrap_err(),
             AdmitError::TooManySessions
         );
         t.remove(a.tsih, &a.alive);
         assert_eq!(t.len(), 1);
-        let tc = t.reserve();
+        let tc = t.reserve().unwrap();
         assert!(t.admit(tc, key(3), None).is_ok());
     }
 
     #[tokio::test]
     async fn reinstatement_closes_the_old_session_and_waits_for_it() {
         let mut t = SessionTable::new(4);
-        let tsih = t.reserve();
+        let tsih = t.reserve().unwrap();
         let mut old = t.admit(tsih, key(7), None).unwrap();
         let d = t.displace(&key(7)).expect("old session found");
         assert_eq!(old.ctl.recv().await, Some(SessionCtl::Close));
@@ -230,11 +233,11 @@ mod tests {
     #[test]
     fn remove_ignores_a_reused_tsih() {
         let mut t = SessionTable::new(4);
-        let tsih = t.reserve();
+        let tsih = t.reserve().unwrap();
         let a = t.admit(tsih, key(1), None).unwrap();
         let _d = t.displace(&key(1));
         t.next_tsih = a.tsih;
-        let tsih = t.reserve();
+        let tsih = t.reserve().unwrap();
         let b = t.admit(tsih, key(1), None).unwrap();
         assert_eq!(a.tsih, b.tsih);
         t.remove(a.tsih, &a.alive);
