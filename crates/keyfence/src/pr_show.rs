@@ -9,7 +9,9 @@
 //!
 //! Both print the same view: PRgeneration, APTPL, the reservation (holder
 //! key, type, scope) and every registration (key, initiator port
-//! `name,i,0xISID`, relative target port, ALL_TG_PT, holder).
+//! `name,i,0xISID`, relative target port, ALL_TG_PT, holder). A file
+//! holds the PRgeneration of the last change; after a restart the target
+//! reports zero until the next change (SPC-4: a power on sets it to zero).
 //! Exit status: 0 shown, 1 the state could not be read, 2 bad arguments.
 
 use std::ffi::OsString;

@@ -12,7 +12,10 @@
 //! * I_T nexus identity: same ISID after logout, new ISID, other portal
 //!   group, ALL_TG_PT;
 //! * takeover from a new ISID with PREEMPT AND ABORT;
-//! * `keyfence pr show --url` against the live target.
+//! * `keyfence pr show --url` against the live target;
+//! * RELEASE / RESERVE / PREEMPT error paths, preempting a non-holder, a
+//!   type-changing preempt, REGISTER AND MOVE, SPEC_I_PT, and a holder
+//!   preempted while logged out.
 //!
 //! Unit attentions are read with TEST UNIT READY until none is pending
 //! (sessions use `unit_attention_retries: 0`, so no call consumes one
@@ -1088,6 +1091,88 @@ async fn release_errors_preempt_variants_and_register_and_move() {
                 ),
                 String::new()
             )
+        );
+    })
+    .await;
+}
+
+// ----------------------------------------------------------------- g ---
+
+const TWIN_1: Port = Port::new("iqn.2026-11.io.keyfence.test:twin", 0x8000_0000_7101);
+const TWIN_2: Port = Port::new("iqn.2026-11.io.keyfence.test:twin", 0x8000_0000_7102);
+const SPONSOR: Port = Port::new("iqn.2026-11.io.keyfence.test:sponsor", 0x8000_0000_7103);
+const GONE: Port = Port::new("iqn.2026-11.io.keyfence.test:gone", 0x8000_0000_7104);
+
+#[tokio::test]
+async fn spec_i_pt_and_preempted_while_logged_out() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Target::start(dir.path());
+        let we_ro = PrType::WriteExclusiveRegistrantsOnly;
+        let (ks, kg) = (0x5501u64, 0x5502u64);
+        let t1 = login(&t.url(1), TWIN_1, &[POWER_ON]).await;
+        let t2 = login(&t.url(1), TWIN_2, &[POWER_ON]).await;
+        let sp = login(&t.url(1), SPONSOR, &[POWER_ON]).await;
+        let gone = login(&t.url(2), GONE, &[POWER_ON]).await;
+        gone.register(0, kg, &plain()).await.unwrap();
+        gone.reserve(kg, we_ro).await.unwrap();
+        assert_eq!(write_io(&t1).await, Conflict);
+
+        // SPEC_I_PT with an iSCSI name only (format 00b): every initiator
+        // port of that name known to the LU, through this target port.
+        let by_name = TransportId::Iscsi {
+            name: TWIN_1.name.to_string(),
+            isid: None,
+        };
+        let opts = RegisterOptions {
+            spec_i_pt: vec![by_name],
+            ..RegisterOptions::default()
+        };
+        sp.register(0, ks, &opts).await.unwrap();
+        assert_eq!(
+            rows(&sp.read_full_status().await.unwrap()),
+            sorted(vec![
+                row(kg, GONE, 2, false, Some(we_ro)),
+                row(ks, SPONSOR, 1, false, None),
+                row(ks, TWIN_1, 1, false, None),
+                row(ks, TWIN_2, 1, false, None),
+            ])
+        );
+        assert_eq!(write_io(&t1).await, Good);
+        assert_eq!(write_io(&t2).await, Good);
+        // SPEC_I_PT names I_T nexuses through the receiving target port:
+        // through port 2, TWIN_2 is not registered yet, so GOOD ...
+        let name_twin_2 = RegisterOptions {
+            spec_i_pt: vec![TWIN_2.tid()],
+            ..RegisterOptions::default()
+        };
+        let sp2 = login(&t.url(2), SPONSOR, &[POWER_ON]).await;
+        sp2.register(0, 0x5503, &name_twin_2).await.unwrap();
+        // ... through port 1 it is: INVALID FIELD IN PARAMETER LIST, and
+        // nothing changes (all or nothing).
+        let sp3 = Port::new(SPONSOR.name, 0x8000_0000_7105);
+        let sp3 = login(&t.url(1), sp3, &[POWER_ON]).await;
+        assert_eq!(
+            illegal_request(sp3.register(0, 0x5504, &name_twin_2).await),
+            (0x26, 0x00)
+        );
+        assert_eq!(sp3.read_keys().await.unwrap().keys.len(), 6);
+        assert_eq!(sp.read_keys().await.unwrap().generation, 3);
+
+        // The holder logs out; another node preempts it meanwhile. On its
+        // return it hears of the nexus loss, then of the preemption, and
+        // its writes conflict.
+        gone.close().await.unwrap();
+        sp.preempt(ks, kg, we_ro).await.unwrap();
+        // The registrants sharing the preemptor's key keep it; same type,
+        // so they hear nothing.
+        assert_eq!(uas(&t1).await, vec![]);
+        assert_eq!(uas(&t2).await, vec![]);
+        let back = login(&t.url(2), GONE, &[NEXUS_LOSS, REGISTRATIONS_PREEMPTED]).await;
+        assert_eq!(access(&back).await, (Good, Conflict));
+        assert_eq!(
+            back.read_reservation().await.unwrap(),
+            reservation(4, Some((ks, we_ro)))
         );
     })
     .await;
