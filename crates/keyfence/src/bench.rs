@@ -243,7 +243,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     dev.clear_unit_attentions().await?;
     let cap = dev.capacity().await?;
     let bsz = u64::from(cap.block_size);
-    if args.bs % bsz != 0 {
+    if !args.bs.is_multiple_of(bsz) {
         anyhow::bail!(
             "--bs {} is not a multiple of the {}-byte logical block size",
             args.bs,
