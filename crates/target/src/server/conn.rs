@@ -251,6 +251,9 @@ struct WriteTask {
     unsolicited_open: bool,
     unsolicited_limit: u32,
     next_unsol_data_sn: u32,
+    /// Offset the next unsolicited Data-Out must start at
+    /// (DataPDUInOrder=Yes).
+    next_unsol_offset: u32,
     /// Next offset to solicit.
     next_r2t_offset: u32,
     r2t_sn: u32,
@@ -851,6 +854,7 @@ impl Session {
             unsolicited_open: !cmd.final_bit,
             unsolicited_limit,
             next_unsol_data_sn: 0,
+            next_unsol_offset: imm,
             next_r2t_offset: if cmd.final_bit {
                 imm
             } else {
@@ -1407,16 +1411,19 @@ impl WriteTask {
                     ),
                 ));
             }
-            if end.is_none_or(|e| e > self.unsolicited_limit) {
+            if d.buffer_offset != self.next_unsol_offset
+                || end.is_none_or(|e| e > self.unsolicited_limit)
+            {
                 return Err((
                     DATA_OFFSET_ERROR,
                     format!(
-                        "unsolicited Data-Out beyond FirstBurstLength (offset {})",
+                        "unsolicited Data-Out at offset {} out of order or beyond FirstBurstLength",
                         d.buffer_offset
                     ),
                 ));
             }
             self.next_unsol_data_sn = self.next_unsol_data_sn.wrapping_add(1);
+            self.next_unsol_offset = self.next_unsol_offset.saturating_add(len);
             if d.final_bit {
                 self.unsolicited_open = false;
             }
@@ -1437,7 +1444,8 @@ impl WriteTask {
                 ));
             }
             let r_end = r.offset + r.len;
-            if d.buffer_offset < r.offset || end.is_none_or(|e| e > r_end) {
+            // DataPDUInOrder=Yes: each PDU continues where the last ended.
+            if d.buffer_offset != r.offset + r.got || end.is_none_or(|e| e > r_end) {
                 return Err((
                     DATA_OFFSET_ERROR,
                     format!(
