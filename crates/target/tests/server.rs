@@ -510,6 +510,44 @@ fn session_limit_refuses_logins_beyond_it() {
 }
 
 #[test]
+fn connection_limit_closes_extra_connections() {
+    let srv = TestServer::start(
+        1,
+        Limits {
+            max_connections: 1,
+            ..Limits::default()
+        },
+    );
+    let mut a = Client::connect(srv.portals[0]);
+    assert_eq!(a.login(0x23d0_0000_000d, Some(IQN)).status_class, 0);
+    let mut b = Client::connect(srv.portals[0]);
+    assert!(b.recv().is_none(), "second connection closed at once");
+    // The first one is unaffected.
+    a.clear_ua();
+}
+
+#[test]
+fn oversized_data_segment_is_rejected_and_the_connection_dropped() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(c.login(0x23d0_0000_000e, Some(IQN)).status_class, 0);
+    // A NOP-Out announcing 1 MiB of ping data: more than the 256 KiB we
+    // declared as MaxRecvDataSegmentLength.
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x40; // NOP-Out, immediate
+    bhs[1] = 0x80;
+    bhs[5..8].copy_from_slice(&[0x10, 0x00, 0x00]);
+    bhs[16..20].copy_from_slice(&7u32.to_be_bytes());
+    bhs[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    c.s.write_all(&bhs).unwrap();
+    let TargetPdu::Reject(r) = c.recv_target() else {
+        panic!("expected Reject")
+    };
+    assert_eq!(r.reason, iscsi::RejectReason::ProtocolError);
+    assert!(c.recv().is_none(), "connection dropped");
+}
+
+#[test]
 fn malformed_pdu_gets_reject() {
     let srv = TestServer::start(1, Limits::default());
     let mut c = Client::connect(srv.portals[0]);
