@@ -18,20 +18,23 @@ use target::config::{
 };
 use target::server::Server;
 
-/// Run the keyfence iSCSI target.
+/// Run the keyfence iSCSI target. Without --config: one target with LUN 0
+/// backed by DATA_DIR/lun0.img (created sparse when missing). SIGINT or
+/// SIGTERM stops it after in-flight commands finish and data is flushed.
 #[derive(Debug, Parser)]
-#[command(name = "keyfence serve", version, about, long_about = None)]
+#[command(name = "keyfence serve", version)]
 struct Args {
-    /// Listen on ADDR:PORT; repeat for more portal groups (TPGT 1, 2, ... in order).
+    /// Listen on ADDR:PORT; repeat for more portal groups (TPGT 1, 2, ... in order)
+    /// [default: 127.0.0.1:3260].
     #[arg(long = "listen", value_name = "ADDR:PORT")]
     listen: Vec<String>,
     /// Directory holding backing files [default: ./keyfence-data].
     #[arg(long = "data-dir", value_name = "DIR")]
     data_dir: Option<PathBuf>,
-    /// iSCSI name of the exported target.
+    /// iSCSI name of the exported target [default: iqn.2026-11.io.keyfence:default].
     #[arg(long = "target-name", value_name = "IQN")]
     target_name: Option<String>,
-    /// Size of a backing file that has to be created (bytes, or 512M, 1G, ...).
+    /// Size of a backing file that has to be created: bytes, or 512M, 1G, ... [default: 1G].
     #[arg(long = "size", value_name = "BYTES", value_parser = parse_size)]
     size: Option<ByteSize>,
     /// TOML file describing targets, portals, LUNs and limits.
