@@ -140,6 +140,7 @@ fn serve(args: Args) -> Result<()> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
     }
+    target::server::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyfence")
