@@ -486,6 +486,36 @@ fn crc32c_digests_on_every_pdu() {
 }
 
 #[test]
+fn data_digest_error_gets_reject_and_the_session_goes_on() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(
+        c.login_with(0x23d0_0000_000f, Some(IQN), true).status_class,
+        0
+    );
+    c.clear_ua();
+    // A NOP-Out ping with 8 bytes of data whose data digest is wrong.
+    let mut bhs = [0u8; 48];
+    bhs[0] = 0x40;
+    bhs[1] = 0x80;
+    bhs[16..20].copy_from_slice(&9u32.to_be_bytes());
+    bhs[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
+    let pdu = Pdu::new(bhs, Bytes::new(), Bytes::from_static(b"pingdata"));
+    let mut out = BytesMut::new();
+    c.codec.encode(&pdu, &mut out).unwrap();
+    let last = out.len() - 1;
+    out[last] ^= 0xff;
+    c.s.write_all(&out).unwrap();
+    let TargetPdu::Reject(r) = c.recv_target() else {
+        panic!("expected Reject")
+    };
+    assert_eq!(r.reason, iscsi::RejectReason::DataDigestError);
+    assert_eq!(r.rejected_itt(), Some(9));
+    c.command(&read10(0, 1), true, false, 512, Bytes::new());
+    assert_eq!(c.collect().1, 0, "the session still works");
+}
+
+#[test]
 fn session_limit_refuses_logins_beyond_it() {
     let srv = TestServer::start(
         1,
