@@ -44,6 +44,9 @@ const COPY_THRESHOLD: usize = 2048;
 const MAX_WRITE_BYTES: u32 = 64 << 20;
 /// Most write data one session may have buffered at a time.
 const SESSION_WRITE_BUDGET: u64 = 128 << 20;
+/// How long an initiator may leave our responses unread before the
+/// connection is dropped.
+const WRITE_STALL: Duration = Duration::from_secs(30);
 /// Read buffer growth step.
 const READ_CHUNK: usize = 256 * 1024;
 
@@ -445,8 +448,28 @@ impl Session {
                 self.closing.get_or_insert(end);
             }
             if wire.has_output() {
-                if let Err(e) = wire.flush().await {
-                    return ConnEnd::Io(e);
+                // An initiator that stops reading must not pin the task:
+                // bound the wait and keep listening for shutdown and
+                // reinstatement meanwhile.
+                tokio::select! {
+                    r = tokio::time::timeout(WRITE_STALL, wire.flush()) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return ConnEnd::Io(e),
+                        Err(_) => return ConnEnd::Protocol("initiator stopped reading".into()),
+                    },
+                    _ = shutdown.wait_for(|s| *s) => return ConnEnd::Closed("target shutting down"),
+                    Some(c) = ctl.recv() => {
+                        match c {
+                            SessionCtl::Close => {
+                                return ConnEnd::Closed("closed by the target (reinstatement or reset)")
+                            }
+                            SessionCtl::AbortTasks { lun } => self.abort_matching(wire, |l| {
+                                lun.is_none_or(|x| l.to_u64() == lun_key(x))
+                            }),
+                        }
+                        // The unsent output is kept; send it next round.
+                        continue;
+                    }
                 }
             }
             if self.close_all_after_flush {
@@ -496,8 +519,11 @@ impl Session {
                 _ => break,
             }
         }
-        let _ = wire.flush().await;
-        let _ = wire.wr.shutdown().await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = wire.flush().await;
+            let _ = wire.wr.shutdown().await;
+        })
+        .await;
         if let (Some(nexus), Some(t)) = (&self.nexus, self.target) {
             for lu in self.shared.targets[t].luns.values() {
                 lu.nexus_lost(nexus);
