@@ -515,6 +515,66 @@ fn data_digest_error_gets_reject_and_the_session_goes_on() {
     assert_eq!(c.collect().1, 0, "the session still works");
 }
 
+fn prout(c: &mut Client, sa: u8, prtype: u8, key: u64, sa_key: u64) -> u8 {
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x5f;
+    cdb[1] = sa;
+    cdb[2] = prtype;
+    cdb[8] = 24;
+    let mut p = vec![0u8; 24];
+    p[..8].copy_from_slice(&key.to_be_bytes());
+    p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+    c.command(&cdb, false, true, 24, Bytes::from(p));
+    c.collect().1
+}
+
+#[test]
+fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
+    let srv = TestServer::start(1, Limits::default());
+    let mut a = Client::connect(srv.portals[0]);
+    assert_eq!(a.login(0x23d0_0000_0010, Some(IQN)).status_class, 0);
+    a.clear_ua();
+    let mut b = Client::connect(srv.portals[0]);
+    assert_eq!(b.login(0x23d0_0000_0011, Some(IQN)).status_class, 0);
+    b.clear_ua();
+    assert_eq!(prout(&mut a, 0x00, 0, 0, 0xaa), 0, "A registers");
+    assert_eq!(prout(&mut b, 0x00, 0, 0, 0xbb), 0, "B registers");
+    assert_eq!(
+        prout(&mut b, 0x01, 0x01, 0xbb, 0),
+        0,
+        "B reserves (Write Exclusive)"
+    );
+    // A starts a 64 KiB write without immediate data: it waits for Data-Out.
+    let itt = a.command(&write10(0, 128), false, true, 65536, Bytes::new());
+    let TargetPdu::R2t(r2t) = a.recv_target() else {
+        panic!("expected R2T")
+    };
+    // B preempts A's registration and aborts A's tasks.
+    assert_eq!(
+        prout(&mut b, 0x05, 0x01, 0xbb, 0xaa),
+        0,
+        "PREEMPT AND ABORT"
+    );
+    // A's data arrives for an aborted task: dropped, no status for it.
+    let d = DataOut {
+        final_bit: true,
+        lun: Lun::from_number(0).unwrap(),
+        itt,
+        ttt: r2t.ttt,
+        exp_stat_sn: a.exp_stat_sn,
+        data_sn: 0,
+        buffer_offset: 0,
+        data: Bytes::from(vec![0x77u8; 65536]),
+    };
+    a.send(&d.to_pdu());
+    let tur = a.command(&[0u8; 6], false, false, 0, Bytes::new());
+    assert_eq!(
+        next_status_itt(&mut a),
+        tur,
+        "the aborted write never completes"
+    );
+}
+
 #[test]
 fn session_limit_refuses_logins_beyond_it() {
     let srv = TestServer::start(
