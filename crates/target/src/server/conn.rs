@@ -865,6 +865,13 @@ impl Session {
                 }
             }
         }
+        if cmd.final_bit && imm >= collect {
+            // Everything came as immediate data: run it now, without
+            // copying the data.
+            let data = cmd.data.slice(..collect as usize);
+            self.execute(wire, meta, lu, cdb, data);
+            return;
+        }
         let mut buf = BytesMut::with_capacity(collect as usize);
         let take = imm.min(collect) as usize;
         buf.extend_from_slice(&cmd.data[..take]);
