@@ -464,7 +464,7 @@ impl Session {
                                 return ConnEnd::Closed("closed by the target (reinstatement or reset)")
                             }
                             SessionCtl::AbortTasks { lun } => self.abort_matching(wire, |l| {
-                                lun.is_none_or(|x| l.to_u64() == lun_key(x))
+                                lun.is_none_or(|x| same_lun(l, x))
                             }),
                         }
                         // The unsent output is kept; send it next round.
@@ -493,7 +493,7 @@ impl Session {
                 Some(c) = self.done_rx.recv() => self.complete(wire, c),
                 Some(c) = ctl.recv() => match c {
                     SessionCtl::Close => return ConnEnd::Closed("closed by the target (reinstatement or reset)"),
-                    SessionCtl::AbortTasks { lun } => self.abort_matching(wire, |l| lun.is_none_or(|x| l.to_u64() == lun_key(x))),
+                    SessionCtl::AbortTasks { lun } => self.abort_matching(wire, |l| lun.is_none_or(|x| same_lun(l, x))),
                 },
                 _ = tokio::time::sleep_until(deadline) => {
                     if let Some((_, sent)) = self.ping {
@@ -1169,7 +1169,7 @@ impl Session {
         let lun = meta.lun;
         if self.nexus.as_ref() == Some(nexus) {
             let itt = meta.itt;
-            self.abort_where(|i, l| i != itt && l == lun);
+            self.abort_where(|i, l| i != itt && lun_eq(l, lun));
         }
         if let Some(n) = lun.number().map(u64::from) {
             self.shared.sessions().send_to_nexus(
@@ -1249,13 +1249,16 @@ impl Session {
         let running = match t.function {
             TmfFunction::AbortTask => {
                 let rtt = t.referenced_task_tag;
-                let known = self.writes.get(&rtt).is_some_and(|w| w.lun == t.lun)
+                let known = self.writes.get(&rtt).is_some_and(|w| lun_eq(w.lun, t.lun))
                     || self
                         .in_flight
                         .get(&rtt)
-                        .is_some_and(|f| f.lun == t.lun && !f.aborted)
+                        .is_some_and(|f| lun_eq(f.lun, t.lun) && !f.aborted)
                     || self.queued.values().any(|p| p.itt() == rtt)
-                    || self.deferred.iter().any(|c| c.itt == rtt && c.lun == t.lun);
+                    || self
+                        .deferred
+                        .iter()
+                        .any(|c| c.itt == rtt && lun_eq(c.lun, t.lun));
                 if !known {
                     // Not found. If its CmdSN is in the window but has not
                     // arrived, RFC 7143 11.5.1 says "function complete".
@@ -1276,7 +1279,7 @@ impl Session {
                     return;
                 }
                 let lun = t.lun;
-                let r = self.abort_where(|_, l| l == lun);
+                let r = self.abort_where(|_, l| lun_eq(l, lun));
                 if t.function == TmfFunction::ClearTaskSet {
                     if let (Some(n), Some(lu), Some(nexus)) = (lun_n, &lu, &self.nexus) {
                         self.shared.sessions().broadcast_target(
@@ -1298,7 +1301,7 @@ impl Session {
                     return;
                 };
                 let lun = t.lun;
-                let r = self.abort_where(|_, l| l == lun);
+                let r = self.abort_where(|_, l| lun_eq(l, lun));
                 self.shared.sessions().broadcast_target(
                     target,
                     Some(self.tsih),
@@ -1530,13 +1533,15 @@ impl WriteTask {
     }
 }
 
-/// The LUN field value (8-byte encoding as u64) for LUN number `n`.
-fn lun_key(n: u64) -> u64 {
-    u16::try_from(n)
-        .ok()
-        .and_then(Lun::from_number)
-        .map(|l| l.to_u64())
-        .unwrap_or(u64::MAX)
+/// Do two LUN fields address the same logical unit?
+fn lun_eq(a: Lun, b: Lun) -> bool {
+    a == b || a.number().is_some_and(|n| b.number() == Some(n))
+}
+
+/// Does the LUN field `l` address LUN number `n` (in any of the
+/// encodings an initiator may use for it)?
+fn same_lun(l: Lun, n: u64) -> bool {
+    l.number().is_some_and(|m| u64::from(m) == n)
 }
 
 /// Offset of the TRANSFER LENGTH field of a WRITE / WRITE AND VERIFY CDB.
