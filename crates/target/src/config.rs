@@ -29,7 +29,7 @@
 //! block_size = 512                    # 512 or 4096
 //! read_only = false
 //! serial = "kf0001"                   # optional; VPD 80h
-//! naa = "6001405f00000001"            # optional; VPD 83h NAA designator
+//! naa = "6001405f0000000000000000000000a1"  # optional; VPD 83h NAA designator
 //! ```
 
 use std::collections::HashSet;
@@ -174,8 +174,7 @@ pub struct LunConfig {
     pub read_only: bool,
     #[serde(default)]
     pub serial: Option<String>,
-    /// NAA designator as 16 or 32 hex digits (IEEE registered (5h) or
-    /// registered extended (6h)).
+    /// NAA IEEE Registered Extended (6h) designator: 32 hex digits.
     #[serde(default)]
     pub naa: Option<String>,
 }
@@ -463,11 +462,9 @@ impl Config {
                 if let Some(naa) = &l.naa {
                     let b = parse_hex(naa)
                         .map_err(|_| invalid(format!("{what}: naa '{naa}' is not hex")))?;
-                    let kind = b.first().map(|x| x >> 4);
-                    let ok = matches!((b.len(), kind), (8, Some(5)) | (16, Some(6)));
-                    if !ok {
+                    if b.len() != 16 || b.first().map(|x| x >> 4) != Some(6) {
                         return Err(invalid(format!(
-                            "{what}: naa must be 16 hex digits starting with 5 or 32 starting with 6"
+                            "{what}: naa must be 32 hex digits starting with 6 (IEEE Registered Extended)"
                         )));
                     }
                 }
@@ -658,5 +655,20 @@ device = "/dev/null"
         assert!(check_iscsi_name("naa.52004567BA64678D").is_ok());
         assert!(check_iscsi_name("iqn.26-11.io").is_err());
         assert!(check_iscsi_name("iqn.2026-11.io.kf:a b").is_err());
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("config.rs")
+            .lines()
+            .skip_while(|l| *l != "//! ```toml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| l.strip_prefix("//! ").unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&text, "example").unwrap();
+        assert_eq!(c.targets[0].portal_groups().count(), 2);
+        assert_eq!(c.limits.nop_in_interval_secs, 30);
     }
 }

@@ -212,11 +212,8 @@ impl Server {
                 if let Some(s) = &lc.serial {
                     cfg.serial = s.clone();
                 }
-                if let Some(naa) = lc.naa_bytes() {
-                    let mut n = [0u8; 16];
-                    let len = naa.len().min(16);
-                    n[..len].copy_from_slice(&naa[..len]);
-                    cfg.naa = n;
+                if let Some(naa) = lc.naa_bytes().and_then(|v| <[u8; 16]>::try_from(v).ok()) {
+                    cfg.naa = naa;
                 }
                 let backend: Arc<dyn BlockBackend> = Arc::new(backend);
                 let lu = LogicalUnit::new(cfg, backend).map_err(|err| ServerError::Lu {
