@@ -575,6 +575,89 @@ fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
     );
 }
 
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn login_tpgt(r: &LoginResponse) -> Option<u16> {
+    r.data
+        .split(|&b| b == 0)
+        .filter_map(|kv| std::str::from_utf8(kv).ok())
+        .find_map(|kv| kv.strip_prefix("TargetPortalGroupTag="))
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn config_file_with_two_targets_sharing_a_portal() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, q) = (free_port(), free_port());
+    let text = format!(
+        r#"
+data_dir = "data"
+[[target]]
+name = "iqn.2026-11.io.keyfence:a"
+portals = ["127.0.0.1:{p}", "127.0.0.1:{q}"]
+[[target.lun]]
+id = 0
+size = "4M"
+[[target]]
+name = "iqn.2026-11.io.keyfence:b"
+portals = ["127.0.0.1:{q}"]
+[[target.lun]]
+id = 3
+path = "b3.img"
+size = "8M"
+block_size = 4096
+"#
+    );
+    let path = dir.path().join("kf.toml");
+    std::fs::write(&path, text).unwrap();
+    let cfg = Config::load(&path).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let server = rt.block_on(Server::bind(cfg)).unwrap();
+    let text = server.describe();
+    assert!(
+        text.contains("portal 127.0.0.1:") && text.contains("(TPGT 2)"),
+        "{text}"
+    );
+    assert!(dir.path().join("data/lun0.img").exists());
+    assert_eq!(
+        std::fs::metadata(dir.path().join("data/b3.img"))
+            .unwrap()
+            .len(),
+        8 << 20
+    );
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let done = rt.spawn(server.run(async move {
+        let _ = rx.await;
+    }));
+    let shared: SocketAddr = format!("127.0.0.1:{q}").parse().unwrap();
+    let mut a = Client::connect(shared);
+    let r = a.login(0x23d0_0000_0012, Some("iqn.2026-11.io.keyfence:a"));
+    assert_eq!((r.status_class, login_tpgt(&r)), (0, Some(2)));
+    let mut b = Client::connect(shared);
+    let r = b.login(0x23d0_0000_0012, Some("iqn.2026-11.io.keyfence:b"));
+    assert_eq!((r.status_class, login_tpgt(&r)), (0, Some(1)));
+    // B is not served on A's first portal.
+    let mut c = Client::connect(format!("127.0.0.1:{p}").parse().unwrap());
+    let r = c.login(0x23d0_0000_0013, Some("iqn.2026-11.io.keyfence:b"));
+    assert_eq!(
+        (r.status_class, r.status_detail),
+        (2, 3),
+        "target not found"
+    );
+    let _ = tx.send(());
+    rt.block_on(done).unwrap().unwrap();
+}
+
 #[test]
 fn session_limit_refuses_logins_beyond_it() {
     let srv = TestServer::start(
