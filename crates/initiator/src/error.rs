@@ -165,48 +165,12 @@ impl Error {
 
 /// Text for the login status class/detail pairs of RFC 7143 §11.13.5.
 pub fn login_status_text(class: u8, detail: u8) -> &'static str {
-    match (class, detail) {
-        (0, 0) => "success",
-        (1, 1) => "target moved temporarily",
-        (1, 2) => "target moved permanently",
-        (2, 0) => "initiator error",
-        (2, 1) => "authentication failure",
-        (2, 2) => "authorization failure",
-        (2, 3) => "target not found",
-        (2, 4) => "target removed",
-        (2, 5) => "unsupported version",
-        (2, 6) => "too many connections",
-        (2, 7) => "missing parameter",
-        (2, 8) => "can't include in session",
-        (2, 9) => "session type not supported",
-        (2, 10) => "session does not exist",
-        (2, 11) => "invalid request during login",
-        (3, 0) => "target error",
-        (3, 1) => "service unavailable",
-        (3, 2) => "out of resources",
-        (1, _) => "redirection",
-        (2, _) => "initiator error",
-        (3, _) => "target error",
-        _ => "unknown status",
-    }
+    iscsi::login::LoginStatus { class, detail }.description()
 }
 
 /// Text for Reject reasons (RFC 7143 §11.17.1).
 pub fn reject_reason_text(reason: u8) -> &'static str {
-    match reason {
-        0x02 => "data (payload) digest error",
-        0x03 => "SNACK reject",
-        0x04 => "protocol error",
-        0x05 => "command not supported",
-        0x06 => "immediate command reject",
-        0x07 => "task in progress",
-        0x08 => "invalid data ack",
-        0x09 => "invalid PDU field",
-        0x0a => "long operation reject",
-        0x0b => "deprecated",
-        0x0c => "waiting for logout",
-        _ => "reserved",
-    }
+    iscsi::pdu::RejectReason::from_u8(reason).description()
 }
 
 fn status_text(s: u8) -> &'static str {

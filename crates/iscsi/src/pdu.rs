@@ -171,6 +171,24 @@ impl RejectReason {
         }
     }
 
+    /// A short description, as RFC 7143 §11.17.1 names the reason.
+    pub fn description(self) -> &'static str {
+        match self {
+            RejectReason::DataDigestError => "data (payload) digest error",
+            RejectReason::SnackReject => "SNACK reject",
+            RejectReason::ProtocolError => "protocol error",
+            RejectReason::CommandNotSupported => "command not supported",
+            RejectReason::ImmediateCommandReject => "immediate command reject",
+            RejectReason::TaskInProgress => "task in progress",
+            RejectReason::InvalidDataAck => "invalid data ack",
+            RejectReason::InvalidPduField => "invalid PDU field",
+            RejectReason::OutOfResources => "long operation reject",
+            RejectReason::NegotiationReset => "deprecated",
+            RejectReason::WaitingForLogout => "waiting for logout",
+            RejectReason::Other(_) => "reserved",
+        }
+    }
+
     /// From the wire value.
     pub fn from_u8(v: u8) -> RejectReason {
         match v {

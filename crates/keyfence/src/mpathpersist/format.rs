@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use initiator::Error;
 use scsi::SenseKey;
 
-use crate::persist::format::PR_TYPE_STRS;
+use crate::persist::format::{be16, be32, be64, PR_TYPE_STRS};
 
 /// libmpathpersist return statuses (mpath_persist.h), used as exit status.
 /// The list is complete even where keyfence never returns a value.
@@ -49,31 +49,6 @@ pub fn status_of(e: &Error) -> u8 {
         },
         Error::BadData { .. } => code::SENSE_MALFORMED,
         _ => code::OTHER,
-    }
-}
-
-fn be16(b: &[u8], off: usize) -> u16 {
-    match b.get(off..off + 2) {
-        Some(s) => u16::from_be_bytes([s[0], s[1]]),
-        None => 0,
-    }
-}
-
-fn be32(b: &[u8], off: usize) -> u32 {
-    match b.get(off..off + 4) {
-        Some(s) => u32::from_be_bytes([s[0], s[1], s[2], s[3]]),
-        None => 0,
-    }
-}
-
-fn be64(b: &[u8], off: usize) -> u64 {
-    match b.get(off..off + 8) {
-        Some(s) => {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(s);
-            u64::from_be_bytes(a)
-        }
-        None => 0,
     }
 }
 

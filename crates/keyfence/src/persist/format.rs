@@ -55,21 +55,21 @@ pub fn prout_sa_str(sa: u8) -> String {
     }
 }
 
-fn be16(b: &[u8], off: usize) -> u16 {
+pub(crate) fn be16(b: &[u8], off: usize) -> u16 {
     match b.get(off..off + 2) {
         Some(s) => u16::from_be_bytes([s[0], s[1]]),
         None => 0,
     }
 }
 
-fn be32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn be32(b: &[u8], off: usize) -> u32 {
     match b.get(off..off + 4) {
         Some(s) => u32::from_be_bytes([s[0], s[1], s[2], s[3]]),
         None => 0,
     }
 }
 
-fn be64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn be64(b: &[u8], off: usize) -> u64 {
     match b.get(off..off + 8) {
         Some(s) => {
             let mut a = [0u8; 8];
