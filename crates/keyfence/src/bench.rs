@@ -115,13 +115,9 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence bench")).chain(args.iter().cloned());
-    let args = match Args::try_parse_from(argv) {
+    let args: Args = match crate::cli::parse("keyfence bench", args, 2) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
-        }
+        Err(code) => return code,
     };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

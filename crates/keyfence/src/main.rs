@@ -7,6 +7,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 mod bench;
+mod cli;
 mod fence;
 mod mpathpersist;
 mod persist;

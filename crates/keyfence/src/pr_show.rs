@@ -123,14 +123,9 @@ enum Shown {
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence pr")).chain(args.iter().cloned());
-    let cli = match Cli::try_parse_from(argv) {
-        Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+    let cli: Cli = match crate::cli::parse("keyfence pr", args, 2) {
+        Ok(a) => a,
+        Err(code) => return code,
     };
     let Cmd::Show {
         data_dir,

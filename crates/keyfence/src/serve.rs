@@ -55,14 +55,9 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence serve")).chain(args.iter().cloned());
-    let args = match Args::try_parse_from(argv) {
+    let args: Args = match crate::cli::parse("keyfence serve", args, 2) {
         Ok(a) => a,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(code) => return code,
     };
     init_tracing(args.log_level.as_deref());
     match serve(args) {
@@ -105,6 +100,7 @@ fn config_from_args(args: &Args) -> Result<Config> {
             let mut cfg = Config {
                 data_dir: PathBuf::from(DEFAULT_DATA_DIR),
                 limits: Default::default(),
+                discovery_chap: None,
                 targets: vec![TargetConfig {
                     name: args
                         .target_name
@@ -121,6 +117,7 @@ fn config_from_args(args: &Args) -> Result<Config> {
                         serial: None,
                         naa: None,
                     }],
+                    chap: None,
                     portal_addrs: Vec::new(),
                 }],
             };

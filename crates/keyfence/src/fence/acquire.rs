@@ -67,14 +67,9 @@ struct Watched {
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
-    let argv =
-        std::iter::once(OsString::from("keyfence fence acquire")).chain(args.iter().cloned());
-    let a = match Args::try_parse_from(argv) {
+    let a: Args = match crate::cli::parse("keyfence fence acquire", args, 1) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
-        }
+        Err(code) => return code,
     };
     let setup = || -> Result<(Vec<FenceDevice>, u64, String), String> {
         Ok((

@@ -51,13 +51,9 @@ struct Args {
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence fence check")).chain(args.iter().cloned());
-    let a = match Args::try_parse_from(argv) {
+    let a: Args = match crate::cli::parse("keyfence fence check", args, 1) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
-        }
+        Err(code) => return code,
     };
     match a.watchdog.first().map(String::as_str) {
         None | Some("test") => {}

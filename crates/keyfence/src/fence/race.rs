@@ -61,13 +61,9 @@ pub enum DiskOutcome {
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence fence race")).chain(args.iter().cloned());
-    let a = match Args::try_parse_from(argv) {
+    let a: Args = match crate::cli::parse("keyfence fence race", args, 1) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
-        }
+        Err(code) => return code,
     };
     let setup = || -> Result<(Vec<FenceDevice>, u64, Vec<u64>, String), String> {
         let mut devs = super::resolve_devices(&a.devices, a.config.as_deref())?;

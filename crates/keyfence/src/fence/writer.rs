@@ -128,13 +128,9 @@ struct WriterArgs {
 }
 
 pub fn run_writer(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence fence writer")).chain(args.iter().cloned());
-    let a = match WriterArgs::try_parse_from(argv) {
+    let a: WriterArgs = match crate::cli::parse("keyfence fence writer", args, 1) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
-        }
+        Err(code) => return code,
     };
     let rt = match super::runtime() {
         Ok(r) => r,
@@ -225,13 +221,9 @@ struct StampArgs {
 }
 
 pub fn run_stamp(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence fence stamp")).chain(args.iter().cloned());
-    let a = match StampArgs::try_parse_from(argv) {
+    let a: StampArgs = match crate::cli::parse("keyfence fence stamp", args, 1) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
-        }
+        Err(code) => return code,
     };
     let rt = match super::runtime() {
         Ok(r) => r,
@@ -298,13 +290,9 @@ struct ScanArgs {
 }
 
 pub fn run_scan(args: &[OsString]) -> ExitCode {
-    let argv = std::iter::once(OsString::from("keyfence fence scan")).chain(args.iter().cloned());
-    let a = match ScanArgs::try_parse_from(argv) {
+    let a: ScanArgs = match crate::cli::parse("keyfence fence scan", args, 1) {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
-        }
+        Err(code) => return code,
     };
     let rt = match super::runtime() {
         Ok(r) => r,
