@@ -18,9 +18,19 @@
 //! nop_in_interval_secs = 30           # ping an idle connection after this long; 0 = never
 //! nop_in_timeout_secs = 15            # drop it if the ping is not answered
 //!
+//! [discovery_chap]                    # optional: CHAP for SendTargets sessions too
+//! user = "discoverer"
+//! secret = "disc-secret-0123"
+//!
 //! [[target]]
 //! name = "iqn.2026-11.io.keyfence:default"
 //! portals = ["127.0.0.1:3260", "127.0.0.1:3261"]   # portal groups with TPGT 1, 2
+//!
+//! [target.chap]                       # optional: initiators must log in with CHAP
+//! user = "alice"                      # the CHAP_N the initiator gives
+//! secret = "alice-secret-42"          # 12 to 255 bytes (RFC 7143: 96+ random bits)
+//! mutual_user = "target1"             # optional mutual CHAP: the target proves
+//! mutual_secret = "target1-secret-7"  # itself with these; a different secret
 //!
 //! [[target.lun]]
 //! id = 0
@@ -37,6 +47,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use iscsi::chap::ChapCredential;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
@@ -77,6 +88,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     #[serde(default)]
     pub limits: Limits,
+    /// CHAP required of discovery sessions; `None`: discovery is open.
+    #[serde(default)]
+    pub discovery_chap: Option<ChapConfig>,
     #[serde(rename = "target", default)]
     pub targets: Vec<TargetConfig>,
 }
@@ -139,6 +153,9 @@ pub struct TargetConfig {
     pub portals: Vec<String>,
     #[serde(rename = "lun", default)]
     pub luns: Vec<LunConfig>,
+    /// CHAP required of normal sessions; `None`: AuthMethod=None.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
     /// Addresses parsed from `portals` by validation.
     #[serde(skip)]
     pub portal_addrs: Vec<SocketAddr>,
@@ -151,6 +168,132 @@ impl TargetConfig {
             .iter()
             .enumerate()
             .map(|(i, a)| (u16::try_from(i + 1).unwrap_or(u16::MAX), *a))
+    }
+}
+
+/// CHAP credentials (RFC 7143 section 12.1.3, MD5 only).
+///
+/// `user`/`secret` are what an initiator must authenticate with; the
+/// optional `mutual_user`/`mutual_secret` are what the target answers with
+/// when the initiator challenges it in turn (mutual CHAP). Secrets are
+/// never printed: `Debug` redacts them.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChapConfig {
+    /// CHAP name the initiator must present (CHAP_N).
+    pub user: String,
+    /// Secret shared with that initiator.
+    pub secret: Secret,
+    /// CHAP name the target answers a mutual challenge with.
+    #[serde(default)]
+    pub mutual_user: Option<String>,
+    /// Secret the target answers a mutual challenge with.
+    #[serde(default)]
+    pub mutual_secret: Option<Secret>,
+}
+
+impl fmt::Debug for ChapConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChapConfig")
+            .field("user", &self.user)
+            .field("secret", &self.secret)
+            .field("mutual_user", &self.mutual_user)
+            .field("mutual_secret", &self.mutual_secret)
+            .finish()
+    }
+}
+
+impl ChapConfig {
+    /// What an initiator must authenticate with.
+    pub fn initiator_credential(&self) -> ChapCredential {
+        ChapCredential::new(self.user.clone(), self.secret.expose().as_bytes())
+    }
+
+    /// What the target authenticates itself with (mutual CHAP), if set.
+    pub fn target_credential(&self) -> Option<ChapCredential> {
+        match (&self.mutual_user, &self.mutual_secret) {
+            (Some(u), Some(s)) => Some(ChapCredential::new(u.clone(), s.expose().as_bytes())),
+            _ => None,
+        }
+    }
+
+    /// Shortest secret accepted: RFC 7143 section 12.1.3 requires IPsec for
+    /// secrets with fewer than 96 random bits, which this target does not do.
+    pub const MIN_SECRET_LEN: usize = 12;
+    /// Longest secret accepted.
+    pub const MAX_SECRET_LEN: usize = 255;
+
+    fn validate(&self, what: &str) -> Result<(), ConfigError> {
+        check_chap_name(what, "user", &self.user)?;
+        check_secret(what, "secret", &self.secret)?;
+        match (&self.mutual_user, &self.mutual_secret) {
+            (None, None) => {}
+            (Some(u), Some(s)) => {
+                check_chap_name(what, "mutual_user", u)?;
+                check_secret(what, "mutual_secret", s)?;
+                if s == &self.secret {
+                    return Err(invalid(format!(
+                        "{what}: mutual_secret must differ from secret (RFC 7143 section 12.1.3)"
+                    )));
+                }
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "{what}: mutual_user and mutual_secret must be given together"
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_chap_name(what: &str, key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{what}: {key} must be 1-255 bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_secret(what: &str, key: &str, secret: &Secret) -> Result<(), ConfigError> {
+    let n = secret.expose().len();
+    if !(ChapConfig::MIN_SECRET_LEN..=ChapConfig::MAX_SECRET_LEN).contains(&n) {
+        return Err(invalid(format!(
+            "{what}: {key} is {n} bytes; it must be {}-{} bytes (RFC 7143 section 12.1.3 wants 96+ random bits)",
+            ChapConfig::MIN_SECRET_LEN,
+            ChapConfig::MAX_SECRET_LEN
+        )));
+    }
+    Ok(())
+}
+
+/// A CHAP secret. `Debug` and `Display` never show it; [`Secret::expose`]
+/// is the one way to read it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for computing CHAP responses.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
@@ -384,9 +527,15 @@ impl Config {
         if self.targets.is_empty() {
             return Err(invalid("no [[target]] configured"));
         }
+        if let Some(c) = &self.discovery_chap {
+            c.validate("discovery_chap")?;
+        }
         let mut names = HashSet::new();
         for t in &mut self.targets {
             check_iscsi_name(&t.name).map_err(invalid)?;
+            if let Some(c) = &t.chap {
+                c.validate(&format!("target '{}' chap", t.name))?;
+            }
             if !names.insert(t.name.to_ascii_lowercase()) {
                 return Err(invalid(format!("target '{}' is configured twice", t.name)));
             }
@@ -468,6 +617,35 @@ impl Config {
                         )));
                     }
                 }
+            }
+        }
+        self.check_chap_secrets_not_shared()?;
+        Ok(())
+    }
+
+    /// RFC 7143 section 12.1.3: a secret that authenticates initiators must
+    /// not also authenticate a target, and the other way round.
+    fn check_chap_secrets_not_shared(&self) -> Result<(), ConfigError> {
+        let all = || {
+            let disc = self
+                .discovery_chap
+                .as_ref()
+                .map(|c| ("discovery_chap".to_string(), c));
+            disc.into_iter().chain(self.targets.iter().filter_map(|t| {
+                t.chap
+                    .as_ref()
+                    .map(|c| (format!("target '{}' chap", t.name), c))
+            }))
+        };
+        for (owner, c) in all() {
+            let Some(mutual) = &c.mutual_secret else {
+                continue;
+            };
+            if let Some((other, _)) = all().find(|(_, o)| &o.secret == mutual) {
+                return Err(invalid(format!(
+                    "{owner}: mutual_secret is also the secret initiators use for {other}; \
+                     RFC 7143 section 12.1.3 forbids one secret for both directions"
+                )));
             }
         }
         Ok(())
@@ -670,5 +848,87 @@ device = "/dev/null"
         let c = Config::from_toml(&text, "example").unwrap();
         assert_eq!(c.targets[0].portal_groups().count(), 2);
         assert_eq!(c.limits.nop_in_interval_secs, 30);
+        let chap = c.targets[0].chap.as_ref().unwrap();
+        assert_eq!(chap.initiator_credential().name, "alice");
+        assert_eq!(chap.target_credential().unwrap().name, "target1");
+        assert_eq!(c.discovery_chap.as_ref().unwrap().user, "discoverer");
+    }
+
+    fn with_chap(chap: &str) -> String {
+        format!(
+            "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\n\
+             [target.chap]\n{chap}\n[[target.lun]]\nid = 0\n"
+        )
+    }
+
+    #[test]
+    fn chap_credentials() {
+        let c = Config::from_toml(
+            &with_chap("user = \"u\"\nsecret = \"0123456789ab\""),
+            "c.toml",
+        )
+        .unwrap();
+        let chap = c.targets[0].chap.as_ref().unwrap();
+        assert_eq!(chap.initiator_credential().secret, b"0123456789ab");
+        assert!(chap.target_credential().is_none());
+        assert!(c.discovery_chap.is_none());
+
+        let e = err(&with_chap("user = \"u\"\nsecret = \"short-sec01\""));
+        assert!(
+            e.ends_with("target 'iqn.2026-11.io.keyfence:x' chap: secret is 11 bytes; it must be 12-255 bytes (RFC 7143 section 12.1.3 wants 96+ random bits)"),
+            "{e}"
+        );
+        assert!(!e.contains("short-sec01"));
+        let long = "x".repeat(256);
+        assert!(
+            err(&with_chap(&format!("user = \"u\"\nsecret = \"{long}\"")))
+                .contains("secret is 256 bytes")
+        );
+        assert!(err(&with_chap("user = \"\"\nsecret = \"0123456789ab\""))
+            .contains("user must be 1-255 bytes"));
+        assert!(err(&with_chap(
+            "user = \"u\"\nsecret = \"0123456789ab\"\nmutual_user = \"t\""
+        ))
+        .contains("mutual_user and mutual_secret must be given together"));
+        assert!(err(&with_chap(
+            "user = \"u\"\nsecret = \"0123456789ab\"\nmutual_user = \"t\"\nmutual_secret = \"0123456789ab\""
+        ))
+        .contains("mutual_secret must differ from secret"));
+        assert!(err(&with_chap(
+            "user = \"u\"\nsecret = \"0123456789ab\"\nsecrt = 1"
+        ))
+        .contains("unknown field `secrt`"));
+        // A target secret that is another's initiator secret.
+        let e = err(&format!(
+            "[discovery_chap]\nuser = \"d\"\nsecret = \"discovery-secret\"\n{}",
+            with_chap(
+                "user = \"u\"\nsecret = \"0123456789ab\"\nmutual_user = \"t\"\nmutual_secret = \"discovery-secret\""
+            )
+        ));
+        assert!(
+            e.contains("mutual_secret is also the secret initiators use for discovery_chap"),
+            "{e}"
+        );
+        assert!(!e.contains("discovery-secret"));
+    }
+
+    #[test]
+    fn chap_secrets_are_redacted() {
+        let c = Config::from_toml(
+            &with_chap(
+                "user = \"u\"\nsecret = \"initiator-pass\"\nmutual_user = \"t\"\nmutual_secret = \"target-pass-1\"",
+            ),
+            "c.toml",
+        )
+        .unwrap();
+        let shown = format!("{c:?} {:#?}", c.targets[0].chap);
+        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(!shown.contains("initiator-pass"), "{shown}");
+        assert!(!shown.contains("target-pass-1"), "{shown}");
+        let cred = format!(
+            "{:?}",
+            c.targets[0].chap.as_ref().unwrap().initiator_credential()
+        );
+        assert!(!cred.contains("initiator-pass"), "{cred}");
     }
 }

@@ -15,7 +15,7 @@ use iscsi::pdu::{
     ScsiResponse, Stage, TargetPdu, TaskAttr, TextRequest, TextResponse,
 };
 use iscsi::{Lun, Pdu, PduCodec};
-use target::config::{ByteSize, Config, Limits, LunConfig, TargetConfig};
+use target::config::{ByteSize, ChapConfig, Config, Limits, LunConfig, Secret, TargetConfig};
 use target::server::Server;
 
 const IQN: &str = "iqn.2026-11.io.keyfence:test";
@@ -32,10 +32,20 @@ struct TestServer {
 
 impl TestServer {
     fn start(portals: usize, limits: Limits) -> TestServer {
+        Self::start_with_chap(portals, limits, None, None)
+    }
+
+    fn start_with_chap(
+        portals: usize,
+        limits: Limits,
+        chap: Option<ChapConfig>,
+        discovery_chap: Option<ChapConfig>,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = Config {
             data_dir: dir.path().to_path_buf(),
             limits,
+            discovery_chap,
             targets: vec![TargetConfig {
                 name: IQN.into(),
                 portals: vec!["127.0.0.1:0".to_string(); portals],
@@ -49,6 +59,7 @@ impl TestServer {
                     serial: None,
                     naa: None,
                 }],
+                chap,
                 portal_addrs: vec![],
             }],
         };
@@ -961,4 +972,356 @@ fn libiscsi_iscsi_suite() {
     let _: &Path = srv.dir.path();
     let _ = InitiatorPdu::parse;
     let _ = DataIn::parse;
+}
+
+// ---- CHAP ----------------------------------------------------------------
+
+const CHAP_USER: &str = "alice";
+const CHAP_SECRET: &str = "alice-secret-0001";
+const MUTUAL_USER: &str = "target1";
+const MUTUAL_SECRET: &str = "target-secret-002";
+const DISC_USER: &str = "discoverer";
+const DISC_SECRET: &str = "discovery-secret-3";
+
+fn chap(user: &str, secret: &str, mutual: Option<(&str, &str)>) -> ChapConfig {
+    ChapConfig {
+        user: user.into(),
+        secret: Secret::new(secret),
+        mutual_user: mutual.map(|m| m.0.to_string()),
+        mutual_secret: mutual.map(|m| Secret::new(m.1)),
+    }
+}
+
+fn chap_server(discovery: bool) -> TestServer {
+    TestServer::start_with_chap(
+        1,
+        Limits::default(),
+        Some(chap(
+            CHAP_USER,
+            CHAP_SECRET,
+            Some((MUTUAL_USER, MUTUAL_SECRET)),
+        )),
+        discovery.then(|| chap(DISC_USER, DISC_SECRET, None)),
+    )
+}
+
+fn initiator_config(target_chap: Option<(&str, &str)>) -> initiator::SessionConfig {
+    initiator::SessionConfig {
+        initiator_name: Some(INITIATOR.into()),
+        target_chap: target_chap.map(|(n, s)| (n.to_string(), s.to_string())),
+        login_timeout: Duration::from_secs(10),
+        ..Default::default()
+    }
+}
+
+/// Log in with the keyfence initiator library as `user%secret`.
+fn library_login(
+    srv: &TestServer,
+    userinfo: Option<&str>,
+    target_chap: Option<(&str, &str)>,
+) -> Result<u64, initiator::Error> {
+    let auth = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+    let url = initiator::IscsiUrl::parse_full(&format!("iscsi://{auth}{}/{IQN}/0", srv.portals[0]))
+        .unwrap();
+    let cfg = initiator_config(target_chap);
+    srv.rt.block_on(async {
+        let dev = initiator::Device::connect(&url, &cfg).await?;
+        let blocks = dev.capacity().await?.blocks();
+        dev.close().await?;
+        Ok(blocks)
+    })
+}
+
+fn assert_auth_failure<T: std::fmt::Debug>(r: Result<T, initiator::Error>) {
+    match r {
+        Err(initiator::Error::Login { class, detail, .. }) => {
+            assert_eq!((class, detail), (0x02, 0x01), "authentication failure")
+        }
+        other => panic!("expected login status 0201h, got {other:?}"),
+    }
+}
+
+#[test]
+fn chap_login_with_the_initiator_library() {
+    let srv = chap_server(false);
+    let good = format!("{CHAP_USER}%{CHAP_SECRET}");
+    assert_eq!(library_login(&srv, Some(&good), None).unwrap(), SIZE / 512);
+    assert_auth_failure(library_login(
+        &srv,
+        Some(&format!("{CHAP_USER}%{CHAP_SECRET}x")),
+        None,
+    ));
+    assert_auth_failure(library_login(
+        &srv,
+        Some(&format!("bob%{CHAP_SECRET}")),
+        None,
+    ));
+    assert_auth_failure(library_login(&srv, None, None));
+    // Mutual CHAP: the target proves it knows its secret.
+    assert_eq!(
+        library_login(&srv, Some(&good), Some((MUTUAL_USER, MUTUAL_SECRET))).unwrap(),
+        SIZE / 512
+    );
+    // An initiator expecting another target secret refuses the target.
+    match library_login(
+        &srv,
+        Some(&good),
+        Some((MUTUAL_USER, "not-the-target-secret")),
+    ) {
+        Err(initiator::Error::Negotiation(m)) => assert!(m.contains("CHAP"), "{m}"),
+        other => panic!("mutual CHAP with a wrong secret succeeded: {other:?}"),
+    }
+}
+
+#[test]
+fn chap_mutual_challenge_without_mutual_credentials_is_refused() {
+    let srv = TestServer::start_with_chap(
+        1,
+        Limits::default(),
+        Some(chap(CHAP_USER, CHAP_SECRET, None)),
+        None,
+    );
+    let good = format!("{CHAP_USER}%{CHAP_SECRET}");
+    assert_eq!(library_login(&srv, Some(&good), None).unwrap(), SIZE / 512);
+    // The target has nothing to answer a challenge with.
+    assert_auth_failure(library_login(
+        &srv,
+        Some(&good),
+        Some((MUTUAL_USER, MUTUAL_SECRET)),
+    ));
+}
+
+/// Send one Login Request; the response.
+fn login_step(
+    c: &mut Client,
+    isid: u64,
+    csg: Stage,
+    transit: bool,
+    pairs: &[(&str, &str)],
+) -> LoginResponse {
+    let mut t = TextBuilder::new();
+    for (k, v) in pairs {
+        t.push(k, v);
+    }
+    let req = LoginRequest {
+        transit,
+        cont: false,
+        csg,
+        nsg: if transit { Stage::Operational } else { csg },
+        version_max: 0,
+        version_min: 0,
+        isid,
+        tsih: 0,
+        itt: c.itt,
+        cid: 1,
+        cmd_sn: c.cmd_sn,
+        exp_stat_sn: c.exp_stat_sn,
+        data: t.finish(),
+    };
+    c.send(&req.to_pdu());
+    let TargetPdu::LoginResponse(r) = c.recv_target() else {
+        panic!("expected a login response");
+    };
+    c.exp_stat_sn = r.stat_sn.wrapping_add(1);
+    r
+}
+
+fn status(r: &LoginResponse) -> (u8, u8) {
+    (r.status_class, r.status_detail)
+}
+
+#[test]
+fn chap_target_offers_only_chap_and_refuses_bad_responses() {
+    let srv = chap_server(false);
+    let leading = [
+        ("InitiatorName", INITIATOR),
+        ("SessionType", "Normal"),
+        ("TargetName", IQN),
+    ];
+
+    // None and CHAP offered: the target picks CHAP and does not move on.
+    let mut c = Client::connect(srv.portals[0]);
+    let mut first = leading.to_vec();
+    first.push(("AuthMethod", "None,CHAP"));
+    let r = login_step(&mut c, 0x0001, Stage::Security, true, &first);
+    assert_eq!(status(&r), (0, 0));
+    let keys = iscsi::keys::parse(&r.data).unwrap();
+    assert_eq!(iscsi::keys::get(&keys, "AuthMethod"), Some("CHAP"));
+    assert!(!r.transit, "no transit before authentication");
+    let r = login_step(&mut c, 0x0001, Stage::Security, false, &[("CHAP_A", "5")]);
+    assert_eq!(status(&r), (0, 0));
+    let keys = iscsi::keys::parse(&r.data).unwrap();
+    assert_eq!(iscsi::keys::get(&keys, "CHAP_A"), Some("5"));
+    let id: u8 = iscsi::keys::get(&keys, "CHAP_I").unwrap().parse().unwrap();
+    let challenge = iscsi::keys::get(&keys, "CHAP_C").unwrap().to_string();
+    let challenge = iscsi::keys::decode_binary(&challenge).unwrap();
+    // A response computed with the wrong secret.
+    let wrong = iscsi::chap::response(id, b"wrong-secret-000", &challenge);
+    let r = login_step(
+        &mut c,
+        0x0001,
+        Stage::Security,
+        true,
+        &[
+            ("CHAP_N", CHAP_USER),
+            ("CHAP_R", &iscsi::keys::encode_hex(&wrong)),
+        ],
+    );
+    assert_eq!(status(&r), (0x02, 0x01));
+    assert!(c.recv().is_none(), "connection closed after the failure");
+
+    // AuthMethod=None only.
+    let mut c = Client::connect(srv.portals[0]);
+    let mut first = leading.to_vec();
+    first.push(("AuthMethod", "None"));
+    let r = login_step(&mut c, 0x0002, Stage::Security, true, &first);
+    assert_eq!(status(&r), (0x02, 0x01));
+
+    // Skipping the security stage altogether.
+    let mut c = Client::connect(srv.portals[0]);
+    let r = c.login(0x0003, Some(IQN));
+    assert_eq!(status(&r), (0x02, 0x01));
+
+    // The right response logs in.
+    let mut c = Client::connect(srv.portals[0]);
+    let mut first = leading.to_vec();
+    first.push(("AuthMethod", "CHAP"));
+    login_step(&mut c, 0x0004, Stage::Security, true, &first);
+    let r = login_step(&mut c, 0x0004, Stage::Security, false, &[("CHAP_A", "5")]);
+    let keys = iscsi::keys::parse(&r.data).unwrap();
+    let id: u8 = iscsi::keys::get(&keys, "CHAP_I").unwrap().parse().unwrap();
+    let challenge = iscsi::keys::decode_binary(iscsi::keys::get(&keys, "CHAP_C").unwrap()).unwrap();
+    let right = iscsi::chap::response(id, CHAP_SECRET.as_bytes(), &challenge);
+    let r = login_step(
+        &mut c,
+        0x0004,
+        Stage::Security,
+        true,
+        &[
+            ("CHAP_N", CHAP_USER),
+            ("CHAP_R", &iscsi::keys::encode_hex(&right)),
+        ],
+    );
+    assert_eq!(status(&r), (0, 0));
+    assert!(r.transit && r.nsg == Stage::Operational);
+}
+
+#[test]
+fn chap_for_discovery_sessions() {
+    let srv = chap_server(true);
+    let portal = |auth: &str| {
+        initiator::IscsiUrl::parse(&format!("iscsi://{auth}{}", srv.portals[0])).unwrap()
+    };
+    let cfg = initiator_config(None);
+    let found = srv
+        .rt
+        .block_on(initiator::discover(
+            &portal(&format!("{DISC_USER}%{DISC_SECRET}@")),
+            &cfg,
+        ))
+        .unwrap();
+    assert!(found.iter().any(|t| t.name == IQN), "{found:?}");
+    assert_auth_failure(srv.rt.block_on(initiator::discover(&portal(""), &cfg)));
+    // The target's credentials are not the discovery credentials.
+    assert_auth_failure(srv.rt.block_on(initiator::discover(
+        &portal(&format!("{CHAP_USER}%{CHAP_SECRET}@")),
+        &cfg,
+    )));
+    // Raw: a discovery login that skips security.
+    let mut c = Client::connect(srv.portals[0]);
+    assert_eq!(status(&c.login(0x0005, None)), (0x02, 0x01));
+
+    // Without [discovery_chap], discovery stays open while the target
+    // itself requires CHAP.
+    let open = chap_server(false);
+    let mut c = Client::connect(open.portals[0]);
+    assert_eq!(status(&c.login(0x0006, None)), (0, 0));
+}
+
+#[test]
+fn chap_with_libiscsi_tools() {
+    if !have("iscsi-inq") {
+        eprintln!("libiscsi-bin not installed; run scripts/install-deps.sh");
+        return;
+    }
+    let srv = chap_server(true);
+    let url = |auth: &str| format!("iscsi://{auth}@{}/{IQN}/0", srv.portals[0]);
+    let inq = run(
+        "iscsi-inq",
+        &["-i", INITIATOR, &url(&format!("{CHAP_USER}%{CHAP_SECRET}"))],
+    );
+    assert!(inq.to_ascii_lowercase().contains("keyfence"), "{inq}");
+    for bad in [
+        format!("{CHAP_USER}%{CHAP_SECRET}0"),
+        format!("mallory%{CHAP_SECRET}"),
+    ] {
+        let out = Command::new("iscsi-inq")
+            .args(["-i", INITIATOR, &url(&bad)])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{bad}: {text}");
+        assert!(text.contains("Authentication failure"), "{text}");
+    }
+    let ls = run(
+        "iscsi-ls",
+        &[
+            "-i",
+            INITIATOR,
+            &format!("iscsi://{DISC_USER}%{DISC_SECRET}@{}", srv.portals[0]),
+        ],
+    );
+    assert!(ls.contains(IQN), "{ls}");
+    let out = Command::new("iscsi-ls")
+        .args(["-i", INITIATOR, &format!("iscsi://{}", srv.portals[0])])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+/// The credentials are chosen from the first Login Request; a target name
+/// that only arrives in a continuation PDU must not bypass the target's CHAP.
+#[test]
+fn chap_cannot_be_bypassed_by_splitting_the_first_request() {
+    let srv = chap_server(false);
+    let mut c = Client::connect(srv.portals[0]);
+    let mut head = TextBuilder::new();
+    head.push("InitiatorName", INITIATOR);
+    let mut tail = TextBuilder::new();
+    tail.push("SessionType", "Normal");
+    tail.push("TargetName", IQN);
+    tail.push("HeaderDigest", "None");
+    tail.push("DataDigest", "None");
+    for (cont, data) in [(true, head.finish()), (false, tail.finish())] {
+        let req = LoginRequest {
+            transit: !cont,
+            cont,
+            csg: Stage::Operational,
+            nsg: if cont {
+                Stage::Operational
+            } else {
+                Stage::FullFeature
+            },
+            version_max: 0,
+            version_min: 0,
+            isid: 0x0007,
+            tsih: 0,
+            itt: c.itt,
+            cid: 1,
+            cmd_sn: c.cmd_sn,
+            exp_stat_sn: c.exp_stat_sn,
+            data,
+        };
+        c.send(&req.to_pdu());
+        let TargetPdu::LoginResponse(r) = c.recv_target() else {
+            panic!("expected a login response");
+        };
+        c.exp_stat_sn = r.stat_sn.wrapping_add(1);
+        if cont {
+            assert_eq!(status(&r), (0, 0));
+        } else {
+            assert_eq!(status(&r), (0x02, 0x01));
+        }
+    }
 }

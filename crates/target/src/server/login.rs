@@ -3,6 +3,14 @@
 //! admits the session into the session table (assigning the TSIH the
 //! negotiation announced and reinstating an older session with the same
 //! initiator port and portal group).
+//!
+//! Authentication: a target with `[target.chap]` (and discovery with
+//! `[discovery_chap]`) offers only AuthMethod=CHAP, so an initiator that
+//! cannot prove the secret is refused with status 0201h (authentication
+//! failure). The credentials are chosen from the first Login Request; a
+//! session that ends up being of another kind or for another target than
+//! that request announced must still have passed that kind's or target's
+//! CHAP, or it is refused the same way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,6 +26,7 @@ use tracing::{debug, info, warn};
 use super::conn::Wire;
 use super::session::{AdmitError, Registration, SessionKey};
 use super::{ListenerInfo, Shared};
+use crate::config::ChapConfig;
 
 /// What a session is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,10 +107,22 @@ pub(super) async fn login(
     };
     // The portal group tag depends on the target asked for, which a
     // listener shared by several targets only learns from the first PDU.
-    let asked = keys::parse(&pdu.data)
-        .ok()
-        .and_then(|p| keys::get(&p, "TargetName").map(str::to_owned));
-    let asked_idx = asked.as_deref().and_then(|n| shared.target_by_name(n));
+    let first_keys = keys::parse(&pdu.data).ok();
+    let first_key = |k: &str| {
+        first_keys
+            .as_ref()
+            .and_then(|p| keys::get(p, k).map(str::to_owned))
+    };
+    let asked_idx = first_key("TargetName")
+        .as_deref()
+        .and_then(|n| shared.target_by_name(n));
+    // Whose CHAP credentials this login is checked against.
+    let auth_scope = if first_key("SessionType").as_deref() == Some("Discovery") {
+        AuthScope::Discovery
+    } else {
+        asked_idx.map_or(AuthScope::Unknown, AuthScope::Target)
+    };
+    let chap = required_chap(shared, auth_scope);
     let tpgt = asked_idx
         .and_then(|t| info.tpgt_of(t))
         .or_else(|| info.groups.first().map(|g| g.1))
@@ -128,6 +149,11 @@ pub(super) async fn login(
         prefs: prefs(shared),
         initial_stat_sn: 1,
         cmd_window: shared.limits.max_cmds_per_session,
+        chap_users: chap
+            .map(|c| vec![c.initiator_credential()])
+            .unwrap_or_default(),
+        chap_mutual: chap.and_then(ChapConfig::target_credential),
+        chap_for_discovery: auth_scope == AuthScope::Discovery && chap.is_some(),
         ..TargetLoginConfig::default()
     };
     let mut tl = TargetLogin::new(cfg);
@@ -138,7 +164,11 @@ pub(super) async fn login(
                 wire.flush().await?;
             }
             LoginStep::Failed { response, status } => {
-                debug!(peer = %wire.peer, "login failed: {} (0x{:04x})", status.description(), status.code());
+                if status == LoginStatus::AUTHENTICATION_FAILURE {
+                    warn!(peer = %wire.peer, "login refused: CHAP authentication failed");
+                } else {
+                    debug!(peer = %wire.peer, "login failed: {} (0x{:04x})", status.description(), status.code());
+                }
                 wire.push_pdu(&response);
                 break None;
             }
@@ -162,6 +192,23 @@ pub(super) async fn login(
                         SessionKind::Normal { target, tpgt }
                     }
                 };
+                // The credentials were picked from the first request; the
+                // session must have passed the CHAP its real kind requires.
+                let scope = match kind {
+                    SessionKind::Discovery => AuthScope::Discovery,
+                    SessionKind::Normal { target, .. } => AuthScope::Target(target),
+                };
+                if let Some(c) = required_chap(shared, scope) {
+                    if scope != auth_scope || s.chap_name.as_deref() != Some(c.user.as_str()) {
+                        warn!(peer = %wire.peer, "login refused: CHAP authentication required");
+                        wire.push_pdu(&iscsi::login::reject_login(
+                            &pdu,
+                            LoginStatus::AUTHENTICATION_FAILURE,
+                            s.next_stat_sn.wrapping_sub(1),
+                        ));
+                        break None;
+                    }
+                }
                 let initiator = s.initiator_name.to_ascii_lowercase();
                 let (target, nexus) = match kind {
                     SessionKind::Discovery => (None, None),
@@ -230,6 +277,25 @@ pub(super) async fn login(
         }
     };
     Ok(result)
+}
+
+/// Whose CHAP credentials apply to a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthScope {
+    Discovery,
+    Target(usize),
+    /// A normal session whose target the first request did not name (the
+    /// state machine then refuses it for a missing TargetName).
+    Unknown,
+}
+
+/// The CHAP a session of this scope must pass, if any.
+fn required_chap(shared: &Shared, scope: AuthScope) -> Option<&ChapConfig> {
+    match scope {
+        AuthScope::Discovery => shared.discovery_chap.as_ref(),
+        AuthScope::Target(t) => shared.targets.get(t).and_then(|t| t.chap.as_ref()),
+        AuthScope::Unknown => None,
+    }
 }
 
 /// A TSIH held for a login in progress; given back when dropped (failed,

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::backend::{BackendError, BlockBackend, FileBackend};
-use crate::config::{Backing, Config, Limits};
+use crate::config::{Backing, ChapConfig, Config, Limits};
 use crate::lu::{LogicalUnit, LuConfig, LuError, TargetLuns};
 
 pub(crate) use session::SessionTable;
@@ -80,6 +80,8 @@ pub(crate) struct TargetRt {
     pub lun_list: Arc<TargetLuns>,
     /// What each LUN is stored on, for `describe`.
     pub backing: BTreeMap<u64, String>,
+    /// CHAP normal sessions must pass (secrets redacted in `Debug`).
+    pub chap: Option<ChapConfig>,
 }
 
 impl TargetRt {
@@ -94,6 +96,8 @@ impl TargetRt {
 pub(crate) struct Shared {
     pub targets: Vec<TargetRt>,
     pub limits: Limits,
+    /// CHAP discovery sessions must pass.
+    pub discovery_chap: Option<ChapConfig>,
     pub sessions: std::sync::Mutex<SessionTable>,
     pub connections: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
@@ -230,6 +234,7 @@ impl Server {
                 luns,
                 lun_list,
                 backing: backing_desc,
+                chap: tc.chap.clone(),
             });
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -238,6 +243,7 @@ impl Server {
             connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
             sessions: std::sync::Mutex::new(SessionTable::new(config.limits.max_sessions)),
             limits: config.limits,
+            discovery_chap: config.discovery_chap,
             shutdown: shutdown_rx,
         });
         Ok(Server {
@@ -259,10 +265,24 @@ impl Server {
     /// A human-readable account of what is served.
     pub fn describe(&self) -> String {
         let mut s = String::new();
+        if let Some(c) = &self.shared.discovery_chap {
+            let _ = writeln!(s, "discovery sessions require CHAP (user {})", c.user);
+        }
         for t in &self.shared.targets {
             let _ = writeln!(s, "target {}", t.name);
             for p in &t.portals {
                 let _ = writeln!(s, "  portal {} (TPGT {})", p.addr, p.tpgt);
+            }
+            if let Some(c) = &t.chap {
+                let _ = writeln!(
+                    s,
+                    "  CHAP required (user {}{})",
+                    c.user,
+                    match &c.mutual_user {
+                        Some(m) => format!(", mutual as {m}"),
+                        None => String::new(),
+                    }
+                );
             }
             for (lun, lu) in &t.luns {
                 let bs = u64::from(lu.config().block_size);
