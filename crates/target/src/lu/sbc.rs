@@ -123,11 +123,9 @@ impl LogicalUnit {
 
     fn read_blocks(&self, lba: u64, blocks: u64) -> Result<Vec<u8>, Sense> {
         let len = usize::try_from(self.bytes(blocks)).map_err(|_| lba_out_of_range())?;
-        let mut buf = vec![0u8; len];
         self.backend
-            .read_at(&mut buf, self.bytes(lba))
-            .map_err(read_error)?;
-        Ok(buf)
+            .read_vec(len, self.bytes(lba))
+            .map_err(read_error)
     }
 
     pub(super) fn dispatch_other(
