@@ -123,6 +123,7 @@ pub(super) async fn login(
         asked_idx.map_or(AuthScope::Unknown, AuthScope::Target)
     };
     let chap = required_chap(shared, auth_scope);
+    let initiator_name = first_key("InitiatorName");
     let tpgt = asked_idx
         .and_then(|t| info.tpgt_of(t))
         .or_else(|| info.groups.first().map(|g| g.1))
@@ -165,7 +166,11 @@ pub(super) async fn login(
             }
             LoginStep::Failed { response, status } => {
                 if status == LoginStatus::AUTHENTICATION_FAILURE {
-                    warn!(peer = %wire.peer, "login refused: CHAP authentication failed");
+                    warn!(
+                        peer = %wire.peer,
+                        initiator = initiator_name.as_deref().unwrap_or("?"),
+                        "login refused: CHAP authentication failed"
+                    );
                 } else {
                     debug!(peer = %wire.peer, "login failed: {} (0x{:04x})", status.description(), status.code());
                 }
@@ -200,7 +205,11 @@ pub(super) async fn login(
                 };
                 if let Some(c) = required_chap(shared, scope) {
                     if scope != auth_scope || s.chap_name.as_deref() != Some(c.user.as_str()) {
-                        warn!(peer = %wire.peer, "login refused: CHAP authentication required");
+                        warn!(
+                            peer = %wire.peer,
+                            initiator = %s.initiator_name,
+                            "login refused: CHAP authentication required"
+                        );
                         wire.push_pdu(&iscsi::login::reject_login(
                             &pdu,
                             LoginStatus::AUTHENTICATION_FAILURE,
