@@ -293,8 +293,9 @@ pub(super) async fn login(
 enum AuthScope {
     Discovery,
     Target(usize),
-    /// A normal session whose target the first request did not name (the
-    /// state machine then refuses it for a missing TargetName).
+    /// A normal session whose target the first request did not name: no
+    /// credentials are offered, and the check on completion refuses the
+    /// session if the target it names after all requires CHAP.
     Unknown,
 }
 
