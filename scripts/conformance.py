@@ -188,6 +188,7 @@ def main():
     print(f"\n{args.peer}: {p} passed, {k} skipped, {failed_n} failed of {len(results)}"
           + (f" ({len(blocking)} failures outside excluded suites {','.join(excluded)})"
              if excluded else ""))
+    print(f"conformance: {p} passed, {failed_n} failed, {k} skipped")
     shutil.rmtree(workdir, ignore_errors=True)
     return 1 if blocking else 0
 

@@ -12,4 +12,4 @@ case "$rounds" in
   ''|*[!0-9]*) echo "usage: $0 [ROUNDS]" >&2; exit 1 ;;
 esac
 export KEYFENCE_SPLIT_ROUNDS="$rounds"
-exec cargo test -p keyfence --test fence_split_brain -- --nocapture
+exec cargo test --release -p keyfence --test fence_split_brain -- --nocapture

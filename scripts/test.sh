@@ -10,6 +10,9 @@ echo "== cargo test --workspace"
 cargo build --release --bin keyfence
 cargo test --workspace --release
 
+echo "== split-brain fencing test, 25 rounds (scripts/split-brain.sh N for more)"
+scripts/split-brain.sh 25 2>&1 | grep -E "^split brain|^test |test result"
+
 echo "== libiscsi conformance (iscsi-test-cu -d --test=ALL, two portal groups)"
 python3 scripts/conformance.py --binary target/release/keyfence --log target/conformance.log \
     --json target/conformance.json
