@@ -90,7 +90,10 @@ mod tests {
     #[test]
     fn names_follow_rfc7143() {
         let i = InitiatorPort::new("iqn.2026-11.io.Example:node1", 0x23d0_0000_0001);
-        assert_eq!(i.to_string(), "iqn.2026-11.io.example:node1,i,0x23d000000001");
+        assert_eq!(
+            i.to_string(),
+            "iqn.2026-11.io.example:node1,i,0x23d000000001"
+        );
         assert_eq!(i.isid_bytes(), [0x23, 0xd0, 0, 0, 0, 1]);
         let t = TargetPort::new("iqn.2026-11.io.keyfence:default", 1, 1);
         assert_eq!(t.to_string(), "iqn.2026-11.io.keyfence:default,t,0x0001");
