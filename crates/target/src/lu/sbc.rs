@@ -231,6 +231,27 @@ impl LogicalUnit {
         }
     }
 
+    /// The checks every write-type command makes, then the blocks and data
+    /// it will write: `None` when no whole block arrived (nothing to do).
+    fn write_data<'r>(
+        &self,
+        req: &CommandRequest<'r>,
+        lba: u64,
+        blocks: u32,
+    ) -> Result<Option<(u32, &'r [u8])>, Sense> {
+        self.check_transfer(req.cdb, blocks)?;
+        self.check_writable()?;
+        self.check_range(lba, blocks.into())?;
+        let blocks = self.received_blocks(req, blocks);
+        if blocks == 0 {
+            return Ok(None);
+        }
+        Ok(Some((
+            blocks,
+            self.data_out(req, self.bytes(blocks.into()))?,
+        )))
+    }
+
     fn write(
         &self,
         req: &CommandRequest<'_>,
@@ -238,14 +259,9 @@ impl LogicalUnit {
         blocks: u32,
         flags: IoFlags,
     ) -> Result<CommandOutcome, Sense> {
-        self.check_transfer(req.cdb, blocks)?;
-        self.check_writable()?;
-        self.check_range(lba, blocks.into())?;
-        let blocks = self.received_blocks(req, blocks);
-        if blocks == 0 {
+        let Some((blocks, data)) = self.write_data(req, lba, blocks)? else {
             return Ok(CommandOutcome::good());
-        }
-        let data = self.data_out(req, self.bytes(blocks.into()))?;
+        };
         {
             let _g = self.locks.shared(lba, blocks.into());
             self.backend
@@ -454,14 +470,9 @@ impl LogicalUnit {
         blocks: u32,
         flags: IoFlags,
     ) -> Result<CommandOutcome, Sense> {
-        self.check_transfer(req.cdb, blocks)?;
-        self.check_writable()?;
-        self.check_range(lba, blocks.into())?;
-        let blocks = self.received_blocks(req, blocks);
-        if blocks == 0 {
+        let Some((blocks, data)) = self.write_data(req, lba, blocks)? else {
             return Ok(CommandOutcome::good());
-        }
-        let data = self.data_out(req, self.bytes(blocks.into()))?;
+        };
         {
             let _g = self.locks.exclusive(lba, blocks.into());
             let mut medium = self.read_blocks(lba, blocks.into())?;
