@@ -127,24 +127,28 @@ struct WriterArgs {
     timeout_ms: u64,
 }
 
+/// Run `fut` to completion on a fresh runtime; on any error print it after
+/// `label` and give exit status 1.
+fn run_async<T>(
+    label: &str,
+    fut: impl std::future::Future<Output = Result<T, String>>,
+) -> Result<T, ExitCode> {
+    super::runtime()
+        .and_then(|rt| rt.block_on(fut))
+        .map_err(|e| {
+            eprintln!("{label}: {e}");
+            ExitCode::from(1)
+        })
+}
+
 pub fn run_writer(args: &[OsString]) -> ExitCode {
     let a: WriterArgs = match crate::cli::parse("keyfence fence writer", args, 1) {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let rt = match super::runtime() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("writer: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(writer(&a)) {
+    match run_async(&format!("writer {}", a.node), writer(&a)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("writer {}: {e}", a.node);
-            ExitCode::from(1)
-        }
+        Err(code) => code,
     }
 }
 
@@ -225,22 +229,12 @@ pub fn run_stamp(args: &[OsString]) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let rt = match super::runtime() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("stamp: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(stamp(&a)) {
+    match run_async("stamp", stamp(&a)) {
         Ok(t) => {
             println!("stamped at monotonic {t} ns");
             ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("stamp: {e}");
-            ExitCode::from(1)
-        }
+        Err(code) => code,
     }
 }
 
@@ -294,19 +288,9 @@ pub fn run_scan(args: &[OsString]) -> ExitCode {
         Ok(a) => a,
         Err(code) => return code,
     };
-    let rt = match super::runtime() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("scan: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match rt.block_on(scan(&a)) {
+    match run_async("scan", scan(&a)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("scan: {e}");
-            ExitCode::from(1)
-        }
+        Err(code) => code,
     }
 }
 
