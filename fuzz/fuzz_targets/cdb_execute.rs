@@ -6,9 +6,9 @@
 use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
-use scsi::{InitiatorPort, Nexus, ScsiStatus, TargetPort};
-use target::backend::MemBackend;
-use target::lu::{CommandRequest, LogicalUnit, LuConfig, TargetLuns};
+use keyfence_scsi::{InitiatorPort, Nexus, ScsiStatus, TargetPort};
+use keyfence_lu::backend::MemBackend;
+use keyfence_lu::{CommandRequest, LogicalUnit, LuConfig, TargetLuns};
 
 struct Fixture {
     lu: LogicalUnit,

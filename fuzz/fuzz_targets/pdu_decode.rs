@@ -3,8 +3,8 @@
 #![no_main]
 
 use bytes::BytesMut;
-use iscsi::codec::PduCodec;
-use iscsi::pdu::{InitiatorPdu, TargetPdu};
+use keyfence_iscsi::codec::PduCodec;
+use keyfence_iscsi::pdu::{InitiatorPdu, TargetPdu};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
             Ok(Some(pdu)) => {
                 let _ = InitiatorPdu::parse(&pdu);
                 let _ = TargetPdu::parse(&pdu);
-                let _ = iscsi::keys::parse(&pdu.data);
+                let _ = keyfence_iscsi::keys::parse(&pdu.data);
                 let mut out = BytesMut::new();
                 let _ = codec.encode(&pdu, &mut out);
             }

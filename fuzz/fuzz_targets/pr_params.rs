@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use scsi::pr_data::{FullStatus, PrOutParams, ReadKeys, ReadReservation, RegisterMoveParams};
-use scsi::transport_id::TransportId;
+use keyfence_scsi::pr_data::{FullStatus, PrOutParams, ReadKeys, ReadReservation, RegisterMoveParams};
+use keyfence_scsi::transport_id::TransportId;
 
 fuzz_target!(|data: &[u8]| {
     let _ = PrOutParams::decode(data);

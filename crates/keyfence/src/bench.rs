@@ -19,8 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, ValueEnum};
-use initiator::commands;
-use initiator::{Bytes, Device, IscsiUrl, SessionConfig};
+use keyfence_initiator::commands;
+use keyfence_initiator::{Bytes, Device, IscsiUrl, SessionConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Rw {
@@ -231,7 +231,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     };
     config.limits.queue_depth = args.qd;
     if args.digest {
-        use initiator::Digest;
+        use keyfence_initiator::Digest;
         config.prefs.header_digest = vec![Digest::Crc32c];
         config.prefs.data_digest = vec![Digest::Crc32c];
     }

@@ -20,12 +20,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use initiator::{
+use keyfence_initiator::{
     Capabilities, Device, FullStatus, IscsiUrl, Isid, PrType, ReadReservation, SessionConfig,
 };
-use pr::PrState;
+use keyfence_lu::reservation::{read_state_file, StateFile};
+use keyfence_pr::PrState;
 use serde::Serialize;
-use target::lu::reservation::{read_state_file, StateFile};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -454,10 +454,10 @@ fn table(s: &Shown) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use initiator::{FullStatusDescriptor, ReservationDescriptor, TransportId};
-    use pr::{PrStore, Registration, Reservation};
-    use scsi::{InitiatorPort, Nexus, TargetPort};
-    use target::lu::reservation::{state_path, FileStore};
+    use keyfence_initiator::{FullStatusDescriptor, ReservationDescriptor, TransportId};
+    use keyfence_lu::reservation::{state_path, FileStore};
+    use keyfence_pr::{PrStore, Registration, Reservation};
+    use keyfence_scsi::{InitiatorPort, Nexus, TargetPort};
 
     fn args(a: &[&str]) -> Vec<OsString> {
         a.iter().map(OsString::from).collect()

@@ -12,11 +12,11 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use target::config::{
+use keyfence_target::config::{
     ByteSize, Config, LunConfig, TargetConfig, DEFAULT_DATA_DIR, DEFAULT_LUN_SIZE, DEFAULT_PORTAL,
     DEFAULT_TARGET_NAME,
 };
-use target::server::Server;
+use keyfence_target::server::Server;
 
 /// Run the keyfence iSCSI target. Without --config: one target with LUN 0
 /// backed by DATA_DIR/lun0.img (created sparse when missing). SIGINT or
@@ -137,7 +137,7 @@ fn serve(args: Args) -> Result<()> {
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
     }
-    target::server::tune_allocator();
+    keyfence_target::server::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("keyfence")
@@ -186,7 +186,7 @@ mod tests {
         assert_eq!(t.portals, vec![DEFAULT_PORTAL.to_string()]);
         assert_eq!(
             t.luns[0].backing(&cfg.data_dir),
-            target::config::Backing::File {
+            keyfence_target::config::Backing::File {
                 path: PathBuf::from("keyfence-data/lun0.img"),
                 size: 1 << 30
             }

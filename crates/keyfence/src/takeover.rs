@@ -20,9 +20,9 @@ use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::process::ExitCode;
 
-use initiator::{Error, Isid};
-use scsi::pr_data::FullStatus;
-use scsi::transport_id::TransportId;
+use keyfence_initiator::{Error, Isid};
+use keyfence_scsi::pr_data::FullStatus;
+use keyfence_scsi::transport_id::TransportId;
 
 use crate::persist::device::{self, IscsiLun, Lun, Target};
 use crate::persist::format::PR_TYPE_STRS;

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use initiator::{
+use keyfence_initiator::{
     Bytes, Device, Error, FullStatus, IscsiUrl, Isid, PrType, ReadKeys, ReadReservation,
     RegisterOptions, ReservationDescriptor, SessionConfig, TransportId,
 };
@@ -923,7 +923,7 @@ const HEIR: Port = Port::new("iqn.2026-11.io.keyfence.test:heir", 0x8000_0000_f0
 
 fn illegal_request(r: Result<(), Error>) -> (u8, u8) {
     match r {
-        Err(Error::CheckCondition(s)) if s.key == initiator::SenseKey::IllegalRequest => {
+        Err(Error::CheckCondition(s)) if s.key == keyfence_initiator::SenseKey::IllegalRequest => {
             (s.asc, s.ascq)
         }
         other => panic!("expected ILLEGAL REQUEST, got {other:?}"),
@@ -1016,7 +1016,7 @@ async fn release_errors_preempt_variants_and_register_and_move() {
             kt,
             kh,
             ea_ro,
-            &initiator::MoveTarget {
+            &keyfence_initiator::MoveTarget {
                 transport_id: HEIR.tid(),
                 relative_target_port: 2,
                 unreg: false,

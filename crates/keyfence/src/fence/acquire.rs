@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use initiator::{Device, Error};
+use keyfence_initiator::{Device, Error};
 
 use super::agent::FENCE_TYPE;
 use super::key::parse_key;

@@ -34,7 +34,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use initiator::{Device, Error, PrType, RegisterOptions, SenseKey, TransportId};
+use keyfence_initiator::{Device, Error, PrType, RegisterOptions, SenseKey, TransportId};
 
 use super::key::{self, KeyValue};
 use super::{connect, connect_any, fmt_key, FenceDevice, Role};

@@ -21,7 +21,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use initiator::{Device, IscsiUrl, Isid, SessionConfig};
+use keyfence_initiator::{Device, IscsiUrl, Isid, SessionConfig};
 
 pub mod acquire;
 pub mod agent;
@@ -230,9 +230,9 @@ pub async fn connect_any(
 }
 
 /// Resolve the initiator name (explicit, environment, open-iscsi file, host
-/// name; see `initiator::identity`).
+/// name; see `keyfence_initiator::identity`).
 pub fn initiator_name(explicit: Option<&str>) -> Result<String, String> {
-    initiator::identity::resolve_initiator_name(explicit)
+    keyfence_initiator::identity::resolve_initiator_name(explicit)
         .map(|n| n.name)
         .map_err(|e| e.to_string())
 }

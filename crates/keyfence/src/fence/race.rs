@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use initiator::{Device, Error};
+use keyfence_initiator::{Device, Error};
 
 use super::agent::FENCE_TYPE;
 use super::key::parse_key;

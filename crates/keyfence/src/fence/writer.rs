@@ -21,7 +21,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use initiator::Bytes;
+use keyfence_initiator::Bytes;
 
 use super::key::parse_key;
 use super::{connect, monotonic_ns, Role};
@@ -154,7 +154,7 @@ pub fn run_writer(args: &[OsString]) -> ExitCode {
 
 async fn writer(a: &WriterArgs) -> Result<(), String> {
     let key = parse_key(&a.key)?;
-    let url = initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
+    let url = keyfence_initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
     let t = Duration::from_millis(a.timeout_ms);
     let mut dev = connect(&url, &a.initiator_name, Role::App, t).await?;
     dev.register_and_ignore(key, &Default::default())
@@ -242,7 +242,7 @@ pub fn run_stamp(args: &[OsString]) -> ExitCode {
 /// port; returns the completion time.
 async fn stamp(a: &StampArgs) -> Result<u64, String> {
     let key = parse_key(&a.key)?;
-    let url = initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
+    let url = keyfence_initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
     let name = super::initiator_name(a.initiator_name.as_deref())?;
     let dev = connect(&url, &name, Role::Agent, Duration::from_secs(10)).await?;
     let bs = dev
@@ -295,7 +295,7 @@ pub fn run_scan(args: &[OsString]) -> ExitCode {
 }
 
 async fn scan(a: &ScanArgs) -> Result<(), String> {
-    let url = initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
+    let url = keyfence_initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
     let name = super::initiator_name(a.initiator_name.as_deref())?;
     let dev = connect(&url, &name, Role::Probe, Duration::from_secs(10)).await?;
     let bs = dev

@@ -96,7 +96,7 @@ impl Config {
                 return Err(format!("map {} has no paths", m.name));
             }
             for p in &m.paths {
-                initiator::IscsiUrl::parse_full(p)
+                keyfence_initiator::IscsiUrl::parse_full(p)
                     .map_err(|e| format!("map {}: path {p:?}: {e}", m.name))?;
             }
             m.key_source()?;

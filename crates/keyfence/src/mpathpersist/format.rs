@@ -4,8 +4,8 @@
 
 use std::fmt::Write as _;
 
-use initiator::Error;
-use scsi::SenseKey;
+use keyfence_initiator::Error;
+use keyfence_scsi::SenseKey;
 
 use crate::persist::format::{be16, be32, be64, PR_TYPE_STRS};
 
@@ -311,12 +311,13 @@ mod tests {
             status_of(&Error::ReservationConflict),
             code::RESERV_CONFLICT
         );
-        let ua = scsi::Sense::unit_attention(scsi::sense::asc::RESERVATIONS_PREEMPTED);
+        let ua =
+            keyfence_scsi::Sense::unit_attention(keyfence_scsi::sense::asc::RESERVATIONS_PREEMPTED);
         assert_eq!(
             status_of(&Error::UnitAttention(ua)),
             code::SENSE_UNIT_ATTENTION
         );
-        let ir = scsi::Sense::invalid_cdb_field(1, None);
+        let ir = keyfence_scsi::Sense::invalid_cdb_field(1, None);
         assert_eq!(status_of(&Error::CheckCondition(ir)), code::ILLEGAL_REQ);
         assert_eq!(status_of(&Error::SessionClosed), code::OTHER);
     }

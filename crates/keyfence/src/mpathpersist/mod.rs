@@ -22,8 +22,8 @@ use crate::persist::getopt::{self, lo, HasArg, Item, LongOpt};
 use crate::persist::{emit, Output};
 use config::{Config, KeySource};
 use format::code;
+use keyfence_scsi::transport_id::TransportId;
 use multipath::{MPath, Multipath, PathInfo};
-use scsi::transport_id::TransportId;
 
 pub const PROG: &str = "mpathpersist";
 const VERSION_STRING: &str = "multipath-tools v0.9.4 (12/19, 2022)\n";
@@ -472,13 +472,20 @@ async fn resolve_paths(
     cfg: &Config,
     initiator_name: &str,
     out: &mut Output,
-) -> Result<(String, Vec<initiator::IscsiUrl>, Option<config::MapConfig>), u8> {
+) -> Result<
+    (
+        String,
+        Vec<keyfence_initiator::IscsiUrl>,
+        Option<config::MapConfig>,
+    ),
+    u8,
+> {
     let name = device.strip_prefix("/dev/mapper/").unwrap_or(device);
     if let Some(m) = cfg.map(name) {
         let urls = m
             .paths
             .iter()
-            .filter_map(|p| initiator::IscsiUrl::parse_full(p).ok())
+            .filter_map(|p| keyfence_initiator::IscsiUrl::parse_full(p).ok())
             .collect();
         return Ok((m.name.clone(), urls, Some(m.clone())));
     }
@@ -488,7 +495,7 @@ async fn resolve_paths(
         ));
         return Err(code::FILE_ERROR);
     }
-    let url = match initiator::IscsiUrl::parse_full(device) {
+    let url = match keyfence_initiator::IscsiUrl::parse_full(device) {
         Ok(u) => u,
         Err(e) => {
             out.stderr.push_str(&format!("{device}: {e}\n"));
@@ -497,12 +504,12 @@ async fn resolve_paths(
     };
     let target = url.target.clone().unwrap_or_default();
     let lun = url.lun.unwrap_or(0);
-    let scfg = initiator::SessionConfig {
+    let scfg = keyfence_initiator::SessionConfig {
         initiator_name: Some(initiator_name.to_string()),
-        ..initiator::SessionConfig::default()
+        ..keyfence_initiator::SessionConfig::default()
     };
     let mut urls = vec![url.clone()];
-    match initiator::discover(&url, &scfg).await {
+    match keyfence_initiator::discover(&url, &scfg).await {
         Ok(targets) => {
             for t in targets
                 .iter()
@@ -531,7 +538,7 @@ async fn resolve_paths(
 /// answered (VPD page 83h, logical unit designators).
 async fn open_paths(
     name: &str,
-    urls: Vec<initiator::IscsiUrl>,
+    urls: Vec<keyfence_initiator::IscsiUrl>,
     initiator_name: &str,
     verbose: i64,
     out: &mut Output,
@@ -553,7 +560,7 @@ async fn open_paths(
                     .filter(|d| d.association == 0 && matches!(d.designator_type, 1 | 2 | 3 | 8))
                     .map(|d| d.value.clone())
                     .collect();
-                Ok::<_, initiator::Error>((lun, rtpi, lu_ids))
+                Ok::<_, keyfence_initiator::Error>((lun, rtpi, lu_ids))
             }
             .await;
             (i, t, r)
@@ -641,7 +648,7 @@ async fn execute(c: &Cmd, ctx: &Ctx, out: &mut Output) -> u8 {
         .initiator_name
         .as_deref()
         .or(cfg.initiator_name.as_deref());
-    let iname = match initiator::identity::resolve_initiator_name(explicit) {
+    let iname = match keyfence_initiator::identity::resolve_initiator_name(explicit) {
         Ok(n) => n.name,
         Err(e) => {
             out.stderr.push_str(&format!("{PROG}: {e}\n"));

@@ -27,10 +27,10 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use initiator::commands::Command;
-use initiator::Error;
-use scsi::pr_data::FullStatus;
-use scsi::transport_id::TransportId;
+use keyfence_initiator::commands::Command;
+use keyfence_initiator::Error;
+use keyfence_scsi::pr_data::FullStatus;
+use keyfence_scsi::transport_id::TransportId;
 
 use super::format::code;
 use crate::persist::device::Lun;
@@ -123,7 +123,7 @@ pub async fn exec_retry<P: Lun>(lun: &P, cmd: &Command) -> Result<Vec<u8>, Error
             Err(Error::UnitAttention(_)) if tries < MAX_RETRY => tries += 1,
             Err(Error::CheckCondition(s))
                 if tries < MAX_RETRY
-                    && s.key == scsi::SenseKey::NotReady
+                    && s.key == keyfence_scsi::SenseKey::NotReady
                     && s.asc == 0x04
                     && s.ascq == 0x0a =>
             {
@@ -340,7 +340,7 @@ impl<P: Lun + 'static> Multipath<P> {
             return Err(Failure::from_error(e));
         }
         let resv = self.prin(PRIN_RRES, 8192).await?;
-        let rr = scsi::pr_data::ReadReservation::decode(&resv).map_err(|e| Failure {
+        let rr = keyfence_scsi::pr_data::ReadReservation::decode(&resv).map_err(|e| Failure {
             status: code::SENSE_MALFORMED,
             error: Some(Error::BadData {
                 what: "READ RESERVATION data",
@@ -544,7 +544,7 @@ mod tests {
     }
 
     impl Lun for Fake {
-        async fn execute(&self, cmd: Command) -> initiator::Result<Vec<u8>> {
+        async fn execute(&self, cmd: Command) -> keyfence_initiator::Result<Vec<u8>> {
             self.seen
                 .lock()
                 .unwrap()

@@ -4,14 +4,17 @@
 
 use std::future::Future;
 
-use initiator::commands::{self, Command};
-use initiator::{Error, IscsiUrl, Isid};
+use keyfence_initiator::commands::{self, Command};
+use keyfence_initiator::{Error, IscsiUrl, Isid};
 
 use super::sgerr::SgCat;
 
 /// A logical unit that runs SCSI commands; the data-in comes back.
 pub trait Lun: Send + Sync {
-    fn execute(&self, cmd: Command) -> impl Future<Output = initiator::Result<Vec<u8>>> + Send;
+    fn execute(
+        &self,
+        cmd: Command,
+    ) -> impl Future<Output = keyfence_initiator::Result<Vec<u8>>> + Send;
 }
 
 /// PERSISTENT RESERVE IN (SPC-4 6.15) for `sa` with allocation length
@@ -88,7 +91,7 @@ impl Target {
     /// resolve the initiator name.
     pub fn from_device(device: &str, initiator_name: Option<&str>) -> Result<Target, Error> {
         let url = IscsiUrl::parse_full(device)?;
-        let name = initiator::identity::resolve_initiator_name(initiator_name)?;
+        let name = keyfence_initiator::identity::resolve_initiator_name(initiator_name)?;
         Ok(Target {
             url,
             initiator_name: name.name,
@@ -120,29 +123,29 @@ impl Target {
 
 /// A LUN behind a logged-in iSCSI session.
 pub struct IscsiLun {
-    dev: initiator::Device,
+    dev: keyfence_initiator::Device,
 }
 
 impl IscsiLun {
     /// Log in to the target and LUN of `t`.
     pub async fn connect(t: &Target, _verbose: u32) -> Result<IscsiLun, Error> {
-        let cfg = initiator::SessionConfig {
+        let cfg = keyfence_initiator::SessionConfig {
             initiator_name: Some(t.initiator_name.clone()),
             isid: t.isid,
             // The tools decide themselves how to treat UNIT ATTENTION.
             unit_attention_retries: 0,
-            ..initiator::SessionConfig::default()
+            ..keyfence_initiator::SessionConfig::default()
         };
-        let dev = initiator::Device::connect(&t.url, &cfg).await?;
+        let dev = keyfence_initiator::Device::connect(&t.url, &cfg).await?;
         Ok(IscsiLun { dev })
     }
 
     /// The initiator port (name and ISID) this LUN is reached through.
-    pub fn initiator_port(&self) -> scsi::InitiatorPort {
+    pub fn initiator_port(&self) -> keyfence_scsi::InitiatorPort {
         self.dev.session().initiator_port()
     }
 
-    pub fn device(&self) -> &initiator::Device {
+    pub fn device(&self) -> &keyfence_initiator::Device {
         &self.dev
     }
 
@@ -156,7 +159,7 @@ impl IscsiLun {
 }
 
 impl Lun for IscsiLun {
-    async fn execute(&self, cmd: Command) -> initiator::Result<Vec<u8>> {
+    async fn execute(&self, cmd: Command) -> keyfence_initiator::Result<Vec<u8>> {
         let r = self.dev.execute_raw(&cmd).await?.into_result()?;
         Ok(r.data.to_vec())
     }

@@ -18,7 +18,7 @@ pub mod sgerr;
 pub mod tid;
 
 use device::{Lun, Target};
-use initiator::commands;
+use keyfence_initiator::commands;
 use opts::{Action, Opts, PROG, PROUT_REG_MOVE};
 use sgerr::SgCat;
 
@@ -211,7 +211,13 @@ async fn prout_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> SgCat {
     }
 }
 
-fn report_failure(err: &mut String, what: &str, cat: SgCat, verbose: u32, e: &initiator::Error) {
+fn report_failure(
+    err: &mut String,
+    what: &str,
+    cat: SgCat,
+    verbose: u32,
+    e: &keyfence_initiator::Error,
+) {
     if verbose > 0 {
         err.push_str(&format!("    {e}\n"));
     }

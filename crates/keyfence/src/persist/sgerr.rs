@@ -2,7 +2,7 @@
 //! sg_lib.h) and their one-line descriptions, so that `keyfence persist`
 //! exits and complains exactly like sg_persist.
 
-use scsi::{Sense, SenseKey};
+use keyfence_scsi::{Sense, SenseKey};
 
 /// An sg3_utils exit status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -161,7 +161,7 @@ impl SgCat {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use scsi::sense::asc;
+    use keyfence_scsi::sense::asc;
 
     #[test]
     fn sense_categories() {

@@ -1,0 +1,399 @@
+//! Reservation gate of a logical unit: SPC-4/SPC-5 persistent
+//! reservations and SPC-2 RESERVE/RELEASE, driving the sans-IO engine of
+//! the `pr` crate.
+//!
+//! * The fast path, [`Reservations::check`], reads an immutable snapshot
+//!   of the state through an `ArcSwap`: no lock shared by sessions.
+//! * Commands that change state (PR OUT, RESERVE, RELEASE, the reset
+//!   hooks) are serialised by one mutex, computed by the engine on a copy,
+//!   made durable first when APTPL requires it, and only then published.
+//!   If the store fails the command fails and nothing changes.
+//! * Every PR OUT is logged as one structured `tracing` line.
+
+mod file_store;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use keyfence_pr::{
+    Access, AccessView, Applied, Effects, Features, Persist, PrState, PrStore, Reject, StoreError,
+};
+use keyfence_scsi::pr_data::{PrInCdb, PrOutAction, PrOutCdb, PrType};
+use keyfence_scsi::sense::asc;
+use keyfence_scsi::{Nexus, Sense, SenseKey};
+
+pub use file_store::{read_state_file, state_path, FileStore, StateFile, FORMAT};
+
+use super::{CommandOutcome, LuEffect, ReservationContext, UaScope};
+
+/// How long PREEMPT AND ABORT waits for the preempted nexuses' commands
+/// that are already past the reservation check.
+const ABORT_DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+/// Reservation state of one logical unit.
+#[derive(Debug)]
+pub struct Reservations {
+    ctx: ReservationContext,
+    view: ArcSwap<AccessView>,
+    writer: Mutex<Writer>,
+    store: Option<Arc<dyn PrStore>>,
+    features: Features,
+}
+
+#[derive(Debug)]
+struct Writer {
+    /// Version of the persisted copy (0: nothing persisted).
+    version: keyfence_pr::Version,
+}
+
+impl Reservations {
+    /// Build the gate; with `ctx.state_path` the APTPL state is kept in
+    /// that file (see [`state_path`]) and restored now. Unreadable state
+    /// puts the LU in the recoverable lost-reservation condition (SPC-5
+    /// 5.13.5.3.2) until REPLACE LOST RESERVATION.
+    pub fn new(ctx: ReservationContext) -> Self {
+        let store: Option<Arc<dyn PrStore>> = ctx.state_path.clone().map(|p: PathBuf| {
+            let target = ctx
+                .target_ports
+                .first()
+                .map(|t| t.name.to_string())
+                .unwrap_or_default();
+            Arc::new(FileStore::new(p, &target, ctx.lun)) as Arc<dyn PrStore>
+        });
+        Self::with_store(ctx, store)
+    }
+
+    /// Build the gate over any store (`None`: no persistence, PTPL_C=0).
+    pub fn with_store(ctx: ReservationContext, store: Option<Arc<dyn PrStore>>) -> Self {
+        let (state, version) = match &store {
+            None => (PrState::default(), 0),
+            Some(s) => match s.load() {
+                Ok(None) => (PrState::default(), 0),
+                Ok(Some((v, st))) => {
+                    tracing::info!(
+                        lun = ctx.lun,
+                        registrations = st.registrations.len(),
+                        reserved = st.reservation.is_some(),
+                        generation = st.generation,
+                        "restored persistent reservations (APTPL)"
+                    );
+                    (st.after_power_loss(), v)
+                }
+                Err(e) => {
+                    tracing::error!(
+                        lun = ctx.lun,
+                        error = %e,
+                        "persistent reservation information lost; commands fail with \
+                         DATA PROTECT until REPLACE LOST RESERVATION"
+                    );
+                    (
+                        PrState {
+                            lost: true,
+                            ..PrState::default()
+                        },
+                        0,
+                    )
+                }
+            },
+        };
+        Reservations {
+            features: Features {
+                ptpl_c: store.is_some(),
+            },
+            ctx,
+            view: ArcSwap::from_pointee(AccessView::new(Arc::new(state))),
+            writer: Mutex::new(Writer { version }),
+            store,
+        }
+    }
+
+    /// The current state (a snapshot).
+    pub fn snapshot(&self) -> Arc<PrState> {
+        self.view.load().state().clone()
+    }
+
+    fn publish(&self, state: Arc<PrState>) {
+        self.view.store(Arc::new(AccessView::new(state)));
+    }
+
+    /// The reservation decision for `cdb` from `nexus`: `None` to go on,
+    /// or the outcome to end the command with (RESERVATION CONFLICT, or
+    /// CHECK CONDITION while PR information is lost).
+    pub fn gate(&self, nexus: &Nexus, cdb: &[u8]) -> Option<CommandOutcome> {
+        match self.view.load().check(nexus, cdb) {
+            Access::Allowed => None,
+            Access::Conflict => Some(CommandOutcome::reservation_conflict()),
+            Access::Check(s) => Some(CommandOutcome::check_condition(s)),
+        }
+    }
+
+    /// May `nexus` run `cdb` given the reservations held? false: the LU
+    /// answers RESERVATION CONFLICT. (See [`Reservations::gate`] for the
+    /// lost-reservation condition, which is a CHECK CONDITION.)
+    pub fn check(&self, nexus: &Nexus, cdb: &[u8]) -> bool {
+        matches!(self.view.load().check(nexus, cdb), Access::Allowed)
+    }
+
+    /// Run PERSISTENT RESERVE IN/OUT, RESERVE(6/10) or RELEASE(6/10).
+    pub fn execute(&self, nexus: &Nexus, cdb: &[u8], data_out: &[u8]) -> CommandOutcome {
+        match cdb.first() {
+            Some(0x5e) => self.pr_in(cdb),
+            Some(0x5f) => self.pr_out(nexus, cdb, data_out),
+            Some(0x16 | 0x17 | 0x56 | 0x57) => self.spc2(nexus, cdb),
+            _ => CommandOutcome::check_condition(Sense::illegal_request(
+                asc::INVALID_COMMAND_OPERATION_CODE,
+            )),
+        }
+    }
+
+    fn pr_in(&self, cdb: &[u8]) -> CommandOutcome {
+        if cdb.len() < 10 {
+            return CommandOutcome::check_condition(Sense::invalid_cdb_field(0, None));
+        }
+        let state = self.snapshot();
+        match keyfence_pr::pr_in(&state, cdb, self.features) {
+            Ok(mut data) => {
+                let alloc = PrInCdb::parse(cdb).map_or(0, |c| usize::from(c.allocation_length));
+                data.truncate(alloc);
+                CommandOutcome::data(Bytes::from(data))
+            }
+            Err(r) => reject_outcome(r),
+        }
+    }
+
+    fn pr_out(&self, nexus: &Nexus, cdb: &[u8], data: &[u8]) -> CommandOutcome {
+        if cdb.len() < 10 {
+            return CommandOutcome::check_condition(Sense::invalid_cdb_field(0, None));
+        }
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.snapshot();
+        // Initiator ports known to the device server: every nexus the LU
+        // has seen, plus this one.
+        let mut known: Vec<keyfence_scsi::InitiatorPort> = self
+            .ctx
+            .unit_attentions
+            .known_nexuses()
+            .into_iter()
+            .map(|n| n.initiator)
+            .chain(std::iter::once(nexus.initiator.clone()))
+            .collect();
+        known.sort();
+        known.dedup();
+        let ctx = keyfence_pr::Context {
+            target_ports: &self.ctx.target_ports,
+            known_initiators: &known,
+            features: self.features,
+        };
+        let result = keyfence_pr::pr_out(&before, nexus, &ctx, cdb, data);
+        let (outcome, after) = match result {
+            Ok(applied) => match self.commit(&mut w, applied) {
+                Ok((o, st)) => (o, Some(st)),
+                Err(o) => (o, None),
+            },
+            Err(r) => (reject_outcome(r), None),
+        };
+        drop(w);
+        log_pr_out(self.ctx.lun, nexus, cdb, data, &outcome, after.as_deref());
+        outcome
+    }
+
+    fn spc2(&self, nexus: &Nexus, cdb: &[u8]) -> CommandOutcome {
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.snapshot();
+        match keyfence_pr::spc2(&before, nexus, cdb) {
+            Ok(applied) => match self.commit(&mut w, applied) {
+                Ok((o, _)) => o,
+                Err(o) => o,
+            },
+            Err(r) => reject_outcome(r),
+        }
+    }
+
+    /// Make `applied` durable (if required), publish it, carry out its
+    /// effects. On store failure nothing is published.
+    fn commit(
+        &self,
+        w: &mut Writer,
+        applied: Applied,
+    ) -> Result<(CommandOutcome, Arc<PrState>), CommandOutcome> {
+        let Applied { state, effects } = applied;
+        let Effects {
+            unit_attentions,
+            abort_tasks_of,
+            persist,
+        } = effects;
+        if let (Some(p), Some(store)) = (persist, &self.store) {
+            let target = match &p {
+                Persist::Save(s) => Some(s),
+                Persist::Erase => None,
+            };
+            let res = store.compare_and_swap(w.version, target).or_else(|e| match e {
+                // Someone replaced the file (an operator restoring a
+                // backup, say): ours is the state in force; take over.
+                StoreError::VersionMismatch { found, .. } => {
+                    tracing::warn!(lun = self.ctx.lun, error = %e, "PR store version changed; overwriting");
+                    store.compare_and_swap(found, target)
+                }
+                e => Err(e),
+            });
+            match res {
+                Ok(v) => w.version = v,
+                Err(e) => {
+                    tracing::error!(lun = self.ctx.lun, error = %e, "cannot persist PR state; command failed, state unchanged");
+                    return Err(CommandOutcome::check_condition(store_error_sense(&e)));
+                }
+            }
+        }
+        let state = Arc::new(state);
+        self.publish(state.clone());
+        for (n, code) in &unit_attentions {
+            self.ctx.unit_attentions.queue(UaScope::Nexus(n), *code);
+        }
+        // PREEMPT AND ABORT: the preempted nexuses' commands that passed
+        // the reservation check under the old state finish before this
+        // command completes; the ones after see the new state. Without
+        // this, a fenced node's write could land after the fencer's GOOD.
+        if !abort_tasks_of.is_empty()
+            && !self
+                .ctx
+                .unit_attentions
+                .wait_idle(&abort_tasks_of, ABORT_DRAIN_LIMIT)
+        {
+            // The preemption is in force (and persisted), but we cannot
+            // vouch that nothing of the victims lands after we answer: say
+            // so rather than GOOD, so the fencer does not trust it.
+            tracing::error!(
+                lun = self.ctx.lun,
+                "preempted nexuses' commands did not finish in {ABORT_DRAIN_LIMIT:?}"
+            );
+            return Err(CommandOutcome::check_condition(Sense::new(
+                SenseKey::HardwareError,
+                asc::INTERNAL_TARGET_FAILURE,
+            )));
+        }
+        let mut outcome = CommandOutcome::good();
+        outcome.effects = abort_tasks_of
+            .into_iter()
+            .map(|nexus| LuEffect::AbortTasks { nexus })
+            .collect();
+        Ok((outcome, state))
+    }
+
+    /// The I_T nexus is gone (session closed or dropped): its SPC-2
+    /// reservation, if any, ends. Persistent reservations stay.
+    pub fn on_nexus_loss(&self, nexus: &Nexus) {
+        if self.snapshot().spc2.as_ref() != Some(nexus) {
+            return;
+        }
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = keyfence_pr::on_nexus_loss(&self.snapshot(), nexus) {
+            self.publish(Arc::new(st));
+        }
+    }
+
+    /// LOGICAL UNIT RESET: SPC-2 reservation released.
+    pub fn on_lu_reset(&self) {
+        self.reset();
+    }
+
+    /// TARGET WARM/COLD RESET: SPC-2 reservation released.
+    pub fn on_target_reset(&self) {
+        self.reset();
+    }
+
+    fn reset(&self) {
+        let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(st) = keyfence_pr::on_reset(&self.snapshot()) {
+            self.publish(Arc::new(st));
+        }
+    }
+}
+
+fn reject_outcome(r: Reject) -> CommandOutcome {
+    match r {
+        Reject::Conflict => CommandOutcome::reservation_conflict(),
+        Reject::Check(s) => CommandOutcome::check_condition(s),
+    }
+}
+
+/// A store that cannot take the state: out of space is INSUFFICIENT
+/// REGISTRATION RESOURCES (SPC-5 5.13.7); anything else is a failure of
+/// the device server's nonvolatile memory, HARDWARE ERROR / INTERNAL
+/// TARGET FAILURE.
+fn store_error_sense(e: &StoreError) -> Sense {
+    match e {
+        StoreError::NoSpace(_) => Sense::illegal_request(asc::INSUFFICIENT_REGISTRATION_RESOURCES),
+        _ => Sense::new(SenseKey::HardwareError, asc::INTERNAL_TARGET_FAILURE),
+    }
+}
+
+fn result_text(o: &CommandOutcome) -> String {
+    match (o.status, &o.sense) {
+        (keyfence_scsi::ScsiStatus::Good, _) => "GOOD".into(),
+        (keyfence_scsi::ScsiStatus::ReservationConflict, _) => "RESERVATION CONFLICT".into(),
+        (_, Some(s)) => format!("CHECK CONDITION {:?} {:02x}/{:02x}", s.key, s.asc, s.ascq),
+        (st, None) => format!("{st:?}"),
+    }
+}
+
+/// One line per PR OUT: who, what, keys, type, result.
+fn log_pr_out(
+    lun: u64,
+    nexus: &Nexus,
+    cdb: &[u8],
+    data: &[u8],
+    outcome: &CommandOutcome,
+    after: Option<&PrState>,
+) {
+    let c = PrOutCdb::parse(cdb);
+    let action = c
+        .and_then(|c| PrOutAction::from_u8(c.service_action))
+        .map_or("(invalid)", PrOutAction::name);
+    let pr_type = c
+        .and_then(|c| PrType::from_u8(c.pr_type))
+        .map_or("-", PrType::short_name);
+    let key = |at: usize| {
+        data.get(at..at + 8)
+            .map(|b| {
+                format!(
+                    "0x{:016x}",
+                    u64::from_be_bytes(b.try_into().unwrap_or([0; 8]))
+                )
+            })
+            .unwrap_or_else(|| "-".into())
+    };
+    let result = result_text(outcome);
+    let generation = after.map(|s| s.generation);
+    let aborts = outcome.effects.len();
+    if outcome.status == keyfence_scsi::ScsiStatus::Good {
+        tracing::info!(
+            lun,
+            nexus = %nexus,
+            action,
+            key = %key(0),
+            sa_key = %key(8),
+            pr_type,
+            result = %result,
+            generation,
+            aborts,
+            "PERSISTENT RESERVE OUT"
+        );
+    } else {
+        tracing::warn!(
+            lun,
+            nexus = %nexus,
+            action,
+            key = %key(0),
+            sa_key = %key(8),
+            pr_type,
+            result = %result,
+            "PERSISTENT RESERVE OUT"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,934 @@
+//! What the target serves: targets, their portal groups and LUNs, and the
+//! limits that bound what an initiator can make the server hold.
+//!
+//! The file format is TOML. Unknown keys are rejected so that a typo is an
+//! error, not a silently ignored setting:
+//!
+//! ```toml
+//! data_dir = "keyfence-data"          # relative paths of LUN files start here
+//!
+//! [limits]
+//! max_sessions = 64                   # normal + discovery sessions, all targets
+//! max_connections = 128               # TCP connections, all portals
+//! max_cmds_per_session = 128          # MaxCmdSN - ExpCmdSN + 1
+//! max_recv_data_segment_length = 262144
+//! max_burst_length = 1048576
+//! first_burst_length = 262144
+//! max_outstanding_r2t = 1
+//! nop_in_interval_secs = 30           # ping an idle connection after this long; 0 = never
+//! nop_in_timeout_secs = 15            # drop it if the ping is not answered
+//!
+//! [discovery_chap]                    # optional: CHAP for SendTargets sessions too
+//! user = "discoverer"
+//! secret = "disc-secret-0123"
+//!
+//! [[target]]
+//! name = "iqn.2026-11.io.keyfence:default"
+//! portals = ["127.0.0.1:3260", "127.0.0.1:3261"]   # portal groups with TPGT 1, 2
+//!
+//! [target.chap]                       # optional: initiators must log in with CHAP
+//! user = "alice"                      # the CHAP_N the initiator gives
+//! secret = "alice-secret-42"          # 12 to 255 bytes (RFC 7143: 96+ random bits)
+//! mutual_user = "target1"             # optional mutual CHAP: the target proves
+//! mutual_secret = "target1-secret-7"  # itself with these; a different secret
+//!
+//! [[target.lun]]
+//! id = 0
+//! path = "lun0.img"                   # or: device = "/dev/sdX"
+//! size = "1G"                         # for a file that does not exist yet
+//! block_size = 512                    # 512 or 4096
+//! read_only = false
+//! serial = "kf0001"                   # optional; VPD 80h
+//! naa = "6001405f0000000000000000000000a1"  # optional; VPD 83h NAA designator
+//! ```
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use keyfence_iscsi::chap::ChapCredential;
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// The name `keyfence serve` exports when it is not told otherwise.
+pub const DEFAULT_TARGET_NAME: &str = "iqn.2026-11.io.keyfence:default";
+/// The portal `keyfence serve` listens on when it is not told otherwise.
+pub const DEFAULT_PORTAL: &str = "127.0.0.1:3260";
+/// Size of the backing file `keyfence serve` creates when there is none.
+pub const DEFAULT_LUN_SIZE: u64 = 1 << 30;
+/// Directory the default backing file lives in.
+pub const DEFAULT_DATA_DIR: &str = "keyfence-data";
+
+/// Highest LUN the target can address (SAM-5 flat space addressing, 14 bits).
+pub const MAX_LUN: u16 = 16383;
+
+/// A configuration that could not be used. Every message is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {err}")]
+    Read { path: PathBuf, err: std::io::Error },
+    #[error("{location}: {message}")]
+    Syntax { location: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn invalid(msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid(msg.into())
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Where relative LUN file paths are resolved. Relative to the working
+    /// directory (or, when loaded from a file, to that file's directory).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub limits: Limits,
+    /// CHAP required of discovery sessions; `None`: discovery is open.
+    #[serde(default)]
+    pub discovery_chap: Option<ChapConfig>,
+    #[serde(rename = "target", default)]
+    pub targets: Vec<TargetConfig>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+
+/// Server-wide bounds on what clients can make the server hold.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Sessions (normal and discovery) across all targets.
+    pub max_sessions: u32,
+    /// TCP connections across all portals, including ones still logging in.
+    pub max_connections: u32,
+    /// Command window per session: MaxCmdSN = ExpCmdSN + this - 1.
+    pub max_cmds_per_session: u32,
+    /// The most data the target accepts in one PDU (its
+    /// MaxRecvDataSegmentLength declaration).
+    pub max_recv_data_segment_length: u32,
+    /// Upper bound offered for MaxBurstLength.
+    pub max_burst_length: u32,
+    /// Upper bound offered for FirstBurstLength.
+    pub first_burst_length: u32,
+    /// Upper bound offered for MaxOutstandingR2T.
+    pub max_outstanding_r2t: u32,
+    /// Seconds of silence before the target pings with a NOP-In; 0 disables.
+    pub nop_in_interval_secs: u32,
+    /// Seconds a ping may stay unanswered before the connection is dropped.
+    pub nop_in_timeout_secs: u32,
+    /// Seconds a connection may take to finish its login.
+    pub login_timeout_secs: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: 64,
+            max_connections: 128,
+            max_cmds_per_session: 128,
+            max_recv_data_segment_length: 256 * 1024,
+            max_burst_length: 1024 * 1024,
+            first_burst_length: 256 * 1024,
+            max_outstanding_r2t: 1,
+            nop_in_interval_secs: 30,
+            nop_in_timeout_secs: 15,
+            login_timeout_secs: 30,
+        }
+    }
+}
+
+/// One iSCSI target.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    /// iSCSI name (iqn., eui. or naa. format).
+    pub name: String,
+    /// Listen addresses; the n-th (from 1) is portal group TPGT n.
+    pub portals: Vec<String>,
+    #[serde(rename = "lun", default)]
+    pub luns: Vec<LunConfig>,
+    /// CHAP required of normal sessions; `None`: AuthMethod=None.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
+    /// Addresses parsed from `portals` by validation.
+    #[serde(skip)]
+    pub portal_addrs: Vec<SocketAddr>,
+}
+
+impl TargetConfig {
+    /// The portal groups of this target as (TPGT, address).
+    pub fn portal_groups(&self) -> impl Iterator<Item = (u16, SocketAddr)> + '_ {
+        self.portal_addrs
+            .iter()
+            .enumerate()
+            .map(|(i, a)| (u16::try_from(i + 1).unwrap_or(u16::MAX), *a))
+    }
+}
+
+/// CHAP credentials (RFC 7143 section 12.1.3, MD5 only).
+///
+/// `user`/`secret` are what an initiator must authenticate with; the
+/// optional `mutual_user`/`mutual_secret` are what the target answers with
+/// when the initiator challenges it in turn (mutual CHAP). Secrets are
+/// never printed: `Debug` redacts them.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ChapConfig {
+    /// CHAP name the initiator must present (CHAP_N).
+    pub user: String,
+    /// Secret shared with that initiator.
+    pub secret: Secret,
+    /// CHAP name the target answers a mutual challenge with.
+    #[serde(default)]
+    pub mutual_user: Option<String>,
+    /// Secret the target answers a mutual challenge with.
+    #[serde(default)]
+    pub mutual_secret: Option<Secret>,
+}
+
+impl fmt::Debug for ChapConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChapConfig")
+            .field("user", &self.user)
+            .field("secret", &self.secret)
+            .field("mutual_user", &self.mutual_user)
+            .field("mutual_secret", &self.mutual_secret)
+            .finish()
+    }
+}
+
+impl ChapConfig {
+    /// What an initiator must authenticate with.
+    pub fn initiator_credential(&self) -> ChapCredential {
+        ChapCredential::new(self.user.clone(), self.secret.expose().as_bytes())
+    }
+
+    /// What the target authenticates itself with (mutual CHAP), if set.
+    pub fn target_credential(&self) -> Option<ChapCredential> {
+        match (&self.mutual_user, &self.mutual_secret) {
+            (Some(u), Some(s)) => Some(ChapCredential::new(u.clone(), s.expose().as_bytes())),
+            _ => None,
+        }
+    }
+
+    /// Shortest secret accepted: RFC 7143 section 12.1.3 requires IPsec for
+    /// secrets with fewer than 96 random bits, which this target does not do.
+    pub const MIN_SECRET_LEN: usize = 12;
+    /// Longest secret accepted.
+    pub const MAX_SECRET_LEN: usize = 255;
+
+    fn validate(&self, what: &str) -> Result<(), ConfigError> {
+        check_chap_name(what, "user", &self.user)?;
+        check_secret(what, "secret", &self.secret)?;
+        match (&self.mutual_user, &self.mutual_secret) {
+            (None, None) => {}
+            (Some(u), Some(s)) => {
+                check_chap_name(what, "mutual_user", u)?;
+                check_secret(what, "mutual_secret", s)?;
+                if s == &self.secret {
+                    return Err(invalid(format!(
+                        "{what}: mutual_secret must differ from secret (RFC 7143 section 12.1.3)"
+                    )));
+                }
+            }
+            _ => {
+                return Err(invalid(format!(
+                    "{what}: mutual_user and mutual_secret must be given together"
+                )))
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_chap_name(what: &str, key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(invalid(format!(
+            "{what}: {key} must be 1-255 bytes without control characters"
+        )));
+    }
+    Ok(())
+}
+
+fn check_secret(what: &str, key: &str, secret: &Secret) -> Result<(), ConfigError> {
+    let n = secret.expose().len();
+    if !(ChapConfig::MIN_SECRET_LEN..=ChapConfig::MAX_SECRET_LEN).contains(&n) {
+        return Err(invalid(format!(
+            "{what}: {key} is {n} bytes; it must be {}-{} bytes (RFC 7143 section 12.1.3 wants 96+ random bits)",
+            ChapConfig::MIN_SECRET_LEN,
+            ChapConfig::MAX_SECRET_LEN
+        )));
+    }
+    Ok(())
+}
+
+/// A CHAP secret. `Debug` and `Display` never show it; [`Secret::expose`]
+/// is the one way to read it.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The secret itself, for computing CHAP responses.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// One logical unit of a target.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LunConfig {
+    pub id: u16,
+    /// Backing file, relative to the data directory unless absolute.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Backing block device.
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// Size of the backing file if it has to be created.
+    #[serde(default)]
+    pub size: Option<ByteSize>,
+    #[serde(default = "default_block_size")]
+    pub block_size: u32,
+    #[serde(default)]
+    pub read_only: bool,
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// NAA IEEE Registered Extended (6h) designator: 32 hex digits.
+    #[serde(default)]
+    pub naa: Option<String>,
+}
+
+fn default_block_size() -> u32 {
+    512
+}
+
+/// Where a LUN's data lives, resolved against the data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// A regular file; created sparse with `size` bytes when missing.
+    File { path: PathBuf, size: u64 },
+    /// An existing block device.
+    Device(PathBuf),
+}
+
+impl LunConfig {
+    /// Where this LUN's data lives. Call after [`Config::validate`].
+    pub fn backing(&self, data_dir: &Path) -> Backing {
+        match (&self.path, &self.device) {
+            (_, Some(dev)) => Backing::Device(dev.clone()),
+            (Some(p), None) => Backing::File {
+                path: data_dir.join(p),
+                size: self.size.map(|s| s.0).unwrap_or(DEFAULT_LUN_SIZE),
+            },
+            (None, None) => Backing::File {
+                path: data_dir.join(format!("lun{}.img", self.id)),
+                size: self.size.map(|s| s.0).unwrap_or(DEFAULT_LUN_SIZE),
+            },
+        }
+    }
+
+    /// The NAA designator as bytes, if configured (validated).
+    pub fn naa_bytes(&self) -> Option<Vec<u8>> {
+        self.naa.as_deref().and_then(|s| parse_hex(s).ok())
+    }
+}
+
+/// A size in bytes, written either as an integer or as a string with a
+/// binary unit: "4096", "512K", "64M", "1G", "2T", "1GiB".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(digits_end);
+        if num.is_empty() {
+            return Err(format!("size '{s}' does not start with a number"));
+        }
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("size '{s}' is too large"))?;
+        let shift = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 0,
+            "k" | "kib" | "kb" => 10,
+            "m" | "mib" | "mb" => 20,
+            "g" | "gib" | "gb" => 30,
+            "t" | "tib" | "tb" => 40,
+            _ => {
+                return Err(format!(
+                    "size '{s}' has unknown unit '{}' (use K, M, G or T; binary units)",
+                    unit.trim()
+                ))
+            }
+        };
+        n.checked_mul(1u64 << shift)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size '{s}' is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = ByteSize;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size in bytes or a string like \"1G\"")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ByteSize, E> {
+                Ok(ByteSize(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ByteSize, E> {
+                u64::try_from(v)
+                    .map(ByteSize)
+                    .map_err(|_| E::custom("size must not be negative"))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<ByteSize, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn parse_hex(s: &str) -> Result<Vec<u8>, ()> {
+    let s = s.strip_prefix("0x").unwrap_or(s);
+    if !s.len().is_multiple_of(2) {
+        return Err(());
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| s.get(i..i + 2).and_then(|h| u8::from_str_radix(h, 16).ok()))
+        .collect::<Option<Vec<u8>>>()
+        .ok_or(())
+}
+
+/// Is `name` a well-formed iSCSI name (RFC 7143 section 4.2.7.2, RFC 3722)?
+pub fn check_iscsi_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("iSCSI name is empty".into());
+    }
+    if name.len() > 223 {
+        return Err(format!("iSCSI name '{name}' is longer than 223 bytes"));
+    }
+    let lower = name.to_ascii_lowercase();
+    if let Some(rest) = lower.strip_prefix("iqn.") {
+        // iqn.yyyy-mm.reversed.domain[:anything]
+        let date = rest.get(..7).unwrap_or("");
+        let ok_date = date.len() == 7
+            && date.as_bytes()[4] == b'-'
+            && date
+                .bytes()
+                .enumerate()
+                .all(|(i, b)| i == 4 || b.is_ascii_digit());
+        if !ok_date || rest.as_bytes().get(7) != Some(&b'.') {
+            return Err(format!(
+                "iSCSI name '{name}' is not of the form iqn.yyyy-mm.naming-authority[:unique]"
+            ));
+        }
+    } else if let Some(rest) = lower.strip_prefix("eui.") {
+        if rest.len() != 16 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "iSCSI name '{name}': eui. must be followed by 16 hex digits"
+            ));
+        }
+    } else if let Some(rest) = lower.strip_prefix("naa.") {
+        if !(rest.len() == 16 || rest.len() == 32) || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(format!(
+                "iSCSI name '{name}': naa. must be followed by 16 or 32 hex digits"
+            ));
+        }
+    } else {
+        return Err(format!(
+            "iSCSI name '{name}' must start with iqn., eui. or naa."
+        ));
+    }
+    if let Some(c) = lower
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':')))
+    {
+        return Err(format!(
+            "iSCSI name '{name}' contains '{c}' (allowed: a-z 0-9 - . :)"
+        ));
+    }
+    Ok(())
+}
+
+impl Config {
+    /// Parse and validate TOML text. `origin` names the text in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let location = match e.span() {
+                Some(span) => {
+                    let before = text.get(..span.start).unwrap_or("");
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                    format!("{origin}:{line}:{col}")
+                }
+                None => origin.to_string(),
+            };
+            ConfigError::Syntax {
+                location,
+                message: e.message().trim().replace('\n', " "),
+            }
+        })?;
+        cfg.validate().map_err(|e| match e {
+            ConfigError::Invalid(m) => ConfigError::Invalid(format!("{origin}: {m}")),
+            other => other,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Read, parse and validate a config file. A relative `data_dir` is
+    /// resolved against the file's directory.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|err| ConfigError::Read {
+            path: path.to_path_buf(),
+            err,
+        })?;
+        let mut cfg = Config::from_toml(&text, &path.display().to_string())?;
+        if cfg.data_dir.is_relative() {
+            if let Some(dir) = path.parent() {
+                cfg.data_dir = dir.join(&cfg.data_dir);
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// Check every rule the types cannot express, and fill `portal_addrs`.
+    pub fn validate(&mut self) -> Result<(), ConfigError> {
+        self.limits.validate()?;
+        if self.targets.is_empty() {
+            return Err(invalid("no [[target]] configured"));
+        }
+        if let Some(c) = &self.discovery_chap {
+            c.validate("discovery_chap")?;
+        }
+        let mut names = HashSet::new();
+        for t in &mut self.targets {
+            check_iscsi_name(&t.name).map_err(invalid)?;
+            if let Some(c) = &t.chap {
+                c.validate(&format!("target '{}' chap", t.name))?;
+            }
+            if !names.insert(t.name.to_ascii_lowercase()) {
+                return Err(invalid(format!("target '{}' is configured twice", t.name)));
+            }
+            if t.portals.is_empty() {
+                return Err(invalid(format!("target '{}' has no portals", t.name)));
+            }
+            if t.portals.len() > usize::from(u16::MAX) {
+                return Err(invalid(format!("target '{}' has too many portals", t.name)));
+            }
+            let mut addrs = Vec::with_capacity(t.portals.len());
+            for p in &t.portals {
+                let a: SocketAddr = p.parse().map_err(|_| {
+                    invalid(format!(
+                        "target '{}': portal '{p}' is not IP:PORT (IPv6 as [addr]:port)",
+                        t.name
+                    ))
+                })?;
+                if a.port() != 0 && addrs.contains(&a) {
+                    return Err(invalid(format!(
+                        "target '{}': portal {a} is listed twice",
+                        t.name
+                    )));
+                }
+                addrs.push(a);
+            }
+            t.portal_addrs = addrs;
+            if t.luns.is_empty() {
+                return Err(invalid(format!("target '{}' has no LUNs", t.name)));
+            }
+            let mut ids = HashSet::new();
+            for l in &t.luns {
+                let what = format!("target '{}' LUN {}", t.name, l.id);
+                if l.id > MAX_LUN {
+                    return Err(invalid(format!("{what}: LUN ids go up to {MAX_LUN}")));
+                }
+                if !ids.insert(l.id) {
+                    return Err(invalid(format!("{what} is configured twice")));
+                }
+                if l.path.is_some() && l.device.is_some() {
+                    return Err(invalid(format!(
+                        "{what}: give either path or device, not both"
+                    )));
+                }
+                if l.device.is_some() && l.size.is_some() {
+                    return Err(invalid(format!(
+                        "{what}: size applies to files only; a device has its own size"
+                    )));
+                }
+                if l.block_size != 512 && l.block_size != 4096 {
+                    return Err(invalid(format!(
+                        "{what}: block_size {} is not 512 or 4096",
+                        l.block_size
+                    )));
+                }
+                if let Some(ByteSize(s)) = l.size {
+                    if s == 0 || s % u64::from(l.block_size) != 0 {
+                        return Err(invalid(format!(
+                            "{what}: size {s} is not a positive multiple of block_size {}",
+                            l.block_size
+                        )));
+                    }
+                }
+                if let Some(serial) = &l.serial {
+                    if serial.is_empty()
+                        || serial.len() > 64
+                        || !serial.bytes().all(|b| b.is_ascii_graphic())
+                    {
+                        return Err(invalid(format!(
+                            "{what}: serial must be 1-64 printable ASCII characters without spaces"
+                        )));
+                    }
+                }
+                if let Some(naa) = &l.naa {
+                    let b = parse_hex(naa)
+                        .map_err(|_| invalid(format!("{what}: naa '{naa}' is not hex")))?;
+                    if b.len() != 16 || b.first().map(|x| x >> 4) != Some(6) {
+                        return Err(invalid(format!(
+                            "{what}: naa must be 32 hex digits starting with 6 (IEEE Registered Extended)"
+                        )));
+                    }
+                }
+            }
+        }
+        self.check_chap_secrets_not_shared()?;
+        Ok(())
+    }
+
+    /// RFC 7143 section 12.1.3: a secret that authenticates initiators must
+    /// not also authenticate a target, and the other way round.
+    fn check_chap_secrets_not_shared(&self) -> Result<(), ConfigError> {
+        let all = || {
+            let disc = self
+                .discovery_chap
+                .as_ref()
+                .map(|c| ("discovery_chap".to_string(), c));
+            disc.into_iter().chain(self.targets.iter().filter_map(|t| {
+                t.chap
+                    .as_ref()
+                    .map(|c| (format!("target '{}' chap", t.name), c))
+            }))
+        };
+        for (owner, c) in all() {
+            let Some(mutual) = &c.mutual_secret else {
+                continue;
+            };
+            if let Some((other, _)) = all().find(|(_, o)| &o.secret == mutual) {
+                return Err(invalid(format!(
+                    "{owner}: mutual_secret is also the secret initiators use for {other}; \
+                     RFC 7143 section 12.1.3 forbids one secret for both directions"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every distinct listen address with the (target index, TPGT) pairs
+    /// served there.
+    pub fn listeners(&self) -> Vec<(SocketAddr, Vec<(usize, u16)>)> {
+        let mut out: Vec<(SocketAddr, Vec<(usize, u16)>)> = Vec::new();
+        for (ti, t) in self.targets.iter().enumerate() {
+            for (tpgt, addr) in t.portal_groups() {
+                match out.iter_mut().find(|(a, _)| *a == addr) {
+                    Some((_, v)) => v.push((ti, tpgt)),
+                    None => out.push((addr, vec![(ti, tpgt)])),
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Limits {
+    fn validate(&self) -> Result<(), ConfigError> {
+        const SEG_MIN: u32 = 512;
+        const SEG_MAX: u32 = (1 << 24) - 1;
+        let seg = |name: &str, v: u32| {
+            if (SEG_MIN..=SEG_MAX).contains(&v) {
+                Ok(())
+            } else {
+                Err(invalid(format!(
+                    "limits.{name} = {v} is outside {SEG_MIN}..={SEG_MAX} (RFC 7143)"
+                )))
+            }
+        };
+        seg(
+            "max_recv_data_segment_length",
+            self.max_recv_data_segment_length,
+        )?;
+        seg("max_burst_length", self.max_burst_length)?;
+        seg("first_burst_length", self.first_burst_length)?;
+        if self.first_burst_length > self.max_burst_length {
+            return Err(invalid(
+                "limits.first_burst_length must not exceed limits.max_burst_length",
+            ));
+        }
+        let positive = |name: &str, v: u32, max: u32| {
+            if v == 0 || v > max {
+                Err(invalid(format!("limits.{name} = {v} is outside 1..={max}")))
+            } else {
+                Ok(())
+            }
+        };
+        positive("max_sessions", self.max_sessions, 65535)?;
+        positive("max_connections", self.max_connections, 65535)?;
+        positive("max_cmds_per_session", self.max_cmds_per_session, 4096)?;
+        positive("max_outstanding_r2t", self.max_outstanding_r2t, 65535)?;
+        positive("login_timeout_secs", self.login_timeout_secs, 3600)?;
+        if self.nop_in_interval_secs > 0 && self.nop_in_timeout_secs == 0 {
+            return Err(invalid(
+                "limits.nop_in_timeout_secs must be positive when nop_in_interval_secs is set",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+data_dir = "/srv/kf"
+[limits]
+max_sessions = 8
+[[target]]
+name = "iqn.2026-11.io.keyfence:a"
+portals = ["127.0.0.1:3260", "127.0.0.1:3261"]
+[[target.lun]]
+id = 0
+path = "a0.img"
+size = "64M"
+[[target.lun]]
+id = 3
+path = "/abs/a3.img"
+size = 1048576
+block_size = 4096
+read_only = true
+serial = "A3"
+naa = "6001405f0000000000000000000000a3"
+[[target]]
+name = "iqn.2026-11.io.keyfence:b"
+portals = ["127.0.0.1:3261"]
+[[target.lun]]
+id = 0
+device = "/dev/null"
+"#;
+
+    #[test]
+    fn parses_a_full_config() {
+        let c = Config::from_toml(GOOD, "t.toml").unwrap();
+        assert_eq!(c.limits.max_sessions, 8);
+        assert_eq!(c.limits.max_cmds_per_session, 128);
+        assert_eq!(c.targets.len(), 2);
+        let a = &c.targets[0];
+        let pg: Vec<_> = a.portal_groups().collect();
+        assert_eq!(pg[1], (2, "127.0.0.1:3261".parse().unwrap()));
+        assert_eq!(
+            a.luns[0].backing(&c.data_dir),
+            Backing::File {
+                path: "/srv/kf/a0.img".into(),
+                size: 64 << 20
+            }
+        );
+        assert_eq!(
+            a.luns[1].backing(&c.data_dir),
+            Backing::File {
+                path: "/abs/a3.img".into(),
+                size: 1 << 20
+            }
+        );
+        assert_eq!(a.luns[1].naa_bytes().unwrap().len(), 16);
+        assert_eq!(
+            c.targets[1].luns[0].backing(&c.data_dir),
+            Backing::Device("/dev/null".into())
+        );
+        let l = c.listeners();
+        assert_eq!(l.len(), 2);
+        assert_eq!(l[1].1, vec![(0, 2), (1, 1)]);
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_toml(text, "c.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_location() {
+        let e = err("[limits]\nmax_sesions = 3\n");
+        assert!(
+            e.starts_with("c.toml:2:1: unknown field `max_sesions`"),
+            "{e}"
+        );
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn bad_values_get_precise_messages() {
+        let base = |lun: &str| {
+            format!(
+                "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\n[[target.lun]]\n{lun}\n"
+            )
+        };
+        assert!(
+            err(&base("id = 0\nblock_size = 1024")).contains("block_size 1024 is not 512 or 4096")
+        );
+        assert!(err(&base("id = 0\nsize = \"1X\"")).contains("unknown unit 'X'"));
+        assert!(err(&base("id = 0\nsize = 1000")).contains("not a positive multiple"));
+        assert!(
+            err(&base("id = 0\npath = \"a\"\ndevice = \"b\"")).contains("either path or device")
+        );
+        assert!(err(&base("id = 16384")).contains("LUN ids go up to 16383"));
+        assert!(err(&base("id = 0\nnaa = \"1234\"")).contains("naa must be"));
+        let e = err("[[target]]\nname = \"foo\"\nportals = [\"127.0.0.1:1\"]\n");
+        assert!(e.contains("must start with iqn."), "{e}");
+        let e = err("[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"localhost\"]\n");
+        assert!(e.contains("is not IP:PORT"), "{e}");
+        let e = err("[limits]\nfirst_burst_length = 2000000\nmax_burst_length = 1000000\n");
+        assert!(e.contains("first_burst_length must not exceed"), "{e}");
+        assert!(err("").contains("no [[target]]"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!("1G".parse::<ByteSize>().unwrap().0, 1 << 30);
+        assert_eq!("512k".parse::<ByteSize>().unwrap().0, 512 << 10);
+        assert_eq!("2TiB".parse::<ByteSize>().unwrap().0, 2 << 40);
+        assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
+        assert!("99999999999T".parse::<ByteSize>().is_err());
+        assert!("G".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn iscsi_names() {
+        assert!(check_iscsi_name("iqn.2026-11.io.keyfence:default").is_ok());
+        assert!(check_iscsi_name("eui.02004567A425678D").is_ok());
+        assert!(check_iscsi_name("naa.52004567BA64678D").is_ok());
+        assert!(check_iscsi_name("iqn.26-11.io").is_err());
+        assert!(check_iscsi_name("iqn.2026-11.io.kf:a b").is_err());
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let text = include_str!("config.rs")
+            .lines()
+            .skip_while(|l| *l != "//! ```toml")
+            .skip(1)
+            .take_while(|l| *l != "//! ```")
+            .map(|l| l.strip_prefix("//! ").unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::from_toml(&text, "example").unwrap();
+        assert_eq!(c.targets[0].portal_groups().count(), 2);
+        assert_eq!(c.limits.nop_in_interval_secs, 30);
+        let chap = c.targets[0].chap.as_ref().unwrap();
+        assert_eq!(chap.initiator_credential().name, "alice");
+        assert_eq!(chap.target_credential().unwrap().name, "target1");
+        assert_eq!(c.discovery_chap.as_ref().unwrap().user, "discoverer");
+    }
+
+    fn with_chap(chap: &str) -> String {
+        format!(
+            "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\n\
+             [target.chap]\n{chap}\n[[target.lun]]\nid = 0\n"
+        )
+    }
+
+    #[test]
+    fn chap_credentials() {
+        let c = Config::from_toml(
+            &with_chap("user = \"u\"\nsecret = \"0123456789ab\""),
+            "c.toml",
+        )
+        .unwrap();
+        let chap = c.targets[0].chap.as_ref().unwrap();
+        assert_eq!(chap.initiator_credential().secret, b"0123456789ab");
+        assert!(chap.target_credential().is_none());
+        assert!(c.discovery_chap.is_none());
+
+        let e = err(&with_chap("user = \"u\"\nsecret = \"short-sec01\""));
+        assert!(
+            e.ends_with("target 'iqn.2026-11.io.keyfence:x' chap: secret is 11 bytes; it must be 12-255 bytes (RFC 7143 section 12.1.3 wants 96+ random bits)"),
+            "{e}"
+        );
+        assert!(!e.contains("short-sec01"));
+        let long = "x".repeat(256);
+        assert!(
+            err(&with_chap(&format!("user = \"u\"\nsecret = \"{long}\"")))
+                .contains("secret is 256 bytes")
+        );
+        assert!(err(&with_chap("user = \"\"\nsecret = \"0123456789ab\""))
+            .contains("user must be 1-255 bytes"));
+        assert!(err(&with_chap(
+            "user = \"u\"\nsecret = \"0123456789ab\"\nmutual_user = \"t\""
+        ))
+        .contains("mutual_user and mutual_secret must be given together"));
+        assert!(err(&with_chap(
+            "user = \"u\"\nsecret = \"0123456789ab\"\nmutual_user = \"t\"\nmutual_secret = \"0123456789ab\""
+        ))
+        .contains("mutual_secret must differ from secret"));
+        assert!(err(&with_chap(
+            "user = \"u\"\nsecret = \"0123456789ab\"\nsecrt = 1"
+        ))
+        .contains("unknown field `secrt`"));
+        // A target secret that is another's initiator secret.
+        let e = err(&format!(
+            "[discovery_chap]\nuser = \"d\"\nsecret = \"discovery-secret\"\n{}",
+            with_chap(
+                "user = \"u\"\nsecret = \"0123456789ab\"\nmutual_user = \"t\"\nmutual_secret = \"discovery-secret\""
+            )
+        ));
+        assert!(
+            e.contains("mutual_secret is also the secret initiators use for discovery_chap"),
+            "{e}"
+        );
+        assert!(!e.contains("discovery-secret"));
+    }
+
+    #[test]
+    fn chap_secrets_are_redacted() {
+        let c = Config::from_toml(
+            &with_chap(
+                "user = \"u\"\nsecret = \"initiator-pass\"\nmutual_user = \"t\"\nmutual_secret = \"target-pass-1\"",
+            ),
+            "c.toml",
+        )
+        .unwrap();
+        let shown = format!("{c:?} {:#?}", c.targets[0].chap);
+        assert!(shown.contains("<redacted>"), "{shown}");
+        assert!(!shown.contains("initiator-pass"), "{shown}");
+        assert!(!shown.contains("target-pass-1"), "{shown}");
+        let cred = format!(
+            "{:?}",
+            c.targets[0].chap.as_ref().unwrap().initiator_credential()
+        );
+        assert!(!cred.contains("initiator-pass"), "{cred}");
+    }
+}

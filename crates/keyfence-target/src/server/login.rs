@@ -1,0 +1,356 @@
+//! The login phase of a connection: feeds Login Requests to
+//! [`keyfence_iscsi::login::TargetLogin`], sends its responses, and on success
+//! admits the session into the session table (assigning the TSIH the
+//! negotiation announced and reinstating an older session with the same
+//! initiator port and portal group).
+//!
+//! Authentication: a target with `[target.chap]` (and discovery with
+//! `[discovery_chap]`) offers only AuthMethod=CHAP, so an initiator that
+//! cannot prove the secret is refused with status 0201h (authentication
+//! failure). The credentials are chosen from the first Login Request; a
+//! session that ends up being of another kind or for another target than
+//! that request announced must still have passed that kind's or target's
+//! CHAP, or it is refused the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keyfence_iscsi::keys;
+use keyfence_iscsi::login::{LoginStatus, LoginStep, SessionType, TargetLogin, TargetLoginConfig};
+use keyfence_iscsi::params::OperationalPrefs;
+use keyfence_iscsi::text::{format_address, DiscoveredTarget};
+use keyfence_iscsi::{Pdu, SessionParams};
+use keyfence_scsi::{InitiatorPort, Nexus};
+use tracing::{debug, info, warn};
+
+use super::conn::Wire;
+use super::session::{AdmitError, Registration, SessionKey};
+use super::{ListenerInfo, Shared};
+use crate::config::ChapConfig;
+
+/// What a session is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum SessionKind {
+    Discovery,
+    Normal { target: usize, tpgt: u16 },
+}
+
+/// A connection that completed its login.
+pub(super) struct Established {
+    pub kind: SessionKind,
+    pub initiator: String,
+    pub isid: u64,
+    pub cid: u16,
+    pub params: SessionParams,
+    pub exp_cmd_sn: u32,
+    pub stat_sn: u32,
+    pub registration: Registration,
+}
+
+/// Why a login did not produce a session.
+#[derive(Debug)]
+pub(super) enum LoginError {
+    Io(std::io::Error),
+    Framing(String),
+}
+
+impl std::fmt::Display for LoginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LoginError::Io(e) => write!(f, "socket error: {e}"),
+            LoginError::Framing(e) => write!(f, "bad PDU: {e}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for LoginError {
+    fn from(e: std::io::Error) -> Self {
+        LoginError::Io(e)
+    }
+}
+
+/// Read one PDU; `None` at end of stream.
+async fn next_pdu(wire: &mut Wire) -> Result<Option<Pdu>, LoginError> {
+    loop {
+        match wire.codec.decode(&mut wire.rbuf) {
+            Ok(Some(p)) => return Ok(Some(p)),
+            Ok(None) => {}
+            Err(e) => return Err(LoginError::Framing(e.to_string())),
+        }
+        if !wire.fill().await? {
+            return Ok(None);
+        }
+    }
+}
+
+/// The operational limits we offer, from the configuration.
+fn prefs(shared: &Shared) -> OperationalPrefs {
+    let l = &shared.limits;
+    OperationalPrefs {
+        max_recv_data_segment_length: l.max_recv_data_segment_length,
+        max_burst_length: l.max_burst_length,
+        first_burst_length: l.first_burst_length,
+        max_outstanding_r2t: u16::try_from(l.max_outstanding_r2t).unwrap_or(u16::MAX),
+        ..OperationalPrefs::default()
+    }
+}
+
+/// Run the login phase. `Ok(None)`: the login failed (the failure
+/// response has been queued) or the initiator went away.
+pub(super) async fn login(
+    shared: &Arc<Shared>,
+    info: &ListenerInfo,
+    wire: &mut Wire,
+) -> Result<Option<Established>, LoginError> {
+    let Some(mut pdu) = next_pdu(wire).await? else {
+        return Ok(None);
+    };
+    // The portal group tag depends on the target asked for, which a
+    // listener shared by several targets only learns from the first PDU.
+    let first_keys = keys::parse(&pdu.data).ok();
+    let first_key = |k: &str| {
+        first_keys
+            .as_ref()
+            .and_then(|p| keys::get(p, k).map(str::to_owned))
+    };
+    let asked_idx = first_key("TargetName")
+        .as_deref()
+        .and_then(|n| shared.target_by_name(n));
+    // Whose CHAP credentials this login is checked against.
+    let auth_scope = if first_key("SessionType").as_deref() == Some("Discovery") {
+        AuthScope::Discovery
+    } else {
+        asked_idx.map_or(AuthScope::Unknown, AuthScope::Target)
+    };
+    let chap = required_chap(shared, auth_scope);
+    let initiator_name = first_key("InitiatorName");
+    let tpgt = asked_idx
+        .and_then(|t| info.tpgt_of(t))
+        .or_else(|| info.groups.first().map(|g| g.1))
+        .unwrap_or(1);
+    let Some(reservation) = TsihReservation::new(shared) else {
+        warn!(peer = %wire.peer, "no TSIH left; login refused");
+        wire.push_pdu(&keyfence_iscsi::login::reject_login(
+            &pdu,
+            LoginStatus::OUT_OF_RESOURCES,
+            0,
+        ));
+        return Ok(None);
+    };
+    let tsih = reservation.tsih;
+    let cfg = TargetLoginConfig {
+        portal_group_tag: tpgt,
+        targets: info
+            .groups
+            .iter()
+            .filter(|(_, g)| *g == tpgt)
+            .map(|(t, _)| shared.targets[*t].name.clone())
+            .collect(),
+        tsih,
+        prefs: prefs(shared),
+        initial_stat_sn: 1,
+        cmd_window: shared.limits.max_cmds_per_session,
+        chap_users: chap
+            .map(|c| vec![c.initiator_credential()])
+            .unwrap_or_default(),
+        chap_mutual: chap.and_then(ChapConfig::target_credential),
+        chap_for_discovery: auth_scope == AuthScope::Discovery && chap.is_some(),
+        ..TargetLoginConfig::default()
+    };
+    let mut tl = TargetLogin::new(cfg);
+    let result = loop {
+        match tl.step(&pdu) {
+            LoginStep::Respond(r) => {
+                wire.push_pdu(&r);
+                wire.flush().await?;
+            }
+            LoginStep::Failed { response, status } => {
+                if status == LoginStatus::AUTHENTICATION_FAILURE {
+                    warn!(
+                        peer = %wire.peer,
+                        initiator = initiator_name.as_deref().unwrap_or("?"),
+                        "login refused: CHAP authentication failed"
+                    );
+                } else {
+                    debug!(peer = %wire.peer, "login failed: {} (0x{:04x})", status.description(), status.code());
+                }
+                wire.push_pdu(&response);
+                break None;
+            }
+            LoginStep::Complete { response, session } => {
+                let s = *session;
+                let kind = match s.session_type {
+                    SessionType::Discovery => SessionKind::Discovery,
+                    SessionType::Normal => {
+                        let Some(target) = s
+                            .target_name
+                            .as_deref()
+                            .and_then(|n| shared.target_by_name(n))
+                        else {
+                            wire.push_pdu(&keyfence_iscsi::login::reject_login(
+                                &pdu,
+                                LoginStatus::NOT_FOUND,
+                                s.next_stat_sn.wrapping_sub(1),
+                            ));
+                            break None;
+                        };
+                        SessionKind::Normal { target, tpgt }
+                    }
+                };
+                // The credentials were picked from the first request; the
+                // session must have passed the CHAP its real kind requires.
+                let scope = match kind {
+                    SessionKind::Discovery => AuthScope::Discovery,
+                    SessionKind::Normal { target, .. } => AuthScope::Target(target),
+                };
+                if let Some(c) = required_chap(shared, scope) {
+                    if scope != auth_scope || s.chap_name.as_deref() != Some(c.user.as_str()) {
+                        warn!(
+                            peer = %wire.peer,
+                            initiator = %s.initiator_name,
+                            "login refused: CHAP authentication required"
+                        );
+                        wire.push_pdu(&keyfence_iscsi::login::reject_login(
+                            &pdu,
+                            LoginStatus::AUTHENTICATION_FAILURE,
+                            s.next_stat_sn.wrapping_sub(1),
+                        ));
+                        break None;
+                    }
+                }
+                let initiator = s.initiator_name.to_ascii_lowercase();
+                let (target, nexus) = match kind {
+                    SessionKind::Discovery => (None, None),
+                    SessionKind::Normal { target, tpgt } => (
+                        Some(target),
+                        Some(Nexus::new(
+                            InitiatorPort::new(&initiator, s.isid),
+                            shared.targets[target].target_port(tpgt),
+                        )),
+                    ),
+                };
+                let key = SessionKey {
+                    initiator: initiator.clone(),
+                    isid: s.isid,
+                    target,
+                    tpgt,
+                };
+                // Session reinstatement (RFC 7143 6.3.5): the old session
+                // with this SSID ends before the new one starts.
+                let displaced = shared.sessions().displace(&key);
+                if let Some(d) = displaced {
+                    info!(peer = %wire.peer, initiator = %initiator, isid = format_args!("{:012x}", s.isid), "reinstating session");
+                    if tokio::time::timeout(Duration::from_secs(30), d.wait())
+                        .await
+                        .is_err()
+                    {
+                        warn!(peer = %wire.peer, "old session did not end within 30 s");
+                    }
+                }
+                let admitted = shared.sessions().admit(tsih, key, nexus);
+                match admitted {
+                    Ok(registration) => {
+                        reservation.admitted();
+                        wire.push_pdu(&response);
+                        wire.flush().await?;
+                        // Digests and data segment limits apply from the
+                        // first full feature phase PDU on.
+                        wire.codec.apply(&s.params);
+                        break Some(Established {
+                            kind,
+                            initiator,
+                            isid: s.isid,
+                            cid: s.cid,
+                            params: s.params,
+                            exp_cmd_sn: s.exp_cmd_sn,
+                            stat_sn: s.next_stat_sn,
+                            registration,
+                        });
+                    }
+                    Err(AdmitError::TooManySessions) => {
+                        warn!(peer = %wire.peer, "session limit reached; login refused");
+                        wire.push_pdu(&keyfence_iscsi::login::reject_login(
+                            &pdu,
+                            LoginStatus::OUT_OF_RESOURCES,
+                            s.next_stat_sn.wrapping_sub(1),
+                        ));
+                        break None;
+                    }
+                }
+            }
+        }
+        match next_pdu(wire).await {
+            Ok(Some(p)) => pdu = p,
+            Ok(None) => break None,
+            Err(e) => return Err(e),
+        }
+    };
+    Ok(result)
+}
+
+/// Whose CHAP credentials apply to a login.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AuthScope {
+    Discovery,
+    Target(usize),
+    /// A normal session whose target the first request did not name: no
+    /// credentials are offered, and the check on completion refuses the
+    /// session if the target it names after all requires CHAP.
+    Unknown,
+}
+
+/// The CHAP a session of this scope must pass, if any.
+fn required_chap(shared: &Shared, scope: AuthScope) -> Option<&ChapConfig> {
+    match scope {
+        AuthScope::Discovery => shared.discovery_chap.as_ref(),
+        AuthScope::Target(t) => shared.targets.get(t).and_then(|t| t.chap.as_ref()),
+        AuthScope::Unknown => None,
+    }
+}
+
+/// A TSIH held for a login in progress; given back when dropped (failed,
+/// timed out or abandoned login) unless the session was admitted.
+struct TsihReservation {
+    shared: Arc<Shared>,
+    tsih: u16,
+    admitted: std::cell::Cell<bool>,
+}
+
+impl TsihReservation {
+    fn new(shared: &Arc<Shared>) -> Option<TsihReservation> {
+        let tsih = shared.sessions().reserve()?;
+        Some(TsihReservation {
+            shared: shared.clone(),
+            tsih,
+            admitted: std::cell::Cell::new(false),
+        })
+    }
+
+    fn admitted(&self) {
+        self.admitted.set(true);
+    }
+}
+
+impl Drop for TsihReservation {
+    fn drop(&mut self) {
+        if !self.admitted.get() {
+            self.shared.sessions().release(self.tsih);
+        }
+    }
+}
+
+/// Every target with its portals, for SendTargets.
+pub(super) fn discovered_targets(shared: &Shared) -> Vec<DiscoveredTarget> {
+    shared
+        .targets
+        .iter()
+        .map(|t| DiscoveredTarget {
+            name: t.name.clone(),
+            addresses: t
+                .portals
+                .iter()
+                .map(|p| (format_address(p.addr), p.tpgt))
+                .collect(),
+        })
+        .collect()
+}
