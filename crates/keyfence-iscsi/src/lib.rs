@@ -53,4 +53,4 @@ pub use pdu::{
     TargetPdu, TaskAttr, TaskMgmtRequest, TaskMgmtResponse, TextRequest, TextResponse, TmfFunction,
     TmfResponse,
 };
-pub use text::{DiscoveredTarget, TextCollector, TextProgress, TextResponder};
+pub use text::{SendTargetsEntry, TextCollector, TextProgress, TextResponder};

@@ -41,9 +41,11 @@ pub enum TextError {
     BadSendTargets(String),
 }
 
-/// A target and its portals, as advertised or discovered.
+/// One target of a SendTargets text (RFC 7143 §13.3): its TargetName and
+/// TargetAddress values, as a target advertises them or an initiator
+/// parses them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiscoveredTarget {
+pub struct SendTargetsEntry {
     pub name: String,
     /// `(address, tpgt)`: address is `host:port`, IPv6 hosts in brackets.
     pub addresses: Vec<(String, u16)>,
@@ -65,11 +67,11 @@ pub fn format_address(addr: SocketAddr) -> String {
 /// value or its name) and `All` is answered `SendTargets=Reject`.
 pub fn send_targets_text(
     value: &str,
-    targets: &[DiscoveredTarget],
+    targets: &[SendTargetsEntry],
     session_target: Option<&str>,
 ) -> Bytes {
     let mut b = keys::TextBuilder::new();
-    let emit = |b: &mut keys::TextBuilder, t: &DiscoveredTarget| {
+    let emit = |b: &mut keys::TextBuilder, t: &SendTargetsEntry| {
         b.push("TargetName", &t.name);
         for (addr, tpgt) in &t.addresses {
             b.push("TargetAddress", &format!("{addr},{tpgt}"));
@@ -98,7 +100,7 @@ pub fn send_targets_text(
 #[derive(Debug, Clone, Copy)]
 pub struct TextContext<'a> {
     /// Targets to advertise.
-    pub targets: &'a [DiscoveredTarget],
+    pub targets: &'a [SendTargetsEntry],
     /// The session's target in a normal session; `None` in discovery.
     pub session_target: Option<&'a str>,
     /// The initiator's MaxRecvDataSegmentLength (most data per response).
@@ -305,9 +307,9 @@ impl TextCollector {
 
 /// Parses `TargetName` / `TargetAddress` pairs. Keys may repeat here, so
 /// this takes the raw text rather than de-duplicated pairs.
-pub fn parse_send_targets(text: &[u8]) -> Result<Vec<DiscoveredTarget>, TextError> {
+pub fn parse_send_targets(text: &[u8]) -> Result<Vec<SendTargetsEntry>, TextError> {
     let bad = |s: &str| TextError::BadSendTargets(s.to_string());
-    let mut out: Vec<DiscoveredTarget> = Vec::new();
+    let mut out: Vec<SendTargetsEntry> = Vec::new();
     if text.len() > keys::MAX_TEXT_LEN {
         return Err(TextError::TooLong);
     }
@@ -319,7 +321,7 @@ pub fn parse_send_targets(text: &[u8]) -> Result<Vec<DiscoveredTarget>, TextErro
                 if v.is_empty() {
                     return Err(bad("empty TargetName"));
                 }
-                out.push(DiscoveredTarget {
+                out.push(SendTargetsEntry {
                     name: v.to_string(),
                     addresses: Vec::new(),
                 });

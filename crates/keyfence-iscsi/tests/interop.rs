@@ -46,7 +46,7 @@ fn send(s: &mut TcpStream, codec: &PduCodec, p: &Pdu) {
 }
 
 /// Serves one connection: login, text, logout.
-fn serve(mut s: TcpStream, cfg: TargetLoginConfig, targets: Vec<DiscoveredTarget>) {
+fn serve(mut s: TcpStream, cfg: TargetLoginConfig, targets: Vec<SendTargetsEntry>) {
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let mut codec = PduCodec::new();
     let mut buf = BytesMut::new();
@@ -125,7 +125,7 @@ fn start_target(cfg: TargetLoginConfig, conns: usize) -> (u16, thread::JoinHandl
     let h = thread::spawn(move || {
         for _ in 0..conns {
             let (s, _) = l.accept().unwrap();
-            let targets = vec![DiscoveredTarget {
+            let targets = vec![SendTargetsEntry {
                 name: TARGET.to_string(),
                 addresses: vec![(format!("127.0.0.1:{port}"), 1)],
             }];
@@ -367,7 +367,7 @@ impl Conn {
         send(&mut self.s, &self.codec, &p);
     }
 
-    fn send_targets(&mut self, value: &str) -> Vec<DiscoveredTarget> {
+    fn send_targets(&mut self, value: &str) -> Vec<SendTargetsEntry> {
         self.itt += 1;
         let mut collector = TextCollector::new(self.itt);
         let mut req = send_targets_request(self.itt, value);

@@ -17,9 +17,9 @@ fn wire(p: &Pdu) -> Pdu {
     c.decode(&mut b).unwrap().unwrap()
 }
 
-fn targets(n: usize) -> Vec<DiscoveredTarget> {
+fn targets(n: usize) -> Vec<SendTargetsEntry> {
     (0..n)
-        .map(|i| DiscoveredTarget {
+        .map(|i| SendTargetsEntry {
             name: format!("iqn.2026-11.org.keyfence:disk{i:04}"),
             addresses: vec![
                 (format_address("127.0.0.1:3260".parse().unwrap()), 1),
@@ -33,7 +33,7 @@ fn targets(n: usize) -> Vec<DiscoveredTarget> {
 /// Text Responses it took.
 fn exchange(
     value: &str,
-    all: &[DiscoveredTarget],
+    all: &[SendTargetsEntry],
     session_target: Option<&str>,
     max: u32,
 ) -> (Bytes, usize) {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use keyfence_pr::{
-    Access, AccessView, Applied, Effects, Features, Persist, PrState, PrStore, Reject, StoreError,
+    Access, AccessView, Applied, Effects, Features, Persist, PrState, PrStore, Refusal, StoreError,
 };
 use keyfence_scsi::pr_data::{PrInCdb, PrOutAction, PrOutCdb, PrType};
 use keyfence_scsi::sense::asc;
@@ -312,10 +312,10 @@ impl Reservations {
     }
 }
 
-fn reject_outcome(r: Reject) -> CommandOutcome {
+fn reject_outcome(r: Refusal) -> CommandOutcome {
     match r {
-        Reject::Conflict => CommandOutcome::reservation_conflict(),
-        Reject::Check(s) => CommandOutcome::check_condition(s),
+        Refusal::Conflict => CommandOutcome::reservation_conflict(),
+        Refusal::Check(s) => CommandOutcome::check_condition(s),
     }
 }
 

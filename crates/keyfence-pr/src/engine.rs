@@ -23,23 +23,24 @@ use crate::state::{PrState, Registration, Reservation};
 /// INSUFFICIENT REGISTRATION RESOURCES (SPC-5 5.13.7).
 pub const MAX_REGISTRATIONS: usize = 2048;
 
-/// Why a command failed.
+/// Why the engine refused a command: the status the LU returns instead of
+/// GOOD. (Not to be confused with the iSCSI Reject PDU.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reject {
+pub enum Refusal {
     /// RESERVATION CONFLICT status.
     Conflict,
     /// CHECK CONDITION with this sense data.
     Check(Sense),
 }
 
-impl From<PrDataError> for Reject {
+impl From<PrDataError> for Refusal {
     fn from(e: PrDataError) -> Self {
-        Reject::Check(e.to_sense())
+        Refusal::Check(e.to_sense())
     }
 }
 
-fn check(s: Sense) -> Reject {
-    Reject::Check(s)
+fn check(s: Sense) -> Refusal {
+    Refusal::Check(s)
 }
 
 /// Sense for the recoverable lost persistent reservation condition.
@@ -192,7 +193,7 @@ impl AccessView {
 
 /// Answer a PERSISTENT RESERVE IN. Returns the full parameter data; the
 /// caller truncates to the ALLOCATION LENGTH.
-pub fn pr_in(state: &PrState, cdb: &[u8], features: Features) -> Result<Vec<u8>, Reject> {
+pub fn pr_in(state: &PrState, cdb: &[u8], features: Features) -> Result<Vec<u8>, Refusal> {
     let c = PrInCdb::parse(cdb).ok_or(check(Sense::invalid_cdb_field(0, None)))?;
     let action =
         PrInAction::from_u8(c.service_action).ok_or(check(Sense::invalid_cdb_field(1, Some(4))))?;
@@ -367,7 +368,7 @@ fn reservation_for(pr_type: PrType, holder: &Nexus) -> Reservation {
     }
 }
 
-fn resources(count: usize) -> Result<(), Reject> {
+fn resources(count: usize) -> Result<(), Refusal> {
     if count > MAX_REGISTRATIONS {
         return Err(check(Sense::illegal_request(
             asc::INSUFFICIENT_REGISTRATION_RESOURCES,
@@ -385,7 +386,7 @@ pub fn pr_out(
     ctx: &Context<'_>,
     cdb: &[u8],
     data: &[u8],
-) -> Result<Applied, Reject> {
+) -> Result<Applied, Refusal> {
     let features = ctx.features;
     let c = PrOutCdb::parse(cdb).ok_or(check(Sense::invalid_cdb_field(0, None)))?;
     let action = PrOutAction::from_u8(c.service_action)
@@ -432,7 +433,7 @@ pub fn pr_out(
     // SCOPE and TYPE, where valid (SPC-5 table 216); checked after the
     // reservation key, which is verified "regardless of the SERVICE
     // ACTION and SCOPE field values" (SPC-5 6.16.3).
-    let scope_type = || -> Result<Option<PrType>, Reject> {
+    let scope_type = || -> Result<Option<PrType>, Refusal> {
         match action {
             PrOutAction::Reserve
             | PrOutAction::Release
@@ -464,12 +465,12 @@ pub fn pr_out(
         PrOutAction::Register => {
             let expected = reg.as_ref().map_or(0, |g| g.key);
             if params.reservation_key() != expected {
-                return Err(Reject::Conflict);
+                return Err(Refusal::Conflict);
             }
         }
         _ => match &reg {
             Some(g) if g.key == params.reservation_key() => {}
-            _ => return Err(Reject::Conflict),
+            _ => return Err(Refusal::Conflict),
         },
     }
 
@@ -537,7 +538,7 @@ fn register(
     p: &PrOutParams,
     offsets: &[usize],
     registered: bool,
-) -> Result<(), Reject> {
+) -> Result<(), Refusal> {
     let ports = ctx.target_ports;
     if p.spec_i_pt && registered {
         return Err(check(Sense::invalid_param_field(20, Some(3))));
@@ -615,19 +616,19 @@ fn register(
 }
 
 /// RESERVE (SPC-5 5.13.9).
-fn reserve(tx: &mut Tx, nexus: &Nexus, pr_type: PrType) -> Result<(), Reject> {
+fn reserve(tx: &mut Tx, nexus: &Nexus, pr_type: PrType) -> Result<(), Refusal> {
     match &tx.st.reservation {
         None => {
             tx.st.reservation = Some(reservation_for(pr_type, nexus));
             Ok(())
         }
         Some(r) if tx.st.is_holder(nexus) && r.pr_type == pr_type => Ok(()),
-        Some(_) => Err(Reject::Conflict),
+        Some(_) => Err(Refusal::Conflict),
     }
 }
 
 /// RELEASE (SPC-5 5.13.11.2.2).
-fn release(tx: &mut Tx, nexus: &Nexus, pr_type: PrType) -> Result<(), Reject> {
+fn release(tx: &mut Tx, nexus: &Nexus, pr_type: PrType) -> Result<(), Refusal> {
     let Some(r) = tx.st.reservation.clone() else {
         return Ok(());
     };
@@ -654,7 +655,7 @@ fn preempt(
     sa_key: u64,
     pr_type: PrType,
     abort: bool,
-) -> Result<(), Reject> {
+) -> Result<(), Refusal> {
     let res = tx.st.reservation.clone();
     // PREEMPT AND ABORT aborts the commands of every I_T nexus registered
     // with the key, holder or not, or of every registered I_T nexus for
@@ -742,7 +743,7 @@ fn preempt(
             .map(|g| g.nexus.clone())
             .collect();
         if removed.is_empty() {
-            return Err(Reject::Conflict);
+            return Err(Refusal::Conflict);
         }
         tx.unregister(&removed, nexus);
         for n in &removed {
@@ -762,13 +763,13 @@ fn register_and_move(
     nexus: &Nexus,
     ctx: &Context<'_>,
     p: &RegisterMoveParams,
-) -> Result<(), Reject> {
+) -> Result<(), Refusal> {
     let ports = ctx.target_ports;
     let Some(res) = tx.st.reservation.clone() else {
         return Err(check(Sense::illegal_request(asc::INVALID_FIELD_IN_CDB)));
     };
     if res.pr_type.all_registrants() || !tx.st.is_holder(nexus) {
-        return Err(Reject::Conflict);
+        return Err(Refusal::Conflict);
     }
     if p.service_action_key == 0 {
         return Err(check(Sense::invalid_param_field(8, None)));
@@ -822,7 +823,7 @@ fn replace_lost(
     nexus: &Nexus,
     p: &PrOutParams,
     pr_type: Option<PrType>,
-) -> Result<Applied, Reject> {
+) -> Result<Applied, Refusal> {
     if !state.lost {
         return Err(check(Sense::illegal_request(
             asc::INVALID_RELEASE_OF_PERSISTENT_RESERVATION,
@@ -869,7 +870,7 @@ fn replace_lost(
 /// RESERVE(6)/(10) and RELEASE(6)/(10) as SPC-2 defines them, with the
 /// SPC-5 5.13.3 exceptions (CRH=1). Third-party reservations and extents
 /// are not supported (INVALID FIELD IN CDB).
-pub fn spc2(state: &PrState, nexus: &Nexus, cdb: &[u8]) -> Result<Applied, Reject> {
+pub fn spc2(state: &PrState, nexus: &Nexus, cdb: &[u8]) -> Result<Applied, Refusal> {
     let op = *cdb
         .first()
         .ok_or(check(Sense::invalid_cdb_field(0, None)))?;
@@ -897,12 +898,12 @@ pub fn spc2(state: &PrState, nexus: &Nexus, cdb: &[u8]) -> Result<Applied, Rejec
         return Ok(unchanged());
     }
     if !state.registrations.is_empty() {
-        return Err(Reject::Conflict);
+        return Err(Refusal::Conflict);
     }
     let mut st = state.clone();
     if reserve {
         match &state.spc2 {
-            Some(h) if h != nexus => return Err(Reject::Conflict),
+            Some(h) if h != nexus => return Err(Refusal::Conflict),
             _ => st.spc2 = Some(nexus.clone()),
         }
     } else if state.spc2.as_ref() == Some(nexus) {

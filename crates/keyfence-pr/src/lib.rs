@@ -48,7 +48,7 @@ pub mod store;
 
 pub use engine::{
     check_access, full_status, on_nexus_loss, on_reset, pr_in, pr_out, spc2, Access, AccessView,
-    Applied, Context, Effects, Features, Persist, Reject, MAX_REGISTRATIONS, PR_INFORMATION_LOST,
+    Applied, Context, Effects, Features, Persist, Refusal, MAX_REGISTRATIONS, PR_INFORMATION_LOST,
 };
 pub use keyfence_scsi::pr_data::{PrOutAction, PrType};
 pub use state::{PrState, Registration, Reservation, StateRecord};

@@ -85,7 +85,7 @@ fn field_pointer_names_the_offending_transport_id() {
     assert!(matches!(TransportId::parse(&first), Ok((_, n)) if n == first.len()));
     let cdb = PrOutCdb::new(PrOutAction::Register, None, data.len() as u32).encode();
     match lu.raw(&a, &cdb, &data) {
-        Err(keyfence_pr::Reject::Check(s)) => {
+        Err(keyfence_pr::Refusal::Check(s)) => {
             assert_eq!((s.asc, s.ascq), (0x26, 0));
             assert_eq!(s.field.unwrap().byte as usize, 28 + first.len());
         }

@@ -295,7 +295,7 @@ fn cdb_and_parameter_list_errors() {
         let r = lu.raw(&a, &cdb, &basic);
         assert_eq!(st_of(&r), INVALID_FIELD_CDB);
         let s = match r {
-            Err(keyfence_pr::Reject::Check(s)) => s,
+            Err(keyfence_pr::Refusal::Check(s)) => s,
             _ => unreachable!(),
         };
         let f = s.field.unwrap();
@@ -319,7 +319,7 @@ fn cdb_and_parameter_list_errors() {
     d[20] = 0x08;
     let cdb = PrOutCdb::new(PrOutAction::Reserve, Some(PrType::WriteExclusive), 24).encode();
     match lu.raw(&a, &cdb, &d) {
-        Err(keyfence_pr::Reject::Check(s)) => {
+        Err(keyfence_pr::Refusal::Check(s)) => {
             assert_eq!((s.asc, s.ascq), (0x26, 0));
             let f = s.field.unwrap();
             assert_eq!((f.in_cdb, f.byte, f.bit), (false, 20, Some(3)));
@@ -695,7 +695,7 @@ fn register_and_move() {
         INVALID_FIELD_PARAM
     );
     match lu.move_to(&a, &move_params(&dest, 7, false)) {
-        Err(keyfence_pr::Reject::Check(s)) => assert_eq!(s.field.unwrap().byte, 18),
+        Err(keyfence_pr::Refusal::Check(s)) => assert_eq!(s.field.unwrap().byte, 18),
         other => panic!("{other:?}"),
     }
     let mut p = move_params(&dest, 1, false);
@@ -844,7 +844,7 @@ fn report_capabilities_is_true() {
     let mut cdb = keyfence_scsi::pr_data::PrInCdb::new(PrInAction::ReadKeys, 8).encode();
     cdb[1] = 4;
     assert!(
-        matches!(keyfence_pr::pr_in(&lu.st, &cdb, lu.features), Err(keyfence_pr::Reject::Check(s)) if s.asc == 0x24)
+        matches!(keyfence_pr::pr_in(&lu.st, &cdb, lu.features), Err(keyfence_pr::Refusal::Check(s)) if s.asc == 0x24)
     );
 }
 

@@ -1,7 +1,7 @@
 //! A small harness: one LU's PR state driven through the engine.
 #![allow(dead_code)]
 
-use keyfence_pr::{Access, Effects, Features, PrState, Reject};
+use keyfence_pr::{Access, Effects, Features, PrState, Refusal};
 use keyfence_scsi::pr_data::{
     FullStatus, PrInAction, PrInCdb, PrOutAction, PrOutCdb, PrOutParams, PrType, ReadKeys,
     ReadReservation, RegisterMoveParams,
@@ -50,11 +50,11 @@ pub enum St {
     Check(u8, u8, u8),
 }
 
-pub fn st_of(r: &Result<Effects, Reject>) -> St {
+pub fn st_of(r: &Result<Effects, Refusal>) -> St {
     match r {
         Ok(_) => St::Good,
-        Err(Reject::Conflict) => St::Conflict,
-        Err(Reject::Check(s)) => St::Check(s.key as u8, s.asc, s.ascq),
+        Err(Refusal::Conflict) => St::Conflict,
+        Err(Refusal::Check(s)) => St::Check(s.key as u8, s.asc, s.ascq),
     }
 }
 
@@ -90,7 +90,7 @@ impl Lu {
         }
     }
 
-    pub fn raw(&mut self, n: &Nexus, cdb: &[u8], data: &[u8]) -> Result<Effects, Reject> {
+    pub fn raw(&mut self, n: &Nexus, cdb: &[u8], data: &[u8]) -> Result<Effects, Refusal> {
         let r = keyfence_pr::pr_out(&self.st, n, &self.ctx(), cdb, data)?;
         self.st = r.state;
         Ok(r.effects)
@@ -102,7 +102,7 @@ impl Lu {
         sa: PrOutAction,
         t: Option<PrType>,
         p: &PrOutParams,
-    ) -> Result<Effects, Reject> {
+    ) -> Result<Effects, Refusal> {
         let data = p.encode();
         let cdb = PrOutCdb::new(sa, t, data.len() as u32).encode();
         self.raw(n, &cdb, &data)
@@ -118,15 +118,15 @@ impl Lu {
         assert_eq!(st_of(&r), St::Good);
     }
 
-    pub fn reserve(&mut self, n: &Nexus, key: u64, t: PrType) -> Result<Effects, Reject> {
+    pub fn reserve(&mut self, n: &Nexus, key: u64, t: PrType) -> Result<Effects, Refusal> {
         self.out(n, PrOutAction::Reserve, Some(t), &params(key, 0))
     }
 
-    pub fn release(&mut self, n: &Nexus, key: u64, t: PrType) -> Result<Effects, Reject> {
+    pub fn release(&mut self, n: &Nexus, key: u64, t: PrType) -> Result<Effects, Refusal> {
         self.out(n, PrOutAction::Release, Some(t), &params(key, 0))
     }
 
-    pub fn unregister(&mut self, n: &Nexus, key: u64) -> Result<Effects, Reject> {
+    pub fn unregister(&mut self, n: &Nexus, key: u64) -> Result<Effects, Refusal> {
         self.out(n, PrOutAction::Register, None, &params(key, 0))
     }
 
@@ -137,7 +137,7 @@ impl Lu {
         victim: u64,
         t: PrType,
         abort: bool,
-    ) -> Result<Effects, Reject> {
+    ) -> Result<Effects, Refusal> {
         let sa = if abort {
             PrOutAction::PreemptAndAbort
         } else {
@@ -146,7 +146,7 @@ impl Lu {
         self.out(n, sa, Some(t), &params(key, victim))
     }
 
-    pub fn move_to(&mut self, n: &Nexus, p: &RegisterMoveParams) -> Result<Effects, Reject> {
+    pub fn move_to(&mut self, n: &Nexus, p: &RegisterMoveParams) -> Result<Effects, Refusal> {
         let data = p.encode();
         let cdb = PrOutCdb::new(PrOutAction::RegisterAndMove, None, data.len() as u32).encode();
         self.raw(n, &cdb, &data)

@@ -20,7 +20,7 @@ use keyfence_iscsi::pdu::{
     NopIn, NopOut, R2t, Reject, Residual, ScsiCommand, ScsiResponse, TaskAttr, TaskMgmtRequest,
     TaskMgmtResponse, TextRequest, TmfFunction, TmfResponse, BHS_LEN, RESERVED_TAG,
 };
-use keyfence_iscsi::text::{DiscoveredTarget, TextContext, TextError, TextResponder};
+use keyfence_iscsi::text::{SendTargetsEntry, TextContext, TextError, TextResponder};
 use keyfence_iscsi::{serial, Lun, Opcode, Pdu, PduCodec, RejectReason, SessionParams};
 use keyfence_scsi::sense::asc;
 use keyfence_scsi::{Nexus, ScsiStatus, Sense};
@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::login::{self, Established, SessionKind};
-use super::session::{Registration, SessionCtl};
+use super::session::{SessionCtl, SessionSlot};
 use super::{ListenerInfo, Shared};
 use keyfence_lu::{execute_no_lu, CommandOutcome, CommandRequest, LogicalUnit, LuEffect};
 
@@ -320,7 +320,7 @@ pub(super) struct Session {
     tsih: u16,
     cid: u16,
     params: SessionParams,
-    reg: Option<Registration>,
+    reg: Option<SessionSlot>,
     peer: SocketAddr,
 
     exp_cmd_sn: u32,
@@ -345,7 +345,7 @@ pub(super) struct Session {
 
     /// Text (SendTargets) exchanges, with continuation.
     text: TextResponder,
-    discovered: Vec<DiscoveredTarget>,
+    discovered: Vec<SendTargetsEntry>,
 
     ping: Option<(u32, Instant)>,
     last_rx: Instant,

@@ -18,13 +18,13 @@ use std::time::Duration;
 use keyfence_iscsi::keys;
 use keyfence_iscsi::login::{LoginStatus, LoginStep, SessionType, TargetLogin, TargetLoginConfig};
 use keyfence_iscsi::params::OperationalPrefs;
-use keyfence_iscsi::text::{format_address, DiscoveredTarget};
+use keyfence_iscsi::text::{format_address, SendTargetsEntry};
 use keyfence_iscsi::{Pdu, SessionParams};
 use keyfence_scsi::{InitiatorPort, Nexus};
 use tracing::{debug, info, warn};
 
 use super::conn::Wire;
-use super::session::{AdmitError, Registration, SessionKey};
+use super::session::{AdmitError, SessionKey, SessionSlot};
 use super::{ListenerInfo, Shared};
 use crate::config::ChapConfig;
 
@@ -44,7 +44,7 @@ pub(super) struct Established {
     pub params: SessionParams,
     pub exp_cmd_sn: u32,
     pub stat_sn: u32,
-    pub registration: Registration,
+    pub registration: SessionSlot,
 }
 
 /// Why a login did not produce a session.
@@ -340,11 +340,11 @@ impl Drop for TsihReservation {
 }
 
 /// Every target with its portals, for SendTargets.
-pub(super) fn discovered_targets(shared: &Shared) -> Vec<DiscoveredTarget> {
+pub(super) fn discovered_targets(shared: &Shared) -> Vec<SendTargetsEntry> {
     shared
         .targets
         .iter()
-        .map(|t| DiscoveredTarget {
+        .map(|t| SendTargetsEntry {
             name: t.name.clone(),
             addresses: t
                 .portals

@@ -44,7 +44,7 @@ struct Entry {
 
 /// What the session task keeps: dropping it removes the session.
 #[derive(Debug)]
-pub(crate) struct Registration {
+pub(crate) struct SessionSlot {
     pub tsih: u16,
     pub ctl: mpsc::UnboundedReceiver<SessionCtl>,
     /// Held until the session task has finished cleaning up.
@@ -129,7 +129,7 @@ impl SessionTable {
         tsih: u16,
         key: SessionKey,
         nexus: Option<Nexus>,
-    ) -> Result<Registration, AdmitError> {
+    ) -> Result<SessionSlot, AdmitError> {
         self.reserved.remove(&tsih);
         if self.sessions.len() >= self.max {
             return Err(AdmitError::TooManySessions);
@@ -145,7 +145,7 @@ impl SessionTable {
                 gone,
             },
         );
-        Ok(Registration {
+        Ok(SessionSlot {
             tsih,
             ctl: ctl_rx,
             alive,
