@@ -1,9 +1,9 @@
 //! The initiator against real targets over loopback TCP: Debian's tgtd and
-//! `keyfence serve`. Each check is one async function taking the target
+//! keyfence's server. Each check is one async function taking the target
 //! under test; the `against!` macro instantiates it once per target kind.
 //!
-//! Run: `cargo test -p initiator --test targets` (tgtd must be installed;
-//! the keyfence variants need `KEYFENCE_BIN` or a built `keyfence`).
+//! Run: `cargo test -p keyfence-initiator --test targets` (tgtd must be
+//! installed: the tgtd variants fail, with how to install it, without it).
 
 mod common;
 
@@ -29,9 +29,8 @@ macro_rules! against {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $check() {
-                    if let Some(t) = super::TestTarget::start(super::Kind::Tgtd, super::Options::default()) {
-                        super::$check(&t).await;
-                    }
+                    let t = super::TestTarget::start(super::Kind::Tgtd, super::Options::default());
+                    super::$check(&t).await;
                 }
             )*
         }
@@ -39,9 +38,8 @@ macro_rules! against {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $check() {
-                    if let Some(t) = super::TestTarget::start(super::Kind::Keyfence, super::Options::default()) {
-                        super::$check(&t).await;
-                    }
+                    let t = super::TestTarget::start(super::Kind::Keyfence, super::Options::default());
+                    super::$check(&t).await;
                 }
             )*
         }
@@ -357,12 +355,10 @@ async fn bad_lba_is_check_condition(t: &TestTarget) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tgtd_chap_login() {
     let (user, secret) = ("kfuser", "kf-secret-0123456789");
-    let Some(t) = TestTarget::start_tgtd(Options {
+    let t = TestTarget::start_tgtd(Options {
         chap: Some((user.into(), secret.into())),
         ..Options::default()
-    }) else {
-        return;
-    };
+    });
     let url = |u: &str| {
         IscsiUrl::parse(&format!(
             "iscsi://{u}@127.0.0.1:{}/{}/1",
@@ -392,9 +388,7 @@ async fn tgtd_chap_login() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tgtd_unknown_target_fails_login() {
-    let Some(t) = TestTarget::start_tgtd(Options::default()) else {
-        return;
-    };
+    let t = TestTarget::start_tgtd(Options::default());
     let url = IscsiUrl::parse(&format!(
         "iscsi://127.0.0.1:{}/iqn.2026-11.io.keyfence:nope/0",
         t.port
@@ -447,26 +441,23 @@ async fn digests(t: &TestTarget, expect: Option<bool>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tgtd_digests() {
-    if let Some(t) = TestTarget::start_tgtd(Options {
+    let t = TestTarget::start_tgtd(Options {
         digests: true,
         ..Options::default()
-    }) {
-        digests(&t, Some(true)).await;
-    }
+    });
+    digests(&t, Some(true)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tgtd_digests_refused() {
-    if let Some(t) = TestTarget::start_tgtd(Options::default()) {
-        digests(&t, Some(false)).await;
-    }
+    let t = TestTarget::start_tgtd(Options::default());
+    digests(&t, Some(false)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keyfence_digests() {
-    if let Some(t) = TestTarget::start_keyfence(Options::default()) {
-        digests(&t, None).await;
-    }
+    let t = TestTarget::start_keyfence(Options::default());
+    digests(&t, None).await;
 }
 
 /// Every way write data can travel: R2T only (no immediate data), immediate
@@ -526,9 +517,8 @@ async fn tgtd_nop_in_pings_are_answered() {
         nop_interval: Some(1),
         ..Options::default()
     };
-    if let Some(t) = TestTarget::start_tgtd(opts) {
-        nop_in_pings_are_answered(&t).await;
-    }
+    let t = TestTarget::start_tgtd(opts);
+    nop_in_pings_are_answered(&t).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -537,9 +527,8 @@ async fn keyfence_nop_in_pings_are_answered() {
         nop_interval: Some(1),
         ..Options::default()
     };
-    if let Some(t) = TestTarget::start_keyfence(opts) {
-        nop_in_pings_are_answered(&t).await;
-    }
+    let t = TestTarget::start_keyfence(opts);
+    nop_in_pings_are_answered(&t).await;
 }
 
 /// READ FULL STATUS, REPORT CAPABILITIES, REGISTER AND MOVE and PREEMPT AND

@@ -5,13 +5,14 @@
 //! digests, SCSI reads and writes with immediate data and R2T).
 //!
 //! Both tools are part of the project's machine setup; the tests fail
-//! (rather than skip) when they are missing.
+//! (rather than skip) when they are missing, saying how to install them.
+//! tgtd comes from the workspace test kit.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use keyfence_iscsi::codec::PduCodec;
@@ -20,6 +21,7 @@ use keyfence_iscsi::params::Digest;
 use keyfence_iscsi::pdu::*;
 use keyfence_iscsi::text::*;
 use keyfence_iscsi::ChapCredential;
+use keyfence_testkit::{Tgtd, TgtdOptions};
 
 const TARGET: &str = "iqn.2026-11.org.keyfence.test:interop";
 
@@ -136,26 +138,17 @@ fn start_target(cfg: TargetLoginConfig, conns: usize) -> (u16, thread::JoinHandl
 }
 
 fn iscsi_ls(url: &str) -> (bool, String) {
-    let mut child = Command::new("iscsi-ls")
-        .args(["--url", "-i", "iqn.2026-11.org.keyfence.test:ls", url])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("iscsi-ls (libiscsi-bin) must be installed");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Some(_st) = child.try_wait().unwrap() {
-            break;
-        }
-        if Instant::now() > deadline {
-            child.kill().unwrap();
-            panic!("iscsi-ls hung");
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let out = keyfence_testkit::run_bounded(
+        Command::new(keyfence_testkit::require("iscsi-ls")).args([
+            "--url",
+            "-i",
+            "iqn.2026-11.org.keyfence.test:ls",
+            url,
+        ]),
+        None,
+        Duration::from_secs(30),
+    );
+    let text = keyfence_testkit::text(&out.stdout) + &keyfence_testkit::text(&out.stderr);
     (out.status.success(), text)
 }
 
@@ -193,116 +186,14 @@ fn libiscsi_with_header_digest_and_chap() {
 // ---------------------------------------------------------------------------
 // Our initiator against tgtd
 
-struct Tgtd {
-    child: Child,
-    ctl: u16,
-    port: u16,
-}
-
-fn tgtadm(ctl: u16, args: &[&str]) -> bool {
-    let st = Command::new("tgtadm")
-        .arg("-C")
-        .arg(ctl.to_string())
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("tgtadm (tgt) must be installed");
-    st.success()
-}
-
-impl Tgtd {
-    fn start(backing: &std::path::Path) -> Tgtd {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        // tgtd's control port must be below 32768; skip ones in use.
-        let mut ctl = 22000 + (std::process::id() % 8000) as u16;
-        while std::path::Path::new(&format!("/var/run/tgtd/socket.{ctl}")).exists() {
-            ctl += 1;
-        }
-        let child = Command::new("tgtd")
-            .args(["-f", "-C", &ctl.to_string(), "--iscsi"])
-            .arg(format!("portal=127.0.0.1:{port}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tgtd (tgt) must be installed");
-        let t = Tgtd { child, ctl, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !tgtadm(ctl, &["--op", "show", "--mode", "system"]) {
-            assert!(Instant::now() < deadline, "tgtd did not start");
-            thread::sleep(Duration::from_millis(50));
-        }
-        let ctl_args = |a: &[&str]| assert!(tgtadm(ctl, a), "tgtadm {a:?}");
-        ctl_args(&[
-            "--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", TARGET,
-        ]);
-        ctl_args(&[
-            "--lld",
-            "iscsi",
-            "--op",
-            "new",
-            "--mode",
-            "logicalunit",
-            "--tid",
-            "1",
-            "--lun",
-            "1",
-            "-b",
-            backing.to_str().unwrap(),
-        ]);
-        ctl_args(&[
-            "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL",
-        ]);
-        // let tgtd accept digests (its default is None only)
-        for key in ["HeaderDigest", "DataDigest"] {
-            ctl_args(&[
-                "--lld",
-                "iscsi",
-                "--op",
-                "update",
-                "--mode",
-                "target",
-                "--tid",
-                "1",
-                "--name",
-                key,
-                "--value",
-                "CRC32C,None",
-            ]);
-        }
-        // wait for the portal
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tgtd portal not up");
-            thread::sleep(Duration::from_millis(50));
-        }
-        t
-    }
-}
-
-impl Drop for Tgtd {
-    fn drop(&mut self) {
-        let c = self.ctl;
-        tgtadm(
-            c,
-            &[
-                "--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", "1", "--force",
-            ],
-        );
-        tgtadm(c, &["--op", "delete", "--mode", "system"]);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// tgtd exporting `TARGET` LUN 1 (4 MiB) and accepting CRC32C digests.
+fn start_tgtd() -> Tgtd {
+    Tgtd::start(TgtdOptions {
+        iqn: TARGET.into(),
+        size: 4 << 20,
+        digests: true,
+        ..TgtdOptions::default()
+    })
 }
 
 struct Conn {
@@ -495,15 +386,11 @@ impl Conn {
 
 #[test]
 fn our_initiator_against_tgtd() {
-    let dir = std::env::temp_dir().join(format!("iscsi-interop-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let backing = dir.join("lun1.img");
-    std::fs::write(&backing, vec![0u8; 4 << 20]).unwrap();
-    let tgt = Tgtd::start(&backing);
+    let tgt = start_tgtd();
 
     // discovery session
     let mut d = Conn::login(
-        tgt.port,
+        tgt.port(),
         InitiatorLoginConfig::new("iqn.2026-11.org.keyfence.test:init", 0x0002_3d00_0001, None),
     )
     .unwrap();
@@ -513,12 +400,12 @@ fn our_initiator_against_tgtd() {
     assert!(found[0]
         .addresses
         .iter()
-        .any(|(a, _)| a == &format!("127.0.0.1:{}", tgt.port)));
+        .any(|(a, _)| a == &format!("127.0.0.1:{}", tgt.port())));
     d.logout();
 
     // unknown target
     let e = Conn::login(
-        tgt.port,
+        tgt.port(),
         InitiatorLoginConfig::new(
             "iqn.2026-11.org.keyfence.test:init",
             0x0002_3d00_0002,
@@ -541,7 +428,7 @@ fn our_initiator_against_tgtd() {
     cfg.prefs.header_digest = vec![Digest::Crc32c];
     cfg.prefs.data_digest = vec![Digest::Crc32c];
     cfg.prefs.max_recv_data_segment_length = 16384;
-    let mut c = Conn::login(tgt.port, cfg).unwrap();
+    let mut c = Conn::login(tgt.port(), cfg).unwrap();
     let p = c.session.as_ref().unwrap().params.clone();
     assert!(p.header_digest && p.data_digest, "{p:?}");
     assert!(c.session.as_ref().unwrap().tsih != 0);
@@ -586,5 +473,4 @@ fn our_initiator_against_tgtd() {
     assert_eq!(sense[2] & 0x0f, 0x05); // ILLEGAL REQUEST
     c.logout();
     drop(tgt);
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,10 +1,10 @@
 //! The real server over real TCP on 127.0.0.1 (ephemeral ports), driven by
 //! raw PDUs built with the `iscsi` crate and by libiscsi's command-line
-//! tools when they are installed.
+//! tools (which must be installed: the tests fail, saying how, without them).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -15,21 +15,18 @@ use keyfence_iscsi::pdu::{
     ScsiResponse, Stage, TargetPdu, TaskAttr, TextRequest, TextResponse,
 };
 use keyfence_iscsi::{Lun, Pdu, PduCodec};
-use keyfence_target::config::{
-    ByteSize, ChapConfig, Config, Limits, LunConfig, Secret, TargetConfig,
-};
-use keyfence_target::server::Server;
+use keyfence_target::config::{ChapConfig, Config, Limits, Secret};
+use keyfence_target::server::ServerError;
+use keyfence_testkit::{InProcessServer, ServerOptions};
 
 const IQN: &str = "iqn.2026-11.io.keyfence:test";
 const INITIATOR: &str = "iqn.2026-11.io.keyfence:test-initiator";
 const SIZE: u64 = 16 << 20;
 
+/// The server under test, in this process (from the workspace test kit).
 struct TestServer {
-    rt: tokio::runtime::Runtime,
+    inner: InProcessServer,
     portals: Vec<SocketAddr>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    done: Option<tokio::task::JoinHandle<Result<(), keyfence_target::server::ServerError>>>,
-    dir: tempfile::TempDir,
 }
 
 impl TestServer {
@@ -43,74 +40,33 @@ impl TestServer {
         chap: Option<ChapConfig>,
         discovery_chap: Option<ChapConfig>,
     ) -> TestServer {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = Config {
-            data_dir: dir.path().to_path_buf(),
-            limits,
-            discovery_chap,
-            targets: vec![TargetConfig {
-                name: IQN.into(),
-                portals: vec!["127.0.0.1:0".to_string(); portals],
-                luns: vec![LunConfig {
-                    id: 0,
-                    path: Some("lun0.img".into()),
-                    device: None,
-                    size: Some(ByteSize(SIZE)),
-                    block_size: 512,
-                    read_only: false,
-                    serial: None,
-                    naa: None,
-                }],
-                chap,
-                portal_addrs: vec![],
-            }],
-        };
-        cfg.validate().unwrap();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let server = rt.block_on(Server::bind(cfg)).unwrap();
-        let portals = server.portals()[0].1.iter().map(|p| p.addr).collect();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let done = rt.spawn(server.run(async move {
-            let _ = rx.await;
-        }));
-        TestServer {
-            rt,
+        let inner = InProcessServer::start(ServerOptions {
+            iqn: IQN.into(),
             portals,
-            stop: Some(tx),
-            done: Some(done),
-            dir,
-        }
+            size: SIZE,
+            limits,
+            chap,
+            discovery_chap,
+        });
+        let portals = inner.portals();
+        TestServer { inner, portals }
     }
 
     fn image(&self) -> PathBuf {
-        self.dir.path().join("lun0.img")
+        self.inner.image()
     }
 
     fn url(&self, i: usize) -> String {
-        format!("iscsi://{}/{IQN}/0", self.portals[i])
+        self.inner.url(i)
+    }
+
+    fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.inner.block_on(f)
     }
 
     /// Stop as SIGTERM would and wait for the server to finish.
     fn shutdown(&mut self) {
-        if let Some(tx) = self.stop.take() {
-            let _ = tx.send(());
-        }
-        if let Some(done) = self.done.take() {
-            let r = self
-                .rt
-                .block_on(async { tokio::time::timeout(Duration::from_secs(40), done).await });
-            r.expect("server stops in time").unwrap().unwrap();
-        }
-    }
-}
-
-impl Drop for TestServer {
-    fn drop(&mut self) {
-        self.shutdown();
+        self.inner.shutdown();
     }
 }
 
@@ -592,14 +548,6 @@ fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
     );
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn login_tpgt(r: &LoginResponse) -> Option<u16> {
     r.data
         .split(|&b| b == 0)
@@ -611,9 +559,12 @@ fn login_tpgt(r: &LoginResponse) -> Option<u16> {
 #[test]
 fn config_file_with_two_targets_sharing_a_portal() {
     let dir = tempfile::tempdir().unwrap();
-    let (p, q) = (free_port(), free_port());
-    let text = format!(
-        r#"
+    // Two targets share a portal, so its port must be written into the
+    // file: take free ports and retry when one is taken before the bind.
+    let (mut srv, p, q) = keyfence_testkit::port::with_free_ports(2, "the server", |ports| {
+        let (p, q) = (ports[0], ports[1]);
+        let text = format!(
+            r#"
 data_dir = "data"
 [[target]]
 name = "iqn.2026-11.io.keyfence:a"
@@ -630,17 +581,17 @@ path = "b3.img"
 size = "8M"
 block_size = 4096
 "#
-    );
-    let path = dir.path().join("kf.toml");
-    std::fs::write(&path, text).unwrap();
-    let cfg = Config::load(&path).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let server = rt.block_on(Server::bind(cfg)).unwrap();
-    let text = server.describe();
+        );
+        let path = dir.path().join("kf.toml");
+        std::fs::write(&path, text).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        match InProcessServer::from_config(cfg) {
+            Ok(srv) => Ok((srv, p, q)),
+            Err(e @ ServerError::Bind { .. }) => Err(e.to_string()),
+            Err(e) => panic!("{e}"),
+        }
+    });
+    let text = srv.describe();
     assert!(
         text.contains("portal 127.0.0.1:") && text.contains("(TPGT 2)"),
         "{text}"
@@ -652,10 +603,6 @@ block_size = 4096
             .len(),
         8 << 20
     );
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let done = rt.spawn(server.run(async move {
-        let _ = rx.await;
-    }));
     let shared: SocketAddr = format!("127.0.0.1:{q}").parse().unwrap();
     let mut a = Client::connect(shared);
     let r = a.login(0x23d0_0000_0012, Some("iqn.2026-11.io.keyfence:a"));
@@ -671,8 +618,7 @@ block_size = 4096
         (2, 3),
         "target not found"
     );
-    let _ = tx.send(());
-    rt.block_on(done).unwrap().unwrap();
+    srv.shutdown();
 }
 
 #[test]
@@ -911,12 +857,10 @@ fn shutdown_flushes_written_data() {
     assert!(c.recv().is_none());
 }
 
-fn have(tool: &str) -> bool {
-    Command::new(tool).arg("--help").output().is_ok()
-}
-
+/// Run an external tool (failing when it is not installed), bounded;
+/// its stdout and stderr, failing unless it succeeds.
 fn run(tool: &str, args: &[&str]) -> String {
-    let out = Command::new(tool).args(args).output().unwrap();
+    let out = keyfence_testkit::run(Command::new(keyfence_testkit::require(tool)).args(args));
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -928,10 +872,7 @@ fn run(tool: &str, args: &[&str]) -> String {
 
 #[test]
 fn libiscsi_tools_see_the_target() {
-    if !have("iscsi-ls") {
-        eprintln!("libiscsi-bin not installed; run scripts/install-deps.sh");
-        return;
-    }
+    keyfence_testkit::require("iscsi-ls");
     let srv = TestServer::start(2, Limits::default());
     let ls = run("iscsi-ls", &[&format!("iscsi://{}", srv.portals[0])]);
     assert!(ls.contains(IQN), "{ls}");
@@ -943,10 +884,7 @@ fn libiscsi_tools_see_the_target() {
 
 #[test]
 fn libiscsi_iscsi_suite() {
-    if !have("iscsi-test-cu") {
-        eprintln!("libiscsi-bin not installed; run scripts/install-deps.sh");
-        return;
-    }
+    keyfence_testkit::require("iscsi-test-cu");
     let srv = TestServer::start(2, Limits::default());
     for test in [
         "iSCSI.iSCSIResiduals.Read10Residuals",
@@ -956,10 +894,12 @@ fn libiscsi_iscsi_suite() {
         "SCSI.TestUnitReady",
         "SCSI.Read10.Simple",
     ] {
-        let out = Command::new("iscsi-test-cu")
-            .args(["-d", &format!("--test={test}"), &srv.url(0), &srv.url(1)])
-            .output()
-            .unwrap();
+        let out = keyfence_testkit::run(Command::new("iscsi-test-cu").args([
+            "-d",
+            &format!("--test={test}"),
+            &srv.url(0),
+            &srv.url(1),
+        ]));
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         // CUnit's summary line: "tests Total Ran Passed Failed Inactive".
         let failed = text
@@ -975,7 +915,6 @@ fn libiscsi_iscsi_suite() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let _: &Path = srv.dir.path();
     let _ = InitiatorPdu::parse;
     let _ = DataIn::parse;
 }
@@ -1033,7 +972,7 @@ fn library_login(
     ))
     .unwrap();
     let cfg = initiator_config(target_chap);
-    srv.rt.block_on(async {
+    srv.block_on(async {
         let dev = keyfence_initiator::Device::connect(&url, &cfg).await?;
         let blocks = dev.capacity().await?.blocks();
         dev.close().await?;
@@ -1233,19 +1172,15 @@ fn chap_for_discovery_sessions() {
     };
     let cfg = initiator_config(None);
     let found = srv
-        .rt
         .block_on(keyfence_initiator::discover(
             &portal(&format!("{DISC_USER}%{DISC_SECRET}@")),
             &cfg,
         ))
         .unwrap();
     assert!(found.iter().any(|t| t.name == IQN), "{found:?}");
-    assert_auth_failure(
-        srv.rt
-            .block_on(keyfence_initiator::discover(&portal(""), &cfg)),
-    );
+    assert_auth_failure(srv.block_on(keyfence_initiator::discover(&portal(""), &cfg)));
     // The target's credentials are not the discovery credentials.
-    assert_auth_failure(srv.rt.block_on(keyfence_initiator::discover(
+    assert_auth_failure(srv.block_on(keyfence_initiator::discover(
         &portal(&format!("{CHAP_USER}%{CHAP_SECRET}@")),
         &cfg,
     )));
@@ -1262,10 +1197,7 @@ fn chap_for_discovery_sessions() {
 
 #[test]
 fn chap_with_libiscsi_tools() {
-    if !have("iscsi-inq") {
-        eprintln!("libiscsi-bin not installed; run scripts/install-deps.sh");
-        return;
-    }
+    keyfence_testkit::require("iscsi-inq");
     let srv = chap_server(true);
     let url = |auth: &str| format!("iscsi://{auth}@{}/{IQN}/0", srv.portals[0]);
     let inq = run(
@@ -1277,10 +1209,8 @@ fn chap_with_libiscsi_tools() {
         format!("{CHAP_USER}%{CHAP_SECRET}0"),
         format!("mallory%{CHAP_SECRET}"),
     ] {
-        let out = Command::new("iscsi-inq")
-            .args(["-i", INITIATOR, &url(&bad)])
-            .output()
-            .unwrap();
+        let out =
+            keyfence_testkit::run(Command::new("iscsi-inq").args(["-i", INITIATOR, &url(&bad)]));
         let text = String::from_utf8_lossy(&out.stderr).into_owned()
             + &String::from_utf8_lossy(&out.stdout);
         assert!(!out.status.success(), "{bad}: {text}");
@@ -1295,10 +1225,11 @@ fn chap_with_libiscsi_tools() {
         ],
     );
     assert!(ls.contains(IQN), "{ls}");
-    let out = Command::new("iscsi-ls")
-        .args(["-i", INITIATOR, &format!("iscsi://{}", srv.portals[0])])
-        .output()
-        .unwrap();
+    let out = keyfence_testkit::run(Command::new("iscsi-ls").args([
+        "-i",
+        INITIATOR,
+        &format!("iscsi://{}", srv.portals[0]),
+    ]));
     assert!(!out.status.success());
 }
 

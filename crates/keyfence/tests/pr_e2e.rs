@@ -21,10 +21,9 @@
 //! (sessions use `unit_attention_retries: 0`, so no call consumes one
 //! silently); every expectation is exact.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use keyfence_initiator::{
     Bytes, Device, Error, FullStatus, IscsiUrl, Isid, PrType, ReadKeys, ReadReservation,
@@ -46,66 +45,31 @@ const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
 /// Bound on every test body.
 const TEST_LIMIT: Duration = Duration::from_secs(45);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A running `keyfence serve`; SIGKILLed when dropped.
-struct Target {
-    child: Child,
-    ports: [u16; 2],
-}
+/// A running `keyfence serve` with two portal groups (from the workspace
+/// test kit).
+struct Target(keyfence_testkit::Serve);
 
 impl Target {
     fn start(data_dir: &Path) -> Target {
-        let ports = [free_port(), free_port()];
-        let child = Command::new(KF)
-            .arg("serve")
-            .arg("--data-dir")
-            .arg(data_dir)
-            .args(["--listen", &format!("127.0.0.1:{}", ports[0])])
-            .args(["--listen", &format!("127.0.0.1:{}", ports[1])])
-            .args(["--target-name", IQN, "--size", "64MiB"])
-            .args(["--log-level", "error"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn keyfence serve");
-        let mut t = Target { child, ports };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for p in ports {
-            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
-                assert!(
-                    matches!(t.child.try_wait(), Ok(None)),
-                    "keyfence serve exited before listening"
-                );
-                assert!(Instant::now() < deadline, "keyfence serve did not listen");
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        t
+        Target(
+            keyfence_testkit::Serve::builder(KF)
+                .data_dir(data_dir)
+                .portals(2)
+                .target_name(IQN)
+                .size("64MiB")
+                .log_level("error")
+                .start(),
+        )
     }
 
     /// URL of LUN 0 through portal group `pg` (1 or 2).
     fn url(&self, pg: usize) -> String {
-        format!("iscsi://127.0.0.1:{}/{IQN}/0", self.ports[pg - 1])
+        self.0.url(pg - 1)
     }
 
     /// SIGKILL: no shutdown code runs, like a power cut of the target.
     fn kill9(mut self) {
-        self.child.kill().expect("SIGKILL keyfence serve");
-        self.child.wait().expect("reap keyfence serve");
-    }
-}
-
-impl Drop for Target {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.kill();
     }
 }
 
@@ -302,13 +266,12 @@ fn all_tg_pt(aptpl: bool) -> RegisterOptions {
 
 /// Run `keyfence pr show ARGS` (blocking, bounded by its own timeout).
 fn pr_show(args: &[&str]) -> Output {
-    Command::new(KF)
-        .args(["pr", "show"])
-        .args(args)
-        .env_remove("KEYFENCE_CONFIG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run keyfence pr show")
+    keyfence_testkit::run(
+        Command::new(KF)
+            .args(["pr", "show"])
+            .args(args)
+            .env_remove("KEYFENCE_CONFIG"),
+    )
 }
 
 fn text(b: &[u8]) -> String {
@@ -899,7 +862,8 @@ async fn takeover_from_a_new_isid_then_pr_show_url() {
         assert_eq!(out.lines().count(), 3 + 1 + 3 + 1, "{out}");
 
         // A target that is not there: one line, exit status 1.
-        let dead = format!("iscsi://127.0.0.1:{}/{IQN}/0", free_port());
+        let closed = keyfence_testkit::port::ClosedPort::new();
+        let dead = format!("iscsi://127.0.0.1:{}/{IQN}/0", closed.port());
         let o = tokio::task::spawn_blocking(move || {
             pr_show(&["--url", dead.as_str(), "--initiator-name", observer])
         })

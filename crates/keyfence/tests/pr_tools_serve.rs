@@ -5,10 +5,8 @@
 //! behaviour of mpathpersist: registration on both target ports, rollback
 //! on a partial conflict, RELEASE with a dead holder path, --reregister.
 
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
 use keyfence_initiator::Isid;
 
@@ -17,92 +15,39 @@ const IQN: &str = "iqn.2026-11.io.keyfence:serve-test";
 const INIT_A: &str = "iqn.2026-11.io.keyfence.test:node-a";
 const INIT_B: &str = "iqn.2026-11.io.keyfence.test:node-b";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Serve {
-    child: Child,
-    ports: [u16; 2],
-    _dir: tempfile::TempDir,
-}
+/// `keyfence serve` with two portals (from the workspace test kit).
+struct Serve(keyfence_testkit::Serve);
 
 impl Serve {
     fn start() -> Serve {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ports = [free_port(), free_port()];
-        let child = Command::new(KF)
-            .args([
-                "serve",
-                "--target-name",
-                IQN,
-                "--size",
-                "16M",
-                "--log-level",
-                "error",
-            ])
-            .args(["--listen", &format!("127.0.0.1:{}", ports[0])])
-            .args(["--listen", &format!("127.0.0.1:{}", ports[1])])
-            .arg("--data-dir")
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("keyfence serve");
-        let mut s = Serve {
-            child,
-            ports,
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        for p in ports {
-            while std::net::TcpStream::connect(("127.0.0.1", p)).is_err() {
-                assert!(
-                    matches!(s.child.try_wait(), Ok(None)),
-                    "keyfence serve exited"
-                );
-                assert!(Instant::now() < deadline, "keyfence serve did not listen");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-        s
+        Serve(
+            keyfence_testkit::Serve::builder(KF)
+                .portals(2)
+                .target_name(IQN)
+                .size("16M")
+                .log_level("error")
+                .start(),
+        )
     }
 
     fn url(&self, path: usize) -> String {
-        format!("iscsi://127.0.0.1:{}/{IQN}/0", self.ports[path])
+        self.0.url(path)
     }
 
     /// The initiator port keyfence derives for `name` on portal `path`.
     fn port_of(&self, name: &str, path: usize) -> String {
-        let isid = Isid::derive(name, &format!("127.0.0.1:{}", self.ports[path]), IQN);
+        let isid = Isid::derive(name, &self.0.portals()[path].to_string(), IQN);
         format!("{name},i,0x{:012x}", isid.value())
     }
 }
 
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn kf(init: &str, args: &[&str]) -> Output {
-    Command::new(KF)
-        .args(args)
-        .env("KEYFENCE_INITIATOR_NAME", init)
-        .env_remove("KEYFENCE_CONFIG")
-        .output()
-        .expect("run keyfence")
+    keyfence_testkit::run(
+        Command::new(KF)
+            .args(args)
+            .env("KEYFENCE_INITIATOR_NAME", init)
+            .env_remove("KEYFENCE_CONFIG"),
+    )
 }
 
 fn text(b: &[u8]) -> String {
@@ -400,7 +345,8 @@ fn full_status_regs(init: &str, cfg: &str) -> Vec<(String, String, String)> {
 fn mpathpersist_two_paths() {
     let s = Serve::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path(), &s, free_port());
+    let dead = keyfence_testkit::port::ClosedPort::new();
+    let cfg = config(dir.path(), &s, dead.port());
     let m = |args: &[&str]| {
         let mut a = vec!["mpathpersist", "--config", cfg.as_str()];
         a.extend_from_slice(args);
@@ -512,7 +458,8 @@ fn mpathpersist_two_paths() {
 fn mpathpersist_rolls_back_a_partial_registration() {
     let s = Serve::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    let cfg = config(dir.path(), &s, free_port());
+    let dead = keyfence_testkit::port::ClosedPort::new();
+    let cfg = config(dir.path(), &s, dead.port());
     // Path 0's initiator port is already registered with another key, so
     // REGISTER with key 0 conflicts there and succeeds on path 1 only.
     check(

@@ -1,166 +1,40 @@
 //! `keyfence persist` (sg_persist), `keyfence mpathpersist` and
 //! `keyfence takeover` run as processes against a real Debian tgtd on
-//! loopback. Each test starts its own tgtd (own control port, own portal,
-//! file-backed LUN in a temporary directory) and tears it down.
+//! loopback. Each test starts its own tgtd from the workspace test kit
+//! (own control port, own portal, file-backed LUN in a temporary
+//! directory), which tears it down.
 //!
 //! tgtd ties registrations to the session, not to the initiator port, so
 //! every tool invocation (a new session) is a new, unregistered I_T nexus
 //! to it: PR OUT commands that need a registration conflict, which is how
 //! the RESERVATION CONFLICT exit statuses are exercised here.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+
+use keyfence_testkit::{Tgtd, TgtdOptions};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:tgtd-test";
 const INITIATOR: &str = "iqn.2026-11.io.keyfence.test:cli";
 const HEADER: &str = "  IET       VIRTUAL-DISK      0001\n  Peripheral device type: disk\n";
 
-static SEQ: AtomicU32 = AtomicU32::new(0);
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-struct Tgtd {
-    child: Child,
-    ctl: u32,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Tgtd {
-    fn start() -> Tgtd {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let img = dir.path().join("lun1.img");
-        std::fs::File::create(&img)
-            .and_then(|f| f.set_len(16 << 20))
-            .expect("backing file");
-        // A control port no other tgtd is using: its socket must not answer.
-        let ctl = loop {
-            let n =
-                4000 + (std::process::id() % 1500) * 16 + SEQ.fetch_add(1, Ordering::SeqCst) % 16;
-            let sock = format!("/var/run/tgtd/socket.{n}");
-            if std::os::unix::net::UnixStream::connect(&sock).is_err() {
-                break n;
-            }
-        };
-        let port = free_port();
-        let child = Command::new("tgtd")
-            .args([
-                "-f",
-                "-C",
-                &ctl.to_string(),
-                "--iscsi",
-                &format!("portal=127.0.0.1:{port}"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tgtd (package tgt) must be installed");
-        let t = Tgtd {
-            child,
-            ctl,
-            port,
-            _dir: dir,
-        };
-        // Wait (bounded) for the control socket of *our* tgtd.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        let mut t = t;
-        loop {
-            assert!(
-                matches!(t.child.try_wait(), Ok(None)),
-                "tgtd -C {} exited at start-up",
-                t.ctl
-            );
-            if t.adm(&["--op", "show", "--mode", "system"]) {
-                break;
-            }
-            assert!(Instant::now() < deadline, "tgtd did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(
-            t.adm(&["--lld", "iscsi", "--op", "new", "--mode", "target", "--tid", "1", "-T", IQN])
-        );
-        assert!(t.adm(&[
-            "--lld",
-            "iscsi",
-            "--op",
-            "new",
-            "--mode",
-            "logicalunit",
-            "--tid",
-            "1",
-            "--lun",
-            "1",
-            "-b",
-            img.to_str().expect("utf-8 path"),
-        ]));
-        assert!(t.adm(&[
-            "--lld", "iscsi", "--op", "bind", "--mode", "target", "--tid", "1", "-I", "ALL"
-        ]));
-        // And for the portal to accept connections.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "tgtd portal did not open");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        t
-    }
-
-    fn adm(&self, args: &[&str]) -> bool {
-        Command::new("tgtadm")
-            .args(["-C", &self.ctl.to_string()])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-
-    fn url(&self) -> String {
-        format!("iscsi://127.0.0.1:{}/{IQN}/1", self.port)
-    }
-}
-
-impl Drop for Tgtd {
-    fn drop(&mut self) {
-        // tgtd ignores SIGTERM while it has targets: delete them first.
-        self.adm(&[
-            "--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", "1", "--force",
-        ]);
-        self.adm(&["--op", "delete", "--mode", "system"]);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match self.child.try_wait() {
-                Ok(Some(_)) => return,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50))
-                }
-                _ => {
-                    let _ = self.child.kill();
-                    let _ = self.child.wait();
-                    return;
-                }
-            }
-        }
-    }
+/// tgtd exporting LUN 1 (16 MiB) of `IQN`, from the workspace test kit.
+fn tgtd() -> Tgtd {
+    Tgtd::start(TgtdOptions {
+        iqn: IQN.into(),
+        size: 16 << 20,
+        ..TgtdOptions::default()
+    })
 }
 
 fn kf(args: &[&str]) -> Output {
-    Command::new(KF)
-        .args(args)
-        .env("KEYFENCE_INITIATOR_NAME", INITIATOR)
-        .env_remove("KEYFENCE_CONFIG")
-        .output()
-        .expect("run keyfence")
+    keyfence_testkit::run(
+        Command::new(KF)
+            .args(args)
+            .env("KEYFENCE_INITIATOR_NAME", INITIATOR)
+            .env_remove("KEYFENCE_CONFIG"),
+    )
 }
 
 fn text(b: &[u8]) -> String {
@@ -180,7 +54,7 @@ fn check(o: &Output, code: i32, stdout: &str, stderr: &str) {
 
 #[test]
 fn sg_persist_register_read_keys_and_reservation() {
-    let t = Tgtd::start();
+    let t = tgtd();
     let d = t.url();
     check(
         &kf(&["persist", "-i", "-k", "-d", &d]),
@@ -236,7 +110,7 @@ fn sg_persist_register_read_keys_and_reservation() {
 
 #[test]
 fn sg_persist_conflicts_exit_24() {
-    let t = Tgtd::start();
+    let t = tgtd();
     let d = t.url();
     check(
         &kf(&["persist", "-n", "-o", "-G", "-S", "1", &d]),
@@ -283,7 +157,7 @@ fn sg_persist_conflicts_exit_24() {
 
 #[test]
 fn sg_persist_capabilities_and_unsupported_full_status() {
-    let t = Tgtd::start();
+    let t = tgtd();
     let d = t.url();
     check(
         &kf(&["persist", "-n", "-c", &d]),
@@ -319,7 +193,7 @@ fn sg_persist_capabilities_and_unsupported_full_status() {
 
 #[test]
 fn sg_persist_argv0_dispatch_and_no_service_action_notice() {
-    let t = Tgtd::start();
+    let t = tgtd();
     let dir = tempfile::tempdir().expect("tempdir");
     let link = dir.path().join("sg_persist");
     std::os::unix::fs::symlink(KF, &link).expect("symlink");
@@ -338,8 +212,8 @@ fn sg_persist_argv0_dispatch_and_no_service_action_notice() {
 
 #[test]
 fn sg_persist_unreachable_device_and_bad_urls() {
-    let port = free_port();
-    let d = format!("iscsi://127.0.0.1:{port}/{IQN}/1");
+    let closed = keyfence_testkit::port::ClosedPort::new();
+    let d = format!("iscsi://127.0.0.1:{}/{IQN}/1", closed.port());
     let o = kf(&["persist", "-k", &d]);
     assert_eq!(o.status.code(), Some(15));
     assert!(text(&o.stdout).is_empty());
@@ -383,7 +257,7 @@ fn write_config(dir: &Path, body: &str) -> PathBuf {
 
 #[test]
 fn mpathpersist_over_tgtd() {
-    let t = Tgtd::start();
+    let t = tgtd();
     let d = t.url();
     check(
         &kf(&["mpathpersist", "-i", "-k", "-d", &d]),
@@ -439,9 +313,10 @@ fn mpathpersist_over_tgtd() {
 
 #[test]
 fn mpathpersist_map_with_a_dead_path_and_key_check() {
-    let t = Tgtd::start();
+    let t = tgtd();
     let dir = tempfile::tempdir().expect("tempdir");
-    let dead = free_port();
+    let closed = keyfence_testkit::port::ClosedPort::new();
+    let dead = closed.port();
     let cfg = write_config(
         dir.path(),
         &format!(
@@ -510,7 +385,7 @@ fn mpathpersist_map_with_a_dead_path_and_key_check() {
 
 #[test]
 fn mpathpersist_batch_file() {
-    let t = Tgtd::start();
+    let t = tgtd();
     let dir = tempfile::tempdir().expect("tempdir");
     let batch = dir.path().join("batch");
     std::fs::write(

@@ -1,0 +1,39 @@
+//! The one test kit of the keyfence workspace. Integration tests of every
+//! crate start their peers through it instead of keeping their own copies:
+//!
+//! * [`tool`]: external programs (tgtd, libiscsi's tools, sg_persist, ...).
+//!   A missing tool **fails** the test with the package to install; no test
+//!   passes by skipping its check.
+//! * [`cmd`]: child processes run to completion with a time limit and their
+//!   output captured.
+//! * [`port`]: the one place that hands out a port number up front (for
+//!   tools such as tgtd that cannot bind port 0 and report it), retrying
+//!   when the port turns out to be taken.
+//! * [`tgtd`]: Debian's tgtd on loopback with one file-backed LUN, several
+//!   side by side, each torn down by its own control port.
+//! * [`serve`]: the `keyfence serve` process on `127.0.0.1:0` portals; the
+//!   bound ports are read back from its start-up banner. The binary is the
+//!   one cargo built for the running test profile.
+//! * `server` (feature `server`): `keyfence_target::server::Server` in the
+//!   test process, for tests that do not need a separate process.
+//!
+//! Everything listens on loopback only, and every wait is bounded.
+
+pub mod cmd;
+pub mod port;
+pub mod serve;
+#[cfg(feature = "server")]
+pub mod server;
+pub mod tgtd;
+pub mod tool;
+
+pub use cmd::{code, run, run_bounded, text};
+/// The target crate the in-process server comes from, for its
+/// configuration types (`Limits`, `ChapConfig`, ...).
+#[cfg(feature = "server")]
+pub use keyfence_target as target;
+pub use serve::{keyfence_bin, Serve, ServeBuilder};
+#[cfg(feature = "server")]
+pub use server::{InProcessServer, ServerOptions};
+pub use tgtd::{Tgtd, TgtdOptions};
+pub use tool::require;
