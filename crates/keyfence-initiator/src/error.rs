@@ -174,14 +174,8 @@ pub fn reject_reason_text(reason: u8) -> &'static str {
 }
 
 fn status_text(s: u8) -> &'static str {
-    match s {
-        0x04 => "CONDITION MET",
-        0x08 => "BUSY",
-        0x28 => "TASK SET FULL",
-        0x30 => "ACA ACTIVE",
-        0x40 => "TASK ABORTED",
-        _ => "unexpected status",
-    }
+    keyfence_scsi::ScsiStatus::from_u8(s)
+        .map_or("unexpected status", keyfence_scsi::ScsiStatus::description)
 }
 
 /// Short descriptions of the ASC/ASCQ pairs a PR client meets most.

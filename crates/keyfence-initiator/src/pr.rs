@@ -67,7 +67,11 @@ impl Device {
         let len = u32::try_from(data.len())
             .map_err(|_| Error::InvalidArgument("PR OUT parameter list too long".into()))?;
         let cdb = PrOutCdb::new(action, pr_type, len).encode();
-        tracing::debug!(action = action.name(), ?pr_type, "PERSISTENT RESERVE OUT");
+        tracing::debug!(
+            action = action.description(),
+            ?pr_type,
+            "PERSISTENT RESERVE OUT"
+        );
         self.execute(&Command::write(cdb.to_vec(), data)).await?;
         Ok(())
     }

@@ -33,26 +33,47 @@ pub struct LoginStatus {
     pub detail: u8,
 }
 
-impl LoginStatus {
-    pub const SUCCESS: LoginStatus = LoginStatus::new(0x00, 0x00);
-    pub const TARGET_MOVED_TEMPORARILY: LoginStatus = LoginStatus::new(0x01, 0x01);
-    pub const TARGET_MOVED_PERMANENTLY: LoginStatus = LoginStatus::new(0x01, 0x02);
-    pub const INITIATOR_ERROR: LoginStatus = LoginStatus::new(0x02, 0x00);
-    pub const AUTHENTICATION_FAILURE: LoginStatus = LoginStatus::new(0x02, 0x01);
-    pub const AUTHORIZATION_FAILURE: LoginStatus = LoginStatus::new(0x02, 0x02);
-    pub const NOT_FOUND: LoginStatus = LoginStatus::new(0x02, 0x03);
-    pub const TARGET_REMOVED: LoginStatus = LoginStatus::new(0x02, 0x04);
-    pub const UNSUPPORTED_VERSION: LoginStatus = LoginStatus::new(0x02, 0x05);
-    pub const TOO_MANY_CONNECTIONS: LoginStatus = LoginStatus::new(0x02, 0x06);
-    pub const MISSING_PARAMETER: LoginStatus = LoginStatus::new(0x02, 0x07);
-    pub const CANT_INCLUDE_IN_SESSION: LoginStatus = LoginStatus::new(0x02, 0x08);
-    pub const SESSION_TYPE_NOT_SUPPORTED: LoginStatus = LoginStatus::new(0x02, 0x09);
-    pub const SESSION_DOES_NOT_EXIST: LoginStatus = LoginStatus::new(0x02, 0x0a);
-    pub const INVALID_DURING_LOGIN: LoginStatus = LoginStatus::new(0x02, 0x0b);
-    pub const TARGET_ERROR: LoginStatus = LoginStatus::new(0x03, 0x00);
-    pub const SERVICE_UNAVAILABLE: LoginStatus = LoginStatus::new(0x03, 0x01);
-    pub const OUT_OF_RESOURCES: LoginStatus = LoginStatus::new(0x03, 0x02);
+/// Declares the defined statuses once: a constant each, and the text
+/// [`LoginStatus::description`] gives for them. (A two-byte class/detail
+/// pair with class-wide fallbacks, so not a [`keyfence_scsi::wire_enum!`].)
+macro_rules! login_statuses {
+    ($( $name:ident = ($class:literal, $detail:literal) => $desc:literal, )+) => {
+        impl LoginStatus {
+            $( pub const $name: LoginStatus = LoginStatus::new($class, $detail); )+
 
+            /// The RFC's text for a defined class/detail pair.
+            fn defined_description(self) -> Option<&'static str> {
+                match (self.class, self.detail) {
+                    $( ($class, $detail) => Some($desc), )+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+login_statuses! {
+    SUCCESS = (0x00, 0x00) => "success",
+    TARGET_MOVED_TEMPORARILY = (0x01, 0x01) => "target moved temporarily",
+    TARGET_MOVED_PERMANENTLY = (0x01, 0x02) => "target moved permanently",
+    INITIATOR_ERROR = (0x02, 0x00) => "initiator error",
+    AUTHENTICATION_FAILURE = (0x02, 0x01) => "authentication failure",
+    AUTHORIZATION_FAILURE = (0x02, 0x02) => "authorization failure",
+    NOT_FOUND = (0x02, 0x03) => "target not found",
+    TARGET_REMOVED = (0x02, 0x04) => "target removed",
+    UNSUPPORTED_VERSION = (0x02, 0x05) => "unsupported version",
+    TOO_MANY_CONNECTIONS = (0x02, 0x06) => "too many connections",
+    MISSING_PARAMETER = (0x02, 0x07) => "missing parameter",
+    CANT_INCLUDE_IN_SESSION = (0x02, 0x08) => "can't include in session",
+    SESSION_TYPE_NOT_SUPPORTED = (0x02, 0x09) => "session type not supported",
+    SESSION_DOES_NOT_EXIST = (0x02, 0x0a) => "session does not exist",
+    INVALID_DURING_LOGIN = (0x02, 0x0b) => "invalid request during login",
+    TARGET_ERROR = (0x03, 0x00) => "target error",
+    SERVICE_UNAVAILABLE = (0x03, 0x01) => "service unavailable",
+    OUT_OF_RESOURCES = (0x03, 0x02) => "out of resources",
+}
+
+impl LoginStatus {
     pub const fn new(class: u8, detail: u8) -> LoginStatus {
         LoginStatus { class, detail }
     }
@@ -62,32 +83,15 @@ impl LoginStatus {
         u16::from(self.class) << 8 | u16::from(self.detail)
     }
 
-    /// A short description of the status.
+    /// A short description of the status: the RFC's text for a defined
+    /// one, else that of its class.
     pub fn description(self) -> &'static str {
-        match (self.class, self.detail) {
-            (0, 0) => "success",
-            (1, 1) => "target moved temporarily",
-            (1, 2) => "target moved permanently",
-            (2, 0) => "initiator error",
-            (2, 1) => "authentication failure",
-            (2, 2) => "authorization failure",
-            (2, 3) => "target not found",
-            (2, 4) => "target removed",
-            (2, 5) => "unsupported version",
-            (2, 6) => "too many connections",
-            (2, 7) => "missing parameter",
-            (2, 8) => "can't include in session",
-            (2, 9) => "session type not supported",
-            (2, 10) => "session does not exist",
-            (2, 11) => "invalid request during login",
-            (3, 0) => "target error",
-            (3, 1) => "service unavailable",
-            (3, 2) => "out of resources",
-            (1, _) => "redirection",
-            (2, _) => "initiator error",
-            (3, _) => "target error",
+        self.defined_description().unwrap_or(match self.class {
+            1 => "redirection",
+            2 => "initiator error",
+            3 => "target error",
             _ => "unknown status",
-        }
+        })
     }
 }
 

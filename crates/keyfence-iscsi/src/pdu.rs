@@ -5,6 +5,7 @@
 //! a failure is a [`PduError`] that knows which Reject reason it maps to.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use keyfence_scsi::wire_enum;
 use thiserror::Error;
 
 /// Length of the Basic Header Segment.
@@ -62,56 +63,32 @@ fn invalid(field: &'static str, detail: &'static str) -> PduError {
     PduError::InvalidField { field, detail }
 }
 
-/// iSCSI opcodes (RFC 7143 §11.2.1.2).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum Opcode {
-    NopOut = 0x00,
-    ScsiCommand = 0x01,
-    TaskMgmtRequest = 0x02,
-    LoginRequest = 0x03,
-    TextRequest = 0x04,
-    DataOut = 0x05,
-    LogoutRequest = 0x06,
-    SnackRequest = 0x10,
-    NopIn = 0x20,
-    ScsiResponse = 0x21,
-    TaskMgmtResponse = 0x22,
-    LoginResponse = 0x23,
-    TextResponse = 0x24,
-    DataIn = 0x25,
-    LogoutResponse = 0x26,
-    R2t = 0x31,
-    AsyncMessage = 0x32,
-    Reject = 0x3f,
+wire_enum! {
+    /// iSCSI opcodes (RFC 7143 §11.2.1.2).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Opcode: u8 else PduError::UnknownOpcode {
+        NopOut = 0x00 => "NOP-Out",
+        ScsiCommand = 0x01 => "SCSI Command",
+        TaskMgmtRequest = 0x02 => "SCSI Task Management Function Request",
+        LoginRequest = 0x03 => "Login Request",
+        TextRequest = 0x04 => "Text Request",
+        DataOut = 0x05 => "SCSI Data-Out",
+        LogoutRequest = 0x06 => "Logout Request",
+        SnackRequest = 0x10 => "SNACK Request",
+        NopIn = 0x20 => "NOP-In",
+        ScsiResponse = 0x21 => "SCSI Response",
+        TaskMgmtResponse = 0x22 => "SCSI Task Management Function Response",
+        LoginResponse = 0x23 => "Login Response",
+        TextResponse = 0x24 => "Text Response",
+        DataIn = 0x25 => "SCSI Data-In",
+        LogoutResponse = 0x26 => "Logout Response",
+        R2t = 0x31 => "Ready To Transfer (R2T)",
+        AsyncMessage = 0x32 => "Asynchronous Message",
+        Reject = 0x3f => "Reject",
+    }
 }
 
 impl Opcode {
-    /// Decodes the 6-bit opcode value.
-    pub fn from_u8(v: u8) -> Result<Opcode, PduError> {
-        Ok(match v {
-            0x00 => Opcode::NopOut,
-            0x01 => Opcode::ScsiCommand,
-            0x02 => Opcode::TaskMgmtRequest,
-            0x03 => Opcode::LoginRequest,
-            0x04 => Opcode::TextRequest,
-            0x05 => Opcode::DataOut,
-            0x06 => Opcode::LogoutRequest,
-            0x10 => Opcode::SnackRequest,
-            0x20 => Opcode::NopIn,
-            0x21 => Opcode::ScsiResponse,
-            0x22 => Opcode::TaskMgmtResponse,
-            0x23 => Opcode::LoginResponse,
-            0x24 => Opcode::TextResponse,
-            0x25 => Opcode::DataIn,
-            0x26 => Opcode::LogoutResponse,
-            0x31 => Opcode::R2t,
-            0x32 => Opcode::AsyncMessage,
-            0x3f => Opcode::Reject,
-            other => return Err(PduError::UnknownOpcode(other)),
-        })
-    }
-
     /// True for opcodes sent by an initiator (0x00..=0x1f).
     pub fn is_initiator(self) -> bool {
         (self as u8) < 0x20
@@ -123,89 +100,29 @@ impl Opcode {
     }
 }
 
-/// The Reject reason codes (RFC 7143 §11.17.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum RejectReason {
-    /// 0x02: data (payload) digest error; the initiator may retransmit.
-    DataDigestError,
-    /// 0x03: SNACK reject.
-    SnackReject,
-    /// 0x04: protocol error (e.g. a PDU type the receiver must never get).
-    ProtocolError,
-    /// 0x05: command not supported.
-    CommandNotSupported,
-    /// 0x06: immediate command reject, too many immediate commands.
-    ImmediateCommandReject,
-    /// 0x07: task in progress.
-    TaskInProgress,
-    /// 0x08: invalid data ack.
-    InvalidDataAck,
-    /// 0x09: invalid PDU field.
-    InvalidPduField,
-    /// 0x0a: long operation reject, can't generate target transfer tag (out of resources).
-    OutOfResources,
-    /// 0x0b: deprecated (negotiation reset).
-    NegotiationReset,
-    /// 0x0c: waiting for logout.
-    WaitingForLogout,
+wire_enum! {
+    /// The Reject reason codes (RFC 7143 §11.17.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum RejectReason: u8 {
+        /// The initiator may retransmit.
+        DataDigestError = 0x02 => "data (payload) digest error",
+        SnackReject = 0x03 => "SNACK reject",
+        /// E.g. a PDU type the receiver must never get.
+        ProtocolError = 0x04 => "protocol error",
+        CommandNotSupported = 0x05 => "command not supported",
+        /// Too many immediate commands.
+        ImmediateCommandReject = 0x06 => "immediate command reject",
+        TaskInProgress = 0x07 => "task in progress",
+        InvalidDataAck = 0x08 => "invalid data ack",
+        InvalidPduField = 0x09 => "invalid PDU field",
+        /// Long operation reject: can't generate a target transfer tag.
+        OutOfResources = 0x0a => "long operation reject",
+        /// Formerly "negotiation reset".
+        NegotiationReset = 0x0b => "deprecated",
+        WaitingForLogout = 0x0c => "waiting for logout",
+    }
     /// Any other value.
-    Other(u8),
-}
-
-impl RejectReason {
-    /// Wire value.
-    pub fn to_u8(self) -> u8 {
-        match self {
-            RejectReason::DataDigestError => 0x02,
-            RejectReason::SnackReject => 0x03,
-            RejectReason::ProtocolError => 0x04,
-            RejectReason::CommandNotSupported => 0x05,
-            RejectReason::ImmediateCommandReject => 0x06,
-            RejectReason::TaskInProgress => 0x07,
-            RejectReason::InvalidDataAck => 0x08,
-            RejectReason::InvalidPduField => 0x09,
-            RejectReason::OutOfResources => 0x0a,
-            RejectReason::NegotiationReset => 0x0b,
-            RejectReason::WaitingForLogout => 0x0c,
-            RejectReason::Other(v) => v,
-        }
-    }
-
-    /// A short description, as RFC 7143 §11.17.1 names the reason.
-    pub fn description(self) -> &'static str {
-        match self {
-            RejectReason::DataDigestError => "data (payload) digest error",
-            RejectReason::SnackReject => "SNACK reject",
-            RejectReason::ProtocolError => "protocol error",
-            RejectReason::CommandNotSupported => "command not supported",
-            RejectReason::ImmediateCommandReject => "immediate command reject",
-            RejectReason::TaskInProgress => "task in progress",
-            RejectReason::InvalidDataAck => "invalid data ack",
-            RejectReason::InvalidPduField => "invalid PDU field",
-            RejectReason::OutOfResources => "long operation reject",
-            RejectReason::NegotiationReset => "deprecated",
-            RejectReason::WaitingForLogout => "waiting for logout",
-            RejectReason::Other(_) => "reserved",
-        }
-    }
-
-    /// From the wire value.
-    pub fn from_u8(v: u8) -> RejectReason {
-        match v {
-            0x02 => RejectReason::DataDigestError,
-            0x03 => RejectReason::SnackReject,
-            0x04 => RejectReason::ProtocolError,
-            0x05 => RejectReason::CommandNotSupported,
-            0x06 => RejectReason::ImmediateCommandReject,
-            0x07 => RejectReason::TaskInProgress,
-            0x08 => RejectReason::InvalidDataAck,
-            0x09 => RejectReason::InvalidPduField,
-            0x0a => RejectReason::OutOfResources,
-            0x0b => RejectReason::NegotiationReset,
-            0x0c => RejectReason::WaitingForLogout,
-            v => RejectReason::Other(v),
-        }
-    }
+    other Other => "reserved";
 }
 
 // ---------------------------------------------------------------------------
@@ -503,27 +420,16 @@ impl NopOut {
     }
 }
 
-/// SCSI task attribute (RFC 7143 §11.3.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum TaskAttr {
-    Untagged = 0,
-    #[default]
-    Simple = 1,
-    Ordered = 2,
-    HeadOfQueue = 3,
-    Aca = 4,
-}
-
-impl TaskAttr {
-    fn from_bits(v: u8) -> Result<TaskAttr, PduError> {
-        Ok(match v {
-            0 => TaskAttr::Untagged,
-            1 => TaskAttr::Simple,
-            2 => TaskAttr::Ordered,
-            3 => TaskAttr::HeadOfQueue,
-            4 => TaskAttr::Aca,
-            _ => return Err(invalid("ATTR", "reserved task attribute")),
-        })
+wire_enum! {
+    /// SCSI task attribute (RFC 7143 §11.3.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub enum TaskAttr: u8 {
+        Untagged = 0 => "untagged",
+        #[default]
+        Simple = 1 => "simple",
+        Ordered = 2 => "ordered",
+        HeadOfQueue = 3 => "head of queue",
+        Aca = 4 => "ACA",
     }
 }
 
@@ -723,7 +629,8 @@ impl ScsiCommand {
             final_bit,
             read,
             write,
-            attr: TaskAttr::from_bits(flags & 0x07)?,
+            attr: TaskAttr::from_u8(flags & 0x07)
+                .ok_or(invalid("ATTR", "reserved task attribute"))?,
             lun: get_lun(b),
             itt: get32(b, 16),
             expected_data_transfer_length: get32(b, 20),
@@ -774,33 +681,18 @@ impl ScsiCommand {
     }
 }
 
-/// Task management function codes (RFC 7143 §11.5.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TmfFunction {
-    AbortTask = 1,
-    AbortTaskSet = 2,
-    ClearAca = 3,
-    ClearTaskSet = 4,
-    LogicalUnitReset = 5,
-    TargetWarmReset = 6,
-    TargetColdReset = 7,
-    TaskReassign = 8,
-}
-
-impl TmfFunction {
-    /// From the 7-bit function field.
-    pub fn from_u8(v: u8) -> Result<Self, PduError> {
-        Ok(match v {
-            1 => TmfFunction::AbortTask,
-            2 => TmfFunction::AbortTaskSet,
-            3 => TmfFunction::ClearAca,
-            4 => TmfFunction::ClearTaskSet,
-            5 => TmfFunction::LogicalUnitReset,
-            6 => TmfFunction::TargetWarmReset,
-            7 => TmfFunction::TargetColdReset,
-            8 => TmfFunction::TaskReassign,
-            other => return Err(PduError::UnknownTmfFunction(other)),
-        })
+wire_enum! {
+    /// Task management function codes (RFC 7143 §11.5.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum TmfFunction: u8 else PduError::UnknownTmfFunction {
+        AbortTask = 1 => "ABORT TASK",
+        AbortTaskSet = 2 => "ABORT TASK SET",
+        ClearAca = 3 => "CLEAR ACA",
+        ClearTaskSet = 4 => "CLEAR TASK SET",
+        LogicalUnitReset = 5 => "LOGICAL UNIT RESET",
+        TargetWarmReset = 6 => "TARGET WARM RESET",
+        TargetColdReset = 7 => "TARGET COLD RESET",
+        TaskReassign = 8 => "TASK REASSIGN",
     }
 }
 
@@ -856,22 +748,20 @@ impl TaskMgmtRequest {
     }
 }
 
-/// Login stage (CSG / NSG, RFC 7143 §11.12.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Stage {
-    Security = 0,
-    Operational = 1,
-    FullFeature = 3,
+wire_enum! {
+    /// Login stage (CSG / NSG, RFC 7143 §11.12.3).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum Stage: u8 {
+        Security = 0 => "SecurityNegotiation",
+        Operational = 1 => "LoginOperationalNegotiation",
+        FullFeature = 3 => "FullFeaturePhase",
+    }
 }
 
 impl Stage {
+    /// The stage in the low two bits of `v`; 2 is reserved.
     fn from_bits(v: u8, field: &'static str) -> Result<Stage, PduError> {
-        match v & 3 {
-            0 => Ok(Stage::Security),
-            1 => Ok(Stage::Operational),
-            3 => Ok(Stage::FullFeature),
-            _ => Err(invalid(field, "reserved stage 2")),
-        }
+        Stage::from_u8(v & 3).ok_or(invalid(field, "reserved stage 2"))
     }
 }
 
@@ -1058,12 +948,14 @@ impl DataOut {
     }
 }
 
-/// Logout reason codes (RFC 7143 §11.14.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LogoutReason {
-    CloseSession = 0,
-    CloseConnection = 1,
-    RemoveConnectionForRecovery = 2,
+wire_enum! {
+    /// Logout reason codes (RFC 7143 §11.14.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum LogoutReason: u8 {
+        CloseSession = 0 => "close the session",
+        CloseConnection = 1 => "close the connection",
+        RemoveConnectionForRecovery = 2 => "remove the connection for recovery",
+    }
 }
 
 /// Logout Request (RFC 7143 §11.14).
@@ -1084,12 +976,8 @@ impl LogoutRequest {
         if !pdu.final_bit() {
             return Err(invalid("Logout F bit", "must be 1"));
         }
-        let reason = match b[1] & 0x7f {
-            0 => LogoutReason::CloseSession,
-            1 => LogoutReason::CloseConnection,
-            2 => LogoutReason::RemoveConnectionForRecovery,
-            _ => return Err(invalid("Logout reason", "undefined reason code")),
-        };
+        let reason = LogoutReason::from_u8(b[1] & 0x7f)
+            .ok_or(invalid("Logout reason", "undefined reason code"))?;
         Ok(LogoutRequest {
             immediate: pdu.immediate(),
             reason,
@@ -1114,13 +1002,15 @@ impl LogoutRequest {
     }
 }
 
-/// SNACK types (RFC 7143 §11.16.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SnackType {
-    DataR2t = 0,
-    Status = 1,
-    DataAck = 2,
-    RDataSnack = 3,
+wire_enum! {
+    /// SNACK types (RFC 7143 §11.16.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum SnackType: u8 {
+        DataR2t = 0 => "Data/R2T SNACK",
+        Status = 1 => "Status SNACK",
+        DataAck = 2 => "DataACK",
+        RDataSnack = 3 => "R-Data SNACK",
+    }
 }
 
 /// SNACK Request (RFC 7143 §11.16). Only meaningful at ERL > 0; a target at
@@ -1140,13 +1030,8 @@ impl SnackRequest {
     pub fn parse(pdu: &Pdu) -> Result<Self, PduError> {
         expect(pdu, Opcode::SnackRequest)?;
         let b = &pdu.bhs;
-        let snack_type = match b[1] & 0x0f {
-            0 => SnackType::DataR2t,
-            1 => SnackType::Status,
-            2 => SnackType::DataAck,
-            3 => SnackType::RDataSnack,
-            _ => return Err(invalid("SNACK type", "undefined type")),
-        };
+        let snack_type =
+            SnackType::from_u8(b[1] & 0x0f).ok_or(invalid("SNACK type", "undefined type"))?;
         Ok(SnackRequest {
             snack_type,
             lun: get_lun(b),
@@ -1326,47 +1211,21 @@ fn join_sense(sense: &[u8], rest: &[u8]) -> Bytes {
     v.freeze()
 }
 
-/// Task management response codes (RFC 7143 §11.6.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TmfResponse {
-    FunctionComplete,
-    TaskDoesNotExist,
-    LunDoesNotExist,
-    TaskStillAllegiant,
-    ReassignmentNotSupported,
-    FunctionNotSupported,
-    AuthorizationFailed,
-    Rejected,
-    Other(u8),
-}
-
-impl TmfResponse {
-    pub fn to_u8(self) -> u8 {
-        match self {
-            TmfResponse::FunctionComplete => 0,
-            TmfResponse::TaskDoesNotExist => 1,
-            TmfResponse::LunDoesNotExist => 2,
-            TmfResponse::TaskStillAllegiant => 3,
-            TmfResponse::ReassignmentNotSupported => 4,
-            TmfResponse::FunctionNotSupported => 5,
-            TmfResponse::AuthorizationFailed => 6,
-            TmfResponse::Rejected => 255,
-            TmfResponse::Other(v) => v,
-        }
+wire_enum! {
+    /// Task management response codes (RFC 7143 §11.6.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum TmfResponse: u8 {
+        FunctionComplete = 0 => "function complete",
+        TaskDoesNotExist = 1 => "task does not exist",
+        LunDoesNotExist = 2 => "LUN does not exist",
+        TaskStillAllegiant = 3 => "task still allegiant",
+        ReassignmentNotSupported = 4 => "task allegiance reassignment not supported",
+        FunctionNotSupported = 5 => "task management function not supported",
+        AuthorizationFailed = 6 => "function authorization failed",
+        Rejected = 255 => "function rejected",
     }
-    pub fn from_u8(v: u8) -> Self {
-        match v {
-            0 => TmfResponse::FunctionComplete,
-            1 => TmfResponse::TaskDoesNotExist,
-            2 => TmfResponse::LunDoesNotExist,
-            3 => TmfResponse::TaskStillAllegiant,
-            4 => TmfResponse::ReassignmentNotSupported,
-            5 => TmfResponse::FunctionNotSupported,
-            6 => TmfResponse::AuthorizationFailed,
-            255 => TmfResponse::Rejected,
-            v => TmfResponse::Other(v),
-        }
-    }
+    /// Any other value.
+    other Other => "reserved";
 }
 
 /// Task Management Function Response (RFC 7143 §11.6).
@@ -1627,13 +1486,15 @@ impl DataIn {
     }
 }
 
-/// Logout response codes (RFC 7143 §11.15.1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum LogoutResponseCode {
-    Success = 0,
-    CidNotFound = 1,
-    RecoveryNotSupported = 2,
-    CleanupFailed = 3,
+wire_enum! {
+    /// Logout response codes (RFC 7143 §11.15.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum LogoutResponseCode: u8 {
+        Success = 0 => "connection or session closed successfully",
+        CidNotFound = 1 => "CID not found",
+        RecoveryNotSupported = 2 => "connection recovery is not supported",
+        CleanupFailed = 3 => "cleanup failed",
+    }
 }
 
 /// Logout Response (RFC 7143 §11.15).
@@ -1652,13 +1513,8 @@ impl LogoutResponse {
     pub fn parse(pdu: &Pdu) -> Result<Self, PduError> {
         expect(pdu, Opcode::LogoutResponse)?;
         let b = &pdu.bhs;
-        let response = match b[2] {
-            0 => LogoutResponseCode::Success,
-            1 => LogoutResponseCode::CidNotFound,
-            2 => LogoutResponseCode::RecoveryNotSupported,
-            3 => LogoutResponseCode::CleanupFailed,
-            _ => return Err(invalid("Logout response", "undefined response code")),
-        };
+        let response = LogoutResponseCode::from_u8(b[2])
+            .ok_or(invalid("Logout response", "undefined response code"))?;
         Ok(LogoutResponse {
             response,
             itt: get32(b, 16),

@@ -351,7 +351,7 @@ fn log_pr_out(
     let c = PrOutCdb::parse(cdb);
     let action = c
         .and_then(|c| PrOutAction::from_u8(c.service_action))
-        .map_or("(invalid)", PrOutAction::name);
+        .map_or("(invalid)", PrOutAction::description);
     let pr_type = c
         .and_then(|c| PrType::from_u8(c.pr_type))
         .map_or("-", PrType::short_name);

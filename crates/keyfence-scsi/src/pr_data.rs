@@ -20,42 +20,24 @@ pub const LU_SCOPE: u8 = 0;
 /// Length of the basic PR OUT parameter list without SPEC_I_PT data.
 pub const BASIC_PARAM_LEN: usize = 24;
 
-/// Persistent reservation type (SPC-4 table 169).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[repr(u8)]
-pub enum PrType {
-    WriteExclusive = 1,
-    ExclusiveAccess = 3,
-    WriteExclusiveRegistrantsOnly = 5,
-    ExclusiveAccessRegistrantsOnly = 6,
-    WriteExclusiveAllRegistrants = 7,
-    ExclusiveAccessAllRegistrants = 8,
+crate::wire_enum! {
+    /// Persistent reservation type (SPC-4 table 169).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    pub enum PrType: u8 {
+        WriteExclusive = 1 => "Write Exclusive",
+        ExclusiveAccess = 3 => "Exclusive Access",
+        WriteExclusiveRegistrantsOnly = 5 => "Write Exclusive, registrants only",
+        ExclusiveAccessRegistrantsOnly = 6 => "Exclusive Access, registrants only",
+        WriteExclusiveAllRegistrants = 7 => "Write Exclusive, all registrants",
+        ExclusiveAccessAllRegistrants = 8 => "Exclusive Access, all registrants",
+    }
 }
 
 impl PrType {
-    pub const ALL: [PrType; 6] = [
-        PrType::WriteExclusive,
-        PrType::ExclusiveAccess,
-        PrType::WriteExclusiveRegistrantsOnly,
-        PrType::ExclusiveAccessRegistrantsOnly,
-        PrType::WriteExclusiveAllRegistrants,
-        PrType::ExclusiveAccessAllRegistrants,
-    ];
-
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            1 => Self::WriteExclusive,
-            3 => Self::ExclusiveAccess,
-            5 => Self::WriteExclusiveRegistrantsOnly,
-            6 => Self::ExclusiveAccessRegistrantsOnly,
-            7 => Self::WriteExclusiveAllRegistrants,
-            8 => Self::ExclusiveAccessAllRegistrants,
-            _ => return None,
-        })
-    }
-
-    pub fn code(self) -> u8 {
-        self as u8
+    /// The TYPE field value ([`Self::to_u8`]; the name the PR code and its
+    /// tests use).
+    pub const fn code(self) -> u8 {
+        self.to_u8()
     }
 
     /// Write Exclusive family (reads allowed for others).
@@ -98,84 +80,32 @@ impl PrType {
             Self::ExclusiveAccessAllRegistrants => "EA_AR",
         }
     }
+}
 
-    pub fn long_name(self) -> &'static str {
-        match self {
-            Self::WriteExclusive => "Write Exclusive",
-            Self::ExclusiveAccess => "Exclusive Access",
-            Self::WriteExclusiveRegistrantsOnly => "Write Exclusive, registrants only",
-            Self::ExclusiveAccessRegistrantsOnly => "Exclusive Access, registrants only",
-            Self::WriteExclusiveAllRegistrants => "Write Exclusive, all registrants",
-            Self::ExclusiveAccessAllRegistrants => "Exclusive Access, all registrants",
-        }
+crate::wire_enum! {
+    /// PERSISTENT RESERVE OUT service actions (SPC-5 table 213).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum PrOutAction: u8 {
+        Register = 0 => "REGISTER",
+        Reserve = 1 => "RESERVE",
+        Release = 2 => "RELEASE",
+        Clear = 3 => "CLEAR",
+        Preempt = 4 => "PREEMPT",
+        PreemptAndAbort = 5 => "PREEMPT AND ABORT",
+        RegisterAndIgnoreExistingKey = 6 => "REGISTER AND IGNORE EXISTING KEY",
+        RegisterAndMove = 7 => "REGISTER AND MOVE",
+        ReplaceLostReservation = 8 => "REPLACE LOST RESERVATION",
     }
 }
 
-/// PERSISTENT RESERVE OUT service actions (SPC-5 table 213).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum PrOutAction {
-    Register = 0,
-    Reserve = 1,
-    Release = 2,
-    Clear = 3,
-    Preempt = 4,
-    PreemptAndAbort = 5,
-    RegisterAndIgnoreExistingKey = 6,
-    RegisterAndMove = 7,
-    ReplaceLostReservation = 8,
-}
-
-impl PrOutAction {
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::Register,
-            1 => Self::Reserve,
-            2 => Self::Release,
-            3 => Self::Clear,
-            4 => Self::Preempt,
-            5 => Self::PreemptAndAbort,
-            6 => Self::RegisterAndIgnoreExistingKey,
-            7 => Self::RegisterAndMove,
-            8 => Self::ReplaceLostReservation,
-            _ => return None,
-        })
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Register => "REGISTER",
-            Self::Reserve => "RESERVE",
-            Self::Release => "RELEASE",
-            Self::Clear => "CLEAR",
-            Self::Preempt => "PREEMPT",
-            Self::PreemptAndAbort => "PREEMPT AND ABORT",
-            Self::RegisterAndIgnoreExistingKey => "REGISTER AND IGNORE EXISTING KEY",
-            Self::RegisterAndMove => "REGISTER AND MOVE",
-            Self::ReplaceLostReservation => "REPLACE LOST RESERVATION",
-        }
-    }
-}
-
-/// PERSISTENT RESERVE IN service actions (SPC-4 table 160).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum PrInAction {
-    ReadKeys = 0,
-    ReadReservation = 1,
-    ReportCapabilities = 2,
-    ReadFullStatus = 3,
-}
-
-impl PrInAction {
-    pub fn from_u8(v: u8) -> Option<Self> {
-        Some(match v {
-            0 => Self::ReadKeys,
-            1 => Self::ReadReservation,
-            2 => Self::ReportCapabilities,
-            3 => Self::ReadFullStatus,
-            _ => return None,
-        })
+crate::wire_enum! {
+    /// PERSISTENT RESERVE IN service actions (SPC-4 table 160).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum PrInAction: u8 {
+        ReadKeys = 0 => "READ KEYS",
+        ReadReservation = 1 => "READ RESERVATION",
+        ReportCapabilities = 2 => "REPORT CAPABILITIES",
+        ReadFullStatus = 3 => "READ FULL STATUS",
     }
 }
 

@@ -3,44 +3,32 @@
 
 use std::fmt;
 
-/// Sense key (SPC-4 table 48).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum SenseKey {
-    NoSense = 0x0,
-    RecoveredError = 0x1,
-    NotReady = 0x2,
-    MediumError = 0x3,
-    HardwareError = 0x4,
-    IllegalRequest = 0x5,
-    UnitAttention = 0x6,
-    DataProtect = 0x7,
-    BlankCheck = 0x8,
-    VendorSpecific = 0x9,
-    CopyAborted = 0xa,
-    AbortedCommand = 0xb,
-    VolumeOverflow = 0xd,
-    Miscompare = 0xe,
+crate::wire_enum! {
+    /// Sense key (SPC-4 table 48).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum SenseKey: u8 {
+        NoSense = 0x0 => "NO SENSE",
+        RecoveredError = 0x1 => "RECOVERED ERROR",
+        NotReady = 0x2 => "NOT READY",
+        MediumError = 0x3 => "MEDIUM ERROR",
+        HardwareError = 0x4 => "HARDWARE ERROR",
+        IllegalRequest = 0x5 => "ILLEGAL REQUEST",
+        UnitAttention = 0x6 => "UNIT ATTENTION",
+        DataProtect = 0x7 => "DATA PROTECT",
+        BlankCheck = 0x8 => "BLANK CHECK",
+        VendorSpecific = 0x9 => "VENDOR SPECIFIC",
+        CopyAborted = 0xa => "COPY ABORTED",
+        AbortedCommand = 0xb => "ABORTED COMMAND",
+        VolumeOverflow = 0xd => "VOLUME OVERFLOW",
+        Miscompare = 0xe => "MISCOMPARE",
+    }
 }
 
 impl SenseKey {
-    pub fn from_u8(v: u8) -> Self {
-        match v & 0x0f {
-            0x0 => Self::NoSense,
-            0x1 => Self::RecoveredError,
-            0x2 => Self::NotReady,
-            0x3 => Self::MediumError,
-            0x4 => Self::HardwareError,
-            0x5 => Self::IllegalRequest,
-            0x6 => Self::UnitAttention,
-            0x7 => Self::DataProtect,
-            0x8 => Self::BlankCheck,
-            0x9 => Self::VendorSpecific,
-            0xa => Self::CopyAborted,
-            0xb => Self::AbortedCommand,
-            0xd => Self::VolumeOverflow,
-            _ => Self::Miscompare,
-        }
+    /// The key in the low four bits of `v`. The two values without a
+    /// variant, 0xc (obsolete) and 0xf (reserved), read as MISCOMPARE.
+    fn from_sense_byte(v: u8) -> Self {
+        Self::from_u8(v & 0x0f).unwrap_or(Self::Miscompare)
     }
 }
 
@@ -200,7 +188,7 @@ impl Sense {
                         return None;
                     }
                 }
-                let key = SenseKey::from_u8(buf[2]);
+                let key = SenseKey::from_sense_byte(buf[2]);
                 let asc = buf.get(12).copied().unwrap_or(0);
                 let ascq = buf.get(13).copied().unwrap_or(0);
                 let information = if buf[0] & 0x80 != 0 && buf.len() >= 7 {
@@ -233,7 +221,7 @@ impl Sense {
                     return None;
                 }
                 Some(Sense {
-                    key: SenseKey::from_u8(buf[1]),
+                    key: SenseKey::from_sense_byte(buf[1]),
                     asc: buf[2],
                     ascq: buf[3],
                     information: None,

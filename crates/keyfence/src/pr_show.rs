@@ -395,7 +395,7 @@ fn table(s: &Shown) -> String {
             let _ = writeln!(o, "  Reservation: none");
         }
         Some(r) => {
-            let long = PrType::from_u8(r.type_code).map_or("unknown type", PrType::long_name);
+            let long = PrType::from_u8(r.type_code).map_or("unknown type", PrType::description);
             let holders: Vec<&RegistrationView> =
                 v.registrations.iter().filter(|g| g.holder).collect();
             let who = match PrType::from_u8(r.type_code) {
