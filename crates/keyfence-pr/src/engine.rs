@@ -433,22 +433,13 @@ pub fn pr_out(
     // SCOPE and TYPE, where valid (SPC-5 table 216); checked after the
     // reservation key, which is verified "regardless of the SERVICE
     // ACTION and SCOPE field values" (SPC-5 6.16.3).
-    let scope_type = || -> Result<Option<PrType>, Refusal> {
-        match action {
-            PrOutAction::Reserve
-            | PrOutAction::Release
-            | PrOutAction::Preempt
-            | PrOutAction::PreemptAndAbort
-            | PrOutAction::ReplaceLostReservation => {
-                if c.scope != LU_SCOPE {
-                    return Err(check(Sense::invalid_cdb_field(2, Some(7))));
-                }
-                PrType::from_u8(c.pr_type)
-                    .map(Some)
-                    .ok_or(check(Sense::invalid_cdb_field(2, Some(3))))
-            }
-            _ => Ok(None),
+    // Only RESERVE, RELEASE, PREEMPT, PREEMPT AND ABORT and REPLACE LOST
+    // RESERVATION use them, so only their arms below call this.
+    let scope_type = || -> Result<PrType, Refusal> {
+        if c.scope != LU_SCOPE {
+            return Err(check(Sense::invalid_cdb_field(2, Some(7))));
         }
+        PrType::from_u8(c.pr_type).ok_or(check(Sense::invalid_cdb_field(2, Some(3))))
     };
 
     if action == PrOutAction::ReplaceLostReservation {
@@ -474,8 +465,6 @@ pub fn pr_out(
         },
     }
 
-    let pr_type = scope_type()?;
-
     let mut tx = Tx {
         st: state.clone(),
         fx: Effects::default(),
@@ -484,12 +473,8 @@ pub fn pr_out(
         (Params::Basic(p), PrOutAction::Register | PrOutAction::RegisterAndIgnoreExistingKey) => {
             register(&mut tx, nexus, ctx, p, &tid_offsets(list), reg.is_some())?
         }
-        (Params::Basic(_), PrOutAction::Reserve) => {
-            reserve(&mut tx, nexus, pr_type.expect("validated type"))?
-        }
-        (Params::Basic(_), PrOutAction::Release) => {
-            release(&mut tx, nexus, pr_type.expect("validated type"))?
-        }
+        (Params::Basic(_), PrOutAction::Reserve) => reserve(&mut tx, nexus, scope_type()?)?,
+        (Params::Basic(_), PrOutAction::Release) => release(&mut tx, nexus, scope_type()?)?,
         (Params::Basic(_), PrOutAction::Clear) => {
             tx.ua_registrants_except(nexus, asc::RESERVATIONS_PREEMPTED);
             tx.st.registrations.clear();
@@ -500,7 +485,7 @@ pub fn pr_out(
             &mut tx,
             nexus,
             p.service_action_key,
-            pr_type.expect("validated type"),
+            scope_type()?,
             action == PrOutAction::PreemptAndAbort,
         )?,
         (Params::Move(p), PrOutAction::RegisterAndMove) => {
@@ -822,7 +807,7 @@ fn replace_lost(
     state: &PrState,
     nexus: &Nexus,
     p: &PrOutParams,
-    pr_type: Option<PrType>,
+    pr_type: PrType,
 ) -> Result<Applied, Refusal> {
     if !state.lost {
         return Err(check(Sense::illegal_request(
@@ -838,7 +823,6 @@ fn replace_lost(
     if p.service_action_key == 0 {
         return Err(check(Sense::invalid_param_field(8, None)));
     }
-    let pr_type = pr_type.expect("validated type");
     let st = PrState {
         generation: 0,
         aptpl: p.aptpl,

@@ -1,4 +1,6 @@
 //! A small harness: one LU's PR state driven through the engine.
+// Each test binary (model, robustness, scenarios) uses a different subset
+// of these helpers; every one is used by at least one of them.
 #![allow(dead_code)]
 
 use keyfence_pr::{Access, Effects, Features, PrState, Refusal};
