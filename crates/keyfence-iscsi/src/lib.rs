@@ -5,7 +5,8 @@
 //! ([`pdu`]), framing with CRC32C digests ([`codec`]), text key=value
 //! encoding ([`keys`]), operational parameter negotiation ([`params`]), the
 //! login state machines with CHAP ([`login`], [`chap`]), SendTargets
-//! discovery ([`text`]) and serial number arithmetic ([`serial`]). It does
+//! discovery ([`text`]), the target's command window and Data-Out/R2T
+//! rules ([`sequencing`]) and serial number arithmetic ([`serial`]). It does
 //! no I/O: callers feed bytes or PDUs in and send what comes out.
 //!
 //! # Using it on a connection
@@ -36,6 +37,7 @@ pub mod keys;
 pub mod login;
 pub mod params;
 pub mod pdu;
+pub mod sequencing;
 pub mod serial;
 pub mod text;
 
