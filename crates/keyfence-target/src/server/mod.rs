@@ -9,8 +9,11 @@
 //! bookkeeping (R2T), task management and NOP pings.
 
 mod conn;
+mod ffp;
+pub mod harness;
 mod login;
 mod session;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -1,0 +1,570 @@
+//! A session in full feature phase, without sockets or tasks: PDUs (as
+//! bytes) go in, encoded PDUs come out of its [`Outbox`], and commands
+//! that must not run on the connection's task come out as [`Job`]s whose
+//! [`Completion`]s are fed back. The connection task
+//! ([`super::conn`]) drives it with a socket, the blocking pool and
+//! timers; tests and the fuzzer ([`super::harness`]) drive it in memory.
+//!
+//! RFC 7143 rules with no state of ours beyond numbers (the command
+//! window, Data-Out / R2T sequencing) live in
+//! [`keyfence_iscsi::sequencing`]; this module applies them to the
+//! session's tasks:
+//!
+//! * [`write`]: collecting write data (immediate, unsolicited, R2T).
+//! * [`respond`]: executing commands, Data-In and SCSI Response.
+//! * [`tmf`]: task management and aborts.
+
+mod respond;
+mod tmf;
+mod write;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use keyfence_iscsi::pdu::{
+    InitiatorPdu, LogoutReason, LogoutRequest, LogoutResponse, LogoutResponseCode, NopIn, NopOut,
+    Reject, ScsiCommand, TextRequest, BHS_LEN, RESERVED_TAG,
+};
+use keyfence_iscsi::sequencing::{Admission, CommandWindow};
+use keyfence_iscsi::text::{SendTargetsEntry, TextContext, TextError, TextResponder};
+use keyfence_iscsi::{Lun, Opcode, Pdu, PduCodec, RejectReason, SessionParams};
+use keyfence_lu::LogicalUnit;
+use keyfence_scsi::Nexus;
+use tracing::debug;
+
+use super::login::{self, Established, SessionKind};
+use super::session::{SessionCtl, SessionSlot};
+use super::wire::Outbox;
+use super::Shared;
+
+use respond::InFlight;
+pub(crate) use respond::{Completion, Job};
+use tmf::PendingTmf;
+use write::WriteTask;
+
+/// Why a connection ends.
+#[derive(Debug)]
+pub(crate) enum ConnEnd {
+    /// The initiator closed the TCP connection.
+    Eof,
+    /// Logout completed.
+    Logout,
+    /// Closed on request (reinstatement, cold reset, shutdown).
+    Closed(&'static str),
+    /// Socket error.
+    Io(std::io::Error),
+    /// The initiator broke the protocol beyond recovery at ERL 0.
+    Protocol(String),
+}
+
+impl std::fmt::Display for ConnEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnEnd::Eof => f.write_str("initiator closed the connection"),
+            ConnEnd::Logout => f.write_str("logout"),
+            ConnEnd::Closed(why) => f.write_str(why),
+            ConnEnd::Io(e) => write!(f, "socket error: {e}"),
+            ConnEnd::Protocol(why) => write!(f, "protocol error: {why}"),
+        }
+    }
+}
+
+impl From<std::io::Error> for ConnEnd {
+    fn from(e: std::io::Error) -> Self {
+        ConnEnd::Io(e)
+    }
+}
+
+/// One session (= one connection, MaxConnections=1) in full feature phase.
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    kind: SessionKind,
+    initiator: String,
+    nexus: Option<Nexus>,
+    target: Option<usize>,
+    tsih: u16,
+    cid: u16,
+    params: SessionParams,
+    reg: Option<SessionSlot>,
+    peer: SocketAddr,
+    /// Framing of this connection (digests, segment limits), both ways.
+    codec: PduCodec,
+    /// PDUs to send, encoded.
+    out: Outbox,
+    /// Commands to run off the connection's task.
+    jobs: Vec<Job>,
+
+    window: CommandWindow,
+    stat_sn: u32,
+    /// Non-immediate PDUs that arrived ahead of ExpCmdSN, by CmdSN.
+    queued: HashMap<u32, Pdu>,
+
+    writes: HashMap<u32, WriteTask>,
+    in_flight: HashMap<u32, InFlight>,
+    /// Commands held back by ORDERED task attribute semantics (SAM-5
+    /// 8.5): an ORDERED task waits for every older task, and every newer
+    /// task waits for it.
+    deferred: VecDeque<ScsiCommand>,
+    /// The ORDERED task currently running or collecting data.
+    ordered_running: Option<u32>,
+    pending_tmfs: Vec<PendingTmf>,
+    next_ttt: u32,
+
+    /// Text (SendTargets) exchanges, with continuation.
+    text: TextResponder,
+    discovered: Vec<SendTargetsEntry>,
+
+    nop_interval: Duration,
+    nop_timeout: Duration,
+    ping: Option<(u32, Instant)>,
+    last_rx: Instant,
+    closing: Option<ConnEnd>,
+    close_all_after_flush: bool,
+}
+
+impl Session {
+    /// The session of a connection whose login completed; `codec` is the
+    /// connection's codec with the negotiated parameters applied.
+    pub fn new(
+        shared: Arc<Shared>,
+        est: Established,
+        peer: SocketAddr,
+        codec: PduCodec,
+        now: Instant,
+    ) -> Session {
+        let limits = &shared.limits;
+        let window = CommandWindow::new(est.exp_cmd_sn, limits.max_cmds_per_session);
+        let nop_interval = Duration::from_secs(u64::from(limits.nop_in_interval_secs));
+        let nop_timeout = Duration::from_secs(u64::from(limits.nop_in_timeout_secs));
+        let (target, nexus) = match &est.kind {
+            SessionKind::Discovery => (None, None),
+            SessionKind::Normal { target, tpgt } => {
+                let t = &shared.targets[*target];
+                let nexus = Nexus::new(
+                    keyfence_scsi::InitiatorPort::new(&est.initiator, est.isid),
+                    t.target_port(*tpgt),
+                );
+                (Some(*target), Some(nexus))
+            }
+        };
+        let discovered = login::discovered_targets(&shared);
+        let mut s = Session {
+            shared,
+            kind: est.kind,
+            initiator: est.initiator,
+            nexus,
+            target,
+            tsih: est.registration.tsih,
+            cid: est.cid,
+            params: est.params,
+            reg: Some(est.registration),
+            peer,
+            codec,
+            out: Outbox::new(),
+            jobs: Vec::new(),
+            window,
+            stat_sn: est.stat_sn,
+            queued: HashMap::new(),
+            writes: HashMap::new(),
+            in_flight: HashMap::new(),
+            deferred: VecDeque::new(),
+            ordered_running: None,
+            pending_tmfs: Vec::new(),
+            next_ttt: 1,
+            text: TextResponder::new(),
+            discovered,
+            nop_interval,
+            nop_timeout,
+            ping: None,
+            last_rx: now,
+            closing: None,
+            close_all_after_flush: false,
+        };
+        s.update_window();
+        s
+    }
+
+    pub fn tsih(&self) -> u16 {
+        self.tsih
+    }
+
+    pub fn initiator(&self) -> &str {
+        &self.initiator
+    }
+
+    pub fn kind(&self) -> SessionKind {
+        self.kind
+    }
+
+    /// (ExpCmdSN, MaxCmdSN) as last announced.
+    pub fn window(&self) -> (u32, u32) {
+        (self.window.exp_cmd_sn(), self.window.max_cmd_sn())
+    }
+
+    /// The control channel other tasks reach this session through.
+    pub fn take_ctl(&mut self) -> Option<tokio::sync::mpsc::UnboundedReceiver<SessionCtl>> {
+        let r = self.reg.as_mut()?;
+        Some(std::mem::replace(
+            &mut r.ctl,
+            tokio::sync::mpsc::unbounded_channel().1,
+        ))
+    }
+
+    /// What to send.
+    pub fn outbox(&mut self) -> &mut Outbox {
+        &mut self.out
+    }
+
+    /// Commands to run off the connection's task; feed each result back
+    /// with [`Session::complete`].
+    pub fn take_jobs(&mut self) -> Vec<Job> {
+        std::mem::take(&mut self.jobs)
+    }
+
+    /// Commands handed out as jobs and not completed yet.
+    pub fn jobs_running(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Why the session must end, once its output has been sent.
+    pub fn take_closing(&mut self) -> Option<ConnEnd> {
+        self.closing.take()
+    }
+
+    /// Set the reason to end (the first one wins).
+    pub fn close(&mut self, end: ConnEnd) {
+        self.closing.get_or_insert(end);
+    }
+
+    /// The output queued before has been sent.
+    pub fn flushed(&mut self) {
+        if self.close_all_after_flush {
+            self.close_all_after_flush = false;
+            self.cold_reset_close();
+        }
+    }
+
+    /// A request from another task (reinstatement, another session's
+    /// task management).
+    pub fn handle_ctl(&mut self, c: SessionCtl) {
+        match c {
+            SessionCtl::Close => {
+                self.close(ConnEnd::Closed(
+                    "closed by the target (reinstatement or reset)",
+                ));
+            }
+            SessionCtl::AbortTasks { lun } => {
+                self.abort_matching(|l| lun.is_none_or(|x| same_lun(l, x)));
+            }
+        }
+    }
+
+    /// When [`Session::handle_timeout`] is due next.
+    pub fn poll_timeout(&self) -> Instant {
+        match self.ping {
+            Some((_, sent)) => sent + self.nop_timeout,
+            None if !self.nop_interval.is_zero() => self.last_rx + self.nop_interval,
+            None => self.last_rx + Duration::from_secs(3600),
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some((_, sent)) = self.ping {
+            if now.duration_since(sent) >= self.nop_timeout {
+                self.close(ConnEnd::Protocol("NOP-In ping not answered".into()));
+            }
+        } else if !self.nop_interval.is_zero()
+            && now.duration_since(self.last_rx) >= self.nop_interval
+        {
+            self.send_ping(now);
+        }
+    }
+
+    /// Bytes arrived at `now`: decode and handle every complete PDU in
+    /// `rbuf` (what is left is an incomplete PDU).
+    pub fn input(&mut self, rbuf: &mut BytesMut, now: Instant) {
+        self.last_rx = now;
+        while self.closing.is_none() {
+            let pdu = match self.codec.decode(rbuf) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    if let Some((reason, bhs)) = e.reject() {
+                        let bhs = *bhs;
+                        self.reject(reason, &bhs);
+                    }
+                    if e.is_fatal() {
+                        self.close(ConnEnd::Protocol(e.to_string()));
+                    }
+                    continue;
+                }
+            };
+            self.ping = None; // any PDU shows the initiator is alive
+            self.handle_pdu(pdu);
+        }
+    }
+
+    /// The connection is over: release the I_T nexus and the session's
+    /// registration. Call after the last job completed (or was given up).
+    pub fn end(&mut self) {
+        self.abort_where(|_, _| true);
+        if let (Some(nexus), Some(t)) = (&self.nexus, self.target) {
+            for lu in self.shared.targets[t].luns.values() {
+                lu.nexus_lost(nexus);
+            }
+        }
+        if let Some(reg) = self.reg.take() {
+            self.shared.sessions().remove(reg.tsih, &reg.alive);
+            drop(reg);
+        }
+    }
+
+    fn push_pdu(&mut self, pdu: &Pdu) {
+        self.out.push_pdu(&self.codec, pdu);
+    }
+
+    /// Commands the session holds: running, collecting data, held back by
+    /// a CmdSN gap or by task attributes.
+    fn busy(&self) -> u32 {
+        (self.writes.len() + self.in_flight.len() + self.queued.len() + self.deferred.len()) as u32
+    }
+
+    /// MaxCmdSN = ExpCmdSN + window - 1 - (commands still holding
+    /// resources), never decreasing.
+    fn update_window(&mut self) {
+        let busy = self.busy();
+        self.window.update(busy, false);
+    }
+
+    fn next_stat_sn(&mut self) -> u32 {
+        let s = self.stat_sn;
+        self.stat_sn = self.stat_sn.wrapping_add(1);
+        s
+    }
+
+    fn alloc_ttt(next_ttt: &mut u32) -> u32 {
+        loop {
+            let t = *next_ttt;
+            *next_ttt = next_ttt.wrapping_add(1);
+            if t != RESERVED_TAG && t != 0 {
+                return t;
+            }
+        }
+    }
+
+    fn send_ping(&mut self, now: Instant) {
+        let ttt = Self::alloc_ttt(&mut self.next_ttt);
+        let nop = NopIn {
+            lun: Lun::default(),
+            itt: RESERVED_TAG,
+            ttt,
+            stat_sn: self.stat_sn,
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            data: Bytes::new(),
+        };
+        self.push_pdu(&nop.to_pdu());
+        self.ping = Some((ttt, now));
+        debug!(peer = %self.peer, ttt, "NOP-In ping");
+    }
+
+    fn reject(&mut self, reason: RejectReason, bhs: &[u8; BHS_LEN]) {
+        debug!(peer = %self.peer, ?reason, opcode = bhs[0] & 0x3f, "Reject");
+        let mut r = Reject::new(reason, bhs);
+        r.stat_sn = self.next_stat_sn();
+        r.exp_cmd_sn = self.window.exp_cmd_sn();
+        r.max_cmd_sn = self.window.max_cmd_sn();
+        self.push_pdu(&r.to_pdu());
+    }
+
+    fn handle_pdu(&mut self, pdu: Pdu) {
+        let op = match pdu.opcode() {
+            Ok(op) => op,
+            Err(_) => {
+                self.reject(RejectReason::CommandNotSupported, &pdu.bhs);
+                return;
+            }
+        };
+        // PDUs that carry a CmdSN are ordered by it unless immediate.
+        let ordered = matches!(
+            op,
+            Opcode::ScsiCommand
+                | Opcode::TaskMgmtRequest
+                | Opcode::TextRequest
+                | Opcode::LogoutRequest
+                | Opcode::NopOut
+        ) && !pdu.immediate();
+        if !ordered {
+            self.dispatch(pdu);
+            return;
+        }
+        let sn = pdu.cmd_sn();
+        match self.window.admit(sn) {
+            Admission::Now => {}
+            Admission::Later => {
+                if self.queued.len() < self.window.size() as usize {
+                    self.queued.insert(sn, pdu);
+                }
+                self.update_window();
+                return;
+            }
+            Admission::Outside => {
+                debug!(peer = %self.peer, sn, exp = self.window.exp_cmd_sn(),
+                    max = self.window.max_cmd_sn(), "dropping PDU outside the command window");
+                return;
+            }
+        }
+        self.dispatch(pdu);
+        // Commands queued behind this one may now run.
+        while let Some(next) = self.queued.remove(&self.window.exp_cmd_sn()) {
+            self.window.advance();
+            self.dispatch(next);
+        }
+        self.update_window();
+    }
+
+    fn dispatch(&mut self, pdu: Pdu) {
+        let parsed = match InitiatorPdu::parse(&pdu) {
+            Ok(p) => p,
+            Err(e) => {
+                debug!(peer = %self.peer, "malformed PDU: {e}");
+                self.reject(e.reject_reason(), &pdu.bhs);
+                return;
+            }
+        };
+        match parsed {
+            InitiatorPdu::ScsiCommand(cmd) => {
+                if self.target.is_none() {
+                    self.reject(RejectReason::ProtocolError, &pdu.bhs);
+                } else {
+                    self.submit(cmd);
+                }
+            }
+            InitiatorPdu::DataOut(d) => self.data_out(d),
+            InitiatorPdu::NopOut(n) => self.nop_out(n, &pdu.bhs),
+            InitiatorPdu::TaskMgmtRequest(t) => {
+                if self.target.is_none() {
+                    self.reject(RejectReason::ProtocolError, &pdu.bhs);
+                } else {
+                    self.task_mgmt(t);
+                }
+            }
+            InitiatorPdu::TextRequest(t) => self.text(t, &pdu.bhs),
+            InitiatorPdu::LogoutRequest(l) => self.logout(l),
+            InitiatorPdu::SnackRequest(_) => {
+                // ERL 0: no SNACK support.
+                self.reject(RejectReason::ProtocolError, &pdu.bhs);
+            }
+            InitiatorPdu::LoginRequest(_) => {
+                // A login request in full feature phase is a protocol error.
+                self.reject(RejectReason::ProtocolError, &pdu.bhs);
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------- NOP
+
+    fn nop_out(&mut self, n: NopOut, bhs: &[u8; BHS_LEN]) {
+        if n.itt == RESERVED_TAG {
+            // A ping answer (TTT = ours) or a bare CmdSN update: no reply.
+            if n.ttt != RESERVED_TAG && self.ping.is_some_and(|(t, _)| t != n.ttt) {
+                debug!(peer = %self.peer, ttt = n.ttt, "NOP-Out for an unknown ping");
+            }
+            if !n.immediate && n.ttt == RESERVED_TAG {
+                // ITT reserved must be immediate (RFC 7143 11.18).
+                self.reject(RejectReason::ProtocolError, bhs);
+            }
+            return;
+        }
+        let max = self.params.max_send_data_segment_length as usize;
+        let data = if n.data.len() > max {
+            n.data.slice(..max)
+        } else {
+            n.data
+        };
+        let reply = NopIn {
+            lun: n.lun,
+            itt: n.itt,
+            ttt: RESERVED_TAG,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            data,
+        };
+        self.push_pdu(&reply.to_pdu());
+    }
+
+    // --------------------------------------------------------------- text
+
+    fn text(&mut self, t: TextRequest, bhs: &[u8; BHS_LEN]) {
+        let own = self.target.map(|i| self.shared.targets[i].name.clone());
+        let ctx = TextContext {
+            targets: &self.discovered,
+            session_target: own.as_deref(),
+            max_send_data_segment_length: self.params.max_send_data_segment_length,
+        };
+        match self.text.handle(&t, &ctx) {
+            Ok(mut r) => {
+                r.stat_sn = self.next_stat_sn();
+                r.exp_cmd_sn = self.window.exp_cmd_sn();
+                r.max_cmd_sn = self.window.max_cmd_sn();
+                self.push_pdu(&r.to_pdu());
+            }
+            Err(e) => {
+                debug!(peer = %self.peer, "text request: {e}");
+                let reason = match e {
+                    TextError::UnknownTtt(_) => RejectReason::ProtocolError,
+                    _ => RejectReason::InvalidPduField,
+                };
+                self.reject(reason, bhs);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------- logout
+
+    fn logout(&mut self, l: LogoutRequest) {
+        let response = match l.reason {
+            LogoutReason::CloseSession => LogoutResponseCode::Success,
+            LogoutReason::CloseConnection if l.cid == self.cid => LogoutResponseCode::Success,
+            LogoutReason::CloseConnection => LogoutResponseCode::CidNotFound,
+            LogoutReason::RemoveConnectionForRecovery => LogoutResponseCode::RecoveryNotSupported,
+        };
+        let r = LogoutResponse {
+            response,
+            itt: l.itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            time2wait: 0,
+            time2retain: 0,
+        };
+        self.push_pdu(&r.to_pdu());
+        if response == LogoutResponseCode::Success {
+            // The logout ends every task: those still collecting data or
+            // held back are dropped, running ones finish without status.
+            self.abort_where(|_, _| true);
+            self.closing = Some(ConnEnd::Logout);
+        }
+    }
+
+    fn lu_for(&self, lun: Lun) -> Option<Arc<LogicalUnit>> {
+        let t = &self.shared.targets[self.target?];
+        let n = lun.number()?;
+        t.luns.get(&u64::from(n)).cloned()
+    }
+}
+
+/// Do two LUN fields address the same logical unit?
+fn lun_eq(a: Lun, b: Lun) -> bool {
+    a == b || a.number().is_some_and(|n| b.number() == Some(n))
+}
+
+/// Does the LUN field `l` address LUN number `n` (in any of the
+/// encodings an initiator may use for it)?
+fn same_lun(l: Lun, n: u64) -> bool {
+    l.number().is_some_and(|m| u64::from(m) == n)
+}

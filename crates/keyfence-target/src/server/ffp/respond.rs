@@ -1,0 +1,233 @@
+//! Executing a command and answering it: inline on the connection's task
+//! or as a [`Job`] for the blocking pool, then Data-In (cut at
+//! MaxRecvDataSegmentLength and MaxBurstLength, status collapsed into the
+//! last PDU when it can be) or a SCSI Response with sense and residuals,
+//! and the command's effects on other tasks.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use keyfence_iscsi::pdu::{DataIn, Residual, ScsiResponse, RESERVED_TAG};
+use keyfence_iscsi::Lun;
+use keyfence_lu::{execute_no_lu, CommandOutcome, CommandRequest, LogicalUnit, LuEffect};
+use keyfence_scsi::{Nexus, ScsiStatus};
+
+use super::{lun_eq, Session};
+use crate::server::session::SessionCtl;
+
+/// The response metadata a command needs once it has executed.
+#[derive(Debug, Clone)]
+pub(crate) struct Meta {
+    pub itt: u32,
+    pub lun: Lun,
+    pub read: bool,
+    pub write: bool,
+    pub edtl: u32,
+    /// Bytes of data-out the CDB transfers (None: the CDB does not
+    /// decode; reads: None).
+    pub wanted_out: Option<u32>,
+}
+
+/// A command handed out as a [`Job`].
+#[derive(Debug)]
+pub(super) struct InFlight {
+    pub lun: Lun,
+    pub aborted: bool,
+}
+
+/// A command to execute off the connection's task (it may block).
+pub(crate) struct Job {
+    meta: Meta,
+    lu: Arc<LogicalUnit>,
+    nexus: Nexus,
+    cdb: Bytes,
+    data_out: Bytes,
+}
+
+impl Job {
+    /// Execute the command (blocking).
+    pub fn run(self) -> Completion {
+        let req = CommandRequest {
+            nexus: &self.nexus,
+            cdb: &self.cdb,
+            data_out: &self.data_out,
+        };
+        let outcome = self.lu.execute(&req);
+        Completion {
+            meta: self.meta,
+            outcome,
+        }
+    }
+}
+
+/// The result of a [`Job`].
+pub(crate) struct Completion {
+    meta: Meta,
+    outcome: CommandOutcome,
+}
+
+impl Session {
+    pub(super) fn execute(
+        &mut self,
+        meta: Meta,
+        lu: Option<Arc<LogicalUnit>>,
+        cdb: &[u8],
+        data_out: Bytes,
+    ) {
+        let Some(nexus) = self.nexus.clone() else {
+            return;
+        };
+        let Some(lu) = lu else {
+            let t = &self.shared.targets[self.target.unwrap_or(0)];
+            let req = CommandRequest {
+                nexus: &nexus,
+                cdb,
+                data_out: &data_out,
+            };
+            let outcome = execute_no_lu(&req, &t.lun_list);
+            self.respond(&meta, outcome);
+            return;
+        };
+        if lu.is_blocking(cdb) {
+            self.in_flight.insert(
+                meta.itt,
+                InFlight {
+                    lun: meta.lun,
+                    aborted: false,
+                },
+            );
+            self.jobs.push(Job {
+                meta,
+                lu,
+                nexus,
+                cdb: Bytes::copy_from_slice(cdb),
+                data_out,
+            });
+            return;
+        }
+        let req = CommandRequest {
+            nexus: &nexus,
+            cdb,
+            data_out: &data_out,
+        };
+        let outcome = lu.execute(&req);
+        self.respond(&meta, outcome);
+    }
+
+    /// A [`Job`] finished.
+    pub fn complete(&mut self, c: Completion) {
+        let aborted = self.in_flight.remove(&c.meta.itt).is_none_or(|f| f.aborted);
+        if !aborted {
+            self.respond(&c.meta, c.outcome);
+        }
+        self.finish_tmfs(c.meta.itt);
+        self.release_deferred();
+        self.update_window();
+    }
+
+    /// Send Data-In and status for an executed command and carry out its
+    /// effects.
+    pub(super) fn respond(&mut self, meta: &Meta, outcome: CommandOutcome) {
+        for e in &outcome.effects {
+            self.apply_effect(meta, e);
+        }
+        let data = &outcome.data_in;
+        let status = outcome.status as u8;
+        // Residuals (RFC 7143 11.4.5): against what the command wanted to
+        // transfer in the direction the initiator announced.
+        let (send, residual) = if meta.write {
+            let wanted = meta.wanted_out.unwrap_or(0);
+            (Bytes::new(), Residual::from_lengths(meta.edtl, wanted))
+        } else if meta.read {
+            let dlen = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            let n = dlen.min(meta.edtl);
+            (
+                data.slice(..n as usize),
+                Residual::from_lengths(meta.edtl, dlen),
+            )
+        } else {
+            let dlen = u32::try_from(data.len()).unwrap_or(u32::MAX);
+            (Bytes::new(), Residual::from_lengths(meta.edtl, dlen))
+        };
+        let collapse = outcome.sense.is_none()
+            && !send.is_empty()
+            && matches!(outcome.status, ScsiStatus::Good | ScsiStatus::ConditionMet);
+        if !send.is_empty() {
+            let seg = self.params.max_send_data_segment_length.max(512) as usize;
+            let burst = self.params.max_burst_length.max(512) as usize;
+            let total = send.len();
+            let mut off = 0usize;
+            let mut data_sn = 0u32;
+            while off < total {
+                let burst_end = (off / burst + 1) * burst;
+                let n = seg.min(total - off).min(burst_end - off);
+                let last = off + n == total;
+                let final_bit = last || off + n == burst_end;
+                let with_status = last && collapse;
+                let d = DataIn {
+                    final_bit,
+                    ack: false,
+                    status: with_status.then_some(status),
+                    residual: if with_status {
+                        residual
+                    } else {
+                        Residual::None
+                    },
+                    lun: meta.lun,
+                    itt: meta.itt,
+                    ttt: RESERVED_TAG,
+                    stat_sn: if with_status { self.next_stat_sn() } else { 0 },
+                    exp_cmd_sn: self.window.exp_cmd_sn(),
+                    max_cmd_sn: self.window.max_cmd_sn(),
+                    data_sn,
+                    buffer_offset: off as u32,
+                    data: send.slice(off..off + n),
+                };
+                self.out.push(&self.codec, &d.header(), &d.data);
+                off += n;
+                data_sn = data_sn.wrapping_add(1);
+            }
+            if collapse {
+                return;
+            }
+        }
+        // The LU knows the sense format its control mode page asks for.
+        let sense = match (&outcome.sense, self.lu_for(meta.lun)) {
+            (Some(s), Some(lu)) => lu.sense_bytes(s),
+            (Some(s), None) => Bytes::copy_from_slice(&s.to_fixed()),
+            (None, _) => Bytes::new(),
+        };
+        let r = ScsiResponse {
+            response: 0,
+            status,
+            residual,
+            bidi_read_residual: Residual::None,
+            itt: meta.itt,
+            snack_tag: 0,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            exp_data_sn: 0,
+            sense,
+            response_data: Bytes::new(),
+        };
+        self.push_pdu(&r.to_pdu());
+    }
+
+    fn apply_effect(&mut self, meta: &Meta, e: &LuEffect) {
+        // PREEMPT AND ABORT: the preempted nexus loses its tasks on this LU.
+        let LuEffect::AbortTasks { nexus } = e;
+        let lun = meta.lun;
+        if self.nexus.as_ref() == Some(nexus) {
+            let itt = meta.itt;
+            self.abort_where(|i, l| i != itt && lun_eq(l, lun));
+        }
+        if let Some(n) = lun.number().map(u64::from) {
+            self.shared.sessions().send_to_nexus(
+                nexus,
+                Some(self.tsih),
+                SessionCtl::AbortTasks { lun: Some(n) },
+            );
+        }
+    }
+}

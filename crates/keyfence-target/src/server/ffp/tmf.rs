@@ -1,0 +1,215 @@
+//! Task management: ABORT TASK, ABORT TASK SET, CLEAR TASK SET, LOGICAL
+//! UNIT RESET, TARGET WARM/COLD RESET, and aborting this session's tasks
+//! when another session's command or TMF requires it. A TMF answers once
+//! the tasks it aborted that are still running as jobs have finished.
+
+use keyfence_iscsi::pdu::{TaskMgmtRequest, TaskMgmtResponse, TmfFunction, TmfResponse};
+use keyfence_iscsi::{serial, Lun, Opcode};
+use keyfence_scsi::sense::asc;
+use tracing::debug;
+
+use super::ConnEnd;
+use super::{lun_eq, Session};
+use crate::server::session::SessionCtl;
+
+/// A TMF waiting for the tasks it aborted to finish.
+#[derive(Debug)]
+pub(super) struct PendingTmf {
+    itt: u32,
+    waiting: Vec<u32>,
+    after: TmfAfter,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TmfAfter {
+    Nothing,
+    CloseAll,
+}
+
+impl Session {
+    // ------------------------------------------------------------- aborts
+
+    /// Abort (silently) the tasks of this session matching `f(itt, lun)`.
+    /// Returns the ITTs still running on the blocking pool.
+    pub(super) fn abort_where(&mut self, f: impl Fn(u32, Lun) -> bool) -> Vec<u32> {
+        self.writes.retain(|itt, t| !f(*itt, t.lun));
+        self.deferred.retain(|c| !f(c.itt, c.lun));
+        let mut running = Vec::new();
+        for (itt, fl) in self.in_flight.iter_mut() {
+            if f(*itt, fl.lun) {
+                fl.aborted = true;
+                running.push(*itt);
+            }
+        }
+        // Queued commands not yet started are aborted too.
+        self.queued.retain(|_, p| {
+            let is_cmd = p.opcode_raw() == Opcode::ScsiCommand as u8;
+            !(is_cmd && f(p.itt(), p.lun()))
+        });
+        running
+    }
+
+    pub(super) fn abort_matching(&mut self, lun_pred: impl Fn(Lun) -> bool) {
+        self.abort_where(|_, l| lun_pred(l));
+        self.release_deferred();
+        self.update_window();
+    }
+
+    pub(super) fn finish_tmfs(&mut self, itt: u32) {
+        let mut ready = Vec::new();
+        for p in &mut self.pending_tmfs {
+            p.waiting.retain(|x| *x != itt);
+        }
+        self.pending_tmfs.retain(|p| {
+            if p.waiting.is_empty() {
+                ready.push((p.itt, p.after));
+                false
+            } else {
+                true
+            }
+        });
+        for (tmf_itt, after) in ready {
+            self.tmf_response(tmf_itt, TmfResponse::FunctionComplete);
+            if after == TmfAfter::CloseAll {
+                self.close_all_after_flush = true;
+            }
+        }
+    }
+
+    fn tmf_response(&mut self, itt: u32, response: TmfResponse) {
+        let r = TaskMgmtResponse {
+            response,
+            itt,
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+        };
+        self.push_pdu(&r.to_pdu());
+    }
+
+    pub(super) fn task_mgmt(&mut self, t: TaskMgmtRequest) {
+        let Some(target) = self.target else { return };
+        let lu = self.lu_for(t.lun);
+        let lun_n = t.lun.number().map(u64::from);
+        debug!(peer = %self.peer, function = ?t.function, lun = ?lun_n, "task management");
+        let mut after = TmfAfter::Nothing;
+        let running = match t.function {
+            TmfFunction::AbortTask => {
+                let rtt = t.referenced_task_tag;
+                let known = self.writes.get(&rtt).is_some_and(|w| lun_eq(w.lun, t.lun))
+                    || self
+                        .in_flight
+                        .get(&rtt)
+                        .is_some_and(|f| lun_eq(f.lun, t.lun) && !f.aborted)
+                    || self.queued.values().any(|p| p.itt() == rtt)
+                    || self
+                        .deferred
+                        .iter()
+                        .any(|c| c.itt == rtt && lun_eq(c.lun, t.lun));
+                if !known {
+                    // Not found. If its CmdSN is in the window but has not
+                    // arrived, RFC 7143 11.5.1 says "function complete".
+                    let pending = serial::in_window(
+                        t.ref_cmd_sn,
+                        self.window.exp_cmd_sn(),
+                        self.window.max_cmd_sn(),
+                    );
+                    let resp = if pending {
+                        TmfResponse::FunctionComplete
+                    } else {
+                        TmfResponse::TaskDoesNotExist
+                    };
+                    self.tmf_response(t.itt, resp);
+                    return;
+                }
+                self.abort_where(|i, _| i == rtt)
+            }
+            TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
+                if lu.is_none() {
+                    self.tmf_response(t.itt, TmfResponse::LunDoesNotExist);
+                    return;
+                }
+                let lun = t.lun;
+                let r = self.abort_where(|_, l| lun_eq(l, lun));
+                if t.function == TmfFunction::ClearTaskSet {
+                    if let (Some(n), Some(lu), Some(nexus)) = (lun_n, &lu, &self.nexus) {
+                        self.shared.sessions().broadcast_target(
+                            target,
+                            Some(self.tsih),
+                            SessionCtl::AbortTasks { lun: Some(n) },
+                        );
+                        lu.queue_unit_attention(
+                            keyfence_lu::UaScope::AllExcept(nexus),
+                            asc::COMMANDS_CLEARED_BY_ANOTHER_INITIATOR,
+                        );
+                    }
+                }
+                r
+            }
+            TmfFunction::LogicalUnitReset => {
+                let (Some(lu), Some(n)) = (&lu, lun_n) else {
+                    self.tmf_response(t.itt, TmfResponse::LunDoesNotExist);
+                    return;
+                };
+                let lun = t.lun;
+                let r = self.abort_where(|_, l| lun_eq(l, lun));
+                self.shared.sessions().broadcast_target(
+                    target,
+                    Some(self.tsih),
+                    SessionCtl::AbortTasks { lun: Some(n) },
+                );
+                lu.lu_reset();
+                r
+            }
+            TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
+                let cold = t.function == TmfFunction::TargetColdReset;
+                let r = self.abort_where(|_, _| true);
+                self.shared.sessions().broadcast_target(
+                    target,
+                    Some(self.tsih),
+                    SessionCtl::AbortTasks { lun: None },
+                );
+                for lu in self.shared.targets[target].luns.values() {
+                    lu.target_reset(cold);
+                }
+                if cold {
+                    after = TmfAfter::CloseAll;
+                }
+                r
+            }
+            TmfFunction::TaskReassign => {
+                self.tmf_response(t.itt, TmfResponse::ReassignmentNotSupported);
+                return;
+            }
+            TmfFunction::ClearAca => {
+                self.tmf_response(t.itt, TmfResponse::FunctionNotSupported);
+                return;
+            }
+        };
+        self.release_deferred();
+        self.update_window();
+        if running.is_empty() {
+            self.tmf_response(t.itt, TmfResponse::FunctionComplete);
+            if after == TmfAfter::CloseAll {
+                self.close_all_after_flush = true;
+            }
+        } else {
+            self.pending_tmfs.push(PendingTmf {
+                itt: t.itt,
+                waiting: running,
+                after,
+            });
+        }
+    }
+
+    /// TARGET COLD RESET: every session of the target is dropped, this one
+    /// after its response has been sent.
+    pub(super) fn cold_reset_close(&mut self) {
+        if let Some(t) = self.target {
+            self.shared
+                .sessions()
+                .broadcast_target(t, Some(self.tsih), SessionCtl::Close);
+        }
+        self.closing = Some(ConnEnd::Closed("TARGET COLD RESET"));
+    }
+}
