@@ -423,9 +423,12 @@ impl LogicalUnit {
     }
 
     /// True when the command may block for long (cache flushes, FUA
-    /// writes, unmapping, large WRITE SAME): run it on a blocking pool.
+    /// writes, unmapping, large WRITE SAME, and reservation changes, which
+    /// may fsync APTPL state and, for PREEMPT AND ABORT, wait for the
+    /// preempted nexuses' commands): run it on a blocking pool.
     pub fn is_blocking(&self, cdb: &[u8]) -> bool {
-        cdb::is_blocking(cdb, self.cfg.block_size)
+        matches!(cdb.first(), Some(0x5f | 0x16 | 0x56 | 0x17 | 0x57))
+            || cdb::is_blocking(cdb, self.cfg.block_size)
             || !self.mode.wce.load(Ordering::Relaxed) && cdb::is_write(cdb)
     }
 
@@ -444,7 +447,7 @@ impl LogicalUnit {
         // Every other command counts as in flight from the reservation
         // check until its medium access is over, so PREEMPT AND ABORT can
         // wait for the preempted nexus's commands (SPC-4 5.13.11.2.4).
-        let _inflight = (!reservation_command).then(|| nexus_state.enter());
+        let _inflight = (!reservation_command).then(|| self.ua.enter(&nexus_state));
         // RESERVATION CONFLICT, or DATA PROTECT while PR information is
         // lost (SPC-5 5.13.5.3).
         if let Some(o) = self.reservations.gate(req.nexus, req.cdb) {

@@ -8,6 +8,11 @@
 //!   hooks) are serialised by one mutex, computed by the engine on a copy,
 //!   made durable first when APTPL requires it, and only then published.
 //!   If the store fails the command fails and nothing changes.
+//! * PREEMPT AND ABORT then waits, outside that mutex, for the commands of
+//!   the preempted nexuses that passed the check before the new state was
+//!   published; commands they send afterwards see the new state and are
+//!   not waited for. The transport runs PR OUT off its I/O threads
+//!   ([`crate::LogicalUnit::is_blocking`]).
 //! * Every PR OUT is logged as one structured `tracing` line.
 
 mod file_store;
@@ -39,6 +44,10 @@ pub struct Reservations {
     ctx: ReservationContext,
     view: ArcSwap<AccessView>,
     writer: Mutex<Writer>,
+    /// Held by a PR OUT from before it computes until its PREEMPT AND
+    /// ABORT drain is over: drains never overlap, and the writer lock is
+    /// not held while one waits (LU resets and nexus loss take it).
+    drain: Mutex<()>,
     store: Option<Arc<dyn PrStore>>,
     features: Features,
 }
@@ -106,6 +115,7 @@ impl Reservations {
             ctx,
             view: ArcSwap::from_pointee(AccessView::new(Arc::new(state))),
             writer: Mutex::new(Writer { version }),
+            drain: Mutex::new(()),
             store,
         }
     }
@@ -168,6 +178,7 @@ impl Reservations {
         if cdb.len() < 10 {
             return CommandOutcome::check_condition(Sense::invalid_cdb_field(0, None));
         }
+        let drain_turn = self.drain.lock().unwrap_or_else(|e| e.into_inner());
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let before = self.snapshot();
         // Initiator ports known to the device server: every nexus the LU
@@ -188,7 +199,7 @@ impl Reservations {
             features: self.features,
         };
         let result = keyfence_pr::pr_out(&before, nexus, &ctx, cdb, data);
-        let (outcome, after) = match result {
+        let (mut outcome, after) = match result {
             Ok(applied) => match self.commit(&mut w, applied) {
                 Ok((o, st)) => (o, Some(st)),
                 Err(o) => (o, None),
@@ -196,6 +207,37 @@ impl Reservations {
             Err(r) => (reject_outcome(r), None),
         };
         drop(w);
+        // PREEMPT AND ABORT: the preempted nexuses' commands that passed
+        // the reservation check under the old state finish before this
+        // command completes; the ones after see the new state and are not
+        // waited for. Without this, a fenced node's write could land after
+        // the fencer's GOOD.
+        let victims: Vec<Nexus> = outcome
+            .effects
+            .iter()
+            .map(|LuEffect::AbortTasks { nexus }| nexus.clone())
+            .collect();
+        if !victims.is_empty() {
+            let d = self.ctx.unit_attentions.begin_drain();
+            if !self
+                .ctx
+                .unit_attentions
+                .wait_drained(d, &victims, ABORT_DRAIN_LIMIT)
+            {
+                // The preemption is in force (and persisted), but we cannot
+                // vouch that nothing of the victims lands after we answer:
+                // say so rather than GOOD, so the fencer does not trust it.
+                tracing::error!(
+                    lun = self.ctx.lun,
+                    "preempted nexuses' commands did not finish in {ABORT_DRAIN_LIMIT:?}"
+                );
+                outcome = CommandOutcome::check_condition(Sense::new(
+                    SenseKey::HardwareError,
+                    asc::INTERNAL_TARGET_FAILURE,
+                ));
+            }
+        }
+        drop(drain_turn);
         log_pr_out(self.ctx.lun, nexus, cdb, data, &outcome, after.as_deref());
         outcome
     }
@@ -252,28 +294,8 @@ impl Reservations {
         for (n, code) in &unit_attentions {
             self.ctx.unit_attentions.queue(UaScope::Nexus(n), *code);
         }
-        // PREEMPT AND ABORT: the preempted nexuses' commands that passed
-        // the reservation check under the old state finish before this
-        // command completes; the ones after see the new state. Without
-        // this, a fenced node's write could land after the fencer's GOOD.
-        if !abort_tasks_of.is_empty()
-            && !self
-                .ctx
-                .unit_attentions
-                .wait_idle(&abort_tasks_of, ABORT_DRAIN_LIMIT)
-        {
-            // The preemption is in force (and persisted), but we cannot
-            // vouch that nothing of the victims lands after we answer: say
-            // so rather than GOOD, so the fencer does not trust it.
-            tracing::error!(
-                lun = self.ctx.lun,
-                "preempted nexuses' commands did not finish in {ABORT_DRAIN_LIMIT:?}"
-            );
-            return Err(CommandOutcome::check_condition(Sense::new(
-                SenseKey::HardwareError,
-                asc::INTERNAL_TARGET_FAILURE,
-            )));
-        }
+        // PREEMPT AND ABORT's wait for the preempted nexuses happens in
+        // pr_out, after the writer lock is released.
         let mut outcome = CommandOutcome::good();
         outcome.effects = abort_tasks_of
             .into_iter()

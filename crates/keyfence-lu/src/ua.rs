@@ -8,7 +8,7 @@
 //! flag checked before its queue mutex is touched.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,19 +29,22 @@ pub(crate) struct NexusUa {
     /// false once the nexus was lost (kept to report the loss).
     active: AtomicBool,
     /// Commands of this nexus between the reservation check and the end
-    /// of their medium access. Only this nexus's commands touch it, so it
-    /// is not a point of contention between sessions.
-    inflight: AtomicU32,
+    /// of their medium access, by the parity of the drain epoch they
+    /// entered in (see [`UnitAttentions::begin_drain`]). Only this
+    /// nexus's commands touch it, so it is not a point of contention
+    /// between sessions.
+    inflight: [AtomicU32; 2],
 }
 
 /// A command of one nexus that has entered the reservation check; while it
-/// lives, a PREEMPT AND ABORT naming this nexus does not complete.
+/// lives, a PREEMPT AND ABORT naming this nexus that started draining
+/// after it entered does not complete.
 #[derive(Debug)]
-pub(crate) struct Inflight(Arc<NexusUa>);
+pub(crate) struct Inflight(Arc<NexusUa>, usize);
 
 impl Drop for Inflight {
     fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Release);
+        self.0.inflight[self.1].fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -64,16 +67,6 @@ impl NexusUa {
         self.pending.store(true, Ordering::Release);
     }
 
-    /// Mark a command in flight before it is checked against the
-    /// reservation. The fence pairs with the one in
-    /// [`UnitAttentions::wait_idle`]: either the preempting thread sees
-    /// this command in flight, or this command sees the new reservation.
-    pub(crate) fn enter(self: &Arc<Self>) -> Inflight {
-        self.inflight.fetch_add(1, Ordering::SeqCst);
-        fence(Ordering::SeqCst);
-        Inflight(self.clone())
-    }
-
     pub(crate) fn take(&self) -> Option<Asc> {
         if !self.pending.load(Ordering::Acquire) {
             return None;
@@ -86,6 +79,10 @@ impl NexusUa {
         c
     }
 }
+
+/// A drain begun by [`UnitAttentions::begin_drain`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain(usize);
 
 /// Which nexuses a unit attention is queued for.
 #[derive(Debug, Clone, Copy)]
@@ -106,6 +103,9 @@ pub enum UaScope<'a> {
 pub struct UnitAttentions {
     map: ArcSwap<HashMap<Nexus, Arc<NexusUa>>>,
     writer: Mutex<()>,
+    /// Drain epoch: commands count themselves in flight under its parity;
+    /// [`UnitAttentions::begin_drain`] moves it on.
+    epoch: AtomicU64,
 }
 
 impl UnitAttentions {
@@ -186,20 +186,46 @@ impl UnitAttentions {
         }
     }
 
-    /// Wait until no command of `nexuses` that passed the reservation check
-    /// before now is still running (they finish their medium access or
-    /// fail; later ones see the state published before this call). Called
-    /// by PREEMPT AND ABORT after publishing, so that no write of a
-    /// preempted nexus lands after the command completes. Returns false if
-    /// `limit` passed first.
-    pub fn wait_idle(&self, nexuses: &[Nexus], limit: Duration) -> bool {
+    /// Mark a command of `e`'s nexus in flight before it is checked
+    /// against the reservation. The fences pair with the ones in
+    /// [`UnitAttentions::begin_drain`] and [`UnitAttentions::wait_drained`]:
+    /// either a drain begun after the state was published waits for this
+    /// command, or this command sees the new reservation.
+    pub(crate) fn enter(&self, e: &Arc<NexusUa>) -> Inflight {
+        let slot = (self.epoch.load(Ordering::SeqCst) & 1) as usize;
+        e.inflight[slot].fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Inflight(e.clone(), slot)
+    }
+
+    /// Start a drain after publishing a new reservation state: commands
+    /// entering from now on are counted apart from those already in
+    /// flight, which may have been checked against the old state. Returns
+    /// the token for [`UnitAttentions::wait_drained`]. Drains must not
+    /// overlap (the caller serialises them): the next one reuses the
+    /// other counter.
+    pub fn begin_drain(&self) -> Drain {
+        fence(Ordering::SeqCst);
+        let old = self.epoch.fetch_add(1, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+        Drain((old & 1) as usize)
+    }
+
+    /// Wait until no command of `nexuses` counted before `drain` began is
+    /// still running (they finish their medium access or fail; commands
+    /// entering after it see the state published before it and are not
+    /// waited for, however many the nexus keeps sending). Called by
+    /// PREEMPT AND ABORT after publishing, so that no write of a preempted
+    /// nexus lands after the command completes. Returns false if `limit`
+    /// passed first.
+    pub fn wait_drained(&self, drain: Drain, nexuses: &[Nexus], limit: Duration) -> bool {
         fence(Ordering::SeqCst);
         let start = Instant::now();
         let map = self.map.load();
         for n in nexuses {
             let Some(e) = map.get(n) else { continue };
             let mut spins = 0u32;
-            while e.inflight.load(Ordering::SeqCst) != 0 {
+            while e.inflight[drain.0].load(Ordering::SeqCst) != 0 {
                 if start.elapsed() > limit {
                     return false;
                 }
