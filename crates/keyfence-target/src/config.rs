@@ -17,6 +17,8 @@
 //! max_outstanding_r2t = 1
 //! nop_in_interval_secs = 30           # ping an idle connection after this long; 0 = never
 //! nop_in_timeout_secs = 15            # drop it if the ping is not answered
+//! data_out_timeout_secs = 30          # drop a connection whose write data stalls
+//! max_buffered_bytes = "4G"           # write data held for all sessions; default RAM/4
 //!
 //! [discovery_chap]                    # optional: CHAP for SendTargets sessions too
 //! user = "discoverer"
@@ -124,6 +126,30 @@ pub struct Limits {
     pub nop_in_timeout_secs: u32,
     /// Seconds a connection may take to finish its login.
     pub login_timeout_secs: u32,
+    /// Seconds a write command may wait for a Data-Out the target asked
+    /// for (or the rest of its unsolicited data); then the connection is
+    /// dropped, as at ERL 0 the command cannot be recovered.
+    pub data_out_timeout_secs: u32,
+    /// Most write data the server holds for all sessions together (data
+    /// collected for commands that have not run yet, and immediate data
+    /// of commands waiting behind a CmdSN gap). Commands beyond it end
+    /// with TASK SET FULL. Default: a quarter of physical memory.
+    pub max_buffered_bytes: ByteSize,
+}
+
+/// A quarter of physical memory, at least 256 MiB (16 GiB assumed when it
+/// cannot be read): the default `max_buffered_bytes`.
+pub fn default_max_buffered_bytes() -> u64 {
+    const FLOOR: u64 = 256 << 20;
+    let phys = physical_memory().unwrap_or(16 << 30);
+    (phys / 4).max(FLOOR)
+}
+
+fn physical_memory() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 impl Default for Limits {
@@ -139,6 +165,8 @@ impl Default for Limits {
             nop_in_interval_secs: 30,
             nop_in_timeout_secs: 15,
             login_timeout_secs: 30,
+            data_out_timeout_secs: 30,
+            max_buffered_bytes: ByteSize(default_max_buffered_bytes()),
         }
     }
 }
@@ -703,6 +731,13 @@ impl Limits {
         positive("max_cmds_per_session", self.max_cmds_per_session, 4096)?;
         positive("max_outstanding_r2t", self.max_outstanding_r2t, 65535)?;
         positive("login_timeout_secs", self.login_timeout_secs, 3600)?;
+        positive("data_out_timeout_secs", self.data_out_timeout_secs, 3600)?;
+        if self.max_buffered_bytes.0 < 1 << 20 {
+            return Err(invalid(format!(
+                "limits.max_buffered_bytes = {} is below 1M",
+                self.max_buffered_bytes.0
+            )));
+        }
         if self.nop_in_interval_secs > 0 && self.nop_in_timeout_secs == 0 {
             return Err(invalid(
                 "limits.nop_in_timeout_secs must be positive when nop_in_interval_secs is set",

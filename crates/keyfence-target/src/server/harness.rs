@@ -19,6 +19,7 @@ use keyfence_lu::{LogicalUnit, LuConfig, TargetLuns};
 use keyfence_scsi::TargetPort;
 use tokio::sync::{watch, Semaphore};
 
+use super::budget::Budget;
 use super::ffp::{Job, Session};
 use super::login::{Established, SessionKind};
 use super::session::{SessionKey, SessionTable};
@@ -56,6 +57,7 @@ impl InMemoryTarget {
             targets: vec![target],
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
             sessions: std::sync::Mutex::new(SessionTable::new(limits.max_sessions)),
+            buffers: Budget::new(limits.max_buffered_bytes.0),
             limits,
             discovery_chap: None,
             shutdown,
@@ -66,13 +68,20 @@ impl InMemoryTarget {
         }
     }
 
+    /// Write data held for all sessions (`limits.max_buffered_bytes`).
+    pub fn buffered_bytes(&self) -> u64 {
+        self.shared.buffers.used()
+    }
+
     /// The logical unit behind LUN 0.
     pub fn lu(&self) -> Arc<LogicalUnit> {
         self.shared.targets[0].luns[&0].clone()
     }
 
     /// A normal session of `initiator` / `isid` whose login just
-    /// completed with `params`, ExpCmdSN 1 and StatSN 1.
+    /// completed with `params`, ExpCmdSN 1 and StatSN 1. A session with
+    /// the same initiator port is displaced (told to close) as a login
+    /// reinstating it would; it ends when the test ends it.
     pub fn session(&self, initiator: &str, isid: u64, params: SessionParams) -> SessionPair {
         let key = SessionKey {
             initiator: initiator.to_ascii_lowercase(),
@@ -80,10 +89,18 @@ impl InMemoryTarget {
             target: Some(0),
             tpgt: 1,
         };
+        let nexus = keyfence_scsi::Nexus::new(
+            keyfence_scsi::InitiatorPort::new(initiator, isid),
+            self.shared.targets[0].target_port(1),
+        );
         let registration = {
             let mut t = self.shared.sessions();
+            // Reinstatement as a login does it, without waiting for the
+            // old session to end (the test decides when it does).
+            let _ = t.displace(&key);
             let tsih = t.reserve().expect("a free TSIH");
-            t.admit(tsih, key, None).expect("below the session limit")
+            t.admit(tsih, key, Some(nexus))
+                .expect("below the session limit")
         };
         let est = Established {
             kind: SessionKind::Normal { target: 0, tpgt: 1 },

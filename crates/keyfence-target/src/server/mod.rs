@@ -8,6 +8,7 @@
 //! RFC 7143 gives the target at ERL 0: command numbering, data transfer
 //! bookkeeping (R2T), task management and NOP pings.
 
+mod budget;
 mod conn;
 mod ffp;
 pub mod harness;
@@ -104,6 +105,8 @@ pub(crate) struct Shared {
     pub sessions: std::sync::Mutex<SessionTable>,
     pub connections: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
+    /// Write data held by all sessions (`limits.max_buffered_bytes`).
+    pub buffers: Arc<budget::Budget>,
 }
 
 impl Shared {
@@ -245,6 +248,7 @@ impl Server {
             targets,
             connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
             sessions: std::sync::Mutex::new(SessionTable::new(config.limits.max_sessions)),
+            buffers: budget::Budget::new(config.limits.max_buffered_bytes.0),
             limits: config.limits,
             discovery_chap: config.discovery_chap,
             shutdown: shutdown_rx,

@@ -161,6 +161,14 @@ impl SessionTable {
         }
     }
 
+    /// Is a session of I_T nexus `nexus` registered? (A session that
+    /// replaced an older one with the same nexus is.)
+    pub fn has_nexus(&self, nexus: &Nexus) -> bool {
+        self.sessions
+            .values()
+            .any(|e| e.nexus.as_ref() == Some(nexus))
+    }
+
     /// Send `ctl` to every normal session of `target`, except `skip`.
     pub fn broadcast_target(&self, target: usize, skip: Option<u16>, ctl: SessionCtl) {
         for (tsih, e) in &self.sessions {

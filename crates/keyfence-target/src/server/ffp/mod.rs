@@ -35,6 +35,7 @@ use keyfence_lu::LogicalUnit;
 use keyfence_scsi::Nexus;
 use tracing::debug;
 
+use super::budget::Held;
 use super::login::{self, Established, SessionKind};
 use super::session::{SessionCtl, SessionSlot};
 use super::wire::Outbox;
@@ -78,6 +79,41 @@ impl From<std::io::Error> for ConnEnd {
     }
 }
 
+/// Commands transferring more than this run as jobs, off the connection's
+/// task: their disk I/O must not hold up the sessions sharing its thread.
+const INLINE_MAX_BYTES: u32 = 256 << 10;
+/// Most data-in one session may have read and not yet sent (in its outbox
+/// or being read by jobs). A read that does not fit waits (one read runs
+/// whatever its size when nothing else is pending), and the command window
+/// closes while the session is at the limit.
+const SESSION_READ_BUDGET: u64 = 32 << 20;
+/// Most write data one session may hold: data collected for commands that
+/// have not run, and immediate data of commands held back (CmdSN gap, task
+/// attributes). Beyond it commands end with TASK SET FULL and the command
+/// window closes.
+const SESSION_WRITE_BUDGET: u64 = 128 << 20;
+
+/// A non-immediate PDU that arrived ahead of ExpCmdSN.
+#[derive(Debug)]
+struct Queued {
+    pdu: Pdu,
+    /// Its data counted against the server's write budget.
+    held: Option<Held>,
+    /// Its immediate data did not fit the budgets and was dropped: the
+    /// command ends with TASK SET FULL when its turn comes.
+    over_budget: bool,
+    /// Aborted before its turn: its CmdSN is consumed, nothing runs.
+    aborted: bool,
+}
+
+impl Queued {
+    fn abort(&mut self) {
+        self.aborted = true;
+        self.held = None;
+        self.pdu.data = Bytes::new();
+    }
+}
+
 /// One session (= one connection, MaxConnections=1) in full feature phase.
 pub(crate) struct Session {
     shared: Arc<Shared>,
@@ -100,7 +136,11 @@ pub(crate) struct Session {
     window: CommandWindow,
     stat_sn: u32,
     /// Non-immediate PDUs that arrived ahead of ExpCmdSN, by CmdSN.
-    queued: HashMap<u32, Pdu>,
+    queued: HashMap<u32, Queued>,
+    /// Data-in expected from read jobs still running.
+    read_job_bytes: u64,
+    /// MaxCmdSN in the last PDU queued for the initiator.
+    advertised_max: u32,
 
     writes: HashMap<u32, WriteTask>,
     in_flight: HashMap<u32, InFlight>,
@@ -119,6 +159,7 @@ pub(crate) struct Session {
 
     nop_interval: Duration,
     nop_timeout: Duration,
+    data_out_timeout: Duration,
     ping: Option<(u32, Instant)>,
     last_rx: Instant,
     closing: Option<ConnEnd>,
@@ -139,6 +180,7 @@ impl Session {
         let window = CommandWindow::new(est.exp_cmd_sn, limits.max_cmds_per_session);
         let nop_interval = Duration::from_secs(u64::from(limits.nop_in_interval_secs));
         let nop_timeout = Duration::from_secs(u64::from(limits.nop_in_timeout_secs));
+        let data_out_timeout = Duration::from_secs(u64::from(limits.data_out_timeout_secs));
         let (target, nexus) = match &est.kind {
             SessionKind::Discovery => (None, None),
             SessionKind::Normal { target, tpgt } => {
@@ -168,6 +210,8 @@ impl Session {
             window,
             stat_sn: est.stat_sn,
             queued: HashMap::new(),
+            read_job_bytes: 0,
+            advertised_max: est.exp_cmd_sn.wrapping_sub(1),
             writes: HashMap::new(),
             in_flight: HashMap::new(),
             deferred: VecDeque::new(),
@@ -178,12 +222,15 @@ impl Session {
             discovered,
             nop_interval,
             nop_timeout,
+            data_out_timeout,
             ping: None,
             last_rx: now,
             closing: None,
             close_all_after_flush: false,
         };
         s.update_window();
+        // The login response announced the window as it is now.
+        s.advertised_max = s.window.max_cmd_sn();
         s
     }
 
@@ -239,11 +286,35 @@ impl Session {
         self.closing.get_or_insert(end);
     }
 
-    /// The output queued before has been sent.
+    /// The output queued before has been sent: reads held back for the
+    /// data-in budget may start, and the window may open again.
     pub fn flushed(&mut self) {
         if self.close_all_after_flush {
             self.close_all_after_flush = false;
             self.cold_reset_close();
+        }
+        if !self.deferred.is_empty() {
+            self.release_deferred();
+        }
+        self.update_window();
+        // The initiator saw a closed window: tell it the window is open
+        // again (RFC 7143 11.19: a NOP-In with both tags reserved asks
+        // for no answer).
+        if self.out.is_empty()
+            && self.closing.is_none()
+            && self.advertised_max.wrapping_add(1) == self.window.exp_cmd_sn()
+            && !self.window.is_closed()
+        {
+            let nop = NopIn {
+                lun: Lun::default(),
+                itt: RESERVED_TAG,
+                ttt: RESERVED_TAG,
+                stat_sn: self.stat_sn,
+                exp_cmd_sn: self.window.exp_cmd_sn(),
+                max_cmd_sn: self.window.max_cmd_sn(),
+                data: Bytes::new(),
+            };
+            self.push_pdu(&nop.to_pdu());
         }
     }
 
@@ -264,14 +335,27 @@ impl Session {
 
     /// When [`Session::handle_timeout`] is due next.
     pub fn poll_timeout(&self) -> Instant {
-        match self.ping {
+        let ping = match self.ping {
             Some((_, sent)) => sent + self.nop_timeout,
             None if !self.nop_interval.is_zero() => self.last_rx + self.nop_interval,
             None => self.last_rx + Duration::from_secs(3600),
+        };
+        match self.oldest_write_activity() {
+            Some(t) => ping.min(t + self.data_out_timeout),
+            None => ping,
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if let Some(t) = self.oldest_write_activity() {
+            if now.duration_since(t) >= self.data_out_timeout {
+                self.close(ConnEnd::Protocol(format!(
+                    "no Data-Out for a write command within {} s",
+                    self.data_out_timeout.as_secs()
+                )));
+                return;
+            }
+        }
         if let Some((_, sent)) = self.ping {
             if now.duration_since(sent) >= self.nop_timeout {
                 self.close(ConnEnd::Protocol("NOP-In ping not answered".into()));
@@ -311,18 +395,27 @@ impl Session {
     /// registration. Call after the last job completed (or was given up).
     pub fn end(&mut self) {
         self.abort_where(|_, _| true);
-        if let (Some(nexus), Some(t)) = (&self.nexus, self.target) {
-            for lu in self.shared.targets[t].luns.values() {
-                lu.nexus_lost(nexus);
-            }
-        }
+        // Under the session table's lock, so that no new session of this
+        // nexus is admitted in between: leave the table, then release the
+        // nexus unless a session that reinstated this one (after waiting
+        // for it in vain) already uses it; its unit attentions and SCSI-2
+        // reservation are its own.
+        let mut table = self.shared.sessions();
         if let Some(reg) = self.reg.take() {
-            self.shared.sessions().remove(reg.tsih, &reg.alive);
+            table.remove(reg.tsih, &reg.alive);
             drop(reg);
+        }
+        if let (Some(nexus), Some(t)) = (&self.nexus, self.target) {
+            if !table.has_nexus(nexus) {
+                for lu in self.shared.targets[t].luns.values() {
+                    lu.nexus_lost(nexus);
+                }
+            }
         }
     }
 
     fn push_pdu(&mut self, pdu: &Pdu) {
+        self.advertised_max = self.window.max_cmd_sn();
         self.out.push_pdu(&self.codec, pdu);
     }
 
@@ -332,11 +425,72 @@ impl Session {
         (self.writes.len() + self.in_flight.len() + self.queued.len() + self.deferred.len()) as u32
     }
 
+    /// Data-in read and not yet sent.
+    fn data_in_pending(&self) -> u64 {
+        self.out.len() as u64 + self.read_job_bytes
+    }
+
+    /// May a read of `edtl` bytes start now?
+    fn read_fits(&self, edtl: u32) -> bool {
+        let pending = self.data_in_pending();
+        pending == 0 || pending + u64::from(edtl) <= SESSION_READ_BUDGET
+    }
+
+    /// Write data the session holds (see [`SESSION_WRITE_BUDGET`]).
+    fn write_bytes(&self) -> u64 {
+        let collecting: u64 = self.writes.values().map(|t| t.held_bytes()).sum();
+        let queued: u64 = self.queued.values().map(|q| q.pdu.data.len() as u64).sum();
+        let deferred: u64 = self.deferred.iter().map(|c| c.data.len() as u64).sum();
+        collecting + queued + deferred
+    }
+
+    /// The last Data-Out activity of the write that has waited longest.
+    fn oldest_write_activity(&self) -> Option<Instant> {
+        self.writes.values().map(|t| t.last_activity()).min()
+    }
+
     /// MaxCmdSN = ExpCmdSN + window - 1 - (commands still holding
-    /// resources), never decreasing.
+    /// resources), never decreasing; no new CmdSN while the session is at
+    /// its data-in or write budget.
     fn update_window(&mut self) {
         let busy = self.busy();
-        self.window.update(busy, false);
+        let saturated = self.data_in_pending() >= SESSION_READ_BUDGET
+            || self.write_bytes() >= SESSION_WRITE_BUDGET;
+        self.window.update(busy, saturated);
+    }
+
+    /// Keep a PDU that arrived ahead of ExpCmdSN, counting its data.
+    fn hold_back(&mut self, pdu: Pdu) -> Queued {
+        let n = pdu.data.len() as u64;
+        if n == 0 || pdu.opcode_raw() != Opcode::ScsiCommand as u8 {
+            return Queued {
+                pdu,
+                held: None,
+                over_budget: false,
+                aborted: false,
+            };
+        }
+        let held = (self.write_bytes() + n <= SESSION_WRITE_BUDGET)
+            .then(|| self.shared.buffers.try_take(n))
+            .flatten();
+        match held {
+            Some(h) => Queued {
+                pdu,
+                held: Some(h),
+                over_budget: false,
+                aborted: false,
+            },
+            None => Queued {
+                pdu: Pdu {
+                    bhs: pdu.bhs,
+                    ahs: pdu.ahs,
+                    data: Bytes::new(),
+                },
+                held: None,
+                over_budget: true,
+                aborted: false,
+            },
+        }
     }
 
     fn next_stat_sn(&mut self) -> u32 {
@@ -405,8 +559,10 @@ impl Session {
         match self.window.admit(sn) {
             Admission::Now => {}
             Admission::Later => {
-                if self.queued.len() < self.window.size() as usize {
-                    self.queued.insert(sn, pdu);
+                if self.queued.len() < self.window.size() as usize && !self.queued.contains_key(&sn)
+                {
+                    let q = self.hold_back(pdu);
+                    self.queued.insert(sn, q);
                 }
                 self.update_window();
                 return;
@@ -421,7 +577,21 @@ impl Session {
         // Commands queued behind this one may now run.
         while let Some(next) = self.queued.remove(&self.window.exp_cmd_sn()) {
             self.window.advance();
-            self.dispatch(next);
+            let Queued {
+                pdu,
+                held,
+                over_budget,
+                aborted,
+            } = next;
+            drop(held);
+            if aborted {
+                continue;
+            }
+            if over_budget {
+                self.refuse_over_budget(&pdu);
+            } else {
+                self.dispatch(pdu);
+            }
         }
         self.update_window();
     }

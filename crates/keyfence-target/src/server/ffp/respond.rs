@@ -12,7 +12,8 @@ use keyfence_iscsi::Lun;
 use keyfence_lu::{execute_no_lu, CommandOutcome, CommandRequest, LogicalUnit, LuEffect};
 use keyfence_scsi::{Nexus, ScsiStatus};
 
-use super::{lun_eq, Session};
+use super::{lun_eq, Session, INLINE_MAX_BYTES};
+use crate::server::budget::Held;
 use crate::server::session::SessionCtl;
 
 /// The response metadata a command needs once it has executed.
@@ -33,6 +34,8 @@ pub(crate) struct Meta {
 pub(super) struct InFlight {
     pub lun: Lun,
     pub aborted: bool,
+    /// Data-in the job may return (counted in the session's read budget).
+    pub read_bytes: u64,
 }
 
 /// A command to execute off the connection's task (it may block).
@@ -42,6 +45,8 @@ pub(crate) struct Job {
     nexus: Nexus,
     cdb: Bytes,
     data_out: Bytes,
+    /// The write data's place in the server's budget, until it is written.
+    held: Option<Held>,
 }
 
 impl Job {
@@ -53,6 +58,7 @@ impl Job {
             data_out: &self.data_out,
         };
         let outcome = self.lu.execute(&req);
+        drop(self.held);
         Completion {
             meta: self.meta,
             outcome,
@@ -73,6 +79,7 @@ impl Session {
         lu: Option<Arc<LogicalUnit>>,
         cdb: &[u8],
         data_out: Bytes,
+        held: Option<Held>,
     ) {
         let Some(nexus) = self.nexus.clone() else {
             return;
@@ -88,12 +95,18 @@ impl Session {
             self.respond(&meta, outcome);
             return;
         };
-        if lu.is_blocking(cdb) {
+        // Commands that may block (flushes, FUA, reservation changes) and
+        // large transfers run off the connection's task.
+        let large = meta.edtl.max(data_out.len() as u32) > INLINE_MAX_BYTES;
+        if large || lu.is_blocking(cdb) {
+            let read_bytes = if meta.read { u64::from(meta.edtl) } else { 0 };
+            self.read_job_bytes += read_bytes;
             self.in_flight.insert(
                 meta.itt,
                 InFlight {
                     lun: meta.lun,
                     aborted: false,
+                    read_bytes,
                 },
             );
             self.jobs.push(Job {
@@ -102,6 +115,7 @@ impl Session {
                 nexus,
                 cdb: Bytes::copy_from_slice(cdb),
                 data_out,
+                held,
             });
             return;
         }
@@ -111,12 +125,19 @@ impl Session {
             data_out: &data_out,
         };
         let outcome = lu.execute(&req);
+        drop(held);
         self.respond(&meta, outcome);
     }
 
     /// A [`Job`] finished.
     pub fn complete(&mut self, c: Completion) {
-        let aborted = self.in_flight.remove(&c.meta.itt).is_none_or(|f| f.aborted);
+        let aborted = match self.in_flight.remove(&c.meta.itt) {
+            Some(f) => {
+                self.read_job_bytes -= f.read_bytes;
+                f.aborted
+            }
+            None => true,
+        };
         if !aborted {
             self.respond(&c.meta, c.outcome);
         }
@@ -145,6 +166,10 @@ impl Session {
                 data.slice(..n as usize),
                 Residual::from_lengths(meta.edtl, dlen),
             )
+        } else if let Some(wanted) = meta.wanted_out.filter(|w| *w > 0) {
+            // A command with data-out sent without the W bit: nothing was
+            // transferred of what it wanted (overflow against EDTL 0).
+            (Bytes::new(), Residual::from_lengths(meta.edtl, wanted))
         } else {
             let dlen = u32::try_from(data.len()).unwrap_or(u32::MAX);
             (Bytes::new(), Residual::from_lengths(meta.edtl, dlen))
@@ -183,6 +208,7 @@ impl Session {
                     buffer_offset: off as u32,
                     data: send.slice(off..off + n),
                 };
+                self.advertised_max = self.window.max_cmd_sn();
                 self.out.push(&self.codec, &d.header(), &d.data);
                 off += n;
                 data_sn = data_sn.wrapping_add(1);

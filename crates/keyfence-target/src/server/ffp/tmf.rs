@@ -41,11 +41,15 @@ impl Session {
                 running.push(*itt);
             }
         }
-        // Queued commands not yet started are aborted too.
-        self.queued.retain(|_, p| {
-            let is_cmd = p.opcode_raw() == Opcode::ScsiCommand as u8;
-            !(is_cmd && f(p.itt(), p.lun()))
-        });
+        // Queued commands not yet started are aborted too; their CmdSN
+        // stays taken, so that the commands after them still run when
+        // the gap before them fills.
+        for q in self.queued.values_mut() {
+            let p = &q.pdu;
+            if p.opcode_raw() == Opcode::ScsiCommand as u8 && f(p.itt(), p.lun()) {
+                q.abort();
+            }
+        }
         running
     }
 
@@ -101,7 +105,10 @@ impl Session {
                         .in_flight
                         .get(&rtt)
                         .is_some_and(|f| lun_eq(f.lun, t.lun) && !f.aborted)
-                    || self.queued.values().any(|p| p.itt() == rtt)
+                    || self
+                        .queued
+                        .values()
+                        .any(|q| !q.aborted && q.pdu.itt() == rtt)
                     || self
                         .deferred
                         .iter()

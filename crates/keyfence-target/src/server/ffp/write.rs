@@ -4,24 +4,24 @@
 //! [`super::respond`] once its data is in.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use keyfence_iscsi::pdu::{DataOut, R2t, ScsiCommand, TaskAttr};
 use keyfence_iscsi::sequencing::{DataOutSequence, WriteStart};
-use keyfence_iscsi::{Lun, RejectReason};
+use keyfence_iscsi::{Lun, Opcode, Pdu, RejectReason};
 use keyfence_lu::{CommandOutcome, LogicalUnit};
 use keyfence_scsi::sense::{asc, Asc};
 use keyfence_scsi::{ScsiStatus, Sense, SenseKey};
 use tracing::debug;
 
 use super::respond::Meta;
-use super::Session;
+use super::{Session, SESSION_WRITE_BUDGET};
+use crate::server::budget::Held;
 
 /// Largest data-out one command may transfer (the transport buffers it
 /// whole before the LU executes it).
 const MAX_WRITE_BYTES: u32 = 64 << 20;
-/// Most write data one session may have buffered at a time.
-const SESSION_WRITE_BUDGET: u64 = 128 << 20;
 
 /// A command collecting Data-Out before it can run.
 #[derive(Debug)]
@@ -35,9 +35,21 @@ pub(super) struct WriteTask {
     /// Bytes we store and hand to the LU: min(EDTL, wanted).
     collect: u32,
     buf: BytesMut,
+    /// `collect` bytes counted against the server's write budget.
+    held: Held,
+    /// When the command or its last Data-Out arrived.
+    last: Instant,
 }
 
 impl WriteTask {
+    pub fn held_bytes(&self) -> u64 {
+        u64::from(self.collect)
+    }
+
+    pub fn last_activity(&self) -> Instant {
+        self.last
+    }
+
     /// Store data at `offset`, keeping only the first `collect` bytes.
     /// The sequence checks put every byte in order within a burst; bursts
     /// solicited together (MaxOutstandingR2T > 1) may arrive out of order,
@@ -64,16 +76,26 @@ impl WriteTask {
 impl Session {
     /// Start a command now or hold it back for task ordering.
     pub(super) fn submit(&mut self, cmd: ScsiCommand) {
-        let wait = match cmd.attr {
-            TaskAttr::HeadOfQueue => false,
-            TaskAttr::Ordered => {
-                !self.deferred.is_empty()
-                    || self.ordered_running.is_some()
-                    || !self.writes.is_empty()
-                    || !self.in_flight.is_empty()
-            }
-            _ => !self.deferred.is_empty() || self.ordered_running.is_some(),
-        };
+        if cmd.immediate && self.busy() >= self.window.size() {
+            // Immediate commands bypass the CmdSN window; they must not
+            // bypass the resource limit too.
+            let pdu = cmd.to_pdu();
+            self.reject(RejectReason::ImmediateCommandReject, &pdu.bhs);
+            return;
+        }
+        // A read waits while the session's unsent data-in is at its budget.
+        let over_read_budget = cmd.read && !self.read_fits(cmd.expected_data_transfer_length);
+        let wait = over_read_budget
+            || match cmd.attr {
+                TaskAttr::HeadOfQueue => false,
+                TaskAttr::Ordered => {
+                    !self.deferred.is_empty()
+                        || self.ordered_running.is_some()
+                        || !self.writes.is_empty()
+                        || !self.in_flight.is_empty()
+                }
+                _ => !self.deferred.is_empty() || self.ordered_running.is_some(),
+            };
         if wait {
             self.deferred.push_back(cmd);
         } else {
@@ -107,6 +129,9 @@ impl Session {
             {
                 break;
             }
+            if front.read && !self.read_fits(front.expected_data_transfer_length) {
+                break;
+            }
             let Some(cmd) = self.deferred.pop_front() else {
                 break;
             };
@@ -121,26 +146,18 @@ impl Session {
             self.reject(RejectReason::TaskInProgress, &pdu.bhs);
             return;
         }
-        if cmd.immediate && self.writes.len() + self.in_flight.len() >= self.window.size() as usize
-        {
-            // Immediate commands bypass the CmdSN window; they must not
-            // bypass the resource limit too.
-            let pdu = cmd.to_pdu();
-            self.reject(RejectReason::ImmediateCommandReject, &pdu.bhs);
-            return;
-        }
         let lu = self.lu_for(cmd.lun);
         let cdb = cmd.cdb.as_slice();
         let edtl = cmd.expected_data_transfer_length;
-        let wanted_out: Option<u32> = if cmd.write {
-            match &lu {
-                Some(lu) => lu
-                    .data_out_len(cdb)
-                    .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
-                None => Some(0),
-            }
-        } else {
-            None
+        // What the CDB transfers out, for writes and for commands sent
+        // with neither R nor W (whose residual must still say that data
+        // it wanted was not transferred).
+        let wanted_out: Option<u32> = match &lu {
+            Some(lu) if cmd.write || !cmd.read => lu
+                .data_out_len(cdb)
+                .map(|n| u32::try_from(n).unwrap_or(u32::MAX)),
+            None if cmd.write => Some(0),
+            _ => None,
         };
         let meta = Meta {
             itt: cmd.itt,
@@ -152,7 +169,7 @@ impl Session {
         };
         if !cmd.write {
             let cdb = cmd.cdb;
-            self.execute(meta, lu, cdb.as_slice(), Bytes::new());
+            self.execute(meta, lu, cdb.as_slice(), Bytes::new(), None);
             return;
         }
         let wanted = wanted_out.unwrap_or(0);
@@ -168,13 +185,16 @@ impl Session {
             self.respond(&meta, CommandOutcome::check_condition(field));
             return;
         }
-        let buffered: u64 = self.writes.values().map(|t| u64::from(t.collect)).sum();
-        if !self.writes.is_empty() && buffered + u64::from(collect) > SESSION_WRITE_BUDGET {
-            // Too much write data already buffered for this session: the
-            // initiator retries when earlier writes have completed.
+        let only = self.writes.is_empty();
+        let held = (only || self.write_bytes() + u64::from(collect) <= SESSION_WRITE_BUDGET)
+            .then(|| self.shared.buffers.try_take(u64::from(collect)))
+            .flatten();
+        let Some(held) = held else {
+            // Too much write data already buffered for this session or the
+            // server: the initiator retries when earlier writes complete.
             self.respond(&meta, CommandOutcome::with_status(ScsiStatus::TaskSetFull));
             return;
-        }
+        };
         let imm = cmd.data.len() as u32;
         let seq = match DataOutSequence::new(WriteStart {
             edtl,
@@ -219,7 +239,7 @@ impl Session {
             // Everything came as immediate data: run it now, without
             // copying the data.
             let data = cmd.data.slice(..collect as usize);
-            self.execute(meta, lu, cdb, data);
+            self.execute(meta, lu, cdb, data, None);
             return;
         }
         let mut buf = BytesMut::with_capacity(collect as usize);
@@ -234,6 +254,8 @@ impl Session {
             seq,
             collect,
             buf,
+            held,
+            last: self.last_rx,
         };
         self.writes.insert(itt, task);
         self.advance_write(itt);
@@ -268,7 +290,16 @@ impl Session {
         }
         if done {
             if let Some(t) = self.writes.remove(&itt) {
-                self.execute(t.meta, t.lu, &t.cdb, t.buf.freeze());
+                // The data and its place in the budget move to the command.
+                let WriteTask {
+                    meta,
+                    lu,
+                    cdb,
+                    buf,
+                    held,
+                    ..
+                } = t;
+                self.execute(meta, lu, &cdb, buf.freeze(), Some(held));
             }
         }
     }
@@ -298,10 +329,34 @@ impl Session {
             return;
         }
         t.store(d.buffer_offset, &d.data);
+        t.last = self.last_rx;
         self.advance_write(d.itt);
         if self.ordered_running.is_some() || !self.deferred.is_empty() {
             self.release_deferred();
         }
+    }
+}
+
+impl Session {
+    /// A command whose immediate data did not fit the write budgets when
+    /// it arrived ahead of ExpCmdSN: TASK SET FULL, the initiator retries.
+    pub(super) fn refuse_over_budget(&mut self, pdu: &Pdu) {
+        if pdu.opcode_raw() != Opcode::ScsiCommand as u8 {
+            return;
+        }
+        let Ok(cmd) = ScsiCommand::parse(pdu) else {
+            self.reject(RejectReason::InvalidPduField, &pdu.bhs);
+            return;
+        };
+        let meta = Meta {
+            itt: cmd.itt,
+            lun: cmd.lun,
+            read: cmd.read,
+            write: false,
+            edtl: cmd.expected_data_transfer_length,
+            wanted_out: None,
+        };
+        self.respond(&meta, CommandOutcome::with_status(ScsiStatus::TaskSetFull));
     }
 }
 
