@@ -1,0 +1,496 @@
+//! Hostile clients against `keyfence serve` over loopback, speaking raw
+//! PDUs: a full command window of 16 MiB reads that are never read back,
+//! and writes that stall just before their last bytes. The server's memory
+//! must stay bounded, another session's TEST UNIT READY must stay fast, a
+//! legitimate client must still log in, and stalled writes must be timed
+//! out. Every loop is bounded in time.
+//!
+//! `KEYFENCE_HOSTILE_BIN=/path/to/keyfence` runs the same attacks against
+//! another build (e.g. one from before the fixes) to compare; the figures
+//! are printed on stderr (`cargo test ... -- --nocapture`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use keyfence_iscsi::keys::TextBuilder;
+use keyfence_iscsi::pdu::{
+    DataOut, LoginRequest, NopOut, ScsiCommand, Stage, TargetPdu, TaskAttr, RESERVED_TAG,
+};
+use keyfence_iscsi::{Cdb, Lun, Pdu, PduCodec};
+use keyfence_testkit::Serve;
+
+const INITIATOR: &str = "iqn.2026-11.io.keyfence:hostile";
+
+fn binary() -> (PathBuf, bool) {
+    match std::env::var_os("KEYFENCE_HOSTILE_BIN") {
+        Some(p) => (PathBuf::from(p), true),
+        None => (PathBuf::from(env!("CARGO_BIN_EXE_keyfence")), false),
+    }
+}
+
+/// A blocking initiator speaking raw PDUs.
+struct Raw {
+    s: TcpStream,
+    codec: PduCodec,
+    rbuf: BytesMut,
+    cmd_sn: u32,
+    max_cmd_sn: u32,
+    exp_stat_sn: u32,
+    itt: u32,
+}
+
+impl Raw {
+    fn connect(addr: SocketAddr) -> Raw {
+        let s = TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.set_nodelay(true).unwrap();
+        Raw {
+            s,
+            codec: PduCodec::new(),
+            rbuf: BytesMut::with_capacity(1 << 16),
+            cmd_sn: 1,
+            max_cmd_sn: 1,
+            exp_stat_sn: 0,
+            itt: 0,
+        }
+    }
+
+    fn encode(&self, pdu: &Pdu, out: &mut BytesMut) {
+        self.codec.encode(pdu, out).expect("encodable PDU");
+    }
+
+    fn send(&mut self, pdu: &Pdu) -> std::io::Result<()> {
+        let mut out = BytesMut::new();
+        self.encode(pdu, &mut out);
+        self.s.write_all(&out)
+    }
+
+    /// The next PDU, or None at end of stream or after the read timeout.
+    fn recv(&mut self) -> Option<TargetPdu> {
+        loop {
+            match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(p)) => return TargetPdu::parse(&p).ok(),
+                Ok(None) => {}
+                Err(_) => return None,
+            }
+            let mut tmp = [0u8; 65536];
+            match self.s.read(&mut tmp) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
+            }
+        }
+    }
+
+    /// Log in to `target` in one operational-stage step.
+    fn login(&mut self, target: &str, isid: u64) {
+        let mut t = TextBuilder::new();
+        t.push("InitiatorName", INITIATOR);
+        t.push("SessionType", "Normal");
+        t.push("TargetName", target);
+        t.push("HeaderDigest", "None");
+        t.push("DataDigest", "None");
+        t.push("MaxRecvDataSegmentLength", "262144");
+        t.push("ImmediateData", "Yes");
+        t.push("InitialR2T", "Yes");
+        t.push("MaxBurstLength", "1048576");
+        t.push("FirstBurstLength", "262144");
+        t.push("ErrorRecoveryLevel", "0");
+        let mut data = t.finish();
+        loop {
+            let req = LoginRequest {
+                transit: true,
+                cont: false,
+                csg: Stage::Operational,
+                nsg: Stage::FullFeature,
+                version_max: 0,
+                version_min: 0,
+                isid,
+                tsih: 0,
+                itt: self.itt,
+                cid: 1,
+                cmd_sn: self.cmd_sn,
+                exp_stat_sn: self.exp_stat_sn,
+                data,
+            };
+            self.send(&req.to_pdu()).expect("send login");
+            let Some(TargetPdu::LoginResponse(r)) = self.recv() else {
+                panic!("no login response");
+            };
+            assert_eq!(r.status_class, 0, "login refused");
+            self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+            self.max_cmd_sn = r.max_cmd_sn;
+            if r.transit && r.nsg == Stage::FullFeature {
+                self.itt += 1;
+                self.codec.set_max_send_data_segment_length(262_144);
+                self.codec.set_max_recv_data_segment_length(262_144);
+                return;
+            }
+            data = Bytes::new();
+        }
+    }
+
+    fn command_pdu(&mut self, cdb: &[u8], read: bool, write: bool, edtl: u32) -> Pdu {
+        self.itt += 1;
+        let cmd = ScsiCommand {
+            immediate: false,
+            final_bit: true,
+            read,
+            write,
+            attr: TaskAttr::Simple,
+            lun: Lun::from_number(0).unwrap(),
+            itt: self.itt,
+            expected_data_transfer_length: edtl,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            cdb: Cdb::new(cdb).unwrap(),
+            bidi_read_length: None,
+            data: Bytes::new(),
+        };
+        self.cmd_sn = self.cmd_sn.wrapping_add(1);
+        cmd.to_pdu()
+    }
+
+    /// Run a command without data and wait for its status.
+    fn status_of(&mut self, cdb: &[u8]) -> Option<u8> {
+        let pdu = self.command_pdu(cdb, false, false, 0);
+        let itt = self.itt;
+        self.send(&pdu).ok()?;
+        loop {
+            match self.recv()? {
+                TargetPdu::ScsiResponse(r) if r.itt == itt => {
+                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
+                    self.max_cmd_sn = r.max_cmd_sn;
+                    return Some(r.status);
+                }
+                TargetPdu::NopIn(n) if n.ttt != RESERVED_TAG => self.answer_ping(n.ttt),
+                _ => {}
+            }
+        }
+    }
+
+    fn answer_ping(&mut self, ttt: u32) {
+        let n = NopOut {
+            immediate: true,
+            lun: Lun::default(),
+            itt: RESERVED_TAG,
+            ttt,
+            cmd_sn: self.cmd_sn,
+            exp_stat_sn: self.exp_stat_sn,
+            data: Bytes::new(),
+        };
+        let _ = self.send(&n.to_pdu());
+    }
+
+    fn clear_ua(&mut self) {
+        for _ in 0..8 {
+            if self.status_of(&[0; 6]) == Some(0) {
+                return;
+            }
+        }
+        panic!("TEST UNIT READY keeps failing");
+    }
+}
+
+/// VmRSS and VmHWM of `pid`, KiB.
+fn rss_kib(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Sample the server's RSS until `stop`; returns the peak (KiB).
+fn watch_rss(pid: u32, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut peak = 0;
+        let limit = Instant::now() + Duration::from_secs(120);
+        while !stop.load(Ordering::SeqCst) && Instant::now() < limit {
+            peak = peak.max(rss_kib(pid).0);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        peak.max(rss_kib(pid).1)
+    })
+}
+
+/// Another initiator's view during an attack: how long a login (and
+/// clearing its unit attention) took, and TEST UNIT READY latencies.
+struct Bystander {
+    login: Duration,
+    latencies: Vec<Duration>,
+}
+
+fn bystander(addr: SocketAddr, iqn: &str, isid: u64, for_how_long: Duration) -> Bystander {
+    let start = Instant::now();
+    let mut c = Raw::connect(addr);
+    c.login(iqn, isid);
+    c.clear_ua();
+    let login = start.elapsed();
+    let latencies = tur_latencies(&mut c, for_how_long);
+    Bystander { login, latencies }
+}
+
+/// TEST UNIT READY latencies over `for_how_long`.
+fn tur_latencies(c: &mut Raw, for_how_long: Duration) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    let end = Instant::now() + for_how_long;
+    while Instant::now() < end {
+        let t = Instant::now();
+        assert_eq!(c.status_of(&[0; 6]), Some(0), "TEST UNIT READY");
+        latencies.push(t.elapsed());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    latencies
+}
+
+fn p99(mut v: Vec<Duration>) -> Duration {
+    assert!(!v.is_empty());
+    v.sort();
+    v[(v.len() * 99 / 100).min(v.len() - 1)]
+}
+
+fn read16(lba: u64, blocks: u32) -> [u8; 16] {
+    let mut c = [0u8; 16];
+    c[0] = 0x88;
+    c[2..10].copy_from_slice(&lba.to_be_bytes());
+    c[10..14].copy_from_slice(&blocks.to_be_bytes());
+    c
+}
+
+fn write16(lba: u64, blocks: u32) -> [u8; 16] {
+    let mut c = read16(lba, blocks);
+    c[0] = 0x8a;
+    c
+}
+
+#[test]
+fn read_burst_without_reading_is_bounded_and_stalls_nobody() {
+    let (bin, other) = binary();
+    let mut serve = Serve::builder(bin).size("256M").start();
+    let pid = serve.pid().expect("serve pid");
+    let addr = serve.portals()[0];
+    let iqn = serve.iqn().to_string();
+    let (idle_rss, _) = rss_kib(pid);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = watch_rss(pid, stop.clone());
+    // Another session, logged in before the attack, measures throughout.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let measure = {
+        let iqn = iqn.clone();
+        std::thread::spawn(move || {
+            let mut c = Raw::connect(addr);
+            c.login(&iqn, 0x4000_0000_0002);
+            c.clear_ua();
+            let _ = ready_tx.send(());
+            tur_latencies(&mut c, Duration::from_secs(6))
+        })
+    };
+    ready_rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("bystander logged in");
+    // The attacker: a full window of 16 MiB READ(16)s in one send, never
+    // read back.
+    let mut a = Raw::connect(addr);
+    a.login(&iqn, 0x4000_0000_0001);
+    a.clear_ua();
+    let window = a.max_cmd_sn.wrapping_sub(a.cmd_sn).wrapping_add(1);
+    let mut burst = BytesMut::new();
+    for k in 0..window {
+        let lba = u64::from(k % 16) * 32768;
+        let pdu = a.command_pdu(&read16(lba, 32768), true, false, 16 << 20);
+        a.encode(&pdu, &mut burst);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    a.s.write_all(&burst).expect("send the burst");
+    // A legitimate client logs in during the attack.
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let mut l = Raw::connect(addr);
+    l.login(&iqn, 0x4000_0000_0003);
+    l.clear_ua();
+    let login = t.elapsed();
+    let latencies = measure.join().unwrap();
+    let b = Bystander { login, latencies };
+    stop.store(true, Ordering::SeqCst);
+    let peak_kib = peak.join().unwrap();
+    let tur_p99 = p99(b.latencies.clone());
+    eprintln!(
+        "attack 1 (read burst, window {window} x 16 MiB): idle RSS {} MiB, peak RSS {} MiB, \
+         login during the attack {:?}, bystander TUR p99 {:?} over {} commands{}",
+        idle_rss / 1024,
+        peak_kib / 1024,
+        b.login,
+        tur_p99,
+        b.latencies.len(),
+        if other { " (KEYFENCE_HOSTILE_BIN)" } else { "" }
+    );
+    drop(a);
+    assert!(serve.is_running(), "the server survived");
+    assert!(
+        peak_kib < 600 << 10,
+        "peak RSS {} MiB under the read burst",
+        peak_kib / 1024
+    );
+    assert!(tur_p99 < Duration::from_millis(100), "TUR p99 {tur_p99:?}");
+    assert!(
+        b.login < Duration::from_secs(1),
+        "login and first commands took {:?}",
+        b.login
+    );
+    serve.stop();
+}
+
+/// One attacker session: writes of 16 MiB, every byte the target asks
+/// for but the last 512, answering pings; returns whether the target
+/// closed the connection before `until`.
+fn stalled_writer(addr: SocketAddr, iqn: &str, isid: u64, writes: u32, until: Instant) -> bool {
+    let mut c = Raw::connect(addr);
+    c.s.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    c.login(iqn, isid);
+    let mut burst = BytesMut::new();
+    let mut itts = Vec::new();
+    for k in 0..writes {
+        let pdu = c.command_pdu(&write16(u64::from(k) * 32768, 32768), false, true, 16 << 20);
+        itts.push(c.itt);
+        c.encode(&pdu, &mut burst);
+    }
+    if c.s.write_all(&burst).is_err() {
+        return true;
+    }
+    let chunk = Bytes::from(vec![0xa5u8; 262_144]);
+    while Instant::now() < until {
+        let p = match c.codec.decode(&mut c.rbuf) {
+            Ok(Some(p)) => TargetPdu::parse(&p).ok(),
+            Ok(None) => {
+                let mut tmp = [0u8; 65536];
+                match c.s.read(&mut tmp) {
+                    Ok(0) => return true,
+                    Ok(n) => c.rbuf.extend_from_slice(&tmp[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                    Err(_) => return true,
+                }
+                continue;
+            }
+            Err(_) => return true,
+        };
+        match p {
+            Some(TargetPdu::R2t(r)) => {
+                let end = r.buffer_offset + r.desired_data_transfer_length;
+                // Stop 512 bytes short of the end of the command.
+                let stop_at = if end >= 16 << 20 { end - 512 } else { end };
+                let mut off = r.buffer_offset;
+                let mut sn = 0;
+                let mut out = BytesMut::new();
+                while off < stop_at {
+                    let n = (stop_at - off).min(chunk.len() as u32);
+                    let d = DataOut {
+                        final_bit: off + n == end,
+                        lun: Lun::from_number(0).unwrap(),
+                        itt: r.itt,
+                        ttt: r.ttt,
+                        exp_stat_sn: c.exp_stat_sn,
+                        data_sn: sn,
+                        buffer_offset: off,
+                        data: chunk.slice(..n as usize),
+                    };
+                    c.encode(&d.to_pdu(), &mut out);
+                    off += n;
+                    sn += 1;
+                }
+                if c.s.write_all(&out).is_err() {
+                    return true;
+                }
+            }
+            Some(TargetPdu::NopIn(n)) if n.ttt != RESERVED_TAG => c.answer_ping(n.ttt),
+            _ => {}
+        }
+    }
+    false
+}
+
+#[test]
+fn stalled_writes_are_bounded_and_timed_out() {
+    let (bin, other) = binary();
+    let dir = tempfile::tempdir().unwrap();
+    let iqn = "iqn.2026-11.io.keyfence:stall";
+    let config = dir.path().join("keyfence.toml");
+    // A build from before the fixes does not know the new keys.
+    let new_keys = if other {
+        ""
+    } else {
+        "data_out_timeout_secs = 5\nmax_buffered_bytes = \"256M\"\n"
+    };
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[limits]\n{new_keys}\n[[target]]\nname = \"{iqn}\"\n\
+             portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"256M\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Serve::builder(bin).config(&config).start();
+    let pid = serve.pid().expect("serve pid");
+    let addr = serve.portals()[0];
+    let (idle_rss, _) = rss_kib(pid);
+
+    const SESSIONS: u64 = 12;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = watch_rss(pid, stop.clone());
+    let until = Instant::now() + Duration::from_secs(14);
+    let closed = Arc::new(AtomicU64::new(0));
+    let attackers: Vec<_> = (0..SESSIONS)
+        .map(|k| {
+            let closed = closed.clone();
+            std::thread::spawn(move || {
+                if stalled_writer(addr, iqn, 0x4000_0000_0100 + k, 8, until) {
+                    closed.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let b = bystander(addr, iqn, 0x4000_0000_0200, Duration::from_secs(3));
+    for a in attackers {
+        a.join().unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let peak_kib = peak.join().unwrap();
+    let tur_p99 = p99(b.latencies.clone());
+    let closed = closed.load(Ordering::SeqCst);
+    eprintln!(
+        "attack 2 ({SESSIONS} sessions x 8 stalled 16 MiB writes): idle RSS {} MiB, peak RSS {} MiB, \
+         login during the attack {:?}, bystander TUR p99 {:?}, attacker connections closed by the target: {closed}{}",
+        idle_rss / 1024,
+        peak_kib / 1024,
+        b.login,
+        tur_p99,
+        if other { " (KEYFENCE_HOSTILE_BIN)" } else { "" }
+    );
+    assert!(serve.is_running(), "the server survived");
+    assert!(
+        peak_kib < 600 << 10,
+        "peak RSS {} MiB under stalled writes",
+        peak_kib / 1024
+    );
+    // Sessions whose writes all ended with TASK SET FULL (the server's
+    // budget was taken) hold nothing and stay; those that held write data
+    // were dropped once their Data-Out stalled.
+    assert!(closed >= 1, "no stalled session was timed out");
+    assert!(tur_p99 < Duration::from_millis(100), "TUR p99 {tur_p99:?}");
+    assert!(b.login < Duration::from_secs(5), "login took {:?}", b.login);
+    serve.stop();
+}
