@@ -191,97 +191,13 @@ pub fn decode_standard_inquiry(d: &[u8]) -> Result<StandardInquiry> {
     })
 }
 
-/// One identification descriptor of VPD page 83h (SPC-4 7.8.6).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Designator {
-    pub protocol_identifier: Option<u8>,
-    pub code_set: u8,
-    /// 0 = logical unit, 1 = target port, 2 = target device.
-    pub association: u8,
-    pub designator_type: u8,
-    pub value: Vec<u8>,
-}
+pub use keyfence_scsi::vpd::Designator;
 
-impl Designator {
-    pub fn type_name(&self) -> &'static str {
-        match self.designator_type {
-            0 => "vendor specific",
-            1 => "T10 vendor ID",
-            2 => "EUI-64",
-            3 => "NAA",
-            4 => "relative target port",
-            5 => "target port group",
-            6 => "logical unit group",
-            7 => "MD5 logical unit",
-            8 => "SCSI name string",
-            9 => "protocol specific port",
-            10 => "UUID",
-            _ => "reserved",
-        }
-    }
-
-    pub fn association_name(&self) -> &'static str {
-        match self.association {
-            0 => "logical unit",
-            1 => "target port",
-            2 => "target device",
-            _ => "reserved",
-        }
-    }
-
-    /// Relative target port identifier (type 4), if this is one.
-    pub fn relative_target_port(&self) -> Option<u16> {
-        (self.designator_type == 4 && self.value.len() >= 4)
-            .then(|| u16::from_be_bytes([self.value[2], self.value[3]]))
-    }
-
-    /// The value as text (code sets 2 = ASCII, 3 = UTF-8) or hex.
-    pub fn value_string(&self) -> String {
-        if matches!(self.code_set, 2 | 3) {
-            ascii_field(&self.value)
-        } else {
-            self.value.iter().map(|b| format!("{b:02x}")).collect()
-        }
-    }
-}
-
-/// Decode VPD page 83h (Device Identification).
+/// Decode VPD page 83h (Device Identification); see
+/// [`keyfence_scsi::vpd::decode_device_identification`].
 pub fn decode_device_identification(d: &[u8]) -> Result<Vec<Designator>> {
-    const WHAT: &str = "VPD page 83h";
-    if d.len() < 4 {
-        return Err(bad(WHAT, "shorter than its 4-byte header"));
-    }
-    if d[1] != 0x83 {
-        return Err(bad(WHAT, format!("page code 0x{:02x}", d[1])));
-    }
-    let page_len = usize::from(u16::from_be_bytes([d[2], d[3]]));
-    let body = d.get(4..).unwrap_or(&[]);
-    let body = &body[..page_len.min(body.len())];
-    let mut out = Vec::new();
-    let mut off = 0usize;
-    while off + 4 <= body.len() {
-        let h = &body[off..off + 4];
-        let len = usize::from(h[3]);
-        let start = off + 4;
-        let end = start + len;
-        let value = body.get(start..end).ok_or_else(|| {
-            bad(
-                WHAT,
-                format!("designator at offset {} overruns the page", off + 4),
-            )
-        })?;
-        let piv = h[1] & 0x80 != 0;
-        let association = (h[1] >> 4) & 0x03;
-        out.push(Designator {
-            protocol_identifier: (piv && association != 0).then_some(h[0] >> 4),
-            code_set: h[0] & 0x0f,
-            association,
-            designator_type: h[1] & 0x0f,
-            value: value.to_vec(),
-        });
-        off = end;
-    }
-    Ok(out)
+    keyfence_scsi::vpd::decode_device_identification(d)
+        .map_err(|e| bad("VPD page 83h", e.to_string()))
 }
 
 /// READ CAPACITY(16) parameter data (SBC-3 5.16.2).

@@ -79,6 +79,110 @@ pub fn ascii_field(out: &mut Vec<u8>, s: &str, n: usize) {
     out.resize(out.len() + (n - take), b' ');
 }
 
+/// Why a VPD page 83h could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum VpdError {
+    #[error("shorter than its 4-byte header")]
+    Short,
+    #[error("page code 0x{0:02x}")]
+    PageCode(u8),
+    #[error("designator at offset {0} overruns the page")]
+    Overrun(usize),
+}
+
+/// One identification descriptor of VPD page 83h (SPC-4 7.8.6), as
+/// [`push_designator`] writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Designator {
+    pub protocol_identifier: Option<u8>,
+    pub code_set: u8,
+    /// 0 = logical unit, 1 = target port, 2 = target device.
+    pub association: u8,
+    pub designator_type: u8,
+    pub value: Vec<u8>,
+}
+
+impl Designator {
+    pub fn type_name(&self) -> &'static str {
+        match self.designator_type {
+            0 => "vendor specific",
+            1 => "T10 vendor ID",
+            2 => "EUI-64",
+            3 => "NAA",
+            4 => "relative target port",
+            5 => "target port group",
+            6 => "logical unit group",
+            7 => "MD5 logical unit",
+            8 => "SCSI name string",
+            9 => "protocol specific port",
+            10 => "UUID",
+            _ => "reserved",
+        }
+    }
+
+    pub fn association_name(&self) -> &'static str {
+        match self.association {
+            0 => "logical unit",
+            1 => "target port",
+            2 => "target device",
+            _ => "reserved",
+        }
+    }
+
+    /// Relative target port identifier (type 4), if this is one.
+    pub fn relative_target_port(&self) -> Option<u16> {
+        (self.designator_type == 4 && self.value.len() >= 4)
+            .then(|| u16::from_be_bytes([self.value[2], self.value[3]]))
+    }
+
+    /// The value as text (code sets 2 = ASCII, 3 = UTF-8; trailing spaces
+    /// and NULs dropped) or hex.
+    pub fn value_string(&self) -> String {
+        if matches!(self.code_set, 2 | 3) {
+            String::from_utf8_lossy(&self.value)
+                .trim_end_matches([' ', '\0'])
+                .to_string()
+        } else {
+            self.value.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    }
+}
+
+/// Decode VPD page 83h (Device Identification): the inverse of a page
+/// built with [`push_designator`]. A PAGE LENGTH beyond the data is cut to
+/// the data (the allocation length may have truncated the page).
+pub fn decode_device_identification(d: &[u8]) -> Result<Vec<Designator>, VpdError> {
+    if d.len() < 4 {
+        return Err(VpdError::Short);
+    }
+    if d[1] != DEVICE_IDENTIFICATION {
+        return Err(VpdError::PageCode(d[1]));
+    }
+    let page_len = usize::from(u16::from_be_bytes([d[2], d[3]]));
+    let body = d.get(4..).unwrap_or(&[]);
+    let body = &body[..page_len.min(body.len())];
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while off + 4 <= body.len() {
+        let h = &body[off..off + 4];
+        let len = usize::from(h[3]);
+        let start = off + 4;
+        let end = start + len;
+        let value = body.get(start..end).ok_or(VpdError::Overrun(off + 4))?;
+        let piv = h[1] & 0x80 != 0;
+        let association = (h[1] >> 4) & 0x03;
+        out.push(Designator {
+            protocol_identifier: (piv && association != 0).then_some(h[0] >> 4),
+            code_set: h[0] & 0x0f,
+            association,
+            designator_type: h[1] & 0x0f,
+            value: value.to_vec(),
+        });
+        off = end;
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +223,50 @@ mod tests {
         let mut v = Vec::new();
         ascii_field(&mut v, "AB", 4);
         assert_eq!(v, b"AB  ");
+    }
+
+    #[test]
+    fn decodes_what_push_designator_encodes() {
+        let mut body = Vec::new();
+        push_designator(
+            &mut body,
+            CodeSet::Binary,
+            Association::LogicalUnit,
+            DesignatorType::Naa,
+            &[0x60; 16],
+        );
+        push_designator(
+            &mut body,
+            CodeSet::Binary,
+            Association::TargetPort,
+            DesignatorType::RelativeTargetPort,
+            &[0, 0, 0, 2],
+        );
+        let mut page = vec![0, DEVICE_IDENTIFICATION];
+        page.extend_from_slice(&(body.len() as u16).to_be_bytes());
+        page.extend_from_slice(&body);
+        let d = decode_device_identification(&page).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!((d[0].association, d[0].designator_type), (0, 3));
+        assert_eq!(d[0].value, vec![0x60; 16]);
+        assert_eq!(d[0].protocol_identifier, None);
+        assert_eq!(d[1].relative_target_port(), Some(2));
+        assert_eq!(d[1].protocol_identifier, Some(PROTOCOL_ISCSI));
+        assert_eq!(
+            decode_device_identification(&page[..3]),
+            Err(VpdError::Short)
+        );
+        let mut other = page.clone();
+        other[1] = 0x80;
+        assert_eq!(
+            decode_device_identification(&other),
+            Err(VpdError::PageCode(0x80))
+        );
+        let mut cut = page[..page.len() - 2].to_vec();
+        cut[3] = (body.len() + 4) as u8;
+        assert_eq!(
+            decode_device_identification(&cut),
+            Err(VpdError::Overrun(24))
+        );
     }
 }

@@ -17,3 +17,15 @@ pub fn parse<T: Parser>(name: &str, args: &[OsString], usage_status: u8) -> Resu
         ExitCode::from(if e.use_stderr() { usage_status } else { 0 })
     })
 }
+
+/// Turn a library error into the one-line message the fence commands
+/// print (their helpers collect errors as text).
+pub trait Msg<T> {
+    fn msg(self) -> Result<T, String>;
+}
+
+impl<T, E: std::fmt::Display> Msg<T> for Result<T, E> {
+    fn msg(self) -> Result<T, String> {
+        self.map_err(|e| e.to_string())
+    }
+}

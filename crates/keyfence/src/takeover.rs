@@ -86,7 +86,7 @@ pub fn parse(args: &[OsString], err: &mut String) -> Result<Option<Opts>, SgCat>
     let mut o = Opts::default();
     let mut dev = None;
     let hex = |name: &str, v: &str, err: &mut String| {
-        crate::mpathpersist::config::parse_key(v).ok_or_else(|| {
+        keyfence_fence::config::parse_key(v).ok_or_else(|| {
             err.push_str(&format!("{PROG}: bad argument to '--{name}': {v:?}\n"));
             SgCat::SYNTAX_ERROR
         })

@@ -28,6 +28,7 @@ use keyfence_initiator::{Device, Error};
 use super::agent::FENCE_TYPE;
 use super::key::parse_key;
 use super::{connect, fmt_key, monotonic_ns, FenceDevice, Role};
+use crate::cli::Msg as _;
 
 /// Take ownership of LUNs, then run a command as soon as it is lost.
 #[derive(Debug, Parser)]
@@ -39,10 +40,11 @@ struct Args {
     /// This node's key.
     #[arg(long, short = 'k')]
     key: String,
-    /// Command run through `sh -c` the moment ownership is lost.
+    /// Command run through `sh -c` when a probe finds ownership lost.
     #[arg(long)]
     action: String,
-    /// Milliseconds between probes.
+    /// Milliseconds between probes: loss is noticed within one interval
+    /// plus one READ KEYS round trip.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     probe_interval: u64,
     /// Milliseconds allowed for each login and command.
@@ -54,8 +56,12 @@ struct Args {
     /// Stop watching (exit 0) after this many milliseconds; 0 = never.
     #[arg(long, default_value_t = 0)]
     max_run_ms: u64,
+    /// iSCSI initiator name of this node (default: $KEYFENCE_INITIATOR_NAME,
+    /// /etc/iscsi/initiatorname.iscsi, then one derived from the host name).
     #[arg(long)]
     initiator_name: Option<String>,
+    /// keyfence configuration with the multipath maps named in --devices
+    /// (default: $KEYFENCE_CONFIG, then /etc/keyfence/keyfence.toml).
     #[arg(long)]
     config: Option<PathBuf>,
 }
@@ -73,9 +79,9 @@ pub fn run(args: &[OsString]) -> ExitCode {
     };
     let setup = || -> Result<(Vec<FenceDevice>, u64, String), String> {
         Ok((
-            super::resolve_devices(&a.devices, a.config.as_deref())?,
-            parse_key(&a.key)?,
-            super::initiator_name(a.initiator_name.as_deref())?,
+            super::resolve_devices(&a.devices, a.config.as_deref()).msg()?,
+            parse_key(&a.key).msg()?,
+            super::initiator_name(a.initiator_name.as_deref()).msg()?,
         ))
     };
     let (devs, key, name) = match setup() {
@@ -164,7 +170,7 @@ async fn take(
 ) -> Result<(Vec<Device>, String), String> {
     let mut sessions = Vec::new();
     for p in &d.paths {
-        let dev = connect(p, name, Role::Failfast, t).await?;
+        let dev = connect(p, name, Role::Failfast, t).await.msg()?;
         dev.register_and_ignore(key, &Default::default())
             .await
             .map_err(|e| format!("{}: REGISTER AND IGNORE EXISTING KEY: {e}", p.portal()))?;

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::cli::Msg as _;
+
 use super::agent::store_file;
 use super::key::parse_key;
 use super::{connect_any, fmt_key, FenceDevice, Role};
@@ -32,9 +34,12 @@ struct Args {
     /// This node's key (hex); default: the one `on` remembered in STORE.key.
     #[arg(long, short = 'k')]
     key: Option<String>,
+    /// iSCSI initiator name of this node (default: $KEYFENCE_INITIATOR_NAME,
+    /// /etc/iscsi/initiatorname.iscsi, then one derived from the host name).
     #[arg(long)]
     initiator_name: Option<String>,
-    /// keyfence configuration with multipath maps.
+    /// keyfence configuration with the multipath maps named in --devices
+    /// (default: $KEYFENCE_CONFIG, then /etc/keyfence/keyfence.toml).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Prefix of the files the agent's `on` wrote.
@@ -43,6 +48,7 @@ struct Args {
     /// Hard overall deadline in milliseconds.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     deadline_ms: u64,
+    /// Report each device's answer on stderr.
     #[arg(long, short = 'v')]
     verbose: bool,
     /// `test` (ignored) or `repair ERRNO` as the watchdog daemon passes them.
@@ -95,14 +101,14 @@ pub fn run(args: &[OsString]) -> ExitCode {
             },
         };
         let key = match &a.key {
-            Some(k) => parse_key(k)?,
+            Some(k) => parse_key(k).msg()?,
             None => match stored("key")? {
-                Some(t) => parse_key(t.trim())?,
+                Some(t) => parse_key(t.trim()).msg()?,
                 None => return Ok(None),
             },
         };
-        let devs = super::resolve_devices(&list, a.config.as_deref())?;
-        let name = super::initiator_name(a.initiator_name.as_deref())?;
+        let devs = super::resolve_devices(&list, a.config.as_deref()).msg()?;
+        let name = super::initiator_name(a.initiator_name.as_deref()).msg()?;
         Ok(Some((devs, key, name)))
     };
     let (devs, key, name) = match setup() {
@@ -147,13 +153,18 @@ pub fn check(
                 }
             };
             rt.block_on(async move {
+                let step = deadline.saturating_mul(2);
                 let mut set = tokio::task::JoinSet::new();
                 for d in devs {
                     let name = name.clone();
                     let tx = tx.clone();
                     set.spawn(async move {
                         let r = async {
-                            let dev = connect_any(&d, &name, Role::Probe, deadline).await?;
+                            // Per-step bounds longer than the overall
+                            // deadline: a hanging device is reported as
+                            // silent by the deadline below, never as a
+                            // login timeout racing it.
+                            let dev = connect_any(&d, &name, Role::Probe, step).await.msg()?;
                             let keys = dev
                                 .read_keys()
                                 .await

@@ -23,6 +23,7 @@ use keyfence_initiator::{Device, Error};
 use super::agent::FENCE_TYPE;
 use super::key::parse_key;
 use super::{connect_any, fmt_key, FenceDevice, Role};
+use crate::cli::Msg as _;
 
 /// Race the other half of the cluster for a majority of coordinator LUNs.
 #[derive(Debug, Parser)]
@@ -40,8 +41,12 @@ struct Args {
     /// Command run through `sh -c` when this side loses.
     #[arg(long)]
     action: Option<String>,
+    /// iSCSI initiator name of this node (default: $KEYFENCE_INITIATOR_NAME,
+    /// /etc/iscsi/initiatorname.iscsi, then one derived from the host name).
     #[arg(long)]
     initiator_name: Option<String>,
+    /// keyfence configuration with the multipath maps named in --devices
+    /// (default: $KEYFENCE_CONFIG, then /etc/keyfence/keyfence.toml).
     #[arg(long)]
     config: Option<PathBuf>,
     /// Milliseconds allowed for each login and command.
@@ -66,7 +71,7 @@ pub fn run(args: &[OsString]) -> ExitCode {
         Err(code) => return code,
     };
     let setup = || -> Result<(Vec<FenceDevice>, u64, Vec<u64>, String), String> {
-        let mut devs = super::resolve_devices(&a.devices, a.config.as_deref())?;
+        let mut devs = super::resolve_devices(&a.devices, a.config.as_deref()).msg()?;
         if devs.len() % 2 == 0 {
             return Err(format!(
                 "{} coordinator devices given: an odd number is needed so that one side wins a majority",
@@ -74,21 +79,22 @@ pub fn run(args: &[OsString]) -> ExitCode {
             ));
         }
         devs.sort_by(|x, y| x.name.cmp(&y.name));
-        let mine = parse_key(&a.key)?;
+        let mine = parse_key(&a.key).msg()?;
         let victims = a
             .victim_keys
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .map(parse_key)
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>()
+            .msg()?;
         if victims.is_empty() {
             return Err("no --victim-keys given".into());
         }
         if victims.contains(&mine) {
             return Err("this side's key is among the victim keys".into());
         }
-        let name = super::initiator_name(a.initiator_name.as_deref())?;
+        let name = super::initiator_name(a.initiator_name.as_deref()).msg()?;
         Ok((devs, mine, victims, name))
     };
     let (devs, mine, victims, name) = match setup() {
@@ -154,7 +160,7 @@ async fn race_disk(
 ) -> DiskOutcome {
     let dev = match connect_any(d, name, Role::Agent, t).await {
         Ok(dev) => dev,
-        Err(e) => return DiskOutcome::Failed(e),
+        Err(e) => return DiskOutcome::Failed(e.to_string()),
     };
     let o = race_on(&dev, mine, victims).await;
     let _ = dev.close().await;

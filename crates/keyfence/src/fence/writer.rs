@@ -25,6 +25,7 @@ use keyfence_initiator::Bytes;
 
 use super::key::parse_key;
 use super::{connect, monotonic_ns, Role};
+use crate::cli::Msg as _;
 
 const MAGIC: &[u8; 8] = b"KFWREC01";
 /// Bytes of a record that carry data; the rest of the block is zero.
@@ -153,10 +154,10 @@ pub fn run_writer(args: &[OsString]) -> ExitCode {
 }
 
 async fn writer(a: &WriterArgs) -> Result<(), String> {
-    let key = parse_key(&a.key)?;
+    let key = parse_key(&a.key).msg()?;
     let url = keyfence_initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
     let t = Duration::from_millis(a.timeout_ms);
-    let mut dev = connect(&url, &a.initiator_name, Role::App, t).await?;
+    let mut dev = connect(&url, &a.initiator_name, Role::App, t).await.msg()?;
     dev.register_and_ignore(key, &Default::default())
         .await
         .map_err(|e| format!("REGISTER: {e}"))?;
@@ -241,10 +242,12 @@ pub fn run_stamp(args: &[OsString]) -> ExitCode {
 /// Write the whole region with one WRITE through the agent's (registered)
 /// port; returns the completion time.
 async fn stamp(a: &StampArgs) -> Result<u64, String> {
-    let key = parse_key(&a.key)?;
+    let key = parse_key(&a.key).msg()?;
     let url = keyfence_initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
-    let name = super::initiator_name(a.initiator_name.as_deref())?;
-    let dev = connect(&url, &name, Role::Agent, Duration::from_secs(10)).await?;
+    let name = super::initiator_name(a.initiator_name.as_deref()).msg()?;
+    let dev = connect(&url, &name, Role::Agent, Duration::from_secs(10))
+        .await
+        .msg()?;
     let bs = dev
         .capacity()
         .await
@@ -296,8 +299,10 @@ pub fn run_scan(args: &[OsString]) -> ExitCode {
 
 async fn scan(a: &ScanArgs) -> Result<(), String> {
     let url = keyfence_initiator::IscsiUrl::parse_full(&a.device).map_err(|e| e.to_string())?;
-    let name = super::initiator_name(a.initiator_name.as_deref())?;
-    let dev = connect(&url, &name, Role::Probe, Duration::from_secs(10)).await?;
+    let name = super::initiator_name(a.initiator_name.as_deref()).msg()?;
+    let dev = connect(&url, &name, Role::Probe, Duration::from_secs(10))
+        .await
+        .msg()?;
     let bs = dev
         .capacity()
         .await

@@ -52,6 +52,15 @@ pub fn status_of(e: &Error) -> u8 {
     }
 }
 
+/// Status of a failed multipath operation: no usable path is
+/// MPATH_PR_DMMP_ERROR, a device's answer is translated as above.
+pub fn status_of_fence(e: &keyfence_fence::Error) -> u8 {
+    match e {
+        keyfence_fence::Error::NoPath => code::DMMP_ERROR,
+        e => e.scsi().map_or(code::OTHER, status_of),
+    }
+}
+
 fn c_str(b: &[u8]) -> String {
     let end = b.iter().position(|&c| c == 0).unwrap_or(b.len());
     String::from_utf8_lossy(&b[..end]).into_owned()

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use md5::{Digest, Md5};
 
+use crate::{Error, Result};
+
 /// How a node's key is derived (fence_scsi's `key_value`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyValue {
@@ -26,32 +28,26 @@ pub enum KeyValue {
 }
 
 impl std::str::FromStr for KeyValue {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
         match s {
             "id" => Ok(KeyValue::Id),
             "hash" => Ok(KeyValue::Hash),
-            _ => Err(format!("key-value has to be 'id' or 'hash', not {s:?}")),
+            _ => Err(Error::InvalidKey(format!(
+                "key-value has to be 'id' or 'hash', not {s:?}"
+            ))),
         }
     }
 }
 
 /// Parse a key given in hex (`0x` optional, at most 16 digits, not zero).
-pub fn parse_key(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let h = t
-        .strip_prefix("0x")
-        .or_else(|| t.strip_prefix("0X"))
-        .unwrap_or(t);
-    if h.is_empty() || h.len() > 16 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!(
+pub fn parse_key(s: &str) -> Result<u64> {
+    match crate::config::parse_key(s.trim()) {
+        None => Err(Error::InvalidKey(format!(
             "invalid key {s:?}: expected up to 16 hex digits (0x optional)"
-        ));
-    }
-    match u64::from_str_radix(h, 16) {
-        Ok(0) => Err("key cannot be 0".into()),
-        Ok(k) => Ok(k),
-        Err(e) => Err(format!("invalid key {s:?}: {e}")),
+        ))),
+        Some(0) => Err(Error::InvalidKey("key cannot be 0".into())),
+        Some(k) => Ok(k),
     }
 }
 
@@ -69,10 +65,10 @@ pub fn hash_key(cluster_name: &str, node_name: &str) -> u64 {
 
 /// fence_scsi's `key_value=id` key (node index printed in decimal, read as
 /// hex, like fence_scsi hands it to sg_persist).
-pub fn id_key(cluster_name: &str, node_index: u32) -> Result<u64, String> {
+pub fn id_key(cluster_name: &str, node_index: u32) -> Result<u64> {
     let text = format!("{}{:04}", md5_hex4(cluster_name), node_index);
     // md5 prefix (4) + up to 10 decimal digits = at most 14 hex digits.
-    u64::from_str_radix(&text, 16).map_err(|e| format!("key {text}: {e}"))
+    u64::from_str_radix(&text, 16).map_err(|e| Error::InvalidKey(format!("key {text}: {e}")))
 }
 
 /// `totem.cluster_name` from `corosync-cmapctl totem.cluster_name` output.
@@ -109,13 +105,13 @@ pub fn parse_node_index(cmap_output: &str, node: &str) -> Option<u32> {
 }
 
 /// Run corosync-cmapctl with `arg`, bounded by `timeout`.
-pub fn cmapctl(path: &str, arg: &str, timeout: Duration) -> Result<String, String> {
+pub fn cmapctl(path: &str, arg: &str, timeout: Duration) -> Result<String> {
     let mut child = Command::new(path)
         .arg(arg)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
-        .map_err(|e| format!("cannot run {path}: {e}"))?;
+        .map_err(|e| Error::Cmapctl(format!("cannot run {path}: {e}")))?;
     let deadline = std::time::Instant::now() + timeout;
     loop {
         match child.try_wait() {
@@ -126,14 +122,16 @@ pub fn cmapctl(path: &str, arg: &str, timeout: Duration) -> Result<String, Strin
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{path} {arg}: timed out after {timeout:?}"));
+                return Err(Error::Cmapctl(format!(
+                    "{path} {arg}: timed out after {timeout:?}"
+                )));
             }
-            Err(e) => return Err(format!("{path}: {e}")),
+            Err(e) => return Err(Error::Cmapctl(format!("{path}: {e}"))),
         }
     }
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("{path}: {e}"))?;
+        .map_err(|e| Error::Cmapctl(format!("{path}: {e}")))?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 

@@ -28,12 +28,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use keyfence_initiator::commands::Command;
-use keyfence_initiator::Error;
-use keyfence_scsi::pr_data::FullStatus;
+use keyfence_initiator::{Error as ScsiError, IscsiUrl};
+use keyfence_scsi::pr_data::{FullStatus, PrOutParams};
 use keyfence_scsi::transport_id::TransportId;
 
-use super::format::code;
-use crate::persist::device::Lun;
+use crate::lun::{prin_cmd, prout_cmd, IscsiLun, Lun, Target};
+use crate::{Error, Result};
 
 pub const PRIN_RRES: u8 = 1;
 pub const PRIN_RFSTAT: u8 = 3;
@@ -86,42 +86,19 @@ pub struct Multipath<P> {
     pub log: Vec<String>,
 }
 
-/// Failure of a multipath operation: an MPATH_PR_* status and the error
-/// that caused it, if a device answered.
-#[derive(Debug)]
-pub struct Failure {
-    pub status: u8,
-    pub error: Option<Error>,
-}
-
-impl Failure {
-    fn from_error(e: Error) -> Failure {
-        Failure {
-            status: super::format::status_of(&e),
-            error: Some(e),
-        }
-    }
-    fn no_path() -> Failure {
-        Failure {
-            status: code::DMMP_ERROR,
-            error: None,
-        }
-    }
-}
-
 /// True for errors after which the path cannot be used (as opposed to the
 /// device answering with a SCSI status).
-pub fn is_path_error(e: &Error) -> bool {
-    e.is_connection_error() || matches!(e, Error::Timeout { .. } | Error::TargetFailure(_))
+pub fn is_path_error(e: &ScsiError) -> bool {
+    e.is_connection_error() || matches!(e, ScsiError::Timeout { .. } | ScsiError::TargetFailure(_))
 }
 
 /// Run one command, retrying UNIT ATTENTION and ALUA transitions.
-pub async fn exec_retry<P: Lun>(lun: &P, cmd: &Command) -> Result<Vec<u8>, Error> {
+pub async fn exec_retry<P: Lun>(lun: &P, cmd: &Command) -> Result<Vec<u8>, ScsiError> {
     let mut tries = 0;
     loop {
         match lun.execute(cmd.clone()).await {
-            Err(Error::UnitAttention(_)) if tries < MAX_RETRY => tries += 1,
-            Err(Error::CheckCondition(s))
+            Err(ScsiError::UnitAttention(_)) if tries < MAX_RETRY => tries += 1,
+            Err(ScsiError::CheckCondition(s))
                 if tries < MAX_RETRY
                     && s.key == keyfence_scsi::SenseKey::NotReady
                     && s.asc == 0x04
@@ -135,7 +112,8 @@ pub async fn exec_retry<P: Lun>(lun: &P, cmd: &Command) -> Result<Vec<u8>, Error
     }
 }
 
-/// Parameter list of a basic PR OUT (SPC-4 6.16.3).
+/// Parameter list of a basic PR OUT (SPC-4 6.16.3); SPEC_I_PT is set when
+/// `tids` is not empty.
 pub fn basic_params(
     rk: u64,
     sark: u64,
@@ -143,29 +121,155 @@ pub fn basic_params(
     aptpl: bool,
     tids: &[TransportId],
 ) -> Vec<u8> {
-    let mut p = vec![0u8; 24];
-    p[0..8].copy_from_slice(&rk.to_be_bytes());
-    p[8..16].copy_from_slice(&sark.to_be_bytes());
-    if all_tg_pt {
-        p[20] |= 0x04;
+    PrOutParams {
+        reservation_key: rk,
+        service_action_key: sark,
+        spec_i_pt: !tids.is_empty(),
+        all_tg_pt,
+        aptpl,
+        transport_ids: tids.to_vec(),
     }
-    if aptpl {
-        p[20] |= 0x01;
-    }
-    if !tids.is_empty() {
-        p[20] |= 0x08;
-        let mut list = Vec::new();
-        for t in tids {
-            t.encode_into(&mut list);
-        }
-        p.extend((list.len() as u32).to_be_bytes());
-        p.extend(list);
-    }
-    p
+    .encode()
 }
 
-fn prout(sa: u8, pr_type: u8, params: Vec<u8>) -> Result<Command, Failure> {
-    Ok(crate::persist::device::prout_cmd(sa, pr_type, params))
+fn prout(sa: u8, pr_type: u8, params: Vec<u8>) -> Command {
+    prout_cmd(sa, pr_type, params)
+}
+
+fn bad_data(what: &'static str, e: impl std::fmt::Display) -> Error {
+    Error::Scsi(ScsiError::BadData {
+        what,
+        detail: e.to_string(),
+    })
+}
+
+/// What happened to one path while a multipath device was opened, in
+/// path order (for the caller to report).
+#[derive(Debug)]
+pub enum PathEvent {
+    /// The path logged in and reaches the device.
+    Up {
+        url: String,
+        initiator_port: keyfence_scsi::InitiatorPort,
+        rtpi: Option<u16>,
+    },
+    /// The path could not be used.
+    Down { url: String, error: ScsiError },
+    /// The path reaches a different logical unit (VPD page 83h logical
+    /// unit designators differ) and was logged out again.
+    OtherLun { url: String },
+}
+
+/// The logical-unit designators of VPD page 83h that identify a logical
+/// unit (T10 vendor ID, EUI-64, NAA, SCSI name string).
+fn lu_designators(ids: &[keyfence_scsi::vpd::Designator]) -> Vec<Vec<u8>> {
+    ids.iter()
+        .filter(|d| d.association == 0 && matches!(d.designator_type, 1 | 2 | 3 | 8))
+        .map(|d| d.value.clone())
+        .collect()
+}
+
+impl Multipath<IscsiLun> {
+    /// Log in on every path (concurrently) and learn its identity; keep
+    /// only the paths that reach the same logical unit as the first one
+    /// that answered (VPD page 83h, logical unit designators). Paths that
+    /// fail are kept, marked down.
+    pub async fn open(
+        name: &str,
+        urls: Vec<IscsiUrl>,
+        initiator_name: &str,
+    ) -> (Multipath<IscsiLun>, Vec<PathEvent>) {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, u) in urls.into_iter().enumerate() {
+            let t = Target {
+                url: u,
+                initiator_name: initiator_name.to_string(),
+                isid: None,
+            };
+            set.spawn(async move {
+                let r = async {
+                    let lun = t.connect(0).await?;
+                    let ids = lun.device().device_identification().await?;
+                    let rtpi = ids.iter().find_map(|d| d.relative_target_port());
+                    Ok::<_, ScsiError>((lun, rtpi, lu_designators(&ids)))
+                }
+                .await;
+                (i, t, r)
+            });
+        }
+        let mut results = Vec::new();
+        while let Some(j) = set.join_next().await {
+            if let Ok(r) = j {
+                results.push(r);
+            }
+        }
+        results.sort_by_key(|(i, ..)| *i);
+        let mut lu: Option<Vec<Vec<u8>>> = None;
+        let mut paths = Vec::new();
+        let mut events = Vec::new();
+        for (_, t, r) in results {
+            let url = t.display_name();
+            match r {
+                Ok((lun, rtpi, ids)) => {
+                    let same = match &lu {
+                        None => {
+                            lu = Some(ids.clone());
+                            true
+                        }
+                        Some(first) => {
+                            ids.is_empty()
+                                || first.is_empty()
+                                || ids.iter().any(|i| first.contains(i))
+                        }
+                    };
+                    if !same {
+                        events.push(PathEvent::OtherLun { url });
+                        lun.close().await;
+                        continue;
+                    }
+                    let port = lun.initiator_port();
+                    events.push(PathEvent::Up {
+                        url: url.clone(),
+                        initiator_port: port.clone(),
+                        rtpi,
+                    });
+                    paths.push(MPath {
+                        info: PathInfo {
+                            url,
+                            initiator_name: port.name.to_string(),
+                            isid: port.isid,
+                            rtpi,
+                        },
+                        lun: Some(Arc::new(lun)),
+                        down: None,
+                    });
+                }
+                Err(e) => {
+                    paths.push(MPath {
+                        info: PathInfo {
+                            url: url.clone(),
+                            initiator_name: t.initiator_name.clone(),
+                            isid: t.effective_isid().value(),
+                            rtpi: None,
+                        },
+                        lun: None,
+                        down: Some(e.to_string()),
+                    });
+                    events.push(PathEvent::Down { url, error: e });
+                }
+            }
+        }
+        (Multipath::new(name.to_string(), paths), events)
+    }
+
+    /// Log out of every path (best effort).
+    pub async fn close(&mut self) {
+        for p in std::mem::take(&mut self.paths) {
+            if let Some(l) = p.lun.and_then(|a| Arc::try_unwrap(a).ok()) {
+                l.close().await;
+            }
+        }
+    }
 }
 
 impl<P: Lun + 'static> Multipath<P> {
@@ -183,7 +287,7 @@ impl<P: Lun + 'static> Multipath<P> {
             .collect()
     }
 
-    fn mark_down(&mut self, i: usize, why: &Error) {
+    fn mark_down(&mut self, i: usize, why: &ScsiError) {
         let p = &mut self.paths[i];
         self.log
             .push(format!("{}: path {} failed: {why}", self.name, p.info.url));
@@ -192,7 +296,7 @@ impl<P: Lun + 'static> Multipath<P> {
     }
 
     /// Run `cmd` on the first path that works.
-    pub async fn one_path(&mut self, cmd: &Command) -> Result<(usize, Vec<u8>), Failure> {
+    pub async fn one_path(&mut self, cmd: &Command) -> Result<(usize, Vec<u8>)> {
         for i in self.up() {
             let Some(lun) = self.paths[i].lun.clone() else {
                 continue;
@@ -200,22 +304,23 @@ impl<P: Lun + 'static> Multipath<P> {
             match exec_retry(&*lun, cmd).await {
                 Ok(d) => return Ok((i, d)),
                 Err(e) if is_path_error(&e) => self.mark_down(i, &e),
-                Err(e) => return Err(Failure::from_error(e)),
+                Err(e) => return Err(Error::Scsi(e)),
             }
         }
-        Err(Failure::no_path())
+        Err(Error::NoPath)
     }
 
     /// PERSISTENT RESERVE IN on the first working path.
-    pub async fn prin(&mut self, sa: u8, alloc: u16) -> Result<Vec<u8>, Failure> {
-        self.one_path(&crate::persist::device::prin_cmd(sa, alloc))
-            .await
-            .map(|(_, d)| d)
+    pub async fn prin(&mut self, sa: u8, alloc: u16) -> Result<Vec<u8>> {
+        self.one_path(&prin_cmd(sa, alloc)).await.map(|(_, d)| d)
     }
 
     /// Run per-path commands on the given paths concurrently; results in
     /// the same order. Path errors mark the path down.
-    async fn parallel(&mut self, jobs: Vec<(usize, Command)>) -> Vec<(usize, Result<(), Error>)> {
+    async fn parallel(
+        &mut self,
+        jobs: Vec<(usize, Command)>,
+    ) -> Vec<(usize, Result<(), ScsiError>)> {
         let mut set = tokio::task::JoinSet::new();
         for (slot, (i, cmd)) in jobs.into_iter().enumerate() {
             if let Some(lun) = self.paths[i].lun.clone() {
@@ -254,7 +359,7 @@ impl<P: Lun + 'static> Multipath<P> {
         all_tg_pt: bool,
         aptpl: bool,
         tids: &[TransportId],
-    ) -> Result<(), Failure> {
+    ) -> Result<()> {
         let mut targets = self.up();
         if all_tg_pt {
             let mut seen = std::collections::HashSet::new();
@@ -264,9 +369,9 @@ impl<P: Lun + 'static> Multipath<P> {
             });
         }
         if targets.is_empty() {
-            return Err(Failure::no_path());
+            return Err(Error::NoPath);
         }
-        let cmd = prout(sa, 0, basic_params(rk, sark, all_tg_pt, aptpl, tids))?;
+        let cmd = prout(sa, 0, basic_params(rk, sark, all_tg_pt, aptpl, tids));
         let jobs = targets.iter().map(|&i| (i, cmd.clone())).collect();
         let results = self.parallel(jobs).await;
         let ok: Vec<usize> = results
@@ -274,14 +379,14 @@ impl<P: Lun + 'static> Multipath<P> {
             .filter(|(_, r)| r.is_ok())
             .map(|(i, _)| *i)
             .collect();
-        let mut scsi_errors: Vec<Error> = results
+        let mut scsi_errors: Vec<ScsiError> = results
             .into_iter()
             .filter_map(|(_, r)| r.err())
             .filter(|e| !is_path_error(e))
             .collect();
         if scsi_errors.is_empty() {
             if ok.is_empty() {
-                return Err(Failure::no_path());
+                return Err(Error::NoPath);
             }
             return Ok(());
         }
@@ -292,7 +397,7 @@ impl<P: Lun + 'static> Multipath<P> {
                 PROUT_REG_IGN,
                 0,
                 basic_params(0, back_to, all_tg_pt, aptpl, &[]),
-            )?;
+            );
             for &i in &ok {
                 self.log.push(format!(
                     "{}: rolling back registration on path {} (to key 0x{back_to:x})",
@@ -311,18 +416,18 @@ impl<P: Lun + 'static> Multipath<P> {
         }
         let pos = scsi_errors
             .iter()
-            .position(|e| matches!(e, Error::ReservationConflict))
+            .position(|e| matches!(e, ScsiError::ReservationConflict))
             .unwrap_or(0);
-        Err(Failure::from_error(scsi_errors.swap_remove(pos)))
+        Err(Error::Scsi(scsi_errors.swap_remove(pos)))
     }
 
     /// RELEASE on every path; recover a reservation held by a dead path.
-    pub async fn release(&mut self, rk: u64, pr_type: u8, aptpl: bool) -> Result<(), Failure> {
+    pub async fn release(&mut self, rk: u64, pr_type: u8, aptpl: bool) -> Result<()> {
         let targets = self.up();
         if targets.is_empty() {
-            return Err(Failure::no_path());
+            return Err(Error::NoPath);
         }
-        let cmd = prout(PROUT_REL, pr_type, basic_params(rk, 0, false, aptpl, &[]))?;
+        let cmd = prout(PROUT_REL, pr_type, basic_params(rk, 0, false, aptpl, &[]));
         let results = self
             .parallel(targets.iter().map(|&i| (i, cmd.clone())).collect())
             .await;
@@ -330,23 +435,18 @@ impl<P: Lun + 'static> Multipath<P> {
             .iter()
             .all(|(_, r)| matches!(r, Err(e) if is_path_error(e)))
         {
-            return Err(Failure::no_path());
+            return Err(Error::NoPath);
         }
         if let Some(e) = results
             .into_iter()
             .filter_map(|(_, r)| r.err())
             .find(|e| !is_path_error(e))
         {
-            return Err(Failure::from_error(e));
+            return Err(Error::Scsi(e));
         }
         let resv = self.prin(PRIN_RRES, 8192).await?;
-        let rr = keyfence_scsi::pr_data::ReadReservation::decode(&resv).map_err(|e| Failure {
-            status: code::SENSE_MALFORMED,
-            error: Some(Error::BadData {
-                what: "READ RESERVATION data",
-                detail: e.to_string(),
-            }),
-        })?;
+        let rr = keyfence_scsi::pr_data::ReadReservation::decode(&resv)
+            .map_err(|e| bad_data("READ RESERVATION data", e))?;
         match rr.reservation {
             Some(r) if r.key == rk && rk != 0 => {
                 self.log.push(format!(
@@ -361,15 +461,9 @@ impl<P: Lun + 'static> Multipath<P> {
     }
 
     /// READ FULL STATUS, CLEAR, and put every registration back.
-    async fn recover_dead_holder(&mut self, rk: u64) -> Result<(), Failure> {
+    async fn recover_dead_holder(&mut self, rk: u64) -> Result<()> {
         let data = self.prin(PRIN_RFSTAT, 8192).await?;
-        let fs = FullStatus::decode(&data).map_err(|e| Failure {
-            status: code::SENSE_MALFORMED,
-            error: Some(Error::BadData {
-                what: "READ FULL STATUS data",
-                detail: e.to_string(),
-            }),
-        })?;
+        let fs = FullStatus::decode(&data).map_err(|e| bad_data("READ FULL STATUS data", e))?;
         // (key, all_tg_pt, rtpi) -> initiator ports
         let mut groups: BTreeMap<(u64, bool, u16), Vec<TransportId>> = BTreeMap::new();
         for d in &fs.descriptors {
@@ -387,7 +481,7 @@ impl<P: Lun + 'static> Multipath<P> {
             PROUT_CLEAR,
             0,
             basic_params(rk, 0, false, false, &[]),
-        )?)
+        ))
         .await?;
         // Pick a sender per group: a live path on the right target port,
         // preferably one whose own registration is part of the group.
@@ -418,7 +512,7 @@ impl<P: Lun + 'static> Multipath<P> {
             let Some(lun) = self.paths[i].lun.clone() else {
                 continue;
             };
-            let reg = prout(PROUT_REG, 0, basic_params(0, key, atp, false, &others))?;
+            let reg = prout(PROUT_REG, 0, basic_params(0, key, atp, false, &others));
             let r = exec_retry(&*lun, &reg).await;
             self.log.push(format!(
                 "{}: re-registered key 0x{key:x} for {} initiator port(s){} via {}: {}",
@@ -436,7 +530,7 @@ impl<P: Lun + 'static> Multipath<P> {
                 continue;
             }
             if !member {
-                let unreg = prout(PROUT_REG, 0, basic_params(key, 0, false, false, &[]))?;
+                let unreg = prout(PROUT_REG, 0, basic_params(key, 0, false, false, &[]));
                 if let Err(e) = exec_retry(&*lun, &unreg).await {
                     self.log.push(format!(
                         "{}: could not unregister helper path {}: {e}",
@@ -454,7 +548,7 @@ impl<P: Lun + 'static> Multipath<P> {
             ));
         }
         match first_err {
-            Some(e) => Err(Failure::from_error(e)),
+            Some(e) => Err(Error::Scsi(e)),
             None => Ok(()),
         }
     }
@@ -462,15 +556,9 @@ impl<P: Lun + 'static> Multipath<P> {
     /// Register every live path whose initiator port has no registration
     /// (paths that came back after a REGISTER went out), with `key`.
     /// Returns how many paths were registered.
-    pub async fn reregister(&mut self, key: u64, all_tg_pt: bool) -> Result<usize, Failure> {
+    pub async fn reregister(&mut self, key: u64, all_tg_pt: bool) -> Result<usize> {
         let data = self.prin(PRIN_RFSTAT, 8192).await?;
-        let fs = FullStatus::decode(&data).map_err(|e| Failure {
-            status: code::SENSE_MALFORMED,
-            error: Some(Error::BadData {
-                what: "READ FULL STATUS data",
-                detail: e.to_string(),
-            }),
-        })?;
+        let fs = FullStatus::decode(&data).map_err(|e| bad_data("READ FULL STATUS data", e))?;
         let missing: Vec<usize> = self
             .up()
             .into_iter()
@@ -491,7 +579,7 @@ impl<P: Lun + 'static> Multipath<P> {
             PROUT_REG_IGN,
             0,
             basic_params(0, key, all_tg_pt, false, &[]),
-        )?;
+        );
         let mut n = 0;
         let mut err = None;
         for (i, r) in self
@@ -513,7 +601,7 @@ impl<P: Lun + 'static> Multipath<P> {
             }
         }
         match err {
-            Some(e) => Err(Failure::from_error(e)),
+            Some(e) => Err(Error::Scsi(e)),
             None => Ok(n),
         }
     }
@@ -527,12 +615,12 @@ mod tests {
     /// A scripted path: answers PR OUT per service action, counts calls.
     struct Fake {
         /// Outcome for any PR OUT / PR IN: None = GOOD.
-        fail: Mutex<Option<fn() -> Error>>,
+        fail: Mutex<Option<fn() -> ScsiError>>,
         seen: Mutex<Vec<(u8, u8, Vec<u8>)>>,
     }
 
     impl Fake {
-        fn new(fail: Option<fn() -> Error>) -> Arc<Fake> {
+        fn new(fail: Option<fn() -> ScsiError>) -> Arc<Fake> {
             Arc::new(Fake {
                 fail: Mutex::new(fail),
                 seen: Mutex::new(Vec::new()),
@@ -571,11 +659,11 @@ mod tests {
         }
     }
 
-    fn conflict() -> Error {
-        Error::ReservationConflict
+    fn conflict() -> ScsiError {
+        ScsiError::ReservationConflict
     }
-    fn gone() -> Error {
-        Error::ConnectionLost("reset".into())
+    fn gone() -> ScsiError {
+        ScsiError::ConnectionLost("reset".into())
     }
 
     #[tokio::test]
@@ -591,14 +679,14 @@ mod tests {
         let c = Fake::new(Some(conflict));
         let d2 = Fake::new(None);
         let mut mp = Multipath::new("m".into(), vec![path(1, &c), path(2, &d2)]);
-        assert_eq!(
-            mp.prin(0, 8192).await.unwrap_err().status,
-            code::RESERV_CONFLICT
-        );
+        assert!(matches!(
+            mp.prin(0, 8192).await.unwrap_err(),
+            Error::Scsi(ScsiError::ReservationConflict)
+        ));
         assert!(d2.seen().is_empty());
         // No path at all.
         let mut mp: Multipath<Fake> = Multipath::new("m".into(), vec![]);
-        assert_eq!(mp.prin(0, 8192).await.unwrap_err().status, code::DMMP_ERROR);
+        assert!(matches!(mp.prin(0, 8192).await.unwrap_err(), Error::NoPath));
     }
 
     #[tokio::test]
@@ -610,7 +698,7 @@ mod tests {
             .register(PROUT_REG_IGN, 0, 0x77, false, false, &[])
             .await
             .unwrap_err();
-        assert_eq!(e.status, code::RESERV_CONFLICT);
+        assert!(matches!(e, Error::Scsi(ScsiError::ReservationConflict)));
         let seen = a.seen();
         assert_eq!(seen.len(), 2, "registration then rollback on the good path");
         let (_, sa, p) = &seen[1];
@@ -668,7 +756,7 @@ mod tests {
         let a = Fake::new(Some(gone));
         let b = Fake::new(None);
         let mut mp = Multipath::new("m".into(), vec![path(1, &a), path(2, &b)]);
-        let cmd = crate::persist::device::prout_cmd(1, 5, basic_params(5, 0, false, false, &[]));
+        let cmd = prout_cmd(1, 5, basic_params(5, 0, false, false, &[]));
         let (i, _) = mp.one_path(&cmd).await.unwrap();
         assert_eq!(i, 1);
         assert_eq!(b.seen()[0].1, 1);

@@ -22,6 +22,22 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::{Error, Result};
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::Config {
+        path: None,
+        msg: msg.into(),
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 pub const DEFAULT_CONFIG: &str = "/etc/keyfence/keyfence.toml";
 pub const ENV_CONFIG: &str = "KEYFENCE_CONFIG";
 pub const DEFAULT_PRKEYS: &str = "/etc/keyfence/prkeys";
@@ -53,7 +69,7 @@ pub enum KeySource {
 }
 
 impl MapConfig {
-    pub fn key_source(&self) -> Result<KeySource, String> {
+    pub fn key_source(&self) -> Result<KeySource> {
         match self.reservation_key.as_deref().map(str::trim) {
             None | Some("") => Ok(KeySource::None),
             Some("file") => Ok(KeySource::File(
@@ -61,9 +77,9 @@ impl MapConfig {
                     .clone()
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_PRKEYS)),
             )),
-            Some(k) => parse_key(k)
-                .map(KeySource::Key)
-                .ok_or_else(|| format!("map {}: invalid reservation_key {k:?}", self.name)),
+            Some(k) => parse_key(k).map(KeySource::Key).ok_or_else(|| {
+                invalid(format!("map {}: invalid reservation_key {k:?}", self.name))
+            }),
         }
     }
 }
@@ -82,22 +98,25 @@ pub fn parse_key(s: &str) -> Option<u64> {
 }
 
 impl Config {
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let c: Config = toml::from_str(text).map_err(|e| e.to_string().trim().to_string())?;
+    /// Parse and check a configuration: unique non-empty map names, at
+    /// least one path per map, every path a valid iSCSI URL, every
+    /// reservation key valid. Nothing invalid is skipped.
+    pub fn parse(text: &str) -> Result<Config> {
+        let c: Config = toml::from_str(text).map_err(|e| invalid(e.to_string().trim()))?;
         let mut seen = std::collections::HashSet::new();
         for m in &c.multipath {
             if m.name.is_empty() {
-                return Err("a [[multipath]] entry has an empty name".into());
+                return Err(invalid("a [[multipath]] entry has an empty name"));
             }
             if !seen.insert(m.name.as_str()) {
-                return Err(format!("map {} is defined twice", m.name));
+                return Err(invalid(format!("map {} is defined twice", m.name)));
             }
             if m.paths.is_empty() {
-                return Err(format!("map {} has no paths", m.name));
+                return Err(invalid(format!("map {} has no paths", m.name)));
             }
             for p in &m.paths {
                 keyfence_initiator::IscsiUrl::parse_full(p)
-                    .map_err(|e| format!("map {}: path {p:?}: {e}", m.name))?;
+                    .map_err(|e| invalid(format!("map {}: path {p:?}: {e}", m.name)))?;
             }
             m.key_source()?;
         }
@@ -106,7 +125,7 @@ impl Config {
 
     /// Load the configuration: explicit path, else the environment, else
     /// the default file (absent default = empty configuration).
-    pub fn load(explicit: Option<&Path>) -> Result<Config, String> {
+    pub fn load(explicit: Option<&Path>) -> Result<Config> {
         let env = std::env::var_os(ENV_CONFIG).filter(|v| !v.is_empty());
         let (path, must_exist) = match (explicit, env) {
             (Some(p), _) => (p.to_path_buf(), true),
@@ -114,11 +133,17 @@ impl Config {
             (None, None) => (PathBuf::from(DEFAULT_CONFIG), false),
         };
         match std::fs::read_to_string(&path) {
-            Ok(t) => Config::parse(&t).map_err(|e| format!("{}: {e}", path.display())),
+            Ok(t) => Config::parse(&t).map_err(|e| match e {
+                Error::Config { msg, .. } => Error::Config {
+                    path: Some(path.clone()),
+                    msg,
+                },
+                e => e,
+            }),
             Err(e) if !must_exist && e.kind() == std::io::ErrorKind::NotFound => {
                 Ok(Config::default())
             }
-            Err(e) => Err(format!("{}: {e}", path.display())),
+            Err(e) => Err(io(&path)(e)),
         }
     }
 
@@ -129,11 +154,11 @@ impl Config {
 
 /// Read the key stored for `map` in a prkeys file (lines `0xKEY NAME`,
 /// `#` comments), as multipathd keeps them.
-pub fn prkeys_lookup(file: &Path, map: &str) -> Result<Option<u64>, String> {
+pub fn prkeys_lookup(file: &Path, map: &str) -> Result<Option<u64>> {
     let text = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", file.display())),
+        Err(e) => return Err(io(file)(e)),
     };
     for line in text.lines() {
         let line = line.trim();
@@ -143,9 +168,9 @@ pub fn prkeys_lookup(file: &Path, map: &str) -> Result<Option<u64>, String> {
         let mut it = line.split_whitespace();
         if let (Some(k), Some(n)) = (it.next(), it.next()) {
             if n == map {
-                return parse_key(k)
-                    .map(Some)
-                    .ok_or_else(|| format!("{}: bad key {k:?} for {map}", file.display()));
+                return parse_key(k).map(Some).ok_or_else(|| {
+                    Error::InvalidKey(format!("{}: bad key {k:?} for {map}", file.display()))
+                });
             }
         }
     }
@@ -155,8 +180,8 @@ pub fn prkeys_lookup(file: &Path, map: &str) -> Result<Option<u64>, String> {
 /// Record (or with `None`, forget) the key for `map` in a prkeys file,
 /// durably: written to a temporary file, fsynced, renamed over the old
 /// one, directory fsynced.
-pub fn prkeys_store(file: &Path, map: &str, key: Option<u64>) -> Result<(), String> {
-    let err = |e: std::io::Error| format!("{}: {e}", file.display());
+pub fn prkeys_store(file: &Path, map: &str, key: Option<u64>) -> Result<()> {
+    let err = |e: std::io::Error| io(file)(e);
     let old = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -234,16 +259,21 @@ paths = ["iscsi://127.0.0.1/iqn.2026-11.io.keyfence:e/1"]
     fn rejects_bad_config() {
         assert!(Config::parse("[[multipath]]\nname=\"a\"\npaths=[]\n")
             .unwrap_err()
+            .to_string()
             .contains("no paths"));
         assert!(Config::parse("[[multipath]]\nname=\"a\"\npaths=[\"http://x\"]\n").is_err());
         assert!(Config::parse(
             "[[multipath]]\nname=\"a\"\nreservation_key=\"zz\"\npaths=[\"iscsi://h/iqn.x:y/0\"]\n"
         )
         .unwrap_err()
+        .to_string()
         .contains("invalid reservation_key"));
         assert!(Config::parse("bogus = 1\n").is_err());
         let dup = "[[multipath]]\nname=\"a\"\npaths=[\"iscsi://h/iqn.x:y/0\"]\n[[multipath]]\nname=\"a\"\npaths=[\"iscsi://h/iqn.x:y/0\"]\n";
-        assert!(Config::parse(dup).unwrap_err().contains("twice"));
+        assert!(Config::parse(dup)
+            .unwrap_err()
+            .to_string()
+            .contains("twice"));
     }
 
     #[test]
