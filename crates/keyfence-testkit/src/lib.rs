@@ -20,6 +20,7 @@
 //! Everything listens on loopback only, and every wait is bounded.
 
 pub mod cmd;
+pub mod etcd;
 pub mod port;
 pub mod serve;
 #[cfg(feature = "server")]
