@@ -1,0 +1,525 @@
+//! Gateway membership and liveness: one etcd lease per gateway, kept
+//! alive in the background, and the local "may I serve" answer derived
+//! from it without trusting etcd's clock (docs/cluster.md, "Fencing").
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::keys::LuId;
+use crate::{Cluster, Error};
+
+/// The `format` of a gateway record.
+pub const GATEWAY_FORMAT: &str = "keyfence-cluster-gateway/1";
+
+/// One portal group a gateway serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortalGroup {
+    pub tpgt: u16,
+    /// `host:port` listen addresses.
+    pub portals: Vec<String>,
+}
+
+/// What `gateways/<name>` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRecord {
+    pub format: String,
+    pub name: String,
+    pub portal_groups: Vec<PortalGroup>,
+    /// Lease TTL in seconds as granted by etcd.
+    pub ttl_secs: i64,
+}
+
+/// A registered gateway as listed by [`Cluster::gateways`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayEntry {
+    pub record: GatewayRecord,
+    pub lease: i64,
+    /// Revision at which this incarnation registered.
+    pub create_revision: i64,
+}
+
+/// The local gateway's standing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// The lease was confirmed; serving is allowed until `until`
+    /// (last confirmed keep-alive's send time + TTL - safety margin).
+    Serving { until: Instant },
+    /// No keep-alive confirmed in time: the lease is in doubt. Commands
+    /// on clustered LUs must not run (ALUA transitioning) until the lease
+    /// is confirmed again or declared lost.
+    Fenced { since: Instant },
+    /// etcd says the lease is gone. Stop serving, join again (a new
+    /// lease) and resynchronise before serving.
+    Lost,
+}
+
+/// State shared between the gateway handle and its background tasks.
+#[derive(Debug)]
+struct Shared {
+    base: std::time::Instant,
+    /// Serving deadline in nanoseconds after `base`; 0: not serving.
+    until_ns: AtomicU64,
+    lost: AtomicBool,
+    liveness: watch::Sender<Liveness>,
+    deadline: watch::Sender<Option<Instant>>,
+}
+
+impl Shared {
+    fn ns(&self, t: Instant) -> u64 {
+        t.into_std()
+            .saturating_duration_since(self.base)
+            .as_nanos()
+            .min(u128::from(u64::MAX)) as u64
+    }
+
+    /// A keep-alive sent at `sent` was confirmed by etcd: the lease runs
+    /// at least until `sent + ttl` on etcd's side.
+    fn confirm(&self, until: Instant) {
+        if self.lost.load(Ordering::SeqCst) {
+            return;
+        }
+        let ns = self.ns(until).max(1);
+        // Never move the deadline backwards (a late answer to an older
+        // keep-alive).
+        let prev = self.until_ns.fetch_max(ns, Ordering::SeqCst);
+        if ns > prev {
+            let until = self.base_instant() + Duration::from_nanos(ns);
+            self.deadline.send_replace(Some(until));
+            if Instant::now() < until {
+                self.liveness.send_if_modified(|l| {
+                    let was_serving = matches!(l, Liveness::Serving { .. });
+                    *l = Liveness::Serving { until };
+                    !was_serving
+                });
+            }
+        }
+    }
+
+    fn base_instant(&self) -> Instant {
+        Instant::from_std(self.base)
+    }
+
+    fn fence(&self) {
+        self.until_ns.store(0, Ordering::SeqCst);
+        self.deadline.send_replace(None);
+        self.liveness.send_if_modified(|l| {
+            if matches!(l, Liveness::Serving { .. }) {
+                *l = Liveness::Fenced {
+                    since: Instant::now(),
+                };
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    fn lose(&self) {
+        self.lost.store(true, Ordering::SeqCst);
+        self.until_ns.store(0, Ordering::SeqCst);
+        self.deadline.send_replace(None);
+        self.liveness.send_replace(Liveness::Lost);
+    }
+
+    fn may_serve(&self) -> bool {
+        let until = self.until_ns.load(Ordering::SeqCst);
+        until != 0
+            && (self.base.elapsed().as_nanos() as u64) < until
+            && !self.lost.load(Ordering::SeqCst)
+    }
+}
+
+/// This gateway's membership: its lease, kept alive in the background,
+/// and its `gateways/<name>` registration. Dropping it stops the
+/// keep-alives (the lease then expires); [`Gateway::leave`] revokes it.
+#[derive(Debug)]
+pub struct Gateway {
+    cluster: Cluster,
+    name: String,
+    lease: i64,
+    ttl: Duration,
+    margin: Duration,
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Cluster {
+    /// Register this gateway (the connection's gateway name) with a new
+    /// lease of `ttl` and start keeping it alive. Serving is allowed until
+    /// the last confirmed keep-alive's send time + TTL - `margin`.
+    /// Fails with [`Error::NameInUse`] if a live gateway holds the name.
+    pub async fn join(
+        &self,
+        portal_groups: Vec<PortalGroup>,
+        ttl: Duration,
+        margin: Duration,
+    ) -> Result<Gateway, Error> {
+        if margin >= ttl {
+            return Err(Error::Config(format!(
+                "safety margin {margin:?} is not below the lease TTL {ttl:?}"
+            )));
+        }
+        let name = self.gateway().to_owned();
+        let sent = Instant::now();
+        let ttl_secs = ttl.as_secs().max(1) as i64;
+        let grant = self
+            .call_write("granting lease", |mut c| async move {
+                c.lease_grant(ttl_secs, None).await
+            })
+            .await?;
+        let lease = grant.id();
+        // etcd may raise the TTL to its minimum; never lower it.
+        let granted = Duration::from_secs(grant.ttl().max(ttl_secs) as u64);
+        let key = self.keys().gateway(&name);
+        let record = GatewayRecord {
+            format: GATEWAY_FORMAT.into(),
+            name: name.clone(),
+            portal_groups,
+            ttl_secs: granted.as_secs() as i64,
+        };
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let t = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let registered = self.call_write("registering gateway", |mut c| {
+            let t = t.clone();
+            async move { c.txn(t).await }
+        });
+        match registered.await {
+            Ok(r) if r.succeeded() => {}
+            other => {
+                let _ = self
+                    .call("revoking lease", |mut c| async move {
+                        c.lease_revoke(lease).await
+                    })
+                    .await;
+                return Err(match other {
+                    Ok(_) => Error::NameInUse(name),
+                    Err(e) => e,
+                });
+            }
+        }
+        let (liveness, _) = watch::channel(Liveness::Fenced { since: sent });
+        let (deadline, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            base: std::time::Instant::now() - Duration::from_secs(1),
+            until_ns: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+            liveness,
+            deadline,
+        });
+        shared.confirm(sent + granted - margin);
+        tracing::info!(gateway = %name, lease = format!("{lease:x}"), ttl = ?granted, margin = ?margin, "gateway joined");
+        let tasks = vec![
+            tokio::spawn(keep_alive(
+                self.clone(),
+                lease,
+                granted,
+                margin,
+                shared.clone(),
+            )),
+            tokio::spawn(fence_timer(shared.clone())),
+        ];
+        Ok(Gateway {
+            cluster: self.clone(),
+            name,
+            lease,
+            ttl: granted,
+            margin,
+            shared,
+            tasks,
+        })
+    }
+
+    /// Every registered gateway (live leases only: keys of expired leases
+    /// are gone).
+    pub async fn gateways(&self) -> Result<Vec<GatewayEntry>, Error> {
+        let prefix = self.keys().gateways();
+        let resp = self
+            .call("listing gateways", |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                let record: GatewayRecord =
+                    serde_json::from_slice(kv.value()).map_err(|e| Error::Corrupt {
+                        key: String::from_utf8_lossy(kv.key()).into_owned(),
+                        reason: e.to_string(),
+                    })?;
+                Ok(GatewayEntry {
+                    record,
+                    lease: kv.lease(),
+                    create_revision: kv.create_revision(),
+                })
+            })
+            .collect()
+    }
+
+    /// The acknowledged revision of `lu` per gateway.
+    pub async fn acks(&self, lu: &LuId) -> Result<Vec<(String, i64)>, Error> {
+        let prefix = self.keys().acks(lu);
+        let resp = self
+            .call("listing acks", |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| parse_ack(&prefix, kv.key(), kv.value()))
+            .collect()
+    }
+}
+
+/// `(gateway, revision)` of an ack key/value under `prefix`.
+pub(crate) fn parse_ack(prefix: &str, key: &[u8], value: &[u8]) -> Result<(String, i64), Error> {
+    let key = String::from_utf8_lossy(key).into_owned();
+    let name = key.strip_prefix(prefix).unwrap_or(&key).to_owned();
+    let rev = std::str::from_utf8(value)
+        .ok()
+        .and_then(|v| v.parse::<i64>().ok())
+        .ok_or_else(|| Error::Corrupt {
+            key: key.clone(),
+            reason: "ack is not a revision number".into(),
+        })?;
+    Ok((name, rev))
+}
+
+impl Gateway {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn lease(&self) -> i64 {
+        self.lease
+    }
+
+    /// The lease TTL etcd granted.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    pub fn safety_margin(&self) -> Duration {
+        self.margin
+    }
+
+    /// May commands on clustered LUs run now? A lock-free check against
+    /// the serving deadline, for the I/O path: false once the deadline
+    /// passed, even if no task got to run since.
+    pub fn may_serve(&self) -> bool {
+        self.shared.may_serve()
+    }
+
+    /// Changes of standing, for the server to stop and resume serving.
+    pub fn liveness(&self) -> watch::Receiver<Liveness> {
+        self.shared.liveness.subscribe()
+    }
+
+    pub fn current(&self) -> Liveness {
+        *self.shared.liveness.borrow()
+    }
+
+    /// Record that this gateway applied revision `revision` of `lu` (and
+    /// finished or aborted the commands the change preempted). The ack
+    /// lives under the lease, so it disappears with it.
+    pub async fn ack(&self, lu: &LuId, revision: i64) -> Result<(), Error> {
+        if self.shared.lost.load(Ordering::SeqCst) {
+            return Err(Error::LeaseLost(self.name.clone()));
+        }
+        let key = self.cluster.keys().ack(lu, &self.name);
+        let lease = self.lease;
+        let r = self
+            .cluster
+            .call_write("writing ack", |mut c| {
+                let key = key.clone();
+                async move {
+                    c.put(
+                        key,
+                        revision.to_string(),
+                        Some(PutOptions::new().with_lease(lease)),
+                    )
+                    .await
+                }
+            })
+            .await;
+        match r {
+            // etcd refuses a put under a lease it no longer has.
+            Err(Error::Etcd(m)) if m.contains("lease not found") => {
+                self.shared.lose();
+                Err(Error::LeaseLost(self.name.clone()))
+            }
+            other => other.map(|_| ()),
+        }
+    }
+
+    /// Stop keeping the lease alive and revoke it: the registration and
+    /// acks disappear at once. Stop serving first.
+    pub async fn leave(mut self) -> Result<(), Error> {
+        self.stop();
+        let lease = self.lease;
+        self.cluster
+            .call("revoking lease", |mut c| async move {
+                c.lease_revoke(lease).await
+            })
+            .await?;
+        tracing::info!(gateway = %self.name, "gateway left");
+        Ok(())
+    }
+
+    /// Stop the keep-alives without revoking: the gateway fences itself
+    /// now and its lease expires after the TTL (what a crash looks like
+    /// to the others).
+    pub fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.shared.fence();
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Send a keep-alive every TTL/3 and confirm the lease with the send time
+/// of each answered one. One outstanding keep-alive at a time, so an
+/// answer belongs to the request just sent.
+async fn keep_alive(
+    cluster: Cluster,
+    lease: i64,
+    ttl: Duration,
+    margin: Duration,
+    shared: Arc<Shared>,
+) {
+    let interval = ttl / 3;
+    let wait = cluster.request_timeout().min(interval);
+    let mut stream = None;
+    let mut stream_at = 0;
+    loop {
+        let sent = Instant::now();
+        let outcome: Result<i64, String> = async {
+            if stream.is_none() {
+                // Opening the stream sends the first keep-alive and waits
+                // for its answer; "lease not found" means it expired.
+                let (i, mut c) = cluster.pick();
+                let s = match tokio::time::timeout(wait, c.lease_keep_alive(lease)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        let e = e.to_string();
+                        if !e.contains("lease not found") {
+                            cluster.failed(i);
+                        }
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        cluster.failed(i);
+                        return Err("keep-alive stream: timeout".into());
+                    }
+                };
+                stream = Some(s);
+                stream_at = i;
+                return Ok(ttl.as_secs() as i64);
+            }
+            let Some((keeper, answers)) = stream.as_mut() else {
+                return Err("no stream".into());
+            };
+            let answered = tokio::time::timeout(wait, async {
+                keeper.keep_alive().await?;
+                answers.message().await
+            })
+            .await;
+            match answered {
+                Err(_) => Err("keep-alive: timeout".into()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(None)) => Err("keep-alive stream closed".into()),
+                Ok(Ok(Some(r))) => Ok(r.ttl()),
+            }
+        }
+        .await;
+        match outcome {
+            Ok(t) if t > 0 => {
+                shared.confirm(sent + Duration::from_secs(t as u64).min(ttl) - margin);
+            }
+            Ok(_) => {
+                tracing::error!(
+                    lease = format!("{lease:x}"),
+                    "gateway lease expired at etcd; stop serving and join again"
+                );
+                shared.lose();
+                return;
+            }
+            Err(e) if e.contains("lease not found") => {
+                tracing::error!(
+                    lease = format!("{lease:x}"),
+                    "gateway lease not found at etcd; stop serving and join again"
+                );
+                shared.lose();
+                return;
+            }
+            Err(e) => {
+                if stream.take().is_some() {
+                    cluster.failed(stream_at);
+                }
+                tracing::warn!(lease = format!("{lease:x}"), error = %e, "keep-alive not confirmed");
+            }
+        }
+        // Retry sooner after a failure, but never more than every 100 ms.
+        let next = if stream.is_some() {
+            sent + interval
+        } else {
+            sent + Duration::from_millis(100).max(interval / 4)
+        };
+        tokio::time::sleep_until(next).await;
+    }
+}
+
+/// Turn Serving into Fenced when the deadline passes without renewal.
+async fn fence_timer(shared: Arc<Shared>) {
+    let mut deadline = shared.deadline.subscribe();
+    loop {
+        let current = *deadline.borrow_and_update();
+        match current {
+            Some(until) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => {
+                        // Renewed in the meantime?
+                        if *deadline.borrow() == Some(until) && !shared.may_serve() {
+                            tracing::warn!("lease in doubt: gateway fenced");
+                            shared.fence();
+                        }
+                    }
+                    r = deadline.changed() => if r.is_err() { return },
+                }
+            }
+            None => {
+                if deadline.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}

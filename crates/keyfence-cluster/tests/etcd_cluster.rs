@@ -1,0 +1,507 @@
+//! keyfence-cluster against a real three-member etcd cluster on loopback
+//! (Debian's etcd-server; the tests fail if it is missing).
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use keyfence_cluster::{
+    Change, Cluster, ClusterConfig, ClusterPrStore, Error, Liveness, LuEvent, LuId, PortalGroup,
+};
+use keyfence_pr::{PrState, PrStore, Registration, StoreError};
+use keyfence_scsi::sense::asc;
+use keyfence_scsi::{InitiatorPort, Nexus, TargetPort};
+use keyfence_testkit::etcd::EtcdCluster;
+use tokio::time::{timeout, Instant};
+
+const TTL: Duration = Duration::from_secs(2);
+const MARGIN: Duration = Duration::from_millis(500);
+
+fn config(etcd: &EtcdCluster, gateway: &str) -> ClusterConfig {
+    ClusterConfig {
+        lease_ttl_secs: TTL.as_secs(),
+        safety_margin_ms: MARGIN.as_millis() as u64,
+        request_timeout_ms: 1000,
+        prefix: "/kftest".into(),
+        ..ClusterConfig::new(etcd.endpoints(), gateway)
+    }
+}
+
+async fn connect(etcd: &EtcdCluster, gateway: &str) -> Cluster {
+    Cluster::connect(&config(etcd, gateway))
+        .await
+        .expect("connect to etcd")
+}
+
+fn nexus(initiator: &str, isid: u64) -> Nexus {
+    Nexus::new(
+        InitiatorPort::new(initiator, isid),
+        TargetPort::new("iqn.2026-11.io.keyfence:t", 1, 1),
+    )
+}
+
+/// A change that registers one more nexus and bumps PRgeneration, with a
+/// unit attention for the first registrant.
+fn register(s: &PrState, initiator: &str, key: u64) -> Change {
+    let mut next = s.clone();
+    next.generation = next.generation.wrapping_add(1);
+    next.registrations.push(Registration {
+        nexus: nexus(initiator, key),
+        key,
+        all_tg_pt: false,
+    });
+    Change {
+        unit_attentions: s
+            .registrations
+            .first()
+            .map(|r| (Some(r.nexus.clone()), asc::REGISTRATIONS_PREEMPTED))
+            .into_iter()
+            .collect(),
+        state: next,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_never_lose_an_update_and_the_store_really_compares() {
+    let etcd = EtcdCluster::start(3);
+    let lu = LuId::for_lun("iqn.2026-11.io.keyfence:t", 0).unwrap();
+    const WRITERS: u64 = 4;
+    const EACH: u64 = 8;
+    let mut tasks = Vec::new();
+    for w in 0..WRITERS {
+        // A separate connection per writer, like separate gateways.
+        let c = connect(&etcd, &format!("w{w}")).await;
+        let lu = lu.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let key = (w << 8) | (i + 1);
+                let init = format!("iqn.w{w}");
+                c.update(&lu, |s| Ok::<_, String>(register(&s.state, &init, key)))
+                    .await
+                    .unwrap_or_else(|e| panic!("writer {w} update {i}: {e}"));
+            }
+        }));
+    }
+    for t in tasks {
+        timeout(Duration::from_secs(60), t)
+            .await
+            .expect("writers bounded")
+            .unwrap();
+    }
+    let c = connect(&etcd, "check").await;
+    let st = c.read(&lu).await.unwrap();
+    assert_eq!(
+        u64::from(st.state.generation),
+        WRITERS * EACH,
+        "an update was lost"
+    );
+    assert_eq!(st.seq, WRITERS * EACH);
+    let keys: BTreeSet<u64> = st.state.registrations.iter().map(|r| r.key).collect();
+    let want: BTreeSet<u64> = (0..WRITERS)
+        .flat_map(|w| (1..=EACH).map(move |i| (w << 8) | i))
+        .collect();
+    assert_eq!(keys, want);
+    // Every change but the first logged one unit attention.
+    assert_eq!(st.unit_attentions.len() as u64, WRITERS * EACH - 1);
+
+    // A commit on a stale base is a conflict, not an overwrite.
+    let mut stale = st.clone();
+    stale.revision -= 1;
+    match c
+        .commit(&lu, &stale, Change::from(PrState::default()))
+        .await
+    {
+        Err(Error::Conflict {
+            expected, found, ..
+        }) => assert_eq!((expected, found), (st.revision - 1, st.revision)),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(c.read(&lu).await.unwrap().state, st.state);
+
+    // The synchronous PrStore over it, from a blocking thread.
+    let store = ClusterPrStore::new(c.clone(), lu.clone(), tokio::runtime::Handle::current());
+    let s2 = store.clone();
+    let expect_state = st.state.clone();
+    let rev = st.revision as u64;
+    tokio::task::spawn_blocking(move || {
+        let (v, loaded) = s2.load().unwrap().expect("state present");
+        assert_eq!((v, &loaded), (rev, &expect_state));
+        let mut next = loaded.clone();
+        next.generation += 1;
+        let v2 = s2.compare_and_swap(v, Some(&next)).unwrap();
+        assert!(v2 > v);
+        // The old version again: refused, and nothing overwritten.
+        match s2.compare_and_swap(v, Some(&PrState::default())) {
+            Err(StoreError::VersionMismatch { expected, found }) => {
+                assert_eq!((expected, found), (v, v2))
+            }
+            other => panic!("expected a version mismatch, got {other:?}"),
+        }
+        assert_eq!(s2.load().unwrap().unwrap(), (v2, next));
+        // Removal compares too.
+        assert!(matches!(
+            s2.compare_and_swap(v, None),
+            Err(StoreError::VersionMismatch { .. })
+        ));
+        assert_eq!(s2.compare_and_swap(v2, None).unwrap(), 0);
+        assert_eq!(s2.load().unwrap(), None);
+    })
+    .await
+    .unwrap();
+    // On a runtime thread the blocking store refuses instead of stalling.
+    match store.load() {
+        Err(StoreError::Io(m)) => assert!(m.contains("tokio worker thread"), "{m}"),
+        other => panic!("expected a refusal on a runtime thread, got {other:?}"),
+    }
+}
+
+/// Collect `n` events, tolerating (bounded) transient errors.
+async fn collect(w: &mut keyfence_cluster::LuWatch, n: usize) -> Vec<LuEvent> {
+    let mut out = Vec::new();
+    let mut errors = 0;
+    while out.len() < n {
+        match timeout(Duration::from_secs(10), w.next())
+            .await
+            .expect("watch event within 10 s")
+        {
+            Ok(ev) => out.push(ev),
+            Err(e) => {
+                errors += 1;
+                assert!(errors < 20, "watch keeps failing: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_delivers_every_revision_in_order_across_member_loss_and_resyncs_after_compaction() {
+    let mut etcd = EtcdCluster::start(3);
+    let lu = LuId::new("lu-watch").unwrap();
+    let reader = connect(&etcd, "reader").await;
+    let writer = connect(&etcd, "writer").await;
+    let start = reader.read(&lu).await.unwrap();
+    assert_eq!(start.revision, 0);
+    let mut w = reader.watch_lu(&lu, start.read_at);
+    let mut old = reader.watch_lu(&lu, start.read_at);
+
+    let mut committed = Vec::new();
+    for i in 0..20u64 {
+        let c = writer
+            .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.x", i + 1)))
+            .await
+            .unwrap();
+        committed.push(c.state.clone());
+    }
+    let evs = collect(&mut w, 20).await;
+    let got: Vec<(i64, u64)> = evs
+        .iter()
+        .map(|e| match e {
+            LuEvent::Changed(s) => (s.revision, s.seq),
+            LuEvent::Resync(s) => panic!("unexpected resync at {}", s.revision),
+        })
+        .collect();
+    let want: Vec<(i64, u64)> = committed.iter().map(|s| (s.revision, s.seq)).collect();
+    assert_eq!(got, want, "watch skipped or reordered a revision");
+    assert_eq!(
+        evs.last().unwrap().state().state,
+        committed.last().unwrap().state
+    );
+
+    // kill -9 one member: writes and the watch go on, in order.
+    etcd.kill(0);
+    let mut more = Vec::new();
+    for i in 20..26u64 {
+        let c = writer
+            .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.x", i + 1)))
+            .await
+            .expect("update with one member down");
+        more.push((c.state.revision, c.state.seq));
+    }
+    let evs = collect(&mut w, 6).await;
+    let got: Vec<(i64, u64)> = evs
+        .iter()
+        .map(|e| (e.state().revision, e.state().seq))
+        .collect();
+    assert_eq!(got, more);
+
+    // Compact the history the second watch still needs: it resyncs with
+    // a full read of the latest state.
+    let now = reader.read(&lu).await.unwrap();
+    let mut c = reader.client();
+    c.compact(now.read_at, None).await.expect("compact");
+    match timeout(Duration::from_secs(10), old.next())
+        .await
+        .expect("bounded")
+    {
+        Ok(LuEvent::Resync(s)) => {
+            assert_eq!((s.revision, s.seq), (now.revision, 26));
+            assert_eq!(old.next_revision(), s.read_at + 1);
+        }
+        other => panic!("expected a resync after compaction, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_fences_itself_before_its_lease_can_expire() {
+    let etcd = EtcdCluster::start(3);
+    let c = connect(&etcd, "gw-frozen").await;
+    let gw = c
+        .join(
+            vec![PortalGroup {
+                tpgt: 1,
+                portals: vec!["127.0.0.1:3260".into()],
+            }],
+            TTL,
+            MARGIN,
+        )
+        .await
+        .unwrap();
+    assert!(gw.may_serve());
+    let names: Vec<String> = c
+        .gateways()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.record.name)
+        .collect();
+    assert_eq!(names, ["gw-frozen"]);
+    // Several keep-alive rounds: still serving, deadline moving forward.
+    let Liveness::Serving { until: first } = gw.current() else {
+        panic!("not serving after join")
+    };
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    let Liveness::Serving { until: later } = gw.current() else {
+        panic!("keep-alive did not hold the lease")
+    };
+    assert!(later > first, "deadline did not advance");
+
+    // Freeze the whole etcd cluster: no keep-alive can be confirmed.
+    let mut live = gw.liveness();
+    let stopped = Instant::now();
+    for i in 0..3 {
+        etcd.freeze(i);
+    }
+    let Liveness::Serving { until } = gw.current() else {
+        panic!("fenced too early")
+    };
+    // The deadline comes from a keep-alive sent before the freeze, so it
+    // ends at least the margin before the lease could expire at etcd.
+    assert!(
+        until <= stopped + TTL - MARGIN,
+        "deadline beyond TTL - margin"
+    );
+    let fenced = timeout(TTL + Duration::from_secs(2), async {
+        loop {
+            if !gw.may_serve() {
+                return Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("gateway never stopped serving");
+    assert!(
+        fenced <= stopped + TTL - MARGIN + Duration::from_millis(100),
+        "stopped serving too late"
+    );
+    timeout(Duration::from_secs(2), async {
+        while !matches!(*live.borrow_and_update(), Liveness::Fenced { .. }) {
+            live.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("no Fenced signal");
+
+    for i in 0..3 {
+        etcd.thaw(i);
+    }
+    // Thawed: either the lease is confirmed again (it had not expired)
+    // or etcd reports it gone; never left in between.
+    let settled = timeout(Duration::from_secs(15), async {
+        loop {
+            let now = *live.borrow_and_update();
+            match now {
+                Liveness::Serving { .. } | Liveness::Lost => return now,
+                Liveness::Fenced { .. } => live.changed().await.unwrap(),
+            }
+        }
+    })
+    .await
+    .expect("liveness did not settle after thaw");
+    if settled == Liveness::Lost {
+        assert!(!gw.may_serve());
+        let c2 = connect(&etcd, "probe").await;
+        assert!(
+            c2.gateways().await.unwrap().is_empty(),
+            "lost lease but key still there"
+        );
+    } else {
+        assert!(gw.may_serve());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_error() {
+    let mut etcd = EtcdCluster::start(3);
+    let lu = LuId::new("lu-fence").unwrap();
+    let c = connect(&etcd, "gw1").await;
+    let pg = |t| {
+        vec![PortalGroup {
+            tpgt: t,
+            portals: vec![],
+        }]
+    };
+    let g1 = c.join(pg(1), TTL, MARGIN).await.unwrap();
+    let g2 = c
+        .as_gateway("gw2")
+        .unwrap()
+        .join(pg(2), TTL, MARGIN)
+        .await
+        .unwrap();
+    let mut g3 = c
+        .as_gateway("gw3")
+        .unwrap()
+        .join(pg(3), TTL, MARGIN)
+        .await
+        .unwrap();
+    // A second gateway cannot take a live name.
+    assert!(matches!(
+        c.as_gateway("gw2").unwrap().join(pg(9), TTL, MARGIN).await,
+        Err(Error::NameInUse(_))
+    ));
+
+    // 1. Every gateway acks: the wait ends with all of them acked.
+    let r1 = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.a", 1)))
+        .await
+        .unwrap()
+        .state
+        .revision;
+    let waiter = {
+        let (c, lu) = (c.clone(), lu.clone());
+        tokio::spawn(async move {
+            c.wait_applied(&lu, r1, Instant::now() + Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "returned before any ack");
+    for g in [&g1, &g2] {
+        g.ack(&lu, r1).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!waiter.is_finished(), "returned before gw3 acked");
+    let t = Instant::now();
+    g3.ack(&lu, r1).await.unwrap();
+    let done = timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("bounded")
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.acked, ["gw1", "gw2", "gw3"]);
+    assert!(done.gone.is_empty());
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let mut acks = c.acks(&lu).await.unwrap();
+    acks.sort();
+    assert_eq!(
+        acks,
+        [("gw1".into(), r1), ("gw2".into(), r1), ("gw3".into(), r1)]
+    );
+
+    // 2. gw3 stops keeping its lease alive and never acks: it stops
+    // serving at once; the wait times out while its lease lives, and ends
+    // once etcd expired it.
+    g3.stop();
+    assert!(!g3.may_serve());
+    let r2 = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.b", 2)))
+        .await
+        .unwrap()
+        .state
+        .revision;
+    g1.ack(&lu, r2).await.unwrap();
+    g2.ack(&lu, r2).await.unwrap();
+    match c
+        .wait_applied(&lu, r2, Instant::now() + Duration::from_millis(300))
+        .await
+    {
+        Err(Error::NotApplied { pending, .. }) => assert_eq!(pending, ["gw3"]),
+        other => panic!("expected NotApplied, got {other:?}"),
+    }
+    let t = Instant::now();
+    let done = c
+        .wait_applied(&lu, r2, Instant::now() + TTL * 4)
+        .await
+        .unwrap();
+    assert_eq!(
+        (done.acked.as_slice(), done.gone.as_slice()),
+        (
+            &["gw1".to_string(), "gw2".to_string()][..],
+            &["gw3".to_string()][..]
+        )
+    );
+    assert!(
+        t.elapsed() < TTL * 3,
+        "waited {:?} for an expired lease",
+        t.elapsed()
+    );
+    let names: Vec<String> = c
+        .gateways()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|g| g.record.name)
+        .collect();
+    assert_eq!(names, ["gw1", "gw2"]);
+    // The expired lease took its ack along.
+    assert!(c.acks(&lu).await.unwrap().iter().all(|(n, _)| n != "gw3"));
+
+    // 3. kill -9 one etcd member: commits, acks, waits and keep-alives go on.
+    etcd.kill(0);
+    let r3 = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.c", 3)))
+        .await
+        .expect("update with a member down");
+    let r3 = r3.state.revision;
+    g1.ack(&lu, r3).await.unwrap();
+    g2.ack(&lu, r3).await.unwrap();
+    let done = c
+        .wait_applied(&lu, r3, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(done.acked, ["gw1", "gw2"]);
+    tokio::time::sleep(TTL + Duration::from_millis(500)).await;
+    assert!(
+        g1.may_serve() && g2.may_serve(),
+        "lease lost with two of three members up"
+    );
+
+    // 4. Quorum loss: a clear, typed error within a bounded time, and the
+    // gateways stop serving before their leases could expire.
+    etcd.kill(1);
+    let t = Instant::now();
+    let e = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.d", 4)))
+        .await
+        .expect_err("update without quorum");
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "quorum loss took {:?} to report",
+        t.elapsed()
+    );
+    match &e {
+        keyfence_cluster::UpdateError::Cluster(e) => {
+            assert!(e.is_unavailable(), "not an unavailability: {e:?}")
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
+    let stopped = timeout(TTL + Duration::from_secs(1), async {
+        while g1.may_serve() || g2.may_serve() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(stopped.is_ok(), "gateways kept serving without quorum");
+    assert!(c.read(&lu).await.unwrap_err().is_unavailable());
+}
