@@ -26,12 +26,75 @@ pub enum BackendError {
     },
     #[error("{path}: not a regular file or block device")]
     NotAFileOrDevice { path: PathBuf },
+    /// Another process (or another open of this process) already serves it.
+    #[error("{path}: in use by {}", holder_text(*.holder))]
+    Locked { path: PathBuf, holder: Option<u32> },
     #[error("{path}: size {size} is not a multiple of the block size {block_size}")]
     Unaligned {
         path: PathBuf,
         size: u64,
         block_size: u32,
     },
+}
+
+fn holder_text(pid: Option<u32>) -> String {
+    match pid {
+        Some(p) => format!("another process (pid {p}) that holds its lock"),
+        None => "another process that holds its lock".to_string(),
+    }
+}
+
+/// Take an advisory `flock` on `file` without blocking: exclusive, or
+/// shared with `shared`. `Ok(false)` when another open file description
+/// holds a conflicting lock. The lock lives as long as the open file.
+pub fn try_flock(file: &File, shared: bool) -> io::Result<bool> {
+    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
+    loop {
+        // SAFETY: flock only takes an fd, owned by `file` and open for the
+        // duration of the call, and an integer operation.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), op) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            Some(libc::EINTR) => continue,
+            _ => return Err(e),
+        }
+    }
+}
+
+/// The pid of a process holding a `flock` on the inode of `file`, from
+/// `/proc/locks` (other than this process), if one can be told.
+pub fn flock_holder(file: &File) -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata().ok()?;
+    // /proc/locks names the inode as MAJOR:MINOR:INODE (hex major/minor).
+    let (maj, min) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+    let want = format!("{maj:02x}:{min:02x}:{}", meta.ino());
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let me = std::process::id();
+    let mut fallback = None;
+    for line in text.lines() {
+        // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let Some(i) = f.iter().position(|x| *x == "FLOCK") else {
+            continue;
+        };
+        let (Some(pid), Some(id)) = (f.get(i + 3), f.get(i + 4)) else {
+            continue;
+        };
+        if *id != want {
+            continue;
+        }
+        match pid.parse::<u32>() {
+            Ok(p) if p != me => return Some(p),
+            Ok(p) => fallback = Some(p),
+            Err(_) => {}
+        }
+    }
+    fallback
 }
 
 /// Byte-addressed block storage. All methods may be called concurrently.
@@ -91,22 +154,44 @@ impl FileBackend {
     /// Open `path`. A missing regular file is created sparse with `size`
     /// bytes (which is then required); an existing file or device keeps its
     /// size.
+    ///
+    /// The file is locked for as long as the backend lives, so that two
+    /// targets never serve one medium (a split brain of the target
+    /// itself): an exclusive `flock` when writable, a shared one when
+    /// read-only (several read-only exports may share it, none alongside a
+    /// writer). A writable block device is also opened `O_EXCL`, which the
+    /// kernel refuses while the device is mounted or held exclusively by
+    /// anyone else. A conflict is [`BackendError::Locked`], naming the
+    /// holder's pid when `/proc/locks` tells it.
     pub fn open(path: &Path, size: Option<u64>, read_only: bool) -> Result<Self, BackendError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let io_err = |source| BackendError::Io {
             path: path.to_owned(),
             source,
         };
         let exists = path.exists();
+        let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
         let file = if read_only {
             OpenOptions::new().read(true).open(path).map_err(io_err)?
         } else {
-            OpenOptions::new()
-                .read(true)
+            let mut o = OpenOptions::new();
+            o.read(true)
                 .write(true)
                 .create(!exists && size.is_some())
-                .truncate(false)
-                .open(path)
-                .map_err(io_err)?
+                .truncate(false);
+            if is_dev {
+                o.custom_flags(libc::O_EXCL);
+            }
+            o.open(path).map_err(|e| {
+                if is_dev && e.raw_os_error() == Some(libc::EBUSY) {
+                    BackendError::Locked {
+                        path: path.to_owned(),
+                        holder: None,
+                    }
+                } else {
+                    io_err(e)
+                }
+            })?
         };
         let meta = file.metadata().map_err(io_err)?;
         let ft = meta.file_type();
@@ -114,6 +199,12 @@ impl FileBackend {
         if !ft.is_file() && !is_block_device {
             return Err(BackendError::NotAFileOrDevice {
                 path: path.to_owned(),
+            });
+        }
+        if !try_flock(&file, read_only).map_err(io_err)? {
+            return Err(BackendError::Locked {
+                path: path.to_owned(),
+                holder: flock_holder(&file),
             });
         }
         let len = if is_block_device {
@@ -515,6 +606,34 @@ impl BlockBackend for MemBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_backing_file_is_served_by_one_backend_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.img");
+        let a = FileBackend::open(&p, Some(1 << 20), false).unwrap();
+        match FileBackend::open(&p, Some(1 << 20), false) {
+            Err(BackendError::Locked { holder, .. }) => {
+                assert_eq!(holder, Some(std::process::id()))
+            }
+            other => panic!("second writable open: {other:?}"),
+        }
+        let e = FileBackend::open(&p, None, true).unwrap_err();
+        assert!(
+            e.to_string().contains(&format!("pid {}", std::process::id())),
+            "{e}"
+        );
+        drop(a);
+        // Released with the backend; read-only exports may share.
+        let r1 = FileBackend::open(&p, None, true).unwrap();
+        let r2 = FileBackend::open(&p, None, true).unwrap();
+        assert!(matches!(
+            FileBackend::open(&p, None, false),
+            Err(BackendError::Locked { .. })
+        ));
+        drop((r1, r2));
+        FileBackend::open(&p, None, false).unwrap();
+    }
 
     #[test]
     fn file_backend_read_vec_matches_read_at() {

@@ -48,7 +48,7 @@ fn run(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], out: &[u8]) -> CommandOutcome {
 
 fn ready(lu: &LogicalUnit, n: &Nexus) {
     let o = run(lu, n, &[0; 6], &[]);
-    assert_eq!(o.sense.unwrap().code(), asc::POWER_ON_OCCURRED);
+    assert_eq!(o.sense.unwrap().code(), crate::ua::NEW_NEXUS_UA);
     assert_eq!(run(lu, n, &[0; 6], &[]).status, ScsiStatus::Good);
 }
 
@@ -95,7 +95,7 @@ fn unit_attention_gate() {
     let rs = run(&lu, &n, &[0x03, 0, 0, 0, 252, 0], &[]);
     let s = Sense::parse(good(&rs)).unwrap();
     assert_eq!(s.key, SenseKey::UnitAttention);
-    assert_eq!(s.code(), asc::POWER_ON_OCCURRED);
+    assert_eq!(s.code(), crate::ua::NEW_NEXUS_UA);
     good(&run(&lu, &n, &[0; 6], &[]));
     // Then REQUEST SENSE says NO SENSE; DESC=1 gives descriptor format.
     let rs = run(&lu, &n, &[0x03, 1, 0, 0, 252, 0], &[]);
@@ -721,7 +721,7 @@ fn report_luns_and_no_lu() {
     assert_eq!(&d[16..24], &[0, 3, 0, 0, 0, 0, 0, 0]);
     assert_eq!(&d[24..32], &[0x41, 0x2c, 0, 0, 0, 0, 0, 0]);
     // REPORT LUNS does not consume the pending unit attention.
-    assert_eq!(lu.unit_attentions().peek(&n), Some(asc::POWER_ON_OCCURRED));
+    assert_eq!(lu.unit_attentions().peek(&n), Some(crate::ua::NEW_NEXUS_UA));
     // Well-known LUs only: none.
     let mut c1 = c;
     c1[2] = 1;

@@ -22,6 +22,15 @@ const QUEUE_MAX: usize = 16;
 /// Nexuses remembered after they are gone, to report I_T NEXUS LOSS.
 const LOST_MAX: usize = 4096;
 
+/// The unit attention a new I_T nexus sees first: POWER ON, RESET, OR BUS
+/// DEVICE RESET OCCURRED (29h/00h). SAM-5 has a new I_T nexus report a
+/// power-on condition; SPC-4 lets a device server report any of the 29h
+/// events with the generic 00h qualifier, and that is what tgt reports.
+/// Initiator tools key on it: libiscsi's retry after a unit attention
+/// recognises 29h/00h but not the specific POWER ON OCCURRED (29h/01h), so
+/// `iscsi-ls -s` failed on its first TEST UNIT READY with 29h/01h.
+pub const NEW_NEXUS_UA: Asc = asc::POWER_ON_RESET_OR_BUS_DEVICE_RESET;
+
 #[derive(Debug, Default)]
 pub(crate) struct NexusUa {
     pending: AtomicBool,
@@ -113,8 +122,8 @@ impl UnitAttentions {
         Self::default()
     }
 
-    /// The state of `nexus`, creating it with POWER ON OCCURRED when the
-    /// nexus is new to this LU.
+    /// The state of `nexus`, creating it with a power-on unit attention
+    /// when the nexus is new to this LU (see [`NEW_NEXUS_UA`]).
     pub(crate) fn entry(&self, nexus: &Nexus) -> Arc<NexusUa> {
         if let Some(e) = self.map.load().get(nexus) {
             if !e.active.load(Ordering::Acquire) {
@@ -134,14 +143,14 @@ impl UnitAttentions {
         }
         let e = Arc::new(NexusUa::default());
         e.active.store(true, Ordering::Release);
-        e.push(asc::POWER_ON_OCCURRED);
+        e.push(NEW_NEXUS_UA);
         next.insert(nexus.clone(), e.clone());
         self.map.store(Arc::new(next));
         e
     }
 
     /// Take (clear) the oldest unit attention pending for `nexus`. A nexus
-    /// never seen before has POWER ON OCCURRED pending.
+    /// never seen before has [`NEW_NEXUS_UA`] pending.
     pub fn take(&self, nexus: &Nexus) -> Option<Asc> {
         self.entry(nexus).take()
     }
@@ -157,7 +166,7 @@ impl UnitAttentions {
     }
 
     /// Queue `code` for the nexuses in `scope`. Nexuses this LU has not
-    /// seen yet get POWER ON OCCURRED when they appear, which supersedes.
+    /// seen yet get [`NEW_NEXUS_UA`] when they appear, which supersedes.
     pub fn queue(&self, scope: UaScope<'_>, code: Asc) {
         if let UaScope::Nexus(n) = scope {
             self.entry(n).push(code);
@@ -270,8 +279,12 @@ mod tests {
     fn new_nexus_reports_power_on_once() {
         let ua = UnitAttentions::new();
         let a = nexus("iqn.a", 1);
-        assert_eq!(ua.take(&a), Some(asc::POWER_ON_OCCURRED));
+        // 29h/00h, not 29h/01h: libiscsi's tools retry only on the former.
+        assert_eq!(ua.take(&a), Some(Asc(0x29, 0x00)));
         assert_eq!(ua.take(&a), None);
+        // A second nexus of the same initiator is new too.
+        let a2 = nexus("iqn.a", 2);
+        assert_eq!(ua.peek(&a2), Some(Asc(0x29, 0x00)));
     }
 
     #[test]

@@ -36,7 +36,8 @@ const IQN: &str = "iqn.2026-11.io.keyfence:e2e";
 const BLOCK: usize = 512;
 
 /// ASC/ASCQ pairs of the unit attentions the tests expect.
-const POWER_ON: (u8, u8) = (0x29, 0x01);
+/// New I_T nexus: POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
+const POWER_ON: (u8, u8) = (0x29, 0x00);
 const NEXUS_LOSS: (u8, u8) = (0x29, 0x07);
 const RESERVATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x03);
 const RESERVATIONS_RELEASED: (u8, u8) = (0x2a, 0x04);

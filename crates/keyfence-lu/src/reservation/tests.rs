@@ -162,7 +162,7 @@ fn preempt_and_abort_queues_uas_and_aborts() {
     let (a, b, x) = (nexus("iqn.a", 1), nexus("iqn.b", 1), nexus("iqn.c", 1));
     for n in [&a, &b, &x] {
         // Consume the POWER ON OCCURRED of a new nexus.
-        assert_eq!(ua.take(n), Some(asc::POWER_ON_OCCURRED));
+        assert_eq!(ua.take(n), Some(crate::ua::NEW_NEXUS_UA));
     }
     out(&r, &a, PrOutAction::Register, None, keyed(0, 1, false));
     out(&r, &b, PrOutAction::Register, None, keyed(0, 2, false));
