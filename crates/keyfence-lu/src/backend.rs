@@ -620,7 +620,8 @@ mod tests {
         }
         let e = FileBackend::open(&p, None, true).unwrap_err();
         assert!(
-            e.to_string().contains(&format!("pid {}", std::process::id())),
+            e.to_string()
+                .contains(&format!("pid {}", std::process::id())),
             "{e}"
         );
         drop(a);

@@ -36,7 +36,8 @@
 //!
 //! [[target.lun]]
 //! id = 0
-//! path = "lun0.img"                   # or: device = "/dev/sdX"
+//! path = "lun0.img"                   # or: device = "/dev/sdX"; absolute or
+//!                                     # relative to data_dir, no '..'
 //! size = "1G"                         # for a file that does not exist yet
 //! block_size = 512                    # 512 or 4096
 //! read_only = false
@@ -330,7 +331,9 @@ impl fmt::Display for Secret {
 #[serde(deny_unknown_fields)]
 pub struct LunConfig {
     pub id: u16,
-    /// Backing file, relative to the data directory unless absolute.
+    /// Backing file, relative to the data directory unless absolute. A
+    /// path with a `..` component is refused: a relative path stays inside
+    /// the data directory; an absolute one is an explicit choice.
     #[serde(default)]
     pub path: Option<PathBuf>,
     /// Backing block device.
@@ -396,6 +399,11 @@ impl std::str::FromStr for ByteSize {
         let t = s.trim();
         let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
         let (num, unit) = t.split_at(digits_end);
+        if t.starts_with('-') {
+            return Err(format!(
+                "size '{s}' is negative; give a positive number of bytes or 512M, 1G, ..."
+            ));
+        }
         if num.is_empty() {
             return Err(format!("size '{s}' does not start with a number"));
         }
@@ -575,12 +583,8 @@ impl Config {
             }
             let mut addrs = Vec::with_capacity(t.portals.len());
             for p in &t.portals {
-                let a: SocketAddr = p.parse().map_err(|_| {
-                    invalid(format!(
-                        "target '{}': portal '{p}' is not IP:PORT (IPv6 as [addr]:port)",
-                        t.name
-                    ))
-                })?;
+                let a = parse_portal(p)
+                    .map_err(|m| invalid(format!("target '{}': portal {m}", t.name)))?;
                 if a.port() != 0 && addrs.contains(&a) {
                     return Err(invalid(format!(
                         "target '{}': portal {a} is listed twice",
@@ -601,6 +605,9 @@ impl Config {
                 }
                 if !ids.insert(l.id) {
                     return Err(invalid(format!("{what} is configured twice")));
+                }
+                if let Some(p) = &l.path {
+                    check_lun_path(p).map_err(|m| invalid(format!("{what}: {m}")))?;
                 }
                 if l.path.is_some() && l.device.is_some() {
                     return Err(invalid(format!(
@@ -693,6 +700,53 @@ impl Config {
         }
         out
     }
+}
+
+/// Parse a portal address `IP:PORT` (IPv6 as `[addr]:port`), saying
+/// precisely what is wrong with a bad one.
+pub fn parse_portal(p: &str) -> Result<SocketAddr, String> {
+    if let Ok(a) = p.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    let (host, port) = match p.rsplit_once(':') {
+        Some((h, port)) if !h.is_empty() && !(h.contains(':') && !h.starts_with('[')) => (h, port),
+        _ => {
+            return Err(format!(
+                "'{p}' is not IP:PORT (IPv6 as [addr]:port, e.g. 127.0.0.1:3260)"
+            ))
+        }
+    };
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if ip.parse::<std::net::IpAddr>().is_err() {
+        return Err(format!(
+            "'{p}': '{ip}' is not an IP address (give a numeric address, IPv6 as [addr]:port)"
+        ));
+    }
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("'{p}': port '{port}' is not a number"));
+    }
+    Err(format!("'{p}': port {port} is out of range (0-65535)"))
+}
+
+/// A LUN `path` may be relative to the data directory or absolute (an
+/// explicit choice of location); it must not climb out with `..`.
+fn check_lun_path(p: &Path) -> Result<(), String> {
+    if p.as_os_str().is_empty() {
+        return Err("path is empty".to_string());
+    }
+    if p.components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(format!(
+            "path '{}' must not contain '..' (relative paths stay inside data_dir; \
+             give an absolute path for a file elsewhere)",
+            p.display()
+        ));
+    }
+    Ok(())
 }
 
 impl Limits {
@@ -846,6 +900,35 @@ device = "/dev/null"
         assert!(e.contains("must start with iqn."), "{e}");
         let e = err("[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"localhost\"]\n");
         assert!(e.contains("is not IP:PORT"), "{e}");
+        let portal = |p: &str| {
+            err(&format!(
+                "[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"{p}\"]\n[[target.lun]]\nid = 0\n"
+            ))
+        };
+        let e = portal("127.0.0.1:70000");
+        assert!(e.contains("port 70000 is out of range (0-65535)"), "{e}");
+        let e = portal("[::1]:65536");
+        assert!(e.contains("port 65536 is out of range"), "{e}");
+        let e = portal("127.0.0.1:http");
+        assert!(e.contains("port 'http' is not a number"), "{e}");
+        let e = portal("localhost:3260");
+        assert!(e.contains("'localhost' is not an IP address"), "{e}");
+        let e = portal("::1:3260");
+        assert!(e.contains("is not IP:PORT"), "{e}");
+        // A LUN path must not climb out of data_dir; absolute is explicit.
+        for bad in [
+            "../escape.img",
+            "a/../../b.img",
+            "/srv/../etc/x.img",
+            "sub/..",
+        ] {
+            let e = err(&base(&format!("id = 0\npath = \"{bad}\"")));
+            assert!(e.contains("must not contain '..'"), "{bad}: {e}");
+        }
+        assert!(err(&base("id = 0\npath = \"\"")).contains("path is empty"));
+        let ok = "[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"127.0.0.1:1\"]\n\
+                  [[target.lun]]\nid = 0\npath = \"sub/dir/x..y.img\"\n";
+        Config::from_toml(ok, "c.toml").unwrap();
         let e = err("[limits]\nfirst_burst_length = 2000000\nmax_burst_length = 1000000\n");
         assert!(e.contains("first_burst_length must not exceed"), "{e}");
         assert!(err("").contains("no [[target]]"));
@@ -859,6 +942,8 @@ device = "/dev/null"
         assert_eq!("4096".parse::<ByteSize>().unwrap().0, 4096);
         assert!("99999999999T".parse::<ByteSize>().is_err());
         assert!("G".parse::<ByteSize>().is_err());
+        let e = "-5".parse::<ByteSize>().unwrap_err();
+        assert!(e.contains("is negative"), "{e}");
     }
 
     #[test]

@@ -35,7 +35,12 @@ struct Args {
     #[arg(long = "target-name", value_name = "IQN")]
     target_name: Option<String>,
     /// Size of a backing file that has to be created: bytes, or 512M, 1G, ... [default: 1G].
-    #[arg(long = "size", value_name = "BYTES", value_parser = parse_size)]
+    #[arg(
+        long = "size",
+        value_name = "BYTES",
+        value_parser = parse_size,
+        allow_hyphen_values = true
+    )]
     size: Option<ByteSize>,
     /// TOML file describing targets, portals, LUNs and limits.
     #[arg(
@@ -132,11 +137,9 @@ fn config_from_args(args: &Args) -> Result<Config> {
 }
 
 fn serve(args: Args) -> Result<()> {
+    // The server creates (and locks) the data directory once its portals
+    // are bound, and removes what it created if the start fails.
     let cfg = config_from_args(&args)?;
-    if !cfg.data_dir.exists() {
-        std::fs::create_dir_all(&cfg.data_dir)
-            .with_context(|| format!("cannot create data directory {}", cfg.data_dir.display()))?;
-    }
     keyfence_target::server::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -222,6 +225,15 @@ mod tests {
         assert!(config_from_args(&args(&["--target-name", "target0"])).is_err());
         let e = Args::try_parse_from(["keyfence serve", "--size", "1Q"]).unwrap_err();
         assert!(e.to_string().contains("unknown unit"), "{e}");
+        // Not clap's "unexpected argument '-5'".
+        let e = Args::try_parse_from(["keyfence serve", "--size", "-5"]).unwrap_err();
+        assert!(e.to_string().contains("size '-5' is negative"), "{e}");
+        let e = config_from_args(&args(&["--listen", "127.0.0.1:99999"])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("port 99999 is out of range (0-65535)"),
+            "{e}"
+        );
         assert!(Args::try_parse_from([
             "keyfence serve",
             "--config",

@@ -10,11 +10,14 @@
 
 mod budget;
 mod conn;
+mod datadir;
 mod ffp;
 pub mod harness;
 mod login;
 mod session;
 mod wire;
+
+pub use datadir::LOCK_FILE;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -52,6 +55,15 @@ pub enum ServerError {
         target: String,
         lun: u64,
         err: LuError,
+    },
+    #[error(
+        "data directory {} is in use by another keyfence serve{}; stop it or use another data directory",
+        .dir.display(),
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    DataDirInUse {
+        dir: std::path::PathBuf,
+        pid: Option<u32>,
     },
     #[error("cannot create directory for {path}: {err}")]
     DataDir {
@@ -105,8 +117,13 @@ pub(crate) struct Shared {
     pub sessions: std::sync::Mutex<SessionTable>,
     pub connections: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
+<<<<<<< HEAD
     /// Write data held by all sessions (`limits.max_buffered_bytes`).
     pub buffers: Arc<budget::Budget>,
+=======
+    /// Held for as long as anything may touch the data directory.
+    _data_dir_lock: datadir::DataDirLock,
+>>>>>>> 7ba4346 (serve: one server per data dir (flock'ed keyfence.lock with the pid); failed starts remove what they created; config refuses '..' in LUN paths; precise messages for out-of-range ports and negative --size)
 }
 
 impl Shared {
@@ -149,9 +166,30 @@ impl Server {
     /// Open every LUN (creating missing backing files sparse) and bind
     /// every portal. Port 0 binds an ephemeral port; [`Server::portals`]
     /// tells which.
+    ///
+    /// The data directory is created when missing and locked
+    /// ([`LOCK_FILE`], holding this process's pid) for the server's
+    /// lifetime; every backing file is locked too. A second server on the
+    /// same data directory or file fails with an error naming the holder's
+    /// pid. A start that fails removes the directories and files it
+    /// created (directories only when empty).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let mut created = datadir::Created::default();
+        match Self::bind_inner(config, &mut created).await {
+            Ok(s) => Ok(s),
+            Err(e) => {
+                created.undo();
+                Err(e)
+            }
+        }
+    }
+
+    async fn bind_inner(
+        config: Config,
+        created: &mut datadir::Created,
+    ) -> Result<Server, ServerError> {
         // Bind first: SendTargets and the LUs' target ports need the real
-        // addresses.
+        // addresses. Nothing is created on disk before this succeeds.
         let mut listeners: Vec<(TcpListener, ListenerInfo)> = Vec::new();
         let mut portals: Vec<Vec<Portal>> = vec![Vec::new(); config.targets.len()];
         for (want, groups) in listener_plan(&config) {
@@ -166,6 +204,13 @@ impl Server {
             }
             listeners.push((l, ListenerInfo { addr, groups }));
         }
+        created
+            .create_dir_all(&config.data_dir)
+            .map_err(|err| ServerError::DataDir {
+                path: config.data_dir.clone(),
+                err,
+            })?;
+        let data_dir_lock = datadir::DataDirLock::acquire(&config.data_dir, created)?;
         let mut targets = Vec::with_capacity(config.targets.len());
         for (tc, mut tportals) in config.targets.iter().zip(portals) {
             tportals.sort_by_key(|p| p.tpgt);
@@ -188,17 +233,19 @@ impl Server {
                 let (backend, desc) = match lc.backing(&config.data_dir) {
                     Backing::File { path, size } => {
                         if let Some(dir) = path.parent() {
-                            if !dir.as_os_str().is_empty() && !dir.exists() {
-                                std::fs::create_dir_all(dir).map_err(|err| {
-                                    ServerError::DataDir {
-                                        path: path.clone(),
-                                        err,
-                                    }
+                            created
+                                .create_dir_all(dir)
+                                .map_err(|err| ServerError::DataDir {
+                                    path: path.clone(),
+                                    err,
                                 })?;
-                            }
                         }
+                        let existed = path.exists();
                         let b = FileBackend::open(&path, Some(size), lc.read_only)
                             .map_err(backend_err)?;
+                        if !existed {
+                            created.file(path.clone());
+                        }
                         (b, format!("file {}", path.display()))
                     }
                     Backing::Device(path) => {
@@ -252,6 +299,7 @@ impl Server {
             limits: config.limits,
             discovery_chap: config.discovery_chap,
             shutdown: shutdown_rx,
+            _data_dir_lock: data_dir_lock,
         });
         Ok(Server {
             shared,
