@@ -709,7 +709,7 @@ pub fn parse_portal(p: &str) -> Result<SocketAddr, String> {
         return Ok(a);
     }
     let (host, port) = match p.rsplit_once(':') {
-        Some((h, port)) if !h.is_empty() && !(h.contains(':') && !h.starts_with('[')) => (h, port),
+        Some((h, port)) if !h.is_empty() && (!h.contains(':') || h.starts_with('[')) => (h, port),
         _ => {
             return Err(format!(
                 "'{p}' is not IP:PORT (IPv6 as [addr]:port, e.g. 127.0.0.1:3260)"
