@@ -117,13 +117,8 @@ pub(crate) struct Shared {
     pub sessions: std::sync::Mutex<SessionTable>,
     pub connections: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
-<<<<<<< HEAD
     /// Write data held by all sessions (`limits.max_buffered_bytes`).
     pub buffers: Arc<budget::Budget>,
-=======
-    /// Held for as long as anything may touch the data directory.
-    _data_dir_lock: datadir::DataDirLock,
->>>>>>> 7ba4346 (serve: one server per data dir (flock'ed keyfence.lock with the pid); failed starts remove what they created; config refuses '..' in LUN paths; precise messages for out-of-range ports and negative --size)
 }
 
 impl Shared {
@@ -160,6 +155,8 @@ pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<(TcpListener, ListenerInfo)>,
     shutdown_tx: watch::Sender<bool>,
+    /// Held until the server has stopped and flushed.
+    data_dir_lock: datadir::DataDirLock,
 }
 
 impl Server {
@@ -299,12 +296,12 @@ impl Server {
             limits: config.limits,
             discovery_chap: config.discovery_chap,
             shutdown: shutdown_rx,
-            _data_dir_lock: data_dir_lock,
         });
         Ok(Server {
             shared,
             listeners,
             shutdown_tx,
+            data_dir_lock,
         })
     }
 
@@ -370,6 +367,7 @@ impl Server {
             shared,
             listeners,
             shutdown_tx,
+            data_dir_lock,
         } = self;
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         for (l, info) in listeners {
@@ -392,7 +390,9 @@ impl Server {
         {
             warn!("connections still open after 30 s; flushing anyway");
         }
-        flush_all(&shared).await
+        let flushed = flush_all(&shared).await;
+        drop(data_dir_lock);
+        flushed
     }
 }
 
