@@ -8,7 +8,11 @@ prints per-suite and total counts.
 
 Exit status: 0 when no test outside the excluded suites failed (by default
 the PR suites are not excluded: pass --exclude to set them), 1 otherwise,
-2 when the run itself could not be done.
+2 when the run itself could not be done or was not complete: iscsi-test-cu
+killed by a signal, exiting with a status other than CUnit's 0 (no failure)
+or 1 (failures), exiting 1 without a failed test, not reaching the end of
+its run, or fewer tests than --min-tests. The last line printed is always
+`conformance: N passed, N failed, N skipped`.
 """
 
 import argparse
@@ -28,6 +32,13 @@ PR_SUITES = ("Prin", "Prout", "Reserve6")
 TEST_RE = re.compile(r"^  Test: (\S+) \.\.\.(.*)$")
 OUTCOME_RE = re.compile(r"(?:^|\.\.\.)\s*(passed|FAILED)\b")
 SUMMARY_RE = re.compile(r"^\s+tests\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)")
+# iscsi-test-cu prints this after CUnit's run; missing means it never got
+# there (setup error) or died during the run.
+COMPLETED_RE = re.compile(r"^Tests completed with return value: ", re.M)
+# Tests in `--test=ALL` today (191 passed + 39 skipped for keyfence, with the
+# ReadOnly suite from its second pass; tgt reports the same 230). Fewer
+# means suites went missing, not that the target got better.
+ALL_TESTS = 230
 
 
 def parse(text):
@@ -100,10 +111,17 @@ def main():
     ap.add_argument("--json", help="write per-test outcomes here")
     ap.add_argument("--log", help="keep iscsi-test-cu's output here")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--min-tests", type=int, default=None,
+                    help=f"fail when fewer tests ran (default {ALL_TESTS} for --test=ALL, "
+                         "else 1)")
     args = ap.parse_args()
+    if args.min_tests is None:
+        args.min_tests = ALL_TESTS if args.test == "ALL" else 1
+    sys.stdout.reconfigure(line_buffering=True)
 
     if shutil.which("iscsi-test-cu") is None:
-        print("iscsi-test-cu not found: install Debian's libiscsi-bin", file=sys.stderr)
+        print("iscsi-test-cu not found: apt-get install libiscsi-bin", file=sys.stderr)
+        print("conformance: 0 passed, 0 failed, 0 skipped")
         return 2
     excluded = []
     for e in args.exclude:
@@ -119,9 +137,26 @@ def main():
             run = subprocess.run(["iscsi-test-cu", "-d", f"--test={test}", *urls],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  timeout=args.timeout, cwd=workdir)
-            return run.stdout.decode("utf-8", "replace")
+            return run.stdout.decode("utf-8", "replace"), run.returncode
         finally:
             target.stop()
+
+    problems = []
+
+    def check_exit(test, text, rc):
+        """Record why a run of iscsi-test-cu --test=TEST was not a complete run."""
+        outcomes, summary = parse(text)
+        failed = sum(1 for r in outcomes if r[2] == "failed")
+        if rc < 0:
+            problems.append(f"iscsi-test-cu --test={test} was killed by signal {-rc}")
+        elif rc not in (0, 1):
+            problems.append(f"iscsi-test-cu --test={test} exited with status {rc} "
+                            "(neither 0 nor CUnit's 1 for failed tests)")
+        elif rc == 1 and failed == 0 and not (summary and summary["failed"]):
+            problems.append(f"iscsi-test-cu --test={test} exited with status 1 "
+                            "but no test failed")
+        if not COMPLETED_RE.search(text):
+            problems.append(f"iscsi-test-cu --test={test} did not complete its run")
 
     try:
         if args.peer == "keyfence":
@@ -130,7 +165,8 @@ def main():
         else:
             target = TgtTarget(os.path.join(workdir, "rw"), args.size)
         os.makedirs(target.workdir)
-        text = run_suite(target, args.test, 2)
+        text, rc = run_suite(target, args.test, 2)
+        check_exit(args.test, text, rc)
         results, summary = parse(text)
         # The ReadOnly suite only runs against a write-protected LU: give it one.
         if args.peer == "keyfence" and any(r[0] == "ReadOnly" and r[2] == "skipped"
@@ -138,14 +174,16 @@ def main():
             ro = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "ro"),
                                 args.size, read_only=True)
             os.makedirs(ro.workdir)
-            ro_text = run_suite(ro, "ALL.ReadOnly", 1)
+            ro_text, ro_rc = run_suite(ro, "ALL.ReadOnly", 1)
+            check_exit("ALL.ReadOnly", ro_text, ro_rc)
             ro_results, _ = parse(ro_text)
             if ro_results:
                 results = [r for r in results if r[0] != "ReadOnly"] + ro_results
                 text += "\n" + ro_text
                 summary = None
     except (RuntimeError, subprocess.SubprocessError, OSError) as e:
-        print(f"conformance run failed: {e}", file=sys.stderr)
+        print(f"conformance run failed: {e}", file=sys.stderr, flush=True)
+        print("conformance: 0 passed, 0 failed, 0 skipped")
         return 2
     if args.log:
         with open(args.log, "w") as f:
@@ -153,7 +191,8 @@ def main():
 
     if not results:
         print(text[-3000:], file=sys.stderr)
-        print("no test outcomes found in iscsi-test-cu output", file=sys.stderr)
+        print("no test outcomes found in iscsi-test-cu output", file=sys.stderr, flush=True)
+        print("conformance: 0 passed, 0 failed, 0 skipped")
         return 2
     failed_n = sum(1 for r in results if r[2] == "failed")
     if summary and (summary["ran"] != len(results) or summary["failed"] != failed_n):
@@ -188,8 +227,15 @@ def main():
     print(f"\n{args.peer}: {p} passed, {k} skipped, {failed_n} failed of {len(results)}"
           + (f" ({len(blocking)} failures outside excluded suites {','.join(excluded)})"
              if excluded else ""))
+    if len(results) < args.min_tests:
+        problems.append(f"only {len(results)} tests ran, expected at least {args.min_tests}")
+    for why in problems:
+        print(f"error: {why}", file=sys.stderr)
+    sys.stderr.flush()
     print(f"conformance: {p} passed, {failed_n} failed, {k} skipped")
     shutil.rmtree(workdir, ignore_errors=True)
+    if problems:
+        return 2
     return 1 if blocking else 0
 
 

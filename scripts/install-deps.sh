@@ -7,7 +7,8 @@
 set -euo pipefail
 need=()
 command -v iscsi-test-cu >/dev/null || need+=(libiscsi-bin)
-command -v tgtd >/dev/null || need+=(tgt)
+# tgtd and tgtadm live in /usr/sbin, which is not on every user's PATH.
+{ command -v tgtd || [ -x /usr/sbin/tgtd ]; } >/dev/null || need+=(tgt)
 command -v sg_persist >/dev/null || need+=(sg3-utils)
 command -v mpathpersist >/dev/null || need+=(multipath-tools)
 command -v python3 >/dev/null || need+=(python3)

@@ -5,6 +5,7 @@
 # fences it with fence_keyfence and checks the LUN for late writes.
 #
 # Usage: scripts/split-brain.sh [ROUNDS]     (default 100)
+# KEYFENCE_PROFILE selects the cargo profile (default release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-100}"
@@ -12,4 +13,5 @@ case "$rounds" in
   ''|*[!0-9]*) echo "usage: $0 [ROUNDS]" >&2; exit 1 ;;
 esac
 export KEYFENCE_SPLIT_ROUNDS="$rounds"
-exec cargo test --release -p keyfence --test fence_split_brain -- --nocapture
+exec cargo test --profile "${KEYFENCE_PROFILE:-release}" -p keyfence --test fence_split_brain \
+    -- --nocapture

@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Run every keyfence test: installs what the tests need (Debian packages via
-# apt-get when missing), runs the workspace's tests, then libiscsi's
-# conformance suite against `keyfence serve`.
+# apt-get when missing), runs the workspace's tests, the split-brain fencing
+# test, then libiscsi's conformance suite against `keyfence serve`.
+#
+# Everything is built in the `release-checked` profile (Cargo.toml: release
+# plus overflow checks): the binary the scripts start is the one the Rust
+# tests ran against, and the benchmark profile (`release`) is left alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 
-echo "== cargo test --workspace"
-cargo build --release --bin keyfence
-cargo test --workspace --release
+profile=release-checked
+bin="${CARGO_TARGET_DIR:-target}/$profile/keyfence"
+
+echo "== cargo test --workspace --profile $profile"
+cargo build --profile "$profile" --bin keyfence
+cargo test --workspace --profile "$profile"
 
 echo "== split-brain fencing test, 25 rounds (scripts/split-brain.sh N for more)"
-scripts/split-brain.sh 25 2>&1 | grep -E "^split brain|^test |test result"
+KEYFENCE_PROFILE="$profile" scripts/split-brain.sh 25 2>&1 \
+    | grep -E "^split brain|^test |test result"
 
 echo "== libiscsi conformance (iscsi-test-cu -d --test=ALL, two portal groups)"
-python3 scripts/conformance.py --binary target/release/keyfence --log target/conformance.log \
+python3 scripts/conformance.py --binary "$bin" --log target/conformance.log \
     --json target/conformance.json
