@@ -210,6 +210,11 @@ impl Tgtd {
         &self.iqn
     }
 
+    /// PID of the running tgtd.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).expect("tgtd running")
+    }
+
     /// tgtd's control port (`tgtadm -C`).
     pub fn control(&self) -> u16 {
         self.control
