@@ -1,8 +1,10 @@
 """Targets under test for keyfence's scripts: keyfence itself and Debian's tgtd,
 each started on free loopback ports with one file-backed LUN reachable through
-two portal groups, and stopped cleanly."""
+two portal groups, and stopped cleanly. keyfence binds 127.0.0.1:0 and the
+ports are read from its start-up banner; tgtd needs its ports up front."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -29,6 +31,22 @@ def wait_port(port, proc, timeout=30.0):
 
 
 KEYFENCE_IQN = "iqn.2026-11.io.keyfence:test"
+PORTAL_RE = re.compile(r"^  portal (\S+):(\d+) \(TPGT \d+\)$", re.M)
+
+
+def wait_banner(log_path, proc, count, timeout=30.0):
+    """Ports of the first `count` portals `keyfence serve` printed at start-up
+    (it binds 127.0.0.1:0 and prints the port it got)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(log_path, errors="replace") as f:
+            ports = [int(m.group(2)) for m in PORTAL_RE.finditer(f.read())]
+        if len(ports) >= count:
+            return ports[:count]
+        if proc.poll() is not None:
+            raise RuntimeError(f"keyfence serve exited early with status {proc.returncode}")
+        time.sleep(0.05)
+    raise RuntimeError(f"keyfence serve printed no {count} portals within {timeout}s")
 
 
 class KeyfenceTarget:
@@ -41,7 +59,6 @@ class KeyfenceTarget:
         self.proc = None
 
     def start(self):
-        self.ports = [free_port(), free_port()]
         data = os.path.join(self.workdir, "data")
         if self.image:
             os.makedirs(data, exist_ok=True)
@@ -54,7 +71,7 @@ class KeyfenceTarget:
                 with open(img, "wb") as f:  # serve does not create read-only files
                     f.truncate(self.size)
             conf = os.path.join(self.workdir, "keyfence.toml")
-            portals = ", ".join(f'"127.0.0.1:{p}"' for p in self.ports)
+            portals = '"127.0.0.1:0", "127.0.0.1:0"'
             with open(conf, "w") as f:
                 f.write(f'data_dir = "{data}"\n\n[[target]]\nname = "{KEYFENCE_IQN}"\n'
                         f'portals = [{portals}]\n\n[[target.lun]]\nid = 0\n'
@@ -63,12 +80,11 @@ class KeyfenceTarget:
         else:
             args = [self.binary, "serve", "--data-dir", data,
                     "--target-name", KEYFENCE_IQN, "--size", str(self.size)]
-            for p in self.ports:
-                args += ["--listen", f"127.0.0.1:{p}"]
-        self.log = open(os.path.join(self.workdir, "keyfence.log"), "w")
+            args += ["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"]
+        log_path = os.path.join(self.workdir, "keyfence.log")
+        self.log = open(log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        for p in self.ports:
-            wait_port(p, self.proc)
+        self.ports = wait_banner(log_path, self.proc, 2)
         return [f"iscsi://127.0.0.1:{p}/{KEYFENCE_IQN}/0" for p in self.ports]
 
     def stop(self):
