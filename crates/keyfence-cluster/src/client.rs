@@ -5,7 +5,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
+};
 use keyfence_pr::{Applied, PrState};
 use keyfence_scsi::sense::{asc, Asc};
 use keyfence_scsi::Nexus;
@@ -112,7 +114,8 @@ impl std::fmt::Debug for Cluster {
 
 impl Cluster {
     /// Connect with a validated configuration. Fails with
-    /// [`Error::Unavailable`] when no endpoint answers in time.
+    /// [`Error::Unavailable`] when no member answers a linearizable read
+    /// in time (none reachable, or no quorum).
     pub async fn connect(config: &ClusterConfig) -> Result<Cluster, Error> {
         config.validate()?;
         let timeout = config.request_timeout();
@@ -138,8 +141,7 @@ impl Cluster {
         if clients.is_empty() {
             return Err(last.unwrap_or_else(|| Error::Config("no etcd endpoint".into())));
         }
-        tracing::info!(gateway = %config.gateway, endpoints = ?config.endpoints, prefix = %config.prefix, "connected to etcd");
-        Ok(Cluster {
+        let cluster = Cluster {
             pool: Arc::new(Pool {
                 clients,
                 current: AtomicUsize::new(0),
@@ -147,7 +149,53 @@ impl Cluster {
             keys: config.keys(),
             gateway: config.gateway.clone(),
             timeout,
-        })
+        };
+        // Channels connect lazily; one linearizable read proves that a
+        // member answers and the cluster has a quorum.
+        let probe = cluster.keys.gateways();
+        cluster
+            .call("checking etcd", |mut c| {
+                let probe = probe.clone();
+                async move {
+                    c.get(
+                        probe,
+                        Some(GetOptions::new().with_prefix().with_count_only()),
+                    )
+                    .await
+                }
+            })
+            .await?;
+        tracing::info!(gateway = %config.gateway, endpoints = ?config.endpoints, prefix = %config.prefix, "connected to etcd");
+        Ok(cluster)
+    }
+
+    /// The LUs that have a state record.
+    pub async fn lus(&self) -> Result<Vec<LuId>, Error> {
+        let prefix = format!("{}/lu/", self.keys.prefix());
+        let resp = self
+            .call("listing LUs", |mut c| {
+                let prefix = prefix.clone();
+                async move {
+                    c.get(
+                        prefix,
+                        Some(GetOptions::new().with_prefix().with_keys_only()),
+                    )
+                    .await
+                }
+            })
+            .await?;
+        let mut out = Vec::new();
+        for kv in resp.kvs() {
+            let key = String::from_utf8_lossy(kv.key());
+            let id = key
+                .strip_prefix(&prefix)
+                .and_then(|k| k.strip_suffix("/state"));
+            match id.map(LuId::new) {
+                Some(Ok(lu)) => out.push(lu),
+                _ => tracing::warn!(key = %key, "ignoring a key that is not an LU state"),
+            }
+        }
+        Ok(out)
     }
 
     /// A handle for another gateway name over the same connection (tools

@@ -215,7 +215,11 @@ impl Cluster {
         let (liveness, _) = watch::channel(Liveness::Fenced { since: sent });
         let (deadline, _) = watch::channel(None);
         let shared = Arc::new(Shared {
-            base: std::time::Instant::now() - Duration::from_secs(1),
+            // Any instant before the first deadline, so deadlines are > 0.
+            base: {
+                let now = std::time::Instant::now();
+                now.checked_sub(Duration::from_secs(1)).unwrap_or(now)
+            },
             until_ns: AtomicU64::new(0),
             lost: AtomicBool::new(false),
             liveness,
@@ -247,6 +251,11 @@ impl Cluster {
     /// Every registered gateway (live leases only: keys of expired leases
     /// are gone).
     pub async fn gateways(&self) -> Result<Vec<GatewayEntry>, Error> {
+        Ok(self.gateways_at().await?.0)
+    }
+
+    /// [`Cluster::gateways`] and the revision it was read at.
+    pub async fn gateways_at(&self) -> Result<(Vec<GatewayEntry>, i64), Error> {
         let prefix = self.keys().gateways();
         let resp = self
             .call("listing gateways", |mut c| {
@@ -257,7 +266,9 @@ impl Cluster {
                 }
             })
             .await?;
-        resp.kvs()
+        let at = resp.header().map_or(0, |h| h.revision());
+        let list = resp
+            .kvs()
             .iter()
             .map(|kv| {
                 let record: GatewayRecord =
@@ -271,7 +282,8 @@ impl Cluster {
                     create_revision: kv.create_revision(),
                 })
             })
-            .collect()
+            .collect::<Result<Vec<_>, Error>>()?;
+        Ok((list, at))
     }
 
     /// The acknowledged revision of `lu` per gateway.

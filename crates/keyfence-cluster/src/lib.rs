@@ -19,6 +19,8 @@
 //! * [`Gateway::ack`] / [`Cluster::wait_applied`]: acknowledgements that
 //!   let a fencing PR OUT return GOOD only once every live gateway
 //!   applied it or provably stopped serving.
+//! * [`GatewayWatch`]: gateways joining and leaving, so survivors can
+//!   commit a dead gateway's nexus-loss effects.
 //! * [`ClusterConfig`]: the `[cluster]` table.
 //!
 //! The iSCSI/SCSI side (serving from a local snapshot, turning unit
@@ -43,4 +45,4 @@ pub use gateway::{Gateway, GatewayEntry, GatewayRecord, Liveness, PortalGroup, G
 pub use keys::{check_gateway_name, Keys, LuId};
 pub use pr_store::ClusterPrStore;
 pub use record::{LuState, UaCatchUp, UnitAttention, FORMAT, UA_LOG_CHANGES, UA_LOG_ENTRIES};
-pub use watch::{LuEvent, LuWatch};
+pub use watch::{GatewayEvent, GatewayWatch, LuEvent, LuWatch};

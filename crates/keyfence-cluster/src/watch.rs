@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions, WatchStream};
 
+use crate::gateway::{GatewayEntry, GatewayRecord};
 use crate::keys::LuId;
 use crate::record::{self, LuState};
 use crate::{Cluster, Error};
@@ -144,6 +145,124 @@ impl LuWatch {
                     }),
                 };
                 self.pending.push_back(state.map(LuEvent::Changed));
+            }
+        }
+    }
+}
+
+/// What a [`GatewayWatch`] delivers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GatewayEvent {
+    /// A gateway registered (a new incarnation: new lease).
+    Joined(GatewayEntry),
+    /// A gateway's registration is gone at `revision`: its lease expired
+    /// or was revoked, so it stopped serving. Survivors commit the
+    /// nexus-loss effects for its portal groups (docs/cluster.md).
+    Left { name: String, revision: i64 },
+    /// History was compacted: the full list of registered gateways now.
+    Resync {
+        gateways: Vec<GatewayEntry>,
+        read_at: i64,
+    },
+}
+
+/// A resumable watch of `gateways/`, like [`LuWatch`] for one LU.
+pub struct GatewayWatch {
+    cluster: Cluster,
+    prefix: String,
+    next_revision: i64,
+    stream: Option<WatchStream>,
+    pending: VecDeque<Result<GatewayEvent, Error>>,
+}
+
+impl std::fmt::Debug for GatewayWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayWatch")
+            .field("next_revision", &self.next_revision)
+            .finish()
+    }
+}
+
+impl Cluster {
+    /// Watch gateway registrations after cluster revision `after`.
+    pub fn watch_gateways(&self, after: i64) -> GatewayWatch {
+        GatewayWatch {
+            cluster: self.clone(),
+            prefix: self.keys().gateways(),
+            next_revision: after + 1,
+            stream: None,
+            pending: VecDeque::new(),
+        }
+    }
+}
+
+impl GatewayWatch {
+    /// The next membership event; errors leave the watch usable.
+    pub async fn next(&mut self) -> Result<GatewayEvent, Error> {
+        loop {
+            if let Some(ev) = self.pending.pop_front() {
+                return ev;
+            }
+            if self.stream.is_none() {
+                let options = WatchOptions::new()
+                    .with_start_revision(self.next_revision)
+                    .with_prefix()
+                    .with_progress_notify();
+                let prefix = self.prefix.clone();
+                let stream = self
+                    .cluster
+                    .call("starting gateway watch", |mut c| {
+                        let (prefix, options) = (prefix.clone(), options.clone());
+                        async move { c.watch(prefix, Some(options)).await }
+                    })
+                    .await?;
+                self.stream = Some(stream);
+            }
+            let Some(stream) = self.stream.as_mut() else {
+                continue;
+            };
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    self.stream = None;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Err(e) => {
+                    self.stream = None;
+                    return Err(Error::from(e));
+                }
+            };
+            if msg.compact_revision() > 0 || (msg.canceled() && !msg.created()) {
+                self.stream = None;
+                let (gateways, read_at) = self.cluster.gateways_at().await?;
+                self.next_revision = read_at + 1;
+                return Ok(GatewayEvent::Resync { gateways, read_at });
+            }
+            for ev in msg.events() {
+                let Some(kv) = ev.kv() else { continue };
+                self.next_revision = kv.mod_revision() + 1;
+                let key = String::from_utf8_lossy(kv.key()).into_owned();
+                let name = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
+                let item = match ev.event_type() {
+                    EventType::Delete => Ok(GatewayEvent::Left {
+                        name,
+                        revision: kv.mod_revision(),
+                    }),
+                    EventType::Put => serde_json::from_slice::<GatewayRecord>(kv.value())
+                        .map(|record| {
+                            GatewayEvent::Joined(GatewayEntry {
+                                record,
+                                lease: kv.lease(),
+                                create_revision: kv.create_revision(),
+                            })
+                        })
+                        .map_err(|e| Error::Corrupt {
+                            key,
+                            reason: e.to_string(),
+                        }),
+                };
+                self.pending.push_back(item);
             }
         }
     }

@@ -116,6 +116,7 @@ async fn concurrent_writers_never_lose_an_update_and_the_store_really_compares()
         other => panic!("expected a conflict, got {other:?}"),
     }
     assert_eq!(c.read(&lu).await.unwrap().state, st.state);
+    assert_eq!(c.lus().await.unwrap(), std::slice::from_ref(&lu));
 
     // The synchronous PrStore over it, from a blocking thread.
     let store = ClusterPrStore::new(c.clone(), lu.clone(), tokio::runtime::Handle::current());
@@ -203,6 +204,31 @@ async fn watch_delivers_every_revision_in_order_across_member_loss_and_resyncs_a
         .collect();
     let want: Vec<(i64, u64)> = committed.iter().map(|s| (s.revision, s.seq)).collect();
     assert_eq!(got, want, "watch skipped or reordered a revision");
+    // Each change after the first carried one unit attention, for the
+    // first registrant, under its own seq.
+    for ev in &evs[1..] {
+        let s = ev.state();
+        let mine: Vec<_> = s
+            .unit_attentions
+            .iter()
+            .filter(|u| u.seq == s.seq)
+            .collect();
+        assert_eq!(mine.len(), 1);
+        assert_eq!(
+            mine[0].nexus.as_ref(),
+            Some(&s.state.registrations[0].nexus)
+        );
+        assert_eq!(mine[0].asc, asc::REGISTRATIONS_PREEMPTED);
+    }
+    match evs.last().unwrap().state().unit_attentions_after(15) {
+        keyfence_cluster::UaCatchUp::Complete(v) => {
+            assert_eq!(
+                v.iter().map(|u| u.seq).collect::<Vec<_>>(),
+                [16, 17, 18, 19, 20]
+            )
+        }
+        gap => panic!("unexpected {gap:?}"),
+    }
     assert_eq!(
         evs.last().unwrap().state().state,
         committed.last().unwrap().state
@@ -291,20 +317,25 @@ async fn gateway_fences_itself_before_its_lease_can_expire() {
         until <= stopped + TTL - MARGIN,
         "deadline beyond TTL - margin"
     );
-    let fenced = timeout(TTL + Duration::from_secs(2), async {
+    // Whenever may_serve() says yes, it is before that bound; it turns
+    // to no by itself (no etcd answer is needed to stop).
+    let limit = stopped + TTL - MARGIN;
+    timeout(TTL + Duration::from_secs(2), async {
         loop {
+            let asked = Instant::now();
             if !gw.may_serve() {
-                return Instant::now();
+                break;
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            assert!(
+                asked < limit,
+                "still serving {:?} after TTL - margin",
+                asked - limit
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     })
     .await
     .expect("gateway never stopped serving");
-    assert!(
-        fenced <= stopped + TTL - MARGIN + Duration::from_millis(100),
-        "stopped serving too late"
-    );
     timeout(Duration::from_secs(2), async {
         while !matches!(*live.borrow_and_update(), Liveness::Fenced { .. }) {
             live.changed().await.unwrap();
@@ -346,6 +377,9 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
     let mut etcd = EtcdCluster::start(3);
     let lu = LuId::new("lu-fence").unwrap();
     let c = connect(&etcd, "gw1").await;
+    let (none, at) = c.gateways_at().await.unwrap();
+    assert!(none.is_empty());
+    let mut members = c.watch_gateways(at);
     let pg = |t| {
         vec![PortalGroup {
             tpgt: t,
@@ -454,8 +488,34 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
         .map(|g| g.record.name)
         .collect();
     assert_eq!(names, ["gw1", "gw2"]);
-    // The expired lease took its ack along.
+    // The expired lease took its ack along; the old incarnation cannot
+    // ack any more; the name is free for a new one.
     assert!(c.acks(&lu).await.unwrap().iter().all(|(n, _)| n != "gw3"));
+    assert!(matches!(g3.ack(&lu, r2).await, Err(Error::LeaseLost(_))));
+    // The membership watch saw three joins (tpgt 1, 2, 3) and gw3 leave.
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        match timeout(Duration::from_secs(5), members.next())
+            .await
+            .expect("membership event")
+            .unwrap()
+        {
+            keyfence_cluster::GatewayEvent::Joined(g) => seen.push(format!(
+                "+{}/{}",
+                g.record.name, g.record.portal_groups[0].tpgt
+            )),
+            keyfence_cluster::GatewayEvent::Left { name, .. } => seen.push(format!("-{name}")),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["+gw1/1", "+gw2/2", "+gw3/3", "-gw3"]);
+    let g3 = c
+        .as_gateway("gw3")
+        .unwrap()
+        .join(pg(3), TTL, MARGIN)
+        .await
+        .expect("rejoin after expiry");
+    g3.leave().await.unwrap();
 
     // 3. kill -9 one etcd member: commits, acks, waits and keep-alives go on.
     etcd.kill(0);
