@@ -4,77 +4,35 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use keyfence_testkit::{code, run_bounded, text, Serve};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A running `keyfence serve`, SIGKILLed when dropped.
-struct Serve(Child);
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+/// `keyfence serve --data-dir DATA [--size SIZE]` on 127.0.0.1:0 (from the
+/// workspace test kit), stopped when dropped.
+fn start(data: &Path, size: Option<&str>) -> Serve {
+    let b = Serve::builder(KF).data_dir(data).log_level("error");
+    match size {
+        Some(s) => b.size(s),
+        None => b,
     }
-}
-
-fn start(args: &[&str], port: u16) -> Serve {
-    let child = Command::new(KF)
-        .arg("serve")
-        .args(args)
-        .args(["--log-level", "error"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn keyfence serve");
-    let mut s = Serve(child);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            matches!(s.0.try_wait(), Ok(None)),
-            "keyfence serve exited before listening"
-        );
-        assert!(Instant::now() < deadline, "keyfence serve did not listen");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    s
+    .start()
 }
 
 /// Run `keyfence serve ARGS` expecting it to fail within 15 s.
 fn run_failing(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(KF)
-        .arg("serve")
-        .args(args)
-        .args(["--log-level", "error"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn keyfence serve");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        if child.try_wait().expect("wait").is_some() {
-            break;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("keyfence serve {args:?} kept running; it should have refused to start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let Output { status, stderr, .. } = child.wait_with_output().expect("output");
-    let err = String::from_utf8_lossy(&stderr).trim().to_string();
-    (status.code().unwrap_or(-1), err)
+    let o = run_bounded(
+        Command::new(KF)
+            .arg("serve")
+            .args(args)
+            .args(["--log-level", "error"]),
+        None,
+        Duration::from_secs(15),
+    );
+    (code(&o), text(&o.stderr).trim().to_string())
 }
 
 fn one_line(e: &str) {
@@ -86,29 +44,17 @@ fn a_data_dir_and_a_backing_file_are_served_by_one_process() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     let data_s = data.to_str().unwrap();
-    let p1 = free_port();
-    let first = start(
-        &[
-            "--data-dir",
-            data_s,
-            "--listen",
-            &format!("127.0.0.1:{p1}"),
-            "--size",
-            "16M",
-        ],
-        p1,
-    );
-    let pid = first.0.id();
+    let first = start(&data, Some("16M"));
+    let pid = first.pid().expect("serve running");
     let lock = std::fs::read_to_string(data.join("keyfence.lock")).unwrap();
     assert_eq!(lock.trim(), pid.to_string());
 
     // Same data directory, another port.
-    let p2 = free_port();
     let (code, err) = run_failing(&[
         "--data-dir",
         data_s,
         "--listen",
-        &format!("127.0.0.1:{p2}"),
+        "127.0.0.1:0",
         "--size",
         "16M",
     ]);
@@ -126,8 +72,7 @@ fn a_data_dir_and_a_backing_file_are_served_by_one_process() {
         &cfg,
         format!(
             "data_dir = \"other\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\n\
-             portals = [\"127.0.0.1:{}\"]\n[[target.lun]]\nid = 0\npath = \"{}\"\n",
-            free_port(),
+             portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"{}\"\n",
             lun.display()
         ),
     )
@@ -144,11 +89,7 @@ fn a_data_dir_and_a_backing_file_are_served_by_one_process() {
     drop(first);
 
     // Once the holder is gone the directory can be served again.
-    let p3 = free_port();
-    let again = start(
-        &["--data-dir", data_s, "--listen", &format!("127.0.0.1:{p3}")],
-        p3,
-    );
+    let again = start(&data, None);
     drop(again);
 }
 
@@ -176,9 +117,8 @@ fn failed_starts_leave_no_data_dir_behind() {
         &cfg,
         format!(
             "data_dir = \"d2\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\n\
-             portals = [\"127.0.0.1:{}\"]\n[[target.lun]]\nid = 0\npath = \"sub/l0.img\"\nsize = \"1M\"\n\
+             portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"sub/l0.img\"\nsize = \"1M\"\n\
              [[target.lun]]\nid = 1\ndevice = \"{}\"\n",
-            free_port(),
             tmp.path().join("no-such-device").display()
         ),
     )
@@ -214,11 +154,8 @@ fn bad_paths_and_arguments_get_one_precise_line() {
     let cfg = tmp.path().join("c.toml");
     std::fs::write(
         &cfg,
-        format!(
-            "data_dir = \"inside\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\n\
-             portals = [\"127.0.0.1:{}\"]\n[[target.lun]]\nid = 0\npath = \"../outside/l.img\"\n",
-            free_port()
-        ),
+        "data_dir = \"inside\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\n\
+         portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"../outside/l.img\"\n",
     )
     .unwrap();
     let (code, err) = run_failing(&["--config", cfg.to_str().unwrap()]);
