@@ -197,11 +197,11 @@ fn sg_persist_argv0_dispatch_and_no_service_action_notice() {
     let dir = tempfile::tempdir().expect("tempdir");
     let link = dir.path().join("sg_persist");
     std::os::unix::fs::symlink(KF, &link).expect("symlink");
-    let o = Command::new(&link)
-        .args(["-n", &t.url()])
-        .env("KEYFENCE_INITIATOR_NAME", INITIATOR)
-        .output()
-        .expect("run sg_persist link");
+    let o = keyfence_testkit::run(
+        Command::new(&link)
+            .args(["-n", &t.url()])
+            .env("KEYFENCE_INITIATOR_NAME", INITIATOR),
+    );
     check(
         &o,
         0,
