@@ -4,6 +4,7 @@ two portal groups, and stopped cleanly. keyfence binds 127.0.0.1:0 and the
 ports are read from its start-up banner; tgtd needs its ports up front."""
 
 import os
+import random
 import re
 import signal
 import socket
@@ -99,30 +100,94 @@ class KeyfenceTarget:
             print(f"warning: keyfence exited with status {self.proc.returncode}", file=sys.stderr)
 
 
+def free_control_port():
+    """A tgtd control port (tgtd takes at most 32767) no live tgtd answers on."""
+    for _ in range(1000):
+        n = random.randrange(20000, 32000)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(f"/var/run/tgtd/socket.{n}")
+            except OSError:
+                return n
+    raise RuntimeError("no free tgtd control port")
+
+
+def remove_control_files(control):
+    """The socket and lock files a tgtd we started left for `control`."""
+    for suffix in ("", ".lock"):
+        try:
+            os.remove(f"/var/run/tgtd/socket.{control}{suffix}")
+        except OSError:
+            pass
+
+
 class TgtTarget:
-    """Debian's tgtd on its own control port, one LUN on two portals."""
+    """Debian's tgtd on its own control port, one LUN on two portals.
+
+    tgtd needs its ports up front. When it cannot bind them it falls back to
+    its default portals, and when another tgtd holds the control port it
+    exits: either way that tgtd is stopped and the start retried on other
+    ports."""
 
     def __init__(self, workdir, size, image=None):
         self.workdir = workdir
         self.size = size
         self.image = image
         self.proc = None
-        self.control = 9000 + os.getpid() % 500
+        self.control = None
 
     def adm(self, *args):
         subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", *args],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, timeout=30)
+
+    def _portals_up(self, timeout=15.0):
+        """None once our tgtd lists exactly our portals, else why not."""
+        want = sorted(f"Portal: 127.0.0.1:{p},1" for p in self.ports)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                return f"tgtd exited at start-up with status {self.proc.returncode}"
+            r = subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi",
+                                "--op", "show", "--mode", "portal"],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, timeout=30)
+            # The answer counts only if it came from our tgtd: still running.
+            if r.returncode == 0 and self.proc.poll() is None:
+                got = sorted(l for l in r.stdout.decode().splitlines()
+                             if l.startswith("Portal:"))
+                if got == want:
+                    return None
+                if got:
+                    self.owned_control = True
+                    return f"tgtd could not bind its portals, listens on {got}"
+            time.sleep(0.05)
+        return f"tgtd did not answer on control port {self.control} within {timeout}s"
 
     def start(self):
-        self.ports = [free_port(), free_port()]
         img = self.image or os.path.join(self.workdir, "tgt-lun.img")
         if not self.image:
             with open(img, "wb") as f:
                 f.truncate(self.size)
-        portals = ",".join(f"portal=127.0.0.1:{p}" for p in self.ports)
-        args = ["tgtd", "-f", "-C", str(self.control), "--iscsi", portals]
         self.log = open(os.path.join(self.workdir, "tgtd.log"), "w")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+        errors = []
+        for _ in range(10):
+            self.control = free_control_port()
+            self.ports = [free_port(), free_port()]
+            portals = ",".join(f"portal=127.0.0.1:{p}" for p in self.ports)
+            args = ["tgtd", "-f", "-C", str(self.control), "--iscsi", portals]
+            self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
+            self.owned_control = False
+            why = self._portals_up()
+            if why is None:
+                break
+            errors.append(why)
+            # Ours and without targets yet: SIGKILL by its PID is safe.
+            self.proc.kill()
+            self.proc.wait()
+            if self.owned_control:
+                remove_control_files(self.control)
+        else:
+            self.proc = None
+            raise RuntimeError("could not start tgtd: " + "; ".join(errors))
         for p in self.ports:
             wait_port(p, self.proc)
         iqn = "iqn.2026-11.io.keyfence:tgt-peer"
@@ -134,13 +199,19 @@ class TgtTarget:
     def stop(self):
         if not self.proc:
             return
-        subprocess.run(["tgtadm", "-C", str(self.control), "--lld", "iscsi", "--op", "delete",
-                        "--mode", "target", "--tid", "1", "--force"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        subprocess.run(["tgtadm", "-C", str(self.control), "--op", "delete", "--mode", "system"],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # tgtd ignores SIGTERM while it has targets: delete them, then the system.
+        for args in (["--lld", "iscsi", "--op", "delete", "--mode", "target", "--tid", "1",
+                      "--force"],
+                     ["--op", "delete", "--mode", "system"]):
+            try:
+                subprocess.run(["tgtadm", "-C", str(self.control), *args], timeout=30,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            except subprocess.TimeoutExpired:
+                pass
         try:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        # Our tgtd held this control port until now: remove its files.
+        remove_control_files(self.control)

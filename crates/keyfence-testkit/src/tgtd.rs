@@ -117,10 +117,13 @@ impl Tgtd {
                 .map_err(|e| format!("cannot run {}: {e}", tgtd.display()))?;
             match wait_portal(&tgtadm, &mut child, control, port) {
                 Ok(()) => Ok((child, control, port)),
-                Err(e) => {
+                Err((e, owned_control)) => {
                     // Ours and without targets: SIGKILL by its PID is safe.
                     let _ = child.kill();
                     let _ = child.wait();
+                    if owned_control {
+                        remove_control_files(control);
+                    }
                     let log =
                         std::fs::read_to_string(dir.path().join("tgtd.log")).unwrap_or_default();
                     Err(format!("tgtd -C {control}: {e}; log:\n{log}"))
@@ -250,13 +253,20 @@ impl Tgtd {
 
 /// Wait until the tgtd we started answers on `control` and lists exactly
 /// our portal. Err when it exits (control port taken) or lists other
-/// portals (it could not bind `port` and fell back to its defaults).
-fn wait_portal(tgtadm: &Path, child: &mut Child, control: u16, port: u16) -> Result<(), String> {
+/// portals (it could not bind `port` and fell back to its defaults); the
+/// flag says whether our tgtd held the control port (its files are ours).
+fn wait_portal(
+    tgtadm: &Path,
+    child: &mut Child,
+    control: u16,
+    port: u16,
+) -> Result<(), (String, bool)> {
+    let not_ours = |e: String| (e, false);
     let deadline = Instant::now() + Duration::from_secs(15);
     let want = format!("Portal: 127.0.0.1:{port},1");
     loop {
-        if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
-            return Err(format!("exited at start-up ({st})"));
+        if let Some(st) = child.try_wait().map_err(|e| not_ours(e.to_string()))? {
+            return Err(not_ours(format!("exited at start-up ({st})")));
         }
         let o = tgtadm_output(
             tgtadm,
@@ -271,20 +281,19 @@ fn wait_portal(tgtadm: &Path, child: &mut Child, control: u16, port: u16) -> Res
                 break;
             }
             if !portals.is_empty() {
-                return Err(format!(
-                    "portal 127.0.0.1:{port} not bound; listening on {portals:?}"
-                ));
+                let e = format!("portal 127.0.0.1:{port} not bound; listening on {portals:?}");
+                return Err((e, true));
             }
         }
         if Instant::now() >= deadline {
-            return Err("no answer on the control port within 15 s".into());
+            return Err(not_ours("no answer on the control port within 15 s".into()));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     while TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_err() {
         if Instant::now() >= deadline {
-            return Err(format!("portal {addr} does not accept connections"));
+            return Err((format!("portal {addr} does not accept connections"), true));
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -313,8 +322,13 @@ impl Drop for Tgtd {
             let _ = child.wait();
         }
         // Our tgtd held this control port until now: remove its files.
-        let sock = socket_path(self.control);
-        let _ = std::fs::remove_file(format!("{sock}.lock"));
-        let _ = std::fs::remove_file(sock);
+        remove_control_files(self.control);
     }
+}
+
+/// The socket and lock files a tgtd we started left for `control`.
+fn remove_control_files(control: u16) {
+    let sock = socket_path(control);
+    let _ = std::fs::remove_file(format!("{sock}.lock"));
+    let _ = std::fs::remove_file(sock);
 }
