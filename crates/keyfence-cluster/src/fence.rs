@@ -25,14 +25,21 @@ pub struct Applied {
 #[derive(Debug)]
 struct Member {
     create_revision: i64,
+    lease: i64,
     acked: i64,
+    /// Its registration disappeared but its lease still exists (a key
+    /// deleted by hand): it may still serve, so it stays pending until
+    /// the lease is gone too.
+    key_gone: bool,
 }
 
 impl Cluster {
     /// Wait until every gateway registered when the wait starts has
     /// acknowledged revision `revision` of `lu` (an ack ≥ `revision`), or
-    /// its registration is gone (its lease expired at etcd, so it stopped
-    /// serving at least a safety margin earlier). Gateways that register
+    /// its registration and its lease are gone (the lease expired or was
+    /// revoked at etcd, so it stopped serving at least a safety margin
+    /// earlier). A registration deleted by hand while its lease lives
+    /// does not count. Gateways that register
     /// later read the state after registering and need no waiting.
     /// [`Error::NotApplied`] at `deadline`, naming the gateways still
     /// pending; use a deadline beyond lease TTL + margin so that a dead
@@ -84,38 +91,54 @@ impl Cluster {
                 let name = String::from_utf8_lossy(kv.key())
                     .trim_start_matches(gw_prefix.as_str())
                     .to_owned();
-                now_registered.insert(name, kv.create_revision());
+                now_registered.insert(name, (kv.create_revision(), kv.lease()));
             }
             let mut ack_of = BTreeMap::new();
             for kv in acks.kvs() {
                 let (name, rev) = parse_ack(&ack_prefix, kv.key(), kv.value())?;
-                ack_of.insert(name, rev);
+                ack_of.insert(name, (rev, kv.lease()));
             }
             let ms = members.get_or_insert_with(|| {
-                now_registered
+                let mut ms: BTreeMap<String, Member> = now_registered
                     .iter()
-                    .map(|(n, c)| {
+                    .map(|(n, (c, l))| {
                         (
                             n.clone(),
                             Member {
                                 create_revision: *c,
+                                lease: *l,
                                 acked: 0,
+                                key_gone: false,
                             },
                         )
                     })
-                    .collect()
+                    .collect();
+                // A gateway that acked this LU under a lease but has no
+                // registration (deleted by hand) is waited for as well,
+                // until its lease is gone.
+                for (n, (_, lease)) in &ack_of {
+                    ms.entry(n.clone()).or_insert(Member {
+                        create_revision: 0,
+                        lease: *lease,
+                        acked: 0,
+                        key_gone: true,
+                    });
+                }
+                ms
             });
             // A member whose registration vanished or was replaced by a
-            // new incarnation is gone.
-            ms.retain(|name, m| {
-                if now_registered.get(name) == Some(&m.create_revision) {
-                    m.acked = ack_of.get(name).copied().unwrap_or(0);
-                    true
-                } else {
-                    outcome.gone.push(name.clone());
-                    false
+            // new incarnation is gone once its lease is.
+            for (name, m) in ms.iter_mut() {
+                if let Some((rev, lease)) = ack_of.get(name) {
+                    if *lease == m.lease {
+                        m.acked = m.acked.max(*rev);
+                    }
                 }
-            });
+                if now_registered.get(name).map(|r| r.0) != Some(m.create_revision) {
+                    m.key_gone = true;
+                }
+            }
+            self.drop_expired(ms, &mut outcome).await?;
             settle(ms, revision, &mut outcome);
             if ms.is_empty() {
                 return Ok(finish(lu, revision, outcome));
@@ -141,43 +164,103 @@ impl Cluster {
                 Ok(w) => w?,
             };
             loop {
-                let msg = match tokio::time::timeout_at(deadline, w.message()).await {
+                // While a member's key is gone but its lease may live,
+                // look at the lease again now and then.
+                let tick = if members
+                    .as_ref()
+                    .is_some_and(|m| m.values().any(|m| m.key_gone))
+                {
+                    (Instant::now() + LEASE_POLL).min(deadline)
+                } else {
+                    deadline
+                };
+                let msg = match tokio::time::timeout_at(tick, w.message()).await {
+                    Err(_) if tick < deadline => None,
                     Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
-                    Ok(Ok(Some(m))) => m,
+                    Ok(Ok(Some(m))) => Some(m),
                     // Stream trouble: take a new snapshot.
                     Ok(Ok(None)) | Ok(Err(_)) => break,
                 };
-                if msg.canceled() || msg.compact_revision() > 0 {
-                    break;
-                }
                 let Some(ms) = members.as_mut() else { break };
-                for ev in msg.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    let key = String::from_utf8_lossy(kv.key()).into_owned();
-                    if let Some(name) = key.strip_prefix(gw_prefix.as_str()) {
-                        let replaced = ev.event_type() == EventType::Put
-                            && ms
-                                .get(name)
-                                .is_some_and(|m| m.create_revision != kv.create_revision());
-                        if (ev.event_type() == EventType::Delete || replaced)
-                            && ms.remove(name).is_some()
-                        {
-                            tracing::info!(gateway = name, lu = %lu, revision, "gateway gone while waiting for its ack");
-                            outcome.gone.push(name.to_owned());
-                        }
-                    } else if ev.event_type() == EventType::Put {
-                        let (name, rev) = parse_ack(&ack_prefix, kv.key(), kv.value())?;
-                        if let Some(m) = ms.get_mut(&name) {
-                            m.acked = m.acked.max(rev);
+                if let Some(msg) = msg {
+                    if msg.canceled() || msg.compact_revision() > 0 {
+                        break;
+                    }
+                    for ev in msg.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let key = String::from_utf8_lossy(kv.key()).into_owned();
+                        if let Some(name) = key.strip_prefix(gw_prefix.as_str()) {
+                            if let Some(m) = ms.get_mut(name) {
+                                let replaced = ev.event_type() == EventType::Put
+                                    && m.create_revision != kv.create_revision();
+                                if ev.event_type() == EventType::Delete || replaced {
+                                    m.key_gone = true;
+                                }
+                            }
+                        } else if ev.event_type() == EventType::Put {
+                            let (name, rev) = parse_ack(&ack_prefix, kv.key(), kv.value())?;
+                            // Only the incarnation waited for can ack.
+                            if let Some(m) = ms.get_mut(&name).filter(|m| m.lease == kv.lease()) {
+                                m.acked = m.acked.max(rev);
+                            }
                         }
                     }
                 }
                 settle(ms, revision, &mut outcome);
+                self.drop_expired(ms, &mut outcome).await?;
                 if ms.is_empty() {
                     return Ok(finish(lu, revision, outcome));
                 }
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// How often the lease of a member whose key vanished is looked at.
+const LEASE_POLL: Duration = Duration::from_millis(200);
+
+impl Cluster {
+    /// Move members whose key is gone *and* whose lease no longer exists
+    /// to `outcome.gone`.
+    async fn drop_expired(
+        &self,
+        ms: &mut BTreeMap<String, Member>,
+        outcome: &mut Applied,
+    ) -> Result<(), Error> {
+        let candidates: Vec<(String, i64)> = ms
+            .iter()
+            .filter(|(_, m)| m.key_gone)
+            .map(|(n, m)| (n.clone(), m.lease))
+            .collect();
+        for (name, lease) in candidates {
+            if self.lease_gone(lease).await? {
+                tracing::info!(gateway = %name, lease = format!("{lease:x}"), "gateway's lease is gone; it stopped serving");
+                ms.remove(&name);
+                outcome.gone.push(name);
+            } else {
+                tracing::warn!(gateway = %name, lease = format!("{lease:x}"), "gateway key gone but its lease lives; still waiting for it");
+            }
+        }
+        Ok(())
+    }
+
+    /// Does etcd no longer know `lease` (expired or revoked)?
+    async fn lease_gone(&self, lease: i64) -> Result<bool, Error> {
+        if lease == 0 {
+            // Registered without a lease (by hand): nothing ever ends it.
+            return Ok(false);
+        }
+        let r = self
+            .call("checking a lease", |mut c| async move {
+                c.lease_time_to_live(lease, None).await
+            })
+            .await;
+        match r {
+            // etcd reports -1 for a lease it does not have.
+            Ok(resp) => Ok(resp.ttl() < 0),
+            Err(Error::Etcd(m)) if m.contains("lease not found") => Ok(true),
+            Err(e) => Err(e),
         }
     }
 }

@@ -517,6 +517,57 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
         .expect("rejoin after expiry");
     g3.leave().await.unwrap();
 
+    // A registration deleted by hand while its lease lives does not count
+    // as gone: that gateway may still serve. Its lease ending does.
+    let g5 = c
+        .as_gateway("gw5")
+        .unwrap()
+        .join(pg(5), TTL, MARGIN)
+        .await
+        .unwrap();
+    // Like a real gateway, it acks the state it read when it joined.
+    g5.ack(&lu, c.read(&lu).await.unwrap().revision)
+        .await
+        .unwrap();
+    let r = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.e", 5)))
+        .await
+        .unwrap()
+        .state
+        .revision;
+    g1.ack(&lu, r).await.unwrap();
+    g2.ack(&lu, r).await.unwrap();
+    c.client()
+        .delete(c.keys().gateway("gw5"), None)
+        .await
+        .unwrap();
+    match c
+        .wait_applied(&lu, r, Instant::now() + Duration::from_millis(600))
+        .await
+    {
+        Err(Error::NotApplied { pending, .. }) => assert_eq!(pending, ["gw5"]),
+        other => panic!("a hand-deleted key with a live lease counted: {other:?}"),
+    }
+    let waiter = {
+        let (c, lu) = (c.clone(), lu.clone());
+        tokio::spawn(async move {
+            c.wait_applied(&lu, r, Instant::now() + Duration::from_secs(5))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished());
+    g5.leave().await.unwrap();
+    let done = timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("bounded")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (done.acked.len(), done.gone.as_slice()),
+        (2, &["gw5".to_string()][..])
+    );
+
     // 3. kill -9 one etcd member: commits, acks, waits and keep-alives go on.
     etcd.kill(0);
     let r3 = c
