@@ -616,3 +616,54 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
     assert!(stopped.is_ok(), "gateways kept serving without quorum");
     assert!(c.read(&lu).await.unwrap_err().is_unavailable());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_settled_never_guessed() {
+    let etcd = EtcdCluster::start(3);
+    let lu = LuId::new("lu-lost").unwrap();
+    let c = connect(&etcd, "gw").await;
+    let base = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.y", 1)))
+        .await
+        .unwrap()
+        .state;
+    // Freeze etcd under the commit: the request sits in the members'
+    // sockets, its answer cannot come in time, and once thawed etcd may
+    // still execute it.
+    for i in 0..3 {
+        etcd.freeze(i);
+    }
+    let change = register(&base.state, "iqn.z", 2);
+    let task = {
+        let (c, lu, base, change) = (c.clone(), lu.clone(), base.clone(), change.clone());
+        tokio::spawn(async move { c.commit(&lu, &base, change).await })
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for i in 0..3 {
+        etcd.thaw(i);
+    }
+    let outcome = timeout(Duration::from_secs(10), task)
+        .await
+        .expect("commit settles in bounded time")
+        .unwrap();
+    // Whatever etcd still had queued has been executed by now.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let now = c.read(&lu).await.unwrap();
+    match outcome {
+        Ok(done) => {
+            assert!(done.changed);
+            assert_eq!(now.revision, done.state.revision);
+            assert_eq!(now.state, change.state);
+        }
+        Err(Error::Unavailable { .. }) => {
+            // Reported as not made: it must not have happened, not even
+            // late (the old revision was sealed).
+            assert_eq!(
+                (now.seq, &now.state),
+                (base.seq, &base.state),
+                "a failed commit took effect"
+            );
+        }
+        Err(e) => panic!("not settled although etcd was back: {e}"),
+    }
+}
