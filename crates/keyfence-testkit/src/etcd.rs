@@ -17,8 +17,7 @@ pub const STARTUP: Duration = Duration::from_secs(30);
 
 /// The etcd binary; the test fails saying how to install it if absent.
 pub fn etcd_bin() -> PathBuf {
-    crate::tool::find("etcd")
-        .unwrap_or_else(|| panic!("etcd not found: apt-get install etcd-server"))
+    crate::tool::require("etcd")
 }
 
 /// One member.

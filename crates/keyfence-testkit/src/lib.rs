@@ -14,6 +14,8 @@
 //! * [`serve`]: the `keyfence serve` process on `127.0.0.1:0` portals; the
 //!   bound ports are read back from its start-up banner. The binary is the
 //!   one cargo built for the running test profile.
+//! * [`etcd`]: an N-member etcd cluster on loopback for the cluster tests,
+//!   members killed or frozen by PID for fault tests.
 //! * `server` (feature `server`): `keyfence_target::server::Server` in the
 //!   test process, for tests that do not need a separate process.
 //!

@@ -14,6 +14,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("iscsi-perf", "libiscsi-bin"),
     ("sg_persist", "sg3-utils"),
     ("mpathpersist", "multipath-tools"),
+    ("etcd", "etcd-server"),
 ];
 
 /// The Debian package that provides `tool`, when known.
