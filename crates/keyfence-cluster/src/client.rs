@@ -19,12 +19,14 @@ use crate::{ClusterConfig, Error};
 /// Attempts of [`Cluster::update`] before it reports [`Error::Contended`].
 pub const UPDATE_ATTEMPTS: u32 = 32;
 
-/// A change to commit: the successor state and the unit attentions it
-/// establishes (`None`: for every I_T nexus of the LU).
+/// A change to commit: the successor state, the unit attentions it
+/// establishes (`None`: for every I_T nexus of the LU) and the I_T
+/// nexuses whose tasks it aborts (PREEMPT AND ABORT).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Change {
     pub state: PrState,
     pub unit_attentions: Vec<(Option<Nexus>, Asc)>,
+    pub aborts: Vec<Nexus>,
 }
 
 impl From<PrState> for Change {
@@ -32,16 +34,18 @@ impl From<PrState> for Change {
         Change {
             state,
             unit_attentions: Vec::new(),
+            aborts: Vec::new(),
         }
     }
 }
 
 impl From<Applied> for Change {
-    /// The engine's successor state and its unit attentions. Tasks to
-    /// abort are the committing gateway's business (docs/cluster.md).
+    /// The engine's successor state, its unit attentions and the nexuses
+    /// whose tasks it aborts.
     fn from(a: Applied) -> Self {
         Change {
             state: a.state,
+            aborts: a.effects.abort_tasks_of,
             unit_attentions: a
                 .effects
                 .unit_attentions
@@ -341,7 +345,10 @@ impl Cluster {
         base: &LuState,
         change: Change,
     ) -> Result<Committed, Error> {
-        if change.state == base.state && change.unit_attentions.is_empty() {
+        if change.state == base.state
+            && change.unit_attentions.is_empty()
+            && change.aborts.is_empty()
+        {
             return Ok(Committed {
                 state: base.clone(),
                 changed: false,
@@ -363,6 +370,7 @@ impl Cluster {
             state: change.state,
             unit_attentions: log,
             ua_complete_from: complete_from,
+            aborts: change.aborts,
             nonce: rand::random(),
         };
         let value = encode_state(lu, &next);
@@ -375,6 +383,7 @@ impl Cluster {
             registrations = next.state.registrations.len(),
             reservation = ?next.state.reservation.as_ref().map(|r| r.pr_type),
             unit_attentions = next.unit_attentions.iter().filter(|u| u.seq == seq).count(),
+            aborts = next.aborts.len(),
             "PR state committed"
         );
         Ok(Committed {
@@ -537,6 +546,7 @@ impl Cluster {
             Ok::<_, std::convert::Infallible>(Change {
                 state: s.state.after_power_loss(),
                 unit_attentions: vec![(None, asc::POWER_ON_OCCURRED)],
+                aborts: Vec::new(),
             })
         })
         .await
@@ -556,6 +566,7 @@ fn encode_state(lu: &LuId, s: &LuState) -> Vec<u8> {
         state: &s.state,
         unit_attentions: &s.unit_attentions,
         ua_complete_from: s.ua_complete_from,
+        aborts: &s.aborts,
     })
 }
 

@@ -52,6 +52,10 @@ pub struct LuState {
     /// Every unit attention of the changes numbered from this one on is
     /// in `unit_attentions`.
     pub ua_complete_from: u64,
+    /// I_T nexuses whose tasks the change numbered `seq` aborts (PREEMPT
+    /// AND ABORT): each gateway aborts those logged in through it before
+    /// it acknowledges the revision.
+    pub aborts: Vec<Nexus>,
     /// Identifies the commit (recognises our own write after a lost answer).
     pub(crate) nonce: u64,
 }
@@ -77,6 +81,7 @@ impl LuState {
             state: PrState::default(),
             unit_attentions: Vec::new(),
             ua_complete_from: 1,
+            aborts: Vec::new(),
             nonce: 0,
         }
     }
@@ -121,6 +126,7 @@ struct Stored {
     lost: bool,
     ua_complete_from: u64,
     unit_attentions: Vec<UaRecord>,
+    aborts: Vec<NexusRecord>,
 }
 
 #[derive(Deserialize)]
@@ -138,6 +144,7 @@ pub(crate) struct Contents<'a> {
     pub state: &'a PrState,
     pub unit_attentions: &'a [UnitAttention],
     pub ua_complete_from: u64,
+    pub aborts: &'a [Nexus],
 }
 
 pub(crate) fn encode(c: &Contents<'_>) -> Vec<u8> {
@@ -160,6 +167,7 @@ pub(crate) fn encode(c: &Contents<'_>) -> Vec<u8> {
                 asc: format!("{:02x}{:02x}", u.asc.0, u.asc.1),
             })
             .collect(),
+        aborts: c.aborts.iter().map(NexusRecord::from).collect(),
     };
     // Serialising plain structs of strings and integers cannot fail.
     serde_json::to_vec(&stored).unwrap_or_default()
@@ -229,6 +237,7 @@ pub(crate) fn decode(
         state,
         unit_attentions,
         ua_complete_from: s.ua_complete_from,
+        aborts: s.aborts.iter().map(nexus_of).collect::<Result<_, _>>()?,
         nonce,
     })
 }
@@ -306,11 +315,13 @@ mod tests {
             state: &st,
             unit_attentions: &uas,
             ua_complete_from: 1,
+            aborts: std::slice::from_ref(&st.registrations[0].nexus),
         });
         let back = decode("lu1", &bytes, 17, 20).unwrap();
         // Not only the APTPL part: a non-APTPL state is kept whole.
         assert_eq!(back.state, st);
         assert_eq!(back.unit_attentions, uas);
+        assert_eq!(back.aborts, [st.registrations[0].nexus.clone()]);
         assert_eq!((back.revision, back.read_at, back.seq), (17, 20, 3));
         assert_eq!((back.writer.as_str(), back.nonce), ("gw1", 0xfeed));
     }
@@ -326,6 +337,7 @@ mod tests {
             state: &st,
             unit_attentions: &[],
             ua_complete_from: 1,
+            aborts: &[],
         });
         let text = String::from_utf8(good.clone()).unwrap();
         let future = text.replace(FORMAT, "keyfence-cluster-pr/2");

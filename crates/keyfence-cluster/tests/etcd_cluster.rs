@@ -56,6 +56,14 @@ fn register(s: &PrState, initiator: &str, key: u64) -> Change {
             .map(|r| (Some(r.nexus.clone()), asc::REGISTRATIONS_PREEMPTED))
             .into_iter()
             .collect(),
+        // Every third change also aborts the first registrant's tasks.
+        aborts: s
+            .registrations
+            .first()
+            .filter(|_| s.generation % 3 == 2)
+            .map(|r| r.nexus.clone())
+            .into_iter()
+            .collect(),
         state: next,
     }
 }
@@ -219,6 +227,14 @@ async fn watch_delivers_every_revision_in_order_across_member_loss_and_resyncs_a
             Some(&s.state.registrations[0].nexus)
         );
         assert_eq!(mine[0].asc, asc::REGISTRATIONS_PREEMPTED);
+        // The abort list belongs to the change that carries it.
+        let first = &s.state.registrations[0].nexus;
+        let want: Vec<Nexus> = if (s.state.generation - 1) % 3 == 2 {
+            vec![first.clone()]
+        } else {
+            vec![]
+        };
+        assert_eq!(s.aborts, want, "aborts of seq {}", s.seq);
     }
     match evs.last().unwrap().state().unit_attentions_after(15) {
         keyfence_cluster::UaCatchUp::Complete(v) => {
