@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 
 profile=release-checked
-bin="${CARGO_TARGET_DIR:-target}/$profile/keyfence"
+out="${CARGO_TARGET_DIR:-target}"
+bin="$out/$profile/keyfence"
 
 echo "== cargo test --workspace --profile $profile"
 cargo build --profile "$profile" --bin keyfence
@@ -22,5 +23,5 @@ KEYFENCE_PROFILE="$profile" scripts/split-brain.sh 25 2>&1 \
     | grep -E "^split brain|^test |test result"
 
 echo "== libiscsi conformance (iscsi-test-cu -d --test=ALL, two portal groups)"
-python3 scripts/conformance.py --binary "$bin" --log target/conformance.log \
-    --json target/conformance.json
+python3 scripts/conformance.py --binary "$bin" --log "$out/conformance.log" \
+    --json "$out/conformance.json"
