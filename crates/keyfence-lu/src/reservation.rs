@@ -272,17 +272,21 @@ impl Reservations {
                 Persist::Save(s) => Some(s),
                 Persist::Erase => None,
             };
-            let res = store.compare_and_swap(w.version, target).or_else(|e| match e {
-                // Someone replaced the file (an operator restoring a
-                // backup, say): ours is the state in force; take over.
-                StoreError::VersionMismatch { found, .. } => {
-                    tracing::warn!(lun = self.ctx.lun, error = %e, "PR store version changed; overwriting");
-                    store.compare_and_swap(found, target)
-                }
-                e => Err(e),
-            });
-            match res {
+            // A version mismatch means someone else wrote the store since
+            // we last did (another process, an operator restoring a
+            // backup): our state may be stale, so the command fails and
+            // nothing is overwritten. Compare-and-swap must really compare.
+            match store.compare_and_swap(w.version, target) {
                 Ok(v) => w.version = v,
+                Err(e @ StoreError::VersionMismatch { .. }) => {
+                    tracing::error!(
+                        lun = self.ctx.lun,
+                        error = %e,
+                        "PR store written by someone else; command failed, nothing overwritten \
+                         (restart the target to load the stored state)"
+                    );
+                    return Err(CommandOutcome::check_condition(store_error_sense(&e)));
+                }
                 Err(e) => {
                     tracing::error!(lun = self.ctx.lun, error = %e, "cannot persist PR state; command failed, state unchanged");
                     return Err(CommandOutcome::check_condition(store_error_sense(&e)));

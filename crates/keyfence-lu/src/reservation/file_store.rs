@@ -258,7 +258,15 @@ impl PrStore for FileStore {
         new: Option<&PrState>,
     ) -> Result<Version, StoreError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let found = self.current_version().unwrap_or(0);
+        // An unreadable (corrupt) file counts as version 0: that is the
+        // version a gate in the lost-reservation condition holds, and
+        // REPLACE LOST RESERVATION must be able to replace it. I/O errors
+        // fail the write.
+        let found = match self.current_version() {
+            Ok(v) => v,
+            Err(StoreError::Corrupt(_)) => 0,
+            Err(e) => return Err(e),
+        };
         if found != expected {
             return Err(StoreError::VersionMismatch { expected, found });
         }

@@ -273,6 +273,72 @@ fn file_store_failure_leaves_disk_and_memory_unchanged() {
 }
 
 #[test]
+fn file_store_version_mismatch_fails_and_overwrites_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = state_path(dir.path(), "iqn.2026-11.io.keyfence:t", 0);
+    let a = nexus("iqn.a", 1);
+    let r = Reservations::new(ctx(Some(path.clone())));
+    assert_eq!(
+        out(&r, &a, PrOutAction::Register, None, keyed(0, 0xaa, true)).status,
+        ScsiStatus::Good
+    );
+    // Someone else writes the store behind the gate's back (another
+    // writer, an operator restoring a copy): a newer version with other
+    // content.
+    let mut f = read_state_file(&path).unwrap().unwrap();
+    assert_eq!(f.version, 1);
+    f.version = 7;
+    f.state.generation = 99;
+    let mut foreign = serde_json::to_vec_pretty(&f).unwrap();
+    foreign.push(b'\n');
+    std::fs::write(&path, &foreign).unwrap();
+    let before = r.snapshot();
+    // A change that must be persisted fails; the foreign file stays as it
+    // is and the in-memory state does not change.
+    let o = out(
+        &r,
+        &a,
+        PrOutAction::Reserve,
+        Some(PrType::WriteExclusive),
+        keyed(0xaa, 0, false),
+    );
+    assert_eq!(o.status, ScsiStatus::CheckCondition);
+    assert_eq!(o.sense.unwrap().key, SenseKey::HardwareError);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        foreign,
+        "nothing overwritten"
+    );
+    assert_eq!(*r.snapshot(), *before);
+    assert!(r.check(&nexus("iqn.b", 1), &[0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0]));
+    // The store itself refuses a stale compare-and-swap.
+    let store = FileStore::new(path.clone(), "iqn.2026-11.io.keyfence:t", 0);
+    assert_eq!(
+        store.compare_and_swap(1, Some(&PrState::default())),
+        Err(StoreError::VersionMismatch {
+            expected: 1,
+            found: 7
+        })
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), foreign);
+    // A gate started over the file (a restart) loads it and works again.
+    let r = Reservations::new(ctx(Some(path.clone())));
+    assert_eq!(read_keys(&r, &a).keys, vec![0xaa]);
+    assert_eq!(
+        out(
+            &r,
+            &a,
+            PrOutAction::Reserve,
+            Some(PrType::WriteExclusive),
+            keyed(0xaa, 0, false)
+        )
+        .status,
+        ScsiStatus::Good
+    );
+    assert_eq!(read_state_file(&path).unwrap().unwrap().version, 8);
+}
+
+#[test]
 fn crash_leftovers_and_corruption() {
     let dir = tempfile::tempdir().unwrap();
     let path = state_path(dir.path(), "iqn.2026-11.io.keyfence:t", 0);
