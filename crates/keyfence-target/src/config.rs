@@ -870,6 +870,26 @@ device = "/dev/null"
     }
 
     #[test]
+    fn buffering_limits() {
+        let d = Limits::default();
+        assert_eq!(d.data_out_timeout_secs, 30);
+        assert!(d.max_buffered_bytes.0 >= 256 << 20);
+        let t = "[[target]]\nname = \"iqn.2026-11.io.keyfence:t\"\nportals = [\"127.0.0.1:0\"]\n\
+                 [[target.lun]]\nid = 0\npath = \"l.img\"\nsize = \"1M\"\n";
+        let c = Config::from_toml(
+            &format!("[limits]\ndata_out_timeout_secs = 5\nmax_buffered_bytes = \"2G\"\n{t}"),
+            "c.toml",
+        )
+        .unwrap();
+        assert_eq!(c.limits.data_out_timeout_secs, 5);
+        assert_eq!(c.limits.max_buffered_bytes.0, 2 << 30);
+        let e = err(&format!("[limits]\ndata_out_timeout_secs = 0\n{t}"));
+        assert!(e.contains("data_out_timeout_secs = 0"), "{e}");
+        let e = err(&format!("[limits]\nmax_buffered_bytes = 4096\n{t}"));
+        assert!(e.contains("max_buffered_bytes = 4096 is below 1M"), "{e}");
+    }
+
+    #[test]
     fn unknown_key_is_rejected_with_location() {
         let e = err("[limits]\nmax_sesions = 3\n");
         assert!(
