@@ -121,7 +121,9 @@ impl InMemoryTarget {
         let mut initiator_codec = PduCodec::new();
         initiator_codec.set_header_digest(params.header_digest);
         initiator_codec.set_data_digest(params.data_digest);
-        initiator_codec.set_max_send_data_segment_length(params.max_recv_data_segment_length);
+        // What the initiator may send is the target's to check: frame
+        // anything the wire format can carry.
+        initiator_codec.set_max_send_data_segment_length(0xff_ffff);
         initiator_codec.set_max_recv_data_segment_length(params.max_send_data_segment_length);
         SessionPair {
             session,
@@ -147,11 +149,14 @@ pub struct SessionPair {
 }
 
 impl SessionPair {
-    /// Deliver a PDU to the target (encoded as the initiator would).
+    /// Deliver a PDU to the target (encoded as the initiator would, but
+    /// without holding it to the target's MaxRecvDataSegmentLength).
+    /// Panics when the PDU cannot be framed at all (data of 16 MiB or
+    /// more).
     pub fn send(&mut self, pdu: &Pdu) {
         self.initiator_codec
             .encode(pdu, &mut self.inbound)
-            .expect("an encodable PDU");
+            .expect("a PDU the wire format can carry");
         self.session.input(&mut self.inbound, self.now);
     }
 
