@@ -45,7 +45,11 @@ impl CdbChoice {
             CdbChoice::Inquiry { alloc } => vec![0x12, 0, 0, 0, alloc, 0],
             CdbChoice::Read10 { lba, blocks } | CdbChoice::Write10 { lba, blocks, .. } => {
                 let mut c = vec![0u8; 10];
-                c[0] = if matches!(self, CdbChoice::Read10 { .. }) { 0x28 } else { 0x2a };
+                c[0] = if matches!(self, CdbChoice::Read10 { .. }) {
+                    0x28
+                } else {
+                    0x2a
+                };
                 if let CdbChoice::Write10 { fua: true, .. } = self {
                     c[1] = 0x08;
                 }
@@ -107,7 +111,9 @@ enum Op {
     },
     Raw(Vec<u8>),
     RunJobs,
-    Advance { secs: u8 },
+    Advance {
+        secs: u8,
+    },
 }
 
 struct Checker {
@@ -242,7 +248,9 @@ fuzz_target!(|ops: Vec<Op>| {
                     next_sn = next_sn.wrapping_add(1);
                 }
                 let bytes = cdb.bytes();
-                let Some(cdb) = Cdb::new(&bytes) else { continue };
+                let Some(cdb) = Cdb::new(&bytes) else {
+                    continue;
+                };
                 let edtl = edtl % (1 << 20);
                 let data = Bytes::from(vec![0xa5; usize::from(immediate_len % 10_000)]);
                 let cmd = ScsiCommand {
@@ -324,7 +332,9 @@ fuzz_target!(|ops: Vec<Op>| {
                 referenced,
                 ref_sn_delta,
             } => {
-                let Ok(function) = TmfFunction::from_u8(function % 9) else { continue };
+                let Ok(function) = TmfFunction::from_u8(function % 9) else {
+                    continue;
+                };
                 let t = TaskMgmtRequest {
                     immediate,
                     function,
