@@ -6,8 +6,10 @@
 //! out. Every loop is bounded in time.
 //!
 //! `KEYFENCE_HOSTILE_BIN=/path/to/keyfence` runs the same attacks against
-//! another build (e.g. one from before the fixes) to compare; the figures
-//! are printed on stderr (`cargo test ... -- --nocapture`).
+//! another build (e.g. one from before the fixes) to compare, and
+//! `KEYFENCE_HOSTILE_OLD_CONFIG=1` leaves out the `[limits]` keys such a
+//! build does not know; the figures are printed on stderr (`cargo test
+//! ... -- --nocapture`).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -424,11 +426,12 @@ fn stalled_writer(addr: SocketAddr, iqn: &str, isid: u64, writes: u32, until: In
 #[test]
 fn stalled_writes_are_bounded_and_timed_out() {
     let (bin, other) = binary();
+    let old_config = std::env::var_os("KEYFENCE_HOSTILE_OLD_CONFIG").is_some();
     let dir = tempfile::tempdir().unwrap();
     let iqn = "iqn.2026-11.io.keyfence:stall";
     let config = dir.path().join("keyfence.toml");
     // A build from before the fixes does not know the new keys.
-    let new_keys = if other {
+    let new_keys = if old_config {
         ""
     } else {
         "data_out_timeout_secs = 5\nmax_buffered_bytes = \"256M\"\n"
@@ -478,7 +481,12 @@ fn stalled_writes_are_bounded_and_timed_out() {
         peak_kib / 1024,
         b.login,
         tur_p99,
-        if other { " (KEYFENCE_HOSTILE_BIN)" } else { "" }
+        match (other, old_config) {
+            (true, true) => " (KEYFENCE_HOSTILE_BIN, default limits)",
+            (true, false) => " (KEYFENCE_HOSTILE_BIN)",
+            (false, true) => " (default limits)",
+            (false, false) => "",
+        }
     );
     assert!(serve.is_running(), "the server survived");
     assert!(
