@@ -2,11 +2,12 @@
 //! per connection, a session table for TSIH assignment and session
 //! reinstatement, connection limits and graceful shutdown.
 //!
-//! Protocol logic lives in the sans-IO crates: `iscsi` decodes and encodes
-//! PDUs and runs login negotiation, [`keyfence_lu`] executes SCSI commands.
-//! This module moves bytes between them and owns the per-session state
-//! RFC 7143 gives the target at ERL 0: command numbering, data transfer
-//! bookkeeping (R2T), task management and NOP pings.
+//! Protocol logic lives in the sans-IO crates: `keyfence_iscsi` decodes and
+//! encodes PDUs, runs login negotiation and holds the command window and
+//! Data-Out/R2T rules, [`keyfence_lu`] executes SCSI commands. The session
+//! state RFC 7143 gives the target at ERL 0 (command numbering, data
+//! transfer bookkeeping, task management, NOP pings) lives in `ffp`,
+//! without sockets: `conn` drives it over TCP, `harness` in memory.
 
 mod budget;
 mod conn;
