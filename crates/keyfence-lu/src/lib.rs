@@ -116,6 +116,9 @@ pub struct LuConfig {
     pub luns: Arc<TargetLuns>,
     /// Where the reservation engine keeps APTPL state, if anywhere.
     pub pr_state_path: Option<PathBuf>,
+    /// Cluster mode: the reservation state shared by the gateways (then
+    /// `pr_state_path` is not used).
+    pub shared_pr: Option<Arc<dyn reservation::SharedPrState>>,
 }
 
 /// IEEE company_id used in derived NAA identifiers: a CID (the local-bit
@@ -154,6 +157,7 @@ impl LuConfig {
             target_ports,
             luns,
             pr_state_path: None,
+            shared_pr: None,
         }
     }
 }
@@ -330,12 +334,16 @@ impl LogicalUnit {
         check_len("revision", &cfg.revision, 4)?;
         check_len("serial", &cfg.serial, 252)?;
         let ua = Arc::new(UnitAttentions::new());
-        let reservations = Reservations::new(ReservationContext {
+        let rctx = ReservationContext {
             lun: cfg.lun,
             target_ports: cfg.target_ports.clone(),
             unit_attentions: ua.clone(),
             state_path: cfg.pr_state_path.clone(),
-        });
+        };
+        let reservations = match &cfg.shared_pr {
+            Some(shared) => Reservations::with_shared(rctx, shared.clone()),
+            None => Reservations::new(rctx),
+        };
         Ok(LogicalUnit {
             blocks: size >> block_shift,
             block_shift,
@@ -455,6 +463,13 @@ impl LogicalUnit {
         }
         if reservation_command {
             return self.reservations.execute(req.nexus, req.cdb, req.data_out);
+        }
+        // COMPARE AND WRITE is not atomic across gateways (each gateway
+        // only locks its own stripes): a clustered LU does not offer it.
+        if op == 0x89 && self.reservations.is_shared() {
+            return CommandOutcome::check_condition(Sense::illegal_request(
+                asc::INVALID_COMMAND_OPERATION_CODE,
+            ));
         }
         let decoded = match cdb::parse(req.cdb) {
             Ok(c) => c,

@@ -16,8 +16,10 @@
 //! * Every PR OUT is logged as one structured `tracing` line.
 
 mod file_store;
+mod shared;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,6 +33,7 @@ use keyfence_scsi::sense::asc;
 use keyfence_scsi::{Nexus, Sense, SenseKey};
 
 pub use file_store::{read_state_file, state_path, FileStore, StateFile, FORMAT};
+pub use shared::{SharedChange, SharedPrState};
 
 use super::{CommandOutcome, LuEffect, ReservationContext, UaScope};
 
@@ -50,6 +53,12 @@ pub struct Reservations {
     drain: Mutex<()>,
     store: Option<Arc<dyn PrStore>>,
     features: Features,
+    /// Cluster mode: the state is committed there; see [`SharedPrState`].
+    shared: Option<Arc<dyn SharedPrState>>,
+    /// Cluster mode: a committed state has been installed and is being
+    /// followed (false until the first install, and after a resync is
+    /// requested): commands are refused until then.
+    synced: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -117,6 +126,53 @@ impl Reservations {
             writer: Mutex::new(Writer { version }),
             drain: Mutex::new(()),
             store,
+            shared: None,
+            synced: AtomicBool::new(true),
+        }
+    }
+
+    /// Build the gate of a clustered LU: its state lives in `shared`.
+    /// Until [`Reservations::install`] installs the committed state,
+    /// every command but INQUIRY, REPORT LUNS and REQUEST SENSE gets
+    /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION. PTPL_C is 1 (the
+    /// shared store is durable).
+    pub fn with_shared(ctx: ReservationContext, shared: Arc<dyn SharedPrState>) -> Self {
+        Reservations {
+            features: Features { ptpl_c: true },
+            ctx,
+            view: ArcSwap::from_pointee(AccessView::new(Arc::new(PrState::default()))),
+            writer: Mutex::new(Writer { version: 0 }),
+            drain: Mutex::new(()),
+            store: None,
+            shared: Some(shared),
+            synced: AtomicBool::new(false),
+        }
+    }
+
+    /// Is this the gate of a clustered LU?
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Cluster mode: install the committed state (the follower of the
+    /// shared state calls this for every change, in order) and serve
+    /// from it.
+    pub fn install(&self, state: PrState) {
+        self.publish(Arc::new(state));
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// Cluster mode: stop serving until the next [`Reservations::install`]
+    /// (the gateway lost its membership and must resynchronise).
+    pub fn unsync(&self) {
+        self.synced.store(false, Ordering::Release);
+    }
+
+    /// Cluster mode: may commands run here now? (Always true otherwise.)
+    pub fn may_serve(&self) -> bool {
+        match &self.shared {
+            None => true,
+            Some(s) => self.synced.load(Ordering::Acquire) && s.may_serve(),
         }
     }
 
@@ -133,6 +189,19 @@ impl Reservations {
     /// or the outcome to end the command with (RESERVATION CONFLICT, or
     /// CHECK CONDITION while PR information is lost).
     pub fn gate(&self, nexus: &Nexus, cdb: &[u8]) -> Option<CommandOutcome> {
+        // A clustered LU on a gateway that may not serve (lease in doubt,
+        // not yet synchronised): ALUA transitioning, so the initiator
+        // retries or uses another path. INQUIRY, REPORT LUNS and REQUEST
+        // SENSE still work.
+        if self.shared.is_some()
+            && !matches!(cdb.first(), Some(0x12 | 0xa0 | 0x03))
+            && !self.may_serve()
+        {
+            return Some(CommandOutcome::check_condition(Sense::new(
+                SenseKey::NotReady,
+                asc::ASYMMETRIC_ACCESS_STATE_TRANSITION,
+            )));
+        }
         match self.view.load().check(nexus, cdb) {
             Access::Allowed => None,
             Access::Conflict => Some(CommandOutcome::reservation_conflict()),
@@ -178,9 +247,6 @@ impl Reservations {
         if cdb.len() < 10 {
             return CommandOutcome::check_condition(Sense::invalid_cdb_field(0, None));
         }
-        let drain_turn = self.drain.lock().unwrap_or_else(|e| e.into_inner());
-        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
-        let before = self.snapshot();
         // Initiator ports known to the device server: every nexus the LU
         // has seen, plus this one.
         let mut known: Vec<keyfence_scsi::InitiatorPort> = self
@@ -193,6 +259,25 @@ impl Reservations {
             .collect();
         known.sort();
         known.dedup();
+        if let Some(shared) = &self.shared {
+            let (n, c, d) = (nexus.clone(), cdb.to_vec(), data.to_vec());
+            let ports = self.ctx.target_ports.clone();
+            let features = self.features;
+            let change: SharedChange = Box::new(move |st: &PrState| {
+                let ctx = keyfence_pr::Context {
+                    target_ports: &ports,
+                    known_initiators: &known,
+                    features,
+                };
+                keyfence_pr::pr_out(st, &n, &ctx, &c, &d)
+            });
+            let (outcome, after) = self.commit_shared(shared.as_ref(), change);
+            log_pr_out(self.ctx.lun, nexus, cdb, data, &outcome, after.as_ref());
+            return outcome;
+        }
+        let drain_turn = self.drain.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let before = self.snapshot();
         let ctx = keyfence_pr::Context {
             target_ports: &self.ctx.target_ports,
             known_initiators: &known,
@@ -242,7 +327,26 @@ impl Reservations {
         outcome
     }
 
+    /// Cluster mode: commit through the shared state. The unit
+    /// attentions and task aborts of the change reach every gateway
+    /// (this one included) through its follower, before this returns.
+    fn commit_shared(
+        &self,
+        shared: &dyn SharedPrState,
+        change: SharedChange,
+    ) -> (CommandOutcome, Option<PrState>) {
+        match shared.commit(change) {
+            Ok(st) => (CommandOutcome::good(), Some(st)),
+            Err(r) => (reject_outcome(r), None),
+        }
+    }
+
     fn spc2(&self, nexus: &Nexus, cdb: &[u8]) -> CommandOutcome {
+        if let Some(shared) = &self.shared {
+            let (n, c) = (nexus.clone(), cdb.to_vec());
+            let change: SharedChange = Box::new(move |st: &PrState| keyfence_pr::spc2(st, &n, &c));
+            return self.commit_shared(shared.as_ref(), change).0;
+        }
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let before = self.snapshot();
         match keyfence_pr::spc2(&before, nexus, cdb) {
@@ -314,6 +418,13 @@ impl Reservations {
         if self.snapshot().spc2.as_ref() != Some(nexus) {
             return;
         }
+        if let Some(shared) = &self.shared {
+            let n = nexus.clone();
+            shared.commit_detached(Box::new(move |st: &PrState| {
+                Ok(unchanged_or(st, keyfence_pr::on_nexus_loss(st, &n)))
+            }));
+            return;
+        }
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(st) = keyfence_pr::on_nexus_loss(&self.snapshot(), nexus) {
             self.publish(Arc::new(st));
@@ -331,10 +442,26 @@ impl Reservations {
     }
 
     fn reset(&self) {
+        if let Some(shared) = &self.shared {
+            if self.snapshot().spc2.is_some() {
+                shared.commit_detached(Box::new(|st: &PrState| {
+                    Ok(unchanged_or(st, keyfence_pr::on_reset(st)))
+                }));
+            }
+            return;
+        }
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(st) = keyfence_pr::on_reset(&self.snapshot()) {
             self.publish(Arc::new(st));
         }
+    }
+}
+
+/// A transition without effects: `next`, or `st` unchanged when `None`.
+fn unchanged_or(st: &PrState, next: Option<PrState>) -> Applied {
+    Applied {
+        state: next.unwrap_or_else(|| st.clone()),
+        effects: Effects::default(),
     }
 }
 

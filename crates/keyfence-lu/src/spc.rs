@@ -233,7 +233,14 @@ impl LogicalUnit {
                 opcode,
                 service_action,
                 alloc_len,
-            } => report_opcodes(rctd, options, opcode, service_action, alloc_len),
+            } => report_opcodes(
+                rctd,
+                options,
+                opcode,
+                service_action,
+                alloc_len,
+                self.reservations.is_shared(),
+            ),
             // Reservation commands are routed before decoding; REQUEST
             // SENSE and the SBC commands are handled by the caller.
             _ => Err(Sense::illegal_request(asc::INVALID_COMMAND_OPERATION_CODE)),
@@ -315,7 +322,13 @@ impl LogicalUnit {
                         .copy_from_slice(&(v.min(u64::from(u32::MAX)) as u32).to_be_bytes())
                 };
                 d[4] = 0; // WSNZ = 0: WRITE SAME with 0 blocks runs to the end
-                d[5] = MAX_COMPARE_AND_WRITE_BLOCKS;
+                          // A clustered LU does not offer COMPARE AND WRITE (not
+                          // atomic across gateways): MAXIMUM COMPARE AND WRITE 0.
+                d[5] = if self.reservations.is_shared() {
+                    0
+                } else {
+                    MAX_COMPARE_AND_WRITE_BLOCKS
+                };
                 let gran = (UNMAP_GRANULARITY_BYTES >> sh).max(1);
                 d[6..8].copy_from_slice(&(gran as u16).to_be_bytes());
                 put32(&mut d, 8, self.max_transfer_blocks().into());
@@ -688,10 +701,12 @@ fn report_opcodes(
     op: u8,
     sa: u16,
     alloc_len: u32,
+    no_compare_and_write: bool,
 ) -> Result<CommandOutcome, Sense> {
+    let offered = |c: &&CommandInfo| !(no_compare_and_write && c.opcode == 0x89);
     if options == 0 {
         let mut d = vec![0u8; 4];
-        for c in COMMANDS {
+        for c in COMMANDS.iter().filter(offered) {
             command_descriptor(c, rctd, &mut d);
         }
         let n = (d.len() - 4) as u32;
@@ -721,6 +736,7 @@ fn report_opcodes(
             opcode::lookup(op, None)
         }
     };
+    let found = found.filter(offered);
     let mut d = vec![0u8; 4];
     match found {
         Some(c) => {

@@ -1016,3 +1016,56 @@ fn write_and_verify_underflow_writes_received_blocks() {
     assert!(good(&o)[512..].iter().all(|&b| b == b'a'));
     good(&run(&lu, &n, &rw10(0x2e, 0x02, 0, 1), &[]));
 }
+
+/// A shared PR state that commits nothing it is not asked to: enough to
+/// build a clustered LU and see what it offers.
+#[derive(Debug)]
+struct OneGatewayShared(std::sync::Mutex<keyfence_pr::PrState>);
+
+impl reservation::SharedPrState for OneGatewayShared {
+    fn may_serve(&self) -> bool {
+        true
+    }
+    fn commit(
+        &self,
+        mut change: reservation::SharedChange,
+    ) -> Result<keyfence_pr::PrState, keyfence_pr::Refusal> {
+        let mut st = self.0.lock().unwrap();
+        let a = change(&st)?;
+        *st = a.state.clone();
+        Ok(a.state)
+    }
+    fn commit_detached(&self, change: reservation::SharedChange) {
+        let _ = self.commit(change);
+    }
+}
+
+#[test]
+fn a_clustered_lu_neither_offers_nor_runs_compare_and_write() {
+    let mut cfg = config();
+    cfg.shared_pr = Some(Arc::new(OneGatewayShared(Default::default())));
+    let lu = lu_with(Arc::new(MemBackend::new(1 << 20)), cfg);
+    let n = nexus("iqn.caw");
+    lu.reservations().install(keyfence_pr::PrState::default());
+    ready(&lu, &n);
+    let mut caw = [0u8; 16];
+    caw[0] = 0x89;
+    caw[13] = 1;
+    let o = run(&lu, &n, &caw, &[0u8; 1024]);
+    assert_eq!(sense(&o).code(), asc::INVALID_COMMAND_OPERATION_CODE);
+    // REPORT SUPPORTED OPERATION CODES: one command, 89h: not supported.
+    let rsoc = [0xa3, 0x0c, 0x01, 0x89, 0, 0, 0, 0, 1, 0, 0, 0];
+    assert_eq!(good(&run(&lu, &n, &rsoc, &[]))[1] & 0x07, 0x01);
+    // ... and absent from the full list.
+    let all = [0xa3, 0x0c, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
+    let list = good(&run(&lu, &n, &all, &[])).to_vec();
+    assert!(!list[4..].chunks(8).any(|d| d[0] == 0x89));
+    // Block Limits VPD: MAXIMUM COMPARE AND WRITE LENGTH 0.
+    assert_eq!(good(&run(&lu, &n, &inquiry(true, 0xb0, 64), &[]))[5], 0);
+
+    // A single-node LU offers it.
+    let single = big_mem_lu();
+    ready(&single, &n);
+    assert_eq!(good(&run(&single, &n, &rsoc, &[]))[1] & 0x07, 0x03);
+    assert!(good(&run(&single, &n, &inquiry(true, 0xb0, 64), &[]))[5] > 0);
+}

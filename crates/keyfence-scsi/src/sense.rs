@@ -41,6 +41,8 @@ pub mod asc {
     use super::Asc;
     pub const NO_ADDITIONAL_SENSE: Asc = Asc(0x00, 0x00);
     pub const LU_NOT_READY_MANUAL_INTERVENTION: Asc = Asc(0x04, 0x03);
+    /// LOGICAL UNIT NOT ACCESSIBLE, ASYMMETRIC ACCESS STATE TRANSITION.
+    pub const ASYMMETRIC_ACCESS_STATE_TRANSITION: Asc = Asc(0x04, 0x0a);
     pub const WRITE_ERROR: Asc = Asc(0x0c, 0x00);
     pub const UNRECOVERED_READ_ERROR: Asc = Asc(0x11, 0x00);
     pub const MISCOMPARE_DURING_VERIFY: Asc = Asc(0x1d, 0x00);

@@ -674,3 +674,177 @@ fn preempt_and_abort_waits_for_victims_commands_in_flight() {
         ScsiStatus::ReservationConflict
     );
 }
+
+/// Cluster mode, the LU side: two gates (two gateways) over one committed
+/// state. The test double commits under a mutex and applies every change
+/// to each gate the way a gateway's follower does (install, then the unit
+/// attentions of its own nexuses: those on its TPGT), before returning.
+mod cluster {
+    use super::*;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Weak;
+
+    #[derive(Debug, Default)]
+    struct Committed {
+        state: Mutex<PrState>,
+        gates: Mutex<Vec<(u16, Weak<Reservations>)>>,
+    }
+
+    #[derive(Debug)]
+    struct Gw {
+        committed: Arc<Committed>,
+        serving: AtomicBool,
+    }
+
+    impl SharedPrState for Gw {
+        fn may_serve(&self) -> bool {
+            self.serving.load(Ordering::Acquire)
+        }
+
+        fn commit(&self, mut change: SharedChange) -> Result<PrState, Refusal> {
+            let mut st = self.committed.state.lock().unwrap();
+            let applied = change(&st)?;
+            *st = applied.state.clone();
+            for (tpgt, gate) in self.committed.gates.lock().unwrap().iter() {
+                let Some(gate) = gate.upgrade() else { continue };
+                gate.install(applied.state.clone());
+                for (n, code) in &applied.effects.unit_attentions {
+                    if n.target.tpgt == *tpgt {
+                        gate.ctx.unit_attentions.queue(UaScope::Nexus(n), *code);
+                    }
+                }
+            }
+            Ok(applied.state)
+        }
+
+        fn commit_detached(&self, change: SharedChange) {
+            let _ = self.commit(change);
+        }
+    }
+
+    fn gateway(c: &Arc<Committed>, tpgt: u16) -> (Arc<Reservations>, Arc<Gw>) {
+        let gw = Arc::new(Gw {
+            committed: c.clone(),
+            serving: AtomicBool::new(true),
+        });
+        let r = Arc::new(Reservations::with_shared(ctx(None), gw.clone()));
+        c.gates.lock().unwrap().push((tpgt, Arc::downgrade(&r)));
+        r.install(c.state.lock().unwrap().clone());
+        (r, gw)
+    }
+
+    fn via(name: &str, tpgt: u16) -> Nexus {
+        Nexus::new(InitiatorPort::new(name, 1), port(tpgt))
+    }
+
+    const WRITE: [u8; 10] = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+
+    #[test]
+    fn a_reservation_taken_through_one_gateway_binds_the_other() {
+        let c = Arc::new(Committed::default());
+        let (a, _) = gateway(&c, 1);
+        let (b, _) = gateway(&c, 2);
+        let (x, y, z) = (via("iqn.x", 1), via("iqn.y", 2), via("iqn.z", 2));
+        assert_eq!(
+            out(&a, &x, PrOutAction::Register, None, keyed(0, 0xa1, false)).status,
+            ScsiStatus::Good
+        );
+        assert_eq!(
+            out(&b, &y, PrOutAction::Register, None, keyed(0, 0xb1, false)).status,
+            ScsiStatus::Good
+        );
+        let o = out(
+            &a,
+            &x,
+            PrOutAction::Reserve,
+            Some(PrType::WriteExclusiveRegistrantsOnly),
+            keyed(0xa1, 0, false),
+        );
+        assert_eq!(o.status, ScsiStatus::Good);
+        // Through B: the unregistered initiator is refused, the registered
+        // one may write, and PR IN shows both keys.
+        assert!(!b.check(&z, &WRITE));
+        assert!(b.check(&y, &WRITE));
+        assert_eq!(read_keys(&b, &z).keys, vec![0xa1, 0xb1]);
+        // x has been seen on A (its new-nexus unit attention reported).
+        let ua_a = &a.ctx.unit_attentions;
+        while ua_a.take(&x).is_some() {}
+        // y preempts x through B: x gets REGISTRATIONS PREEMPTED on A,
+        // the gateway it is logged in through.
+        let o = out(
+            &b,
+            &y,
+            PrOutAction::Preempt,
+            Some(PrType::WriteExclusiveRegistrantsOnly),
+            keyed(0xb1, 0xa1, false),
+        );
+        assert_eq!(o.status, ScsiStatus::Good);
+        assert!(o.effects.is_empty(), "aborts travel through the followers");
+        assert_eq!(ua_a.peek(&x), Some(asc::REGISTRATIONS_PREEMPTED));
+        assert!(!a.check(&x, &WRITE));
+        assert_eq!(read_keys(&a, &x).keys, vec![0xb1]);
+        // A refusal by the engine is the command's answer and commits
+        // nothing.
+        let before = c.state.lock().unwrap().clone();
+        let o = out(
+            &a,
+            &x,
+            PrOutAction::Reserve,
+            Some(PrType::ExclusiveAccess),
+            keyed(0xa1, 0, false),
+        );
+        assert_eq!(o.status, ScsiStatus::ReservationConflict);
+        assert_eq!(*c.state.lock().unwrap(), before);
+    }
+
+    #[test]
+    fn spc2_reserve_and_its_nexus_loss_are_cluster_wide() {
+        let c = Arc::new(Committed::default());
+        let (a, _) = gateway(&c, 1);
+        let (b, _) = gateway(&c, 2);
+        let (x, z) = (via("iqn.x", 1), via("iqn.z", 2));
+        let o = a.execute(&x, &[0x16, 0, 0, 0, 0, 0], &[]);
+        assert_eq!(o.status, ScsiStatus::Good);
+        assert!(!b.check(&z, &WRITE));
+        a.on_nexus_loss(&x);
+        assert!(b.check(&z, &WRITE));
+        assert_eq!(c.state.lock().unwrap().spc2, None);
+    }
+
+    #[test]
+    fn a_gateway_that_may_not_serve_answers_transitioning() {
+        let c = Arc::new(Committed::default());
+        let gw = Arc::new(Gw {
+            committed: c.clone(),
+            serving: AtomicBool::new(true),
+        });
+        let r = Reservations::with_shared(ctx(None), gw.clone());
+        let x = via("iqn.x", 1);
+        let transitioning = |o: Option<CommandOutcome>| {
+            let s = o.expect("refused").sense.expect("sense");
+            (s.key, s.asc, s.ascq) == (SenseKey::NotReady, 0x04, 0x0a)
+        };
+        // Not synchronised yet.
+        assert!(transitioning(r.gate(&x, &WRITE)));
+        assert!(
+            r.gate(&x, &[0x12, 0, 0, 0, 36, 0]).is_none(),
+            "INQUIRY works"
+        );
+        r.install(PrState::default());
+        assert!(r.gate(&x, &WRITE).is_none());
+        // Lease in doubt.
+        gw.serving.store(false, Ordering::Release);
+        assert!(transitioning(r.gate(&x, &WRITE)));
+        assert!(transitioning(
+            r.gate(&x, &[0x5e, 0, 0, 0, 0, 0, 0, 0, 8, 0])
+        ));
+        gw.serving.store(true, Ordering::Release);
+        assert!(r.gate(&x, &WRITE).is_none());
+        // A resynchronisation is pending.
+        r.unsync();
+        assert!(transitioning(r.gate(&x, &WRITE)));
+        // Single-node gates are not affected.
+        let single = Reservations::new(ctx(None));
+        assert!(single.may_serve() && single.gate(&x, &WRITE).is_none());
+    }
+}
