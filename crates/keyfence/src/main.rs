@@ -9,6 +9,7 @@ use std::process::ExitCode;
 mod bench;
 mod cli;
 mod fence;
+mod install_links;
 mod mpathpersist;
 mod persist;
 mod pr_show;
@@ -29,6 +30,9 @@ Commands:
   pr            inspect PR state: `keyfence pr show`
   bench         block I/O load over iSCSI at a fixed queue depth
   fence         I/O fencing: agent (also run as fence_keyfence), check, acquire, race
+  install-links DIR
+                make sg_persist, mpathpersist and fence_keyfence in DIR
+                symbolic links to this binary
   help          print this help
 
 Run `keyfence <COMMAND> --help` for a command's options.
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
     match prog.as_str() {
-        "sg_persist" => return persist::run(&args[1..]),
+        "sg_persist" => return persist::run(&args[1..], "sg_persist"),
         "mpathpersist" => return mpathpersist::run(&args[1..]),
         "fence_keyfence" => return fence::agent_main(&args[1..]),
         _ => {}
@@ -55,12 +59,14 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     match cmd.as_str() {
         "serve" => serve::run(rest),
-        "persist" | "sg_persist" => persist::run(rest),
+        "persist" => persist::run(rest, "keyfence persist"),
+        "sg_persist" => persist::run(rest, "keyfence sg_persist"),
         "mpathpersist" => mpathpersist::run(rest),
         "pr" => pr_show::run(rest),
         "takeover" => takeover::run(rest),
         "bench" => bench::run(rest),
         "fence" => fence::run(rest),
+        "install-links" => install_links::run(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             ExitCode::SUCCESS

@@ -3,18 +3,34 @@
 //! from the nexus it lost, in one command:
 //!
 //! 1. log in with a new ISID (`--isid`, else a random one),
-//! 2. REGISTER AND IGNORE EXISTING KEY with the key to use from now on,
-//! 3. READ FULL STATUS to find the old nexus' registrations (same
+//! 2. READ FULL STATUS to find the old nexus' registrations (same
 //!    initiator name, other ISID) and the reservation,
+//! 3. REGISTER AND IGNORE EXISTING KEY the new nexus with the key to use
+//!    from now on or, when that is the old key itself (the default), with
+//!    a temporary key that nobody holds,
 //! 4. PREEMPT AND ABORT the old key with the reservation's type, which
-//!    moves the reservation to the new nexus, drops the old registrations
-//!    and aborts the commands the old nexus may still have queued,
-//! 5. READ FULL STATUS again and report.
+//!    moves the reservation to the new nexus when the old key held it,
+//!    drops the old registrations and aborts the commands the old nexus
+//!    may still have queued,
+//! 5. when a temporary key was used, REGISTER the new nexus from it to the
+//!    old key,
+//! 6. READ FULL STATUS again, report, and verify: the new nexus must be
+//!    registered with the key to use, no old nexus of ours may keep the
+//!    old key, and the reservation must be the new nexus' when it was
+//!    taken. Anything else is a failure (exit 99), never a success.
 //!
-//! When old and new key are equal SPC-4 (5.14.11.4) keeps the sending
-//! nexus' own registration, so reusing the key is fine.
+//! Why the temporary key: PREEMPT (AND ABORT) removes the registrations of
+//! every I_T nexus holding the preempted key; only when that key holds the
+//! reservation does SPC-4 spare the nexus sending the command. A new nexus
+//! registered under the old key would unregister itself whenever the old
+//! key was not the holder.
+//!
+//! `--dry-run` reads the status and reports what would be done; it sends
+//! no PERSISTENT RESERVE OUT at all.
+//!
 //! Exit statuses are sg3_utils' (0 done, 1 syntax, 24 reservation
-//! conflict, 15 cannot connect, ...).
+//! conflict, 15 cannot connect, 99 the result is not what a takeover must
+//! leave, ...).
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -24,6 +40,8 @@ use keyfence_initiator::{Error, Isid};
 use keyfence_scsi::pr_data::FullStatus;
 use keyfence_scsi::transport_id::TransportId;
 
+use keyfence_fence::multipath::{basic_params, PROUT_REG, PROUT_REG_IGN};
+
 use crate::persist::device::{self, IscsiLun, Lun, Target};
 use crate::persist::format::PR_TYPE_STRS;
 use crate::persist::getopt::{self, lo, HasArg, Item, LongOpt};
@@ -31,13 +49,15 @@ use crate::persist::sgerr::SgCat;
 use crate::persist::{emit, Output};
 
 const PROG: &str = "keyfence takeover";
+const PROUT_PREEMPT_ABORT: u8 = 5;
 
 const USAGE: &str = "\
 Usage: keyfence takeover [OPTIONS] DEVICE
 
 Take back the registration and reservation of this initiator after it
-came back under a new I_T nexus: register the new nexus, then PREEMPT AND
-ABORT the key the old nexus holds. DEVICE is an iSCSI URL
+came back under a new I_T nexus: register the new nexus, PREEMPT AND
+ABORT the key the old nexus holds, and verify the result. DEVICE is an
+iSCSI URL
 (iscsi://[user[%secret]@]host[:port]/target-iqn/lun).
 
 Options:
@@ -49,7 +69,7 @@ Options:
                          the type of the reservation being taken over)
       --isid HEX         ISID for the new nexus (48 bits; default: random)
       --initiator-name IQN
-  -n, --dry-run          register and report, preempt nothing
+  -n, --dry-run          report what would be done, change nothing
   -v, --verbose
   -h, --help
 ";
@@ -324,41 +344,65 @@ pub async fn takeover_on<L: Lun>(
         ));
         return SgCat::SYNTAX_ERROR;
     }
-    let mut reg = vec![0u8; 24];
-    reg[8..16].copy_from_slice(&new_key.to_be_bytes());
-    if let Err(e) = lun.execute(device::prout_cmd(6, 0, reg)).await {
-        return fail(out, "REGISTER AND IGNORE EXISTING KEY", &e);
-    }
-    let _ = writeln!(
-        out.stdout,
-        "  registered the new nexus with key 0x{new_key:x}"
-    );
     let holder = before.descriptors.iter().find(|d| d.r_holder);
     let pr_type = o
         .pr_type
         .or_else(|| holder.map(|h| h.pr_type & 0xf))
         .unwrap_or(0);
     let takes_reservation = holder.is_some_and(|h| h.key == old_key);
+    // PREEMPT AND ABORT removes every registration under the preempted key
+    // (when that key is not the reservation holder, SPC-4 spares not even
+    // the sending nexus), so the new nexus must not hold the old key while
+    // it preempts: when the key is reused it first registers under a
+    // temporary key, and moves to the old key afterwards.
+    let first_key = if new_key == old_key {
+        temporary_key(&before, old_key)
+    } else {
+        new_key
+    };
+    let reservation_note = if takes_reservation {
+        format!(
+            " taking the reservation ({})",
+            PR_TYPE_STRS[pr_type as usize]
+        )
+    } else {
+        String::new()
+    };
     if o.dry_run {
         let _ = writeln!(
             out.stdout,
-            "  dry run: would PREEMPT AND ABORT key 0x{old_key:x}{}",
-            if takes_reservation {
-                format!(
-                    " taking the reservation ({})",
-                    PR_TYPE_STRS[pr_type as usize]
-                )
+            "  dry run: would register the new nexus with key 0x{first_key:x}, PREEMPT AND ABORT key 0x{old_key:x}{reservation_note}{}; nothing was changed",
+            if first_key != new_key {
+                format!(", then change the new nexus' key to 0x{new_key:x}")
             } else {
                 String::new()
             }
         );
         return SgCat::CLEAN;
     }
-    let mut p = vec![0u8; 24];
-    p[0..8].copy_from_slice(&new_key.to_be_bytes());
-    p[8..16].copy_from_slice(&old_key.to_be_bytes());
-    if let Err(e) = lun.execute(device::prout_cmd(5, pr_type, p)).await {
-        return fail(out, "PREEMPT AND ABORT", &e);
+    let reg = basic_params(0, first_key, false, false, &[]);
+    if let Err(e) = lun.execute(device::prout_cmd(PROUT_REG_IGN, 0, reg)).await {
+        return fail(out, "REGISTER AND IGNORE EXISTING KEY", &e);
+    }
+    if first_key == new_key {
+        let _ = writeln!(
+            out.stdout,
+            "  registered the new nexus with key 0x{new_key:x}"
+        );
+    } else {
+        let _ = writeln!(
+            out.stdout,
+            "  registered the new nexus with temporary key 0x{first_key:x}"
+        );
+    }
+    let p = basic_params(first_key, old_key, false, false, &[]);
+    if let Err(e) = lun
+        .execute(device::prout_cmd(PROUT_PREEMPT_ABORT, pr_type, p))
+        .await
+    {
+        let cat = fail(out, "PREEMPT AND ABORT", &e);
+        undo_registration(lun, first_key, out).await;
+        return cat;
     }
     let _ = writeln!(
         out.stdout,
@@ -370,6 +414,15 @@ pub async fn takeover_on<L: Lun>(
             String::new()
         }
     );
+    if first_key != new_key {
+        let p = basic_params(first_key, new_key, false, false, &[]);
+        if let Err(e) = lun.execute(device::prout_cmd(PROUT_REG, 0, p)).await {
+            let cat = fail(out, "REGISTER (to the key to keep)", &e);
+            undo_registration(lun, first_key, out).await;
+            return cat;
+        }
+        let _ = writeln!(out.stdout, "  changed the new nexus' key to 0x{new_key:x}");
+    }
     if let Some(h) = holder.filter(|h| h.key != old_key) {
         let _ = writeln!(
             out.stdout,
@@ -377,19 +430,103 @@ pub async fn takeover_on<L: Lun>(
             h.key
         );
     }
-    match full_status(lun).await {
-        Ok(after) => {
-            out.stdout.push_str("  after:\n");
-            describe(&after, &mut out.stdout);
-            SgCat::CLEAN
+    let after = match full_status(lun).await {
+        Ok(after) => after,
+        Err(e) => return fail(out, "READ FULL STATUS", &e),
+    };
+    out.stdout.push_str("  after:\n");
+    describe(&after, &mut out.stdout);
+    match verify(&after, &me, new_key, old_key, takes_reservation, &mine) {
+        Ok(()) => SgCat::CLEAN,
+        Err(why) => {
+            out.stderr
+                .push_str(&format!("{PROG}: takeover failed: {why}\n"));
+            SgCat::OTHER
         }
-        Err(e) => fail(out, "READ FULL STATUS", &e),
     }
+}
+
+/// A key for the new nexus to preempt with: not `old_key`, not 0, not any
+/// key registered now (so the preemption touches only the old key).
+fn temporary_key(fs: &FullStatus, old_key: u64) -> u64 {
+    loop {
+        let k: u64 = rand::random();
+        if k != 0 && k != old_key && !fs.descriptors.iter().any(|d| d.key == k) {
+            return k;
+        }
+    }
+}
+
+/// Best effort: unregister the new nexus after a failed step, so a failed
+/// takeover does not leave a registration behind.
+async fn undo_registration<L: Lun>(lun: &L, key: u64, out: &mut Output) {
+    let p = basic_params(key, 0, false, false, &[]);
+    match lun.execute(device::prout_cmd(PROUT_REG, 0, p)).await {
+        Ok(_) => out
+            .stderr
+            .push_str(&format!("{PROG}: the new nexus was unregistered again\n")),
+        Err(e) => out.stderr.push_str(&format!(
+            "{PROG}: could not unregister the new nexus (key 0x{key:x}): {e}\n"
+        )),
+    }
+}
+
+/// What a takeover must have achieved, checked on READ FULL STATUS after
+/// it: the new nexus registered with `new_key`, no old nexus of ours left
+/// registered, and the reservation on the new nexus when it was taken.
+fn verify(
+    after: &FullStatus,
+    me: &TransportId,
+    new_key: u64,
+    old_key: u64,
+    takes_reservation: bool,
+    is_old_nexus: &dyn Fn(&TransportId) -> bool,
+) -> Result<(), String> {
+    let is_me = |t: &TransportId| match (t, me) {
+        (
+            TransportId::Iscsi {
+                name: a,
+                isid: Some(x),
+            },
+            TransportId::Iscsi {
+                name: b,
+                isid: Some(y),
+            },
+        ) => a.eq_ignore_ascii_case(b) && x == y,
+        _ => false,
+    };
+    let Some(mine) = after.descriptors.iter().find(|d| is_me(&d.transport_id)) else {
+        return Err(format!(
+            "the new I_T nexus {} is not registered",
+            port_str(me)
+        ));
+    };
+    if mine.key != new_key {
+        return Err(format!(
+            "the new I_T nexus is registered with key 0x{:x}, not 0x{new_key:x}",
+            mine.key
+        ));
+    }
+    if let Some(d) = after
+        .descriptors
+        .iter()
+        .find(|d| is_old_nexus(&d.transport_id) && d.key == old_key)
+    {
+        return Err(format!(
+            "the old I_T nexus {} is still registered with key 0x{old_key:x}",
+            port_str(&d.transport_id)
+        ));
+    }
+    if takes_reservation && !mine.r_holder {
+        return Err("the new I_T nexus does not hold the reservation".into());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use keyfence_scsi::pr_data::FullStatusDescriptor;
 
     fn p(a: &[&str]) -> (Result<Option<Opts>, SgCat>, String) {
         let v: Vec<OsString> = a.iter().map(OsString::from).collect();
@@ -428,5 +565,73 @@ mod tests {
         assert_eq!(p(&[]).0.unwrap_err(), SgCat::SYNTAX_ERROR);
         assert_eq!(p(&["a", "b"]).0.unwrap_err(), SgCat::SYNTAX_ERROR);
         assert!(p(&["-h"]).0.unwrap().is_none());
+    }
+
+    fn desc(name: &str, isid: u64, key: u64, holder: bool) -> FullStatusDescriptor {
+        FullStatusDescriptor {
+            key,
+            all_tg_pt: false,
+            r_holder: holder,
+            scope: 0,
+            pr_type: if holder { 5 } else { 0 },
+            relative_target_port: 1,
+            transport_id: TransportId::Iscsi {
+                name: name.into(),
+                isid: Some(isid),
+            },
+        }
+    }
+
+    #[test]
+    fn verify_never_accepts_a_takeover_that_left_the_node_unregistered() {
+        let me = TransportId::Iscsi {
+            name: "iqn.2026-11.io.t:a".into(),
+            isid: Some(2),
+        };
+        let old_nexus = |t: &TransportId| matches!(t, TransportId::Iscsi { name, isid: Some(i) } if name == "iqn.2026-11.io.t:a" && *i != 2);
+        let fs = |d: Vec<FullStatusDescriptor>| FullStatus {
+            generation: 7,
+            descriptors: d,
+        };
+        // What the old sequence left when the old key was not the holder:
+        // the new nexus preempted its own registration away.
+        let e = verify(
+            &fs(vec![desc("iqn.2026-11.io.t:b", 3, 0xb, true)]),
+            &me,
+            0xa,
+            0xa,
+            false,
+            &old_nexus,
+        )
+        .unwrap_err();
+        assert!(e.contains("is not registered"), "{e}");
+        let good = fs(vec![
+            desc("iqn.2026-11.io.t:b", 3, 0xb, false),
+            desc("iqn.2026-11.io.t:a", 2, 0xa, true),
+        ]);
+        assert_eq!(verify(&good, &me, 0xa, 0xa, true, &old_nexus), Ok(()));
+        let e = verify(&good, &me, 0xc, 0xa, true, &old_nexus).unwrap_err();
+        assert!(e.contains("registered with key 0xa, not 0xc"), "{e}");
+        let not_holder = fs(vec![desc("iqn.2026-11.io.t:a", 2, 0xa, false)]);
+        let e = verify(&not_holder, &me, 0xa, 0xa, true, &old_nexus).unwrap_err();
+        assert!(e.contains("does not hold the reservation"), "{e}");
+        let old_left = fs(vec![
+            desc("iqn.2026-11.io.t:a", 2, 0xa, true),
+            desc("iqn.2026-11.io.t:a", 1, 0xa, false),
+        ]);
+        let e = verify(&old_left, &me, 0xa, 0xa, true, &old_nexus).unwrap_err();
+        assert!(e.contains("still registered"), "{e}");
+    }
+
+    #[test]
+    fn temporary_key_is_nobody_s() {
+        let fs = FullStatus {
+            generation: 1,
+            descriptors: vec![desc("iqn.2026-11.io.t:a", 1, 0xa, false)],
+        };
+        for _ in 0..100 {
+            let k = temporary_key(&fs, 0xa);
+            assert!(k != 0 && k != 0xa);
+        }
     }
 }

@@ -537,3 +537,62 @@ fn acquire_fails_fast_when_the_storage_goes_away() {
         "{took:?}"
     );
 }
+
+#[test]
+fn fence_subcommands_document_every_option() {
+    for cmd in ["check", "acquire", "race"] {
+        let o = keyfence(&["fence", cmd, "-h"]);
+        assert_eq!(code(&o), 0, "{}", text(&o.stderr));
+        let help = text(&o.stdout);
+        let lines: Vec<&str> = help.lines().collect();
+        for (i, l) in lines.iter().enumerate() {
+            let t = l.trim_start();
+            if !t.starts_with('-') {
+                continue;
+            }
+            // clap puts the description after two spaces on the same line,
+            // or on the next, more indented line.
+            let same_line = t.contains("  ");
+            let next_line = lines
+                .get(i + 1)
+                .is_some_and(|n| !n.trim().is_empty() && !n.trim_start().starts_with('-'));
+            assert!(
+                same_line || next_line,
+                "`keyfence fence {cmd} -h`: no help for {t:?}\n{help}"
+            );
+        }
+    }
+}
+
+#[test]
+fn docs_describe_acquire_as_polling_with_its_real_default() {
+    let o = keyfence(&["fence", "acquire", "--help"]);
+    let help = text(&o.stdout);
+    let default = help
+        .split("--probe-interval")
+        .nth(1)
+        .and_then(|s| s.split("[default: ").nth(1))
+        .and_then(|s| s.split(']').next())
+        .unwrap_or_else(|| panic!("no --probe-interval default in\n{help}"))
+        .to_string();
+    let readme = include_str!("../../../README.md");
+    let bullet = readme
+        .split("- `keyfence fence acquire")
+        .nth(1)
+        .and_then(|s| s.split("\n- ").next())
+        .expect("README's acquire bullet");
+    let fencing = include_str!("../../../docs/fencing.md");
+    let section = fencing
+        .split("## Failfast: `keyfence fence acquire`")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("docs/fencing.md's acquire section");
+    for (what, text) in [("README.md", bullet), ("docs/fencing.md", section)] {
+        // acquire polls: it cannot act "the moment" ownership is lost.
+        assert!(!text.contains("the moment"), "{what}: {text}");
+        assert!(
+            text.contains(&format!("default {default} ms")),
+            "{what} must give the probe interval default ({default} ms): {text}"
+        );
+    }
+}

@@ -131,7 +131,7 @@ fn sg_persist_full_cycle_on_keyfence() {
         ),
         24,
         "",
-        "PR out (Reserve): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+        "PR out (Reserve): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
     // fence_scsi's fencing step: B preempts and aborts A.
     check(
@@ -159,7 +159,7 @@ fn sg_persist_full_cycle_on_keyfence() {
         ),
         24,
         "",
-        "PR out (Reserve): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+        "PR out (Reserve): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
     // B moves its reservation to A's initiator port on target port 2.
     check(
@@ -530,5 +530,180 @@ fn mpathpersist_on_a_url_uses_every_portal() {
         0,
         "  PR generation=0x2, \t2 registered reservation keys follow:\n    0x55\n    0x55\n",
         "",
+    );
+}
+
+/// The URL of a LUN the target does not have (LUN 7 next to LUN 0).
+fn missing_lun(s: &Serve) -> String {
+    let d = s.url(0);
+    format!("{}7", d.strip_suffix('0').expect("a LUN 0 URL"))
+}
+
+#[test]
+fn persist_reports_a_missing_lun_as_logical_unit_not_supported() {
+    let s = Serve::start();
+    let m = missing_lun(&s);
+    // Like a device node that does not exist, with sg3_utils' text for
+    // ILLEGAL REQUEST / LOGICAL UNIT NOT SUPPORTED, never "bad field in cdb".
+    check(
+        &kf(INIT_A, &["persist", "-n", "-k", &m]),
+        15,
+        "",
+        &format!("keyfence persist: error opening file {m} (rw): Logical unit not supported\n"),
+    );
+    check(
+        &kf(INIT_A, &["persist", "-n", "-o", "-G", "-S", "0xa1", &m]),
+        15,
+        "",
+        &format!("keyfence persist: error opening file {m} (rw): Logical unit not supported\n"),
+    );
+    // With INQUIRY (peripheral qualifier 011b): nothing on stdout.
+    check(
+        &kf(INIT_A, &["persist", "-k", &m]),
+        15,
+        "",
+        &format!("keyfence persist: error opening file (ro): {m}: Logical unit not supported\n"),
+    );
+}
+
+#[test]
+fn persist_messages_carry_the_name_it_was_run_as() {
+    let s = Serve::start();
+    let m = missing_lun(&s);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let link = dir.path().join("sg_persist");
+    std::os::unix::fs::symlink(KF, &link).expect("symlink");
+    let o = keyfence_testkit::run(
+        Command::new(&link)
+            .args(["-n", "-k", &m])
+            .env("KEYFENCE_INITIATOR_NAME", INIT_A),
+    );
+    check(
+        &o,
+        15,
+        "",
+        &format!("sg_persist: error opening file {m} (rw): Logical unit not supported\n"),
+    );
+    let o = kf(INIT_A, &["persist", "--bogus"]);
+    assert!(
+        text(&o.stderr).starts_with("keyfence persist: "),
+        "{}",
+        text(&o.stderr)
+    );
+}
+
+#[test]
+fn takeover_keeps_its_key_when_another_node_holds_the_reservation() {
+    let s = Serve::start();
+    let d = s.url(0);
+    for (init, args) in [
+        (INIT_B, vec!["persist", "-n", "-o", "-G", "-S", "0xb2", &d]),
+        (
+            INIT_B,
+            vec!["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xb2", &d],
+        ),
+        (INIT_A, vec!["persist", "-n", "-o", "-G", "-S", "0xa1", &d]),
+    ] {
+        check(&kf(init, &args), 0, "", "");
+    }
+    // A comes back as a new nexus and takes over with its old key (the
+    // default). PREEMPT AND ABORT of a key that is not the holder removes
+    // every nexus registered with it, so the new nexus must not hold that
+    // key while it preempts, and must hold it afterwards.
+    let out = ok(&kf(INIT_A, &["takeover", "--isid", "800000000043", &d]));
+    let new_port = format!("{INIT_A},i,0x800000000043");
+    let after = &out[out.find("  after:\n").expect("after section")..];
+    assert!(
+        after.contains(&format!(
+            "    key 0xa1  {new_port}  relative target port 1\n"
+        )),
+        "{out}"
+    );
+    assert!(!after.contains(&s.port_of(INIT_A, 0)), "{out}");
+    assert!(
+        after.contains("    reservation: Write Exclusive, registrants only held with key 0xb2\n"),
+        "{out}"
+    );
+    // The device agrees: B's key and A's, once each.
+    let keys = ok(&kf(INIT_B, &["persist", "-n", "-k", &d]));
+    assert!(
+        keys.contains("2 registered reservation keys follow:\n"),
+        "{keys}"
+    );
+    assert!(
+        keys.contains("    0xb2\n") && keys.contains("    0xa1\n"),
+        "{keys}"
+    );
+}
+
+#[test]
+fn takeover_dry_run_changes_nothing() {
+    let s = Serve::start();
+    let d = s.url(0);
+    check(
+        &kf(INIT_A, &["persist", "-n", "-o", "-G", "-S", "0xa1", &d]),
+        0,
+        "",
+        "",
+    );
+    check(
+        &kf(
+            INIT_A,
+            &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
+        ),
+        0,
+        "",
+        "",
+    );
+    let before = ok(&kf(INIT_B, &["persist", "-n", "-s", &d]));
+    let out = ok(&kf(
+        INIT_A,
+        &["takeover", "-n", "--isid", "800000000044", &d],
+    ));
+    assert!(
+        out.contains("  dry run: would register the new nexus"),
+        "{out}"
+    );
+    assert!(out.contains("nothing was changed\n"), "{out}");
+    assert_eq!(ok(&kf(INIT_B, &["persist", "-n", "-s", &d])), before);
+}
+
+#[test]
+fn install_links_creates_links_and_refuses_foreign_files() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    let o = kf(
+        INIT_A,
+        &["install-links", bin.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
+    let exe = std::fs::canonicalize(KF).expect("binary");
+    for name in ["sg_persist", "mpathpersist", "fence_keyfence"] {
+        assert_eq!(std::fs::read_link(bin.join(name)).expect("link"), exe);
+    }
+    // The links work: run as sg_persist it is sg_persist.
+    let o = keyfence_testkit::run(Command::new(bin.join("sg_persist")).arg("-V"));
+    assert!(
+        text(&o.stderr).starts_with("version: 0.67"),
+        "{}",
+        text(&o.stderr)
+    );
+    // A file that is not a keyfence link is never overwritten.
+    std::fs::remove_file(bin.join("mpathpersist")).expect("rm");
+    std::fs::write(bin.join("mpathpersist"), "#!/bin/sh\n").expect("write");
+    let o = kf(
+        INIT_A,
+        &["install-links", bin.to_str().expect("utf-8 path")],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let e = text(&o.stderr);
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(
+        e.contains("mpathpersist exists and is not a link to keyfence"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(bin.join("mpathpersist")).expect("read"),
+        "#!/bin/sh\n"
     );
 }

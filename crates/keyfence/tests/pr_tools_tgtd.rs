@@ -123,7 +123,7 @@ fn sg_persist_conflicts_exit_24() {
         &kf(&["persist", "-n", "-o", "-R", "-T", "5", "-K", "1", "-d", &d]),
         24,
         "",
-        "PR out (Reserve): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+        "PR out (Reserve): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
     check(
         &kf(&[
@@ -131,27 +131,27 @@ fn sg_persist_conflicts_exit_24() {
         ]),
         24,
         "",
-        "PR out (Preempt): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+        "PR out (Preempt): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
     // tgtd does not implement PREEMPT AND ABORT: ILLEGAL REQUEST, status 5.
     check(
         &kf(&["persist", "-n", "-o", "-A", "-T", "5", "-K", "2", "-S", "1", "-d", &d]),
         5,
         "",
-        "PR out (Preempt and abort): bad field in cdb or parameter list (perhaps unsupported service action)\nsg_persist failed: Illegal request\n",
+        "PR out (Preempt and abort): bad field in cdb or parameter list (perhaps unsupported service action)\nkeyfence persist failed: Illegal request\n",
     );
     check(
         &kf(&["persist", "-n", "-o", "-C", "-K", "7", &d]),
         24,
         "",
-        "PR out (Clear): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+        "PR out (Clear): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
     // REGISTER with a wrong current key from an unregistered nexus.
     check(
         &kf(&["persist", "-n", "-o", "-G", "-K", "5", "-S", "6", &d]),
         24,
         "",
-        "PR out (Register): Reservation conflict\nsg_persist failed: Reservation conflict\n",
+        "PR out (Register): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
 }
 
@@ -187,7 +187,7 @@ fn sg_persist_capabilities_and_unsupported_full_status() {
         &kf(&["persist", "-n", "-s", &d]),
         5,
         "",
-        "PR in (Read full status): bad field in cdb or parameter list (perhaps unsupported service action)\nsg_persist failed: Illegal request\n",
+        "PR in (Read full status): bad field in cdb or parameter list (perhaps unsupported service action)\nkeyfence persist failed: Illegal request\n",
     );
 }
 
@@ -219,15 +219,17 @@ fn sg_persist_unreachable_device_and_bad_urls() {
     assert!(text(&o.stdout).is_empty());
     let e = text(&o.stderr);
     assert!(
-        e.starts_with(&format!("sg_persist: error opening file (ro): {d}: ")),
+        e.starts_with(&format!("keyfence persist: error opening file (ro): {d}: ")),
         "{e}"
     );
     let o = kf(&["persist", "-n", "-k", &d]);
     assert_eq!(o.status.code(), Some(15));
-    assert!(text(&o.stderr).starts_with(&format!("sg_persist: error opening file {d} (rw): ")));
+    assert!(
+        text(&o.stderr).starts_with(&format!("keyfence persist: error opening file {d} (rw): "))
+    );
     let o = kf(&["persist", "-k", "/dev/sda"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(text(&o.stderr).starts_with("sg_persist: invalid iSCSI URL"));
+    assert!(text(&o.stderr).starts_with("keyfence persist: invalid iSCSI URL"));
 }
 
 #[test]

@@ -19,7 +19,7 @@ pub mod tid;
 
 use device::{Lun, Target};
 use keyfence_initiator::commands;
-use opts::{Action, Opts, PROG, PROUT_REG_MOVE};
+use opts::{Action, Opts, PROUT_REG_MOVE};
 use sgerr::SgCat;
 
 /// Where keyfence persist knowingly departs from sg_persist.
@@ -42,6 +42,10 @@ pub const DIFFERENCES: &str = "\
   share that nexus and the second login reinstates the first session.
 - -v adds the initiator's error text instead of sg3_utils' CDB and sense
   dumps; the other stderr lines and all of stdout are unchanged.
+- A LUN the target does not have (INQUIRY peripheral qualifier 011b, or
+  sense ILLEGAL REQUEST / LOGICAL UNIT NOT SUPPORTED) is a device node
+  that does not exist: \"error opening file\" with sg3_utils' text for
+  that sense, \"Logical unit not supported\", exit status 15.
 ";
 
 /// Everything one invocation writes, so that tests can compare it.
@@ -51,11 +55,12 @@ pub struct Output {
     pub stderr: String,
 }
 
-/// Entry point: `keyfence persist ARGS` / `sg_persist ARGS`.
-pub fn run(args: &[OsString]) -> ExitCode {
+/// Entry point: `keyfence persist ARGS` / `sg_persist ARGS`; `prog` is
+/// the name it was run as, which its messages carry.
+pub fn run(args: &[OsString], prog: &'static str) -> ExitCode {
     let stdin = std::io::stdin();
     let mut lock = stdin.lock();
-    let parsed = opts::parse(args, &mut lock);
+    let parsed = opts::parse_as(prog, args, &mut lock);
     drop(lock);
     let mut out = Output {
         stderr: parsed.stderr,
@@ -70,7 +75,7 @@ pub fn run(args: &[OsString]) -> ExitCode {
             Ok(rt) => rt.block_on(execute(&o, &mut out)),
             Err(e) => {
                 out.stderr
-                    .push_str(&format!("{PROG}: cannot start runtime: {e}\n"));
+                    .push_str(&format!("{prog}: cannot start runtime: {e}\n"));
                 SgCat::OTHER
             }
         },
@@ -94,7 +99,7 @@ pub async fn execute(o: &Opts, out: &mut Output) -> SgCat {
     let target = match Target::from_device(&o.device, o.initiator_name.as_deref()) {
         Ok(t) => t,
         Err(e) => {
-            out.stderr.push_str(&format!("{PROG}: {e}\n"));
+            out.stderr.push_str(&format!("{}: {e}\n", o.prog));
             return SgCat::SYNTAX_ERROR;
         }
     };
@@ -103,11 +108,13 @@ pub async fn execute(o: &Opts, out: &mut Output) -> SgCat {
         Err(e) => {
             let dev = target.display_name();
             if o.inquiry {
-                out.stderr
-                    .push_str(&format!("{PROG}: error opening file (ro): {dev}: {e}\n"));
+                out.stderr.push_str(&format!(
+                    "{}: error opening file (ro): {dev}: {e}\n",
+                    o.prog
+                ));
             } else {
                 out.stderr
-                    .push_str(&format!("{PROG}: error opening file {dev} (rw): {e}\n"));
+                    .push_str(&format!("{}: error opening file {dev} (rw): {e}\n", o.prog));
             }
             return SgCat::FILE_ERROR;
         }
@@ -125,11 +132,13 @@ pub async fn execute_on<L: Lun>(lun: &L, dev: &str, o: &Opts, out: &mut Output) 
     let ret = 'work: {
         if o.inquiry {
             match lun.execute(commands::inquiry(None, 36)).await {
+                Ok(inq) if no_lu_here(&inq) => break 'work lu_not_supported(dev, o, out),
                 Ok(inq) => out.stdout.push_str(&format::inquiry_header(&inq)),
+                Err(e) if lu_not_supported_sense(&e) => break 'work lu_not_supported(dev, o, out),
                 Err(e) => {
                     let cat = device::category(&e);
                     out.stdout
-                        .push_str(&format!("{PROG}: SCSI INQUIRY failed on {dev}\n"));
+                        .push_str(&format!("{}: SCSI INQUIRY failed on {dev}\n", o.prog));
                     if o.verbose > 0 {
                         out.stderr.push_str(&format!("inquiry: {e}\n"));
                     }
@@ -138,15 +147,19 @@ pub async fn execute_on<L: Lun>(lun: &L, dev: &str, o: &Opts, out: &mut Output) 
                 }
             }
         }
-        if o.prin {
+        let r = if o.prin {
             prin_work(lun, o, out).await
         } else {
             prout_work(lun, o, out).await
+        };
+        match r {
+            Ok(cat) => cat,
+            Err(Absent) => lu_not_supported(dev, o, out),
         }
     };
-    if ret != SgCat::CLEAN && o.verbose == 0 && !flagged {
+    if ret != SgCat::CLEAN && ret != SgCat::FILE_ERROR && o.verbose == 0 && !flagged {
         match ret.describe(false) {
-            Some(s) => out.stderr.push_str(&format!("{PROG} failed: {s}\n")),
+            Some(s) => out.stderr.push_str(&format!("{} failed: {s}\n", o.prog)),
             None => out
                 .stderr
                 .push_str(&format!("Some error occurred [{}]\n", ret.0)),
@@ -155,32 +168,66 @@ pub async fn execute_on<L: Lun>(lun: &L, dev: &str, o: &Opts, out: &mut Output) 
     ret
 }
 
-async fn prin_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> SgCat {
+/// The logical unit addressed does not exist on the target.
+struct Absent;
+
+/// Standard INQUIRY data of a LUN the target does not have: peripheral
+/// qualifier 011b (SPC-4 6.6.2).
+fn no_lu_here(inq: &[u8]) -> bool {
+    inq.first().is_some_and(|b| b >> 5 == 0b011)
+}
+
+/// ILLEGAL REQUEST, LOGICAL UNIT NOT SUPPORTED (25h/00h).
+fn lu_not_supported_sense(e: &keyfence_initiator::Error) -> bool {
+    matches!(e, keyfence_initiator::Error::CheckCondition(s)
+        if s.key == keyfence_scsi::SenseKey::IllegalRequest && s.asc == 0x25 && s.ascq == 0)
+}
+
+/// Report a missing LUN the way a missing device node is reported.
+fn lu_not_supported(dev: &str, o: &Opts, out: &mut Output) -> SgCat {
+    if o.inquiry {
+        out.stderr.push_str(&format!(
+            "{}: error opening file (ro): {dev}: Logical unit not supported\n",
+            o.prog
+        ));
+    } else {
+        out.stderr.push_str(&format!(
+            "{}: error opening file {dev} (rw): Logical unit not supported\n",
+            o.prog
+        ));
+    }
+    SgCat::FILE_ERROR
+}
+
+async fn prin_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> Result<SgCat, Absent> {
     let alloc = u16::try_from(o.alloc_len).unwrap_or(u16::MAX);
     let data = match lun.execute(device::prin_cmd(o.prin_sa, alloc)).await {
         Ok(d) => d,
+        Err(e) if lu_not_supported_sense(&e) => return Err(Absent),
         Err(e) => {
             let cat = device::category(&e);
             let b = format::prin_sa_str(o.prin_sa);
             report_failure(&mut out.stderr, &format!("PR in ({b})"), cat, o.verbose, &e);
-            return cat;
+            return Ok(cat);
         }
     };
-    match format::prin_output(o.prin_sa, &data, o.alloc_len as usize, o.hex, o.verbose) {
-        Ok(text) => {
-            out.stdout.push_str(&text);
-            SgCat::CLEAN
-        }
-        Err(text) => {
-            out.stderr
-                .push_str("Unexpected response for PRIN Report Capabilities\n");
-            out.stdout.push_str(&text);
-            SgCat::MALFORMED
-        }
-    }
+    Ok(
+        match format::prin_output(o.prin_sa, &data, o.alloc_len as usize, o.hex, o.verbose) {
+            Ok(text) => {
+                out.stdout.push_str(&text);
+                SgCat::CLEAN
+            }
+            Err(text) => {
+                out.stderr
+                    .push_str("Unexpected response for PRIN Report Capabilities\n");
+                out.stdout.push_str(&text);
+                SgCat::MALFORMED
+            }
+        },
+    )
 }
 
-async fn prout_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> SgCat {
+async fn prout_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> Result<SgCat, Absent> {
     let params = opts::prout_parameter_list(o);
     let cmd = device::prout_cmd(o.prout_sa, o.prout_type, params);
     let what = if o.prout_sa == PROUT_REG_MOVE {
@@ -201,12 +248,13 @@ async fn prout_work<L: Lun>(lun: &L, o: &Opts, out: &mut Output) -> SgCat {
                     ));
                 }
             }
-            SgCat::CLEAN
+            Ok(SgCat::CLEAN)
         }
+        Err(e) if lu_not_supported_sense(&e) => Err(Absent),
         Err(e) => {
             let cat = device::category(&e);
             report_failure(&mut out.stderr, &what, cat, o.verbose, &e);
-            cat
+            Ok(cat)
         }
     }
 }

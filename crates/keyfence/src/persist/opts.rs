@@ -9,7 +9,6 @@ use super::getopt::{self, lo, HasArg, Item, LongOpt};
 use super::sgerr::SgCat;
 use super::tid;
 
-pub const PROG: &str = "sg_persist";
 /// The sg_persist release whose behaviour this front end reproduces.
 pub const SG_PERSIST_VERSION: &str = "0.67 20190913";
 
@@ -169,6 +168,9 @@ PR Out TYPE field value meanings:
 /// A fully checked sg_persist invocation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Opts {
+    /// The name to prefix messages with: the name the tool was run as
+    /// (`sg_persist`, or `keyfence persist`).
+    pub prog: &'static str,
     pub device: String,
     /// true: PERSISTENT RESERVE IN; false: OUT.
     pub prin: bool,
@@ -206,28 +208,36 @@ pub enum Action {
 }
 
 /// Parse sg_persist's command line.
-pub fn parse(args: &[OsString], stdin: &mut dyn BufRead) -> Parsed {
+/// Parse the arguments of the tool run as `prog` (`sg_persist` or
+/// `keyfence persist`; its messages carry that name).
+pub fn parse_as(prog: &'static str, args: &[OsString], stdin: &mut dyn BufRead) -> Parsed {
     let mut err = String::new();
-    let action = parse_inner(args, stdin, &mut err);
+    let action = parse_inner(prog, args, stdin, &mut err);
     Parsed {
         action,
         stderr: err,
     }
 }
 
-fn parse_inner(args: &[OsString], stdin: &mut dyn BufRead, err: &mut String) -> Action {
+fn parse_inner(
+    prog: &'static str,
+    args: &[OsString],
+    stdin: &mut dyn BufRead,
+    err: &mut String,
+) -> Action {
     let items = match getopt::scan(args, SHORTS, LONGS) {
         Ok(v) => v,
         Err(e) => {
             // sg_persist prints the usage and exits 0 here; keyfence exits
             // with SG_LIB_SYNTAX_ERROR so that a typo can never pass for
             // success in a fencing script.
-            err.push_str(&format!("{PROG}: {}\n", e.0));
+            err.push_str(&format!("{prog}: {}\n", e.0));
             err.push_str(USAGE_1);
             return Action::Exit(SgCat::SYNTAX_ERROR);
         }
     };
     let mut o = Opts {
+        prog,
         device: String::new(),
         prin: true,
         prin_sa: 0,
@@ -495,7 +505,7 @@ mod tests {
 
     fn p(args: &[&str]) -> Parsed {
         let v: Vec<OsString> = args.iter().map(OsString::from).collect();
-        parse(&v, &mut std::io::empty())
+        parse_as("sg_persist", &v, &mut std::io::empty())
     }
 
     fn run_opts(args: &[&str]) -> Opts {

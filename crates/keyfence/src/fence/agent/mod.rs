@@ -26,7 +26,6 @@
 //! finds this node's key as the key registered for that port (READ FULL
 //! STATUS), and never re-registers during `off`: a node that has itself been
 //! fenced cannot fence back.
-
 //!
 //! Layout: [`options`] (what the agent was told, and the [`Action`]),
 //! [`metadata`] (help and Pacemaker metadata), [`actions`] (running an
@@ -49,6 +48,8 @@ pub use keyfence_fence::ops::FENCE_TYPE;
 use metadata::{metadata, usage};
 pub use options::{parse_args, parse_stdin, Action, Opts};
 
+/// Where the agent's per-device lines go: failures always (unless quiet),
+/// details when verbose.
 pub struct Log {
     verbose: u8,
     quiet: bool,
