@@ -93,6 +93,13 @@ pub enum Error {
     /// No reservation exists and none could be created.
     #[error("no reservation exists on the device")]
     NoReservation,
+    /// After a coordinator-disk race, a victim key is still registered.
+    #[error("key {} is still registered", fmt_key(*.0))]
+    VictimStillRegistered(u64),
+    /// After taking a device, the reservation is not ours (Debug of what
+    /// READ RESERVATION showed).
+    #[error("reservation is {0} after taking it")]
+    ReservationNotTaken(String),
     /// A per-device job did not finish before its deadline.
     #[error("no answer within {0:?}")]
     Deadline(Duration),

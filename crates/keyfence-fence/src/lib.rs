@@ -14,6 +14,8 @@
 //! - [`session`]: which initiator port each fencing role logs in as;
 //! - [`ops`]: the fencing operations (unfence, fence, own key, keys on
 //!   every device, run on all devices with deadlines);
+//! - [`failfast`]: take devices and poll them until ownership is lost;
+//! - [`race`]: the coordinator-disk race of a split cluster;
 //! - [`key`]: reservation keys derived exactly as fence_scsi derives them.
 //!
 //! Errors are one typed [`Error`]. Printing, exit statuses and argument
@@ -21,10 +23,12 @@
 
 pub mod config;
 pub mod error;
+pub mod failfast;
 pub mod key;
 pub mod lun;
 pub mod multipath;
 pub mod ops;
+pub mod race;
 pub mod resolve;
 pub mod session;
 

@@ -1,5 +1,6 @@
 //! `keyfence fence acquire`: take ownership of LUNs, then watch them and
-//! fail fast.
+//! fail fast. The device work is keyfence-fence's
+//! [`keyfence_fence::failfast`]; this is its command line and output.
 //!
 //! Ownership: REGISTER AND IGNORE EXISTING KEY with this node's key, then a
 //! Write Exclusive – Registrants Only reservation; when another key holds
@@ -23,11 +24,10 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use keyfence_initiator::{Device, Error};
+use keyfence_fence::failfast::{take, watch, Watched};
 
-use super::agent::FENCE_TYPE;
 use super::key::parse_key;
-use super::{connect, fmt_key, monotonic_ns, FenceDevice, Role};
+use super::{fmt_key, monotonic_ns, FenceDevice};
 use crate::cli::Msg as _;
 
 /// Take ownership of LUNs, then run a command as soon as it is lost.
@@ -66,12 +66,6 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-struct Watched {
-    dev: FenceDevice,
-    sessions: Vec<Device>,
-    last_ok: Instant,
-}
-
 pub fn run(args: &[OsString]) -> ExitCode {
     let a: Args = match crate::cli::parse("keyfence fence acquire", args, 1) {
         Ok(a) => a,
@@ -103,8 +97,8 @@ pub fn run(args: &[OsString]) -> ExitCode {
         let mut watched = Vec::new();
         for d in &devs {
             match tokio::time::timeout(t.saturating_mul(4), take(d, &name, key, t)).await {
-                Ok(Ok((sessions, msg))) => {
-                    println!("{}: {msg}", d.name);
+                Ok(Ok((sessions, how))) => {
+                    println!("{}: {how}; holding with key {}", d.name, fmt_key(key));
                     watched.push(Watched {
                         dev: d.clone(),
                         sessions,
@@ -159,152 +153,4 @@ pub fn run(args: &[OsString]) -> ExitCode {
         }
     });
     ExitCode::from(code)
-}
-
-/// Register on every path, reserve (preempting another holder), verify.
-async fn take(
-    d: &FenceDevice,
-    name: &str,
-    key: u64,
-    t: Duration,
-) -> Result<(Vec<Device>, String), String> {
-    let mut sessions = Vec::new();
-    for p in &d.paths {
-        let dev = connect(p, name, Role::Failfast, t).await.msg()?;
-        dev.register_and_ignore(key, &Default::default())
-            .await
-            .map_err(|e| format!("{}: REGISTER AND IGNORE EXISTING KEY: {e}", p.portal()))?;
-        sessions.push(dev);
-    }
-    let dev = sessions.first().ok_or("device has no paths")?;
-    let res = dev
-        .read_reservation()
-        .await
-        .map_err(|e| format!("READ RESERVATION: {e}"))?;
-    let how = match res.reservation {
-        Some(r) if r.key == key => "already held the reservation".to_string(),
-        Some(r) => {
-            dev.preempt_and_abort(key, r.key, FENCE_TYPE)
-                .await
-                .map_err(|e| format!("PREEMPT AND ABORT {}: {e}", fmt_key(r.key)))?;
-            format!("preempted holder {}", fmt_key(r.key))
-        }
-        None => {
-            dev.reserve(key, FENCE_TYPE)
-                .await
-                .map_err(|e| format!("RESERVE: {e}"))?;
-            "reserved".to_string()
-        }
-    };
-    let res = dev
-        .read_reservation()
-        .await
-        .map_err(|e| format!("READ RESERVATION: {e}"))?;
-    match res.reservation {
-        Some(r) if r.key == key => {}
-        other => return Err(format!("reservation is {other:?} after taking it")),
-    }
-    // Forget the unit attentions our own actions caused.
-    for s in &sessions {
-        let _ = s.take_unit_attentions();
-    }
-    Ok((
-        sessions,
-        format!("{how}; holding with key {}", fmt_key(key)),
-    ))
-}
-
-/// Probe until ownership is lost (returns the reason) or `until` passes.
-async fn watch(
-    watched: &mut [Watched],
-    name: &str,
-    key: u64,
-    t: Duration,
-    interval: Duration,
-    lost_after: Duration,
-    until: Option<Instant>,
-) -> Option<String> {
-    let mut tick = tokio::time::interval(interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if until.is_some_and(|u| Instant::now() >= u) {
-            return None;
-        }
-        for w in watched.iter_mut() {
-            match probe(w, name, key, t).await {
-                Ok(None) => w.last_ok = Instant::now(),
-                Ok(Some(reason)) => return Some(format!("{}: {reason}", w.dev.name)),
-                Err(e) => {
-                    tracing::warn!(device = %w.dev.name, error = %e, "probe failed");
-                    if w.last_ok.elapsed() >= lost_after {
-                        return Some(format!(
-                            "{}: not probed successfully for {:?} (last error: {e})",
-                            w.dev.name,
-                            w.last_ok.elapsed()
-                        ));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// One probe of one device: Ok(Some(reason)) when ownership is gone.
-async fn probe(
-    w: &mut Watched,
-    name: &str,
-    key: u64,
-    t: Duration,
-) -> Result<Option<String>, String> {
-    let mut last_err = String::from("no session");
-    for i in 0..w.sessions.len() {
-        let Some(s) = w.sessions.get_mut(i) else {
-            break;
-        };
-        let r = tokio::time::timeout(t, check(s, key)).await;
-        match r {
-            Ok(Ok(v)) => return Ok(v),
-            Ok(Err(e)) if e.is_connection_error() => {
-                last_err = e.to_string();
-                // Same initiator port again: the registration is kept.
-                if let Some(p) = w.dev.paths.get(i) {
-                    if let Ok(d) = connect(p, name, Role::Failfast, t).await {
-                        *s = d;
-                    }
-                }
-            }
-            Ok(Err(e)) => last_err = e.to_string(),
-            Err(_) => last_err = format!("probe timed out after {t:?}"),
-        }
-    }
-    Err(last_err)
-}
-
-async fn check(s: &Device, key: u64) -> Result<Option<String>, Error> {
-    let keys = s.read_keys().await?;
-    let ua = s.take_unit_attentions();
-    if let Some(u) = ua
-        .iter()
-        .find(|u| u.asc == 0x2a && (u.ascq == 0x03 || u.ascq == 0x05))
-    {
-        let what = if u.ascq == 0x03 {
-            "RESERVATIONS PREEMPTED"
-        } else {
-            "REGISTRATIONS PREEMPTED"
-        };
-        return Ok(Some(format!("unit attention {what}")));
-    }
-    if !keys.keys.contains(&key) {
-        return Ok(Some(format!(
-            "key {} is no longer registered",
-            fmt_key(key)
-        )));
-    }
-    let res = s.read_reservation().await?;
-    match res.reservation {
-        Some(r) if r.key == key => Ok(None),
-        Some(r) => Ok(Some(format!("reservation now held by {}", fmt_key(r.key)))),
-        None => Ok(Some("the reservation is gone".into())),
-    }
 }

@@ -18,11 +18,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use keyfence_initiator::{Device, Error};
+use keyfence_fence::race::{race_disk, DiskOutcome};
 
-use super::agent::FENCE_TYPE;
 use super::key::parse_key;
-use super::{connect_any, fmt_key, FenceDevice, Role};
+use super::FenceDevice;
 use crate::cli::Msg as _;
 
 /// Race the other half of the cluster for a majority of coordinator LUNs.
@@ -52,17 +51,6 @@ struct Args {
     /// Milliseconds allowed for each login and command.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..=600_000))]
     timeout_ms: u64,
-}
-
-/// What happened on one coordinator disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DiskOutcome {
-    /// Our key is registered and no victim key is.
-    Won(String),
-    /// Our key was removed by the other side.
-    Lost(String),
-    /// The disk could not be used (unreachable, error, ambiguous).
-    Failed(String),
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
@@ -119,18 +107,16 @@ pub fn run(args: &[OsString]) -> ExitCode {
                 .await
             {
                 Ok(o) => o,
-                Err(_) => {
-                    DiskOutcome::Failed(format!("no answer within {:?}", t.saturating_mul(4)))
-                }
+                Err(_) => DiskOutcome::Failed(keyfence_fence::Error::Deadline(t.saturating_mul(4))),
             }
         });
         match &o {
-            DiskOutcome::Won(s) => {
+            DiskOutcome::Won { .. } => {
                 won += 1;
-                println!("{}: won: {s}", d.name);
+                println!("{}: won: {o}", d.name);
             }
-            DiskOutcome::Lost(s) => println!("{}: lost: {s}", d.name),
-            DiskOutcome::Failed(s) => println!("{}: failed: {s}", d.name),
+            DiskOutcome::Lost { .. } => println!("{}: lost: {o}", d.name),
+            DiskOutcome::Failed(_) => println!("{}: failed: {o}", d.name),
         }
     }
     if won * 2 > devs.len() {
@@ -149,53 +135,4 @@ pub fn run(args: &[OsString]) -> ExitCode {
         }
     }
     ExitCode::from(1)
-}
-
-async fn race_disk(
-    d: &FenceDevice,
-    name: &str,
-    mine: u64,
-    victims: &[u64],
-    t: Duration,
-) -> DiskOutcome {
-    let dev = match connect_any(d, name, Role::Agent, t).await {
-        Ok(dev) => dev,
-        Err(e) => return DiskOutcome::Failed(e.to_string()),
-    };
-    let o = race_on(&dev, mine, victims).await;
-    let _ = dev.close().await;
-    o
-}
-
-async fn race_on(dev: &Device, mine: u64, victims: &[u64]) -> DiskOutcome {
-    let mut done = Vec::new();
-    for &v in victims {
-        let keys = match dev.read_keys().await {
-            Ok(k) => k.keys,
-            Err(e) => return DiskOutcome::Failed(format!("READ KEYS: {e}")),
-        };
-        if !keys.contains(&mine) {
-            return DiskOutcome::Lost(format!("our key {} was removed", fmt_key(mine)));
-        }
-        if !keys.contains(&v) {
-            continue;
-        }
-        match dev.preempt_and_abort(mine, v, FENCE_TYPE).await {
-            Ok(()) => done.push(fmt_key(v)),
-            // Our key went away under us, or the victim's did; look again.
-            Err(Error::ReservationConflict) => continue,
-            Err(e) => return DiskOutcome::Failed(format!("PREEMPT AND ABORT {}: {e}", fmt_key(v))),
-        }
-    }
-    match dev.read_keys().await {
-        Ok(k) if !k.keys.contains(&mine) => {
-            DiskOutcome::Lost(format!("our key {} was removed", fmt_key(mine)))
-        }
-        Ok(k) => match victims.iter().find(|v| k.keys.contains(v)) {
-            Some(v) => DiskOutcome::Failed(format!("key {} is still registered", fmt_key(*v))),
-            None if done.is_empty() => DiskOutcome::Won("no victim key was registered".into()),
-            None => DiskOutcome::Won(format!("preempted {}", done.join(" "))),
-        },
-        Err(e) => DiskOutcome::Failed(format!("READ KEYS: {e}")),
-    }
 }

@@ -44,7 +44,6 @@ pub mod actions;
 pub mod metadata;
 pub mod options;
 
-pub use keyfence_fence::ops::FENCE_TYPE;
 use metadata::{metadata, usage};
 pub use options::{parse_args, parse_stdin, Action, Opts};
 
