@@ -371,7 +371,12 @@ pub async fn takeover_on<L: Lun>(
     if o.dry_run {
         let _ = writeln!(
             out.stdout,
-            "  dry run: would register the new nexus with key 0x{first_key:x}, PREEMPT AND ABORT key 0x{old_key:x}{reservation_note}{}; nothing was changed",
+            "  dry run: would register the new nexus with {}, PREEMPT AND ABORT key 0x{old_key:x}{reservation_note}{}; nothing was changed",
+            if first_key != new_key {
+                "a temporary key".to_string()
+            } else {
+                format!("key 0x{new_key:x}")
+            },
             if first_key != new_key {
                 format!(", then change the new nexus' key to 0x{new_key:x}")
             } else {
