@@ -118,6 +118,11 @@ pub fn run(args: &[OsString]) -> ExitCode {
     }
 }
 
+/// The clap definition of this command (for manual pages and completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,10 +10,12 @@ mod bench;
 mod cli;
 mod fence;
 mod install_links;
+mod manual;
 mod mpathpersist;
 mod persist;
 mod pr_show;
 mod serve;
+mod systemd;
 mod takeover;
 
 const USAGE: &str = "\
@@ -33,6 +35,10 @@ Commands:
   install-links DIR
                 make sg_persist, mpathpersist and fence_keyfence in DIR
                 symbolic links to this binary
+  man DIR       write the manual pages into DIR
+  completions SHELL
+                print the completion script for bash, zsh, fish, elvish
+                or powershell
   help          print this help
 
 Run `keyfence <COMMAND> --help` for a command's options.
@@ -47,7 +53,8 @@ fn main() -> ExitCode {
         .unwrap_or_default();
     match prog.as_str() {
         "sg_persist" => return persist::run(&args[1..], "sg_persist"),
-        "mpathpersist" => return mpathpersist::run(&args[1..]),
+        "keyfence-sg_persist" => return persist::run(&args[1..], "keyfence-sg_persist"),
+        "mpathpersist" | "keyfence-mpathpersist" => return mpathpersist::run(&args[1..]),
         "fence_keyfence" => return fence::agent_main(&args[1..]),
         _ => {}
     }
@@ -67,6 +74,8 @@ fn main() -> ExitCode {
         "bench" => bench::run(rest),
         "fence" => fence::run(rest),
         "install-links" => install_links::run(rest),
+        "man" => manual::run_man(rest),
+        "completions" => manual::run_completions(rest),
         "help" | "--help" | "-h" => {
             print!("{USAGE}");
             ExitCode::SUCCESS

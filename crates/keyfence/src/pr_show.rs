@@ -451,6 +451,11 @@ fn table(s: &Shown) -> String {
     o
 }
 
+/// The clap definition of this command (for manual pages and completions).
+pub fn command() -> clap::Command {
+    <Cli as clap::CommandFactory>::command()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -152,6 +152,13 @@ fn serve(args: Args) -> Result<()> {
         print!("{}", server.describe());
         use std::io::Write;
         let _ = std::io::stdout().flush();
+        // Bound, listening and every LU open: tell systemd (Type=notify).
+        crate::systemd::ready(&server);
+        crate::systemd::spawn_watchdog();
+        let stop = async move {
+            stop.await;
+            crate::systemd::stopping();
+        };
         server.run(stop).await?;
         Ok::<(), anyhow::Error>(())
     })?;
@@ -171,6 +178,11 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         }
     })
+}
+
+/// The clap definition of this command (for manual pages and completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
 }
 
 #[cfg(test)]

@@ -51,7 +51,7 @@ use crate::persist::{emit, Output};
 const PROG: &str = "keyfence takeover";
 const PROUT_PREEMPT_ABORT: u8 = 5;
 
-const USAGE: &str = "\
+pub(crate) const USAGE: &str = "\
 Usage: keyfence takeover [OPTIONS] DEVICE
 
 Take back the registration and reservation of this initiator after it
@@ -74,7 +74,7 @@ Options:
   -h, --help
 ";
 
-const LONGS: &[LongOpt] = &[
+pub(crate) const LONGS: &[LongOpt] = &[
     lo("param-rk", HasArg::Required, 'K'),
     lo("old-key", HasArg::Required, 'S'),
     lo("prout-type", HasArg::Required, 'T'),

@@ -154,3 +154,8 @@ pub fn run(args: &[OsString]) -> ExitCode {
     });
     ExitCode::from(code)
 }
+
+/// The clap definition of this command (for manual pages and completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}

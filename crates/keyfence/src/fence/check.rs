@@ -217,3 +217,8 @@ pub fn check(
     );
     2
 }
+
+/// The clap definition of this command (for manual pages and completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}

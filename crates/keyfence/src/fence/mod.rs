@@ -31,7 +31,7 @@ pub use keyfence_fence::key;
 pub use keyfence_fence::session::{connect, connect_any, initiator_name, Role};
 pub use keyfence_fence::{fmt_key, monotonic_ns, resolve_devices, FenceDevice};
 
-const USAGE: &str = "\
+pub(crate) const USAGE: &str = "\
 keyfence fence: I/O fencing with SCSI-3 persistent reservations
 
 Usage: keyfence fence <COMMAND> [ARGS...]

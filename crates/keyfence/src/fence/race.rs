@@ -136,3 +136,8 @@ pub fn run(args: &[OsString]) -> ExitCode {
     }
     ExitCode::from(1)
 }
+
+/// The clap definition of this command (for manual pages and completions).
+pub fn command() -> clap::Command {
+    <Args as clap::CommandFactory>::command()
+}

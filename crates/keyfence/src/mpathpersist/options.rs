@@ -10,12 +10,12 @@ use super::format::code;
 use super::PROG;
 use crate::persist::getopt::{self, lo, HasArg, Item, LongOpt};
 
-const SHORTS: &str = "v:Cd:hHioYZK:S:PAT:skrGILcRX:l:f:";
+pub(crate) const SHORTS: &str = "v:Cd:hHioYZK:S:PAT:skrGILcRX:l:f:";
 const OPT_CONFIG: char = '\u{1}';
 const OPT_INITIATOR_NAME: char = '\u{2}';
 const OPT_REREGISTER: char = '\u{3}';
 
-const LONGS: &[LongOpt] = &[
+pub(crate) const LONGS: &[LongOpt] = &[
     lo("verbose", HasArg::Required, 'v'),
     lo("clear", HasArg::No, 'C'),
     lo("device", HasArg::Required, 'd'),

@@ -33,9 +33,9 @@ pub const PROUT_REPL_LOST: u8 = 8;
 /// Private option code for `--initiator-name` (no short form).
 const OPT_INITIATOR_NAME: char = '\u{1}';
 
-const SHORTS: &str = "AcCd:GHhiIkK:l:Lm:MnoPQ:rRsS:T:UvVX:yYzZ";
+pub(crate) const SHORTS: &str = "AcCd:GHhiIkK:l:Lm:MnoPQ:rRsS:T:UvVX:yYzZ";
 
-const LONGS: &[LongOpt] = &[
+pub(crate) const LONGS: &[LongOpt] = &[
     lo("alloc-length", HasArg::Required, 'l'),
     lo("alloc_length", HasArg::Required, 'l'),
     lo("clear", HasArg::No, 'C'),

@@ -121,7 +121,7 @@ impl Default for Opts {
 }
 
 /// (long name, short letter, takes a value, metadata description)
-pub(super) const OPTIONS: &[(&str, Option<char>, bool, &str)] = &[
+pub(crate) const OPTIONS: &[(&str, Option<char>, bool, &str)] = &[
     ("action", Some('o'), true, "Fencing action (on, off, reboot, status, monitor, list, validate-all, metadata)"),
     ("plug", Some('n'), true, "Name of the node to be fenced; its key is derived from it unless key is given"),
     ("port", None, true, "Obsolete name of plug"),
