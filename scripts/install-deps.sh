@@ -15,10 +15,26 @@ command -v python3 >/dev/null || need+=(python3)
 command -v etcd >/dev/null || need+=(etcd-server)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
+# Packaging tests: systemd-analyze (unit check), groff (man pages), the
+# shells whose completions are tried, dpkg-deb/dpkg-shlibdeps (cargo-deb).
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v groff >/dev/null || need+=(groff-base)
+command -v bash >/dev/null || need+=(bash)
+command -v zsh >/dev/null || need+=(zsh)
+command -v fish >/dev/null || need+=(fish)
+command -v dpkg-deb >/dev/null || need+=(dpkg)
+command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     SUDO=""
     [ "$(id -u)" -eq 0 ] || SUDO="sudo"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+# cargo-deb builds the Debian package (scripts/package.sh); a Cargo tool,
+# not a Debian package.
+if ! cargo deb --version >/dev/null 2>&1; then
+    echo "installing: cargo-deb (cargo install)"
+    cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi

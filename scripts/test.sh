@@ -18,6 +18,9 @@ echo "== cargo test --workspace --profile $profile"
 cargo build --profile "$profile" --bin keyfence
 cargo test --workspace --profile "$profile"
 
+echo "== Debian package (cargo deb from the binary just built; dpkg -c checked)"
+scripts/package-test.sh "$profile"
+
 echo "== split-brain fencing test, 25 rounds (scripts/split-brain.sh N for more)"
 KEYFENCE_PROFILE="$profile" scripts/split-brain.sh 25 2>&1 \
     | grep -E "^split brain|^test |test result"

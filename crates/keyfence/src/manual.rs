@@ -23,13 +23,13 @@ use clap_complete::Shell;
 
 use crate::persist::getopt::{HasArg, LongOpt};
 
-/// Write the manual pages of every keyfence command into DIR (created if
-/// missing): keyfence.1, keyfence-serve.1, ..., fence_keyfence.8.
+/// Write the manual pages of every keyfence command under DIR, laid out
+/// as a MANPATH entry: DIR/man1/keyfence.1, DIR/man1/keyfence-serve.1, ...,
+/// DIR/man8/fence_keyfence.8 (directories created if missing).
 #[derive(Debug, Parser)]
 #[command(name = "keyfence man")]
 struct ManArgs {
-    /// Directory for the pages, e.g. /usr/local/share/man/man1 or a
-    /// scratch directory to read them with `man -l`.
+    /// Manual directory, e.g. /usr/local/share/man or ~/.local/share/man.
     dir: PathBuf,
 }
 
@@ -347,11 +347,14 @@ pub fn pages() -> Vec<(String, Vec<u8>)> {
     out
 }
 
+/// Write every page to DIR/manN/ (a MANPATH entry's layout).
 fn write_pages(dir: &Path) -> Result<Vec<PathBuf>, String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut written = Vec::new();
     for (name, text) in pages() {
-        let path = dir.join(name);
+        let section = name.rsplit('.').next().unwrap_or("1");
+        let sub = dir.join(format!("man{section}"));
+        std::fs::create_dir_all(&sub).map_err(|e| format!("{}: {e}", sub.display()))?;
+        let path = sub.join(name);
         std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
         written.push(path);
     }
