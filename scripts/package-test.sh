@@ -25,9 +25,9 @@ expect() { # PATH [-> TARGET]
     fi
 }
 expect usr/bin/keyfence
-expect usr/bin/keyfence-sg_persist -> keyfence
-expect usr/bin/keyfence-mpathpersist -> keyfence
-expect usr/sbin/fence_keyfence -> ../bin/keyfence
+expect usr/bin/keyfence-sg_persist '->' keyfence
+expect usr/bin/keyfence-mpathpersist '->' keyfence
+expect usr/sbin/fence_keyfence '->' ../bin/keyfence
 expect usr/lib/systemd/system/keyfence.service
 expect etc/keyfence/keyfence.toml
 expect usr/share/doc/keyfence/examples/keyfence.toml
@@ -80,5 +80,5 @@ if [ "$fail" -ne 0 ]; then
     echo "$listing" >&2
     exit 1
 fi
-echo "$listing" | awk '{ print $6, $7, $8 }' | grep -v '/$'
+echo "$listing" | awk '$6 !~ /\/$/ { print $6, $7, $8 }'
 echo "package-test: ok ($(grep -c . <<<"$listing") entries)"
