@@ -36,7 +36,7 @@ expect usr/share/zsh/vendor-completions/_keyfence
 expect usr/share/fish/vendor_completions.d/keyfence.fish
 for page in keyfence keyfence-serve keyfence-persist keyfence-mpathpersist keyfence-takeover \
     keyfence-pr keyfence-pr-show keyfence-bench keyfence-fence keyfence-fence-check \
-    keyfence-fence-acquire keyfence-fence-race keyfence-man \
+    keyfence-fence-acquire keyfence-fence-race keyfence-install-links keyfence-man \
     keyfence-completions; do
     expect "usr/share/man/man1/$page.1.gz"
 done

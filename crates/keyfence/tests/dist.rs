@@ -167,6 +167,7 @@ fn manual_pages_render_without_warnings() {
         "keyfence-fence-check.1",
         "keyfence-fence-acquire.1",
         "keyfence-fence-race.1",
+        "keyfence-install-links.1",
         "keyfence-man.1",
         "keyfence-completions.1",
         "fence_keyfence.8",
