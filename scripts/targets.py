@@ -75,7 +75,7 @@ class KeyfenceTarget:
             portals = '"127.0.0.1:0", "127.0.0.1:0"'
             with open(conf, "w") as f:
                 f.write(f'data_dir = "{data}"\n\n[[target]]\nname = "{KEYFENCE_IQN}"\n'
-                        f'portals = [{portals}]\n\n[[target.lun]]\nid = 0\n'
+                        f'portals = [{portals}]\nopen = true\n\n[[target.lun]]\nid = 0\n'
                         f'path = "lun0.img"\nsize = {self.size}\nread_only = true\n')
             args = [self.binary, "serve", "--config", conf]
         else:

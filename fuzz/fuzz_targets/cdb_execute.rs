@@ -38,7 +38,13 @@ fuzz_target!(|data: &[u8]| {
     let nexus = &f.nexus[usize::from(data[0] & 1)];
     let cdb_len = usize::from(data[1] % 33).min(data.len() - 2);
     let (cdb, data_out) = data[2..].split_at(cdb_len);
-    let out = f.lu.execute(&CommandRequest { nexus, cdb, data_out });
+    let out = f.lu.execute(&CommandRequest {
+        nexus,
+        cdb,
+        data_out,
+        read_only: false,
+        luns: None,
+    });
     if out.status == ScsiStatus::CheckCondition {
         assert!(out.sense.is_some(), "CHECK CONDITION without sense");
     }

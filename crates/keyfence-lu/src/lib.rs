@@ -197,6 +197,13 @@ pub struct CommandRequest<'a> {
     pub cdb: &'a [u8],
     /// All data-out bytes received for the command.
     pub data_out: &'a [u8],
+    /// The nexus sees this LU read-only (an initiator ACL maps it so):
+    /// writes fail with WRITE PROTECTED and MODE SENSE sets WP, whatever
+    /// the LU itself allows.
+    pub read_only: bool,
+    /// The LUNs this nexus sees, for REPORT LUNS, when an initiator ACL
+    /// narrows or renumbers them; `None`: every LUN of the target.
+    pub luns: Option<&'a TargetLuns>,
 }
 
 /// Side effects the transport must carry out after a command.

@@ -78,8 +78,8 @@ impl LogicalUnit {
         self.cfg.read_only || self.backend.is_read_only() || self.mode.swp.load(Ordering::Relaxed)
     }
 
-    fn check_writable(&self) -> Result<(), Sense> {
-        if self.write_protected() {
+    fn check_writable(&self, req: &CommandRequest<'_>) -> Result<(), Sense> {
+        if req.read_only || self.write_protected() {
             Err(Sense::new(SenseKey::DataProtect, asc::WRITE_PROTECTED))
         } else {
             Ok(())
@@ -240,7 +240,7 @@ impl LogicalUnit {
         blocks: u32,
     ) -> Result<Option<(u32, &'r [u8])>, Sense> {
         self.check_transfer(req.cdb, blocks)?;
-        self.check_writable()?;
+        self.check_writable(req)?;
         self.check_range(lba, blocks.into())?;
         let blocks = self.received_blocks(req, blocks);
         if blocks == 0 {
@@ -317,7 +317,7 @@ impl LogicalUnit {
         unmap: bool,
         ndob: bool,
     ) -> Result<CommandOutcome, Sense> {
-        self.check_writable()?;
+        self.check_writable(req)?;
         // NUMBER OF LOGICAL BLOCKS 0 (WSNZ = 0): through the last block.
         let count = if blocks == 0 {
             if lba > self.blocks {
@@ -376,7 +376,7 @@ impl LogicalUnit {
     }
 
     fn unmap(&self, req: &CommandRequest<'_>, param_len: u16) -> Result<CommandOutcome, Sense> {
-        self.check_writable()?;
+        self.check_writable(req)?;
         if param_len == 0 {
             return Ok(CommandOutcome::good());
         }
@@ -443,7 +443,7 @@ impl LogicalUnit {
         if req.data_out.len() != 2 * half {
             return Err(Sense::invalid_cdb_field(13, Some(7)));
         }
-        self.check_writable()?;
+        self.check_writable(req)?;
         self.check_range(lba, blocks.into())?;
         if blocks == 0 {
             return Ok(CommandOutcome::good());

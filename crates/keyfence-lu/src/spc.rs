@@ -142,7 +142,7 @@ impl LogicalUnit {
                 page,
                 subpage,
                 alloc_len,
-            } => self.mode_sense(ten, dbd, llbaa, pc, page, subpage, alloc_len),
+            } => self.mode_sense(req, ten, dbd, llbaa, pc, page, subpage, alloc_len),
             Cdb::ModeSelect {
                 ten,
                 pf,
@@ -222,7 +222,11 @@ impl LogicalUnit {
             Cdb::ReportLuns {
                 select_report,
                 alloc_len,
-            } => Ok(report_luns(select_report, alloc_len, &self.cfg.luns)),
+            } => Ok(report_luns(
+                select_report,
+                alloc_len,
+                req.luns.unwrap_or(&self.cfg.luns),
+            )),
             Cdb::ReportTargetPortGroups {
                 extended,
                 alloc_len,
@@ -494,6 +498,7 @@ impl LogicalUnit {
     #[allow(clippy::too_many_arguments)]
     fn mode_sense(
         &self,
+        req: &CommandRequest<'_>,
         ten: bool,
         dbd: bool,
         llbaa: bool,
@@ -516,7 +521,11 @@ impl LogicalUnit {
             return Err(Sense::invalid_cdb_field(3, Some(7)));
         }
         let mut d = Vec::with_capacity(64);
-        let wp = if self.write_protected() { 0x80 } else { 0 };
+        let wp = if req.read_only || self.write_protected() {
+            0x80
+        } else {
+            0
+        };
         let dev_specific = wp | 0x10; // DPOFUA
         let long = ten && llbaa && self.blocks > 0xffff_ffff;
         let mut bd = Vec::new();

@@ -43,6 +43,8 @@ fn run(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], out: &[u8]) -> CommandOutcome {
         nexus: n,
         cdb,
         data_out: out,
+        read_only: false,
+        luns: None,
     })
 }
 
@@ -736,6 +738,8 @@ fn report_luns_and_no_lu() {
         nexus: &n,
         cdb,
         data_out: &[],
+        read_only: false,
+        luns: None,
     };
     let o = execute_no_lu(&req(&[0x12, 0, 0, 0, 36, 0]), &luns);
     assert_eq!(good(&o)[0], 0x7f);
@@ -748,6 +752,51 @@ fn report_luns_and_no_lu() {
     );
     let o = execute_no_lu(&req(&[0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0]), &luns);
     assert_eq!(good(&o).len(), 16);
+}
+
+#[test]
+fn a_read_only_view_protects_writes_and_sets_wp_for_that_nexus_only() {
+    let (lu, b) = mem_lu(64);
+    let (ro, rw) = (nexus("iqn.ro"), nexus("iqn.rw"));
+    ready(&lu, &ro);
+    ready(&lu, &rw);
+    let view = TargetLuns::new(vec![5]);
+    let byte = || {
+        let mut x = [0u8; 1];
+        b.read_at(&mut x, 512).unwrap();
+        x[0]
+    };
+    let as_ro = |cdb: &[u8], out: &[u8]| {
+        lu.execute(&CommandRequest {
+            nexus: &ro,
+            cdb,
+            data_out: out,
+            read_only: true,
+            luns: Some(&view),
+        })
+    };
+    let write10 = [0x2a, 0, 0, 0, 0, 1, 0, 0, 1, 0];
+    let block = [0xabu8; 512];
+    let s = sense(&as_ro(&write10, &block));
+    assert_eq!(s.key, SenseKey::DataProtect);
+    assert_eq!(s.code(), asc::WRITE_PROTECTED);
+    assert_eq!(byte(), 0, "nothing was written");
+    // WRITE SAME and UNMAP are writes too.
+    let ws16 = [0x93, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0];
+    assert_eq!(sense(&as_ro(&ws16, &block)).code(), asc::WRITE_PROTECTED);
+    // MODE SENSE(6): WP in the device-specific parameter.
+    let ms6 = [0x1a, 0, 0x3f, 0, 255, 0];
+    assert_eq!(good(&as_ro(&ms6, &[]))[2] & 0x80, 0x80);
+    assert_eq!(good(&run(&lu, &rw, &ms6, &[]))[2] & 0x80, 0);
+    // Reads work; the other nexus writes.
+    good(&as_ro(&[0x28, 0, 0, 0, 0, 1, 0, 0, 1, 0], &[]));
+    good(&run(&lu, &rw, &write10, &block));
+    assert_eq!(byte(), 0xab);
+    // REPORT LUNS lists the view, not the target's LUNs.
+    let rl = [0xa0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0];
+    let d = good(&as_ro(&rl, &[])).to_vec();
+    assert_eq!(&d[..16], &[0, 0, 0, 8, 0, 0, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(good(&run(&lu, &rw, &rl, &[]))[3], 24);
 }
 
 fn rsoc(options: u8, rctd: bool, op: u8, sa: u16, alloc: u32) -> [u8; 12] {
@@ -977,7 +1026,7 @@ proptest! {
         let _ = lu.data_out_len(&cdb);
         let _ = lu.is_blocking(&cdb);
         let _ = lu.check_data_out_length(&cdb, data.len() as u64);
-        let _ = execute_no_lu(&CommandRequest { nexus: &n, cdb: &cdb, data_out: &data }, &TargetLuns::new(vec![0]));
+        let _ = execute_no_lu(&CommandRequest { nexus: &n, cdb: &cdb, data_out: &data, read_only: false, luns: None }, &TargetLuns::new(vec![0]));
         let o = run(&lu, &n, &cdb, &data);
         if o.status == ScsiStatus::CheckCondition {
             prop_assert!(o.sense.is_some());

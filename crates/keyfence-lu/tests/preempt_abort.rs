@@ -63,6 +63,8 @@ fn exec(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], data: &[u8]) -> CommandOutcome 
         nexus: n,
         cdb,
         data_out: data,
+        read_only: false,
+        luns: None,
     })
 }
 

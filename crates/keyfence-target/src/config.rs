@@ -34,6 +34,19 @@
 //! mutual_user = "target1"             # optional mutual CHAP: the target proves
 //! mutual_secret = "target1-secret-7"  # itself with these; a different secret
 //!
+//! [[target.acl]]                     # who may log in; or `open = true` on the
+//! initiator = "iqn.1994-05.com.redhat:host1"   # target for any initiator
+//! [target.acl.chap]                   # optional: this initiator's own CHAP,
+//! user = "host1"                      # instead of [target.chap]
+//! secret = "host1-secret-77"
+//! [[target.acl.lun]]                  # optional: only these LUNs, renumbered;
+//! lun = 0                             # the LUN number the initiator sees
+//! target_lun = 0                      # the [[target.lun]] id behind it
+//! read_only = true                    # this initiator may not write
+//!
+//! [[target.acl]]
+//! initiator = "iqn.2026-11.io.example:rack1-*"  # trailing '*': a name prefix
+//!
 //! [[target.lun]]
 //! id = 0
 //! path = "lun0.img"                   # or: device = "/dev/sdX"; absolute or
@@ -185,6 +198,13 @@ pub struct TargetConfig {
     /// CHAP required of normal sessions; `None`: AuthMethod=None.
     #[serde(default)]
     pub chap: Option<ChapConfig>,
+    /// Any initiator may log in and sees every LUN. Required when there
+    /// are no `[[target.acl]]` entries, so that an open target is a choice.
+    #[serde(default)]
+    pub open: bool,
+    /// The initiators allowed to log in, with what each sees.
+    #[serde(rename = "acl", default)]
+    pub acls: Vec<AclConfig>,
     /// Addresses parsed from `portals` by validation.
     #[serde(skip)]
     pub portal_addrs: Vec<SocketAddr>,
@@ -197,6 +217,70 @@ impl TargetConfig {
             .iter()
             .enumerate()
             .map(|(i, a)| (u16::try_from(i + 1).unwrap_or(u16::MAX), *a))
+    }
+}
+
+/// One initiator (or a family of them) allowed to log in to a target.
+///
+/// iSCSI names are case-insensitive (RFC 3722): `initiator` is compared
+/// in lower case. A name ending in `*` matches every initiator whose name
+/// starts with what comes before it; an exact entry wins over patterns,
+/// and a longer pattern over a shorter one.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AclConfig {
+    pub initiator: String,
+    /// CHAP this initiator must pass instead of the target's `[target.chap]`.
+    #[serde(default)]
+    pub chap: Option<ChapConfig>,
+    /// The LUNs this initiator sees; `None`: every LUN under its own id.
+    #[serde(rename = "lun", default)]
+    pub luns: Option<Vec<LunMapping>>,
+}
+
+/// A LUN as one initiator sees it.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LunMapping {
+    /// The LUN number the initiator addresses.
+    pub lun: u16,
+    /// The `[[target.lun]]` id behind it; default: the same as `lun`.
+    #[serde(default)]
+    pub target_lun: Option<u16>,
+    /// The initiator may read but not write.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl LunMapping {
+    /// The target LUN id this mapping shows.
+    pub fn target_lun(&self) -> u16 {
+        self.target_lun.unwrap_or(self.lun)
+    }
+}
+
+impl AclConfig {
+    /// Does this entry cover `initiator` (any case)? `Some(rank)` when it
+    /// does: higher ranks are more specific.
+    pub fn matches(&self, initiator: &str) -> Option<usize> {
+        let want = self.initiator.to_ascii_lowercase();
+        let name = initiator.to_ascii_lowercase();
+        match want.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix).then_some(prefix.len()),
+            None => (name == want).then_some(usize::MAX),
+        }
+    }
+}
+
+impl TargetConfig {
+    /// The ACL entry that decides for `initiator`: the exact one, else the
+    /// longest matching pattern. `None`: not listed.
+    pub fn acl_for(&self, initiator: &str) -> Option<&AclConfig> {
+        self.acls
+            .iter()
+            .filter_map(|a| a.matches(initiator).map(|r| (r, a)))
+            .max_by_key(|(r, _)| *r)
+            .map(|(_, a)| a)
     }
 }
 
@@ -653,6 +737,7 @@ impl Config {
                     }
                 }
             }
+            t.validate_acls()?;
         }
         self.check_chap_secrets_not_shared()?;
         Ok(())
@@ -666,11 +751,19 @@ impl Config {
                 .discovery_chap
                 .as_ref()
                 .map(|c| ("discovery_chap".to_string(), c));
-            disc.into_iter().chain(self.targets.iter().filter_map(|t| {
-                t.chap
-                    .as_ref()
-                    .map(|c| (format!("target '{}' chap", t.name), c))
-            }))
+            disc.into_iter()
+                .chain(self.targets.iter().filter_map(|t| {
+                    t.chap
+                        .as_ref()
+                        .map(|c| (format!("target '{}' chap", t.name), c))
+                }))
+                .chain(self.targets.iter().flat_map(|t| {
+                    t.acls.iter().filter_map(move |a| {
+                        a.chap.as_ref().map(|c| {
+                            (format!("target '{}' acl '{}' chap", t.name, a.initiator), c)
+                        })
+                    })
+                }))
         };
         for (owner, c) in all() {
             let Some(mutual) = &c.mutual_secret else {
@@ -699,6 +792,74 @@ impl Config {
             }
         }
         out
+    }
+}
+
+impl TargetConfig {
+    fn validate_acls(&self) -> Result<(), ConfigError> {
+        let name = &self.name;
+        if self.acls.is_empty() && !self.open {
+            return Err(invalid(format!(
+                "target '{name}' has no [[target.acl]] entries; add one per initiator allowed to log in, or `open = true` to let any initiator in"
+            )));
+        }
+        if self.open && !self.acls.is_empty() {
+            return Err(invalid(format!(
+                "target '{name}': `open = true` and [[target.acl]] entries exclude each other; remove one"
+            )));
+        }
+        let mut seen = HashSet::new();
+        for a in &self.acls {
+            let who = &a.initiator;
+            let what = format!("target '{name}' acl '{who}'");
+            match who.strip_suffix('*') {
+                Some(prefix) => {
+                    if prefix.contains('*') {
+                        return Err(invalid(format!(
+                            "{what}: '*' may only end a pattern (a name prefix)"
+                        )));
+                    }
+                    if let Some(c) = prefix.chars().find(|c| {
+                        !(c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | ':'))
+                    }) {
+                        return Err(invalid(format!(
+                            "{what}: contains '{c}' (allowed: a-z 0-9 - . : and a final '*')"
+                        )));
+                    }
+                }
+                None => check_iscsi_name(who).map_err(|m| invalid(format!("{what}: {m}")))?,
+            }
+            if !seen.insert(who.to_ascii_lowercase()) {
+                return Err(invalid(format!("{what} is listed twice")));
+            }
+            if let Some(c) = &a.chap {
+                c.validate(&format!("{what} chap"))?;
+            }
+            let Some(maps) = &a.luns else { continue };
+            if maps.is_empty() {
+                return Err(invalid(format!("{what}: lun = [] maps no LUN")));
+            }
+            let mut numbers = HashSet::new();
+            for m in maps {
+                if m.lun > MAX_LUN {
+                    return Err(invalid(format!(
+                        "{what}: lun {} is above {MAX_LUN}",
+                        m.lun
+                    )));
+                }
+                if !numbers.insert(m.lun) {
+                    return Err(invalid(format!("{what}: lun {} is mapped twice", m.lun)));
+                }
+                if !self.luns.iter().any(|l| l.id == m.target_lun()) {
+                    return Err(invalid(format!(
+                        "{what}: lun {} maps target_lun {}, which is not a [[target.lun]] id of this target",
+                        m.lun,
+                        m.target_lun()
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -812,6 +973,7 @@ max_sessions = 8
 [[target]]
 name = "iqn.2026-11.io.keyfence:a"
 portals = ["127.0.0.1:3260", "127.0.0.1:3261"]
+open = true
 [[target.lun]]
 id = 0
 path = "a0.img"
@@ -827,6 +989,7 @@ naa = "6001405f0000000000000000000000a3"
 [[target]]
 name = "iqn.2026-11.io.keyfence:b"
 portals = ["127.0.0.1:3261"]
+open = true
 [[target.lun]]
 id = 0
 device = "/dev/null"
@@ -874,7 +1037,7 @@ device = "/dev/null"
         let d = Limits::default();
         assert_eq!(d.data_out_timeout_secs, 30);
         assert!(d.max_buffered_bytes.0 >= 256 << 20);
-        let t = "[[target]]\nname = \"iqn.2026-11.io.keyfence:t\"\nportals = [\"127.0.0.1:0\"]\n\
+        let t = "[[target]]\nname = \"iqn.2026-11.io.keyfence:t\"\nportals = [\"127.0.0.1:0\"]\nopen = true\n\
                  [[target.lun]]\nid = 0\npath = \"l.img\"\nsize = \"1M\"\n";
         let c = Config::from_toml(
             &format!("[limits]\ndata_out_timeout_secs = 5\nmax_buffered_bytes = \"2G\"\n{t}"),
@@ -903,7 +1066,7 @@ device = "/dev/null"
     fn bad_values_get_precise_messages() {
         let base = |lun: &str| {
             format!(
-                "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\n[[target.lun]]\n{lun}\n"
+                "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\nopen = true\n[[target.lun]]\n{lun}\n"
             )
         };
         assert!(
@@ -916,13 +1079,13 @@ device = "/dev/null"
         );
         assert!(err(&base("id = 16384")).contains("LUN ids go up to 16383"));
         assert!(err(&base("id = 0\nnaa = \"1234\"")).contains("naa must be"));
-        let e = err("[[target]]\nname = \"foo\"\nportals = [\"127.0.0.1:1\"]\n");
+        let e = err("[[target]]\nname = \"foo\"\nportals = [\"127.0.0.1:1\"]\nopen = true\n");
         assert!(e.contains("must start with iqn."), "{e}");
-        let e = err("[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"localhost\"]\n");
+        let e = err("[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"localhost\"]\nopen = true\n");
         assert!(e.contains("is not IP:PORT"), "{e}");
         let portal = |p: &str| {
             err(&format!(
-                "[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"{p}\"]\n[[target.lun]]\nid = 0\n"
+                "[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"{p}\"]\nopen = true\n[[target.lun]]\nid = 0\n"
             ))
         };
         let e = portal("127.0.0.1:70000");
@@ -946,12 +1109,82 @@ device = "/dev/null"
             assert!(e.contains("must not contain '..'"), "{bad}: {e}");
         }
         assert!(err(&base("id = 0\npath = \"\"")).contains("path is empty"));
-        let ok = "[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"127.0.0.1:1\"]\n\
+        let ok = "[[target]]\nname = \"iqn.2026-11.a:b\"\nportals = [\"127.0.0.1:1\"]\nopen = true\n\
                   [[target.lun]]\nid = 0\npath = \"sub/dir/x..y.img\"\n";
         Config::from_toml(ok, "c.toml").unwrap();
         let e = err("[limits]\nfirst_burst_length = 2000000\nmax_burst_length = 1000000\n");
         assert!(e.contains("first_burst_length must not exceed"), "{e}");
         assert!(err("").contains("no [[target]]"));
+    }
+
+    fn with_acl(acl: &str) -> String {
+        format!(
+            "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\n\
+             {acl}\n[[target.lun]]\nid = 0\n[[target.lun]]\nid = 4\n"
+        )
+    }
+
+    #[test]
+    fn acls_parse_match_and_map() {
+        let c = Config::from_toml(
+            &with_acl(
+                "[[target.acl]]\ninitiator = \"IQN.2026-11.io.Example:Host1\"\n\
+                 [target.acl.chap]\nuser = \"h1\"\nsecret = \"host1-secret-77\"\n\
+                 [[target.acl.lun]]\nlun = 0\ntarget_lun = 4\nread_only = true\n\
+                 [[target.acl]]\ninitiator = \"iqn.2026-11.io.example:*\"\n\
+                 [[target.acl]]\ninitiator = \"iqn.2026-11.io.example:host*\"\n\
+                 [[target.acl.lun]]\nlun = 4",
+            ),
+            "c.toml",
+        )
+        .unwrap();
+        let t = &c.targets[0];
+        // Exact (case-insensitive, RFC 3722) beats patterns.
+        let a = t.acl_for("iqn.2026-11.io.example:host1").unwrap();
+        assert_eq!(a.chap.as_ref().unwrap().user, "h1");
+        let m = &a.luns.as_ref().unwrap()[0];
+        assert_eq!((m.lun, m.target_lun(), m.read_only), (0, 4, true));
+        // The longer pattern beats the shorter one.
+        let a = t.acl_for("IQN.2026-11.IO.EXAMPLE:HOST2").unwrap();
+        assert_eq!(a.initiator, "iqn.2026-11.io.example:host*");
+        assert_eq!(a.luns.as_ref().unwrap()[0].target_lun(), 4);
+        let a = t.acl_for("iqn.2026-11.io.example:db").unwrap();
+        assert!(a.luns.is_none() && a.chap.is_none());
+        assert!(t.acl_for("iqn.2026-11.io.other:host1").is_none());
+    }
+
+    #[test]
+    fn acl_mistakes_get_one_line_errors() {
+        let e = err(&with_acl(""));
+        assert!(
+            e.ends_with("target 'iqn.2026-11.io.keyfence:x' has no [[target.acl]] entries; add one per initiator allowed to log in, or `open = true` to let any initiator in"),
+            "{e}"
+        );
+        let acl = |body: &str| err(&with_acl(&format!("[[target.acl]]\n{body}")));
+        let e = acl("initiator = \"iqn.2026-11.a:b\"\n[[target.acl.lun]]\nlun = 1\ntarget_lun = 9");
+        assert!(
+            e.contains("acl 'iqn.2026-11.a:b': lun 1 maps target_lun 9, which is not a [[target.lun]] id"),
+            "{e}"
+        );
+        let e = acl("initiator = \"iqn.2026-11.a:b\"\n[[target.acl.lun]]\nlun = 3");
+        assert!(e.contains("maps target_lun 3"), "{e}");
+        let e = acl("initiator = \"iqn.2026-11.a:b\"\n[[target.acl.lun]]\nlun = 0\n[[target.acl.lun]]\nlun = 0\ntarget_lun = 4");
+        assert!(e.contains("lun 0 is mapped twice"), "{e}");
+        let e = acl("initiator = \"host1\"");
+        assert!(e.contains("must start with iqn."), "{e}");
+        let e = acl("initiator = \"iqn.*.a:*\"");
+        assert!(e.contains("'*' may only end a pattern"), "{e}");
+        let e = acl("initiator = \"iqn.2026-11.a:b\"\ngroup = 1");
+        assert!(e.contains("unknown field `group`"), "{e}");
+        let e = acl("initiator = \"iqn.2026-11.a:b\"\n[[target.acl]]\ninitiator = \"IQN.2026-11.A:B\"");
+        assert!(e.contains("is listed twice"), "{e}");
+        let e = acl("initiator = \"iqn.2026-11.a:b\"\n[target.acl.chap]\nuser = \"u\"\nsecret = \"short\"");
+        assert!(e.contains("acl 'iqn.2026-11.a:b' chap: secret is 5 bytes"), "{e}");
+        let e = err(&with_acl("open = true\n[[target.acl]]\ninitiator = \"iqn.2026-11.a:b\""));
+        assert!(e.contains("exclude each other"), "{e}");
+        for e in [e] {
+            assert!(!e.contains('\n'));
+        }
     }
 
     #[test]
@@ -994,9 +1227,27 @@ device = "/dev/null"
         assert_eq!(c.discovery_chap.as_ref().unwrap().user, "discoverer");
     }
 
+    #[test]
+    fn the_readme_example_parses() {
+        let readme = include_str!("../../../README.md");
+        let block = readme
+            .split("```toml")
+            .skip(1)
+            .filter_map(|b| b.split("```").next())
+            .find(|b| b.contains("[[target.acl]]"))
+            .expect("a TOML example with ACLs in the README");
+        let c = Config::from_toml(block, "README.md").unwrap();
+        let t = &c.targets[0];
+        assert_eq!(t.acls.len(), 3);
+        let b = t.acl_for("IQN.1994-05.com.redhat:BACKUP").unwrap();
+        assert_eq!(b.chap.as_ref().unwrap().user, "backup");
+        assert!(t.acl_for("iqn.2026-11.io.example:web-7").is_some());
+        assert!(t.acl_for("iqn.2026-11.io.example:db-7").is_none());
+    }
+
     fn with_chap(chap: &str) -> String {
         format!(
-            "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\n\
+            "[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\nportals = [\"127.0.0.1:1\"]\nopen = true\n\
              [target.chap]\n{chap}\n[[target.lun]]\nid = 0\n"
         )
     }

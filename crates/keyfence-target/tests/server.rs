@@ -569,12 +569,14 @@ data_dir = "data"
 [[target]]
 name = "iqn.2026-11.io.keyfence:a"
 portals = ["127.0.0.1:{p}", "127.0.0.1:{q}"]
+open = true
 [[target.lun]]
 id = 0
 size = "4M"
 [[target]]
 name = "iqn.2026-11.io.keyfence:b"
 portals = ["127.0.0.1:{q}"]
+open = true
 [[target.lun]]
 id = 3
 path = "b3.img"
@@ -615,8 +617,8 @@ block_size = 4096
     let r = c.login(0x23d0_0000_0013, Some("iqn.2026-11.io.keyfence:b"));
     assert_eq!(
         (r.status_class, r.status_detail),
-        (2, 3),
-        "target not found"
+        (2, 2),
+        "a target this portal does not serve: authorization failure, as for a forbidden one"
     );
     srv.shutdown();
 }

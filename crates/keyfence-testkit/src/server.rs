@@ -65,6 +65,8 @@ impl ServerOptions {
                     naa: None,
                 }],
                 chap: self.chap.clone(),
+                open: true,
+                acls: vec![],
                 portal_addrs: vec![],
             }],
         };

@@ -123,6 +123,10 @@ fn config_from_args(args: &Args) -> Result<Config> {
                         naa: None,
                     }],
                     chap: None,
+                    // The quick start serves any initiator (on loopback unless
+                    // --listen says otherwise), as it always has.
+                    open: true,
+                    acls: Vec::new(),
                     portal_addrs: Vec::new(),
                 }],
             };

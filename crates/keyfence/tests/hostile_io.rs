@@ -431,16 +431,19 @@ fn stalled_writes_are_bounded_and_timed_out() {
     let iqn = "iqn.2026-11.io.keyfence:stall";
     let config = dir.path().join("keyfence.toml");
     // A build from before the fixes does not know the new keys.
-    let new_keys = if old_config {
-        ""
+    let (new_keys, open) = if old_config {
+        ("", "")
     } else {
-        "data_out_timeout_secs = 5\nmax_buffered_bytes = \"256M\"\n"
+        (
+            "data_out_timeout_secs = 5\nmax_buffered_bytes = \"256M\"\n",
+            "open = true\n",
+        )
     };
     std::fs::write(
         &config,
         format!(
             "data_dir = \"{}\"\n[limits]\n{new_keys}\n[[target]]\nname = \"{iqn}\"\n\
-             portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"256M\"\n",
+             portals = [\"127.0.0.1:0\"]\n{open}[[target.lun]]\nid = 0\npath = \"lun0.img\"\nsize = \"256M\"\n",
             dir.path().join("data").display()
         ),
     )

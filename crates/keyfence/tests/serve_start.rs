@@ -72,7 +72,7 @@ fn a_data_dir_and_a_backing_file_are_served_by_one_process() {
         &cfg,
         format!(
             "data_dir = \"other\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\n\
-             portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"{}\"\n",
+             portals = [\"127.0.0.1:0\"]\nopen = true\n[[target.lun]]\nid = 0\npath = \"{}\"\n",
             lun.display()
         ),
     )
@@ -117,7 +117,7 @@ fn failed_starts_leave_no_data_dir_behind() {
         &cfg,
         format!(
             "data_dir = \"d2\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\n\
-             portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"sub/l0.img\"\nsize = \"1M\"\n\
+             portals = [\"127.0.0.1:0\"]\nopen = true\n[[target.lun]]\nid = 0\npath = \"sub/l0.img\"\nsize = \"1M\"\n\
              [[target.lun]]\nid = 1\ndevice = \"{}\"\n",
             tmp.path().join("no-such-device").display()
         ),
@@ -155,7 +155,7 @@ fn bad_paths_and_arguments_get_one_precise_line() {
     std::fs::write(
         &cfg,
         "data_dir = \"inside\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:x\"\n\
-         portals = [\"127.0.0.1:0\"]\n[[target.lun]]\nid = 0\npath = \"../outside/l.img\"\n",
+         portals = [\"127.0.0.1:0\"]\nopen = true\n[[target.lun]]\nid = 0\npath = \"../outside/l.img\"\n",
     )
     .unwrap();
     let (code, err) = run_failing(&["--config", cfg.to_str().unwrap()]);

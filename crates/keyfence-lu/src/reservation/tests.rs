@@ -401,6 +401,8 @@ fn through_the_logical_unit() {
             nexus: n,
             cdb,
             data_out: data,
+            read_only: false,
+            luns: None,
         })
     };
     let tur = [0u8; 6];
@@ -591,6 +593,8 @@ fn preempt_and_abort_waits_for_victims_commands_in_flight() {
             nexus: n,
             cdb,
             data_out: data,
+            read_only: false,
+            luns: None,
         })
     }
     fn prout(

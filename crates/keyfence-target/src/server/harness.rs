@@ -51,6 +51,7 @@ impl InMemoryTarget {
             lun_list,
             backing: [(0, "memory".to_string())].into_iter().collect(),
             chap: None,
+            acl: super::acl::AclTable::open(None),
         };
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -111,6 +112,7 @@ impl InMemoryTarget {
             exp_cmd_sn: 1,
             stat_sn: 1,
             registration,
+            view: None,
         };
         let mut codec = PduCodec::new();
         codec.apply(&params);

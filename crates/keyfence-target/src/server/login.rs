@@ -11,6 +11,13 @@
 //! session that ends up being of another kind or for another target than
 //! that request announced must still have passed that kind's or target's
 //! CHAP, or it is refused the same way.
+//!
+//! Access control: a target that is not `open` admits only the initiators
+//! its ACL lists (see [`super::acl`]); an initiator's own CHAP replaces the
+//! target's. A target this portal does not serve and a target the
+//! initiator may not access are refused alike, with status 0202h
+//! (authorization failure) on the first Login Request, before any CHAP
+//! exchange, so that a client cannot tell which target names exist.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +30,7 @@ use keyfence_iscsi::{Pdu, SessionParams};
 use keyfence_scsi::{InitiatorPort, Nexus};
 use tracing::{debug, info, warn};
 
+use super::acl::LunView;
 use super::conn::Wire;
 use super::session::{AdmitError, SessionKey, SessionSlot};
 use super::{ListenerInfo, Shared};
@@ -45,6 +53,8 @@ pub(super) struct Established {
     pub exp_cmd_sn: u32,
     pub stat_sn: u32,
     pub registration: SessionSlot,
+    /// The LUNs this initiator sees, when its ACL entry maps them.
+    pub view: Option<Arc<LunView>>,
 }
 
 /// Why a login did not produce a session.
@@ -122,8 +132,8 @@ pub(super) async fn login(
     } else {
         asked_idx.map_or(AuthScope::Unknown, AuthScope::Target)
     };
-    let chap = required_chap(shared, auth_scope);
     let initiator_name = first_key("InitiatorName");
+    let chap = required_chap(shared, auth_scope, initiator_name.as_deref().unwrap_or(""));
     let tpgt = asked_idx
         .and_then(|t| info.tpgt_of(t))
         .or_else(|| info.groups.first().map(|g| g.1))
@@ -144,6 +154,13 @@ pub(super) async fn login(
             .groups
             .iter()
             .filter(|(_, g)| *g == tpgt)
+            // A target this initiator may not access is, to it, not here.
+            .filter(|(t, _)| {
+                shared.targets[*t]
+                    .acl
+                    .access(initiator_name.as_deref().unwrap_or(""))
+                    .is_some()
+            })
             .map(|(t, _)| shared.targets[*t].name.clone())
             .collect(),
         tsih,
@@ -164,8 +181,20 @@ pub(super) async fn login(
                 wire.push_pdu(&r);
                 wire.flush().await?;
             }
-            LoginStep::Failed { response, status } => {
-                if status == LoginStatus::AUTHENTICATION_FAILURE {
+            LoginStep::Failed {
+                mut response,
+                status,
+            } => {
+                if status == LoginStatus::NOT_FOUND {
+                    // Unknown and forbidden targets look the same.
+                    info!(
+                        peer = %wire.peer,
+                        initiator = initiator_name.as_deref().unwrap_or("?"),
+                        target = first_key("TargetName").as_deref().unwrap_or("?"),
+                        "login refused: no such target, or the initiator is not in its ACL"
+                    );
+                    deny(&mut response);
+                } else if status == LoginStatus::AUTHENTICATION_FAILURE {
                     warn!(
                         peer = %wire.peer,
                         initiator = initiator_name.as_deref().unwrap_or("?"),
@@ -189,7 +218,7 @@ pub(super) async fn login(
                         else {
                             wire.push_pdu(&keyfence_iscsi::login::reject_login(
                                 &pdu,
-                                LoginStatus::NOT_FOUND,
+                                LoginStatus::AUTHORIZATION_FAILURE,
                                 s.next_stat_sn.wrapping_sub(1),
                             ));
                             break None;
@@ -203,8 +232,38 @@ pub(super) async fn login(
                     SessionKind::Discovery => AuthScope::Discovery,
                     SessionKind::Normal { target, .. } => AuthScope::Target(target),
                 };
-                if let Some(c) = required_chap(shared, scope) {
-                    if scope != auth_scope || s.chap_name.as_deref() != Some(c.user.as_str()) {
+                // The ACL decides on the name the session ends up with.
+                let view = match kind {
+                    SessionKind::Discovery => None,
+                    SessionKind::Normal { target, .. } => {
+                        match shared.targets[target].acl.access(&s.initiator_name) {
+                            Some(a) => a.view,
+                            None => {
+                                info!(
+                                    peer = %wire.peer,
+                                    initiator = %s.initiator_name,
+                                    "login refused: the initiator is not in the target's ACL"
+                                );
+                                wire.push_pdu(&keyfence_iscsi::login::reject_login(
+                                    &pdu,
+                                    LoginStatus::AUTHORIZATION_FAILURE,
+                                    s.next_stat_sn.wrapping_sub(1),
+                                ));
+                                break None;
+                            }
+                        }
+                    }
+                };
+                if let Some(c) = required_chap(shared, scope, &s.initiator_name) {
+                    let offered = required_chap(
+                        shared,
+                        auth_scope,
+                        initiator_name.as_deref().unwrap_or(""),
+                    );
+                    if scope != auth_scope
+                        || offered != Some(c)
+                        || s.chap_name.as_deref() != Some(c.user.as_str())
+                    {
                         warn!(
                             peer = %wire.peer,
                             initiator = %s.initiator_name,
@@ -265,6 +324,7 @@ pub(super) async fn login(
                             exp_cmd_sn: s.exp_cmd_sn,
                             stat_sn: s.next_stat_sn,
                             registration,
+                            view,
                         });
                     }
                     Err(AdmitError::TooManySessions) => {
@@ -299,13 +359,31 @@ enum AuthScope {
     Unknown,
 }
 
-/// The CHAP a session of this scope must pass, if any.
-fn required_chap(shared: &Shared, scope: AuthScope) -> Option<&ChapConfig> {
+/// The CHAP a session of this scope by `initiator` must pass, if any: for
+/// a target, the initiator's own from the ACL, else the target's.
+fn required_chap<'a>(
+    shared: &'a Shared,
+    scope: AuthScope,
+    initiator: &str,
+) -> Option<&'a ChapConfig> {
     match scope {
         AuthScope::Discovery => shared.discovery_chap.as_ref(),
-        AuthScope::Target(t) => shared.targets.get(t).and_then(|t| t.chap.as_ref()),
+        AuthScope::Target(t) => shared
+            .targets
+            .get(t)
+            .and_then(|t| t.acl.access(initiator))
+            .and_then(|a| a.chap),
         AuthScope::Unknown => None,
     }
+}
+
+/// Turn a "target not found" Login Response into "authorization
+/// failure" (status class and detail are bytes 36 and 37), leaving the
+/// rest as it was: a forbidden target and a missing one look the same.
+fn deny(response: &mut Pdu) {
+    let s = LoginStatus::AUTHORIZATION_FAILURE;
+    response.bhs[36] = s.class;
+    response.bhs[37] = s.detail;
 }
 
 /// A TSIH held for a login in progress; given back when dropped (failed,
@@ -339,11 +417,12 @@ impl Drop for TsihReservation {
     }
 }
 
-/// Every target with its portals, for SendTargets.
-pub(super) fn discovered_targets(shared: &Shared) -> Vec<SendTargetsEntry> {
+/// Every target `initiator` may access, with its portals, for SendTargets.
+pub(super) fn discovered_targets(shared: &Shared, initiator: &str) -> Vec<SendTargetsEntry> {
     shared
         .targets
         .iter()
+        .filter(|t| t.acl.access(initiator).is_some())
         .map(|t| SendTargetsEntry {
             name: t.name.clone(),
             addresses: t

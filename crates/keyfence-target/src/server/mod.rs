@@ -9,6 +9,7 @@
 //! transfer bookkeeping, task management, NOP pings) lives in `ffp`,
 //! without sockets: `conn` drives it over TCP, `harness` in memory.
 
+mod acl;
 mod budget;
 mod conn;
 mod datadir;
@@ -99,6 +100,8 @@ pub(crate) struct TargetRt {
     pub backing: BTreeMap<u64, String>,
     /// CHAP normal sessions must pass (secrets redacted in `Debug`).
     pub chap: Option<ChapConfig>,
+    /// Which initiators may log in and what each sees.
+    pub acl: acl::AclTable,
 }
 
 impl TargetRt {
@@ -286,6 +289,7 @@ impl Server {
                 lun_list,
                 backing: backing_desc,
                 chap: tc.chap.clone(),
+                acl: acl::AclTable::new(tc),
             });
         }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -336,6 +340,11 @@ impl Server {
                         None => String::new(),
                     }
                 );
+            }
+            if t.acl.is_open() {
+                let _ = writeln!(s, "  open to any initiator");
+            } else {
+                let _ = writeln!(s, "  {} initiator ACL entries", t.acl.len());
             }
             for (lun, lu) in &t.luns {
                 let bs = u64::from(lu.config().block_size);

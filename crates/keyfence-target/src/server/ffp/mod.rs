@@ -35,6 +35,7 @@ use keyfence_lu::LogicalUnit;
 use keyfence_scsi::Nexus;
 use tracing::debug;
 
+use super::acl::{target_lun, LunView};
 use super::budget::Held;
 use super::login::{self, Established, SessionKind};
 use super::session::{SessionCtl, SessionSlot};
@@ -121,6 +122,8 @@ pub(crate) struct Session {
     initiator: String,
     nexus: Option<Nexus>,
     target: Option<usize>,
+    /// The LUNs the initiator sees, when its ACL entry maps them.
+    view: Option<Arc<LunView>>,
     tsih: u16,
     cid: u16,
     params: SessionParams,
@@ -192,13 +195,14 @@ impl Session {
                 (Some(*target), Some(nexus))
             }
         };
-        let discovered = login::discovered_targets(&shared);
+        let discovered = login::discovered_targets(&shared, &est.initiator);
         let mut s = Session {
             shared,
             kind: est.kind,
             initiator: est.initiator,
             nexus,
             target,
+            view: est.view,
             tsih: est.registration.tsih,
             cid: est.cid,
             params: est.params,
@@ -328,7 +332,10 @@ impl Session {
                 ));
             }
             SessionCtl::AbortTasks { lun } => {
-                self.abort_matching(|l| lun.is_none_or(|x| same_lun(l, x)));
+                // `lun` is a target LUN id; this initiator may know it
+                // under another number.
+                let view = self.view.clone();
+                self.abort_matching(|l| lun.is_none_or(|x| target_lun(view.as_deref(), l) == Some(x)));
             }
         }
     }
@@ -723,8 +730,20 @@ impl Session {
 
     fn lu_for(&self, lun: Lun) -> Option<Arc<LogicalUnit>> {
         let t = &self.shared.targets[self.target?];
-        let n = lun.number()?;
-        t.luns.get(&u64::from(n)).cloned()
+        t.luns.get(&self.target_lun(lun)?).cloned()
+    }
+
+    /// The target LUN id behind a LUN field of this session.
+    fn target_lun(&self, lun: Lun) -> Option<u64> {
+        target_lun(self.view.as_deref(), lun)
+    }
+
+    /// Does this initiator see `lun` read-only (its ACL maps it so)?
+    fn read_only_view(&self, lun: Lun) -> bool {
+        match (&self.view, lun.number()) {
+            (Some(v), Some(n)) => v.resolve(u64::from(n)).is_some_and(|(_, ro)| ro),
+            _ => false,
+        }
     }
 }
 
@@ -733,8 +752,3 @@ fn lun_eq(a: Lun, b: Lun) -> bool {
     a == b || a.number().is_some_and(|n| b.number() == Some(n))
 }
 
-/// Does the LUN field `l` address LUN number `n` (in any of the
-/// encodings an initiator may use for it)?
-fn same_lun(l: Lun, n: u64) -> bool {
-    l.number().is_some_and(|m| u64::from(m) == n)
-}

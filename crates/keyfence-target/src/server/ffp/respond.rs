@@ -13,6 +13,7 @@ use keyfence_lu::{execute_no_lu, CommandOutcome, CommandRequest, LogicalUnit, Lu
 use keyfence_scsi::{Nexus, ScsiStatus};
 
 use super::{lun_eq, Session, INLINE_MAX_BYTES};
+use crate::server::acl::LunView;
 use crate::server::budget::Held;
 use crate::server::session::SessionCtl;
 
@@ -43,6 +44,9 @@ pub(crate) struct Job {
     meta: Meta,
     lu: Arc<LogicalUnit>,
     nexus: Nexus,
+    /// The initiator's LUN mapping, for REPORT LUNS.
+    view: Option<Arc<LunView>>,
+    read_only: bool,
     cdb: Bytes,
     data_out: Bytes,
     /// The write data's place in the server's budget, until it is written.
@@ -56,6 +60,8 @@ impl Job {
             nexus: &self.nexus,
             cdb: &self.cdb,
             data_out: &self.data_out,
+            read_only: self.read_only,
+            luns: self.view.as_deref().map(LunView::luns),
         };
         let outcome = self.lu.execute(&req);
         drop(self.held);
@@ -90,13 +96,17 @@ impl Session {
                 nexus: &nexus,
                 cdb,
                 data_out: &data_out,
+                read_only: false,
+                luns: None,
             };
-            let outcome = execute_no_lu(&req, &t.lun_list);
+            let luns = self.view.as_deref().map_or(&*t.lun_list, LunView::luns);
+            let outcome = execute_no_lu(&req, luns);
             self.respond(&meta, outcome);
             return;
         };
         // Commands that may block (flushes, FUA, reservation changes) and
         // large transfers run off the connection's task.
+        let read_only = self.read_only_view(meta.lun);
         let large = meta.edtl.max(data_out.len() as u32) > INLINE_MAX_BYTES;
         if large || lu.is_blocking(cdb) {
             let read_bytes = if meta.read { u64::from(meta.edtl) } else { 0 };
@@ -113,6 +123,8 @@ impl Session {
                 meta,
                 lu,
                 nexus,
+                view: self.view.clone(),
+                read_only,
                 cdb: Bytes::copy_from_slice(cdb),
                 data_out,
                 held,
@@ -123,6 +135,8 @@ impl Session {
             nexus: &nexus,
             cdb,
             data_out: &data_out,
+            read_only,
+            luns: self.view.as_deref().map(LunView::luns),
         };
         let outcome = lu.execute(&req);
         drop(held);
@@ -248,7 +262,7 @@ impl Session {
             let itt = meta.itt;
             self.abort_where(|i, l| i != itt && lun_eq(l, lun));
         }
-        if let Some(n) = lun.number().map(u64::from) {
+        if let Some(n) = self.target_lun(lun) {
             self.shared.sessions().send_to_nexus(
                 nexus,
                 Some(self.tsih),

@@ -94,7 +94,9 @@ impl Session {
     pub(super) fn task_mgmt(&mut self, t: TaskMgmtRequest) {
         let Some(target) = self.target else { return };
         let lu = self.lu_for(t.lun);
-        let lun_n = t.lun.number().map(u64::from);
+        // The target's LUN id, which other sessions may know by another
+        // number (ACL mapping).
+        let lun_n = self.target_lun(t.lun);
         debug!(peer = %self.peer, function = ?t.function, lun = ?lun_n, "task management");
         let mut after = TmfAfter::Nothing;
         let running = match t.function {
