@@ -5,10 +5,10 @@
 
 use std::sync::{Arc, OnceLock};
 
-use libfuzzer_sys::fuzz_target;
-use keyfence_scsi::{InitiatorPort, Nexus, ScsiStatus, TargetPort};
 use keyfence_lu::backend::MemBackend;
 use keyfence_lu::{CommandRequest, LogicalUnit, LuConfig, TargetLuns};
+use keyfence_scsi::{InitiatorPort, Nexus, ScsiStatus, TargetPort};
+use libfuzzer_sys::fuzz_target;
 
 struct Fixture {
     lu: LogicalUnit,
@@ -23,8 +23,14 @@ fn fixture() -> &'static Fixture {
         let cfg = LuConfig::new(name, 0, ports.clone(), Arc::new(TargetLuns::new(vec![0])));
         let lu = LogicalUnit::new(cfg, Arc::new(MemBackend::new(4 << 20))).expect("lu");
         let nexus = [
-            Nexus::new(InitiatorPort::new("iqn.2026-11.io.keyfence:a", 1), ports[0].clone()),
-            Nexus::new(InitiatorPort::new("iqn.2026-11.io.keyfence:b", 2), ports[1].clone()),
+            Nexus::new(
+                InitiatorPort::new("iqn.2026-11.io.keyfence:a", 1),
+                ports[0].clone(),
+            ),
+            Nexus::new(
+                InitiatorPort::new("iqn.2026-11.io.keyfence:b", 2),
+                ports[1].clone(),
+            ),
         ];
         Fixture { lu, nexus }
     })

@@ -31,12 +31,7 @@ impl LunView {
         let maps = acl.luns.as_ref()?;
         let map: BTreeMap<u64, (u64, bool)> = maps
             .iter()
-            .map(|m| {
-                (
-                    u64::from(m.lun),
-                    (u64::from(m.target_lun()), m.read_only),
-                )
-            })
+            .map(|m| (u64::from(m.lun), (u64::from(m.target_lun()), m.read_only)))
             .collect();
         let list = TargetLuns::new(map.keys().copied().collect());
         Some(LunView { map, list })

@@ -255,11 +255,8 @@ pub(super) async fn login(
                     }
                 };
                 if let Some(c) = required_chap(shared, scope, &s.initiator_name) {
-                    let offered = required_chap(
-                        shared,
-                        auth_scope,
-                        initiator_name.as_deref().unwrap_or(""),
-                    );
+                    let offered =
+                        required_chap(shared, auth_scope, initiator_name.as_deref().unwrap_or(""));
                     if scope != auth_scope
                         || offered != Some(c)
                         || s.chap_name.as_deref() != Some(c.user.as_str())

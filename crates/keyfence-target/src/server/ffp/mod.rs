@@ -335,7 +335,9 @@ impl Session {
                 // `lun` is a target LUN id; this initiator may know it
                 // under another number.
                 let view = self.view.clone();
-                self.abort_matching(|l| lun.is_none_or(|x| target_lun(view.as_deref(), l) == Some(x)));
+                self.abort_matching(|l| {
+                    lun.is_none_or(|x| target_lun(view.as_deref(), l) == Some(x))
+                });
             }
         }
     }
@@ -751,4 +753,3 @@ impl Session {
 fn lun_eq(a: Lun, b: Lun) -> bool {
     a == b || a.number().is_some_and(|n| b.number() == Some(n))
 }
-
