@@ -13,6 +13,11 @@ killed by a signal, exiting with a status other than CUnit's 0 (no failure)
 or 1 (failures), exiting 1 without a failed test, not reaching the end of
 its run, or fewer tests than --min-tests. The last line printed is always
 `conformance: N passed, N failed, N skipped`.
+
+--acl (keyfence only) serves the target with initiator ACLs instead of
+`open = true`: only iscsi-test-cu's two initiator names (passed to it
+explicitly with -i/-I; the second is the one its multipath tests use) may
+log in, each through an explicit LUN 0 mapping.
 """
 
 import argparse
@@ -27,6 +32,9 @@ import tempfile
 from targets import KeyfenceTarget, TgtTarget
 
 PR_SUITES = ("Prin", "Prout", "Reserve6")
+# The initiator names iscsi-test-cu uses (its -i and -I defaults).
+INITIATOR_NAMES = ("iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test",
+                   "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2")
 
 
 TEST_RE = re.compile(r"^  Test: (\S+) \.\.\.(.*)$")
@@ -111,6 +119,8 @@ def main():
     ap.add_argument("--json", help="write per-test outcomes here")
     ap.add_argument("--log", help="keep iscsi-test-cu's output here")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--acl", action="store_true",
+                    help="serve with ACLs admitting only iscsi-test-cu's initiator names")
     ap.add_argument("--min-tests", type=int, default=None,
                     help=f"fail when fewer tests ran (default {ALL_TESTS} for --test=ALL, "
                          "else 1)")
@@ -134,7 +144,9 @@ def main():
             urls = target.start()[:n_urls]
             print(f"running iscsi-test-cu --test={test} against {args.peer}: {' '.join(urls)}",
                   flush=True)
-            run = subprocess.run(["iscsi-test-cu", "-d", f"--test={test}", *urls],
+            names = [f"--initiator-name={INITIATOR_NAMES[0]}",
+                     f"--initiator-name-2={INITIATOR_NAMES[1]}"]
+            run = subprocess.run(["iscsi-test-cu", "-d", *names, f"--test={test}", *urls],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                  timeout=args.timeout, cwd=workdir)
             return run.stdout.decode("utf-8", "replace"), run.returncode
@@ -158,10 +170,15 @@ def main():
         if not COMPLETED_RE.search(text):
             problems.append(f"iscsi-test-cu --test={test} did not complete its run")
 
+    if args.acl and args.peer != "keyfence":
+        print("--acl applies to --peer keyfence only", file=sys.stderr)
+        print("conformance: 0 passed, 0 failed, 0 skipped")
+        return 2
+    acl = INITIATOR_NAMES if args.acl else None
     try:
         if args.peer == "keyfence":
             target = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "rw"),
-                                    args.size)
+                                    args.size, acl=acl)
         else:
             target = TgtTarget(os.path.join(workdir, "rw"), args.size)
         os.makedirs(target.workdir)
@@ -172,7 +189,7 @@ def main():
         if args.peer == "keyfence" and any(r[0] == "ReadOnly" and r[2] == "skipped"
                                            for r in results):
             ro = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "ro"),
-                                args.size, read_only=True)
+                                args.size, read_only=True, acl=acl)
             os.makedirs(ro.workdir)
             ro_text, ro_rc = run_suite(ro, "ALL.ReadOnly", 1)
             check_exit("ALL.ReadOnly", ro_text, ro_rc)

@@ -51,12 +51,15 @@ def wait_banner(log_path, proc, count, timeout=30.0):
 
 
 class KeyfenceTarget:
-    def __init__(self, binary, workdir, size, image=None, read_only=False):
+    def __init__(self, binary, workdir, size, image=None, read_only=False, acl=None):
+        """`acl`: initiator names; when given, the target admits only them
+        (each seeing LUN 0 through an explicit mapping) instead of being open."""
         self.binary = binary
         self.workdir = workdir
         self.size = size
         self.image = image
         self.read_only = read_only
+        self.acl = acl
         self.proc = None
 
     def start(self):
@@ -64,19 +67,26 @@ class KeyfenceTarget:
         if self.image:
             os.makedirs(data, exist_ok=True)
             os.replace(self.image, os.path.join(data, "lun0.img"))
-        if self.read_only:
-            # A write-protected LUN can only be described in a config file.
+        if self.read_only or self.acl:
+            # A write-protected LUN and ACLs can only be described in a config file.
             os.makedirs(data, exist_ok=True)
             img = os.path.join(data, "lun0.img")
-            if not os.path.exists(img):
+            if self.read_only and not os.path.exists(img):
                 with open(img, "wb") as f:  # serve does not create read-only files
                     f.truncate(self.size)
             conf = os.path.join(self.workdir, "keyfence.toml")
             portals = '"127.0.0.1:0", "127.0.0.1:0"'
+            if self.acl:
+                access = "".join(f'\n[[target.acl]]\ninitiator = "{name}"\n'
+                                 '[[target.acl.lun]]\nlun = 0\ntarget_lun = 0\n'
+                                 for name in self.acl)
+            else:
+                access = "open = true\n"
+            ro = "true" if self.read_only else "false"
             with open(conf, "w") as f:
                 f.write(f'data_dir = "{data}"\n\n[[target]]\nname = "{KEYFENCE_IQN}"\n'
-                        f'portals = [{portals}]\nopen = true\n\n[[target.lun]]\nid = 0\n'
-                        f'path = "lun0.img"\nsize = {self.size}\nread_only = true\n')
+                        f'portals = [{portals}]\n{access}\n[[target.lun]]\nid = 0\n'
+                        f'path = "lun0.img"\nsize = {self.size}\nread_only = {ro}\n')
             args = [self.binary, "serve", "--config", conf]
         else:
             args = [self.binary, "serve", "--data-dir", data,
