@@ -28,3 +28,7 @@ KEYFENCE_PROFILE="$profile" scripts/split-brain.sh 25 2>&1 \
 echo "== libiscsi conformance (iscsi-test-cu -d --test=ALL, two portal groups)"
 python3 scripts/conformance.py --binary "$bin" --log "$out/conformance.log" \
     --json "$out/conformance.json"
+
+echo "== libiscsi conformance again, the target with ACLs for iscsi-test-cu's initiator names"
+python3 scripts/conformance.py --acl --binary "$bin" --log "$out/conformance-acl.log" \
+    --json "$out/conformance-acl.json"
