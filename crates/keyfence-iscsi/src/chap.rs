@@ -7,8 +7,20 @@ use rand::RngCore;
 pub const CHAP_MD5: u8 = 5;
 /// Length of the challenges we generate.
 pub const CHALLENGE_LEN: usize = 16;
-/// Longest challenge we accept from a peer.
+/// Longest challenge we accept from a peer (RFC 7143 §12.1.3 caps
+/// binary values of CHAP_C at 1024 bytes).
 pub const MAX_CHALLENGE_LEN: usize = 1024;
+/// Shortest challenge we accept from a peer: the length of the MD5 output.
+/// RFC 1994 §2.3 wants a challenge at least as long as the hash output,
+/// and RFC 7143 §12.1.3 asks for unpredictable challenges; a 1-byte
+/// challenge lets an eavesdropper collect a table of responses to replay.
+pub const MIN_CHALLENGE_LEN: usize = 16;
+
+/// Is `c` a challenge we answer: between [`MIN_CHALLENGE_LEN`] and
+/// [`MAX_CHALLENGE_LEN`] bytes.
+pub fn challenge_acceptable(c: &[u8]) -> bool {
+    (MIN_CHALLENGE_LEN..=MAX_CHALLENGE_LEN).contains(&c.len())
+}
 
 /// A CHAP name and secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -91,6 +103,18 @@ mod tests {
         bad[15] ^= 1;
         assert!(!verify(&r, &bad));
         assert!(!verify(&r, &r[..15]));
+    }
+
+    #[test]
+    fn short_and_long_challenges_are_refused() {
+        assert!(!challenge_acceptable(&[]));
+        assert!(!challenge_acceptable(&[7]));
+        assert!(!challenge_acceptable(&[0; 15]));
+        assert!(challenge_acceptable(&[0; 16]));
+        assert!(challenge_acceptable(&[0; 1024]));
+        assert!(!challenge_acceptable(&[0; 1025]));
+        // What we generate ourselves passes our own rule.
+        assert!(challenge_acceptable(&new_challenge().1));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use bytes::{Bytes, BytesMut};
 
 use super::{LoginStatus, SessionType, ISCSI_VERSION, LOGIN_MAX_DATA, MAX_LOGIN_PDUS};
-use crate::chap::{self, ChapCredential, CHAP_MD5, MAX_CHALLENGE_LEN};
+use crate::chap::{self, ChapCredential, CHAP_MD5};
 use crate::keys::{self, decode_binary, encode_hex, parse_number};
 use crate::params::{Negotiation, NegotiationError, OperationalPrefs, Role, SessionParams};
 use crate::pdu::{LoginRequest, LoginResponse, Opcode, Pdu, Stage};
@@ -529,8 +529,10 @@ impl TargetLogin {
                             .filter(|v| *v <= 255)
                             .ok_or(LoginStatus::AUTHENTICATION_FAILURE)?
                             as u8;
+                        // Too short a challenge (under the 16-byte hash
+                        // output) or too long: authentication failure.
                         let c = decode_binary(&c)
-                            .filter(|c| !c.is_empty() && c.len() <= MAX_CHALLENGE_LEN)
+                            .filter(|c| chap::challenge_acceptable(c))
                             .ok_or(LoginStatus::AUTHENTICATION_FAILURE)?;
                         // A reflected challenge is an attack (RFC 7143 §12.1.3).
                         if c == self.challenge {
