@@ -9,7 +9,10 @@
 //!
 //! [limits]
 //! max_sessions = 64                   # normal + discovery sessions, all targets
-//! max_connections = 128               # TCP connections, all portals
+//! max_connections = 128               # logged-in TCP connections, all portals
+//! max_login_connections = 64          # connections still logging in
+//! max_login_connections_per_source = 8  # ... from one source address
+//! first_pdu_timeout_secs = 5          # a new connection must speak by then
 //! max_cmds_per_session = 128          # MaxCmdSN - ExpCmdSN + 1
 //! max_recv_data_segment_length = 262144
 //! max_burst_length = 1048576
@@ -121,8 +124,17 @@ fn default_data_dir() -> PathBuf {
 pub struct Limits {
     /// Sessions (normal and discovery) across all targets.
     pub max_sessions: u32,
-    /// TCP connections across all portals, including ones still logging in.
+    /// TCP connections that completed their login (full feature phase),
+    /// across all portals. Connections still logging in are counted
+    /// separately, so idle sockets cannot take these places.
     pub max_connections: u32,
+    /// Connections still logging in, across all portals. When all are
+    /// taken, a new connection displaces one that has sent nothing yet.
+    pub max_login_connections: u32,
+    /// Connections still logging in from one source address.
+    pub max_login_connections_per_source: u32,
+    /// Seconds a new connection may take to send its first Login Request.
+    pub first_pdu_timeout_secs: u32,
     /// Command window per session: MaxCmdSN = ExpCmdSN + this - 1.
     pub max_cmds_per_session: u32,
     /// The most data the target accepts in one PDU (its
@@ -171,6 +183,9 @@ impl Default for Limits {
         Limits {
             max_sessions: 64,
             max_connections: 128,
+            max_login_connections: 64,
+            max_login_connections_per_source: 8,
+            first_pdu_timeout_secs: 5,
             max_cmds_per_session: 128,
             max_recv_data_segment_length: 256 * 1024,
             max_burst_length: 1024 * 1024,
@@ -944,6 +959,13 @@ impl Limits {
         positive("max_cmds_per_session", self.max_cmds_per_session, 4096)?;
         positive("max_outstanding_r2t", self.max_outstanding_r2t, 65535)?;
         positive("login_timeout_secs", self.login_timeout_secs, 3600)?;
+        positive("max_login_connections", self.max_login_connections, 65535)?;
+        positive(
+            "max_login_connections_per_source",
+            self.max_login_connections_per_source,
+            65535,
+        )?;
+        positive("first_pdu_timeout_secs", self.first_pdu_timeout_secs, 3600)?;
         positive("data_out_timeout_secs", self.data_out_timeout_secs, 3600)?;
         if self.max_buffered_bytes.0 < 1 << 20 {
             return Err(invalid(format!(

@@ -658,8 +658,16 @@ fn connection_limit_closes_extra_connections() {
     );
     let mut a = Client::connect(srv.portals[0]);
     assert_eq!(a.login(0x23d0_0000_000d, Some(IQN)).status_class, 0);
+    // max_connections counts logged-in connections: a second one may
+    // log in (it holds a login slot meanwhile) but is refused a place.
     let mut b = Client::connect(srv.portals[0]);
-    assert!(b.recv().is_none(), "second connection closed at once");
+    let r = b.login(0x23d0_0000_00dd, Some(IQN));
+    assert_eq!(
+        (r.status_class, r.status_detail),
+        (3, 2),
+        "out of resources"
+    );
+    assert!(b.recv().is_none(), "refused connection closed");
     // The first one is unaffected.
     a.clear_ua();
 }

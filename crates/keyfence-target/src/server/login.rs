@@ -18,6 +18,20 @@
 //! initiator may not access are refused alike, with status 0202h
 //! (authorization failure) on the first Login Request, before any CHAP
 //! exchange, so that a client cannot tell which target names exist.
+//!
+//! When CHAP is configured anywhere (`[discovery_chap]`, a target's or an
+//! ACL entry's CHAP), such a name is not refused on the first request but
+//! answered like a target that requires CHAP: offered CHAP, challenged,
+//! and refused with 0201h (authentication failure) against credentials
+//! nobody has. Otherwise a guessed name of an open target that requires
+//! CHAP (which answers with a challenge) could be told from an unknown one
+//! (0202h). RFC 7143 §11.12.2 lets a target answer authentication failure
+//! before it says anything about the target asked for.
+//!
+//! Hostile connections: the first PDU must arrive within
+//! `limits.first_pdu_timeout_secs`, and a login's CHAP responses are
+//! checked only when the source and initiator name get their turn from
+//! the throttle (see [`super::admission`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +45,7 @@ use keyfence_scsi::{InitiatorPort, Nexus};
 use tracing::{debug, info, warn};
 
 use super::acl::LunView;
+use super::admission::{Ticket, TICKET};
 use super::conn::Wire;
 use super::session::{AdmitError, SessionKey, SessionSlot};
 use super::{ListenerInfo, Shared};
@@ -112,7 +127,8 @@ pub(super) async fn login(
     info: &ListenerInfo,
     wire: &mut Wire,
 ) -> Result<Option<Established>, LoginError> {
-    let Some(mut pdu) = next_pdu(wire).await? else {
+    let ticket: Option<Arc<Ticket>> = TICKET.try_with(Arc::clone).ok();
+    let Some(mut pdu) = first_pdu(ticket.as_deref(), wire).await? else {
         return Ok(None);
     };
     // The portal group tag depends on the target asked for, which a
@@ -148,35 +164,93 @@ pub(super) async fn login(
         return Ok(None);
     };
     let tsih = reservation.tsih;
+    let mut targets: Vec<String> = info
+        .groups
+        .iter()
+        .filter(|(_, g)| *g == tpgt)
+        // A target this initiator may not access is, to it, not here.
+        .filter(|(t, _)| {
+            shared.targets[*t]
+                .acl
+                .access(initiator_name.as_deref().unwrap_or(""))
+                .is_some()
+        })
+        .map(|(t, _)| shared.targets[*t].name.clone())
+        .collect();
+    // A normal session naming a target that is not here for it (unknown,
+    // served elsewhere or forbidden), while CHAP is configured anywhere:
+    // authenticate against credentials nobody has (see the module doc).
+    let decoy = match (auth_scope, first_key("TargetName")) {
+        (AuthScope::Discovery, _) | (_, None) => None,
+        (_, Some(name))
+            if targets.iter().any(|t| t.eq_ignore_ascii_case(&name))
+                || !chap_configured(shared) =>
+        {
+            None
+        }
+        (_, Some(name)) => Some((name, unguessable_credential())),
+    };
+    let mut chap_users = chap
+        .map(|c| vec![c.initiator_credential()])
+        .unwrap_or_default();
+    if let Some((name, cred)) = &decoy {
+        targets.push(name.clone());
+        chap_users = vec![cred.clone()];
+    }
+    let chap_in_play = !chap_users.is_empty();
     let cfg = TargetLoginConfig {
         portal_group_tag: tpgt,
-        targets: info
-            .groups
-            .iter()
-            .filter(|(_, g)| *g == tpgt)
-            // A target this initiator may not access is, to it, not here.
-            .filter(|(t, _)| {
-                shared.targets[*t]
-                    .acl
-                    .access(initiator_name.as_deref().unwrap_or(""))
-                    .is_some()
-            })
-            .map(|(t, _)| shared.targets[*t].name.clone())
-            .collect(),
+        targets,
         tsih,
         prefs: prefs(shared),
         initial_stat_sn: 1,
         cmd_window: shared.limits.max_cmds_per_session,
-        chap_users: chap
-            .map(|c| vec![c.initiator_credential()])
-            .unwrap_or_default(),
+        chap_users,
         chap_mutual: chap.and_then(ChapConfig::target_credential),
         chap_for_discovery: auth_scope == AuthScope::Discovery && chap.is_some(),
         ..TargetLoginConfig::default()
     };
     let mut tl = TargetLogin::new(cfg);
     let result = loop {
-        match tl.step(&pdu) {
+        // A CHAP response is checked only on this source's and initiator
+        // name's turn (backoff after failures).
+        let attempt = match &ticket {
+            Some(t) if chap_in_play && carries_chap_response(&pdu) => {
+                let throttle = &t.admission().throttle;
+                match throttle.turn(t.source, initiator_name.as_deref()).await {
+                    Some(a) => Some(a),
+                    None => {
+                        t.admission().log_chap.event(|| {
+                            format!(
+                                "{} (initiator {}): too many failed attempts; refused without checking",
+                                wire.peer,
+                                initiator_name.as_deref().unwrap_or("?")
+                            )
+                        });
+                        wire.push_pdu(&keyfence_iscsi::login::reject_login(
+                            &pdu,
+                            LoginStatus::SERVICE_UNAVAILABLE,
+                            0,
+                        ));
+                        break None;
+                    }
+                }
+            }
+            _ => None,
+        };
+        let step = tl.step(&pdu);
+        if let Some(a) = attempt {
+            match &step {
+                LoginStep::Failed { status, .. }
+                    if *status == LoginStatus::AUTHENTICATION_FAILURE =>
+                {
+                    a.failed()
+                }
+                LoginStep::Failed { .. } => drop(a),
+                _ => a.succeeded(),
+            }
+        }
+        match step {
             LoginStep::Respond(r) => {
                 wire.push_pdu(&r);
                 wire.flush().await?;
@@ -195,11 +269,19 @@ pub(super) async fn login(
                     );
                     deny(&mut response);
                 } else if status == LoginStatus::AUTHENTICATION_FAILURE {
-                    warn!(
-                        peer = %wire.peer,
-                        initiator = initiator_name.as_deref().unwrap_or("?"),
-                        "login refused: CHAP authentication failed"
-                    );
+                    let peer = wire.peer;
+                    let who = initiator_name.as_deref().unwrap_or("?").to_string();
+                    match &ticket {
+                        Some(t) => t
+                            .admission()
+                            .log_chap
+                            .event(|| format!("{peer} (initiator {who})")),
+                        None => warn!(
+                            %peer,
+                            initiator = %who,
+                            "login refused: CHAP authentication failed"
+                        ),
+                    }
                 } else {
                     debug!(peer = %wire.peer, "login failed: {} (0x{:04x})", status.description(), status.code());
                 }
@@ -274,6 +356,27 @@ pub(super) async fn login(
                         break None;
                     }
                 }
+                // A place among logged-in connections, held for as long
+                // as this connection lives.
+                let permit = match shared.connections.clone().try_acquire_owned() {
+                    Ok(p) => Some(p),
+                    Err(_) => {
+                        if let Some(t) = &ticket {
+                            t.admission().log_refused.event(|| {
+                                format!(
+                                    "{}: max_connections logged-in connections reached; login refused",
+                                    wire.peer
+                                )
+                            });
+                        }
+                        wire.push_pdu(&keyfence_iscsi::login::reject_login(
+                            &pdu,
+                            LoginStatus::OUT_OF_RESOURCES,
+                            s.next_stat_sn.wrapping_sub(1),
+                        ));
+                        break None;
+                    }
+                };
                 let initiator = s.initiator_name.to_ascii_lowercase();
                 let (target, nexus) = match kind {
                     SessionKind::Discovery => (None, None),
@@ -307,6 +410,9 @@ pub(super) async fn login(
                 match admitted {
                     Ok(registration) => {
                         reservation.admitted();
+                        if let Some(t) = &ticket {
+                            t.login_done(permit);
+                        }
                         wire.push_pdu(&response);
                         wire.flush().await?;
                         // Digests and data segment limits apply from the
@@ -343,6 +449,62 @@ pub(super) async fn login(
         }
     };
     Ok(result)
+}
+
+/// The first PDU of a connection, within the first-PDU deadline and
+/// unless a newcomer displaces this idle connection; `None` if neither.
+async fn first_pdu(ticket: Option<&Ticket>, wire: &mut Wire) -> Result<Option<Pdu>, LoginError> {
+    let Some(t) = ticket else {
+        return next_pdu(wire).await;
+    };
+    let adm = t.admission();
+    let deadline = t.accepted + adm.first_pdu_timeout;
+    let peer = wire.peer;
+    tokio::select! {
+        r = tokio::time::timeout_at(deadline, next_pdu(wire)) => match r {
+            Ok(Ok(Some(p))) if t.started() => Ok(Some(p)),
+            Ok(Ok(Some(_))) => {
+                debug!(%peer, "displaced while its first PDU arrived");
+                Ok(None)
+            }
+            Ok(other) => other,
+            Err(_) => {
+                adm.log_idle.event(|| {
+                    format!(
+                        "{peer}: no Login Request within {} s",
+                        adm.first_pdu_timeout.as_secs()
+                    )
+                });
+                Ok(None)
+            }
+        },
+        _ = t.evicted() => {
+            adm.log_idle.event(|| format!("{peer}: idle, displaced by a new connection (login slots full)"));
+            Ok(None)
+        }
+    }
+}
+
+/// Does this Login Request carry a CHAP response (possibly the last part
+/// of one split over several PDUs)?
+fn carries_chap_response(pdu: &Pdu) -> bool {
+    pdu.data.windows(7).any(|w| w == b"CHAP_R=")
+}
+
+/// Is CHAP required anywhere (discovery, a target or an ACL entry)?
+fn chap_configured(shared: &Shared) -> bool {
+    shared.discovery_chap.is_some()
+        || shared
+            .targets
+            .iter()
+            .any(|t| t.chap.is_some() || t.acl.any_chap())
+}
+
+/// A CHAP name and secret no initiator knows (128 random bits each).
+fn unguessable_credential() -> keyfence_iscsi::chap::ChapCredential {
+    let (_, name) = keyfence_iscsi::chap::new_challenge();
+    let (_, secret) = keyfence_iscsi::chap::new_challenge();
+    keyfence_iscsi::chap::ChapCredential::new(keys::encode_hex(&name), secret.to_vec())
 }
 
 /// Whose CHAP credentials apply to a login.

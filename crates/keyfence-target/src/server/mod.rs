@@ -10,6 +10,7 @@
 //! without sockets: `conn` drives it over TCP, `harness` in memory.
 
 mod acl;
+mod admission;
 mod budget;
 mod conn;
 mod datadir;
@@ -380,10 +381,12 @@ impl Server {
             data_dir_lock,
         } = self;
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+        let admission = admission::Admission::new(&shared.limits);
         for (l, info) in listeners {
             info!(addr = %info.addr, "listening");
             tokio::spawn(accept_loop(
                 shared.clone(),
+                admission.clone(),
                 l,
                 Arc::new(info),
                 done_tx.clone(),
@@ -484,6 +487,7 @@ fn human_size(b: u64) -> String {
 
 async fn accept_loop(
     shared: Arc<Shared>,
+    admission: Arc<admission::Admission>,
     listener: TcpListener,
     info: Arc<ListenerInfo>,
     done: mpsc::Sender<()>,
@@ -503,10 +507,25 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Ok(permit) = shared.connections.clone().try_acquire_owned() else {
-            warn!(%peer, "connection limit reached; closing new connection");
-            drop(sock);
-            continue;
+        // A login slot now; a place among logged-in connections
+        // (`shared.connections`) once the login succeeds.
+        let ticket = match admission.admit(peer.ip()) {
+            Ok(t) => t,
+            Err(why) => {
+                admission.log_refused.event(|| match why {
+                    admission::Refused::PerSource => format!(
+                        "{peer}: {} connections from {} already logging in",
+                        shared.limits.max_login_connections_per_source,
+                        peer.ip()
+                    ),
+                    admission::Refused::Full => format!(
+                        "{peer}: all {} login slots busy with logins in progress",
+                        shared.limits.max_login_connections
+                    ),
+                });
+                drop(sock);
+                continue;
+            }
         };
         if let Err(e) = sock.set_nodelay(true) {
             debug!(%peer, "TCP_NODELAY: {e}");
@@ -514,11 +533,10 @@ async fn accept_loop(
         let shared = shared.clone();
         let info = info.clone();
         let done = done.clone();
-        tokio::spawn(async move {
+        tokio::spawn(admission::TICKET.scope(ticket, async move {
             conn::serve_connection(shared, info, sock, peer).await;
-            drop(permit);
             drop(done);
-        });
+        }));
     }
     debug!(addr = %info.addr, "listener closed");
 }
