@@ -61,10 +61,15 @@ pub fn format_address(addr: SocketAddr) -> String {
 
 /// Builds the SendTargets answer text.
 ///
-/// `value` is the SendTargets value. In a discovery session (`session_target`
-/// is `None`) `All` lists every target and a name lists that target; in a
-/// normal session only the session's own target may be reported (empty
-/// value or its name) and `All` is answered `SendTargets=Reject`.
+/// `value` is the SendTargets value: `All`, empty, or a target name.
+/// `targets` are the targets this initiator may be told about (the caller
+/// decides). In a discovery session (`session_target` is `None`) `All`
+/// lists them all, a name lists that target and empty lists nothing. In a
+/// normal session empty means the session's own target, a name lists that
+/// target, and `All` lists every target given, as Linux's target does. A
+/// value that is none of these (`all`, text that is not an iSCSI name) is
+/// answered `SendTargets=Reject` (RFC 7143 §6.2: an invalid value is
+/// rejected, the exchange and the connection go on).
 pub fn send_targets_text(
     value: &str,
     targets: &[SendTargetsEntry],
@@ -77,16 +82,15 @@ pub fn send_targets_text(
             b.push("TargetAddress", &format!("{addr},{tpgt}"));
         }
     };
+    if !(value == "All" || value.is_empty() || looks_like_iscsi_name(value)) {
+        b.push("SendTargets", "Reject");
+        return b.finish();
+    }
     let wanted: Option<&str> = match session_target {
-        None if value == "All" => None,
+        _ if value == "All" => None,
         None if value.is_empty() => return b.finish(),
-        None => Some(value),
-        Some(_) if value == "All" => {
-            b.push("SendTargets", "Reject");
-            return b.finish();
-        }
-        Some(own) if value.is_empty() || value.eq_ignore_ascii_case(own) => Some(own),
-        Some(_) => return b.finish(),
+        Some(own) if value.is_empty() => Some(own),
+        _ => Some(value),
     };
     for t in targets {
         if wanted.map_or(true, |w| t.name.eq_ignore_ascii_case(w)) {
@@ -94,6 +98,16 @@ pub fn send_targets_text(
         }
     }
     b.finish()
+}
+
+/// Could `v` be an iSCSI name (RFC 7143 §4.2.7: `iqn.`, `eui.` or `naa.`
+/// form, at most 223 bytes, no spaces or control characters)?
+pub fn looks_like_iscsi_name(v: &str) -> bool {
+    let lower = v.get(..4).map(str::to_ascii_lowercase);
+    matches!(lower.as_deref(), Some("iqn.") | Some("eui.") | Some("naa."))
+        && v.len() > 4
+        && v.len() <= 223
+        && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
 /// Context a [`TextResponder`] answers in.

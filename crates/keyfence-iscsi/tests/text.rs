@@ -131,14 +131,24 @@ fn send_targets_scoping() {
     // unknown name: empty answer
     let (text, _) = exchange("iqn.nope", &all, None, 8192);
     assert!(parse_send_targets(&text).unwrap().is_empty());
-    // normal session: only its own target, and All is rejected
+    // normal session: empty is its own target; All lists the targets
+    // the caller lets it see (as Linux's target does)
     let own = all[2].name.clone();
     let (text, _) = exchange("", &all, Some(&own), 8192);
     assert_eq!(parse_send_targets(&text).unwrap(), vec![all[2].clone()]);
     let (text, _) = exchange("All", &all, Some(&own), 8192);
-    assert!(parse_send_targets(&text).is_err());
-    let pairs = keys::parse(&text).unwrap();
-    assert_eq!(keys::get(&pairs, "SendTargets"), Some("Reject"));
+    assert_eq!(parse_send_targets(&text).unwrap(), all);
+    let (text, _) = exchange("All", &all[2..], Some(&own), 8192);
+    assert_eq!(parse_send_targets(&text).unwrap(), vec![all[2].clone()]);
+    // values that are neither All, empty nor an iSCSI name: Reject
+    for bad in ["all", "ALL", "not a name", "foo", "iqn.", "iqn.x\u{1}"] {
+        for session in [None, Some(own.as_str())] {
+            let (text, _) = exchange(bad, &all, session, 8192);
+            let pairs = keys::parse(&text).unwrap();
+            assert_eq!(keys::get(&pairs, "SendTargets"), Some("Reject"), "{bad:?}");
+            assert!(parse_send_targets(&text).is_err());
+        }
+    }
 }
 
 #[test]

@@ -113,6 +113,7 @@ impl InMemoryTarget {
             stat_sn: 1,
             registration,
             view: None,
+            local: None,
         };
         let mut codec = PduCodec::new();
         codec.apply(&params);

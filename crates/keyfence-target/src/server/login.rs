@@ -70,6 +70,9 @@ pub(super) struct Established {
     pub registration: SessionSlot,
     /// The LUNs this initiator sees, when its ACL entry maps them.
     pub view: Option<Arc<LunView>>,
+    /// The address the connection was accepted on (what SendTargets
+    /// advertises for a wildcard portal).
+    pub local: Option<std::net::SocketAddr>,
 }
 
 /// Why a login did not produce a session.
@@ -428,6 +431,7 @@ pub(super) async fn login(
                             stat_sn: s.next_stat_sn,
                             registration,
                             view,
+                            local: wire.rd.local_addr().ok(),
                         });
                     }
                     Err(AdmitError::TooManySessions) => {
@@ -576,18 +580,52 @@ impl Drop for TsihReservation {
     }
 }
 
-/// Every target `initiator` may access, with its portals, for SendTargets.
-pub(super) fn discovered_targets(shared: &Shared, initiator: &str) -> Vec<SendTargetsEntry> {
+/// The targets a session may be told about by SendTargets, with their
+/// portals: only targets `initiator` may access (its ACL). A discovery
+/// session sees all of those (it passed discovery CHAP if there is any).
+/// A normal session sees them too when discovery is open, but only its
+/// own target when `[discovery_chap]` is set (it has not proven the
+/// discovery credentials).
+///
+/// A portal bound to a wildcard address (`0.0.0.0`, `[::]`) is advertised
+/// with `local`, the address this connection was accepted on, and the
+/// portal's port: the initiator reached us there, while a wildcard address
+/// means nothing to it.
+pub(super) fn discovered_targets(
+    shared: &Shared,
+    initiator: &str,
+    kind: SessionKind,
+    local: Option<std::net::SocketAddr>,
+) -> Vec<SendTargetsEntry> {
+    let visible = |i: usize| match kind {
+        SessionKind::Discovery => true,
+        SessionKind::Normal { target, .. } => target == i || shared.discovery_chap.is_none(),
+    };
+    let local_ip = local.map(|a| a.ip().to_canonical());
     shared
         .targets
         .iter()
-        .filter(|t| t.acl.access(initiator).is_some())
-        .map(|t| SendTargetsEntry {
+        .enumerate()
+        .filter(|(i, t)| visible(*i) && t.acl.access(initiator).is_some())
+        .map(|(_, t)| SendTargetsEntry {
             name: t.name.clone(),
             addresses: t
                 .portals
                 .iter()
-                .map(|p| (format_address(p.addr), p.tpgt))
+                .filter_map(|p| {
+                    let ip = p.addr.ip();
+                    if !ip.is_unspecified() {
+                        return Some((format_address(p.addr), p.tpgt));
+                    }
+                    let l = local_ip?;
+                    // An IPv4 wildcard serves IPv4 only; an IPv6 one
+                    // serves both on a dual-stack host.
+                    if ip.is_ipv4() && !l.is_ipv4() {
+                        return None;
+                    }
+                    let addr = std::net::SocketAddr::new(l, p.addr.port());
+                    Some((format_address(addr), p.tpgt))
+                })
                 .collect(),
         })
         .collect()

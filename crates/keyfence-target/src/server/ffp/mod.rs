@@ -195,7 +195,7 @@ impl Session {
                 (Some(*target), Some(nexus))
             }
         };
-        let discovered = login::discovered_targets(&shared, &est.initiator);
+        let discovered = login::discovered_targets(&shared, &est.initiator, est.kind, est.local);
         let mut s = Session {
             shared,
             kind: est.kind,
