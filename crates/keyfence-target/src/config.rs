@@ -10,8 +10,8 @@
 //! [limits]
 //! max_sessions = 64                   # normal + discovery sessions, all targets
 //! max_connections = 128               # logged-in TCP connections, all portals
-//! max_login_connections = 64          # connections still logging in
-//! max_login_connections_per_source = 8  # ... from one source address
+//! max_login_connections = 128         # connections still logging in
+//! max_login_connections_per_source = 32 # ... from one source address
 //! first_pdu_timeout_secs = 5          # a new connection must speak by then
 //! max_cmds_per_session = 128          # MaxCmdSN - ExpCmdSN + 1
 //! max_recv_data_segment_length = 262144
@@ -183,8 +183,8 @@ impl Default for Limits {
         Limits {
             max_sessions: 64,
             max_connections: 128,
-            max_login_connections: 64,
-            max_login_connections_per_source: 8,
+            max_login_connections: 128,
+            max_login_connections_per_source: 32,
             first_pdu_timeout_secs: 5,
             max_cmds_per_session: 128,
             max_recv_data_segment_length: 256 * 1024,
