@@ -19,15 +19,6 @@
 //! (authorization failure) on the first Login Request, before any CHAP
 //! exchange, so that a client cannot tell which target names exist.
 //!
-//! When CHAP is configured anywhere (`[discovery_chap]`, a target's or an
-//! ACL entry's CHAP), such a name is not refused on the first request but
-//! answered like a target that requires CHAP: offered CHAP, challenged,
-//! and refused with 0201h (authentication failure) against credentials
-//! nobody has. Otherwise a guessed name of an open target that requires
-//! CHAP (which answers with a challenge) could be told from an unknown one
-//! (0202h). RFC 7143 §11.12.2 lets a target answer authentication failure
-//! before it says anything about the target asked for.
-//!
 //! Hostile connections: the first PDU must arrive within
 //! `limits.first_pdu_timeout_secs`, and a login's CHAP responses are
 //! checked only when the source and initiator name get their turn from
@@ -167,7 +158,7 @@ pub(super) async fn login(
         return Ok(None);
     };
     let tsih = reservation.tsih;
-    let mut targets: Vec<String> = info
+    let targets: Vec<String> = info
         .groups
         .iter()
         .filter(|(_, g)| *g == tpgt)
@@ -180,26 +171,9 @@ pub(super) async fn login(
         })
         .map(|(t, _)| shared.targets[*t].name.clone())
         .collect();
-    // A normal session naming a target that is not here for it (unknown,
-    // served elsewhere or forbidden), while CHAP is configured anywhere:
-    // authenticate against credentials nobody has (see the module doc).
-    let decoy = match (auth_scope, first_key("TargetName")) {
-        (AuthScope::Discovery, _) | (_, None) => None,
-        (_, Some(name))
-            if targets.iter().any(|t| t.eq_ignore_ascii_case(&name))
-                || !chap_configured(shared) =>
-        {
-            None
-        }
-        (_, Some(name)) => Some((name, unguessable_credential())),
-    };
-    let mut chap_users = chap
+    let chap_users = chap
         .map(|c| vec![c.initiator_credential()])
         .unwrap_or_default();
-    if let Some((name, cred)) = &decoy {
-        targets.push(name.clone());
-        chap_users = vec![cred.clone()];
-    }
     let chap_in_play = !chap_users.is_empty();
     let cfg = TargetLoginConfig {
         portal_group_tag: tpgt,
@@ -493,22 +467,6 @@ async fn first_pdu(ticket: Option<&Ticket>, wire: &mut Wire) -> Result<Option<Pd
 /// of one split over several PDUs)?
 fn carries_chap_response(pdu: &Pdu) -> bool {
     pdu.data.windows(7).any(|w| w == b"CHAP_R=")
-}
-
-/// Is CHAP required anywhere (discovery, a target or an ACL entry)?
-fn chap_configured(shared: &Shared) -> bool {
-    shared.discovery_chap.is_some()
-        || shared
-            .targets
-            .iter()
-            .any(|t| t.chap.is_some() || t.acl.any_chap())
-}
-
-/// A CHAP name and secret no initiator knows (128 random bits each).
-fn unguessable_credential() -> keyfence_iscsi::chap::ChapCredential {
-    let (_, name) = keyfence_iscsi::chap::new_challenge();
-    let (_, secret) = keyfence_iscsi::chap::new_challenge();
-    keyfence_iscsi::chap::ChapCredential::new(keys::encode_hex(&name), secret.to_vec())
 }
 
 /// Whose CHAP credentials apply to a login.
