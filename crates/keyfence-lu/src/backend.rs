@@ -164,6 +164,27 @@ impl FileBackend {
     /// anyone else. A conflict is [`BackendError::Locked`], naming the
     /// holder's pid when `/proc/locks` tells it.
     pub fn open(path: &Path, size: Option<u64>, read_only: bool) -> Result<Self, BackendError> {
+        Self::open_with(path, size, read_only, false)
+    }
+
+    /// Open the backing store of a clustered LU, which several gateways
+    /// (processes) serve at once: the file is locked shared, so a
+    /// single-node server holding it exclusively still conflicts, and a
+    /// block device is not opened O_EXCL.
+    pub fn open_clustered(
+        path: &Path,
+        size: Option<u64>,
+        read_only: bool,
+    ) -> Result<Self, BackendError> {
+        Self::open_with(path, size, read_only, true)
+    }
+
+    fn open_with(
+        path: &Path,
+        size: Option<u64>,
+        read_only: bool,
+        clustered: bool,
+    ) -> Result<Self, BackendError> {
         use std::os::unix::fs::OpenOptionsExt;
         let io_err = |source| BackendError::Io {
             path: path.to_owned(),
@@ -179,7 +200,7 @@ impl FileBackend {
                 .write(true)
                 .create(!exists && size.is_some())
                 .truncate(false);
-            if is_dev {
+            if is_dev && !clustered {
                 o.custom_flags(libc::O_EXCL);
             }
             o.open(path).map_err(|e| {
@@ -201,7 +222,7 @@ impl FileBackend {
                 path: path.to_owned(),
             });
         }
-        if !try_flock(&file, read_only).map_err(io_err)? {
+        if !try_flock(&file, read_only || clustered).map_err(io_err)? {
             return Err(BackendError::Locked {
                 path: path.to_owned(),
                 holder: flock_holder(&file),

@@ -112,6 +112,11 @@ pub struct Config {
     pub discovery_chap: Option<ChapConfig>,
     #[serde(rename = "target", default)]
     pub targets: Vec<TargetConfig>,
+    /// Cluster mode (`[cluster]`): this server is one gateway of several
+    /// serving the same LUs, with their reservation state in etcd.
+    /// `None`: single-node mode.
+    #[serde(default)]
+    pub cluster: Option<keyfence_cluster::ClusterConfig>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -206,8 +211,14 @@ impl Default for Limits {
 pub struct TargetConfig {
     /// iSCSI name (iqn., eui. or naa. format).
     pub name: String,
-    /// Listen addresses; the n-th (from 1) is portal group TPGT n.
+    /// Listen addresses; the n-th (from 1) is portal group TPGT
+    /// `first_tpgt` + n - 1.
     pub portals: Vec<String>,
+    /// TPGT (and relative target port identifier) of the first portal;
+    /// default 1. In cluster mode each gateway gives its portals TPGTs no
+    /// other gateway uses.
+    #[serde(default = "default_first_tpgt")]
+    pub first_tpgt: u16,
     #[serde(rename = "lun", default)]
     pub luns: Vec<LunConfig>,
     /// CHAP required of normal sessions; `None`: AuthMethod=None.
@@ -228,10 +239,10 @@ pub struct TargetConfig {
 impl TargetConfig {
     /// The portal groups of this target as (TPGT, address).
     pub fn portal_groups(&self) -> impl Iterator<Item = (u16, SocketAddr)> + '_ {
-        self.portal_addrs
-            .iter()
-            .enumerate()
-            .map(|(i, a)| (u16::try_from(i + 1).unwrap_or(u16::MAX), *a))
+        self.portal_addrs.iter().enumerate().map(|(i, a)| {
+            let tpgt = usize::from(self.first_tpgt) + i;
+            (u16::try_from(tpgt).unwrap_or(u16::MAX), *a)
+        })
     }
 }
 
@@ -297,6 +308,10 @@ impl TargetConfig {
             .max_by_key(|(r, _)| *r)
             .map(|(_, a)| a)
     }
+}
+
+fn default_first_tpgt() -> u16 {
+    1
 }
 
 /// CHAP credentials (RFC 7143 section 12.1.3, MD5 only).
@@ -677,8 +692,15 @@ impl Config {
             if t.portals.is_empty() {
                 return Err(invalid(format!("target '{}' has no portals", t.name)));
             }
-            if t.portals.len() > usize::from(u16::MAX) {
-                return Err(invalid(format!("target '{}' has too many portals", t.name)));
+            if t.first_tpgt == 0
+                || usize::from(t.first_tpgt) + t.portals.len() - 1 > usize::from(u16::MAX)
+            {
+                return Err(invalid(format!(
+                    "target '{}': first_tpgt {} with {} portals leaves 1..=65535",
+                    t.name,
+                    t.first_tpgt,
+                    t.portals.len()
+                )));
             }
             let mut addrs = Vec::with_capacity(t.portals.len());
             for p in &t.portals {
@@ -755,6 +777,9 @@ impl Config {
             t.validate_acls()?;
         }
         self.check_chap_secrets_not_shared()?;
+        if let Some(c) = &self.cluster {
+            c.validate().map_err(|e| invalid(e.to_string()))?;
+        }
         Ok(())
     }
 
@@ -1050,6 +1075,40 @@ device = "/dev/null"
 
     fn err(text: &str) -> String {
         Config::from_toml(text, "c.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn cluster_table_and_first_tpgt() {
+        assert_eq!(Config::from_toml(GOOD, "t.toml").unwrap().cluster, None);
+        let one = r#"
+[[target]]
+name = "iqn.2026-11.io.keyfence:a"
+portals = ["127.0.0.1:3260", "127.0.0.1:3261"]
+first_tpgt = 11
+[[target.lun]]
+id = 0
+"#;
+        let text = format!(
+            "{one}[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\ngateway = \"gw1\"\nlease_ttl_secs = 7\n"
+        );
+        let c = Config::from_toml(&text, "t.toml").unwrap();
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!((cl.gateway.as_str(), cl.lease_ttl_secs), ("gw1", 7));
+        let pg: Vec<u16> = c.targets[0].portal_groups().map(|(t, _)| t).collect();
+        assert_eq!(pg, vec![11, 12]);
+        let e = err(&format!(
+            "{one}[cluster]\nendpoints = [\"http://127.0.0.1:2379\"]\ngateway = \"gw1\"\nlease_ttl_secs = 1\n"
+        ));
+        assert!(
+            e.contains("cluster.lease_ttl_secs: 1 is outside 2..=3600"),
+            "{e}"
+        );
+        let e = err(&format!("{one}[cluster]\ngateway = \"gw1\"\n"));
+        assert!(e.contains("endpoints"), "{e}");
+        let e = err(&one.replace("first_tpgt = 11", "first_tpgt = 65535"));
+        assert!(e.contains("first_tpgt 65535 with 2 portals"), "{e}");
+        let e = err(&one.replace("first_tpgt = 11", "first_tpgt = 0"));
+        assert!(e.contains("first_tpgt 0"), "{e}");
     }
 
     #[test]

@@ -68,7 +68,9 @@ impl ServerOptions {
                 open: true,
                 acls: vec![],
                 portal_addrs: vec![],
+                first_tpgt: 1,
             }],
+            cluster: None,
         };
         cfg.validate().expect("test server configuration");
         cfg

@@ -49,6 +49,18 @@ struct Args {
         conflicts_with_all = ["listen", "target_name", "size"]
     )]
     config: Option<PathBuf>,
+    /// Cluster mode: comma-separated etcd client URLs
+    /// (http://127.0.0.1:2379,...); needs --gateway. Overrides [cluster]
+    /// endpoints of --config.
+    #[arg(long = "cluster", value_name = "ENDPOINTS", requires = "gateway")]
+    cluster: Option<String>,
+    /// Cluster mode: this gateway's name, unique among live gateways.
+    #[arg(long = "gateway", value_name = "NAME", requires = "cluster")]
+    gateway: Option<String>,
+    /// TPGT of the first --listen portal [default: 1]; in cluster mode
+    /// every gateway needs TPGTs of its own.
+    #[arg(long = "first-tpgt", value_name = "N", conflicts_with = "config")]
+    first_tpgt: Option<u16>,
     /// Log filter (error, warn, info, debug, trace or a tracing directive);
     /// RUST_LOG is used when this is not given.
     #[arg(long = "log-level", value_name = "LEVEL")]
@@ -128,7 +140,9 @@ fn config_from_args(args: &Args) -> Result<Config> {
                     open: true,
                     acls: Vec::new(),
                     portal_addrs: Vec::new(),
+                    first_tpgt: args.first_tpgt.unwrap_or(1),
                 }],
+                cluster: None,
             };
             cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             cfg
@@ -136,6 +150,23 @@ fn config_from_args(args: &Args) -> Result<Config> {
     };
     if let Some(dir) = &args.data_dir {
         cfg.data_dir = dir.clone();
+    }
+    if let (Some(endpoints), Some(gateway)) = (&args.cluster, &args.gateway) {
+        let endpoints: Vec<String> = endpoints
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        let c = match cfg.cluster.take() {
+            Some(mut c) => {
+                c.endpoints = endpoints;
+                c.gateway = gateway.clone();
+                c
+            }
+            None => keyfence_cluster::ClusterConfig::new(endpoints, gateway),
+        };
+        c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.cluster = Some(c);
     }
     Ok(cfg)
 }

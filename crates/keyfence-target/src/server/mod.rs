@@ -12,6 +12,7 @@
 mod acl;
 mod admission;
 mod budget;
+mod cluster;
 mod conn;
 mod datadir;
 mod ffp;
@@ -73,6 +74,8 @@ pub enum ServerError {
         path: std::path::PathBuf,
         err: std::io::Error,
     },
+    #[error("cluster: {0}")]
+    Cluster(#[from] keyfence_cluster::Error),
     #[error("flushing target {target} LUN {lun} failed: {err}")]
     Flush {
         target: String,
@@ -162,6 +165,9 @@ pub struct Server {
     shutdown_tx: watch::Sender<bool>,
     /// Held until the server has stopped and flushed.
     data_dir_lock: datadir::DataDirLock,
+    /// Cluster mode: this gateway's membership (dropping it stops the
+    /// keep-alives and fences the gateway).
+    cluster: Option<Arc<keyfence_cluster::Gateway>>,
 }
 
 impl Server {
@@ -213,6 +219,25 @@ impl Server {
                 err,
             })?;
         let data_dir_lock = datadir::DataDirLock::acquire(&config.data_dir, created)?;
+        // Cluster mode: join (register this gateway and its portal groups
+        // under a lease) before the first read of any LU's state.
+        let membership = match &config.cluster {
+            None => None,
+            Some(cc) => {
+                let c = keyfence_cluster::Cluster::connect(cc).await?;
+                let groups = portals
+                    .iter()
+                    .flatten()
+                    .map(|p| keyfence_cluster::PortalGroup {
+                        tpgt: p.tpgt,
+                        portals: vec![p.addr.to_string()],
+                    })
+                    .collect();
+                let gw = c.join(groups, cc.lease_ttl(), cc.safety_margin()).await?;
+                Some((c, Arc::new(gw)))
+            }
+        };
+        let mut follow = Vec::new();
         let mut targets = Vec::with_capacity(config.targets.len());
         for (tc, mut tportals) in config.targets.iter().zip(portals) {
             tportals.sort_by_key(|p| p.tpgt);
@@ -243,16 +268,24 @@ impl Server {
                                 })?;
                         }
                         let existed = path.exists();
-                        let b = FileBackend::open(&path, Some(size), lc.read_only)
-                            .map_err(backend_err)?;
+                        let b = if membership.is_some() {
+                            FileBackend::open_clustered(&path, Some(size), lc.read_only)
+                        } else {
+                            FileBackend::open(&path, Some(size), lc.read_only)
+                        }
+                        .map_err(backend_err)?;
                         if !existed {
                             created.file(path.clone());
                         }
                         (b, format!("file {}", path.display()))
                     }
                     Backing::Device(path) => {
-                        let b =
-                            FileBackend::open(&path, None, lc.read_only).map_err(backend_err)?;
+                        let b = if membership.is_some() {
+                            FileBackend::open_clustered(&path, None, lc.read_only)
+                        } else {
+                            FileBackend::open(&path, None, lc.read_only)
+                        }
+                        .map_err(backend_err)?;
                         (b, format!("device {}", path.display()))
                     }
                 };
@@ -266,6 +299,17 @@ impl Server {
                     &tc.name,
                     lun,
                 ));
+                if let Some((c, gw)) = &membership {
+                    let id = keyfence_cluster::LuId::for_lun(&tc.name, lun)?;
+                    cfg.pr_state_path = None;
+                    cfg.shared_pr = Some(Arc::new(cluster::EtcdPrState::new(
+                        c.clone(),
+                        gw.clone(),
+                        id.clone(),
+                        tokio::runtime::Handle::current(),
+                    )));
+                    follow.push((targets.len(), lun, id));
+                }
                 cfg.block_size = lc.block_size;
                 cfg.read_only = lc.read_only;
                 if let Some(s) = &lc.serial {
@@ -303,7 +347,26 @@ impl Server {
             discovery_chap: config.discovery_chap,
             shutdown: shutdown_rx,
         });
+        if let Some((c, gw)) = &membership {
+            for (t, lun, id) in follow {
+                let target = &shared.targets[t];
+                let Some(lu) = target.luns.get(&lun) else {
+                    continue;
+                };
+                let tpgts = target.portals.iter().map(|p| p.tpgt).collect();
+                tokio::spawn(cluster::follow(
+                    shared.clone(),
+                    t,
+                    lu.clone(),
+                    c.clone(),
+                    gw.clone(),
+                    id,
+                    tpgts,
+                ));
+            }
+        }
         Ok(Server {
+            cluster: membership.map(|(_, gw)| gw),
             shared,
             listeners,
             shutdown_tx,
@@ -379,6 +442,7 @@ impl Server {
             listeners,
             shutdown_tx,
             data_dir_lock,
+            cluster: membership,
         } = self;
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let admission = admission::Admission::new(&shared.limits);
@@ -405,6 +469,9 @@ impl Server {
             warn!("connections still open after 30 s; flushing anyway");
         }
         let flushed = flush_all(&shared).await;
+        // Cluster mode: stop keeping the lease alive (this gateway stops
+        // serving; its lease expires after the TTL).
+        drop(membership);
         drop(data_dir_lock);
         flushed
     }
