@@ -1085,6 +1085,7 @@ device = "/dev/null"
 name = "iqn.2026-11.io.keyfence:a"
 portals = ["127.0.0.1:3260", "127.0.0.1:3261"]
 first_tpgt = 11
+open = true
 [[target.lun]]
 id = 0
 "#;
