@@ -42,7 +42,17 @@ struct Fixture {
 }
 
 impl Fixture {
+    /// Targets A (ACL, no CHAP) and B (ACL, target and per-initiator CHAP).
     fn start() -> Fixture {
+        Self::start_with(true)
+    }
+
+    /// Target A alone: no CHAP configured anywhere on the server.
+    fn start_without_chap() -> Fixture {
+        Self::start_with(false)
+    }
+
+    fn start_with(with_b: bool) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             r#"
@@ -110,6 +120,14 @@ size = "1M"
             ou = OWN_CHAP.0,
             os = OWN_CHAP.1,
         );
+        let text = if with_b {
+            text
+        } else {
+            let b = text
+                .find("[[target]]\nname = \"iqn.2026-11.io.keyfence:acl-b\"")
+                .unwrap();
+            text[..b].to_string()
+        };
         let cfg = Config::from_toml(&text, "acl.toml").unwrap();
         let srv = InProcessServer::from_config(cfg).unwrap();
         Fixture { srv, _dir: dir }
@@ -238,19 +256,37 @@ fn allowed_initiators_log_in_and_see_their_luns() {
 
 #[test]
 fn a_denied_initiator_gets_authorization_failure() {
-    let f = Fixture::start();
+    // No CHAP anywhere on the server: refused on the first request.
+    let f = Fixture::start_without_chap();
     assert_eq!(login_status(f.connect(STRANGER, A, 0, None)), (0x02, 0x02));
-    // Not listed on a CHAP target: refused before any CHAP exchange, so
-    // the answer is the same with or without credentials.
-    assert_eq!(login_status(f.connect(STRANGER, B, 0, None)), (0x02, 0x02));
+    let rack = f
+        .connect(RACK, A, 0, None)
+        .expect("the rack-* pattern admits");
+    f.block_on(rack.close()).unwrap();
+}
+
+#[test]
+fn with_chap_configured_a_denied_initiator_fails_authentication() {
+    // CHAP is configured on the server (target B): a name that is not
+    // here for the initiator is challenged against credentials nobody
+    // has, like a CHAP target with a wrong secret, so the answer does not
+    // tell a forbidden target from a missing one.
+    let f = Fixture::start();
+    assert_eq!(login_status(f.connect(STRANGER, A, 0, None)), (0x02, 0x01));
+    assert_eq!(login_status(f.connect(STRANGER, B, 0, None)), (0x02, 0x01));
     assert_eq!(
         login_status(f.connect(STRANGER, B, 0, Some(TARGET_CHAP))),
-        (0x02, 0x02)
+        (0x02, 0x01)
     );
     // The rack-* pattern is on A only.
     assert_eq!(
         login_status(f.connect(RACK, B, 0, Some(TARGET_CHAP))),
-        (0x02, 0x02)
+        (0x02, 0x01)
+    );
+    // A real CHAP target with a wrong secret answers the same.
+    assert_eq!(
+        login_status(f.connect(FULL, B, 0, Some((TARGET_CHAP.0, "wrong-secret-0000")))),
+        (0x02, 0x01)
     );
 }
 
@@ -299,28 +335,38 @@ fn raw_first_login_response(portal: SocketAddr, initiator: &str, target: &str) -
 
 #[test]
 fn an_unknown_target_and_a_denied_initiator_look_the_same() {
-    let f = Fixture::start();
-    for target_portal in [A, B] {
-        let portal = f.portal(target_portal);
-        let denied = raw_first_login_response(portal, STRANGER, target_portal);
-        let unknown = raw_first_login_response(portal, STRANGER, "iqn.2026-11.io.keyfence:no-such");
-        assert_eq!(
-            denied, unknown,
-            "responses differ on {target_portal}'s portal"
-        );
-        assert_eq!((denied.0[36], denied.0[37]), (0x02, 0x02));
-        // An allowed initiator is not refused there.
-        let allowed = raw_first_login_response(portal, FULL, target_portal);
-        assert_eq!(allowed.0[36], 0x00, "allowed initiator on {target_portal}");
+    // (server, expected status of the first response, final status)
+    for (f, first, last) in [
+        (Fixture::start_without_chap(), (0x02, 0x02), (0x02, 0x02)),
+        (Fixture::start(), (0x00, 0x00), (0x02, 0x01)),
+    ] {
+        let served: Vec<&str> = [A, B]
+            .into_iter()
+            .filter(|t| f.srv.targets().iter().any(|(n, _)| n == t))
+            .collect();
+        for target_portal in served {
+            let portal = f.portal(target_portal);
+            let denied = raw_first_login_response(portal, STRANGER, target_portal);
+            let unknown =
+                raw_first_login_response(portal, STRANGER, "iqn.2026-11.io.keyfence:no-such");
+            assert_eq!(
+                denied, unknown,
+                "responses differ on {target_portal}'s portal"
+            );
+            assert_eq!((denied.0[36], denied.0[37]), first);
+            // An allowed initiator is not refused there.
+            let allowed = raw_first_login_response(portal, FULL, target_portal);
+            assert_eq!(allowed.0[36], 0x00, "allowed initiator on {target_portal}");
+        }
+        // Through the library too.
+        let url = IscsiUrl::parse(&format!(
+            "iscsi://{}/iqn.2026-11.io.keyfence:no-such/0",
+            f.portal(A)
+        ))
+        .unwrap();
+        let r = f.block_on(Device::connect(&url, &config(FULL)));
+        assert_eq!(login_status(r), last);
     }
-    // Through the library too.
-    let url = IscsiUrl::parse(&format!(
-        "iscsi://{}/iqn.2026-11.io.keyfence:no-such/0",
-        f.portal(A)
-    ))
-    .unwrap();
-    let r = f.block_on(Device::connect(&url, &config(FULL)));
-    assert_eq!(login_status(r), (0x02, 0x02));
 }
 
 #[test]

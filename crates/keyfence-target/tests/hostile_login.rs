@@ -436,6 +436,99 @@ fn chap_guessing_is_slowed_and_others_still_log_in() {
 }
 
 #[test]
+fn login_statuses_do_not_reveal_target_names_under_chap() {
+    for (chap, disc) in [
+        (Some(chap_config(false)), None),
+        (None, Some(chap_config(false))),
+        (Some(chap_config(false)), Some(chap_config(false))),
+    ] {
+        let srv = server(Limits::default(), chap.clone(), disc.clone());
+        let addr = srv.portals()[0];
+        let rt = runtime();
+        rt.block_on(async {
+            let unknown = "iqn.2026-11.io.keyfence:no-such-target";
+            if chap.is_some() {
+                // Wrong secret: the same answer for a real and a made-up name.
+                let real =
+                    chap_login(LOCALHOST, addr, LEGIT, IQN, 0x1, "wrong-secret-0000", None).await;
+                let fake = chap_login(
+                    LOCALHOST,
+                    addr,
+                    LEGIT,
+                    unknown,
+                    0x2,
+                    "wrong-secret-0000",
+                    None,
+                )
+                .await;
+                assert_eq!(real, Some((2, 1)));
+                assert_eq!(fake, real, "unknown name answered differently");
+                // No authentication offered.
+                let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
+                let a = c
+                    .operational(
+                        0x3,
+                        vec![
+                            ("InitiatorName", LEGIT),
+                            ("SessionType", "Normal"),
+                            ("TargetName", IQN),
+                        ],
+                    )
+                    .await;
+                let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
+                let b = c
+                    .operational(
+                        0x4,
+                        vec![
+                            ("InitiatorName", LEGIT),
+                            ("SessionType", "Normal"),
+                            ("TargetName", unknown),
+                        ],
+                    )
+                    .await;
+                assert_eq!(a, Some((2, 1)));
+                assert_eq!(b, a);
+            } else {
+                // Only discovery is protected: a name is still not told
+                // apart from the open target's by 0203h.
+                let st = plain_login(LOCALHOST, addr, LEGIT, 0x5).await;
+                assert_eq!(st, Some((0, 0)));
+                let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
+                let b = c
+                    .operational(
+                        0x6,
+                        vec![
+                            ("InitiatorName", LEGIT),
+                            ("SessionType", "Normal"),
+                            ("TargetName", unknown),
+                        ],
+                    )
+                    .await;
+                assert_eq!(b, Some((2, 1)), "unknown target with discovery CHAP");
+            }
+        });
+    }
+    // Without any CHAP nothing is secret to protect: an unknown name gets
+    // 0202h on the first request, as a forbidden one does.
+    let srv = server(Limits::default(), None, None);
+    let addr = srv.portals()[0];
+    runtime().block_on(async {
+        let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
+        let b = c
+            .operational(
+                0x7,
+                vec![
+                    ("InitiatorName", LEGIT),
+                    ("SessionType", "Normal"),
+                    ("TargetName", "iqn.2026-11.io.keyfence:nope"),
+                ],
+            )
+            .await;
+        assert_eq!(b, Some((2, 2)));
+    });
+}
+
+#[test]
 fn mutual_chap_challenge_must_be_long_enough() {
     let srv = server(Limits::default(), Some(chap_config(true)), None);
     let addr = srv.portals()[0];

@@ -120,6 +120,11 @@ impl AclTable {
         })
     }
 
+    /// Does any initiator have to pass CHAP here?
+    pub fn any_chap(&self) -> bool {
+        self.chap.is_some() || self.entries.iter().any(|(a, _)| a.chap.is_some())
+    }
+
     pub fn is_open(&self) -> bool {
         self.open
     }

@@ -16,8 +16,17 @@
 //! its ACL lists (see [`super::acl`]); an initiator's own CHAP replaces the
 //! target's. A target this portal does not serve and a target the
 //! initiator may not access are refused alike, with status 0202h
-//! (authorization failure) on the first Login Request, before any CHAP
-//! exchange, so that a client cannot tell which target names exist.
+//! (authorization failure) on the first Login Request, so that a client
+//! cannot tell which target names exist.
+//!
+//! When CHAP is configured anywhere (`[discovery_chap]`, a target's or an
+//! ACL entry's CHAP), such a name is instead answered like a target that
+//! requires CHAP: offered CHAP, challenged, and refused with 0201h
+//! (authentication failure) against credentials nobody has. Otherwise the
+//! challenge an open CHAP target sends to anyone would tell its name apart
+//! from an unknown one. RFC 7143 lets a target answer authentication
+//! failure before it says anything about the target asked for. Without
+//! any CHAP configured there is no secret to protect and 0202h stays.
 //!
 //! Hostile connections: the first PDU must arrive within
 //! `limits.first_pdu_timeout_secs`, and a login's CHAP responses are
@@ -158,7 +167,7 @@ pub(super) async fn login(
         return Ok(None);
     };
     let tsih = reservation.tsih;
-    let targets: Vec<String> = info
+    let mut targets: Vec<String> = info
         .groups
         .iter()
         .filter(|(_, g)| *g == tpgt)
@@ -171,9 +180,26 @@ pub(super) async fn login(
         })
         .map(|(t, _)| shared.targets[*t].name.clone())
         .collect();
-    let chap_users = chap
+    // A normal session naming a target that is not here for it (unknown,
+    // served elsewhere or forbidden), while CHAP is configured anywhere:
+    // authenticate against credentials nobody has (see the module doc).
+    let decoy = match (auth_scope, first_key("TargetName")) {
+        (AuthScope::Discovery, _) | (_, None) => None,
+        (_, Some(name))
+            if targets.iter().any(|t| t.eq_ignore_ascii_case(&name))
+                || !chap_configured(shared) =>
+        {
+            None
+        }
+        (_, Some(name)) => Some((name, unguessable_credential())),
+    };
+    let mut chap_users = chap
         .map(|c| vec![c.initiator_credential()])
         .unwrap_or_default();
+    if let Some((name, cred)) = &decoy {
+        targets.push(name.clone());
+        chap_users = vec![cred.clone()];
+    }
     let chap_in_play = !chap_users.is_empty();
     let cfg = TargetLoginConfig {
         portal_group_tag: tpgt,
@@ -467,6 +493,22 @@ async fn first_pdu(ticket: Option<&Ticket>, wire: &mut Wire) -> Result<Option<Pd
 /// of one split over several PDUs)?
 fn carries_chap_response(pdu: &Pdu) -> bool {
     pdu.data.windows(7).any(|w| w == b"CHAP_R=")
+}
+
+/// Is CHAP required anywhere (discovery, a target or an ACL entry)?
+fn chap_configured(shared: &Shared) -> bool {
+    shared.discovery_chap.is_some()
+        || shared
+            .targets
+            .iter()
+            .any(|t| t.chap.is_some() || t.acl.any_chap())
+}
+
+/// A CHAP name and secret no initiator knows (128 random bits each).
+fn unguessable_credential() -> keyfence_iscsi::chap::ChapCredential {
+    let (_, name) = keyfence_iscsi::chap::new_challenge();
+    let (_, secret) = keyfence_iscsi::chap::new_challenge();
+    keyfence_iscsi::chap::ChapCredential::new(keys::encode_hex(&name), secret.to_vec())
 }
 
 /// Whose CHAP credentials apply to a login.
