@@ -263,7 +263,7 @@ impl DataOutSequence {
         final_bit: bool,
     ) -> Result<(), DataOutError> {
         let end = buffer_offset.checked_add(len);
-        if end.map_or(true, |e| e > self.edtl) {
+        if end.is_none_or(|e| e > self.edtl) {
             return Err(DataOutError::BeyondEdtl {
                 offset: buffer_offset,
                 len,
@@ -280,7 +280,7 @@ impl DataOutSequence {
                 });
             }
             if buffer_offset != self.next_unsol_offset
-                || end.map_or(true, |e| e > self.unsolicited_limit)
+                || end.is_none_or(|e| e > self.unsolicited_limit)
             {
                 return Err(DataOutError::UnsolicitedOffset {
                     offset: buffer_offset,
@@ -307,7 +307,7 @@ impl DataOutSequence {
             }
             // DataPDUInOrder=Yes: each PDU continues where the last ended.
             let r_end = r.offset + r.len;
-            if buffer_offset != r.offset + r.got || end.map_or(true, |e| e > r_end) {
+            if buffer_offset != r.offset + r.got || end.is_none_or(|e| e > r_end) {
                 return Err(DataOutError::SolicitedOffset {
                     offset: buffer_offset,
                 });

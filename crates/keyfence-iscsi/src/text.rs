@@ -93,7 +93,7 @@ pub fn send_targets_text(
         _ => Some(value),
     };
     for t in targets {
-        if wanted.map_or(true, |w| t.name.eq_ignore_ascii_case(w)) {
+        if wanted.is_none_or(|w| t.name.eq_ignore_ascii_case(w)) {
             emit(&mut b, t);
         }
     }
