@@ -313,7 +313,7 @@ async fn pr_nexus_survives_reconnect(t: &TestTarget) {
         // tgtd ties registrations to its per-session nexus object, not to
         // (initiator port, target port): a new session is unregistered
         // there. Only the ISID stability is checked; then clean up.
-        eprintln!("tgtd: registrations do not survive a new session; skipping the RESERVE-after-relogin check");
+        eprintln!("tgtd: registrations do not survive a new session; the RESERVE-after-relogin check applies to keyfence only");
         d.register_and_ignore(key, &none).await.unwrap();
         d.clear(key).await.unwrap();
         return;
