@@ -1140,7 +1140,7 @@ fn chap_target_offers_only_chap_and_refuses_bad_responses() {
     let r = login_step(&mut c, 0x0002, Stage::Security, true, &first);
     assert_eq!(status(&r), (0x02, 0x01));
 
-    // Skipping the security stage altogether.
+    // Leaving out the security stage altogether.
     let mut c = Client::connect(srv.portals[0]);
     let r = c.login(0x0003, Some(IQN));
     assert_eq!(status(&r), (0x02, 0x01));
