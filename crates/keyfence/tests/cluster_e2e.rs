@@ -90,6 +90,35 @@ async fn uas(dev: &Device) -> Vec<(u8, u8)> {
         .collect()
 }
 
+/// Whether process `pid` holds `file` open, and every such open is
+/// `O_DIRECT` (from /proc/PID/fd and /proc/PID/fdinfo).
+fn opened_direct(pid: u32, file: &Path) -> bool {
+    const O_DIRECT: u32 = 0o40000;
+    let want = std::fs::canonicalize(file).expect("canonical backing path");
+    let mut opens = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd") {
+        let fd = fd.expect("fd entry");
+        if std::fs::read_link(fd.path()).ok().as_deref() != Some(want.as_path()) {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            fd.file_name().to_string_lossy()
+        ))
+        .expect("fdinfo");
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+            .expect("flags line");
+        if flags & O_DIRECT == 0 {
+            return false;
+        }
+        opens += 1;
+    }
+    opens > 0
+}
+
 #[derive(Debug, PartialEq, Eq)]
 enum Io {
     Good,
@@ -129,6 +158,15 @@ async fn a_reservation_through_one_gateway_binds_the_other() {
         (a.await.expect("gateway A"), b.await.expect("gateway B"))
     };
     let (url_a, url_b) = (a.url(0), b.url(0));
+    // Gateways on different hosts share no page cache: each serves the
+    // clustered LU uncached.
+    for (g, name) in [(&a, "A"), (&b, "B")] {
+        let pid = g.pid().expect("gateway pid");
+        assert!(
+            opened_direct(pid, &shared),
+            "gateway {name} has not opened the backing file O_DIRECT"
+        );
+    }
     tokio::time::timeout(TEST_LIMIT, async {
         let x = login(&url_a, "iqn.2026-11.test:x").await;
         let y = login(&url_b, "iqn.2026-11.test:y").await;
