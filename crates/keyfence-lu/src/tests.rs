@@ -215,30 +215,39 @@ fn standard_inquiry_and_vpd() {
     assert_eq!(&good(&sn)[4..], lu.config().serial.as_bytes());
     // Device identification: NAA, T10, relative port, TPG, names.
     let o = run(&lu, &n, &inquiry(true, 0x83, 1024), &[]);
-    let d = good(&o);
-    let mut descs = Vec::new();
-    let mut i = 4;
-    while i + 4 <= d.len() {
-        let len = usize::from(d[i + 3]);
-        descs.push((d[i], d[i + 1], d[i + 4..i + 4 + len].to_vec()));
-        i += 4 + len;
-    }
-    assert_eq!(i, d.len());
-    assert_eq!(descs[0].1 & 0x0f, 3);
-    assert_eq!(descs[0].2[0] >> 4, 6);
-    assert_eq!(&descs[0].2[..], &lu.config().naa[..]);
-    assert_eq!(descs[1].1, 0x01);
-    assert!(descs[1].2.starts_with(b"KEYFENCE"));
-    assert_eq!((descs[2].0, descs[2].1), (0x51, 0x94));
-    assert_eq!(descs[2].2, vec![0, 0, 0, 1]);
-    assert_eq!(descs[3].1, 0x95);
-    assert_eq!(descs[3].2, vec![0, 0, 0, 1]);
-    assert_eq!((descs[4].0, descs[4].1), (0x53, 0x98));
+    let descs = keyfence_scsi::vpd::decode_device_identification(good(&o)).unwrap();
+    // The designators fill the page exactly.
+    let used: usize = descs.iter().map(|d| 4 + d.value.len()).sum();
+    assert_eq!(4 + used, good(&o).len());
+    // (protocol identifier, code set, association, designator type)
+    let kind = |d: &keyfence_scsi::vpd::Designator| {
+        (
+            d.protocol_identifier,
+            d.code_set,
+            d.association,
+            d.designator_type,
+        )
+    };
+    // NAA 6 (registered extended) for the logical unit, binary.
+    assert_eq!(kind(&descs[0]), (None, 1, 0, 3));
+    assert_eq!(descs[0].value[0] >> 4, 6);
+    assert_eq!(&descs[0].value[..], &lu.config().naa[..]);
+    // T10 vendor ID, ASCII.
+    assert_eq!(kind(&descs[1]), (None, 2, 0, 1));
+    assert!(descs[1].value.starts_with(b"KEYFENCE"));
+    // Relative target port 1 and target port group 1, iSCSI (5), PIV set.
+    assert_eq!(kind(&descs[2]), (Some(5), 1, 1, 4));
+    assert_eq!(descs[2].relative_target_port(), Some(1));
+    assert_eq!(descs[2].value, vec![0, 0, 0, 1]);
+    assert_eq!(kind(&descs[3]), (Some(5), 1, 1, 5));
+    assert_eq!(descs[3].value, vec![0, 0, 0, 1]);
+    // SCSI name strings (UTF-8): the target port, then the target device.
+    assert_eq!(kind(&descs[4]), (Some(5), 3, 1, 8));
     assert!(descs[4]
-        .2
+        .value
         .starts_with(b"iqn.2026-11.io.keyfence:test,t,0x0001\0"));
-    assert_eq!(descs[4].2.len() % 4, 0);
-    assert_eq!(descs[5].1, 0xa8);
+    assert_eq!(descs[4].value.len() % 4, 0);
+    assert_eq!(kind(&descs[5]), (Some(5), 3, 2, 8));
     // Block limits and provisioning.
     let o = run(&lu, &n, &inquiry(true, 0xb0, 255), &[]);
     let bl = good(&o);
