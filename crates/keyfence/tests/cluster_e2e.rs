@@ -6,7 +6,8 @@
 //! A reservation taken through gateway A binds gateway B at once; a
 //! PREEMPT through B delivers REGISTRATIONS PREEMPTED to the victim's
 //! nexus on A and takes its write access away there; a write through one
-//! gateway is read through the other.
+//! gateway is read through the other. Three initiators on three gateways
+//! see the access rules and unit attentions of all six reservation types.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -46,6 +47,51 @@ impl ClusterArgs for keyfence_testkit::ServeBuilder {
             .arg(name)
             .arg("--first-tpgt")
             .arg(tpgt.to_string())
+    }
+}
+
+/// A three-member etcd and `n` gateways (TPGT 1, 2, …) serving one
+/// backing file, reached from every gateway's data directory. Dropped in
+/// field order: gateways first, then etcd, then the files.
+struct Cluster {
+    gateways: Vec<Serve>,
+    _etcd: EtcdCluster,
+    shared: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn start(n: u16) -> Cluster {
+        let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+            .await
+            .expect("etcd start");
+        let endpoints = etcd.endpoints().join(",");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = dir.path().join("shared.img");
+        std::fs::File::create(&shared)
+            .and_then(|f| f.set_len(SIZE))
+            .expect("shared backing file");
+        let mut starting = Vec::new();
+        for tpgt in 1..=n {
+            let name = format!("gw{tpgt}");
+            let d = dir.path().join(&name);
+            std::fs::create_dir_all(&d).expect("data dir");
+            std::os::unix::fs::symlink(&shared, d.join("lun0.img")).expect("symlink");
+            let e = endpoints.clone();
+            starting.push(tokio::task::spawn_blocking(move || {
+                gateway(&d, &e, &name, tpgt)
+            }));
+        }
+        let mut gateways = Vec::new();
+        for g in starting {
+            gateways.push(g.await.expect("gateway start"));
+        }
+        Cluster {
+            gateways,
+            _etcd: etcd,
+            shared,
+            _dir: dir,
+        }
     }
 }
 
@@ -135,32 +181,15 @@ async fn write(dev: &Device, lba: u64, byte: u8) -> Io {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reservation_through_one_gateway_binds_the_other() {
-    let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
-        .await
-        .expect("etcd start");
-    let endpoints = etcd.endpoints().join(",");
-    let dir = tempfile::tempdir().expect("tempdir");
-    // One backing file, reached from both gateways' data directories.
-    let shared = dir.path().join("shared.img");
-    std::fs::File::create(&shared)
-        .and_then(|f| f.set_len(SIZE))
-        .expect("shared backing file");
-    let (da, db) = (dir.path().join("gwa"), dir.path().join("gwb"));
-    for d in [&da, &db] {
-        std::fs::create_dir_all(d).expect("data dir");
-        std::os::unix::fs::symlink(&shared, d.join("lun0.img")).expect("symlink");
-    }
-    let (a, b) = {
-        let (e1, e2) = (endpoints.clone(), endpoints.clone());
-        let (da, db) = (da.clone(), db.clone());
-        let a = tokio::task::spawn_blocking(move || gateway(&da, &e1, "gwa", 1));
-        let b = tokio::task::spawn_blocking(move || gateway(&db, &e2, "gwb", 2));
-        (a.await.expect("gateway A"), b.await.expect("gateway B"))
+    let cluster = Cluster::start(2).await;
+    let shared = cluster.shared.clone();
+    let [a, b] = &cluster.gateways[..] else {
+        unreachable!()
     };
     let (url_a, url_b) = (a.url(0), b.url(0));
     // Gateways on different hosts share no page cache: each serves the
     // clustered LU uncached.
-    for (g, name) in [(&a, "A"), (&b, "B")] {
+    for (g, name) in [(a, "A"), (b, "B")] {
         let pid = g.pid().expect("gateway pid");
         assert!(
             opened_direct(pid, &shared),
@@ -212,6 +241,145 @@ async fn a_reservation_through_one_gateway_binds_the_other() {
     })
     .await
     .expect("test bounded");
-    drop((a, b));
-    drop(etcd);
+}
+
+const RESERVATIONS_RELEASED: (u8, u8) = (0x2a, 0x04);
+
+/// What SPC-4's access rules (5.12.1, the table of commands allowed under
+/// each type) give a registered non-holder and an unregistered initiator:
+/// (registrant read, registrant write, stranger read, stranger write).
+fn access(t: PrType) -> (bool, bool, bool, bool) {
+    match t {
+        PrType::WriteExclusive => (true, false, true, false),
+        PrType::ExclusiveAccess => (false, false, false, false),
+        PrType::WriteExclusiveRegistrantsOnly | PrType::WriteExclusiveAllRegistrants => {
+            (true, true, true, false)
+        }
+        PrType::ExclusiveAccessRegistrantsOnly | PrType::ExclusiveAccessAllRegistrants => {
+            (true, true, false, false)
+        }
+    }
+}
+
+async fn can_read(dev: &Device) -> bool {
+    match dev.read(3, 1).await {
+        Ok(_) => true,
+        Err(Error::ReservationConflict) => false,
+        Err(e) => panic!("READ: unexpected {e}"),
+    }
+}
+
+/// Three initiators, each on its own gateway, under each of the six
+/// reservation types: x (gateway 1) holds, y (gateway 2) is registered,
+/// z (gateway 3) is not. Access on every gateway follows the type, READ
+/// RESERVATION through a third gateway shows it, RELEASE and PREEMPT
+/// deliver their unit attentions to the right nexus on another gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn six_types_three_initiators_three_gateways() {
+    let cluster = Cluster::start(3).await;
+    let urls: Vec<String> = cluster.gateways.iter().map(|g| g.url(0)).collect();
+    tokio::time::timeout(TEST_LIMIT, async {
+        let x = login(&urls[0], "iqn.2026-11.test:x").await;
+        let y = login(&urls[1], "iqn.2026-11.test:y").await;
+        let z = login(&urls[2], "iqn.2026-11.test:z").await;
+        let none = RegisterOptions::default();
+        for t in [
+            PrType::WriteExclusive,
+            PrType::ExclusiveAccess,
+            PrType::WriteExclusiveRegistrantsOnly,
+            PrType::ExclusiveAccessRegistrantsOnly,
+            PrType::WriteExclusiveAllRegistrants,
+            PrType::ExclusiveAccessAllRegistrants,
+        ] {
+            let all_registrants = matches!(
+                t,
+                PrType::WriteExclusiveAllRegistrants | PrType::ExclusiveAccessAllRegistrants
+            );
+            x.register(0, 0xa1, &none).await.expect("REGISTER x");
+            y.register(0, 0xb1, &none).await.expect("REGISTER y");
+            x.reserve(0xa1, t).await.expect("RESERVE x");
+            let r = z
+                .read_reservation()
+                .await
+                .expect("READ RESERVATION on gateway 3");
+            let d = r
+                .reservation
+                .expect("a reservation, seen through gateway 3");
+            assert_eq!(d.pr_type, t as u8, "{t:?}");
+            assert_eq!(d.key, if all_registrants { 0 } else { 0xa1 }, "{t:?}");
+
+            let (reg_r, reg_w, str_r, str_w) = access(t);
+            assert!(can_read(&x).await, "{t:?}: holder read");
+            assert_eq!(write(&x, 3, 0x10).await, Io::Good, "{t:?}: holder write");
+            assert_eq!(can_read(&y).await, reg_r, "{t:?}: registrant read");
+            assert_eq!(
+                write(&y, 3, 0x20).await == Io::Good,
+                reg_w,
+                "{t:?}: registrant write"
+            );
+            assert_eq!(can_read(&z).await, str_r, "{t:?}: stranger read");
+            assert_eq!(
+                write(&z, 3, 0x30).await == Io::Good,
+                str_w,
+                "{t:?}: stranger write"
+            );
+
+            // RELEASE through gateway 1: the other registrant hears of it
+            // on gateway 2 for the registrants-only and all-registrants
+            // types (SPC-4 5.12.11.2.2), nobody for the others.
+            x.release(0xa1, t).await.expect("RELEASE x");
+            let released = !matches!(t, PrType::WriteExclusive | PrType::ExclusiveAccess);
+            assert_eq!(
+                uas(&y).await,
+                if released {
+                    vec![RESERVATIONS_RELEASED]
+                } else {
+                    vec![]
+                },
+                "{t:?}: y after RELEASE"
+            );
+            assert_eq!(uas(&x).await, vec![], "{t:?}: x after its RELEASE");
+            assert_eq!(uas(&z).await, vec![], "{t:?}: z after RELEASE");
+            assert_eq!(
+                write(&z, 3, 0x40).await,
+                Io::Good,
+                "{t:?}: no reservation left"
+            );
+
+            // PREEMPT of x's key through gateway 2: x, on gateway 1, loses
+            // its registration and hears REGISTRATIONS PREEMPTED.
+            x.reserve(0xa1, t).await.expect("RESERVE x again");
+            y.preempt(0xb1, 0xa1, t).await.expect("PREEMPT by y");
+            assert_eq!(
+                uas(&x).await,
+                vec![REGISTRATIONS_PREEMPTED],
+                "{t:?}: x after PREEMPT"
+            );
+            assert_eq!(uas(&z).await, vec![], "{t:?}: z after PREEMPT");
+            assert_eq!(uas(&y).await, vec![], "{t:?}: y after its PREEMPT");
+            assert_eq!(
+                write(&x, 3, 0x50).await,
+                Io::Conflict,
+                "{t:?}: preempted x writes"
+            );
+            assert_eq!(
+                write(&y, 3, 0x60).await,
+                Io::Good,
+                "{t:?}: y writes after PREEMPT"
+            );
+            let keys = x.read_keys().await.expect("READ KEYS on gateway 1").keys;
+            assert_eq!(keys, vec![0xb1], "{t:?}: keys after PREEMPT");
+
+            // Leave nothing behind for the next type.
+            y.clear(0xb1).await.expect("CLEAR by y");
+            for d in [&x, &y, &z] {
+                assert_eq!(uas(d).await, vec![], "{t:?}: after CLEAR");
+            }
+        }
+        for d in [x, y, z] {
+            let _ = d.close().await;
+        }
+    })
+    .await
+    .expect("test bounded");
 }
