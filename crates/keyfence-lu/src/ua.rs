@@ -58,15 +58,18 @@ impl Drop for Inflight {
 }
 
 impl NexusUa {
-    fn push(&self, code: Asc) {
+    /// Queue `code` unless it is pending already; true if queued.
+    fn push(&self, code: Asc) -> bool {
         let mut q = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if !q.contains(&code) {
+        let new = !q.contains(&code);
+        if new {
             if q.len() >= QUEUE_MAX {
                 q.pop_front();
             }
             q.push_back(code);
         }
         self.pending.store(true, Ordering::Release);
+        new
     }
 
     fn replace(&self, code: Asc) {
@@ -115,6 +118,8 @@ pub struct UnitAttentions {
     /// Drain epoch: commands count themselves in flight under its parity;
     /// [`UnitAttentions::begin_drain`] moves it on.
     epoch: AtomicU64,
+    /// Conditions queued so far (for metrics).
+    queued: AtomicU64,
 }
 
 impl UnitAttentions {
@@ -144,6 +149,7 @@ impl UnitAttentions {
         let e = Arc::new(NexusUa::default());
         e.active.store(true, Ordering::Release);
         e.push(NEW_NEXUS_UA);
+        self.queued.fetch_add(1, Ordering::Relaxed);
         next.insert(nexus.clone(), e.clone());
         self.map.store(Arc::new(next));
         e
@@ -169,7 +175,9 @@ impl UnitAttentions {
     /// seen yet get [`NEW_NEXUS_UA`] when they appear, which supersedes.
     pub fn queue(&self, scope: UaScope<'_>, code: Asc) {
         if let UaScope::Nexus(n) = scope {
-            self.entry(n).push(code);
+            if self.entry(n).push(code) {
+                self.queued.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         }
         let map = self.map.load();
@@ -180,8 +188,8 @@ impl UnitAttentions {
                 UaScope::AllExcept(x) => n != x,
                 UaScope::All => true,
             };
-            if hit {
-                e.push(code);
+            if hit && e.push(code) {
+                self.queued.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -192,6 +200,7 @@ impl UnitAttentions {
         if let Some(e) = self.map.load().get(nexus) {
             e.active.store(false, Ordering::Release);
             e.replace(asc::I_T_NEXUS_LOSS_OCCURRED);
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -259,7 +268,15 @@ impl UnitAttentions {
     pub fn reset_all(&self, code: Asc) {
         for e in self.map.load().values() {
             e.replace(code);
+            self.queued.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Unit attention conditions queued since the LU was created (one
+    /// per nexus they were queued for; a condition already pending for a
+    /// nexus is not counted again).
+    pub fn queued_total(&self) -> u64 {
+        self.queued.load(Ordering::Relaxed)
     }
 }
 
