@@ -117,6 +117,14 @@ pub struct Config {
     /// `None`: single-node mode.
     #[serde(default)]
     pub cluster: Option<keyfence_cluster::ClusterConfig>,
+    /// `metrics = "ADDR:PORT"`: serve Prometheus metrics at
+    /// `http://ADDR:PORT/metrics`. `None`: no metrics endpoint.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// The address parsed from `metrics` by validation (or set directly,
+    /// as `keyfence serve --metrics` does).
+    #[serde(skip)]
+    pub metrics_addr: Option<SocketAddr>,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -674,6 +682,10 @@ impl Config {
     /// Check every rule the types cannot express, and fill `portal_addrs`.
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         self.limits.validate()?;
+        if let Some(m) = &self.metrics {
+            self.metrics_addr =
+                Some(parse_metrics_addr(m).map_err(|e| invalid(format!("metrics: {e}")))?);
+        }
         if self.targets.is_empty() {
             return Err(invalid("no [[target]] configured"));
         }
@@ -930,6 +942,12 @@ pub fn parse_portal(p: &str) -> Result<SocketAddr, String> {
     Err(format!("'{p}': port {port} is out of range (0-65535)"))
 }
 
+/// Parse the address of the metrics endpoint (`--metrics`, `metrics =`):
+/// `IP:PORT` like a portal; port 0 picks a free port.
+pub fn parse_metrics_addr(a: &str) -> Result<SocketAddr, String> {
+    parse_portal(a)
+}
+
 /// A LUN `path` may be relative to the data directory or absolute (an
 /// explicit choice of location); it must not climb out with `..`.
 fn check_lun_path(p: &Path) -> Result<(), String> {
@@ -1075,6 +1093,35 @@ device = "/dev/null"
 
     fn err(text: &str) -> String {
         Config::from_toml(text, "c.toml").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn metrics_address() {
+        let t = |m: &str| {
+            format!(
+                "metrics = \"{m}\"\n[[target]]\nname = \"iqn.2026-11.io.keyfence:m\"\n\
+                 portals = [\"127.0.0.1:0\"]\nopen = true\n[[target.lun]]\nid = 0\nsize = \"1M\"\n"
+            )
+        };
+        let c = Config::from_toml(&t("127.0.0.1:9750"), "c.toml").unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9750".parse().unwrap()));
+        assert_eq!(
+            Config::from_toml(GOOD, "t.toml").unwrap().metrics_addr,
+            None
+        );
+        assert_eq!(
+            err(&t("localhost:9750")),
+            "c.toml: metrics: 'localhost:9750': 'localhost' is not an IP address \
+             (give a numeric address, IPv6 as [addr]:port)"
+        );
+        assert_eq!(
+            err(&t("127.0.0.1:70000")),
+            "c.toml: metrics: '127.0.0.1:70000': port 70000 is out of range (0-65535)"
+        );
+        assert_eq!(
+            err(&t("9750")),
+            "c.toml: metrics: '9750' is not IP:PORT (IPv6 as [addr]:port, e.g. 127.0.0.1:3260)"
+        );
     }
 
     #[test]

@@ -71,6 +71,8 @@ impl ServerOptions {
                 first_tpgt: 1,
             }],
             cluster: None,
+            metrics: None,
+            metrics_addr: None,
         };
         cfg.validate().expect("test server configuration");
         cfg
@@ -82,6 +84,7 @@ pub struct InProcessServer {
     rt: Option<tokio::runtime::Runtime>,
     targets: Vec<(String, Vec<Portal>)>,
     describe: String,
+    metrics: Option<SocketAddr>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     done: Option<mpsc::Receiver<Result<(), ServerError>>>,
     data_dir: PathBuf,
@@ -116,7 +119,11 @@ impl InProcessServer {
         rt.spawn(async move {
             match Server::bind(cfg).await {
                 Ok(server) => {
-                    let _ = bound_tx.send(Ok((server.portals(), server.describe())));
+                    let _ = bound_tx.send(Ok((
+                        server.portals(),
+                        server.describe(),
+                        server.metrics_addr(),
+                    )));
                     let r = server
                         .run(async move {
                             let _ = stop_rx.await;
@@ -129,7 +136,7 @@ impl InProcessServer {
                 }
             }
         });
-        let (targets, describe) = match bound_rx.recv_timeout(LIMIT) {
+        let (targets, describe, metrics) = match bound_rx.recv_timeout(LIMIT) {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 rt.shutdown_background();
@@ -141,6 +148,7 @@ impl InProcessServer {
             rt: Some(rt),
             targets,
             describe,
+            metrics,
             stop: Some(stop_tx),
             done: Some(done_rx),
             data_dir,
@@ -161,6 +169,12 @@ impl InProcessServer {
     /// What `keyfence serve` would print at start-up.
     pub fn describe(&self) -> &str {
         &self.describe
+    }
+
+    /// Where `GET /metrics` is served (when the configuration set
+    /// `metrics_addr`).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics
     }
 
     /// Name of the first target.

@@ -61,6 +61,10 @@ struct Args {
     /// every gateway needs TPGTs of its own.
     #[arg(long = "first-tpgt", value_name = "N", conflicts_with = "config")]
     first_tpgt: Option<u16>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (port 0: a free
+    /// port, printed at start). Overrides `metrics` of --config.
+    #[arg(long = "metrics", value_name = "ADDR:PORT", value_parser = parse_metrics)]
+    metrics: Option<std::net::SocketAddr>,
     /// Log filter (error, warn, info, debug, trace or a tracing directive);
     /// RUST_LOG is used when this is not given.
     #[arg(long = "log-level", value_name = "LEVEL")]
@@ -69,6 +73,10 @@ struct Args {
 
 fn parse_size(s: &str) -> Result<ByteSize, String> {
     s.parse()
+}
+
+fn parse_metrics(s: &str) -> Result<std::net::SocketAddr, String> {
+    keyfence_target::config::parse_metrics_addr(s)
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
@@ -143,6 +151,8 @@ fn config_from_args(args: &Args) -> Result<Config> {
                     first_tpgt: args.first_tpgt.unwrap_or(1),
                 }],
                 cluster: None,
+                metrics: None,
+                metrics_addr: None,
             };
             cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
             cfg
@@ -150,6 +160,9 @@ fn config_from_args(args: &Args) -> Result<Config> {
     };
     if let Some(dir) = &args.data_dir {
         cfg.data_dir = dir.clone();
+    }
+    if let Some(m) = args.metrics {
+        cfg.metrics_addr = Some(m);
     }
     if let (Some(endpoints), Some(gateway)) = (&args.cluster, &args.gateway) {
         let endpoints: Vec<String> = endpoints
@@ -275,6 +288,16 @@ mod tests {
         // Not clap's "unexpected argument '-5'".
         let e = Args::try_parse_from(["keyfence serve", "--size", "-5"]).unwrap_err();
         assert!(e.to_string().contains("size '-5' is negative"), "{e}");
+        let e =
+            Args::try_parse_from(["keyfence serve", "--metrics", "localhost:9750"]).unwrap_err();
+        assert!(
+            e.to_string().contains(
+                "'localhost:9750': 'localhost' is not an IP address (give a numeric address, IPv6 as [addr]:port)"
+            ),
+            "{e}"
+        );
+        let cfg = config_from_args(&args(&["--metrics", "127.0.0.1:0"])).unwrap();
+        assert_eq!(cfg.metrics_addr, Some("127.0.0.1:0".parse().unwrap()));
         let e = config_from_args(&args(&["--listen", "127.0.0.1:99999"])).unwrap_err();
         assert!(
             e.to_string()

@@ -52,7 +52,18 @@ impl InMemoryTarget {
             backing: [(0, "memory".to_string())].into_iter().collect(),
             chap: None,
             acl: super::acl::AclTable::open(None),
+            stats: [(0, Arc::new(super::metrics::LuStats::default()))]
+                .into_iter()
+                .collect(),
         };
+        let metrics = Arc::new(super::metrics::Metrics::new(target.luns.iter().map(
+            |(lun, lu)| super::metrics::LuSource {
+                target: TARGET_NAME,
+                lun: *lun,
+                stats: target.stats[lun].clone(),
+                ua: lu.unit_attentions().clone(),
+            },
+        )));
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
             targets: vec![target],
@@ -62,6 +73,7 @@ impl InMemoryTarget {
             limits,
             discovery_chap: None,
             shutdown,
+            metrics,
         });
         InMemoryTarget {
             shared,

@@ -47,6 +47,7 @@ use tracing::{debug, info, warn};
 use super::acl::LunView;
 use super::admission::{Ticket, TICKET};
 use super::conn::Wire;
+use super::metrics::{IdleDrop, LoginResult, Metrics, Refusal};
 use super::session::{AdmitError, SessionKey, SessionSlot};
 use super::{ListenerInfo, Shared};
 use crate::config::ChapConfig;
@@ -131,8 +132,13 @@ pub(super) async fn login(
     wire: &mut Wire,
 ) -> Result<Option<Established>, LoginError> {
     let ticket: Option<Arc<Ticket>> = TICKET.try_with(Arc::clone).ok();
-    let Some(mut pdu) = first_pdu(ticket.as_deref(), wire).await? else {
+    let Some(mut pdu) = first_pdu(ticket.as_deref(), wire, &shared.metrics).await? else {
         return Ok(None);
+    };
+    // Counted however the login ends from here on (`?` included).
+    let mut tally = Tally {
+        metrics: &shared.metrics,
+        result: LoginResult::Other,
     };
     // The portal group tag depends on the target asked for, which a
     // listener shared by several targets only learns from the first PDU.
@@ -158,6 +164,7 @@ pub(super) async fn login(
         .or_else(|| info.groups.first().map(|g| g.1))
         .unwrap_or(1);
     let Some(reservation) = TsihReservation::new(shared) else {
+        tally.result = LoginResult::OutOfResources;
         warn!(peer = %wire.peer, "no TSIH left; login refused");
         wire.push_pdu(&keyfence_iscsi::login::reject_login(
             &pdu,
@@ -180,6 +187,17 @@ pub(super) async fn login(
         })
         .map(|(t, _)| shared.targets[*t].name.clone())
         .collect();
+    // For the metrics only (the initiator is told nothing): why a named
+    // target is not offered to it.
+    let hidden = match first_key("TargetName") {
+        Some(name) if !targets.iter().any(|t| t.eq_ignore_ascii_case(&name)) => {
+            Some(match asked_idx.filter(|t| info.tpgt_of(*t).is_some()) {
+                Some(_) => LoginResult::AclRefused,
+                None => LoginResult::TargetNotFound,
+            })
+        }
+        _ => None,
+    };
     // A normal session naming a target that is not here for it (unknown,
     // served elsewhere or forbidden), while CHAP is configured anywhere:
     // authenticate against credentials nobody has (see the module doc).
@@ -223,6 +241,7 @@ pub(super) async fn login(
                 match throttle.turn(t.source, initiator_name.as_deref()).await {
                     Some(a) => Some(a),
                     None => {
+                        tally.result = LoginResult::ChapThrottled;
                         t.admission().log_chap.event(|| {
                             format!(
                                 "{} (initiator {}): too many failed attempts; refused without checking",
@@ -262,6 +281,18 @@ pub(super) async fn login(
                 mut response,
                 status,
             } => {
+                tally.result = if let (Some(h), Some(_)) = (hidden, &decoy) {
+                    // Challenged against the decoy credentials.
+                    h
+                } else if status == LoginStatus::NOT_FOUND {
+                    hidden.unwrap_or(LoginResult::TargetNotFound)
+                } else if status == LoginStatus::AUTHENTICATION_FAILURE {
+                    LoginResult::ChapFailure
+                } else if status == LoginStatus::AUTHORIZATION_FAILURE {
+                    LoginResult::AclRefused
+                } else {
+                    LoginResult::Other
+                };
                 if status == LoginStatus::NOT_FOUND {
                     // Unknown and forbidden targets look the same.
                     info!(
@@ -301,6 +332,7 @@ pub(super) async fn login(
                             .as_deref()
                             .and_then(|n| shared.target_by_name(n))
                         else {
+                            tally.result = LoginResult::TargetNotFound;
                             wire.push_pdu(&keyfence_iscsi::login::reject_login(
                                 &pdu,
                                 LoginStatus::AUTHORIZATION_FAILURE,
@@ -324,6 +356,7 @@ pub(super) async fn login(
                         match shared.targets[target].acl.access(&s.initiator_name) {
                             Some(a) => a.view,
                             None => {
+                                tally.result = LoginResult::AclRefused;
                                 info!(
                                     peer = %wire.peer,
                                     initiator = %s.initiator_name,
@@ -346,6 +379,7 @@ pub(super) async fn login(
                         || offered != Some(c)
                         || s.chap_name.as_deref() != Some(c.user.as_str())
                     {
+                        tally.result = LoginResult::ChapFailure;
                         warn!(
                             peer = %wire.peer,
                             initiator = %s.initiator_name,
@@ -364,6 +398,8 @@ pub(super) async fn login(
                 let permit = match shared.connections.clone().try_acquire_owned() {
                     Ok(p) => Some(p),
                     Err(_) => {
+                        tally.result = LoginResult::OutOfResources;
+                        shared.metrics.refused(Refusal::MaxConnections);
                         if let Some(t) = &ticket {
                             t.admission().log_refused.event(|| {
                                 format!(
@@ -412,6 +448,7 @@ pub(super) async fn login(
                 let admitted = shared.sessions().admit(tsih, key, nexus);
                 match admitted {
                     Ok(registration) => {
+                        tally.result = LoginResult::Success;
                         reservation.admitted();
                         if let Some(t) = &ticket {
                             t.login_done(permit);
@@ -435,6 +472,7 @@ pub(super) async fn login(
                         });
                     }
                     Err(AdmitError::TooManySessions) => {
+                        tally.result = LoginResult::OutOfResources;
                         warn!(peer = %wire.peer, "session limit reached; login refused");
                         wire.push_pdu(&keyfence_iscsi::login::reject_login(
                             &pdu,
@@ -457,7 +495,11 @@ pub(super) async fn login(
 
 /// The first PDU of a connection, within the first-PDU deadline and
 /// unless a newcomer displaces this idle connection; `None` if neither.
-async fn first_pdu(ticket: Option<&Ticket>, wire: &mut Wire) -> Result<Option<Pdu>, LoginError> {
+async fn first_pdu(
+    ticket: Option<&Ticket>,
+    wire: &mut Wire,
+    metrics: &Metrics,
+) -> Result<Option<Pdu>, LoginError> {
     let Some(t) = ticket else {
         return next_pdu(wire).await;
     };
@@ -473,6 +515,7 @@ async fn first_pdu(ticket: Option<&Ticket>, wire: &mut Wire) -> Result<Option<Pd
             }
             Ok(other) => other,
             Err(_) => {
+                metrics.idle_dropped(IdleDrop::FirstPduTimeout);
                 adm.log_idle.event(|| {
                     format!(
                         "{peer}: no Login Request within {} s",
@@ -483,9 +526,22 @@ async fn first_pdu(ticket: Option<&Ticket>, wire: &mut Wire) -> Result<Option<Pd
             }
         },
         _ = t.evicted() => {
+            metrics.idle_dropped(IdleDrop::Displaced);
             adm.log_idle.event(|| format!("{peer}: idle, displaced by a new connection (login slots full)"));
             Ok(None)
         }
+    }
+}
+
+/// Counts a login's result in `keyfence_logins_total` when dropped.
+struct Tally<'a> {
+    metrics: &'a Metrics,
+    result: LoginResult,
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        self.metrics.login(self.result);
     }
 }
 

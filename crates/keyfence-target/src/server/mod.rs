@@ -18,6 +18,8 @@ mod datadir;
 mod ffp;
 pub mod harness;
 mod login;
+pub mod metrics;
+mod metrics_http;
 mod session;
 mod wire;
 
@@ -74,6 +76,11 @@ pub enum ServerError {
         path: std::path::PathBuf,
         err: std::io::Error,
     },
+    #[error("cannot listen for metrics on {addr}: {err}")]
+    MetricsBind {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
     #[error("cluster: {0}")]
     Cluster(#[from] keyfence_cluster::Error),
     #[error("flushing target {target} LUN {lun} failed: {err}")]
@@ -106,6 +113,8 @@ pub(crate) struct TargetRt {
     pub chap: Option<ChapConfig>,
     /// Which initiators may log in and what each sees.
     pub acl: acl::AclTable,
+    /// The counters of each LU (same keys as `luns`).
+    pub stats: BTreeMap<u64, Arc<metrics::LuStats>>,
 }
 
 impl TargetRt {
@@ -127,6 +136,7 @@ pub(crate) struct Shared {
     pub shutdown: watch::Receiver<bool>,
     /// Write data held by all sessions (`limits.max_buffered_bytes`).
     pub buffers: Arc<budget::Budget>,
+    pub metrics: Arc<metrics::Metrics>,
 }
 
 impl Shared {
@@ -168,6 +178,8 @@ pub struct Server {
     /// Cluster mode: this gateway's membership (dropping it stops the
     /// keep-alives and fences the gateway).
     cluster: Option<Arc<keyfence_cluster::Gateway>>,
+    /// The bound `GET /metrics` endpoint, when configured.
+    metrics: Option<(std::net::TcpListener, SocketAddr)>,
 }
 
 impl Server {
@@ -212,6 +224,15 @@ impl Server {
             }
             listeners.push((l, ListenerInfo { addr, groups }));
         }
+        let metrics_listener = match config.metrics_addr {
+            None => None,
+            Some(want) => {
+                let err = |err| ServerError::MetricsBind { addr: want, err };
+                let l = std::net::TcpListener::bind(want).map_err(err)?;
+                let addr = l.local_addr().map_err(err)?;
+                Some((l, addr))
+            }
+        };
         created
             .create_dir_all(&config.data_dir)
             .map_err(|err| ServerError::DataDir {
@@ -249,6 +270,7 @@ impl Server {
                 tc.luns.iter().map(|l| u64::from(l.id)).collect(),
             ));
             let mut luns = BTreeMap::new();
+            let mut stats = BTreeMap::new();
             let mut backing_desc = BTreeMap::new();
             for lc in &tc.luns {
                 let lun = u64::from(lc.id);
@@ -325,6 +347,7 @@ impl Server {
                     err,
                 })?;
                 luns.insert(lun, Arc::new(lu));
+                stats.insert(lun, Arc::new(metrics::LuStats::default()));
                 backing_desc.insert(lun, desc);
             }
             targets.push(TargetRt {
@@ -335,8 +358,17 @@ impl Server {
                 backing: backing_desc,
                 chap: tc.chap.clone(),
                 acl: acl::AclTable::new(tc),
+                stats,
             });
         }
+        let metrics = Arc::new(metrics::Metrics::new(targets.iter().flat_map(|t| {
+            t.luns.iter().map(|(lun, lu)| metrics::LuSource {
+                target: &t.name,
+                lun: *lun,
+                stats: t.stats[lun].clone(),
+                ua: lu.unit_attentions().clone(),
+            })
+        })));
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let shared = Arc::new(Shared {
             targets,
@@ -346,6 +378,7 @@ impl Server {
             limits: config.limits,
             discovery_chap: config.discovery_chap,
             shutdown: shutdown_rx,
+            metrics,
         });
         if let Some((c, gw)) = &membership {
             for (t, lun, id) in follow {
@@ -371,7 +404,18 @@ impl Server {
             listeners,
             shutdown_tx,
             data_dir_lock,
+            metrics: metrics_listener,
         })
+    }
+
+    /// Where `GET /metrics` is served, when configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(|(_, a)| *a)
+    }
+
+    /// The metrics as `GET /metrics` returns them (Prometheus text).
+    pub fn metrics_text(&self) -> String {
+        self.shared.metrics.encode()
     }
 
     /// Every target with its portal groups as bound.
@@ -386,6 +430,9 @@ impl Server {
     /// A human-readable account of what is served.
     pub fn describe(&self) -> String {
         let mut s = String::new();
+        if let Some(a) = self.metrics_addr() {
+            let _ = writeln!(s, "metrics on http://{a}/metrics");
+        }
         if let Some(c) = &self.shared.discovery_chap {
             let _ = writeln!(s, "discovery sessions require CHAP (user {})", c.user);
         }
@@ -443,7 +490,19 @@ impl Server {
             shutdown_tx,
             data_dir_lock,
             cluster: membership,
+            metrics,
         } = self;
+        // Scrapes run on a thread of their own, never on the runtime's
+        // workers that serve sessions.
+        let metrics_thread = match metrics {
+            None => None,
+            Some((l, addr)) => {
+                let t = metrics_http::spawn(l, shared.metrics.clone(), shared.shutdown.clone())
+                    .map_err(|err| ServerError::MetricsBind { addr, err })?;
+                info!(%addr, "serving metrics at /metrics");
+                Some(t)
+            }
+        };
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let admission = admission::Admission::new(&shared.limits);
         for (l, info) in listeners {
@@ -469,6 +528,9 @@ impl Server {
             warn!("connections still open after 30 s; flushing anyway");
         }
         let flushed = flush_all(&shared).await;
+        if let Some(t) = metrics_thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
         // Cluster mode: stop keeping the lease alive (this gateway stops
         // serving; its lease expires after the TTL).
         drop(membership);
@@ -665,6 +727,10 @@ async fn accept_loop(
         let ticket = match admission.admit(peer.ip()) {
             Ok(t) => t,
             Err(why) => {
+                shared.metrics.refused(match why {
+                    admission::Refused::PerSource => metrics::Refusal::PerSource,
+                    admission::Refused::Full => metrics::Refusal::LoginSlotsFull,
+                });
                 admission.log_refused.event(|| match why {
                     admission::Refused::PerSource => format!(
                         "{peer}: {} connections from {} already logging in",
@@ -687,6 +753,7 @@ async fn accept_loop(
         let info = info.clone();
         let done = done.clone();
         tokio::spawn(admission::TICKET.scope(ticket, async move {
+            let _open = metrics::GaugeGuard::new(&shared.metrics.connections);
             conn::serve_connection(shared, info, sock, peer).await;
             drop(done);
         }));

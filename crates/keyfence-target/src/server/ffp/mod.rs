@@ -38,6 +38,7 @@ use tracing::debug;
 use super::acl::{target_lun, LunView};
 use super::budget::Held;
 use super::login::{self, Established, SessionKind};
+use super::metrics::{GaugeGuard, LuStats, WindowClosed};
 use super::session::{SessionCtl, SessionSlot};
 use super::wire::Outbox;
 use super::Shared;
@@ -167,6 +168,10 @@ pub(crate) struct Session {
     last_rx: Instant,
     closing: Option<ConnEnd>,
     close_all_after_flush: bool,
+    /// The window is closed for a budget (counted once per closing).
+    saturated: bool,
+    /// Holds `keyfence_sessions` up while the session lives.
+    _gauge: GaugeGuard,
 }
 
 impl Session {
@@ -196,6 +201,10 @@ impl Session {
             }
         };
         let discovered = login::discovered_targets(&shared, &est.initiator, est.kind, est.local);
+        let gauge = GaugeGuard::new(match est.kind {
+            SessionKind::Discovery => &shared.metrics.sessions_discovery,
+            SessionKind::Normal { .. } => &shared.metrics.sessions_normal,
+        });
         let mut s = Session {
             shared,
             kind: est.kind,
@@ -231,6 +240,8 @@ impl Session {
             last_rx: now,
             closing: None,
             close_all_after_flush: false,
+            saturated: false,
+            _gauge: gauge,
         };
         s.update_window();
         // The login response announced the window as it is now.
@@ -358,6 +369,7 @@ impl Session {
     pub fn handle_timeout(&mut self, now: Instant) {
         if let Some(t) = self.oldest_write_activity() {
             if now.duration_since(t) >= self.data_out_timeout {
+                self.shared.metrics.data_out_timeouts.inc();
                 self.close(ConnEnd::Protocol(format!(
                     "no Data-Out for a write command within {} s",
                     self.data_out_timeout.as_secs()
@@ -367,6 +379,7 @@ impl Session {
         }
         if let Some((_, sent)) = self.ping {
             if now.duration_since(sent) >= self.nop_timeout {
+                self.shared.metrics.nop_timeouts.inc();
                 self.close(ConnEnd::Protocol("NOP-In ping not answered".into()));
             }
         } else if !self.nop_interval.is_zero()
@@ -463,8 +476,16 @@ impl Session {
     /// its data-in or write budget.
     fn update_window(&mut self) {
         let busy = self.busy();
-        let saturated = self.data_in_pending() >= SESSION_READ_BUDGET
-            || self.write_bytes() >= SESSION_WRITE_BUDGET;
+        let read_full = self.data_in_pending() >= SESSION_READ_BUDGET;
+        let saturated = read_full || self.write_bytes() >= SESSION_WRITE_BUDGET;
+        if saturated && !self.saturated {
+            self.shared.metrics.window_closed(if read_full {
+                WindowClosed::ReadBudget
+            } else {
+                WindowClosed::WriteBudget
+            });
+        }
+        self.saturated = saturated;
         self.window.update(busy, saturated);
     }
 
@@ -733,6 +754,12 @@ impl Session {
     fn lu_for(&self, lun: Lun) -> Option<Arc<LogicalUnit>> {
         let t = &self.shared.targets[self.target?];
         t.luns.get(&self.target_lun(lun)?).cloned()
+    }
+
+    /// The metrics of the LU behind `lun`.
+    fn stats_for(&self, lun: Lun) -> Option<Arc<LuStats>> {
+        let t = &self.shared.targets[self.target?];
+        t.stats.get(&self.target_lun(lun)?).cloned()
     }
 
     /// The target LUN id behind a LUN field of this session.

@@ -4,7 +4,9 @@
 //! last PDU when it can be) or a SCSI Response with sense and residuals,
 //! and the command's effects on other tasks.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use keyfence_iscsi::pdu::{DataIn, Residual, ScsiResponse, RESERVED_TAG};
@@ -15,6 +17,7 @@ use keyfence_scsi::{Nexus, ScsiStatus};
 use super::{lun_eq, Session, INLINE_MAX_BYTES};
 use crate::server::acl::LunView;
 use crate::server::budget::Held;
+use crate::server::metrics::{CmdKind, LuStats};
 use crate::server::session::SessionCtl;
 
 /// The response metadata a command needs once it has executed.
@@ -28,6 +31,11 @@ pub(crate) struct Meta {
     /// Bytes of data-out the CDB transfers (None: the CDB does not
     /// decode; reads: None).
     pub wanted_out: Option<u32>,
+    /// What the command is counted as, when it arrived, and its LU's
+    /// counters (None: no LU, or not counted).
+    pub kind: CmdKind,
+    pub start: Instant,
+    pub stats: Option<Arc<LuStats>>,
 }
 
 /// A command handed out as a [`Job`].
@@ -188,6 +196,9 @@ impl Session {
             let dlen = u32::try_from(data.len()).unwrap_or(u32::MAX);
             (Bytes::new(), Residual::from_lengths(meta.edtl, dlen))
         };
+        if let Some(st) = &meta.stats {
+            self.count(st, meta, outcome.status, send.len());
+        }
         let collapse = outcome.sense.is_none()
             && !send.is_empty()
             && matches!(outcome.status, ScsiStatus::Good | ScsiStatus::ConditionMet);
@@ -252,6 +263,45 @@ impl Session {
             response_data: Bytes::new(),
         };
         self.push_pdu(&r.to_pdu());
+    }
+
+    /// Count a finished command in its LU's metrics (`sent`: data-in
+    /// bytes going to the initiator).
+    fn count(&self, st: &LuStats, meta: &Meta, status: ScsiStatus, sent: usize) {
+        match meta.kind {
+            CmdKind::Read => {
+                st.reads.fetch_add(1, Relaxed);
+                st.read_bytes.fetch_add(sent as u64, Relaxed);
+                st.read_latency.observe(meta.start.elapsed());
+            }
+            CmdKind::Write => {
+                st.writes.fetch_add(1, Relaxed);
+                if status == ScsiStatus::Good {
+                    let n = meta.edtl.min(meta.wanted_out.unwrap_or(0));
+                    st.write_bytes.fetch_add(u64::from(n), Relaxed);
+                }
+                st.write_latency.observe(meta.start.elapsed());
+            }
+            CmdKind::PrOut(sa) => {
+                if let (Some(t), Some(lun)) = (self.target, self.target_lun(meta.lun)) {
+                    let result = match status {
+                        ScsiStatus::Good => "good",
+                        ScsiStatus::ReservationConflict => "reservation_conflict",
+                        ScsiStatus::CheckCondition => "check_condition",
+                        _ => "other",
+                    };
+                    let name = &self.shared.targets[t].name;
+                    self.shared.metrics.pr_out(name, lun, sa, result);
+                }
+            }
+            CmdKind::Other => {}
+        }
+        if status == ScsiStatus::ReservationConflict {
+            st.reservation_conflicts.fetch_add(1, Relaxed);
+        }
+        if status == ScsiStatus::TaskSetFull {
+            self.shared.metrics.task_set_full.inc();
+        }
     }
 
     fn apply_effect(&mut self, meta: &Meta, e: &LuEffect) {

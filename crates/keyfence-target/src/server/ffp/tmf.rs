@@ -16,6 +16,7 @@ use crate::server::session::SessionCtl;
 #[derive(Debug)]
 pub(super) struct PendingTmf {
     itt: u32,
+    function: TmfFunction,
     waiting: Vec<u32>,
     after: TmfAfter,
 }
@@ -66,21 +67,24 @@ impl Session {
         }
         self.pending_tmfs.retain(|p| {
             if p.waiting.is_empty() {
-                ready.push((p.itt, p.after));
+                ready.push((p.itt, p.function, p.after));
                 false
             } else {
                 true
             }
         });
-        for (tmf_itt, after) in ready {
-            self.tmf_response(tmf_itt, TmfResponse::FunctionComplete);
+        for (tmf_itt, function, after) in ready {
+            self.tmf_response(tmf_itt, function, TmfResponse::FunctionComplete);
             if after == TmfAfter::CloseAll {
                 self.close_all_after_flush = true;
             }
         }
     }
 
-    fn tmf_response(&mut self, itt: u32, response: TmfResponse) {
+    fn tmf_response(&mut self, itt: u32, function: TmfFunction, response: TmfResponse) {
+        self.shared
+            .metrics
+            .tmf(tmf_function_label(function), tmf_response_label(response));
         let r = TaskMgmtResponse {
             response,
             itt,
@@ -128,14 +132,14 @@ impl Session {
                     } else {
                         TmfResponse::TaskDoesNotExist
                     };
-                    self.tmf_response(t.itt, resp);
+                    self.tmf_response(t.itt, t.function, resp);
                     return;
                 }
                 self.abort_where(|i, _| i == rtt)
             }
             TmfFunction::AbortTaskSet | TmfFunction::ClearTaskSet => {
                 if lu.is_none() {
-                    self.tmf_response(t.itt, TmfResponse::LunDoesNotExist);
+                    self.tmf_response(t.itt, t.function, TmfResponse::LunDoesNotExist);
                     return;
                 }
                 let lun = t.lun;
@@ -157,7 +161,7 @@ impl Session {
             }
             TmfFunction::LogicalUnitReset => {
                 let (Some(lu), Some(n)) = (&lu, lun_n) else {
-                    self.tmf_response(t.itt, TmfResponse::LunDoesNotExist);
+                    self.tmf_response(t.itt, t.function, TmfResponse::LunDoesNotExist);
                     return;
                 };
                 let lun = t.lun;
@@ -187,24 +191,25 @@ impl Session {
                 r
             }
             TmfFunction::TaskReassign => {
-                self.tmf_response(t.itt, TmfResponse::ReassignmentNotSupported);
+                self.tmf_response(t.itt, t.function, TmfResponse::ReassignmentNotSupported);
                 return;
             }
             TmfFunction::ClearAca => {
-                self.tmf_response(t.itt, TmfResponse::FunctionNotSupported);
+                self.tmf_response(t.itt, t.function, TmfResponse::FunctionNotSupported);
                 return;
             }
         };
         self.release_deferred();
         self.update_window();
         if running.is_empty() {
-            self.tmf_response(t.itt, TmfResponse::FunctionComplete);
+            self.tmf_response(t.itt, t.function, TmfResponse::FunctionComplete);
             if after == TmfAfter::CloseAll {
                 self.close_all_after_flush = true;
             }
         } else {
             self.pending_tmfs.push(PendingTmf {
                 itt: t.itt,
+                function: t.function,
                 waiting: running,
                 after,
             });
@@ -220,5 +225,34 @@ impl Session {
                 .broadcast_target(t, Some(self.tsih), SessionCtl::Close);
         }
         self.closing = Some(ConnEnd::Closed("TARGET COLD RESET"));
+    }
+}
+
+/// The `function` label of `keyfence_task_management_total`.
+fn tmf_function_label(f: TmfFunction) -> &'static str {
+    match f {
+        TmfFunction::AbortTask => "abort_task",
+        TmfFunction::AbortTaskSet => "abort_task_set",
+        TmfFunction::ClearAca => "clear_aca",
+        TmfFunction::ClearTaskSet => "clear_task_set",
+        TmfFunction::LogicalUnitReset => "logical_unit_reset",
+        TmfFunction::TargetWarmReset => "target_warm_reset",
+        TmfFunction::TargetColdReset => "target_cold_reset",
+        TmfFunction::TaskReassign => "task_reassign",
+    }
+}
+
+/// The `response` label of `keyfence_task_management_total`.
+fn tmf_response_label(r: TmfResponse) -> &'static str {
+    match r {
+        TmfResponse::FunctionComplete => "function_complete",
+        TmfResponse::TaskDoesNotExist => "task_does_not_exist",
+        TmfResponse::LunDoesNotExist => "lun_does_not_exist",
+        TmfResponse::TaskStillAllegiant => "task_still_allegiant",
+        TmfResponse::ReassignmentNotSupported => "reassignment_not_supported",
+        TmfResponse::FunctionNotSupported => "function_not_supported",
+        TmfResponse::AuthorizationFailed => "authorization_failed",
+        TmfResponse::Rejected => "rejected",
+        TmfResponse::Other(_) => "other",
     }
 }

@@ -18,6 +18,7 @@ use tracing::debug;
 use super::respond::Meta;
 use super::{Session, SESSION_WRITE_BUDGET};
 use crate::server::budget::Held;
+use crate::server::metrics::CmdKind;
 
 /// Largest data-out one command may transfer (the transport buffers it
 /// whole before the LU executes it).
@@ -146,7 +147,9 @@ impl Session {
             self.reject(RejectReason::TaskInProgress, &pdu.bhs);
             return;
         }
+        let start = Instant::now();
         let lu = self.lu_for(cmd.lun);
+        let stats = lu.as_ref().and_then(|_| self.stats_for(cmd.lun));
         let cdb = cmd.cdb.as_slice();
         let edtl = cmd.expected_data_transfer_length;
         // What the CDB transfers out, for writes and for commands sent
@@ -166,6 +169,9 @@ impl Session {
             write: cmd.write,
             edtl,
             wanted_out,
+            kind: CmdKind::of(cdb),
+            start,
+            stats,
         };
         if !cmd.write {
             let cdb = cmd.cdb;
@@ -355,7 +361,11 @@ impl Session {
             write: false,
             edtl: cmd.expected_data_transfer_length,
             wanted_out: None,
+            kind: CmdKind::Other,
+            start: Instant::now(),
+            stats: None,
         };
+        self.shared.metrics.task_set_full.inc();
         self.respond(&meta, CommandOutcome::with_status(ScsiStatus::TaskSetFull));
     }
 }
