@@ -13,6 +13,8 @@ command -v sg_persist >/dev/null || need+=(sg3-utils)
 command -v mpathpersist >/dev/null || need+=(multipath-tools)
 command -v python3 >/dev/null || need+=(python3)
 command -v etcd >/dev/null || need+=(etcd-server)
+# promtool checks the metrics endpoint's output (crates/keyfence-target/tests/metrics.rs).
+command -v promtool >/dev/null || need+=(prometheus)
 command -v protoc >/dev/null || need+=(protobuf-compiler)
 [ -e /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 # Packaging tests: systemd-analyze (unit check), groff (man pages), the

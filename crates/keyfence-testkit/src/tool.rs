@@ -15,6 +15,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ("sg_persist", "sg3-utils"),
     ("mpathpersist", "multipath-tools"),
     ("etcd", "etcd-server"),
+    ("promtool", "prometheus"),
 ];
 
 /// The Debian package that provides `tool`, when known.
