@@ -6,6 +6,11 @@ loopback. libiscsi's iscsi-perf drives reads (4 KiB random at queue depth 32,
 128 KiB sequential at queue depth 16); `keyfence bench` drives writes. Rounds
 alternate between the targets so drift on a noisy machine hits both; the
 table reports the median of each side and the ratio keyfence / tgt.
+
+--baseline BINARY adds a second keyfence (e.g. the build before a change) to
+the same alternating rounds, with its own columns and the ratio of the two
+keyfence builds; --serve-arg passes arguments (e.g. --metrics 127.0.0.1:0) to
+`keyfence serve` of --binary only.
 """
 
 import argparse
@@ -106,6 +111,11 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--size", type=int, default=512 << 20)
     ap.add_argument("--no-writes", action="store_true", help="skip the write workloads")
+    ap.add_argument("--baseline", metavar="BINARY",
+                    help="another keyfence binary to measure in the same rounds")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `keyfence serve` of --binary (repeatable; "
+                         "use --serve-arg=--metrics --serve-arg=127.0.0.1:0)")
     ap.add_argument("--pr", action="store_true",
                     help="measure the reservation check instead: reads with and without a "
                          "WERO reservation on keyfence")
@@ -127,10 +137,18 @@ def main():
     tgt_img = os.path.join(workdir, "tgt.img")
     make_image(kf_img, args.size)
     shutil.copyfile(kf_img, tgt_img)
-    kf = KeyfenceTarget(binary, os.path.join(workdir, "kf"), args.size, image=kf_img)
+    kf = KeyfenceTarget(binary, os.path.join(workdir, "kf"), args.size, image=kf_img,
+                        extra_args=args.serve_arg)
     tgt = TgtTarget(os.path.join(workdir, "tgt"), args.size, image=tgt_img)
     os.makedirs(kf.workdir)
     os.makedirs(tgt.workdir)
+    base = None
+    if args.baseline:
+        base_img = os.path.join(workdir, "base.img")
+        shutil.copyfile(tgt_img, base_img)
+        base = KeyfenceTarget(os.path.abspath(args.baseline), os.path.join(workdir, "base"),
+                              args.size, image=base_img)
+        os.makedirs(base.workdir)
 
     workloads = [
         ("4k randread qd32 (IOPS)", lambda url: iscsi_perf(url, 32, 8, True, args.seconds)[0]),
@@ -143,13 +161,17 @@ def main():
             ("128k seqwrite qd16 (MB/s)",
              lambda url: keyfence_bench(binary, url, "write", 131072, 16, args.seconds)[1]),
         ]
-    results = {name: {"keyfence": [], "tgt": []} for name, _ in workloads}
+    sides = ["keyfence", "tgt"] + (["baseline"] if base else [])
+    results = {name: {side: [] for side in sides} for name, _ in workloads}
     try:
-        kf_urls = kf.start()
-        tgt_urls = tgt.start()
+        urls = {"keyfence": kf.start()[0], "tgt": tgt.start()[0]}
+        if base:
+            urls["baseline"] = base.start()[0]
         for r in range(args.rounds):
             for name, run in workloads:
-                for side, url in (("keyfence", kf_urls[0]), ("tgt", tgt_urls[0])):
+                # Rotate the order each round so no side always goes first.
+                order = sides[r % len(sides):] + sides[:r % len(sides)]
+                for side, url in ((s, urls[s]) for s in order):
                     v = run(url)
                     results[name][side].append(v)
                     print(f"round {r + 1}: {name:<26} {side:<8} {v:>10.0f}", file=sys.stderr,
@@ -157,13 +179,24 @@ def main():
     finally:
         kf.stop()
         tgt.stop()
+        if base:
+            base.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    print(f"\n| workload | keyfence | tgt | ratio |\n|---|---:|---:|---:|")
+    if base:
+        print("\n| workload | keyfence | baseline | tgt | keyfence/tgt | baseline/tgt "
+              "| keyfence/baseline |\n|---|---:|---:|---:|---:|---:|---:|")
+    else:
+        print(f"\n| workload | keyfence | tgt | ratio |\n|---|---:|---:|---:|")
     for name, _ in workloads:
         k = statistics.median(results[name]["keyfence"])
         t = statistics.median(results[name]["tgt"])
-        print(f"| {name} | {k:.0f} | {t:.0f} | {k / t:.2f}x |")
+        if base:
+            b = statistics.median(results[name]["baseline"])
+            print(f"| {name} | {k:.0f} | {b:.0f} | {t:.0f} | {k / t:.2f}x | {b / t:.2f}x "
+                  f"| {k / b:.3f}x |")
+        else:
+            print(f"| {name} | {k:.0f} | {t:.0f} | {k / t:.2f}x |")
     print(f"\n({args.rounds} alternating rounds of {args.seconds} s, medians; "
           f"{args.size >> 20} MiB file-backed LUN on each target, loopback)")
     return 0

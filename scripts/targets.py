@@ -51,10 +51,13 @@ def wait_banner(log_path, proc, count, timeout=30.0):
 
 
 class KeyfenceTarget:
-    def __init__(self, binary, workdir, size, image=None, read_only=False, acl=None):
+    def __init__(self, binary, workdir, size, image=None, read_only=False, acl=None,
+                 extra_args=()):
         """`acl`: initiator names; when given, the target admits only them
-        (each seeing LUN 0 through an explicit mapping) instead of being open."""
+        (each seeing LUN 0 through an explicit mapping) instead of being open.
+        `extra_args`: more arguments for `keyfence serve` (e.g. --metrics)."""
         self.binary = binary
+        self.extra_args = list(extra_args)
         self.workdir = workdir
         self.size = size
         self.image = image
@@ -92,6 +95,7 @@ class KeyfenceTarget:
             args = [self.binary, "serve", "--data-dir", data,
                     "--target-name", KEYFENCE_IQN, "--size", str(self.size)]
             args += ["--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0"]
+        args += self.extra_args
         log_path = os.path.join(self.workdir, "keyfence.log")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
