@@ -1374,6 +1374,7 @@ id = 0
             .find(|b| b.contains("[[target.acl]]"))
             .expect("a TOML example with ACLs in the README");
         let c = Config::from_toml(block, "README.md").unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9750".parse().unwrap()));
         let t = &c.targets[0];
         assert_eq!(t.acls.len(), 3);
         let b = t.acl_for("IQN.1994-05.com.redhat:BACKUP").unwrap();
