@@ -8,8 +8,8 @@ alternate between the targets so drift on a noisy machine hits both; the
 table reports the median of each side and the ratio keyfence / tgt.
 
 --baseline BINARY adds a second keyfence (e.g. the build before a change) to
-the same alternating rounds, with its own columns and the ratio of the two
-keyfence builds; --serve-arg passes arguments (e.g. --metrics 127.0.0.1:0) to
+the same alternating rounds, with its own columns, the ratio of the two
+keyfence builds and the ratio of the CPU time their processes spent per IO; --serve-arg passes arguments (e.g. --metrics 127.0.0.1:0) to
 `keyfence serve` of --binary only.
 """
 
@@ -92,6 +92,15 @@ def pr_fast_path(binary, workdir, size, rounds, seconds):
     print(f"| no reservation | {f:.0f} |\n| WERO held, two registrants | {h:.0f} |")
     print(f"| ratio (held / none) | {h / f:.3f} |")
     print(f"\n({rounds} alternating rounds of {seconds} s, medians)")
+
+
+def process_cpu(pid):
+    """User + system CPU seconds of process `pid` (None: 0)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def copy_synced(src, dst):
@@ -183,17 +192,25 @@ def main():
         ]
     sides = ["keyfence", "tgt"] + (["baseline"] if base else [])
     results = {name: {side: [] for side in sides} for name, _ in workloads}
+    cpu = {name: {side: [] for side in sides} for name, _ in workloads}
     try:
         urls = {"keyfence": kf.start()[0], "tgt": tgt.start()[0]}
+        procs = {"keyfence": kf.proc.pid}
         if base:
             urls["baseline"] = base.start()[0]
+            procs["baseline"] = base.proc.pid
         for r in range(args.rounds):
             for name, run in workloads:
                 # Rotate the order each round so no side always goes first.
                 order = sides[r % len(sides):] + sides[:r % len(sides)]
                 for side, url in ((s, urls[s]) for s in order):
+                    pid = procs.get(side)
+                    c0 = process_cpu(pid)
                     v = run(url)
                     results[name][side].append(v)
+                    if pid is not None and v > 0:
+                        # Target CPU per unit of work (IO or MB).
+                        cpu[name][side].append((process_cpu(pid) - c0) / (v * args.seconds))
                     print(f"round {r + 1}: {name:<26} {side:<8} {v:>10.0f}", file=sys.stderr,
                           flush=True)
     finally:
@@ -217,6 +234,14 @@ def main():
                   f"| {k / b:.3f}x |")
         else:
             print(f"| {name} | {k:.0f} | {t:.0f} | {k / t:.2f}x |")
+    if base:
+        # Throughput swings with whatever else the machine runs; the CPU the
+        # target process spends per IO (or per MB) is steadier.
+        print("\n| workload | keyfence/baseline target CPU per unit of work |\n|---|---:|")
+        for name, _ in workloads:
+            k = statistics.median(cpu[name]["keyfence"])
+            b = statistics.median(cpu[name]["baseline"])
+            print(f"| {name} | {k / b:.3f} |")
     print(f"\n({args.rounds} alternating rounds of {args.seconds} s, medians; "
           f"{args.size >> 20} MiB file-backed LUN on each target, loopback)")
     return 0
