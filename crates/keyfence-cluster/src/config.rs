@@ -1,5 +1,7 @@
 //! The `[cluster]` table of the server configuration.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -35,6 +37,15 @@ fn default_prefix() -> String {
 /// safety_margin_ms = 1000   # default 1000: stop serving this long before the lease can expire
 /// request_timeout_ms = 2000 # default 2000: bound on every etcd request
 /// prefix = "/keyfence"      # default "/keyfence": root of every key
+///
+/// [[cluster.gateways]]      # optional: every gateway's portal groups
+/// name = "gw1"              # (this one included), for SendTargets,
+/// portals = ["127.0.0.1:3260"]  # REPORT TARGET PORT GROUPS and the
+/// first_tpgt = 1            # target ports of ALL_TG_PT
+/// [[cluster.gateways]]
+/// name = "gw2"
+/// portals = ["127.0.0.1:3261"]
+/// first_tpgt = 2
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +62,72 @@ pub struct ClusterConfig {
     pub request_timeout_ms: u64,
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// Every gateway's portal groups (`[[cluster.gateways]]`), this
+    /// gateway's included. Empty: each gateway knows only its own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<GatewayPortals>,
+}
+
+fn default_first_tpgt() -> u16 {
+    1
+}
+
+/// One gateway's portal groups: the n-th portal (from 1) is portal group
+/// `first_tpgt + n - 1`, whose TPGT is also its relative target port
+/// identifier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayPortals {
+    pub name: String,
+    /// `ip:port` (IPv6 as `[addr]:port`): addresses initiators can reach,
+    /// not wildcards.
+    pub portals: Vec<String>,
+    #[serde(default = "default_first_tpgt")]
+    pub first_tpgt: u16,
+}
+
+impl GatewayPortals {
+    /// (TPGT, address) of each portal group. Call after
+    /// [`ClusterConfig::validate`]; unparsable addresses are left out.
+    pub fn portal_groups(&self) -> Vec<(u16, SocketAddr)> {
+        self.portals
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| {
+                let tpgt = u16::try_from(usize::from(self.first_tpgt) + i).ok()?;
+                Some((tpgt, p.parse().ok()?))
+            })
+            .collect()
+    }
+
+    fn validate(&self, i: usize) -> Result<(), String> {
+        let at = format!("cluster.gateways[{i}]");
+        check_gateway_name(&self.name).map_err(|r| format!("{at}.name: {r}"))?;
+        let at = format!("cluster.gateways[{i}] ({})", self.name);
+        if self.portals.is_empty() {
+            return Err(format!("{at}.portals: at least one portal is needed"));
+        }
+        if self.first_tpgt == 0
+            || usize::from(self.first_tpgt) + self.portals.len() - 1 > usize::from(u16::MAX)
+        {
+            return Err(format!(
+                "{at}.first_tpgt: {} with {} portals leaves 1..=65535",
+                self.first_tpgt,
+                self.portals.len()
+            ));
+        }
+        for p in &self.portals {
+            let a: SocketAddr = p
+                .parse()
+                .map_err(|_| format!("{at}.portals: {p:?} is not ip:port (IPv6 as [addr]:port)"))?;
+            if a.ip().is_unspecified() || a.port() == 0 {
+                return Err(format!(
+                    "{at}.portals: {p:?} must be an address and port initiators can reach, not a wildcard"
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 impl ClusterConfig {
@@ -63,7 +140,13 @@ impl ClusterConfig {
             safety_margin_ms: default_margin_ms(),
             request_timeout_ms: default_timeout_ms(),
             prefix: default_prefix(),
+            gateways: Vec::new(),
         }
+    }
+
+    /// This gateway's entry in `gateways`, if the list is given.
+    pub fn this_gateway(&self) -> Option<&GatewayPortals> {
+        self.gateways.iter().find(|g| g.name == self.gateway)
     }
 
     /// Parse the body of a `[cluster]` table and validate it.
@@ -131,6 +214,47 @@ impl ClusterConfig {
         }
         Keys::check_prefix(&self.prefix)
             .map_err(|r| Error::Config(format!("cluster.prefix: {r}")))?;
+        self.validate_gateways().map_err(Error::Config)
+    }
+
+    /// Names, TPGTs (= relative target port identifiers) and addresses
+    /// unique cluster-wide; this gateway listed.
+    fn validate_gateways(&self) -> Result<(), String> {
+        if self.gateways.is_empty() {
+            return Ok(());
+        }
+        let mut names = HashMap::new();
+        let mut tpgts: HashMap<u16, &str> = HashMap::new();
+        let mut addrs: HashMap<SocketAddr, &str> = HashMap::new();
+        for (i, g) in self.gateways.iter().enumerate() {
+            g.validate(i)?;
+            if names.insert(g.name.as_str(), i).is_some() {
+                return Err(format!(
+                    "cluster.gateways: gateway {:?} is listed twice",
+                    g.name
+                ));
+            }
+            for (tpgt, addr) in g.portal_groups() {
+                if let Some(other) = tpgts.insert(tpgt, &g.name) {
+                    return Err(format!(
+                        "cluster.gateways: TPGT {tpgt} (the relative target port identifier too) belongs to both {other:?} and {:?}; TPGTs must be unique cluster-wide",
+                        g.name
+                    ));
+                }
+                if let Some(other) = addrs.insert(addr, &g.name) {
+                    return Err(format!(
+                        "cluster.gateways: portal {addr} is listed for both {other:?} and {:?}",
+                        g.name
+                    ));
+                }
+            }
+        }
+        if self.this_gateway().is_none() {
+            return Err(format!(
+                "cluster.gateways: this gateway ({:?}) is not listed",
+                self.gateway
+            ));
+        }
         Ok(())
     }
 }
@@ -223,6 +347,64 @@ mod tests {
             (base, "missing field"),
         ] {
             let m = err(text);
+            assert!(m.contains(needle), "{text:?}: {m:?} lacks {needle:?}");
+            assert!(!m.contains('\n'), "{m:?} spans lines");
+        }
+    }
+
+    #[test]
+    fn gateway_list() {
+        let head = "endpoints = [\"http://h:1\"]\ngateway = \"a\"\n";
+        let gw = |name: &str, portals: &str, first: u16| {
+            format!(
+                "[[gateways]]\nname = \"{name}\"\nportals = [{portals}]\nfirst_tpgt = {first}\n"
+            )
+        };
+        let c = ClusterConfig::from_toml(&format!(
+            "{head}{}{}",
+            gw("a", "\"127.0.0.1:3260\", \"127.0.0.1:3261\"", 1),
+            gw("b", "\"[::1]:3260\"", 3)
+        ))
+        .unwrap();
+        assert_eq!(c.this_gateway().map(|g| g.name.as_str()), Some("a"));
+        assert_eq!(
+            c.gateways[1].portal_groups(),
+            vec![(3, "[::1]:3260".parse().unwrap())]
+        );
+        assert_eq!(
+            c.gateways[0]
+                .portal_groups()
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>(),
+            vec![1, 2]
+        );
+        for (text, needle) in [
+            (
+                gw("b", "\"127.0.0.1:1\"", 1),
+                "this gateway (\"a\") is not listed",
+            ),
+            (
+                gw("a", "\"127.0.0.1:1\", \"127.0.0.1:2\"", 1) + &gw("b", "\"127.0.0.1:3\"", 2),
+                "TPGT 2",
+            ),
+            (
+                gw("a", "\"127.0.0.1:1\"", 1) + &gw("b", "\"127.0.0.1:1\"", 2),
+                "portal 127.0.0.1:1 is listed for both",
+            ),
+            (
+                gw("a", "\"127.0.0.1:1\"", 1) + &gw("a", "\"127.0.0.1:2\"", 2),
+                "listed twice",
+            ),
+            (gw("a", "\"0.0.0.0:1\"", 1), "not a wildcard"),
+            (gw("a", "\"127.0.0.1:0\"", 1), "not a wildcard"),
+            (gw("a", "\"localhost:1\"", 1), "is not ip:port"),
+            (gw("a", "", 1), "at least one portal"),
+            (gw("a", "\"127.0.0.1:1\"", 0), "first_tpgt: 0"),
+            (gw("a b", "\"127.0.0.1:1\"", 1), "cluster.gateways[0].name"),
+        ] {
+            let text = format!("{head}{text}");
+            let m = err(&text);
             assert!(m.contains(needle), "{text:?}: {m:?} lacks {needle:?}");
             assert!(!m.contains('\n'), "{m:?} spans lines");
         }

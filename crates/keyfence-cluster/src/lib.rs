@@ -35,10 +35,11 @@ mod gateway;
 mod keys;
 mod pr_store;
 mod record;
+mod status;
 mod watch;
 
 pub use client::{Change, Cluster, Committed, UpdateError, UPDATE_ATTEMPTS};
-pub use config::{ClusterConfig, MAX_LEASE_TTL_SECS, MIN_LEASE_TTL_SECS};
+pub use config::{ClusterConfig, GatewayPortals, MAX_LEASE_TTL_SECS, MIN_LEASE_TTL_SECS};
 pub use error::{Error, Unavailability};
 pub use fence::Applied;
 pub use gateway::{Gateway, GatewayEntry, GatewayRecord, Liveness, PortalGroup, GATEWAY_FORMAT};

@@ -791,6 +791,39 @@ impl Config {
         self.check_chap_secrets_not_shared()?;
         if let Some(c) = &self.cluster {
             c.validate().map_err(|e| invalid(e.to_string()))?;
+            self.check_own_portal_groups(c)?;
+        }
+        Ok(())
+    }
+
+    /// Cluster mode with `[[cluster.gateways]]`: every target is served on
+    /// exactly the portal groups this gateway's entry lists (other
+    /// gateways advertise them from that entry).
+    fn check_own_portal_groups(
+        &self,
+        c: &keyfence_cluster::ClusterConfig,
+    ) -> Result<(), ConfigError> {
+        let Some(me) = c.this_gateway() else {
+            return Ok(());
+        };
+        let want = me.portal_groups();
+        for t in &self.targets {
+            let have: Vec<(u16, SocketAddr)> = t.portal_groups().collect();
+            if have != want {
+                let show = |v: &[(u16, SocketAddr)]| {
+                    v.iter()
+                        .map(|(g, a)| format!("{a} (TPGT {g})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                return Err(invalid(format!(
+                    "target '{}': portals {} differ from cluster.gateways entry {:?}: {}; in cluster mode every target is served on this gateway's listed portal groups",
+                    t.name,
+                    show(&have),
+                    me.name,
+                    show(&want)
+                )));
+            }
         }
         Ok(())
     }
@@ -1157,6 +1190,40 @@ id = 0
         assert!(e.contains("first_tpgt 65535 with 2 portals"), "{e}");
         let e = err(&one.replace("first_tpgt = 11", "first_tpgt = 0"));
         assert!(e.contains("first_tpgt 0"), "{e}");
+    }
+
+    #[test]
+    fn cluster_gateway_list_must_match_own_portals() {
+        let one = r#"
+[[target]]
+name = "iqn.2026-11.io.keyfence:a"
+portals = ["127.0.0.1:3260", "127.0.0.1:3261"]
+first_tpgt = 11
+open = true
+[[target.lun]]
+id = 0
+[cluster]
+endpoints = ["http://127.0.0.1:2379"]
+gateway = "gw1"
+[[cluster.gateways]]
+name = "gw2"
+portals = ["127.0.0.1:4260"]
+first_tpgt = 1
+"#;
+        let mine = "[[cluster.gateways]]\nname = \"gw1\"\nportals = [\"127.0.0.1:3260\", \"127.0.0.1:3261\"]\nfirst_tpgt = 11\n";
+        let c = Config::from_toml(&format!("{one}{mine}"), "t.toml").unwrap();
+        let cl = c.cluster.as_ref().unwrap();
+        assert_eq!(cl.gateways.len(), 2);
+        assert_eq!(cl.this_gateway().unwrap().portal_groups().len(), 2);
+        let e = err(&format!("{one}{}", mine.replace("3261", "3262")));
+        assert!(
+            e.contains("target 'iqn.2026-11.io.keyfence:a': portals 127.0.0.1:3260 (TPGT 11), 127.0.0.1:3261 (TPGT 12) differ"),
+            "{e}"
+        );
+        let e = err(&format!("{one}{}", mine.replace("= 11", "= 12")));
+        assert!(e.contains("differ from cluster.gateways entry"), "{e}");
+        let e = err(one);
+        assert!(e.contains("this gateway (\"gw1\") is not listed"), "{e}");
     }
 
     #[test]
