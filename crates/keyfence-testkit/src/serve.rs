@@ -55,6 +55,7 @@ pub struct ServeBuilder {
     data_dir: Option<PathBuf>,
     config: Option<PathBuf>,
     log_level: Option<String>,
+    listen: Vec<SocketAddr>,
     args: Vec<OsString>,
 }
 
@@ -93,6 +94,17 @@ impl ServeBuilder {
         self
     }
 
+    /// `--listen` on these addresses (portal groups in this order) instead
+    /// of `127.0.0.1:0`, for a program that must know a portal before the
+    /// server starts (a cluster peer). Pick them with
+    /// [`crate::port::with_free_ports`] and start with
+    /// [`ServeBuilder::try_start`].
+    pub fn listen(mut self, addrs: &[SocketAddr]) -> Self {
+        self.listen = addrs.to_vec();
+        self.portals = addrs.len();
+        self
+    }
+
     /// `--log-level`.
     pub fn log_level(mut self, level: &str) -> Self {
         self.log_level = Some(level.into());
@@ -108,6 +120,13 @@ impl ServeBuilder {
     /// Start `serve` and wait (bounded) until it has printed its portals.
     /// Fails the test, with serve's log, when it exits or does not start.
     pub fn start(self) -> Serve {
+        self.try_start().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`ServeBuilder::start`] that reports a failed start (with serve's
+    /// log) instead of failing the test: for a caller that can retry with
+    /// other ports.
+    pub fn try_start(self) -> Result<Serve, String> {
         let dir = tempfile::tempdir().expect("tempdir");
         let data_dir = self
             .data_dir
@@ -122,8 +141,14 @@ impl ServeBuilder {
                 cmd.arg("--config").arg(file);
             }
             None => {
-                for _ in 0..self.portals {
-                    cmd.args(["--listen", "127.0.0.1:0"]);
+                if self.listen.is_empty() {
+                    for _ in 0..self.portals {
+                        cmd.args(["--listen", "127.0.0.1:0"]);
+                    }
+                } else {
+                    for a in &self.listen {
+                        cmd.arg("--listen").arg(a.to_string());
+                    }
                 }
                 if let Some(n) = &self.target_name {
                     cmd.args(["--target-name", n]);
@@ -158,15 +183,19 @@ impl ServeBuilder {
                 Ok(l) => l,
                 Err(mpsc::RecvTimeoutError::Timeout) if Instant::now() < deadline => {
                     if let Some(st) = s.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                        s.fail(&format!("keyfence serve exited at start-up ({st})"));
+                        return Err(s.failure(&format!("keyfence serve exited at start-up ({st})")));
                     }
                     continue;
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => s.fail(&format!(
-                    "keyfence serve printed no portals within {START_LIMIT:?}"
-                )),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    return Err(s.failure(&format!(
+                        "keyfence serve printed no portals within {START_LIMIT:?}"
+                    )))
+                }
                 Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    s.fail("keyfence serve closed its stdout before printing its portals")
+                    return Err(
+                        s.failure("keyfence serve closed its stdout before printing its portals")
+                    )
                 }
             };
             if let Some(name) = line.strip_prefix("target ") {
@@ -177,7 +206,7 @@ impl ServeBuilder {
                 s.portals.push(addr);
             }
         }
-        s
+        Ok(s)
     }
 }
 
@@ -226,6 +255,7 @@ impl Serve {
             data_dir: None,
             config: None,
             log_level: None,
+            listen: Vec::new(),
             args: Vec::new(),
         }
     }
@@ -303,9 +333,9 @@ impl Serve {
         }
     }
 
-    fn fail(&mut self, why: &str) -> ! {
+    fn failure(&mut self, why: &str) -> String {
         self.kill();
-        panic!("{why}\nserve log:\n{}", self.log());
+        format!("{why}\nserve log:\n{}", self.log())
     }
 }
 

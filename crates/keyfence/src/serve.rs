@@ -65,6 +65,19 @@ struct Args {
     /// port, printed at start). Overrides `metrics` of --config.
     #[arg(long = "metrics", value_name = "ADDR:PORT", value_parser = parse_metrics)]
     metrics: Option<std::net::SocketAddr>,
+    /// Cluster mode: another gateway's portal groups, as
+    /// NAME:FIRST_TPGT:ADDR[,ADDR...] (repeat per gateway). With it, this
+    /// gateway's --listen portals must be real addresses (not port 0), and
+    /// SendTargets, REPORT TARGET PORT GROUPS and ALL_TG_PT cover every
+    /// gateway. In a --config file: [[cluster.gateways]].
+    #[arg(
+        long = "peer",
+        value_name = "NAME:FIRST_TPGT:ADDRS",
+        requires = "cluster",
+        conflicts_with = "config",
+        value_parser = parse_peer
+    )]
+    peers: Vec<keyfence_cluster::GatewayPortals>,
     /// Log filter (error, warn, info, debug, trace or a tracing directive);
     /// RUST_LOG is used when this is not given.
     #[arg(long = "log-level", value_name = "LEVEL")]
@@ -77,6 +90,23 @@ fn parse_size(s: &str) -> Result<ByteSize, String> {
 
 fn parse_metrics(s: &str) -> Result<std::net::SocketAddr, String> {
     keyfence_target::config::parse_metrics_addr(s)
+}
+
+/// `NAME:FIRST_TPGT:ADDR[,ADDR...]` (the addresses are checked with the
+/// rest of the cluster configuration).
+fn parse_peer(s: &str) -> Result<keyfence_cluster::GatewayPortals, String> {
+    let mut it = s.splitn(3, ':');
+    let (Some(name), Some(tpgt), Some(addrs)) = (it.next(), it.next(), it.next()) else {
+        return Err(format!("{s:?}: expected NAME:FIRST_TPGT:ADDR[,ADDR...]"));
+    };
+    let first_tpgt = tpgt
+        .parse::<u16>()
+        .map_err(|_| format!("{s:?}: FIRST_TPGT {tpgt:?} is not a number in 1..=65535"))?;
+    Ok(keyfence_cluster::GatewayPortals {
+        name: name.to_string(),
+        portals: addrs.split(',').map(|a| a.trim().to_string()).collect(),
+        first_tpgt,
+    })
 }
 
 pub fn run(args: &[OsString]) -> ExitCode {
@@ -178,8 +208,20 @@ fn config_from_args(args: &Args) -> Result<Config> {
             }
             None => keyfence_cluster::ClusterConfig::new(endpoints, gateway),
         };
-        c.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut c = c;
+        if !args.peers.is_empty() {
+            // This gateway's entry is its own (only) target's portals.
+            let own = &cfg.targets[0];
+            c.gateways = std::iter::once(keyfence_cluster::GatewayPortals {
+                name: gateway.clone(),
+                portals: own.portal_addrs.iter().map(|a| a.to_string()).collect(),
+                first_tpgt: own.first_tpgt,
+            })
+            .chain(args.peers.iter().cloned())
+            .collect();
+        }
         cfg.cluster = Some(c);
+        cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
     Ok(cfg)
 }

@@ -47,6 +47,7 @@ impl InMemoryTarget {
         let target = TargetRt {
             name: TARGET_NAME.into(),
             portals: vec![Portal { tpgt: 1, addr }],
+            peer_portals: Vec::new(),
             luns: [(0, Arc::new(lu))].into_iter().collect(),
             lun_list,
             backing: [(0, "memory".to_string())].into_iter().collect(),

@@ -682,6 +682,13 @@ pub(super) fn discovered_targets(
                     let addr = std::net::SocketAddr::new(l, p.addr.port());
                     Some((format_address(addr), p.tpgt))
                 })
+                // Cluster mode: the other gateways' portal groups (never
+                // wildcards: the configuration refuses them).
+                .chain(
+                    t.peer_portals
+                        .iter()
+                        .map(|(_, p)| (format_address(p.addr), p.tpgt)),
+                )
                 .collect(),
         })
         .collect()

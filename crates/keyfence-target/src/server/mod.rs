@@ -105,6 +105,10 @@ pub(crate) struct TargetRt {
     pub name: String,
     /// Portal groups in TPGT order.
     pub portals: Vec<Portal>,
+    /// Cluster mode: the other gateways' portal groups
+    /// (`[[cluster.gateways]]`) as (gateway name, portal), in TPGT order.
+    /// SendTargets lists them after this gateway's own.
+    pub peer_portals: Vec<(String, Portal)>,
     pub luns: BTreeMap<u64, Arc<LogicalUnit>>,
     pub lun_list: Arc<TargetLuns>,
     /// What each LUN is stored on, for `describe`.
@@ -258,14 +262,30 @@ impl Server {
                 Some((c, Arc::new(gw)))
             }
         };
+        // The other gateways' portal groups: every clustered LU is reached
+        // through them too, so its target ports (ALL_TG_PT, READ FULL
+        // STATUS, REPORT TARGET PORT GROUPS) include theirs.
+        let mut peers: Vec<(String, Portal)> = config
+            .cluster
+            .iter()
+            .flat_map(|c| c.gateways.iter().filter(move |g| g.name != c.gateway))
+            .flat_map(|g| {
+                g.portal_groups()
+                    .into_iter()
+                    .map(|(tpgt, addr)| (g.name.clone(), Portal { tpgt, addr }))
+            })
+            .collect();
+        peers.sort_by_key(|(_, p)| p.tpgt);
         let mut follow = Vec::new();
         let mut targets = Vec::with_capacity(config.targets.len());
         for (tc, mut tportals) in config.targets.iter().zip(portals) {
             tportals.sort_by_key(|p| p.tpgt);
-            let ports: Vec<TargetPort> = tportals
+            let mut ports: Vec<TargetPort> = tportals
                 .iter()
+                .chain(peers.iter().map(|(_, p)| p))
                 .map(|p| TargetPort::new(&tc.name, p.tpgt, p.tpgt))
                 .collect();
+            ports.sort_by_key(|p| p.tpgt);
             let lun_list = Arc::new(TargetLuns::new(
                 tc.luns.iter().map(|l| u64::from(l.id)).collect(),
             ));
@@ -353,6 +373,7 @@ impl Server {
             targets.push(TargetRt {
                 name: tc.name.clone(),
                 portals: tportals,
+                peer_portals: peers.clone(),
                 luns,
                 lun_list,
                 backing: backing_desc,
@@ -440,6 +461,9 @@ impl Server {
             let _ = writeln!(s, "target {}", t.name);
             for p in &t.portals {
                 let _ = writeln!(s, "  portal {} (TPGT {})", p.addr, p.tpgt);
+            }
+            for (gw, p) in &t.peer_portals {
+                let _ = writeln!(s, "  gateway {gw}: portal {} (TPGT {})", p.addr, p.tpgt);
             }
             if let Some(c) = &t.chap {
                 let _ = writeln!(
