@@ -272,7 +272,15 @@ impl Reservations {
                 keyfence_pr::pr_out(st, &n, &ctx, &c, &d)
             });
             let (outcome, after) = self.commit_shared(shared.as_ref(), change);
-            log_pr_out(self.ctx.lun, nexus, cdb, data, &outcome, after.as_ref());
+            log_pr_out(
+                shared.gateway(),
+                self.ctx.lun,
+                nexus,
+                cdb,
+                data,
+                &outcome,
+                after.as_ref(),
+            );
             return outcome;
         }
         let drain_turn = self.drain.lock().unwrap_or_else(|e| e.into_inner());
@@ -323,7 +331,15 @@ impl Reservations {
             }
         }
         drop(drain_turn);
-        log_pr_out(self.ctx.lun, nexus, cdb, data, &outcome, after.as_deref());
+        log_pr_out(
+            None,
+            self.ctx.lun,
+            nexus,
+            cdb,
+            data,
+            &outcome,
+            after.as_deref(),
+        );
         outcome
     }
 
@@ -492,8 +508,10 @@ fn result_text(o: &CommandOutcome) -> String {
     }
 }
 
-/// One line per PR OUT: who, what, keys, type, result.
+/// One line per PR OUT: who, what, keys, type, result; `gateway` names the
+/// cluster gateway that ran it (cluster mode).
 fn log_pr_out(
+    gateway: Option<&str>,
     lun: u64,
     nexus: &Nexus,
     cdb: &[u8],
@@ -523,6 +541,7 @@ fn log_pr_out(
     let aborts = outcome.effects.len();
     if outcome.status == keyfence_scsi::ScsiStatus::Good {
         tracing::info!(
+            gateway,
             lun,
             nexus = %nexus,
             action,
@@ -536,6 +555,7 @@ fn log_pr_out(
         );
     } else {
         tracing::warn!(
+            gateway,
             lun,
             nexus = %nexus,
             action,

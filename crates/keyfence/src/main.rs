@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 mod bench;
 mod cli;
+mod cluster_status;
 mod fence;
 mod install_links;
 mod manual;
@@ -30,6 +31,7 @@ Commands:
   mpathpersist  mpathpersist-compatible multipath PR tool (also run as mpathpersist)
   takeover      take back PR registration/reservation after a new I_T nexus
   pr            inspect PR state: `keyfence pr show`
+  cluster       inspect a cluster in etcd: `keyfence cluster status`
   bench         block I/O load over iSCSI at a fixed queue depth
   fence         I/O fencing: agent (also run as fence_keyfence), check, acquire, race
   install-links DIR
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
         "sg_persist" => persist::run(rest, "keyfence sg_persist"),
         "mpathpersist" => mpathpersist::run(rest),
         "pr" => pr_show::run(rest),
+        "cluster" => cluster_status::run(rest),
         "takeover" => takeover::run(rest),
         "bench" => bench::run(rest),
         "fence" => fence::run(rest),

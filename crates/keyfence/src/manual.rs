@@ -156,6 +156,7 @@ pub fn command() -> Command {
         .subcommand(getopt_command(&mpathpersist))
         .subcommand(getopt_command(&takeover))
         .subcommand(crate::pr_show::command().name("pr"))
+        .subcommand(crate::cluster_status::command().name("cluster"))
         .subcommand(crate::bench::command().name("bench"))
         .subcommand(fence_command())
         .subcommand(crate::install_links::command().name("install-links"))
@@ -248,6 +249,7 @@ pub fn pages() -> Vec<(String, Vec<u8>)> {
     for cmd in [
         crate::serve::command().name("serve"),
         crate::pr_show::command().name("pr"),
+        crate::cluster_status::command().name("cluster"),
         crate::bench::command().name("bench"),
         crate::install_links::command().name("install-links"),
         ManArgs::command_for("man"),

@@ -7,7 +7,11 @@
 //!   PERSISTENT RESERVE IN (READ FULL STATUS, READ RESERVATION, REPORT
 //!   CAPABILITIES); works with any SPC-4 target, not only keyfence.
 //!
-//! Both print the same view: PRgeneration, APTPL, the reservation (holder
+//! * `--cluster-config FILE` or `--etcd ENDPOINTS`: the committed state of
+//!   every clustered LU in etcd (cluster mode, docs/cluster.md), with the
+//!   revision, change count and committing gateway of each.
+//!
+//! All print the same view: PRgeneration, APTPL, the reservation (holder
 //! key, type, scope) and every registration (key, initiator port
 //! `name,i,0xISID`, relative target port, ALL_TG_PT, holder). A file
 //! holds the PRgeneration of the last change; after a restart the target
@@ -60,6 +64,10 @@ enum Cmd {
         #[arg(long, value_name = "SECS", default_value_t = 10, requires = "url",
               value_parser = clap::value_parser!(u64).range(1..=3600))]
         timeout: u64,
+        /// Cluster mode: read every clustered LU's committed state from
+        /// etcd instead.
+        #[command(flatten)]
+        etcd: crate::cluster_status::EtcdArgs,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
@@ -83,10 +91,23 @@ struct LuView {
     /// Version counter of the state file (file mode only).
     #[serde(skip_serializing_if = "Option::is_none")]
     store_version: Option<u64>,
+    /// Where the committed state stands in etcd (cluster mode only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster: Option<ClusterView>,
     generation: u32,
     aptpl: bool,
     reservation: Option<ReservationView>,
     registrations: Vec<RegistrationView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+struct ClusterView {
+    /// etcd mod revision of the LU's state record.
+    revision: i64,
+    /// Number of committed changes.
+    seq: u64,
+    /// The gateway that committed the last change.
+    writer: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -133,31 +154,46 @@ pub fn run(args: &[OsString]) -> ExitCode {
         initiator_name,
         isid,
         timeout,
+        etcd,
         json,
     } = cli.cmd;
-    let shown = match url {
-        Some(url) => {
-            let cfg = SessionConfig {
-                initiator_name,
-                isid,
-                login_timeout: Duration::from_secs(timeout),
-                ..SessionConfig::default()
-            };
-            match read_live(&url, &cfg) {
-                Ok(v) => vec![Shown::Lu(v)],
-                Err(e) => {
-                    eprintln!("keyfence pr show: {}: {e}", url.to_url_string());
-                    return ExitCode::from(1);
-                }
-            }
-        }
-        None => match read_persisted(&data_dir) {
+    if etcd.given() && url.is_some() {
+        eprintln!("keyfence pr show: --url and --cluster-config/--etcd exclude each other");
+        return ExitCode::from(2);
+    }
+    let shown = if etcd.given() {
+        match crate::cluster_status::runtime().and_then(|rt| rt.block_on(read_cluster(&etcd))) {
             Ok(s) => s,
             Err(e) => {
                 eprintln!("keyfence pr show: {e}");
                 return ExitCode::from(1);
             }
-        },
+        }
+    } else {
+        match url {
+            Some(url) => {
+                let cfg = SessionConfig {
+                    initiator_name,
+                    isid,
+                    login_timeout: Duration::from_secs(timeout),
+                    ..SessionConfig::default()
+                };
+                match read_live(&url, &cfg) {
+                    Ok(v) => vec![Shown::Lu(v)],
+                    Err(e) => {
+                        eprintln!("keyfence pr show: {}: {e}", url.to_url_string());
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            None => match read_persisted(&data_dir) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("keyfence pr show: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+        }
     };
     let failed = shown.iter().any(|s| matches!(s, Shown::Unreadable { .. }));
     if json {
@@ -168,6 +204,8 @@ pub fn run(args: &[OsString]) -> ExitCode {
                 return ExitCode::from(1);
             }
         }
+    } else if shown.is_empty() && etcd.given() {
+        println!("no clustered LU has PR state in etcd yet");
     } else if shown.is_empty() {
         println!(
             "no persisted PR state under {} (APTPL never set, or cleared)",
@@ -249,8 +287,50 @@ fn scope_text(scope: u8) -> String {
     }
 }
 
+// ---------------------------------------------------------- cluster ---
+
+/// Every clustered LU's committed state, sorted by LU id.
+async fn read_cluster(etcd: &crate::cluster_status::EtcdArgs) -> Result<Vec<Shown>, String> {
+    let c = etcd.connect().await?;
+    let mut ids = c.lus().await.map_err(|e| e.to_string())?;
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let source = format!("etcd {}", c.keys().state(&id));
+        match c.read(&id).await {
+            Ok(s) => {
+                let (target, lun) = crate::cluster_status::split_lu_id(&id);
+                let mut v = view_of_state(&s.state, source, target, lun);
+                v.cluster = Some(ClusterView {
+                    revision: s.revision,
+                    seq: s.seq,
+                    writer: s.writer.clone(),
+                });
+                out.push(Shown::Lu(v));
+            }
+            Err(e) if e.is_unavailable() => return Err(e.to_string()),
+            Err(e) => out.push(Shown::Unreadable {
+                source,
+                error: e.to_string(),
+            }),
+        }
+    }
+    Ok(out)
+}
+
 fn view_of_file(path: &Path, file: &StateFile) -> LuView {
     let state = PrState::from(file.state.clone());
+    let mut v = view_of_state(
+        &state,
+        path.display().to_string(),
+        file.target.clone(),
+        file.lun,
+    );
+    v.store_version = Some(file.version);
+    v
+}
+
+fn view_of_state(state: &PrState, source: String, target: String, lun: u64) -> LuView {
     let reservation = state.reservation.as_ref().map(|r| {
         let key = r
             .holder
@@ -265,10 +345,11 @@ fn view_of_file(path: &Path, file: &StateFile) -> LuView {
         }
     });
     LuView {
-        source: path.display().to_string(),
-        target: file.target.clone(),
-        lun: file.lun,
-        store_version: Some(file.version),
+        source,
+        target,
+        lun,
+        store_version: None,
+        cluster: None,
         generation: state.generation,
         aptpl: state.aptpl,
         reservation,
@@ -345,6 +426,7 @@ fn view_of_live(
         target: url.target().unwrap_or_default().to_string(),
         lun: u64::from(url.lun().unwrap_or(0)),
         store_version: None,
+        cluster: None,
         generation: full.generation,
         aptpl: caps.ptpl_a,
         reservation: resv.reservation.map(|r| ReservationView {
@@ -388,6 +470,13 @@ fn table(s: &Shown) -> String {
     );
     if let Some(ver) = v.store_version {
         let _ = write!(o, "  store version {ver}");
+    }
+    if let Some(c) = &v.cluster {
+        let _ = write!(
+            o,
+            "  revision {} (change {}, by {})",
+            c.revision, c.seq, c.writer
+        );
     }
     let _ = writeln!(o, "  ({})", v.source);
     match &v.reservation {

@@ -40,4 +40,9 @@ pub trait SharedPrState: Send + Sync + std::fmt::Debug {
     /// Commit in the background, for callers that must not block (the
     /// effects of I_T nexus loss and resets). Failures are logged.
     fn commit_detached(&self, change: SharedChange);
+
+    /// The name of this gateway, for the PR change log lines.
+    fn gateway(&self) -> Option<&str> {
+        None
+    }
 }

@@ -144,6 +144,10 @@ impl SharedPrState for EtcdPrState {
             let _ = fut.await;
         });
     }
+
+    fn gateway(&self) -> Option<&str> {
+        Some(self.cluster.gateway())
+    }
 }
 
 /// Install `s` on this gateway's LU and deliver what it carries for the
