@@ -14,6 +14,12 @@ or 1 (failures), exiting 1 without a failed test, not reaching the end of
 its run, or fewer tests than --min-tests. The last line printed is always
 `conformance: N passed, N failed, N skipped`.
 
+--cluster runs keyfence in cluster mode instead: a three-member etcd on
+loopback and two gateways over one backing file, the two URLs on different
+gateways, and iscsi-test-cu's PR suites (Prin*, Prout*, Reserve6) and the
+multipath suite (MultipathIO), one run per suite against the same cluster
+(--test: a comma-separated list of suites to run instead).
+
 --acl (keyfence only) serves the target with initiator ACLs instead of
 `open = true`: only iscsi-test-cu's two initiator names (passed to it
 explicitly with -i/-I; the second is the one its multipath tests use) may
@@ -29,9 +35,15 @@ import subprocess
 import sys
 import tempfile
 
-from targets import KeyfenceTarget, TgtTarget
+from targets import ClusterTarget, KeyfenceTarget, TgtTarget
 
 PR_SUITES = ("Prin", "Prout", "Reserve6")
+# What --cluster runs: every PR suite and the multipath suite.
+CLUSTER_SUITES = ("ALL.PrinReadKeys", "ALL.PrinServiceactionRange", "ALL.PrinReportCapabilities",
+                  "ALL.ProutRegister", "ALL.ProutReserve", "ALL.ProutClear", "ALL.ProutPreempt",
+                  "ALL.Reserve6", "ALL.MultipathIO")
+# Tests in CLUSTER_SUITES today; fewer means suites went missing.
+CLUSTER_TESTS = 31
 # The initiator names iscsi-test-cu uses (its -i and -I defaults).
 INITIATOR_NAMES = ("iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test",
                    "iqn.2007-10.com.github:sahlberg:libiscsi:iscsi-test-2")
@@ -119,12 +131,21 @@ def main():
     ap.add_argument("--json", help="write per-test outcomes here")
     ap.add_argument("--log", help="keep iscsi-test-cu's output here")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--cluster", action="store_true",
+                    help="keyfence in cluster mode: etcd and two gateways, one URL on each; "
+                         "runs the PR and multipath suites")
+    ap.add_argument("--etcd", default=shutil.which("etcd") or "/usr/bin/etcd",
+                    help="etcd binary for --cluster")
     ap.add_argument("--acl", action="store_true",
                     help="serve with ACLs admitting only iscsi-test-cu's initiator names")
     ap.add_argument("--min-tests", type=int, default=None,
                     help=f"fail when fewer tests ran (default {ALL_TESTS} for --test=ALL, "
                          "else 1)")
     args = ap.parse_args()
+    if args.cluster and args.test == "ALL":
+        args.test = ",".join(CLUSTER_SUITES)
+        if args.min_tests is None:
+            args.min_tests = CLUSTER_TESTS
     if args.min_tests is None:
         args.min_tests = ALL_TESTS if args.test == "ALL" else 1
     sys.stdout.reconfigure(line_buffering=True)
@@ -170,34 +191,65 @@ def main():
         if not COMPLETED_RE.search(text):
             problems.append(f"iscsi-test-cu --test={test} did not complete its run")
 
+    if args.cluster and (args.peer != "keyfence" or args.acl):
+        print("--cluster applies to --peer keyfence without --acl", file=sys.stderr)
+        print("conformance: 0 passed, 0 failed, 0 skipped")
+        return 2
+    if args.cluster and not os.access(args.etcd, os.X_OK):
+        print(f"etcd not found ({args.etcd}): apt-get install etcd-server", file=sys.stderr)
+        print("conformance: 0 passed, 0 failed, 0 skipped")
+        return 2
     if args.acl and args.peer != "keyfence":
         print("--acl applies to --peer keyfence only", file=sys.stderr)
         print("conformance: 0 passed, 0 failed, 0 skipped")
         return 2
     acl = INITIATOR_NAMES if args.acl else None
     try:
-        if args.peer == "keyfence":
-            target = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "rw"),
-                                    args.size, acl=acl)
+        if args.cluster:
+            target = ClusterTarget(os.path.abspath(args.binary), os.path.join(workdir, "cluster"),
+                                   args.size, etcd=args.etcd)
+            os.makedirs(target.workdir)
+            text = ""
+            try:
+                urls = target.start()
+                for test in args.test.split(","):
+                    print(f"running iscsi-test-cu --test={test} across gateways: {' '.join(urls)}",
+                          flush=True)
+                    names = [f"--initiator-name={INITIATOR_NAMES[0]}",
+                             f"--initiator-name-2={INITIATOR_NAMES[1]}"]
+                    run = subprocess.run(["iscsi-test-cu", "-d", *names, f"--test={test}", *urls],
+                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                         timeout=args.timeout, cwd=workdir)
+                    out = run.stdout.decode("utf-8", "replace")
+                    check_exit(test, out, run.returncode)
+                    text += out + "\n"
+            finally:
+                target.stop()
+            results, summary = parse(text)
+            summary = None  # one CUnit summary per suite run
         else:
-            target = TgtTarget(os.path.join(workdir, "rw"), args.size)
-        os.makedirs(target.workdir)
-        text, rc = run_suite(target, args.test, 2)
-        check_exit(args.test, text, rc)
-        results, summary = parse(text)
-        # The ReadOnly suite only runs against a write-protected LU: give it one.
-        if args.peer == "keyfence" and any(r[0] == "ReadOnly" and r[2] == "skipped"
-                                           for r in results):
-            ro = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "ro"),
-                                args.size, read_only=True, acl=acl)
-            os.makedirs(ro.workdir)
-            ro_text, ro_rc = run_suite(ro, "ALL.ReadOnly", 1)
-            check_exit("ALL.ReadOnly", ro_text, ro_rc)
-            ro_results, _ = parse(ro_text)
-            if ro_results:
-                results = [r for r in results if r[0] != "ReadOnly"] + ro_results
-                text += "\n" + ro_text
-                summary = None
+            if args.peer == "keyfence":
+                target = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "rw"),
+                                        args.size, acl=acl)
+            else:
+                target = TgtTarget(os.path.join(workdir, "rw"), args.size)
+            os.makedirs(target.workdir)
+            text, rc = run_suite(target, args.test, 2)
+            check_exit(args.test, text, rc)
+            results, summary = parse(text)
+            # The ReadOnly suite only runs against a write-protected LU: give it one.
+            if args.peer == "keyfence" and any(r[0] == "ReadOnly" and r[2] == "skipped"
+                                               for r in results):
+                ro = KeyfenceTarget(os.path.abspath(args.binary), os.path.join(workdir, "ro"),
+                                    args.size, read_only=True, acl=acl)
+                os.makedirs(ro.workdir)
+                ro_text, ro_rc = run_suite(ro, "ALL.ReadOnly", 1)
+                check_exit("ALL.ReadOnly", ro_text, ro_rc)
+                ro_results, _ = parse(ro_text)
+                if ro_results:
+                    results = [r for r in results if r[0] != "ReadOnly"] + ro_results
+                    text += "\n" + ro_text
+                    summary = None
     except (RuntimeError, subprocess.SubprocessError, OSError) as e:
         print(f"conformance run failed: {e}", file=sys.stderr, flush=True)
         print("conformance: 0 passed, 0 failed, 0 skipped")

@@ -229,3 +229,130 @@ class TgtTarget:
             self.proc.wait()
         # Our tgtd held this control port until now: remove its files.
         remove_control_files(self.control)
+
+
+def _stop(proc, what, timeout=20):
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc and proc.returncode not in (0, None, -signal.SIGKILL, -signal.SIGTERM):
+        print(f"warning: {what} exited with status {proc.returncode}", file=sys.stderr)
+
+
+class ClusterTarget:
+    """keyfence in cluster mode: a three-member etcd on loopback and two
+    gateways (gwa: TPGT 1, gwb: TPGT 2), each told the other's portal, over
+    one shared backing file. start() returns one URL per gateway, so a
+    second URL drives the multipath suites across gateways."""
+
+    def __init__(self, binary, workdir, size, etcd="etcd"):
+        self.binary = binary
+        self.workdir = workdir
+        self.size = size
+        self.etcd = etcd
+        self.etcds = []
+        self.gateways = []
+        self.endpoints = None
+
+    def _start_etcd(self):
+        ports = [free_port() for _ in range(6)]
+        if len(set(ports)) < 6:
+            raise OSError("port clash")
+        token = f"kf-conf-{os.getpid()}-{ports[0]}"
+        initial = ",".join(f"m{i}=http://127.0.0.1:{ports[3 + i]}" for i in range(3))
+        for i in range(3):
+            cp, pp = ports[i], ports[3 + i]
+            log = open(os.path.join(self.workdir, f"etcd{i}.log"), "w")
+            self.etcds.append(subprocess.Popen(
+                [self.etcd, "--name", f"m{i}", "--data-dir", os.path.join(self.workdir, f"etcd{i}"),
+                 "--listen-client-urls", f"http://127.0.0.1:{cp}",
+                 "--advertise-client-urls", f"http://127.0.0.1:{cp}",
+                 "--listen-peer-urls", f"http://127.0.0.1:{pp}",
+                 "--initial-advertise-peer-urls", f"http://127.0.0.1:{pp}",
+                 "--initial-cluster", initial, "--initial-cluster-state", "new",
+                 "--initial-cluster-token", token,
+                 "--heartbeat-interval", "50", "--election-timeout", "500",
+                 "--logger", "zap", "--log-level", "warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        self.endpoints = ",".join(f"http://127.0.0.1:{p}" for p in ports[:3])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if any(p.poll() is not None for p in self.etcds):
+                raise RuntimeError("an etcd member exited at start-up")
+            r = subprocess.run([self.binary, "cluster", "status", "--etcd", self.endpoints],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if r.returncode == 0:
+                return
+            time.sleep(0.3)
+        raise RuntimeError("etcd cluster not healthy within 30 s")
+
+    def _start_gateways(self):
+        shared = os.path.join(self.workdir, "shared.img")
+        if not os.path.exists(shared):
+            with open(shared, "wb") as f:
+                f.truncate(self.size)
+        ports = [free_port(), free_port()]
+        names = ["gwa", "gwb"]
+        for i in range(2):
+            data = os.path.join(self.workdir, names[i])
+            os.makedirs(data, exist_ok=True)
+            img = os.path.join(data, "lun0.img")
+            if not os.path.lexists(img):
+                os.symlink(shared, img)
+            log_path = os.path.join(self.workdir, f"{names[i]}.log")
+            log = open(log_path, "w")
+            proc = subprocess.Popen(
+                [self.binary, "serve", "--data-dir", data, "--target-name", KEYFENCE_IQN,
+                 "--size", str(self.size), "--listen", f"127.0.0.1:{ports[i]}",
+                 "--first-tpgt", str(i + 1), "--cluster", self.endpoints,
+                 "--gateway", names[i],
+                 "--peer", f"{names[1 - i]}:{2 - i}:127.0.0.1:{ports[1 - i]}",
+                 "--log-level", "warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            self.gateways.append(proc)
+            wait_banner(log_path, proc, 1)
+        return ports
+
+    def start(self):
+        for attempt in range(5):
+            try:
+                if not self.etcds:
+                    self._start_etcd()
+                ports = self._start_gateways()
+                break
+            except (OSError, RuntimeError) as e:
+                for g in self.gateways:
+                    _stop(g, "gateway")
+                self.gateways = []
+                if not self.endpoints or any(p.poll() is not None for p in self.etcds):
+                    for p in self.etcds:
+                        _stop(p, "etcd")
+                    self.etcds = []
+                if attempt == 4:
+                    raise RuntimeError(f"cluster did not start: {e}")
+        # A gateway serves the LU once it installed the committed state.
+        urls = [f"iscsi://127.0.0.1:{p}/{KEYFENCE_IQN}/0" for p in ports]
+        deadline = time.monotonic() + 30
+        for u in urls:
+            while True:
+                r = subprocess.run([self.binary, "persist", "-n", "-k", u],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if r.returncode == 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"gateway at {u} does not serve the LU within 30 s")
+                time.sleep(0.2)
+        return urls
+
+    def stop(self):
+        """Gateways first, while etcd is still there; then etcd."""
+        for g in self.gateways:
+            _stop(g, "keyfence gateway")
+        self.gateways = []
+        for p in self.etcds:
+            _stop(p, "etcd")
+        self.etcds = []
