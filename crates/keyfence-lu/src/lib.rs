@@ -526,7 +526,8 @@ impl LogicalUnit {
     /// LOGICAL UNIT RESET task management function.
     pub fn lu_reset(&self) {
         self.ua.reset_all(asc::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
-        self.reservations.on_lu_reset();
+        self.reservations
+            .on_lu_reset(asc::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
     }
 
     /// TARGET WARM RESET / TARGET COLD RESET.

@@ -447,8 +447,12 @@ impl Reservations {
         }
     }
 
-    /// LOGICAL UNIT RESET: SPC-2 reservation released.
-    pub fn on_lu_reset(&self) {
+    /// LOGICAL UNIT RESET: SPC-2 reservation released; in cluster mode
+    /// the other gateways establish `asc` for their I_T nexuses too.
+    pub fn on_lu_reset(&self, asc: keyfence_scsi::sense::Asc) {
+        if let Some(shared) = &self.shared {
+            shared.unit_attention_elsewhere(asc);
+        }
         self.reset();
     }
 

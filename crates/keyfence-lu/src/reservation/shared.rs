@@ -16,6 +16,7 @@
 //! [`Reservations::install`]: super::Reservations::install
 
 use keyfence_pr::{Applied, PrState, Refusal};
+use keyfence_scsi::sense::Asc;
 
 /// A transition of the shared state: the engine run on the committed
 /// state. Must be a pure function of the state it is given: it may run
@@ -40,6 +41,13 @@ pub trait SharedPrState: Send + Sync + std::fmt::Debug {
     /// Commit in the background, for callers that must not block (the
     /// effects of I_T nexus loss and resets). Failures are logged.
     fn commit_detached(&self, change: SharedChange);
+
+    /// Establish `asc` for every I_T nexus of the LU on every gateway but
+    /// this one (LOGICAL UNIT RESET: this gateway establishes it for its
+    /// own nexuses at once). Default: nothing.
+    fn unit_attention_elsewhere(&self, asc: Asc) {
+        let _ = asc;
+    }
 
     /// The name of this gateway, for the PR change log lines.
     fn gateway(&self) -> Option<&str> {

@@ -216,7 +216,7 @@ fn spc2_reservation_ends_with_nexus_loss_and_resets() {
     r.on_nexus_loss(&a);
     assert!(r.check(&b, &tur));
     assert_eq!(r.execute(&b, &reserve6, &[]).status, ScsiStatus::Good);
-    r.on_lu_reset();
+    r.on_lu_reset(keyfence_scsi::sense::asc::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
     assert!(r.check(&a, &tur));
     assert_eq!(r.execute(&a, &reserve6, &[]).status, ScsiStatus::Good);
     r.on_target_reset();

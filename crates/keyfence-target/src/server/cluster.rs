@@ -14,7 +14,7 @@ use keyfence_cluster::{
 use keyfence_lu::reservation::{SharedChange, SharedPrState};
 use keyfence_lu::{LogicalUnit, UaScope};
 use keyfence_pr::{PrState, Refusal};
-use keyfence_scsi::sense::asc;
+use keyfence_scsi::sense::{asc, Asc};
 use keyfence_scsi::{Nexus, Sense, SenseKey};
 use tokio::runtime::Handle;
 
@@ -145,6 +145,63 @@ impl SharedPrState for EtcdPrState {
         });
     }
 
+    fn unit_attention_elsewhere(&self, asc: Asc) {
+        // One committed change with no state change and one unit attention
+        // for every nexus; this gateway's follower skips it (it queued its
+        // own at once). Waited for (as far as the thread may wait) until
+        // every live gateway applied it, so that a command through another
+        // gateway right after the reset's response sees it.
+        let (cluster, lu, wait) = (self.cluster.clone(), self.lu.clone(), self.apply_wait);
+        let fut = async move {
+            let r = async {
+                let c = cluster
+                    .update(&lu, |s: &LuState| {
+                        Ok::<_, Refusal>(Change {
+                            state: s.state.clone(),
+                            unit_attentions: vec![(None, asc)],
+                            aborts: Vec::new(),
+                        })
+                    })
+                    .await
+                    .map_err(|e| format!("{e:?}"))?;
+                let rev = c.state.revision;
+                cluster
+                    .wait_applied(&lu, rev, tokio::time::Instant::now() + wait)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok::<i64, String>(rev)
+            }
+            .await;
+            match &r {
+                Ok(rev) => {
+                    tracing::info!(gateway = cluster.gateway(), lu = %lu, revision = rev, asc = ?asc, "unit attention for every gateway's nexuses committed and applied")
+                }
+                Err(e) => {
+                    tracing::error!(gateway = cluster.gateway(), lu = %lu, error = %e, "unit attention for the other gateways not confirmed")
+                }
+            }
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            fut.await;
+            let _ = tx.send(());
+        });
+        // A worker of a multi-thread runtime waits in block_in_place (the
+        // commit runs on the other workers); a current-thread runtime
+        // cannot wait; a plain thread just waits.
+        use tokio::runtime::RuntimeFlavor;
+        let limit = self.apply_wait * 2 + Duration::from_secs(5);
+        match Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                let _ = tokio::task::block_in_place(|| rx.recv_timeout(limit));
+            }
+            Ok(_) => {}
+            Err(_) => {
+                let _ = rx.recv_timeout(limit);
+            }
+        }
+    }
+
     fn gateway(&self) -> Option<&str> {
         Some(self.cluster.gateway())
     }
@@ -158,16 +215,22 @@ async fn apply(
     target: usize,
     lu: &Arc<LogicalUnit>,
     tpgts: &HashSet<u16>,
+    me: &str,
     s: &LuState,
     applied_seq: u64,
     resync: bool,
 ) {
+    // A unit attention for every nexus that this gateway committed as the
+    // one change since the last applied (LOGICAL UNIT RESET) was queued
+    // for its own nexuses when it was committed.
+    let own_broadcast = s.writer == me && s.seq == applied_seq + 1;
     lu.reservations().install(s.state.clone());
     let ua = lu.unit_attentions();
     match s.unit_attentions_after(applied_seq) {
         UaCatchUp::Complete(list) => {
             for u in list {
                 match &u.nexus {
+                    None if own_broadcast => {}
                     None => ua.queue(UaScope::All, u.asc),
                     Some(n) if tpgts.contains(&n.target.tpgt) => ua.queue(UaScope::Nexus(n), u.asc),
                     Some(_) => {}
@@ -243,7 +306,17 @@ pub(crate) async fn follow(
     let result: Result<(), Error> = async {
         let first = cluster.read(&id).await?;
         // A fresh start: no unit attentions of the past to deliver.
-        apply(&shared, target, &lu, &tpgts, &first, first.seq, false).await;
+        apply(
+            &shared,
+            target,
+            &lu,
+            &tpgts,
+            gateway.name(),
+            &first,
+            first.seq,
+            false,
+        )
+        .await;
         let mut applied_seq = first.seq;
         ack(&gateway, &id, first.revision).await?;
         tracing::info!(gateway = gateway.name(), lu = %id, revision = first.revision, "clustered LU in service");
@@ -252,7 +325,17 @@ pub(crate) async fn follow(
             let ev = watch.next().await?;
             let resync = matches!(ev, LuEvent::Resync(_));
             let s = ev.state();
-            apply(&shared, target, &lu, &tpgts, s, applied_seq, resync).await;
+            apply(
+                &shared,
+                target,
+                &lu,
+                &tpgts,
+                gateway.name(),
+                s,
+                applied_seq,
+                resync,
+            )
+            .await;
             applied_seq = applied_seq.max(s.seq);
             ack(&gateway, &id, s.revision).await?;
         }
