@@ -187,10 +187,11 @@ async fn every_gateway_shows_every_portal_group_and_one_identity() {
     let (url_a, url_b) = (a.url(0), b.url(0));
     tokio::time::timeout(TEST_LIMIT, async {
         // SendTargets through either gateway: both portals, each with its TPGT.
-        let want = vec![
+        let mut want = vec![
             ("127.0.0.1".to_string(), pa.port(), Some(1)),
             ("127.0.0.1".to_string(), pb.port(), Some(2)),
         ];
+        want.sort();
         for url in [&url_a, &url_b] {
             let found = discover(
                 &IscsiUrl::parse(url).expect("URL"),
