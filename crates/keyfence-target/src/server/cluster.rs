@@ -210,6 +210,7 @@ impl SharedPrState for EtcdPrState {
 /// Install `s` on this gateway's LU and deliver what it carries for the
 /// nexuses logged in here; returns whether it could (false: the unit
 /// attention log has a gap and this gateway's sessions were ended).
+#[allow(clippy::too_many_arguments)]
 async fn apply(
     shared: &Arc<Shared>,
     target: usize,
