@@ -263,15 +263,48 @@ impl Reservations {
             let (n, c, d) = (nexus.clone(), cdb.to_vec(), data.to_vec());
             let ports = self.ctx.target_ports.clone();
             let features = self.features;
+            // PREEMPT AND ABORT may name the issuer's own I_T nexus (its
+            // key among the preempted ones, or key zero under an
+            // all-registrants reservation). SPC-4 5.12.11.2.6: that nexus's
+            // other tasks are aborted, the PERSISTENT RESERVE OUT itself is
+            // not. The followers abort every task of the nexuses in the
+            // committed change, so the issuer's nexus is left out of it and
+            // handled here: its commands past the check are drained, then
+            // the transport aborts its other tasks (sparing this one).
+            let own_abort = Arc::new(AtomicBool::new(false));
+            let own = own_abort.clone();
             let change: SharedChange = Box::new(move |st: &PrState| {
                 let ctx = keyfence_pr::Context {
                     target_ports: &ports,
                     known_initiators: &known,
                     features,
                 };
-                keyfence_pr::pr_out(st, &n, &ctx, &c, &d)
+                let mut a = keyfence_pr::pr_out(st, &n, &ctx, &c, &d)?;
+                let before = a.effects.abort_tasks_of.len();
+                a.effects.abort_tasks_of.retain(|v| v != &n);
+                // The closure may run again after a conflict: the last run
+                // is the one committed.
+                own.store(a.effects.abort_tasks_of.len() != before, Ordering::SeqCst);
+                Ok(a)
             });
-            let (outcome, after) = self.commit_shared(shared.as_ref(), change);
+            let (mut outcome, after) = self.commit_shared(shared.as_ref(), change);
+            if outcome.status == keyfence_scsi::ScsiStatus::Good && own_abort.load(Ordering::SeqCst)
+            {
+                if !self.drain_nexuses(std::slice::from_ref(nexus), ABORT_DRAIN_LIMIT) {
+                    tracing::error!(
+                        lun = self.ctx.lun,
+                        "the issuer's own commands did not finish in {ABORT_DRAIN_LIMIT:?}"
+                    );
+                    outcome = CommandOutcome::check_condition(Sense::new(
+                        SenseKey::HardwareError,
+                        asc::INTERNAL_TARGET_FAILURE,
+                    ));
+                } else {
+                    outcome.effects.push(LuEffect::AbortTasks {
+                        nexus: nexus.clone(),
+                    });
+                }
+            }
             log_pr_out(
                 shared.gateway(),
                 self.ctx.lun,
@@ -341,6 +374,18 @@ impl Reservations {
             after.as_deref(),
         );
         outcome
+    }
+
+    /// Wait until the commands of `nexuses` that passed the reservation
+    /// check before this call have finished (false: `limit` passed
+    /// first). Drains are serialised with PREEMPT AND ABORT's own, so
+    /// their epochs never overlap; cluster mode's followers drain with
+    /// this after installing a change.
+    pub fn drain_nexuses(&self, nexuses: &[Nexus], limit: Duration) -> bool {
+        let _turn = self.drain.lock().unwrap_or_else(|e| e.into_inner());
+        let ua = &self.ctx.unit_attentions;
+        let d = ua.begin_drain();
+        ua.wait_drained(d, nexuses, limit)
     }
 
     /// Cluster mode: commit through the shared state. The unit
