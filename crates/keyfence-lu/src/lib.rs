@@ -517,6 +517,23 @@ impl LogicalUnit {
         ))
     }
 
+    /// Cluster mode: may a write go to the medium now? Checked again right
+    /// before every submission (each chunk of a long one), not only at the
+    /// reservation check: a command that passed the check just before the
+    /// gateway's serving deadline must not reach the disk after it. NOT
+    /// READY, ASYMMETRIC ACCESS STATE TRANSITION otherwise (the initiator
+    /// retries, here or through another gateway).
+    pub(crate) fn may_submit(&self) -> Result<(), Sense> {
+        if self.reservations.may_serve() {
+            Ok(())
+        } else {
+            Err(Sense::new(
+                keyfence_scsi::SenseKey::NotReady,
+                asc::ASYMMETRIC_ACCESS_STATE_TRANSITION,
+            ))
+        }
+    }
+
     /// The I_T nexus is gone (session ended or connection lost).
     pub fn nexus_lost(&self, nexus: &Nexus) {
         self.ua.nexus_lost(nexus);

@@ -264,6 +264,7 @@ impl LogicalUnit {
         };
         {
             let _g = self.locks.shared(lba, blocks.into());
+            self.may_submit()?;
             self.backend
                 .write_at(data, self.bytes(lba))
                 .map_err(write_error)?;
@@ -347,6 +348,7 @@ impl LogicalUnit {
         if unmap {
             // Deallocate whatever the data-out holds (with LBPRZ the blocks
             // then read back as zeroes), as initiators expect of UNMAP=1.
+            self.may_submit()?;
             self.backend
                 .discard(self.bytes(lba), self.bytes(count))
                 .map_err(write_error)?;
@@ -364,6 +366,7 @@ impl LogicalUnit {
             while done < count {
                 let n = (count - done).min(chunk_blocks);
                 let len = (n as usize) * bs;
+                self.may_submit()?;
                 self.backend
                     .write_at(&pattern[..len], self.bytes(lba + done))
                     .map_err(write_error)?;
@@ -419,6 +422,7 @@ impl LogicalUnit {
         }
         for (lba, count) in ranges {
             let _g = self.locks.shared(lba, count);
+            self.may_submit()?;
             self.backend
                 .discard(self.bytes(lba), self.bytes(count))
                 .map_err(write_error)?;
@@ -455,6 +459,7 @@ impl LogicalUnit {
             if let Some(off) = first_difference(&medium, verify) {
                 return Err(miscompare(off));
             }
+            self.may_submit()?;
             self.backend
                 .write_at(write, self.bytes(lba))
                 .map_err(write_error)?;
@@ -479,6 +484,7 @@ impl LogicalUnit {
             for (m, d) in medium.iter_mut().zip(data) {
                 *m |= d;
             }
+            self.may_submit()?;
             self.backend
                 .write_at(&medium, self.bytes(lba))
                 .map_err(write_error)?;

@@ -1127,3 +1127,69 @@ fn a_clustered_lu_neither_offers_nor_runs_compare_and_write() {
     assert_eq!(good(&run(&single, &n, &rsoc, &[]))[1] & 0x07, 0x03);
     assert!(good(&run(&single, &n, &inquiry(true, 0xb0, 64), &[]))[5] > 0);
 }
+
+/// A shared PR state whose gateway may serve for `calls` more checks, then
+/// not (its serving deadline passes while a command is under way).
+#[derive(Debug)]
+struct ServingFor(std::sync::atomic::AtomicI64);
+
+impl reservation::SharedPrState for ServingFor {
+    fn may_serve(&self) -> bool {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0
+    }
+    fn commit(
+        &self,
+        _: reservation::SharedChange,
+    ) -> Result<keyfence_pr::PrState, keyfence_pr::Refusal> {
+        Err(keyfence_pr::Refusal::Conflict)
+    }
+    fn commit_detached(&self, _: reservation::SharedChange) {}
+}
+
+/// A write that passed the reservation check just before the gateway's
+/// serving deadline is refused at submission (NOT READY, ASYMMETRIC
+/// ACCESS STATE TRANSITION) and nothing reaches the medium; a long WRITE
+/// SAME stops at the chunk where the deadline passed.
+#[test]
+fn a_clustered_lu_submits_nothing_after_the_serving_deadline() {
+    let serving = Arc::new(ServingFor(std::sync::atomic::AtomicI64::new(i64::MAX)));
+    let mut cfg = config();
+    cfg.shared_pr = Some(serving.clone());
+    let backend = Arc::new(MemBackend::new(8 << 20));
+    let lu = lu_with(backend.clone(), cfg);
+    lu.reservations().install(keyfence_pr::PrState::default());
+    let n = nexus("iqn.deadline");
+    ready(&lu, &n);
+    let transition = |o: &CommandOutcome| {
+        let s = sense(o);
+        assert_eq!(
+            (s.key, s.code()),
+            (SenseKey::NotReady, asc::ASYMMETRIC_ACCESS_STATE_TRANSITION)
+        );
+    };
+    let medium = |lba: u64, blocks: usize| {
+        let mut b = vec![0u8; blocks * 512];
+        backend.read_at(&mut b, lba * 512).unwrap();
+        b
+    };
+    // WRITE(10): the check passes (one call), the submission does not.
+    serving.0.store(1, std::sync::atomic::Ordering::SeqCst);
+    transition(&run(&lu, &n, &rw10(0x2a, 0, 0, 2), &[0x5a; 1024]));
+    assert_eq!(medium(0, 2), vec![0; 1024]);
+    // WRITE SAME(16) over three 1 MiB chunks: the check and the first
+    // chunk pass, the second chunk does not.
+    let chunk = (sbc::OPTIMAL_TRANSFER_BYTES / 512) as u32;
+    serving.0.store(2, std::sync::atomic::Ordering::SeqCst);
+    transition(&run(&lu, &n, &rw16(0x93, 0, 16, 3 * chunk), &[0xa5; 512]));
+    assert_eq!(medium(16, chunk as usize), vec![0xa5; chunk as usize * 512]);
+    assert_eq!(
+        medium(16 + u64::from(chunk), 2 * chunk as usize),
+        vec![0; 2 * chunk as usize * 512]
+    );
+    // Serving again: the write goes through.
+    serving
+        .0
+        .store(i64::MAX, std::sync::atomic::Ordering::SeqCst);
+    good(&run(&lu, &n, &rw10(0x2a, 0, 0, 2), &[0x5a; 1024]));
+    assert_eq!(medium(0, 2), vec![0x5a; 1024]);
+}
