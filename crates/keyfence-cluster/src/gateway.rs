@@ -149,7 +149,7 @@ pub struct Gateway {
     ttl: Duration,
     margin: Duration,
     shared: Arc<Shared>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Cluster {
@@ -244,7 +244,7 @@ impl Cluster {
             ttl: granted,
             margin,
             shared,
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
         })
     }
 
@@ -388,8 +388,15 @@ impl Gateway {
 
     /// Stop keeping the lease alive and revoke it: the registration and
     /// acks disappear at once. Stop serving first.
-    pub async fn leave(mut self) -> Result<(), Error> {
-        self.stop();
+    pub async fn leave(self) -> Result<(), Error> {
+        self.revoke().await
+    }
+
+    /// [`Gateway::leave`] through a shared handle: stop the keep-alives
+    /// (the gateway fences itself at once) and revoke the lease, so the
+    /// other gateways need not wait out the TTL (a clean shutdown).
+    pub async fn revoke(&self) -> Result<(), Error> {
+        self.halt();
         let lease = self.lease;
         self.cluster
             .call("revoking lease", |mut c| async move {
@@ -404,16 +411,57 @@ impl Gateway {
     /// now and its lease expires after the TTL (what a crash looks like
     /// to the others).
     pub fn stop(&mut self) {
-        for t in self.tasks.drain(..) {
+        self.halt();
+    }
+
+    fn halt(&self) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for t in tasks.drain(..) {
             t.abort();
         }
         self.shared.fence();
+    }
+
+    /// Claim the nexus-loss work of a departed gateway's incarnation
+    /// (`departed`, as last seen registered): true for exactly one
+    /// claimant cluster-wide. The claim is a key created under this
+    /// gateway's lease only if it does not exist.
+    pub async fn claim_departure(&self, departed: &GatewayEntry) -> Result<bool, Error> {
+        if self.shared.lost.load(Ordering::SeqCst) {
+            return Err(Error::LeaseLost(self.name.clone()));
+        }
+        let key = self
+            .cluster
+            .keys()
+            .departed(&departed.record.name, departed.lease);
+        let t = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                self.name.clone(),
+                Some(PutOptions::new().with_lease(self.lease)),
+            )]);
+        let r = self
+            .cluster
+            .call_write("claiming a departed gateway", |mut c| {
+                let t = t.clone();
+                async move { c.txn(t).await }
+            })
+            .await;
+        match r {
+            Ok(r) => Ok(r.succeeded()),
+            Err(Error::Etcd(m)) if m.contains("lease not found") => {
+                self.shared.lose();
+                Err(Error::LeaseLost(self.name.clone()))
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.stop();
+        self.halt();
     }
 }
 

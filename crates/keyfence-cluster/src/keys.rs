@@ -4,6 +4,8 @@
 //! <prefix>/lu/<lu>/state        the LU's committed PR state (record.rs)
 //! <prefix>/gateways/<name>      a live gateway, under its lease
 //! <prefix>/acks/<lu>/<name>     revision of <lu> applied by <name>, under its lease
+//! <prefix>/departed/<name>/<lease>  the survivor that handles a departed
+//!                               incarnation's nexus loss, under its lease
 //! ```
 
 use std::fmt;
@@ -104,6 +106,12 @@ impl Keys {
 
     pub fn gateways(&self) -> String {
         format!("{}/gateways/", self.prefix)
+    }
+
+    /// The claim on the nexus-loss work of gateway `name`'s incarnation
+    /// with lease `lease` (one survivor does it).
+    pub fn departed(&self, name: &str, lease: i64) -> String {
+        format!("{}/departed/{name}/{lease:x}", self.prefix)
     }
 
     pub fn gateway(&self, name: &str) -> String {
