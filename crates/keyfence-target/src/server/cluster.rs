@@ -2,14 +2,21 @@
 //! [`SharedPrState`] of each clustered LU, and the follower task that
 //! applies every committed change on this gateway — install the state,
 //! establish the unit attentions of this gateway's I_T nexuses, abort and
-//! drain the tasks a PREEMPT AND ABORT aborts, then acknowledge.
+//! drain the tasks a PREEMPT AND ABORT aborts, then acknowledge — and the
+//! supervisor of this gateway's membership: it drains the commands in
+//! flight when the lease is in doubt, re-joins with a new lease and
+//! resynchronises every LU after the lease was lost, and commits the
+//! nexus-loss effects of gateways that departed.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use keyfence_cluster::{
-    Change, Cluster, Error, Gateway, LuEvent, LuId, LuState, UaCatchUp, UpdateError,
+    Change, Cluster, Error, Gateway, GatewayEntry, GatewayEvent, Liveness, LuEvent, LuId, LuState,
+    PortalGroup, UaCatchUp, UpdateError,
 };
 use keyfence_lu::reservation::{SharedChange, SharedPrState};
 use keyfence_lu::{LogicalUnit, UaScope};
@@ -29,7 +36,7 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub(crate) struct EtcdPrState {
     cluster: Cluster,
-    gateway: Arc<Gateway>,
+    membership: Arc<Membership>,
     lu: LuId,
     runtime: Handle,
     /// How long a commit waits for every live gateway to apply it: beyond
@@ -39,14 +46,15 @@ pub(crate) struct EtcdPrState {
 }
 
 impl EtcdPrState {
-    pub fn new(cluster: Cluster, gateway: Arc<Gateway>, lu: LuId, runtime: Handle) -> Self {
-        let apply_wait = gateway.ttl()
-            + gateway.safety_margin()
+    pub fn new(membership: Arc<Membership>, lu: LuId, runtime: Handle) -> Self {
+        let cluster = membership.cluster.clone();
+        let apply_wait = membership.ttl
+            + membership.margin
             + cluster.request_timeout() * 2
             + Duration::from_secs(1);
         EtcdPrState {
             cluster,
-            gateway,
+            membership,
             lu,
             runtime,
             apply_wait,
@@ -108,7 +116,7 @@ fn cluster_sense(e: &Error) -> Sense {
 
 impl SharedPrState for EtcdPrState {
     fn may_serve(&self) -> bool {
-        self.gateway.may_serve()
+        self.membership.may_serve()
     }
 
     fn commit(&self, change: SharedChange) -> Result<PrState, Refusal> {
@@ -208,8 +216,11 @@ impl SharedPrState for EtcdPrState {
 }
 
 /// Install `s` on this gateway's LU and deliver what it carries for the
-/// nexuses logged in here; returns whether it could (false: the unit
-/// attention log has a gap and this gateway's sessions were ended).
+/// nexuses logged in here: the unit attentions of the changes after
+/// `applied_seq` (the sessions on the target are ended when the log has a
+/// gap), and the aborts of PREEMPT AND ABORT, whose preempted commands are
+/// drained before this returns. After a resync the aborts missed are
+/// unknown: every command in flight on the LU is waited for.
 #[allow(clippy::too_many_arguments)]
 async fn apply(
     shared: &Arc<Shared>,
@@ -247,9 +258,6 @@ async fn apply(
                 .broadcast_target(target, None, SessionCtl::Close);
         }
     }
-    // PREEMPT AND ABORT: abort the preempted nexuses' tasks here and wait
-    // for the commands that passed the old check. After a resync the
-    // aborts missed are unknown: wait for everything in flight.
     let victims: Vec<Nexus> = if resync {
         ua.known_nexuses()
     } else if s.seq > applied_seq {
@@ -276,15 +284,7 @@ async fn apply(
             );
         }
     }
-    let lu2 = lu.clone();
-    let done = tokio::task::spawn_blocking(move || {
-        let ua = lu2.unit_attentions();
-        let d = ua.begin_drain();
-        ua.wait_drained(d, &victims, DRAIN_LIMIT)
-    })
-    .await
-    .unwrap_or(false);
-    if !done {
+    if !drain(lu, victims, DRAIN_LIMIT).await {
         tracing::error!(
             lun = lu.lun(),
             "preempted commands did not finish in {DRAIN_LIMIT:?}"
@@ -292,59 +292,257 @@ async fn apply(
     }
 }
 
-/// Follow one clustered LU: read, install, ack, then apply and ack every
-/// committed change in order. Ends when the gateway loses its lease (the
-/// LU then stops serving: it is unsynchronised).
-pub(crate) async fn follow(
-    shared: Arc<Shared>,
-    target: usize,
-    lu: Arc<LogicalUnit>,
+/// Wait (off the async workers) until the commands of `nexuses` on `lu`
+/// that passed the reservation check have finished.
+async fn drain(lu: &Arc<LogicalUnit>, nexuses: Vec<Nexus>, limit: Duration) -> bool {
+    let lu = lu.clone();
+    tokio::task::spawn_blocking(move || lu.reservations().drain_nexuses(&nexuses, limit))
+        .await
+        .unwrap_or(false)
+}
+
+/// This gateway's membership in the cluster: the current incarnation
+/// (lease and registration), replaced by a new one when the lease is lost.
+#[derive(Debug)]
+pub(crate) struct Membership {
     cluster: Cluster,
-    gateway: Arc<Gateway>,
-    id: LuId,
-    tpgts: HashSet<u16>,
-) {
-    let result: Result<(), Error> = async {
-        let first = cluster.read(&id).await?;
-        // A fresh start: no unit attentions of the past to deliver.
-        apply(
-            &shared,
-            target,
-            &lu,
-            &tpgts,
-            gateway.name(),
-            &first,
-            first.seq,
-            false,
-        )
-        .await;
-        let mut applied_seq = first.seq;
-        ack(&gateway, &id, first.revision).await?;
-        tracing::info!(gateway = gateway.name(), lu = %id, revision = first.revision, "clustered LU in service");
-        let mut watch = cluster.watch_lu(&id, first.read_at);
-        loop {
-            let ev = watch.next().await?;
-            let resync = matches!(ev, LuEvent::Resync(_));
-            let s = ev.state();
-            apply(
-                &shared,
-                target,
-                &lu,
-                &tpgts,
-                gateway.name(),
-                s,
-                applied_seq,
-                resync,
-            )
-            .await;
-            applied_seq = applied_seq.max(s.seq);
-            ack(&gateway, &id, s.revision).await?;
+    groups: Vec<PortalGroup>,
+    ttl: Duration,
+    margin: Duration,
+    current: ArcSwap<Gateway>,
+}
+
+impl Membership {
+    /// Register this gateway (first incarnation).
+    pub async fn join(
+        cluster: Cluster,
+        groups: Vec<PortalGroup>,
+        ttl: Duration,
+        margin: Duration,
+    ) -> Result<Arc<Membership>, Error> {
+        let gw = cluster.join(groups.clone(), ttl, margin).await?;
+        Ok(Arc::new(Membership {
+            ttl: gw.ttl(),
+            margin,
+            cluster,
+            groups,
+            current: ArcSwap::from_pointee(gw),
+        }))
+    }
+
+    /// May commands on clustered LUs run now? (A lock-free read.)
+    pub fn may_serve(&self) -> bool {
+        self.current.load().may_serve()
+    }
+
+    fn gateway(&self) -> Arc<Gateway> {
+        self.current.load_full()
+    }
+
+    /// A clean shutdown: stop serving and revoke the lease, so the other
+    /// gateways' fencing changes need not wait out the TTL.
+    pub async fn leave(&self) {
+        let gw = self.gateway();
+        match gw.revoke().await {
+            Ok(()) => tracing::info!(gateway = gw.name(), "lease revoked on shutdown"),
+            Err(e) => {
+                tracing::warn!(gateway = gw.name(), error = %e, "lease not revoked; it expires after its TTL")
+            }
         }
     }
-    .await;
-    if let Err(e) = result {
-        lu.reservations().unsync();
-        tracing::error!(gateway = gateway.name(), lu = %id, error = %e, "stopped following the clustered LU; it is not served here any more");
+}
+
+/// One clustered LU served here.
+#[derive(Debug, Clone)]
+pub(crate) struct Followed {
+    pub target: usize,
+    pub lu: Arc<LogicalUnit>,
+    pub id: LuId,
+    pub tpgts: HashSet<u16>,
+    /// The last change whose unit attentions were delivered here (kept
+    /// across re-joins); `u64::MAX` before the first install.
+    applied_seq: Arc<AtomicU64>,
+}
+
+impl Followed {
+    pub fn new(target: usize, lu: Arc<LogicalUnit>, id: LuId, tpgts: HashSet<u16>) -> Self {
+        Followed {
+            target,
+            lu,
+            id,
+            tpgts,
+            applied_seq: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
+}
+
+/// Run this gateway's part of the cluster until the server shuts down:
+/// follow every clustered LU under the current incarnation; when the
+/// lease is in doubt (`Fenced`) wait for the commands in flight; when it
+/// is lost, stop the followers, stop serving, join again with a new lease
+/// and resynchronise every LU (full read, install, ack) before serving.
+pub(crate) async fn supervise(
+    shared: Arc<Shared>,
+    membership: Arc<Membership>,
+    lus: Vec<Followed>,
+) {
+    let mut shutdown = shared.shutdown.clone();
+    tokio::spawn(departures(shared.clone(), membership.clone(), lus.clone()));
+    loop {
+        let gw = membership.gateway();
+        let mut live = gw.liveness();
+        let followers: Vec<_> = lus
+            .iter()
+            .map(|f| {
+                tokio::spawn(follow(
+                    shared.clone(),
+                    f.clone(),
+                    gw.clone(),
+                    membership.cluster.clone(),
+                ))
+            })
+            .collect();
+        let lost = loop {
+            tokio::select! {
+                r = live.changed() => {
+                    if r.is_err() {
+                        break false;
+                    }
+                    let now = *live.borrow_and_update();
+                    match now {
+                        Liveness::Lost => break true,
+                        Liveness::Fenced { .. } => {
+                            tokio::spawn(drain_at_deadline(lus.clone(), membership.margin));
+                        }
+                        Liveness::Serving { .. } => {
+                            tracing::info!(gateway = gw.name(), "lease confirmed again: serving");
+                        }
+                    }
+                }
+                _ = shutdown.changed() => break false,
+            }
+        };
+        for f in &followers {
+            f.abort();
+        }
+        for f in followers {
+            let _ = f.await;
+        }
+        if !lost || *shutdown.borrow() {
+            return;
+        }
+        // The old incarnation is gone; no follower of it runs any more.
+        // Nothing is served until a follower of the new one installed a
+        // state read after the new registration.
+        for f in &lus {
+            f.lu.reservations().unsync();
+        }
+        tracing::error!(
+            gateway = gw.name(),
+            "lease lost: LUs unsynchronised; joining again"
+        );
+        drop(gw);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            match membership
+                .cluster
+                .join(membership.groups.clone(), membership.ttl, membership.margin)
+                .await
+            {
+                Ok(g) => {
+                    tracing::info!(
+                        gateway = g.name(),
+                        lease = format!("{:x}", g.lease()),
+                        "joined again; resynchronising"
+                    );
+                    membership.current.store(Arc::new(g));
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "joining again failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+/// The serving deadline passed: new commands are refused at the check,
+/// writes already past it are refused before they reach the medium
+/// (`LogicalUnit` checks again at submission); wait for what is still in
+/// flight, bounded by the safety margin, and say so if it does not end.
+async fn drain_at_deadline(lus: Vec<Followed>, margin: Duration) {
+    for f in lus {
+        let all = f.lu.unit_attentions().known_nexuses();
+        if !drain(&f.lu, all, margin).await {
+            tracing::error!(lu = %f.id, "commands still in flight a safety margin after the serving deadline");
+        } else {
+            tracing::warn!(lu = %f.id, "lease in doubt: not serving; commands in flight finished");
+        }
+    }
+}
+
+/// Follow one clustered LU under gateway incarnation `gw`: read, install,
+/// ack, then apply and ack every committed change in order. Ends only
+/// when the lease is lost (the supervisor then aborts it and joins again).
+async fn follow(shared: Arc<Shared>, f: Followed, gw: Arc<Gateway>, cluster: Cluster) {
+    loop {
+        let result: Result<std::convert::Infallible, Error> = async {
+            let first = loop {
+                match cluster.read(&f.id).await {
+                    Ok(s) => break s,
+                    Err(e) if e.is_unavailable() => {
+                        tracing::warn!(gateway = gw.name(), lu = %f.id, error = %e, "cannot read the PR state; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            let before = f.applied_seq.load(Ordering::SeqCst);
+            if before == u64::MAX {
+                // A fresh start: no unit attentions of the past to deliver.
+                apply(&shared, f.target, &f.lu, &f.tpgts, gw.name(), &first, first.seq, false).await;
+            } else {
+                apply(&shared, f.target, &f.lu, &f.tpgts, gw.name(), &first, before, true).await;
+            }
+            f.applied_seq.store(first.seq, Ordering::SeqCst);
+            ack(&gw, &f.id, first.revision).await?;
+            tracing::info!(gateway = gw.name(), lu = %f.id, revision = first.revision, "clustered LU in service");
+            let mut watch = cluster.watch_lu(&f.id, first.read_at);
+            loop {
+                let ev = match watch.next().await {
+                    Ok(ev) => ev,
+                    Err(e) if e.is_unavailable() => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                let resync = matches!(ev, LuEvent::Resync(_));
+                let s = ev.state();
+                let applied = f.applied_seq.load(Ordering::SeqCst);
+                apply(&shared, f.target, &f.lu, &f.tpgts, gw.name(), s, applied, resync).await;
+                f.applied_seq.store(applied.max(s.seq), Ordering::SeqCst);
+                ack(&gw, &f.id, s.revision).await?;
+            }
+        }
+        .await;
+        let Err(e) = result;
+        f.lu.reservations().unsync();
+        if matches!(e, Error::LeaseLost(_)) {
+            tracing::error!(gateway = gw.name(), lu = %f.id, "lease lost: the LU is not served until the gateway joined again");
+            // The supervisor sees the loss and replaces this follower.
+            std::future::pending::<()>().await;
+        }
+        tracing::error!(gateway = gw.name(), lu = %f.id, error = %e, "cannot follow the clustered LU; not served here; trying again in 5 s");
+        tokio::time::sleep(Duration::from_secs(5)).await;
     }
 }
 
@@ -360,5 +558,147 @@ async fn ack(gateway: &Gateway, id: &LuId, revision: i64) -> Result<(), Error> {
             }
             Err(e) => return Err(e),
         }
+    }
+}
+
+/// Watch the gateways' registrations; when one departs (its lease expired
+/// or was revoked), one survivor — elected by a transaction — commits the
+/// effects of I_T nexus loss for the nexuses of its portal groups on every
+/// clustered LU: registrations stay (SPC-4), an SPC-2 reservation held
+/// through it ends, and each such nexus gets I_T NEXUS LOSS OCCURRED.
+async fn departures(shared: Arc<Shared>, membership: Arc<Membership>, lus: Vec<Followed>) {
+    let mut shutdown = shared.shutdown.clone();
+    let cluster = membership.cluster.clone();
+    let me = cluster.gateway().to_owned();
+    let (list, at) = loop {
+        match cluster.gateways_at().await {
+            Ok(x) => break x,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list gateways; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    _ = shutdown.changed() => return,
+                }
+            }
+        }
+    };
+    let mut known: HashMap<String, GatewayEntry> = list
+        .into_iter()
+        .map(|e| (e.record.name.clone(), e))
+        .collect();
+    let mut watch = cluster.watch_gateways(at);
+    loop {
+        let ev = tokio::select! {
+            ev = watch.next() => ev,
+            _ = shutdown.changed() => return,
+        };
+        let departed: Vec<GatewayEntry> = match ev {
+            Ok(GatewayEvent::Joined(e)) => {
+                // A new incarnation replacing one whose deletion we did
+                // not see departs the old one.
+                let old = known.insert(e.record.name.clone(), e.clone());
+                old.filter(|o| o.lease != e.lease).into_iter().collect()
+            }
+            Ok(GatewayEvent::Left { name, .. }) => known.remove(&name).into_iter().collect(),
+            Ok(GatewayEvent::Resync { gateways, .. }) => {
+                let now: HashMap<String, GatewayEntry> = gateways
+                    .into_iter()
+                    .map(|e| (e.record.name.clone(), e))
+                    .collect();
+                let gone = known
+                    .values()
+                    .filter(|o| now.get(&o.record.name).map(|n| n.lease) != Some(o.lease))
+                    .cloned()
+                    .collect();
+                known = now;
+                gone
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "gateway watch failed; resuming");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        for d in departed {
+            if d.record.name == me {
+                continue;
+            }
+            tokio::spawn(handle_departure(membership.clone(), lus.clone(), d));
+        }
+    }
+}
+
+/// Commit a departed gateway's nexus-loss effects if this gateway wins the
+/// claim on them.
+async fn handle_departure(membership: Arc<Membership>, lus: Vec<Followed>, d: GatewayEntry) {
+    let name = d.record.name.clone();
+    let gw = membership.gateway();
+    let claimed = loop {
+        match gw.claim_departure(&d).await {
+            Ok(c) => break c,
+            Err(e) if e.is_unavailable() => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => {
+                tracing::warn!(departed = %name, error = %e, "cannot claim a departed gateway's nexus loss");
+                return;
+            }
+        }
+    };
+    if !claimed {
+        tracing::info!(departed = %name, "another gateway handles the departed gateway's nexus loss");
+        return;
+    }
+    let tpgts: HashSet<u16> = d.record.portal_groups.iter().map(|g| g.tpgt).collect();
+    for f in &lus {
+        let r = membership
+            .cluster
+            .update(&f.id, |s: &LuState| {
+                Ok::<_, std::convert::Infallible>(departed_nexus_loss(&s.state, &tpgts))
+            })
+            .await;
+        match r {
+            Ok(c) if c.changed => tracing::info!(
+                gateway = gw.name(), departed = %name, lu = %f.id,
+                revision = c.state.revision, seq = c.state.seq,
+                "departed gateway's I_T nexus loss committed"
+            ),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(gateway = gw.name(), departed = %name, lu = %f.id, error = %e, "departed gateway's nexus loss not committed")
+            }
+        }
+    }
+}
+
+/// The effects of losing every I_T nexus whose target port is in `tpgts`
+/// (SPC-4: registrations and persistent reservations stay; an SPC-2
+/// reservation held through one of them is released; each of them gets
+/// I_T NEXUS LOSS OCCURRED). No change when none is involved.
+pub(crate) fn departed_nexus_loss(state: &PrState, tpgts: &HashSet<u16>) -> Change {
+    let mut next = state.clone();
+    let mut lost: Vec<Nexus> = state
+        .registrations
+        .iter()
+        .map(|g| g.nexus.clone())
+        .filter(|n| tpgts.contains(&n.target.tpgt))
+        .collect();
+    if let Some(h) = state
+        .spc2
+        .as_ref()
+        .filter(|h| tpgts.contains(&h.target.tpgt))
+    {
+        if let Some(st) = keyfence_pr::on_nexus_loss(state, h) {
+            next = st;
+        }
+        lost.push(h.clone());
+    }
+    lost.sort();
+    lost.dedup();
+    Change {
+        state: next,
+        unit_attentions: lost
+            .into_iter()
+            .map(|n| (Some(n), asc::I_T_NEXUS_LOSS_OCCURRED))
+            .collect(),
+        aborts: Vec::new(),
     }
 }

@@ -181,7 +181,7 @@ pub struct Server {
     data_dir_lock: datadir::DataDirLock,
     /// Cluster mode: this gateway's membership (dropping it stops the
     /// keep-alives and fences the gateway).
-    cluster: Option<Arc<keyfence_cluster::Gateway>>,
+    cluster: Option<Arc<cluster::Membership>>,
     /// The bound `GET /metrics` endpoint, when configured.
     metrics: Option<(std::net::TcpListener, SocketAddr)>,
 }
@@ -258,8 +258,10 @@ impl Server {
                         portals: vec![p.addr.to_string()],
                     })
                     .collect();
-                let gw = c.join(groups, cc.lease_ttl(), cc.safety_margin()).await?;
-                Some((c, Arc::new(gw)))
+                Some(
+                    cluster::Membership::join(c, groups, cc.lease_ttl(), cc.safety_margin())
+                        .await?,
+                )
             }
         };
         // The other gateways' portal groups: every clustered LU is reached
@@ -341,12 +343,11 @@ impl Server {
                     &tc.name,
                     lun,
                 ));
-                if let Some((c, gw)) = &membership {
+                if let Some(m) = &membership {
                     let id = keyfence_cluster::LuId::for_lun(&tc.name, lun)?;
                     cfg.pr_state_path = None;
                     cfg.shared_pr = Some(Arc::new(cluster::EtcdPrState::new(
-                        c.clone(),
-                        gw.clone(),
+                        m.clone(),
                         id.clone(),
                         tokio::runtime::Handle::current(),
                     )));
@@ -401,26 +402,20 @@ impl Server {
             shutdown: shutdown_rx,
             metrics,
         });
-        if let Some((c, gw)) = &membership {
+        if let Some(m) = &membership {
+            let mut lus = Vec::new();
             for (t, lun, id) in follow {
                 let target = &shared.targets[t];
                 let Some(lu) = target.luns.get(&lun) else {
                     continue;
                 };
                 let tpgts = target.portals.iter().map(|p| p.tpgt).collect();
-                tokio::spawn(cluster::follow(
-                    shared.clone(),
-                    t,
-                    lu.clone(),
-                    c.clone(),
-                    gw.clone(),
-                    id,
-                    tpgts,
-                ));
+                lus.push(cluster::Followed::new(t, lu.clone(), id, tpgts));
             }
+            tokio::spawn(cluster::supervise(shared.clone(), m.clone(), lus));
         }
         Ok(Server {
-            cluster: membership.map(|(_, gw)| gw),
+            cluster: membership,
             shared,
             listeners,
             shutdown_tx,
@@ -555,9 +550,11 @@ impl Server {
         if let Some(t) = metrics_thread {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
         }
-        // Cluster mode: stop keeping the lease alive (this gateway stops
-        // serving; its lease expires after the TTL).
-        drop(membership);
+        // Cluster mode: stop serving and revoke the lease, so the other
+        // gateways need not wait out its TTL.
+        if let Some(m) = membership {
+            m.leave().await;
+        }
         drop(data_dir_lock);
         flushed
     }
