@@ -119,6 +119,10 @@ pub struct LuConfig {
     /// Cluster mode: the reservation state shared by the gateways (then
     /// `pr_state_path` is not used).
     pub shared_pr: Option<Arc<dyn reservation::SharedPrState>>,
+    /// A store for the APTPL state other than the file at
+    /// `pr_state_path` (which is then not used): for instrumentation and
+    /// tests of a slow or failing store.
+    pub pr_store: Option<Arc<dyn keyfence_pr::PrStore>>,
 }
 
 /// IEEE company_id used in derived NAA identifiers: a CID (the local-bit
@@ -158,6 +162,7 @@ impl LuConfig {
             luns,
             pr_state_path: None,
             shared_pr: None,
+            pr_store: None,
         }
     }
 }
@@ -347,9 +352,10 @@ impl LogicalUnit {
             unit_attentions: ua.clone(),
             state_path: cfg.pr_state_path.clone(),
         };
-        let reservations = match &cfg.shared_pr {
-            Some(shared) => Reservations::with_shared(rctx, shared.clone()),
-            None => Reservations::new(rctx),
+        let reservations = match (&cfg.shared_pr, &cfg.pr_store) {
+            (Some(shared), _) => Reservations::with_shared(rctx, shared.clone()),
+            (None, Some(store)) => Reservations::with_store(rctx, Some(store.clone())),
+            (None, None) => Reservations::new(rctx),
         };
         Ok(LogicalUnit {
             blocks: size >> block_shift,

@@ -21,7 +21,7 @@
 //! nop_in_interval_secs = 30           # ping an idle connection after this long; 0 = never
 //! nop_in_timeout_secs = 15            # drop it if the ping is not answered
 //! data_out_timeout_secs = 30          # drop a connection whose write data stalls
-//! max_buffered_bytes = "4G"           # write data held for all sessions; default RAM/4
+//! max_buffered_bytes = "4G"           # read and write data held for all sessions; default RAM/4
 //!
 //! [discovery_chap]                    # optional: CHAP for SendTargets sessions too
 //! user = "discoverer"
@@ -169,10 +169,12 @@ pub struct Limits {
     /// for (or the rest of its unsolicited data); then the connection is
     /// dropped, as at ERL 0 the command cannot be recovered.
     pub data_out_timeout_secs: u32,
-    /// Most write data the server holds for all sessions together (data
-    /// collected for commands that have not run yet, and immediate data
-    /// of commands waiting behind a CmdSN gap). Commands beyond it end
-    /// with TASK SET FULL. Default: a quarter of physical memory.
+    /// Most command data the server holds for all sessions together:
+    /// write data (collected for commands that have not run yet, and
+    /// immediate data of commands waiting behind a CmdSN gap) and read
+    /// data (being read or waiting to be sent). Writes beyond it end with
+    /// TASK SET FULL; reads wait (the command window closes) until data
+    /// has been sent. Default: a quarter of physical memory.
     pub max_buffered_bytes: ByteSize,
 }
 

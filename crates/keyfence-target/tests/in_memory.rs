@@ -357,6 +357,8 @@ fn write_without_the_w_bit_reports_the_overflow() {
     let mut i = Ini::new(&t, 5);
     clear_ua(&mut i);
     i.command(&write10(0, 8), false, false, 0, Bytes::new());
+    // A WRITE runs off the session's task, as every medium access does.
+    i.pair.run_jobs();
     let out = i.pair.recv().unwrap();
     let [TargetPdu::ScsiResponse(r)] = out.as_slice() else {
         panic!("a response expected, got {out:?}");

@@ -11,7 +11,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use keyfence_target::config::{ByteSize, ChapConfig, Config, Limits, LunConfig, TargetConfig};
-use keyfence_target::server::{Portal, Server, ServerError};
+use keyfence_target::server::{BindHooks, Portal, Server, ServerError};
 
 /// How long binding and a graceful shutdown may take.
 const LIMIT: Duration = Duration::from_secs(40);
@@ -104,6 +104,26 @@ impl InProcessServer {
     /// Start from a complete configuration (its data directory is the
     /// caller's). Bind errors are returned, for callers that retry them.
     pub fn from_config(cfg: Config) -> Result<InProcessServer, ServerError> {
+        Self::from_config_with_hooks(cfg, BindHooks::default())
+    }
+
+    /// Start with `opts`, every LU's backend and APTPL store passed
+    /// through `hooks` (e.g. a device or store that is slow on demand).
+    pub fn start_with_hooks(opts: ServerOptions, hooks: BindHooks) -> InProcessServer {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = opts.config(dir.path());
+        let mut s = Self::from_config_with_hooks(cfg, hooks)
+            .unwrap_or_else(|e| panic!("start test server: {e}"));
+        s._dir = Some(dir);
+        s
+    }
+
+    /// [`InProcessServer::from_config`] with hooks (see
+    /// `Server::bind_with_hooks`).
+    pub fn from_config_with_hooks(
+        cfg: Config,
+        hooks: BindHooks,
+    ) -> Result<InProcessServer, ServerError> {
         let data_dir = cfg.data_dir.clone();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -117,7 +137,7 @@ impl InProcessServer {
         // Bind on the runtime too: `start` may be called inside another
         // runtime, where `block_on` is not allowed.
         rt.spawn(async move {
-            match Server::bind(cfg).await {
+            match Server::bind_with_hooks(cfg, hooks).await {
                 Ok(server) => {
                     let _ = bound_tx.send(Ok((
                         server.portals(),

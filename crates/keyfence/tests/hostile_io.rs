@@ -505,3 +505,75 @@ fn stalled_writes_are_bounded_and_timed_out() {
     assert!(b.login < Duration::from_secs(5), "login took {:?}", b.login);
     serve.stop();
 }
+
+/// Read data waiting to be sent counts against `max_buffered_bytes`: many
+/// sessions that each send a full window of 1 MiB reads and never read
+/// back together hold no more than the configured limit (before, each
+/// held its own 32 MiB data-in budget whatever the server's limit).
+#[test]
+fn unread_read_data_counts_in_max_buffered_bytes() {
+    let (bin, other) = binary();
+    let dir = tempfile::tempdir().unwrap();
+    let iqn = "iqn.2026-11.io.keyfence:unread";
+    let config = dir.path().join("keyfence.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[limits]\nmax_buffered_bytes = \"24M\"\n\n[[target]]\n\
+             name = \"{iqn}\"\nportals = [\"127.0.0.1:0\"]\nopen = true\n[[target.lun]]\n\
+             id = 0\npath = \"lun0.img\"\nsize = \"256M\"\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut serve = Serve::builder(bin).config(&config).start();
+    let pid = serve.pid().expect("serve pid");
+    let addr = serve.portals()[0];
+    let (idle_rss, _) = rss_kib(pid);
+
+    const SESSIONS: u64 = 8;
+    let stop = Arc::new(AtomicBool::new(false));
+    let peak = watch_rss(pid, stop.clone());
+    let mut attackers = Vec::new();
+    for k in 0..SESSIONS {
+        let mut a = Raw::connect(addr);
+        a.login(iqn, 0x4000_0000_0300 + k);
+        a.clear_ua();
+        let window = a.max_cmd_sn.wrapping_sub(a.cmd_sn).wrapping_add(1);
+        let mut burst = BytesMut::new();
+        for j in 0..window {
+            let lba = (k * 64 + u64::from(j)) % 256 * 2048;
+            let pdu = a.command_pdu(&read16(lba, 2048), true, false, 1 << 20);
+            a.encode(&pdu, &mut burst);
+        }
+        a.s.write_all(&burst).expect("send the burst");
+        attackers.push(a);
+    }
+    // Let the reads run and their data pile up, then measure another
+    // session meanwhile.
+    std::thread::sleep(Duration::from_millis(1500));
+    let b = bystander(addr, iqn, 0x4000_0000_0400, Duration::from_secs(2));
+    stop.store(true, Ordering::SeqCst);
+    let peak_kib = peak.join().unwrap();
+    let tur_p99 = p99(b.latencies.clone());
+    let growth_mib = peak_kib.saturating_sub(idle_rss) / 1024;
+    eprintln!(
+        "unread reads ({SESSIONS} sessions x a full window of 1 MiB, limit 24 MiB): idle RSS {} \
+         MiB, peak RSS {} MiB (+{growth_mib} MiB), login during it {:?}, bystander TUR p99 {:?}{}",
+        idle_rss / 1024,
+        peak_kib / 1024,
+        b.login,
+        tur_p99,
+        if other { " (KEYFENCE_HOSTILE_BIN)" } else { "" }
+    );
+    drop(attackers);
+    assert!(serve.is_running(), "the server survived");
+    // 24 MiB of read data, plus allocator and runtime slack.
+    assert!(
+        growth_mib < 24 + 40,
+        "RSS grew by {growth_mib} MiB with max_buffered_bytes = 24M"
+    );
+    assert!(tur_p99 < Duration::from_millis(100), "TUR p99 {tur_p99:?}");
+    assert!(b.login < Duration::from_secs(5), "login took {:?}", b.login);
+    serve.stop();
+}

@@ -55,6 +55,22 @@ pub(crate) struct Held {
     n: u64,
 }
 
+impl Held {
+    /// Take over `other`'s bytes (of the same budget): both are released
+    /// together when `self` is dropped.
+    pub fn absorb(&mut self, mut other: Held) {
+        debug_assert!(Arc::ptr_eq(&self.budget, &other.budget));
+        self.n += other.n;
+        other.n = 0;
+    }
+
+    /// Bytes held.
+    #[cfg(test)]
+    pub fn bytes(&self) -> u64 {
+        self.n
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         self.budget.used.fetch_sub(self.n, Ordering::AcqRel);
@@ -75,6 +91,18 @@ mod tests {
         drop(a);
         assert_eq!(b.used(), 40);
         drop(c);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn absorbed_bytes_are_released_together() {
+        let b = Budget::new(100);
+        let mut a = b.try_take(30).unwrap();
+        let c = b.try_take(20).unwrap();
+        a.absorb(c);
+        assert_eq!(a.bytes(), 50);
+        assert_eq!(b.used(), 50);
+        drop(a);
         assert_eq!(b.used(), 0);
     }
 }

@@ -1,10 +1,10 @@
 //! One connection task: the login phase, then the loop that drives the
 //! full feature phase [`Session`] with the socket. It reads into one
 //! buffer and hands the bytes to the session, sends the session's outbox
-//! with vectored writes, runs the session's jobs (commands that may block:
-//! cache flushes, FUA, unmapping, persistent reservation changes) on the
-//! blocking pool and feeds their completions back, and fires the
-//! session's timers.
+//! with vectored writes, runs the session's jobs (every command that
+//! touches the medium or may block) through its [`SessionIo`] queue on the
+//! blocking pool and feeds their completions back, and fires the session's
+//! timers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 pub(crate) use super::ffp::ConnEnd;
 use super::ffp::{Completion, Session};
+use super::iopool::SessionIo;
 use super::login;
 pub(crate) use super::wire::Wire;
 use super::{ListenerInfo, Shared};
@@ -66,8 +67,14 @@ pub(super) async fn serve_connection(
     let tsih = sess.tsih();
     info!(%peer, tsih, initiator = %sess.initiator(), kind = ?sess.kind(), "session started");
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let end = run(&shared, &mut sess, &mut wire, &done_tx, &mut done_rx).await;
-    finish(&mut sess, &mut wire, &done_tx, &mut done_rx).await;
+    let io = SessionIo::new(done_tx);
+    let end = run(&shared, &mut sess, &mut wire, &io, &mut done_rx).await;
+    finish(&mut sess, &mut wire, &io, &mut done_rx).await;
+    // Releasing the I_T nexus takes each LU's reservation lock, which a
+    // PR OUT may hold across its APTPL fsync: not on a worker thread.
+    if let Err(e) = tokio::task::spawn_blocking(move || sess.end()).await {
+        warn!(%peer, tsih, "releasing the I_T nexus failed: {e}");
+    }
     match &end {
         ConnEnd::Eof | ConnEnd::Logout | ConnEnd::Closed(_) => {
             info!(%peer, tsih, "session ended: {end}")
@@ -76,13 +83,25 @@ pub(super) async fn serve_connection(
     }
 }
 
-/// Hand the session's jobs to the blocking pool.
-fn spawn_jobs(sess: &mut Session, done: &mpsc::UnboundedSender<Completion>) {
-    for job in sess.take_jobs() {
-        let tx = done.clone();
-        tokio::task::spawn_blocking(move || {
-            let _ = tx.send(job.run());
-        });
+/// Hand the session's jobs to its I/O queue.
+fn spawn_jobs(sess: &mut Session, io: &Arc<SessionIo>) {
+    io.submit(sess.take_jobs());
+}
+
+/// Feed a batch of completions and every other one already waiting to
+/// the session, so they are answered with one send.
+fn complete_all(
+    sess: &mut Session,
+    first: Vec<Completion>,
+    done_rx: &mut mpsc::UnboundedReceiver<Vec<Completion>>,
+) {
+    for c in first {
+        sess.complete(c);
+    }
+    while let Ok(batch) = done_rx.try_recv() {
+        for c in batch {
+            sess.complete(c);
+        }
     }
 }
 
@@ -90,15 +109,15 @@ async fn run(
     shared: &Shared,
     sess: &mut Session,
     wire: &mut Wire,
-    done_tx: &mpsc::UnboundedSender<Completion>,
-    done_rx: &mut mpsc::UnboundedReceiver<Completion>,
+    io: &Arc<SessionIo>,
+    done_rx: &mut mpsc::UnboundedReceiver<Vec<Completion>>,
 ) -> ConnEnd {
     let mut shutdown = shared.shutdown.clone();
     let mut ctl = sess
         .take_ctl()
         .unwrap_or_else(|| mpsc::unbounded_channel().1);
     loop {
-        spawn_jobs(sess, done_tx);
+        spawn_jobs(sess, io);
         if !sess.outbox().is_empty() {
             // An initiator that stops reading must not pin the task:
             // bound the wait and keep listening for shutdown and
@@ -129,7 +148,7 @@ async fn run(
                 Ok(false) => return ConnEnd::Eof,
                 Err(e) => return ConnEnd::Io(e),
             },
-            Some(c) = done_rx.recv() => sess.complete(c),
+            Some(c) = done_rx.recv() => complete_all(sess, c, done_rx),
             Some(c) = ctl.recv() => sess.handle_ctl(c),
             _ = tokio::time::sleep_until(deadline) => sess.handle_timeout(std::time::Instant::now()),
             _ = shutdown.wait_for(|s| *s) => return ConnEnd::Closed("target shutting down"),
@@ -138,21 +157,25 @@ async fn run(
 }
 
 /// After the loop: let commands running on the blocking pool finish
-/// (their results are discarded if the socket is gone), then release
-/// the I_T nexus.
+/// (their results are discarded if the socket is gone) and send what is
+/// left; the caller then releases the I_T nexus.
 async fn finish(
     sess: &mut Session,
     wire: &mut Wire,
-    done_tx: &mpsc::UnboundedSender<Completion>,
-    done_rx: &mut mpsc::UnboundedReceiver<Completion>,
+    io: &Arc<SessionIo>,
+    done_rx: &mut mpsc::UnboundedReceiver<Vec<Completion>>,
 ) {
     loop {
-        spawn_jobs(sess, done_tx);
+        spawn_jobs(sess, io);
         if sess.jobs_running() == 0 {
             break;
         }
         match tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await {
-            Ok(Some(c)) => sess.complete(c),
+            Ok(Some(batch)) => {
+                for c in batch {
+                    sess.complete(c);
+                }
+            }
             _ => break,
         }
     }
@@ -161,5 +184,4 @@ async fn finish(
         let _ = wire.wr.shutdown().await;
     })
     .await;
-    sess.end();
 }

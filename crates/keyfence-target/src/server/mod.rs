@@ -17,6 +17,7 @@ mod conn;
 mod datadir;
 mod ffp;
 pub mod harness;
+mod iopool;
 mod login;
 pub mod metrics;
 mod metrics_http;
@@ -38,7 +39,9 @@ use tracing::{debug, info, warn};
 
 use crate::config::{Backing, ChapConfig, Config, Limits};
 use keyfence_lu::backend::{BackendError, BlockBackend, FileBackend};
+use keyfence_lu::reservation::FileStore;
 use keyfence_lu::{LogicalUnit, LuConfig, LuError, TargetLuns};
+use keyfence_pr::PrStore;
 
 pub(crate) use session::SessionTable;
 
@@ -172,6 +175,21 @@ impl ListenerInfo {
     }
 }
 
+/// Wraps a logical unit's backend (target name, LUN, the opened backend):
+/// see [`Server::bind_with_hooks`].
+pub type BackendHook =
+    Arc<dyn Fn(&str, u64, Arc<dyn BlockBackend>) -> Arc<dyn BlockBackend> + Send + Sync>;
+/// Wraps a logical unit's APTPL state store (target name, LUN, the file
+/// store); not used in cluster mode.
+pub type PrStoreHook = Arc<dyn Fn(&str, u64, Arc<dyn PrStore>) -> Arc<dyn PrStore> + Send + Sync>;
+
+/// What [`Server::bind_with_hooks`] passes each LU's parts through.
+#[derive(Default, Clone)]
+pub struct BindHooks {
+    pub backend: Option<BackendHook>,
+    pub pr_store: Option<PrStoreHook>,
+}
+
 /// A bound, not yet running, iSCSI target server.
 pub struct Server {
     shared: Arc<Shared>,
@@ -198,8 +216,15 @@ impl Server {
     /// pid. A start that fails removes the directories and files it
     /// created (directories only when empty).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        Self::bind_with_hooks(config, BindHooks::default()).await
+    }
+
+    /// [`Server::bind`], with each LU's backend and APTPL store passed
+    /// through `hooks` before the LU is built: for instrumentation and for
+    /// tests that need a slow or failing device or store.
+    pub async fn bind_with_hooks(config: Config, hooks: BindHooks) -> Result<Server, ServerError> {
         let mut created = datadir::Created::default();
-        match Self::bind_inner(config, &mut created).await {
+        match Self::bind_inner(config, &mut created, &hooks).await {
             Ok(s) => Ok(s),
             Err(e) => {
                 created.undo();
@@ -211,6 +236,7 @@ impl Server {
     async fn bind_inner(
         config: Config,
         created: &mut datadir::Created,
+        hooks: &BindHooks,
     ) -> Result<Server, ServerError> {
         // Bind first: SendTargets and the LUs' target ports need the real
         // addresses. Nothing is created on disk before this succeeds.
@@ -361,7 +387,17 @@ impl Server {
                 if let Some(naa) = lc.naa_bytes().and_then(|v| <[u8; 16]>::try_from(v).ok()) {
                     cfg.naa = naa;
                 }
-                let backend: Arc<dyn BlockBackend> = Arc::new(backend);
+                let mut backend: Arc<dyn BlockBackend> = Arc::new(backend);
+                if let Some(h) = &hooks.backend {
+                    backend = h(&tc.name, lun, backend);
+                }
+                if let (Some(h), Some(path), None) =
+                    (&hooks.pr_store, &cfg.pr_state_path, &cfg.shared_pr)
+                {
+                    let file: Arc<dyn PrStore> =
+                        Arc::new(FileStore::new(path.clone(), &tc.name, lun));
+                    cfg.pr_store = Some(h(&tc.name, lun, file));
+                }
                 let lu = LogicalUnit::new(cfg, backend).map_err(|err| ServerError::Lu {
                     target: tc.name.clone(),
                     lun,

@@ -44,6 +44,7 @@ use super::wire::Outbox;
 use super::Shared;
 
 use respond::InFlight;
+use respond::ResetJob;
 pub(crate) use respond::{Completion, Job};
 use tmf::PendingTmf;
 use write::WriteTask;
@@ -81,9 +82,6 @@ impl From<std::io::Error> for ConnEnd {
     }
 }
 
-/// Commands transferring more than this run as jobs, off the connection's
-/// task: their disk I/O must not hold up the sessions sharing its thread.
-const INLINE_MAX_BYTES: u32 = 256 << 10;
 /// Most data-in one session may have read and not yet sent (in its outbox
 /// or being read by jobs). A read that does not fit waits (one read runs
 /// whatever its size when nothing else is pending), and the command window
@@ -94,6 +92,9 @@ const SESSION_READ_BUDGET: u64 = 32 << 20;
 /// attributes). Beyond it commands end with TASK SET FULL and the command
 /// window closes.
 const SESSION_WRITE_BUDGET: u64 = 128 << 20;
+/// How soon a read held back because the server's `max_buffered_bytes`
+/// was in use by other sessions tries again.
+const READ_RETRY: Duration = Duration::from_millis(5);
 
 /// A non-immediate PDU that arrived ahead of ExpCmdSN.
 #[derive(Debug)]
@@ -143,6 +144,14 @@ pub(crate) struct Session {
     queued: HashMap<u32, Queued>,
     /// Data-in expected from read jobs still running.
     read_job_bytes: u64,
+    /// Reset task management functions handed out as jobs, not done.
+    resets_running: usize,
+    /// The server budget's bytes for read data in the outbox, released
+    /// once it has been sent.
+    out_held: Option<Held>,
+    /// A read waits for room in the server's budget (other sessions hold
+    /// it): try again at this time.
+    read_retry: Option<Instant>,
     /// MaxCmdSN in the last PDU queued for the initiator.
     advertised_max: u32,
 
@@ -224,6 +233,9 @@ impl Session {
             stat_sn: est.stat_sn,
             queued: HashMap::new(),
             read_job_bytes: 0,
+            resets_running: 0,
+            out_held: None,
+            read_retry: None,
             advertised_max: est.exp_cmd_sn.wrapping_sub(1),
             writes: HashMap::new(),
             in_flight: HashMap::new(),
@@ -288,7 +300,7 @@ impl Session {
 
     /// Commands handed out as jobs and not completed yet.
     pub fn jobs_running(&self) -> usize {
-        self.in_flight.len()
+        self.in_flight.len() + self.resets_running
     }
 
     /// Why the session must end, once its output has been sent.
@@ -304,6 +316,7 @@ impl Session {
     /// The output queued before has been sent: reads held back for the
     /// data-in budget may start, and the window may open again.
     pub fn flushed(&mut self) {
+        self.out_held = None;
         if self.close_all_after_flush {
             self.close_all_after_flush = false;
             self.cold_reset_close();
@@ -360,13 +373,22 @@ impl Session {
             None if !self.nop_interval.is_zero() => self.last_rx + self.nop_interval,
             None => self.last_rx + Duration::from_secs(3600),
         };
-        match self.oldest_write_activity() {
+        let t = match self.oldest_write_activity() {
             Some(t) => ping.min(t + self.data_out_timeout),
             None => ping,
+        };
+        match self.read_retry {
+            Some(r) => t.min(r),
+            None => t,
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.read_retry.is_some_and(|r| now >= r) {
+            self.read_retry = None;
+            self.release_deferred();
+            self.update_window();
+        }
         if let Some(t) = self.oldest_write_activity() {
             if now.duration_since(t) >= self.data_out_timeout {
                 self.shared.metrics.data_out_timeouts.inc();
@@ -452,10 +474,37 @@ impl Session {
         self.out.len() as u64 + self.read_job_bytes
     }
 
-    /// May a read of `edtl` bytes start now?
-    fn read_fits(&self, edtl: u32) -> bool {
+    /// May a read of `edtl` bytes start now? It must fit the session's
+    /// data-in budget (one read runs whatever its size when nothing else
+    /// is pending) and the server's `max_buffered_bytes`, where its place
+    /// is taken now: `Some(held)` to start it, `None` to hold it back. When
+    /// only the server's budget is short, the session tries again after
+    /// [`READ_RETRY`].
+    fn admit_read(&mut self, edtl: u32) -> Option<Option<Held>> {
         let pending = self.data_in_pending();
-        pending == 0 || pending + u64::from(edtl) <= SESSION_READ_BUDGET
+        if pending != 0 && pending + u64::from(edtl) > SESSION_READ_BUDGET {
+            return None;
+        }
+        if edtl == 0 {
+            return Some(None);
+        }
+        match self.shared.buffers.try_take(u64::from(edtl)) {
+            Some(h) => Some(Some(h)),
+            None => {
+                self.read_retry
+                    .get_or_insert_with(|| Instant::now() + READ_RETRY);
+                None
+            }
+        }
+    }
+
+    /// Keep read data's place in the server's budget until the outbox
+    /// has been sent.
+    fn hold_until_sent(&mut self, held: Held) {
+        match &mut self.out_held {
+            Some(h) => h.absorb(held),
+            None => self.out_held = Some(held),
+        }
     }
 
     /// Write data the session holds (see [`SESSION_WRITE_BUDGET`]).

@@ -14,11 +14,29 @@ use keyfence_iscsi::Lun;
 use keyfence_lu::{execute_no_lu, CommandOutcome, CommandRequest, LogicalUnit, LuEffect};
 use keyfence_scsi::{Nexus, ScsiStatus};
 
-use super::{lun_eq, Session, INLINE_MAX_BYTES};
+use super::{lun_eq, Session};
 use crate::server::acl::LunView;
 use crate::server::budget::Held;
 use crate::server::metrics::{CmdKind, LuStats};
 use crate::server::session::SessionCtl;
+
+/// Commands the LU answers from memory, without touching the medium or
+/// taking a lock a blocking command may hold (PERSISTENT RESERVE IN reads
+/// the reservation state under the lock a PR OUT holds across its APTPL
+/// fsync, so it is not one of them). Everything else runs as a [`Job`].
+fn answered_from_memory(cdb: &[u8]) -> bool {
+    match cdb.first().copied() {
+        // TEST UNIT READY, REQUEST SENSE, INQUIRY, MODE SENSE(6),
+        // PREVENT ALLOW MEDIUM REMOVAL, READ CAPACITY(10), MODE SENSE(10),
+        // REPORT LUNS, MAINTENANCE IN (target port groups, supported
+        // operation codes and task management functions).
+        Some(0x00 | 0x03 | 0x12 | 0x1a | 0x1e | 0x25 | 0x5a | 0xa0 | 0xa3) => true,
+        // SERVICE ACTION IN(16): READ CAPACITY(16) only (GET LBA STATUS
+        // asks the file system for its mapping).
+        Some(0x9e) => cdb.get(1).is_some_and(|sa| sa & 0x1f == 0x10),
+        _ => false,
+    }
+}
 
 /// The response metadata a command needs once it has executed.
 #[derive(Debug, Clone)]
@@ -45,10 +63,21 @@ pub(super) struct InFlight {
     pub aborted: bool,
     /// Data-in the job may return (counted in the session's read budget).
     pub read_bytes: u64,
+    /// Its place in the server's budget (reads), kept until its data-in
+    /// has been sent.
+    pub read_held: Option<Held>,
 }
 
-/// A command to execute off the connection's task (it may block).
-pub(crate) struct Job {
+/// Work to run off the connection's task (it may block): a command, or
+/// the LU side of a reset task management function (it takes the LUs'
+/// reservation locks, which a PR OUT may hold across an fsync).
+pub(crate) enum Job {
+    Command(CommandJob),
+    Reset(ResetJob),
+}
+
+/// A command to execute off the connection's task.
+pub(crate) struct CommandJob {
     meta: Meta,
     lu: Arc<LogicalUnit>,
     nexus: Nexus,
@@ -61,9 +90,36 @@ pub(crate) struct Job {
     held: Option<Held>,
 }
 
+/// LOGICAL UNIT RESET or TARGET WARM/COLD RESET applied to LUs.
+pub(crate) struct ResetJob {
+    /// The task management request, answered once the reset is done.
+    pub tmf_itt: u32,
+    pub lus: Vec<Arc<LogicalUnit>>,
+    /// None: logical unit reset; Some(cold): target reset.
+    pub target_reset: Option<bool>,
+}
+
 impl Job {
-    /// Execute the command (blocking).
+    /// Run it (blocking).
     pub fn run(self) -> Completion {
+        match self {
+            Job::Command(c) => Completion::Command(c.run()),
+            Job::Reset(r) => {
+                for lu in &r.lus {
+                    match r.target_reset {
+                        None => lu.lu_reset(),
+                        Some(cold) => lu.target_reset(cold),
+                    }
+                }
+                Completion::Reset { tmf_itt: r.tmf_itt }
+            }
+        }
+    }
+}
+
+impl CommandJob {
+    /// Execute the command (blocking).
+    fn run(self) -> CommandDone {
         let req = CommandRequest {
             nexus: &self.nexus,
             cdb: &self.cdb,
@@ -73,7 +129,7 @@ impl Job {
         };
         let outcome = self.lu.execute(&req);
         drop(self.held);
-        Completion {
+        CommandDone {
             meta: self.meta,
             outcome,
         }
@@ -81,12 +137,21 @@ impl Job {
 }
 
 /// The result of a [`Job`].
-pub(crate) struct Completion {
+pub(crate) enum Completion {
+    Command(CommandDone),
+    Reset { tmf_itt: u32 },
+}
+
+/// An executed [`CommandJob`].
+pub(crate) struct CommandDone {
     meta: Meta,
     outcome: CommandOutcome,
 }
 
 impl Session {
+    /// Run a command whose data-out (if any) is in. `held`: the write
+    /// data's place in the server's budget, or for a read the place of
+    /// its data-in.
     pub(super) fn execute(
         &mut self,
         meta: Meta,
@@ -97,6 +162,11 @@ impl Session {
     ) {
         let Some(nexus) = self.nexus.clone() else {
             return;
+        };
+        let (held, read_held) = if meta.read && !meta.write {
+            (None, held)
+        } else {
+            (held, None)
         };
         let Some(lu) = lu else {
             let t = &self.shared.targets[self.target.unwrap_or(0)];
@@ -110,13 +180,16 @@ impl Session {
             let luns = self.view.as_deref().map_or(&*t.lun_list, LunView::luns);
             let outcome = execute_no_lu(&req, luns);
             self.respond(&meta, outcome);
+            if let Some(h) = read_held {
+                self.hold_until_sent(h);
+            }
             return;
         };
-        // Commands that may block (flushes, FUA, reservation changes) and
-        // large transfers run off the connection's task.
+        // Every command that touches the medium or may block (flushes,
+        // FUA, reservation changes) runs off the connection's task, on the
+        // session's I/O queue; only commands answered from memory run here.
         let read_only = self.read_only_view(meta.lun);
-        let large = meta.edtl.max(data_out.len() as u32) > INLINE_MAX_BYTES;
-        if large || lu.is_blocking(cdb) {
+        if !answered_from_memory(cdb) || lu.is_blocking(cdb) {
             let read_bytes = if meta.read { u64::from(meta.edtl) } else { 0 };
             self.read_job_bytes += read_bytes;
             self.in_flight.insert(
@@ -125,9 +198,10 @@ impl Session {
                     lun: meta.lun,
                     aborted: false,
                     read_bytes,
+                    read_held,
                 },
             );
-            self.jobs.push(Job {
+            self.jobs.push(Job::Command(CommandJob {
                 meta,
                 lu,
                 nexus,
@@ -136,7 +210,7 @@ impl Session {
                 cdb: Bytes::copy_from_slice(cdb),
                 data_out,
                 held,
-            });
+            }));
             return;
         }
         let req = CommandRequest {
@@ -149,19 +223,35 @@ impl Session {
         let outcome = lu.execute(&req);
         drop(held);
         self.respond(&meta, outcome);
+        if let Some(h) = read_held {
+            self.hold_until_sent(h);
+        }
     }
 
     /// A [`Job`] finished.
     pub fn complete(&mut self, c: Completion) {
-        let aborted = match self.in_flight.remove(&c.meta.itt) {
+        let c = match c {
+            Completion::Command(c) => c,
+            Completion::Reset { tmf_itt } => {
+                self.resets_running -= 1;
+                self.finish_tmfs(tmf_itt);
+                self.release_deferred();
+                self.update_window();
+                return;
+            }
+        };
+        let (aborted, read_held) = match self.in_flight.remove(&c.meta.itt) {
             Some(f) => {
                 self.read_job_bytes -= f.read_bytes;
-                f.aborted
+                (f.aborted, f.read_held)
             }
-            None => true,
+            None => (true, None),
         };
         if !aborted {
             self.respond(&c.meta, c.outcome);
+            if let Some(h) = read_held {
+                self.hold_until_sent(h);
+            }
         }
         self.finish_tmfs(c.meta.itt);
         self.release_deferred();

@@ -3,13 +3,15 @@
 //! when another session's command or TMF requires it. A TMF answers once
 //! the tasks it aborted that are still running as jobs have finished.
 
+use std::sync::Arc;
+
 use keyfence_iscsi::pdu::{TaskMgmtRequest, TaskMgmtResponse, TmfFunction, TmfResponse};
 use keyfence_iscsi::{serial, Lun, Opcode};
 use keyfence_scsi::sense::asc;
 use tracing::debug;
 
 use super::ConnEnd;
-use super::{lun_eq, Session};
+use super::{lun_eq, Job, ResetJob, Session};
 use crate::server::session::SessionCtl;
 
 /// A TMF waiting for the tasks it aborted to finish.
@@ -165,26 +167,26 @@ impl Session {
                     return;
                 };
                 let lun = t.lun;
-                let r = self.abort_where(|_, l| lun_eq(l, lun));
+                let mut r = self.abort_where(|_, l| lun_eq(l, lun));
                 self.shared.sessions().broadcast_target(
                     target,
                     Some(self.tsih),
                     SessionCtl::AbortTasks { lun: Some(n) },
                 );
-                lu.lu_reset();
+                // The response waits for the reset, done off this task.
+                r.push(self.reset_job(t.itt, vec![lu.clone()], None));
                 r
             }
             TmfFunction::TargetWarmReset | TmfFunction::TargetColdReset => {
                 let cold = t.function == TmfFunction::TargetColdReset;
-                let r = self.abort_where(|_, _| true);
+                let mut r = self.abort_where(|_, _| true);
                 self.shared.sessions().broadcast_target(
                     target,
                     Some(self.tsih),
                     SessionCtl::AbortTasks { lun: None },
                 );
-                for lu in self.shared.targets[target].luns.values() {
-                    lu.target_reset(cold);
-                }
+                let lus = self.shared.targets[target].luns.values().cloned().collect();
+                r.push(self.reset_job(t.itt, lus, Some(cold)));
                 if cold {
                     after = TmfAfter::CloseAll;
                 }
@@ -214,6 +216,24 @@ impl Session {
                 after,
             });
         }
+    }
+
+    /// Hand out the LU side of a reset as a job (it takes reservation
+    /// locks a PR OUT may hold across an fsync); returns the TMF's ITT,
+    /// which the response waits for.
+    fn reset_job(
+        &mut self,
+        tmf_itt: u32,
+        lus: Vec<Arc<keyfence_lu::LogicalUnit>>,
+        target_reset: Option<bool>,
+    ) -> u32 {
+        self.resets_running += 1;
+        self.jobs.push(Job::Reset(ResetJob {
+            tmf_itt,
+            lus,
+            target_reset,
+        }));
+        tmf_itt
     }
 
     /// TARGET COLD RESET: every session of the target is dropped, this one

@@ -84,30 +84,42 @@ impl Session {
             self.reject(RejectReason::ImmediateCommandReject, &pdu.bhs);
             return;
         }
-        // A read waits while the session's unsent data-in is at its budget.
-        let over_read_budget = cmd.read && !self.read_fits(cmd.expected_data_transfer_length);
-        let wait = over_read_budget
-            || match cmd.attr {
-                TaskAttr::HeadOfQueue => false,
-                TaskAttr::Ordered => {
-                    !self.deferred.is_empty()
-                        || self.ordered_running.is_some()
-                        || !self.writes.is_empty()
-                        || !self.in_flight.is_empty()
-                }
-                _ => !self.deferred.is_empty() || self.ordered_running.is_some(),
-            };
+        let wait = match cmd.attr {
+            TaskAttr::HeadOfQueue => false,
+            TaskAttr::Ordered => {
+                !self.deferred.is_empty()
+                    || self.ordered_running.is_some()
+                    || !self.writes.is_empty()
+                    || !self.in_flight.is_empty()
+            }
+            _ => !self.deferred.is_empty() || self.ordered_running.is_some(),
+        };
         if wait {
             self.deferred.push_back(cmd);
-        } else {
-            self.start(cmd);
+            return;
+        }
+        // A read waits while the session's unsent data-in is at its budget
+        // or the server's buffers are in use.
+        match self.read_admission(&cmd) {
+            Some(held) => self.start(cmd, held),
+            None => self.deferred.push_back(cmd),
         }
     }
 
-    fn start(&mut self, cmd: ScsiCommand) {
+    /// [`Session::admit_read`] for reads; other commands start at once.
+    fn read_admission(&mut self, cmd: &ScsiCommand) -> Option<Option<Held>> {
+        if cmd.read && !cmd.write {
+            self.admit_read(cmd.expected_data_transfer_length)
+        } else {
+            Some(None)
+        }
+    }
+
+    /// `read_held`: a read's place in the server's budget.
+    fn start(&mut self, cmd: ScsiCommand, read_held: Option<Held>) {
         let ordered = cmd.attr == TaskAttr::Ordered;
         let itt = cmd.itt;
-        self.scsi_command(cmd);
+        self.scsi_command(cmd, read_held);
         if ordered && (self.writes.contains_key(&itt) || self.in_flight.contains_key(&itt)) {
             self.ordered_running = Some(itt);
         }
@@ -130,17 +142,26 @@ impl Session {
             {
                 break;
             }
-            if front.read && !self.read_fits(front.expected_data_transfer_length) {
-                break;
-            }
+            let (read, edtl) = (
+                front.read && !front.write,
+                front.expected_data_transfer_length,
+            );
+            let held = if read {
+                match self.admit_read(edtl) {
+                    Some(h) => h,
+                    None => break,
+                }
+            } else {
+                None
+            };
             let Some(cmd) = self.deferred.pop_front() else {
                 break;
             };
-            self.start(cmd);
+            self.start(cmd, held);
         }
     }
 
-    fn scsi_command(&mut self, cmd: ScsiCommand) {
+    fn scsi_command(&mut self, cmd: ScsiCommand, read_held: Option<Held>) {
         if self.writes.contains_key(&cmd.itt) || self.in_flight.contains_key(&cmd.itt) {
             // ITT in use: a protocol error we answer like LIO does.
             let pdu = cmd.to_pdu();
@@ -175,7 +196,7 @@ impl Session {
         };
         if !cmd.write {
             let cdb = cmd.cdb;
-            self.execute(meta, lu, cdb.as_slice(), Bytes::new(), None);
+            self.execute(meta, lu, cdb.as_slice(), Bytes::new(), read_held);
             return;
         }
         let wanted = wanted_out.unwrap_or(0);
