@@ -11,7 +11,7 @@
 //! max_sessions = 64                   # normal + discovery sessions, all targets
 //! max_connections = 128               # logged-in TCP connections, all portals
 //! max_login_connections = 128         # connections still logging in
-//! max_login_connections_per_source = 32 # ... from one source address
+//! max_login_connections_per_source = 32 # ... from one source address (IPv6: one /64)
 //! first_pdu_timeout_secs = 5          # a new connection must speak by then
 //! max_cmds_per_session = 128          # MaxCmdSN - ExpCmdSN + 1
 //! max_recv_data_segment_length = 262144
@@ -144,7 +144,9 @@ pub struct Limits {
     /// Connections still logging in, across all portals. When all are
     /// taken, a new connection displaces one that has sent nothing yet.
     pub max_login_connections: u32,
-    /// Connections still logging in from one source address.
+    /// Connections still logging in from one source address (an IPv6
+    /// source counts by its /64 prefix; the CHAP throttle groups the same
+    /// way).
     pub max_login_connections_per_source: u32,
     /// Seconds a new connection may take to send its first Login Request.
     pub first_pdu_timeout_secs: u32,

@@ -158,6 +158,7 @@ impl Admission {
     /// A login slot for a new connection from `source`, displacing an
     /// idle connection if every slot is taken.
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Arc<Ticket>, Refused> {
+        let source = source_group(source);
         let mut s = self.slots();
         let mine = s.per_source.get(&source).copied().unwrap_or(0);
         if mine >= self.max_per_source {
@@ -282,6 +283,23 @@ const FIRST_PENALTY: Duration = Duration::from_millis(100);
 const MAX_PENALTY: Duration = Duration::from_secs(5);
 /// An attempt whose turn is further away than this is refused at once.
 pub const MAX_WAIT: Duration = Duration::from_secs(10);
+/// What per-source limits count a connection's address under: an IPv4
+/// address itself (also when it arrives IPv4-mapped on an IPv6 socket),
+/// and for IPv6 its /64 prefix, since one host commonly holds a whole /64
+/// and could otherwise take a fresh address for every connection.
+pub(crate) fn source_group(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+            }
+        },
+    }
+}
+
 /// A key with no attempt for this long starts afresh.
 const FORGET_AFTER: Duration = Duration::from_secs(60);
 /// Keys remembered at most (oldest forgotten first).
@@ -331,7 +349,7 @@ pub(crate) struct Attempt<'a> {
 
 impl AuthThrottle {
     fn keys(source: IpAddr, initiator: Option<&str>) -> Vec<Key> {
-        let mut k = vec![Key::Source(source)];
+        let mut k = vec![Key::Source(source_group(source))];
         if let Some(i) = initiator {
             k.push(Key::Initiator(i.to_ascii_lowercase()));
         }
@@ -463,6 +481,26 @@ mod tests {
             max_login_connections_per_source: per_source,
             ..Limits::default()
         }
+    }
+
+    #[test]
+    fn ipv6_sources_are_grouped_by_their_64_prefix() {
+        let g = |s: &str| source_group(s.parse().unwrap());
+        assert_eq!(g("2001:db8:1:2::1"), g("2001:db8:1:2:ffff:0:0:7"));
+        assert_ne!(g("2001:db8:1:2::1"), g("2001:db8:1:3::1"));
+        assert_eq!(g("::1"), g("::2"));
+        assert_eq!(g("::ffff:127.0.0.5"), g("127.0.0.5"));
+        assert_ne!(g("127.0.0.5"), g("127.0.0.6"));
+        // Two connections from one /64 share its per-source slots.
+        let adm = Admission::new(&limits(10, 2));
+        let a = adm.admit("2001:db8::1".parse().unwrap()).unwrap();
+        let b = adm.admit("2001:db8::2".parse().unwrap()).unwrap();
+        assert_eq!(
+            adm.admit("2001:db8::3".parse().unwrap()).unwrap_err(),
+            Refused::PerSource
+        );
+        assert!(adm.admit("2001:db8:0:1::3".parse().unwrap()).is_ok());
+        drop((a, b));
     }
 
     #[tokio::test]
