@@ -160,6 +160,14 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
     fn prefetch(&self, _offset: u64, _len: u64) -> io::Result<bool> {
         Ok(false)
     }
+    /// Extend the medium to `len` bytes (new bytes read as zeroes),
+    /// durably. Backends of fixed size refuse.
+    fn grow(&self, _len: u64) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this backing store cannot grow",
+        ))
+    }
 }
 
 /// A regular file or a block device accessed with pread/pwrite.
@@ -167,7 +175,7 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
 pub struct FileBackend {
     file: File,
     path: PathBuf,
-    len: u64,
+    len: std::sync::atomic::AtomicU64,
     read_only: bool,
     is_block_device: bool,
     /// Opened `O_DIRECT` (clustered LUs): the alignment it requires.
@@ -367,7 +375,7 @@ impl FileBackend {
         Ok(FileBackend {
             file,
             path: path.to_owned(),
-            len,
+            len: len.into(),
             read_only,
             is_block_device,
             direct,
@@ -377,10 +385,11 @@ impl FileBackend {
     /// Check that the size is a whole number of `block_size` blocks and,
     /// for direct I/O, that blocks are aligned as the file system needs.
     pub fn check_alignment(&self, block_size: u32) -> Result<(), BackendError> {
-        if block_size == 0 || self.len.rem_euclid(u64::from(block_size)) != 0 {
+        let len = self.len();
+        if block_size == 0 || len.rem_euclid(u64::from(block_size)) != 0 {
             return Err(BackendError::Unaligned {
                 path: self.path.clone(),
-                size: self.len,
+                size: len,
                 block_size,
             });
         }
@@ -542,7 +551,28 @@ fn write_zeroes(b: &dyn BlockBackend, mut offset: u64, len: u64) -> io::Result<(
 
 impl BlockBackend for FileBackend {
     fn len(&self) -> u64 {
-        self.len
+        self.len.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn grow(&self, len: u64) -> io::Result<()> {
+        if self.is_block_device {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "a block device has its own size",
+            ));
+        }
+        if self.read_only {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "the backing file is open read-only",
+            ));
+        }
+        if len > self.len() {
+            self.file.set_len(len)?;
+            self.file.sync_all()?;
+            self.len.store(len, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
@@ -645,7 +675,7 @@ impl BlockBackend for FileBackend {
     }
 
     fn mapped_ranges(&self, range: Range<u64>, limit: usize) -> io::Result<Vec<Range<u64>>> {
-        let end = range.end.min(self.len);
+        let end = range.end.min(self.len());
         let mut out = Vec::new();
         if range.start >= end || limit == 0 {
             return Ok(out);

@@ -26,7 +26,7 @@ mod spc;
 pub mod ua;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -299,7 +299,9 @@ pub(crate) struct ModeState {
 pub struct LogicalUnit {
     pub(crate) cfg: LuConfig,
     pub(crate) backend: Arc<dyn BlockBackend>,
-    pub(crate) blocks: u64,
+    /// Number of logical blocks; grows when the backing store does
+    /// ([`LogicalUnit::grow`]).
+    pub(crate) blocks: AtomicU64,
     pub(crate) block_shift: u32,
     pub(crate) ua: Arc<UnitAttentions>,
     pub(crate) reservations: Reservations,
@@ -358,7 +360,7 @@ impl LogicalUnit {
             (None, None) => Reservations::new(rctx),
         };
         Ok(LogicalUnit {
-            blocks: size >> block_shift,
+            blocks: AtomicU64::new(size >> block_shift),
             block_shift,
             ua,
             reservations,
@@ -384,7 +386,32 @@ impl LogicalUnit {
 
     /// Number of logical blocks.
     pub fn block_count(&self) -> u64 {
+        self.blocks()
+    }
+
+    #[inline]
+    pub(crate) fn blocks(&self) -> u64 {
+        self.blocks.load(Ordering::Relaxed)
+    }
+
+    /// Grow the medium to `bytes` (a multiple of the block size, larger
+    /// than now) and report the new capacity from then on. The caller
+    /// queues CAPACITY DATA HAS CHANGED for the nexuses that see the LU.
+    pub fn grow(&self, bytes: u64) -> std::io::Result<()> {
+        let bs = u64::from(self.cfg.block_size);
+        if bytes % bs != 0 || bytes <= self.blocks() << self.block_shift {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "new size {bytes} is not larger than {} and a multiple of {bs}",
+                    self.blocks() << self.block_shift
+                ),
+            ));
+        }
+        self.backend.grow(bytes)?;
         self.blocks
+            .store(bytes >> self.block_shift, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The storage the LU sits on.

@@ -69,7 +69,7 @@ impl LogicalUnit {
     /// (SBC-3 4.5: also for zero blocks when `lba` is past the end).
     pub(crate) fn check_range(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
         match lba.checked_add(blocks) {
-            Some(end) if lba <= self.blocks && end <= self.blocks => Ok(()),
+            Some(end) if lba <= self.blocks() && end <= self.blocks() => Ok(()),
             _ => Err(lba_out_of_range()),
         }
     }
@@ -200,7 +200,7 @@ impl LogicalUnit {
                 Ok(CommandOutcome::good())
             }
             Cdb::ReadCapacity10 => {
-                let last = (self.blocks - 1).min(0xffff_ffff) as u32;
+                let last = (self.blocks() - 1).min(0xffff_ffff) as u32;
                 let mut d = Vec::with_capacity(8);
                 d.extend_from_slice(&last.to_be_bytes());
                 d.extend_from_slice(&self.cfg.block_size.to_be_bytes());
@@ -208,7 +208,7 @@ impl LogicalUnit {
             }
             Cdb::ReadCapacity16 { alloc_len } => {
                 let mut d = vec![0u8; 32];
-                d[..8].copy_from_slice(&(self.blocks - 1).to_be_bytes());
+                d[..8].copy_from_slice(&(self.blocks() - 1).to_be_bytes());
                 d[8..12].copy_from_slice(&self.cfg.block_size.to_be_bytes());
                 // Byte 13: P_I_EXPONENT 0, LOGICAL BLOCKS PER PHYSICAL BLOCK
                 // EXPONENT 0: every logical block is written whole. (The
@@ -321,10 +321,10 @@ impl LogicalUnit {
         self.check_writable(req)?;
         // NUMBER OF LOGICAL BLOCKS 0 (WSNZ = 0): through the last block.
         let count = if blocks == 0 {
-            if lba > self.blocks {
+            if lba > self.blocks() {
                 return Err(lba_out_of_range());
             }
-            self.blocks - lba
+            self.blocks() - lba
         } else {
             self.check_range(lba, blocks.into())?;
             u64::from(blocks)
@@ -494,14 +494,14 @@ impl LogicalUnit {
     }
 
     fn get_lba_status(&self, lba: u64, alloc_len: u32) -> Result<CommandOutcome, Sense> {
-        if lba >= self.blocks {
+        if lba >= self.blocks() {
             return Err(lba_out_of_range());
         }
         let room = (alloc_len as usize).saturating_sub(8) / 16;
         let want = room.clamp(1, MAX_LBA_STATUS_DESCRIPTORS);
         let bs = u64::from(self.cfg.block_size);
         let start = self.bytes(lba);
-        let end = self.bytes(self.blocks);
+        let end = self.bytes(self.blocks());
         let mapped = self
             .backend
             .mapped_ranges(start..end, want)
@@ -532,7 +532,7 @@ impl LogicalUnit {
         let mut cursor = lba;
         for r in mapped {
             let first = (r.start / bs).max(cursor);
-            let last = r.end.div_ceil(bs).min(self.blocks);
+            let last = r.end.div_ceil(bs).min(self.blocks());
             if last <= first {
                 continue;
             }
@@ -544,7 +544,7 @@ impl LogicalUnit {
             }
         }
         if !truncated {
-            push(cursor, self.blocks, 1, &mut descs);
+            push(cursor, self.blocks(), 1, &mut descs);
         }
         let mut d = Vec::with_capacity(8 + 16 * descs.len());
         d.extend_from_slice(&((4 + 16 * descs.len()) as u32).to_be_bytes());

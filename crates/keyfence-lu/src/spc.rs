@@ -262,7 +262,7 @@ impl LogicalUnit {
         let mut buf = vec![0u8; bs];
         self.backend.read_at(&mut buf, 0).map_err(failed)?;
         self.backend
-            .read_at(&mut buf, self.bytes(self.blocks - 1))
+            .read_at(&mut buf, self.bytes(self.blocks() - 1))
             .map_err(failed)?;
         if !self.write_protected() {
             self.backend.flush().map_err(failed)?;
@@ -527,15 +527,15 @@ impl LogicalUnit {
             0
         };
         let dev_specific = wp | 0x10; // DPOFUA
-        let long = ten && llbaa && self.blocks > 0xffff_ffff;
+        let long = ten && llbaa && self.blocks() > 0xffff_ffff;
         let mut bd = Vec::new();
         if !dbd {
             if long {
-                bd.extend_from_slice(&self.blocks.to_be_bytes());
+                bd.extend_from_slice(&self.blocks().to_be_bytes());
                 bd.extend_from_slice(&[0; 4]);
                 bd.extend_from_slice(&self.cfg.block_size.to_be_bytes());
             } else {
-                bd.extend_from_slice(&(self.blocks.min(0xffff_ffff) as u32).to_be_bytes());
+                bd.extend_from_slice(&(self.blocks().min(0xffff_ffff) as u32).to_be_bytes());
                 bd.push(0);
                 bd.extend_from_slice(&self.cfg.block_size.to_be_bytes()[1..]);
             }
@@ -614,9 +614,9 @@ impl LogicalUnit {
                 return Err(Sense::invalid_param_field(bl_at as u16, None));
             }
             let cur = if long {
-                self.blocks
+                self.blocks()
             } else {
-                self.blocks.min(0xffff_ffff)
+                self.blocks().min(0xffff_ffff)
             };
             if blocks != 0 && blocks != cur {
                 return Err(Sense::invalid_param_field(at as u16, None));
