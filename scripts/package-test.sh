@@ -34,7 +34,7 @@ expect usr/share/doc/keyfence/examples/keyfence.toml
 expect usr/share/bash-completion/completions/keyfence
 expect usr/share/zsh/vendor-completions/_keyfence
 expect usr/share/fish/vendor_completions.d/keyfence.fish
-for page in keyfence keyfence-serve keyfence-persist keyfence-mpathpersist keyfence-takeover \
+for page in keyfence keyfence-serve keyfence-status keyfence-reload keyfence-persist keyfence-mpathpersist keyfence-takeover \
     keyfence-pr keyfence-pr-show keyfence-bench keyfence-fence keyfence-fence-check \
     keyfence-fence-acquire keyfence-fence-race keyfence-install-links keyfence-man \
     keyfence-completions; do

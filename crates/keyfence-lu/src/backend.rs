@@ -414,7 +414,7 @@ impl FileBackend {
     /// rounded out to the offset alignment (reading more is harmless).
     fn read_direct(&self, d: DirectAlign, buf: &mut [u8], offset: u64) -> io::Result<()> {
         let len = buf.len() as u64;
-        if offset.checked_add(len).is_none_or(|e| e > self.len) {
+        if offset.checked_add(len).is_none_or(|e| e > self.len()) {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
         let start = offset - offset % d.offset;
@@ -428,7 +428,7 @@ impl FileBackend {
             &self.file,
             bounce.as_mut_slice(),
             start,
-            end.min(self.len) - start,
+            end.min(self.len()) - start,
         )?;
         let skip = (offset - start) as usize;
         buf.copy_from_slice(&bounce.as_slice()[skip..skip + buf.len()]);

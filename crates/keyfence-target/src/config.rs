@@ -6,6 +6,7 @@
 //!
 //! ```toml
 //! data_dir = "keyfence-data"          # relative paths of LUN files start here
+//! admin_socket = "keyfence-data/keyfence.sock" # `keyfence status`/`reload`; this is the default
 //!
 //! [limits]
 //! max_sessions = 64                   # normal + discovery sessions, all targets
@@ -79,6 +80,9 @@ pub const DEFAULT_LUN_SIZE: u64 = 1 << 30;
 /// Directory the default backing file lives in.
 pub const DEFAULT_DATA_DIR: &str = "keyfence-data";
 
+/// File name of the admin socket in the data directory, by default.
+pub const ADMIN_SOCKET_NAME: &str = "keyfence.sock";
+
 /// Highest LUN the target can address (SAM-5 flat space addressing, 14 bits).
 pub const MAX_LUN: u16 = 16383;
 
@@ -112,6 +116,11 @@ pub struct Config {
     pub discovery_chap: Option<ChapConfig>,
     #[serde(rename = "target", default)]
     pub targets: Vec<TargetConfig>,
+    /// The local admin socket (`keyfence status`, `keyfence reload`);
+    /// default `keyfence.sock` in `data_dir`. A relative path is resolved
+    /// like `data_dir`.
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
     /// Cluster mode (`[cluster]`): this server is one gateway of several
     /// serving the same LUs, with their reservation state in etcd.
     /// `None`: single-node mode.
@@ -132,7 +141,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 /// Server-wide bounds on what clients can make the server hold.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Sessions (normal and discovery) across all targets.
@@ -516,7 +525,8 @@ impl LunConfig {
 
 /// A size in bytes, written either as an integer or as a string with a
 /// binary unit: "4096", "512K", "64M", "1G", "2T", "1GiB".
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(transparent)]
 pub struct ByteSize(pub u64);
 
 impl std::str::FromStr for ByteSize {
@@ -675,12 +685,23 @@ impl Config {
             err,
         })?;
         let mut cfg = Config::from_toml(&text, &path.display().to_string())?;
-        if cfg.data_dir.is_relative() {
-            if let Some(dir) = path.parent() {
+        if let Some(dir) = path.parent() {
+            if cfg.data_dir.is_relative() {
                 cfg.data_dir = dir.join(&cfg.data_dir);
+            }
+            if let Some(sock) = cfg.admin_socket.as_mut().filter(|s| s.is_relative()) {
+                *sock = dir.join(&*sock);
             }
         }
         Ok(cfg)
+    }
+
+    /// The admin socket's path: `admin_socket`, else `keyfence.sock` in
+    /// the data directory.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        self.admin_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join(ADMIN_SOCKET_NAME))
     }
 
     /// Check every rule the types cannot express, and fill `portal_addrs`.
@@ -689,6 +710,16 @@ impl Config {
         if let Some(m) = &self.metrics {
             self.metrics_addr =
                 Some(parse_metrics_addr(m).map_err(|e| invalid(format!("metrics: {e}")))?);
+        }
+        if let Some(s) = &self.admin_socket {
+            // sockaddr_un holds 108 bytes with the terminating NUL.
+            let n = s.as_os_str().len();
+            if n == 0 || n > 107 {
+                return Err(invalid(format!(
+                    "admin_socket '{}' is {n} bytes; a Unix socket path must be 1-107 bytes",
+                    s.display()
+                )));
+            }
         }
         if self.targets.is_empty() {
             return Err(invalid("no [[target]] configured"));

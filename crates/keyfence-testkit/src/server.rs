@@ -51,6 +51,7 @@ impl ServerOptions {
             data_dir: data_dir.to_path_buf(),
             limits: self.limits.clone(),
             discovery_chap: self.discovery_chap.clone(),
+            admin_socket: None,
             targets: vec![TargetConfig {
                 name: self.iqn.clone(),
                 portals: vec!["127.0.0.1:0".to_string(); self.portals],

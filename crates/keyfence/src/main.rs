@@ -6,6 +6,7 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::process::ExitCode;
 
+mod admin;
 mod bench;
 mod cli;
 mod cluster_status;
@@ -27,6 +28,8 @@ Usage: keyfence <COMMAND> [ARGS...]
 Commands:
   serve         run the iSCSI target (default: iqn.2026-11.io.keyfence:default,
                 LUN 0 on 127.0.0.1:3260, data in ./keyfence-data)
+  status        show what a running serve serves: targets, sessions, LUs, PR
+  reload        make a running serve re-read its configuration (as SIGHUP)
   persist       sg_persist-compatible PR tool over iSCSI (also run as sg_persist)
   mpathpersist  mpathpersist-compatible multipath PR tool (also run as mpathpersist)
   takeover      take back PR registration/reservation after a new I_T nexus
@@ -68,6 +71,8 @@ fn main() -> ExitCode {
     let rest = &args[1..];
     match cmd.as_str() {
         "serve" => serve::run(rest),
+        "status" => admin::run_status(rest),
+        "reload" => admin::run_reload(rest),
         "persist" => persist::run(rest, "keyfence persist"),
         "sg_persist" => persist::run(rest, "keyfence sg_persist"),
         "mpathpersist" => mpathpersist::run(rest),

@@ -2,7 +2,7 @@
 //! shell completions for every keyfence command, generated from the
 //! definitions the commands parse their arguments with.
 //!
-//! - Commands parsed by clap (serve, bench, pr, fence check/acquire/race,
+//! - Commands parsed by clap (serve, status, reload, bench, pr, fence check/acquire/race,
 //!   install-links, man, completions) get pages rendered by clap_mangen
 //!   from their clap `Command`, so options, defaults and help texts are the
 //!   ones `--help` prints.
@@ -152,6 +152,8 @@ pub fn command() -> Command {
         .about(ABOUT)
         .subcommand_required(true)
         .subcommand(crate::serve::command().name("serve"))
+        .subcommand(crate::admin::status_command().name("status"))
+        .subcommand(crate::admin::reload_command().name("reload"))
         .subcommand(getopt_command(&persist).alias("sg_persist"))
         .subcommand(getopt_command(&mpathpersist))
         .subcommand(getopt_command(&takeover))

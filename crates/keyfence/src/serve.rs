@@ -4,7 +4,9 @@
 //! 127.0.0.1:3260 with `./keyfence-data/lun0.img` (1 GiB, created sparse when
 //! missing) as LUN 0. `--config FILE` describes several targets, portals
 //! and LUNs instead. SIGINT or SIGTERM stops it cleanly: no new connections,
-//! in-flight commands finish, backends are flushed, exit status 0.
+//! in-flight commands finish, backends are flushed, exit status 0. SIGHUP
+//! (or `keyfence reload`) re-reads the --config file and applies what
+//! changed; `keyfence status` reads the admin socket.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -21,7 +23,7 @@ use keyfence_target::server::Server;
 /// Run the keyfence iSCSI target. Without --config: one target with LUN 0
 /// backed by DATA_DIR/lun0.img (created sparse when missing). SIGINT or
 /// SIGTERM stops it after in-flight commands finish and data is flushed.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "keyfence serve", version)]
 struct Args {
     /// Listen on ADDR:PORT; repeat for more portal groups (TPGT 1, 2, ... in order)
@@ -78,6 +80,10 @@ struct Args {
         value_parser = parse_peer
     )]
     peers: Vec<keyfence_cluster::GatewayPortals>,
+    /// Admin socket for `keyfence status` and `keyfence reload` (mode 0600)
+    /// [default: DATA_DIR/keyfence.sock]. Overrides admin_socket of --config.
+    #[arg(long = "admin-socket", value_name = "PATH")]
+    admin_socket: Option<PathBuf>,
     /// Log filter (error, warn, info, debug, trace or a tracing directive);
     /// RUST_LOG is used when this is not given.
     #[arg(long = "log-level", value_name = "LEVEL")]
@@ -156,6 +162,7 @@ fn config_from_args(args: &Args) -> Result<Config> {
                 data_dir: PathBuf::from(DEFAULT_DATA_DIR),
                 limits: Default::default(),
                 discovery_chap: None,
+                admin_socket: None,
                 targets: vec![TargetConfig {
                     name: args
                         .target_name
@@ -191,6 +198,11 @@ fn config_from_args(args: &Args) -> Result<Config> {
     if let Some(dir) = &args.data_dir {
         cfg.data_dir = dir.clone();
     }
+    if let Some(sock) = &args.admin_socket {
+        cfg.admin_socket = Some(sock.clone());
+        cfg.validate().map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    // After the validation above, which sets metrics_addr from the file.
     if let Some(m) = args.metrics {
         cfg.metrics_addr = Some(m);
     }
@@ -230,6 +242,13 @@ fn serve(args: Args) -> Result<()> {
     // The server creates (and locks) the data directory once its portals
     // are bound, and removes what it created if the start fails.
     let cfg = config_from_args(&args)?;
+    // A reload reads the file again, with the same command-line overrides.
+    let reloader: Option<keyfence_target::server::Reloader> = args.config.is_some().then(|| {
+        let args = args.clone();
+        let r: keyfence_target::server::Reloader =
+            std::sync::Arc::new(move || config_from_args(&args).map_err(|e| format!("{e:#}")));
+        r
+    });
     keyfence_target::server::tune_allocator();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -238,7 +257,20 @@ fn serve(args: Args) -> Result<()> {
         .context("cannot start the async runtime")?;
     rt.block_on(async move {
         let stop = shutdown_signal()?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("cannot install SIGHUP handler")?;
         let server = Server::bind(cfg).await?;
+        if let Some(r) = reloader {
+            server.set_reload_source(r);
+        }
+        let handle = server.reload_handle();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                tracing::info!("SIGHUP: reloading the configuration");
+                // The outcome is logged by the reload itself.
+                let _ = handle.reload().await;
+            }
+        });
         print!("{}", server.describe());
         use std::io::Write;
         let _ = std::io::stdout().flush();

@@ -37,6 +37,14 @@ impl LunView {
         Some(LunView { map, list })
     }
 
+    /// No LUN at all (an initiator whose access was removed).
+    pub fn empty() -> LunView {
+        LunView {
+            map: BTreeMap::new(),
+            list: TargetLuns::new(Vec::new()),
+        }
+    }
+
     /// The target LUN id behind the number `n` the initiator uses, and
     /// whether the initiator may only read it.
     pub fn resolve(&self, n: u64) -> Option<(u64, bool)> {

@@ -11,14 +11,14 @@ use std::sync::Arc;
 #[derive(Debug)]
 pub(crate) struct Budget {
     used: AtomicU64,
-    limit: u64,
+    limit: AtomicU64,
 }
 
 impl Budget {
     pub fn new(limit: u64) -> Arc<Budget> {
         Arc::new(Budget {
             used: AtomicU64::new(0),
-            limit,
+            limit: AtomicU64::new(limit),
         })
     }
 
@@ -26,7 +26,8 @@ impl Budget {
     pub fn try_take(self: &Arc<Self>, n: u64) -> Option<Held> {
         let mut cur = self.used.load(Ordering::Relaxed);
         loop {
-            let next = cur.checked_add(n).filter(|v| *v <= self.limit)?;
+            let limit = self.limit.load(Ordering::Relaxed);
+            let next = cur.checked_add(n).filter(|v| *v <= limit)?;
             match self
                 .used
                 .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Relaxed)
@@ -40,6 +41,12 @@ impl Budget {
                 Err(v) => cur = v,
             }
         }
+    }
+
+    /// Change the limit (a reload); bytes held above a lowered limit are
+    /// kept until released.
+    pub fn set_limit(&self, limit: u64) {
+        self.limit.store(limit, Ordering::Relaxed);
     }
 
     /// Bytes held now.

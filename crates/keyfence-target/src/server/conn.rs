@@ -36,7 +36,7 @@ pub(super) async fn serve_connection(
 ) {
     let mut wire = Wire::new(sock, peer);
     debug!(%peer, portal = %info.addr, "connection accepted");
-    let timeout = Duration::from_secs(u64::from(shared.limits.login_timeout_secs));
+    let timeout = Duration::from_secs(u64::from(shared.live().limits.login_timeout_secs));
     let mut shutdown = shared.shutdown.clone();
     let attempt = tokio::select! {
         r = tokio::time::timeout(timeout, login::login(&shared, &info, &mut wire)) => r,

@@ -23,7 +23,7 @@ use super::budget::Budget;
 use super::ffp::{Job, Session};
 use super::login::{Established, SessionKind};
 use super::session::{SessionKey, SessionTable};
-use super::{Portal, Shared, TargetRt};
+use super::{Live, Portal, Shared, TargetRt};
 use crate::config::Limits;
 
 /// The target name an [`InMemoryTarget`] serves.
@@ -67,14 +67,24 @@ impl InMemoryTarget {
         )));
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
-            targets: vec![target],
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
             sessions: std::sync::Mutex::new(SessionTable::new(limits.max_sessions)),
             buffers: Budget::new(limits.max_buffered_bytes.0),
-            limits,
-            discovery_chap: None,
             shutdown,
             metrics,
+            started: Instant::now(),
+            clustered: false,
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloader: Default::default(),
+            hooks: Default::default(),
+            live: arc_swap::ArcSwap::from_pointee(Live {
+                generation: 0,
+                targets: vec![Some(Arc::new(target))],
+                limits,
+                discovery_chap: None,
+                listeners: Vec::new(),
+                config: None,
+            }),
         });
         InMemoryTarget {
             shared,
@@ -89,7 +99,11 @@ impl InMemoryTarget {
 
     /// The logical unit behind LUN 0.
     pub fn lu(&self) -> Arc<LogicalUnit> {
-        self.shared.targets[0].luns[&0].clone()
+        self.shared.live().targets[0]
+            .as_ref()
+            .expect("target 0")
+            .luns[&0]
+            .clone()
     }
 
     /// A normal session of `initiator` / `isid` whose login just
@@ -105,7 +119,7 @@ impl InMemoryTarget {
         };
         let nexus = keyfence_scsi::Nexus::new(
             keyfence_scsi::InitiatorPort::new(initiator, isid),
-            self.shared.targets[0].target_port(1),
+            keyfence_scsi::TargetPort::new(TARGET_NAME, 1, 1),
         );
         let registration = {
             let mut t = self.shared.sessions();
@@ -113,7 +127,7 @@ impl InMemoryTarget {
             // old session to end (the test decides when it does).
             let _ = t.displace(&key);
             let tsih = t.reserve().expect("a free TSIH");
-            t.admit(tsih, key, Some(nexus))
+            t.admit(tsih, key, Some(nexus), None)
                 .expect("below the session limit")
         };
         let est = Established {

@@ -48,9 +48,9 @@ use super::acl::LunView;
 use super::admission::{Ticket, TICKET};
 use super::conn::Wire;
 use super::metrics::{IdleDrop, LoginResult, Metrics, Refusal};
-use super::session::{AdmitError, SessionKey, SessionSlot};
-use super::{ListenerInfo, Shared};
-use crate::config::ChapConfig;
+use super::session::{AdmitError, SessionInfo, SessionKey, SessionSlot};
+use super::{ListenerInfo, Live, Shared};
+use crate::config::{ChapConfig, Limits};
 
 /// What a session is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +113,7 @@ async fn next_pdu(wire: &mut Wire) -> Result<Option<Pdu>, LoginError> {
 }
 
 /// The operational limits we offer, from the configuration.
-fn prefs(shared: &Shared) -> OperationalPrefs {
-    let l = &shared.limits;
+fn prefs(l: &Limits) -> OperationalPrefs {
     OperationalPrefs {
         max_recv_data_segment_length: l.max_recv_data_segment_length,
         max_burst_length: l.max_burst_length,
@@ -140,6 +139,10 @@ pub(super) async fn login(
         metrics: &shared.metrics,
         result: LoginResult::Other,
     };
+    // The configuration as it is when the login starts; a reload after
+    // this reaches the session once it is admitted.
+    let live = shared.live();
+    let groups = live.groups_at(info.addr);
     // The portal group tag depends on the target asked for, which a
     // listener shared by several targets only learns from the first PDU.
     let first_keys = keys::parse(&pdu.data).ok();
@@ -150,7 +153,7 @@ pub(super) async fn login(
     };
     let asked_idx = first_key("TargetName")
         .as_deref()
-        .and_then(|n| shared.target_by_name(n));
+        .and_then(|n| live.target_by_name(n));
     // Whose CHAP credentials this login is checked against.
     let auth_scope = if first_key("SessionType").as_deref() == Some("Discovery") {
         AuthScope::Discovery
@@ -158,10 +161,10 @@ pub(super) async fn login(
         asked_idx.map_or(AuthScope::Unknown, AuthScope::Target)
     };
     let initiator_name = first_key("InitiatorName");
-    let chap = required_chap(shared, auth_scope, initiator_name.as_deref().unwrap_or(""));
+    let chap = required_chap(&live, auth_scope, initiator_name.as_deref().unwrap_or(""));
     let tpgt = asked_idx
-        .and_then(|t| info.tpgt_of(t))
-        .or_else(|| info.groups.first().map(|g| g.1))
+        .and_then(|t| groups.iter().find(|(g, _)| *g == t).map(|(_, g)| *g))
+        .or_else(|| groups.first().map(|g| g.1))
         .unwrap_or(1);
     let Some(reservation) = TsihReservation::new(shared) else {
         tally.result = LoginResult::OutOfResources;
@@ -174,28 +177,27 @@ pub(super) async fn login(
         return Ok(None);
     };
     let tsih = reservation.tsih;
-    let mut targets: Vec<String> = info
-        .groups
+    let mut targets: Vec<String> = groups
         .iter()
         .filter(|(_, g)| *g == tpgt)
+        .filter_map(|(t, _)| live.target(*t))
         // A target this initiator may not access is, to it, not here.
-        .filter(|(t, _)| {
-            shared.targets[*t]
-                .acl
+        .filter(|t| {
+            t.acl
                 .access(initiator_name.as_deref().unwrap_or(""))
                 .is_some()
         })
-        .map(|(t, _)| shared.targets[*t].name.clone())
+        .map(|t| t.name.clone())
         .collect();
     // For the metrics only (the initiator is told nothing): why a named
     // target is not offered to it.
     let hidden = match first_key("TargetName") {
-        Some(name) if !targets.iter().any(|t| t.eq_ignore_ascii_case(&name)) => {
-            Some(match asked_idx.filter(|t| info.tpgt_of(*t).is_some()) {
+        Some(name) if !targets.iter().any(|t| t.eq_ignore_ascii_case(&name)) => Some(
+            match asked_idx.filter(|t| groups.iter().any(|(g, _)| g == t)) {
                 Some(_) => LoginResult::AclRefused,
                 None => LoginResult::TargetNotFound,
-            })
-        }
+            },
+        ),
         _ => None,
     };
     // A normal session naming a target that is not here for it (unknown,
@@ -204,8 +206,7 @@ pub(super) async fn login(
     let decoy = match (auth_scope, first_key("TargetName")) {
         (AuthScope::Discovery, _) | (_, None) => None,
         (_, Some(name))
-            if targets.iter().any(|t| t.eq_ignore_ascii_case(&name))
-                || !chap_configured(shared) =>
+            if targets.iter().any(|t| t.eq_ignore_ascii_case(&name)) || !chap_configured(&live) =>
         {
             None
         }
@@ -223,9 +224,9 @@ pub(super) async fn login(
         portal_group_tag: tpgt,
         targets,
         tsih,
-        prefs: prefs(shared),
+        prefs: prefs(&live.limits),
         initial_stat_sn: 1,
-        cmd_window: shared.limits.max_cmds_per_session,
+        cmd_window: live.limits.max_cmds_per_session,
         chap_users,
         chap_mutual: chap.and_then(ChapConfig::target_credential),
         chap_for_discovery: auth_scope == AuthScope::Discovery && chap.is_some(),
@@ -330,7 +331,7 @@ pub(super) async fn login(
                         let Some(target) = s
                             .target_name
                             .as_deref()
-                            .and_then(|n| shared.target_by_name(n))
+                            .and_then(|n| live.target_by_name(n))
                         else {
                             tally.result = LoginResult::TargetNotFound;
                             wire.push_pdu(&keyfence_iscsi::login::reject_login(
@@ -353,7 +354,10 @@ pub(super) async fn login(
                 let view = match kind {
                     SessionKind::Discovery => None,
                     SessionKind::Normal { target, .. } => {
-                        match shared.targets[target].acl.access(&s.initiator_name) {
+                        match live
+                            .target(target)
+                            .and_then(|t| t.acl.access(&s.initiator_name))
+                        {
                             Some(a) => a.view,
                             None => {
                                 tally.result = LoginResult::AclRefused;
@@ -372,9 +376,9 @@ pub(super) async fn login(
                         }
                     }
                 };
-                if let Some(c) = required_chap(shared, scope, &s.initiator_name) {
+                if let Some(c) = required_chap(&live, scope, &s.initiator_name) {
                     let offered =
-                        required_chap(shared, auth_scope, initiator_name.as_deref().unwrap_or(""));
+                        required_chap(&live, auth_scope, initiator_name.as_deref().unwrap_or(""));
                     if scope != auth_scope
                         || offered != Some(c)
                         || s.chap_name.as_deref() != Some(c.user.as_str())
@@ -421,10 +425,9 @@ pub(super) async fn login(
                     SessionKind::Discovery => (None, None),
                     SessionKind::Normal { target, tpgt } => (
                         Some(target),
-                        Some(Nexus::new(
-                            InitiatorPort::new(&initiator, s.isid),
-                            shared.targets[target].target_port(tpgt),
-                        )),
+                        live.target(target).map(|t| {
+                            Nexus::new(InitiatorPort::new(&initiator, s.isid), t.target_port(tpgt))
+                        }),
                     ),
                 };
                 let key = SessionKey {
@@ -445,7 +448,18 @@ pub(super) async fn login(
                         warn!(peer = %wire.peer, "old session did not end within 30 s");
                     }
                 }
-                let admitted = shared.sessions().admit(tsih, key, nexus);
+                let status = SessionInfo {
+                    initiator: s.initiator_name.clone(),
+                    isid: s.isid,
+                    tsih,
+                    tpgt,
+                    local: wire.rd.local_addr().ok(),
+                    peer: wire.peer,
+                    params: s.params.clone(),
+                    since: std::time::SystemTime::now(),
+                    started: std::time::Instant::now(),
+                };
+                let admitted = shared.sessions().admit(tsih, key, nexus, Some(status));
                 match admitted {
                     Ok(registration) => {
                         tally.result = LoginResult::Success;
@@ -552,12 +566,11 @@ fn carries_chap_response(pdu: &Pdu) -> bool {
 }
 
 /// Is CHAP required anywhere (discovery, a target or an ACL entry)?
-fn chap_configured(shared: &Shared) -> bool {
-    shared.discovery_chap.is_some()
-        || shared
-            .targets
-            .iter()
-            .any(|t| t.chap.is_some() || t.acl.any_chap())
+fn chap_configured(live: &Live) -> bool {
+    live.discovery_chap.is_some()
+        || live
+            .targets()
+            .any(|(_, t)| t.chap.is_some() || t.acl.any_chap())
 }
 
 /// A CHAP name and secret no initiator knows (128 random bits each).
@@ -580,16 +593,11 @@ enum AuthScope {
 
 /// The CHAP a session of this scope by `initiator` must pass, if any: for
 /// a target, the initiator's own from the ACL, else the target's.
-fn required_chap<'a>(
-    shared: &'a Shared,
-    scope: AuthScope,
-    initiator: &str,
-) -> Option<&'a ChapConfig> {
+fn required_chap<'a>(live: &'a Live, scope: AuthScope, initiator: &str) -> Option<&'a ChapConfig> {
     match scope {
-        AuthScope::Discovery => shared.discovery_chap.as_ref(),
-        AuthScope::Target(t) => shared
-            .targets
-            .get(t)
+        AuthScope::Discovery => live.discovery_chap.as_ref(),
+        AuthScope::Target(t) => live
+            .target(t)
             .and_then(|t| t.acl.access(initiator))
             .and_then(|a| a.chap),
         AuthScope::Unknown => None,
@@ -648,20 +656,17 @@ impl Drop for TsihReservation {
 /// portal's port: the initiator reached us there, while a wildcard address
 /// means nothing to it.
 pub(super) fn discovered_targets(
-    shared: &Shared,
+    live: &Live,
     initiator: &str,
     kind: SessionKind,
     local: Option<std::net::SocketAddr>,
 ) -> Vec<SendTargetsEntry> {
     let visible = |i: usize| match kind {
         SessionKind::Discovery => true,
-        SessionKind::Normal { target, .. } => target == i || shared.discovery_chap.is_none(),
+        SessionKind::Normal { target, .. } => target == i || live.discovery_chap.is_none(),
     };
     let local_ip = local.map(|a| a.ip().to_canonical());
-    shared
-        .targets
-        .iter()
-        .enumerate()
+    live.targets()
         .filter(|(i, t)| visible(*i) && t.acl.access(initiator).is_some())
         .map(|(_, t)| SendTargetsEntry {
             name: t.name.clone(),

@@ -10,6 +10,7 @@
 //! without sockets: `conn` drives it over TCP, `harness` in memory.
 
 mod acl;
+pub mod admin;
 mod admission;
 mod budget;
 mod cluster;
@@ -21,6 +22,7 @@ mod iopool;
 mod login;
 pub mod metrics;
 mod metrics_http;
+mod reload;
 mod session;
 mod wire;
 
@@ -32,17 +34,19 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use keyfence_scsi::TargetPort;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::{debug, info, warn};
 
-use crate::config::{Backing, ChapConfig, Config, Limits};
+use crate::config::{Backing, ChapConfig, Config, Limits, LunConfig};
 use keyfence_lu::backend::{BackendError, BlockBackend, FileBackend};
 use keyfence_lu::reservation::FileStore;
 use keyfence_lu::{LogicalUnit, LuConfig, LuError, TargetLuns};
 use keyfence_pr::PrStore;
 
+pub use reload::{ReloadError, Reloader};
 pub(crate) use session::SessionTable;
 
 /// Errors starting or running the server.
@@ -86,6 +90,11 @@ pub enum ServerError {
     },
     #[error("cluster: {0}")]
     Cluster(#[from] keyfence_cluster::Error),
+    #[error("admin socket {}: {err}", .path.display())]
+    AdminSocket {
+        path: std::path::PathBuf,
+        err: String,
+    },
     #[error("flushing target {target} LUN {lun} failed: {err}")]
     Flush {
         target: String,
@@ -130,27 +139,86 @@ impl TargetRt {
     }
 }
 
+/// What the server serves under one configuration: replaced as a whole
+/// by a reload ([`reload`]). Logins and the admin socket read the current
+/// one; a session keeps its own target's [`TargetRt`] and is handed the
+/// new one when a reload changes it, so the I/O path reads no shared
+/// state at all.
+#[derive(Debug)]
+pub(crate) struct Live {
+    /// Counts reloads applied (0: the configuration started with).
+    pub generation: u64,
+    /// Targets by index. An index always names the same target (by
+    /// name): a removed target leaves `None`, an added one is appended
+    /// (or takes back its old index), so session keys stay valid.
+    pub targets: Vec<Option<Arc<TargetRt>>>,
+    pub limits: Limits,
+    /// CHAP discovery sessions must pass.
+    pub discovery_chap: Option<ChapConfig>,
+    /// The bound listeners with the (target, TPGT) each serves.
+    pub listeners: Vec<ListenerInfo>,
+    /// The configuration this was built from (for the next reload's
+    /// diff); `None` for the in-memory harness.
+    pub config: Option<Config>,
+}
+
+impl Live {
+    pub fn target(&self, i: usize) -> Option<&Arc<TargetRt>> {
+        self.targets.get(i).and_then(Option::as_ref)
+    }
+
+    /// The targets served now, with their indexes.
+    pub fn targets(&self) -> impl Iterator<Item = (usize, &Arc<TargetRt>)> {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.as_ref().map(|t| (i, t)))
+    }
+
+    pub fn target_by_name(&self, name: &str) -> Option<usize> {
+        self.targets()
+            .find(|(_, t)| t.name.eq_ignore_ascii_case(name))
+            .map(|(i, _)| i)
+    }
+
+    /// The (target, TPGT) pairs served on the listener bound to `addr`.
+    pub fn groups_at(&self, addr: SocketAddr) -> &[(usize, u16)] {
+        self.listeners
+            .iter()
+            .find(|l| l.addr == addr)
+            .map(|l| l.groups.as_slice())
+            .unwrap_or(&[])
+    }
+}
+
 /// State shared by every task of the server. Nothing here is locked on the
 /// I/O path: the session table is touched at login, logout and resets only.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub targets: Vec<TargetRt>,
-    pub limits: Limits,
-    /// CHAP discovery sessions must pass.
-    pub discovery_chap: Option<ChapConfig>,
+    /// Targets, limits and CHAP as configured now.
+    pub live: ArcSwap<Live>,
     pub sessions: std::sync::Mutex<SessionTable>,
     pub connections: Arc<Semaphore>,
     pub shutdown: watch::Receiver<bool>,
     /// Write data held by all sessions (`limits.max_buffered_bytes`).
     pub buffers: Arc<budget::Budget>,
     pub metrics: Arc<metrics::Metrics>,
+    /// When the server was bound (for `keyfence status`).
+    pub started: std::time::Instant,
+    /// Cluster mode (reloads keep the set of LUs).
+    pub clustered: bool,
+    /// Serialises reloads.
+    pub reload_lock: tokio::sync::Mutex<()>,
+    /// Where reloads read the configuration from, if anywhere.
+    pub reloader: reload::Source,
+    /// Applied to the LUs a reload opens, as to those opened at bind.
+    pub hooks: BindHooks,
 }
 
 impl Shared {
-    pub fn target_by_name(&self, name: &str) -> Option<usize> {
-        self.targets
-            .iter()
-            .position(|t| t.name.eq_ignore_ascii_case(name))
+    /// The configuration in force now.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.load_full()
     }
 
     pub fn sessions(&self) -> std::sync::MutexGuard<'_, SessionTable> {
@@ -164,15 +232,6 @@ impl Shared {
 pub(crate) struct ListenerInfo {
     pub addr: SocketAddr,
     pub groups: Vec<(usize, u16)>,
-}
-
-impl ListenerInfo {
-    pub fn tpgt_of(&self, target: usize) -> Option<u16> {
-        self.groups
-            .iter()
-            .find(|(t, _)| *t == target)
-            .map(|(_, g)| *g)
-    }
 }
 
 /// Wraps a logical unit's backend (target name, LUN, the opened backend):
@@ -190,10 +249,20 @@ pub struct BindHooks {
     pub pr_store: Option<PrStoreHook>,
 }
 
+impl std::fmt::Debug for BindHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BindHooks")
+            .field("backend", &self.backend.is_some())
+            .field("pr_store", &self.pr_store.is_some())
+            .finish()
+    }
+}
+
 /// A bound, not yet running, iSCSI target server.
 pub struct Server {
     shared: Arc<Shared>,
     listeners: Vec<(TcpListener, ListenerInfo)>,
+    admin: Option<admin::AdminSocket>,
     shutdown_tx: watch::Sender<bool>,
     /// Held until the server has stopped and flushed.
     data_dir_lock: datadir::DataDirLock,
@@ -308,12 +377,6 @@ impl Server {
         let mut targets = Vec::with_capacity(config.targets.len());
         for (tc, mut tportals) in config.targets.iter().zip(portals) {
             tportals.sort_by_key(|p| p.tpgt);
-            let mut ports: Vec<TargetPort> = tportals
-                .iter()
-                .chain(peers.iter().map(|(_, p)| p))
-                .map(|p| TargetPort::new(&tc.name, p.tpgt, p.tpgt))
-                .collect();
-            ports.sort_by_key(|p| p.tpgt);
             let lun_list = Arc::new(TargetLuns::new(
                 tc.luns.iter().map(|l| u64::from(l.id)).collect(),
             ));
@@ -322,92 +385,36 @@ impl Server {
             let mut backing_desc = BTreeMap::new();
             for lc in &tc.luns {
                 let lun = u64::from(lc.id);
-                let backend_err = |err| ServerError::Backend {
-                    target: tc.name.clone(),
-                    lun,
-                    err,
-                };
-                let (backend, desc) = match lc.backing(&config.data_dir) {
-                    Backing::File { path, size } => {
-                        if let Some(dir) = path.parent() {
-                            created
-                                .create_dir_all(dir)
-                                .map_err(|err| ServerError::DataDir {
-                                    path: path.clone(),
-                                    err,
-                                })?;
+                let shared_pr: Option<Arc<dyn keyfence_lu::reservation::SharedPrState>> =
+                    match &membership {
+                        Some(m) => {
+                            let id = keyfence_cluster::LuId::for_lun(&tc.name, lun)?;
+                            let st = Arc::new(cluster::EtcdPrState::new(
+                                m.clone(),
+                                id.clone(),
+                                tokio::runtime::Handle::current(),
+                            ));
+                            follow.push((targets.len(), lun, id));
+                            Some(st)
                         }
-                        let existed = path.exists();
-                        let b = if membership.is_some() {
-                            FileBackend::open_clustered(&path, Some(size), lc.read_only)
-                        } else {
-                            FileBackend::open(&path, Some(size), lc.read_only)
-                        }
-                        .map_err(backend_err)?;
-                        if !existed {
-                            created.file(path.clone());
-                        }
-                        (b, format!("file {}", path.display()))
-                    }
-                    Backing::Device(path) => {
-                        let b = if membership.is_some() {
-                            FileBackend::open_clustered(&path, None, lc.read_only)
-                        } else {
-                            FileBackend::open(&path, None, lc.read_only)
-                        }
-                        .map_err(backend_err)?;
-                        (b, format!("device {}", path.display()))
-                    }
-                };
-                backend
-                    .check_alignment(lc.block_size)
-                    .map_err(backend_err)?;
-                let mut cfg = LuConfig::new(&tc.name, lun, ports.clone(), lun_list.clone());
-                // APTPL persistent-reservation state lives under the data dir.
-                cfg.pr_state_path = Some(keyfence_lu::reservation::state_path(
+                        None => None,
+                    };
+                let (lu, desc) = open_lu(
                     &config.data_dir,
                     &tc.name,
-                    lun,
-                ));
-                if let Some(m) = &membership {
-                    let id = keyfence_cluster::LuId::for_lun(&tc.name, lun)?;
-                    cfg.pr_state_path = None;
-                    cfg.shared_pr = Some(Arc::new(cluster::EtcdPrState::new(
-                        m.clone(),
-                        id.clone(),
-                        tokio::runtime::Handle::current(),
-                    )));
-                    follow.push((targets.len(), lun, id));
-                }
-                cfg.block_size = lc.block_size;
-                cfg.read_only = lc.read_only;
-                if let Some(s) = &lc.serial {
-                    cfg.serial = s.clone();
-                }
-                if let Some(naa) = lc.naa_bytes().and_then(|v| <[u8; 16]>::try_from(v).ok()) {
-                    cfg.naa = naa;
-                }
-                let mut backend: Arc<dyn BlockBackend> = Arc::new(backend);
-                if let Some(h) = &hooks.backend {
-                    backend = h(&tc.name, lun, backend);
-                }
-                if let (Some(h), Some(path), None) =
-                    (&hooks.pr_store, &cfg.pr_state_path, &cfg.shared_pr)
-                {
-                    let file: Arc<dyn PrStore> =
-                        Arc::new(FileStore::new(path.clone(), &tc.name, lun));
-                    cfg.pr_store = Some(h(&tc.name, lun, file));
-                }
-                let lu = LogicalUnit::new(cfg, backend).map_err(|err| ServerError::Lu {
-                    target: tc.name.clone(),
-                    lun,
-                    err,
-                })?;
-                luns.insert(lun, Arc::new(lu));
+                    lc,
+                    &tportals,
+                    &peers,
+                    &lun_list,
+                    shared_pr,
+                    hooks,
+                    created,
+                )?;
+                luns.insert(lun, lu);
                 stats.insert(lun, Arc::new(metrics::LuStats::default()));
                 backing_desc.insert(lun, desc);
             }
-            targets.push(TargetRt {
+            targets.push(Some(Arc::new(TargetRt {
                 name: tc.name.clone(),
                 portals: tportals,
                 peer_portals: peers.clone(),
@@ -417,31 +424,56 @@ impl Server {
                 chap: tc.chap.clone(),
                 acl: acl::AclTable::new(tc),
                 stats,
-            });
+            })));
         }
-        let metrics = Arc::new(metrics::Metrics::new(targets.iter().flat_map(|t| {
-            t.luns.iter().map(|(lun, lu)| metrics::LuSource {
-                target: &t.name,
-                lun: *lun,
-                stats: t.stats[lun].clone(),
-                ua: lu.unit_attentions().clone(),
-            })
-        })));
+        let metrics = Arc::new(metrics::Metrics::new(targets.iter().flatten().flat_map(
+            |t| {
+                t.luns.iter().map(|(lun, lu)| metrics::LuSource {
+                    target: &t.name,
+                    lun: *lun,
+                    stats: t.stats[lun].clone(),
+                    ua: lu.unit_attentions().clone(),
+                })
+            },
+        )));
+        let admin = match admin::AdminSocket::bind(&config.admin_socket_path()) {
+            Ok(a) => a,
+            Err(err) => {
+                return Err(ServerError::AdminSocket {
+                    path: config.admin_socket_path(),
+                    err,
+                })
+            }
+        };
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let shared = Arc::new(Shared {
+        let live = Live {
+            generation: 0,
             targets,
-            connections: Arc::new(Semaphore::new(config.limits.max_connections as usize)),
-            sessions: std::sync::Mutex::new(SessionTable::new(config.limits.max_sessions)),
-            buffers: budget::Budget::new(config.limits.max_buffered_bytes.0),
-            limits: config.limits,
-            discovery_chap: config.discovery_chap,
+            limits: config.limits.clone(),
+            discovery_chap: config.discovery_chap.clone(),
+            listeners: listeners.iter().map(|(_, i)| i.clone()).collect(),
+            config: Some(config),
+        };
+        let shared = Arc::new(Shared {
+            connections: Arc::new(Semaphore::new(live.limits.max_connections as usize)),
+            sessions: std::sync::Mutex::new(SessionTable::new(live.limits.max_sessions)),
+            buffers: budget::Budget::new(live.limits.max_buffered_bytes.0),
             shutdown: shutdown_rx,
             metrics,
+            started: std::time::Instant::now(),
+            clustered: membership.is_some(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloader: reload::Source::default(),
+            hooks: hooks.clone(),
+            live: ArcSwap::from_pointee(live),
         });
         if let Some(m) = &membership {
+            let live = shared.live();
             let mut lus = Vec::new();
             for (t, lun, id) in follow {
-                let target = &shared.targets[t];
+                let Some(target) = live.target(t) else {
+                    continue;
+                };
                 let Some(lu) = target.luns.get(&lun) else {
                     continue;
                 };
@@ -454,6 +486,7 @@ impl Server {
             cluster: membership,
             shared,
             listeners,
+            admin: Some(admin),
             shutdown_tx,
             data_dir_lock,
             metrics: metrics_listener,
@@ -470,12 +503,31 @@ impl Server {
         self.shared.metrics.encode()
     }
 
+    /// Re-read the configuration from `source` on `keyfence reload` (the
+    /// admin socket) and on [`ReloadHandle::reload`]. Without one, a
+    /// reload is refused.
+    pub fn set_reload_source(&self, source: Reloader) {
+        self.shared.reloader.set(source);
+    }
+
+    /// A handle that applies a new configuration to the running server.
+    pub fn reload_handle(&self) -> ReloadHandle {
+        ReloadHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// The admin socket's path.
+    pub fn admin_socket(&self) -> Option<&std::path::Path> {
+        self.admin.as_ref().map(|a| a.path())
+    }
+
     /// Every target with its portal groups as bound.
     pub fn portals(&self) -> Vec<(String, Vec<Portal>)> {
         self.shared
-            .targets
-            .iter()
-            .map(|t| (t.name.clone(), t.portals.clone()))
+            .live()
+            .targets()
+            .map(|(_, t)| (t.name.clone(), t.portals.clone()))
             .collect()
     }
 
@@ -485,10 +537,11 @@ impl Server {
         if let Some(a) = self.metrics_addr() {
             let _ = writeln!(s, "metrics on http://{a}/metrics");
         }
-        if let Some(c) = &self.shared.discovery_chap {
+        let live = self.shared.live();
+        if let Some(c) = &live.discovery_chap {
             let _ = writeln!(s, "discovery sessions require CHAP (user {})", c.user);
         }
-        for t in &self.shared.targets {
+        for (_, t) in live.targets() {
             let _ = writeln!(s, "target {}", t.name);
             for p in &t.portals {
                 let _ = writeln!(s, "  portal {} (TPGT {})", p.addr, p.tpgt);
@@ -529,6 +582,9 @@ impl Server {
                 );
             }
         }
+        if let Some(a) = &self.admin {
+            let _ = writeln!(s, "admin socket {}", a.path().display());
+        }
         s
     }
 
@@ -542,6 +598,7 @@ impl Server {
         let Server {
             shared,
             listeners,
+            admin,
             shutdown_tx,
             data_dir_lock,
             cluster: membership,
@@ -559,7 +616,8 @@ impl Server {
             }
         };
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        let admission = admission::Admission::new(&shared.limits);
+        let admission = admission::Admission::new(&shared.live().limits);
+        let admin_task = admin.map(|a| tokio::spawn(a.serve(shared.clone())));
         for (l, info) in listeners {
             info!(addr = %info.addr, "listening");
             tokio::spawn(accept_loop(
@@ -581,6 +639,10 @@ impl Server {
             .is_err()
         {
             warn!("connections still open after 30 s; flushing anyway");
+        }
+        if let Some(t) = admin_task {
+            // The socket file is removed when the task's listener drops.
+            let _ = t.await;
         }
         let flushed = flush_all(&shared).await;
         if let Some(t) = metrics_thread {
@@ -701,7 +763,7 @@ fn release_free_memory() -> bool {
 async fn flush_all(shared: &Arc<Shared>) -> Result<(), ServerError> {
     let s = shared.clone();
     tokio::task::spawn_blocking(move || {
-        for t in &s.targets {
+        for (_, t) in s.live().targets() {
             for (lun, lu) in &t.luns {
                 if lu.config().read_only {
                     continue;
@@ -725,6 +787,115 @@ async fn flush_all(shared: &Arc<Shared>) -> Result<(), ServerError> {
             err: std::io::Error::other(e.to_string()),
         })
     })
+}
+
+/// Open (creating a missing file sparse) the backing store of LUN `lc` of
+/// target `target` and build its logical unit.
+// Everything an LU is built from, at bind and at reload alike.
+#[allow(clippy::too_many_arguments)]
+fn open_lu(
+    data_dir: &std::path::Path,
+    target: &str,
+    lc: &LunConfig,
+    portals: &[Portal],
+    peers: &[(String, Portal)],
+    lun_list: &Arc<TargetLuns>,
+    shared_pr: Option<Arc<dyn keyfence_lu::reservation::SharedPrState>>,
+    hooks: &BindHooks,
+    created: &mut datadir::Created,
+) -> Result<(Arc<LogicalUnit>, String), ServerError> {
+    let lun = u64::from(lc.id);
+    let clustered = shared_pr.is_some();
+    let backend_err = |err| ServerError::Backend {
+        target: target.to_string(),
+        lun,
+        err,
+    };
+    let (backend, desc) = match lc.backing(data_dir) {
+        Backing::File { path, size } => {
+            if let Some(dir) = path.parent() {
+                created
+                    .create_dir_all(dir)
+                    .map_err(|err| ServerError::DataDir {
+                        path: path.clone(),
+                        err,
+                    })?;
+            }
+            let existed = path.exists();
+            let b = if clustered {
+                FileBackend::open_clustered(&path, Some(size), lc.read_only)
+            } else {
+                FileBackend::open(&path, Some(size), lc.read_only)
+            }
+            .map_err(backend_err)?;
+            if !existed {
+                created.file(path.clone());
+            }
+            (b, format!("file {}", path.display()))
+        }
+        Backing::Device(path) => {
+            let b = if clustered {
+                FileBackend::open_clustered(&path, None, lc.read_only)
+            } else {
+                FileBackend::open(&path, None, lc.read_only)
+            }
+            .map_err(backend_err)?;
+            (b, format!("device {}", path.display()))
+        }
+    };
+    backend
+        .check_alignment(lc.block_size)
+        .map_err(backend_err)?;
+    let mut ports: Vec<TargetPort> = portals
+        .iter()
+        .chain(peers.iter().map(|(_, p)| p))
+        .map(|p| TargetPort::new(target, p.tpgt, p.tpgt))
+        .collect();
+    ports.sort_by_key(|p| p.tpgt);
+    let mut cfg = LuConfig::new(target, lun, ports, lun_list.clone());
+    // APTPL persistent-reservation state lives under the data dir.
+    cfg.pr_state_path = Some(keyfence_lu::reservation::state_path(data_dir, target, lun));
+    if shared_pr.is_some() {
+        cfg.pr_state_path = None;
+        cfg.shared_pr = shared_pr;
+    }
+    cfg.block_size = lc.block_size;
+    cfg.read_only = lc.read_only;
+    if let Some(s) = &lc.serial {
+        cfg.serial = s.clone();
+    }
+    if let Some(naa) = lc.naa_bytes().and_then(|v| <[u8; 16]>::try_from(v).ok()) {
+        cfg.naa = naa;
+    }
+    let mut backend: Arc<dyn BlockBackend> = Arc::new(backend);
+    if let Some(h) = &hooks.backend {
+        backend = h(target, lun, backend);
+    }
+    if let (Some(h), Some(path), None) = (&hooks.pr_store, &cfg.pr_state_path, &cfg.shared_pr) {
+        let file: Arc<dyn PrStore> = Arc::new(FileStore::new(path.clone(), target, lun));
+        cfg.pr_store = Some(h(target, lun, file));
+    }
+    let lu = LogicalUnit::new(cfg, backend).map_err(|err| ServerError::Lu {
+        target: target.to_string(),
+        lun,
+        err,
+    })?;
+    Ok((Arc::new(lu), desc))
+}
+
+/// Applies a new configuration to a running server (SIGHUP, `keyfence
+/// reload`); see [`Server::set_reload_source`].
+#[derive(Clone)]
+pub struct ReloadHandle {
+    shared: Arc<Shared>,
+}
+
+impl ReloadHandle {
+    /// Read the configuration again and apply what changed. On error
+    /// nothing changed; the message is one line.
+    pub async fn reload(&self) -> Result<String, ReloadError> {
+        reload::reload(&self.shared).await
+    }
 }
 
 /// Distinct addresses to bind, with (target index, TPGT) served on each.
@@ -788,16 +959,19 @@ async fn accept_loop(
                     admission::Refused::PerSource => metrics::Refusal::PerSource,
                     admission::Refused::Full => metrics::Refusal::LoginSlotsFull,
                 });
-                admission.log_refused.event(|| match why {
-                    admission::Refused::PerSource => format!(
-                        "{peer}: {} connections from {} already logging in",
-                        shared.limits.max_login_connections_per_source,
-                        peer.ip()
-                    ),
-                    admission::Refused::Full => format!(
-                        "{peer}: all {} login slots busy with logins in progress",
-                        shared.limits.max_login_connections
-                    ),
+                admission.log_refused.event(|| {
+                    let limits = &shared.live().limits;
+                    match why {
+                        admission::Refused::PerSource => format!(
+                            "{peer}: {} connections from {} already logging in",
+                            limits.max_login_connections_per_source,
+                            peer.ip()
+                        ),
+                        admission::Refused::Full => format!(
+                            "{peer}: all {} login slots busy with logins in progress",
+                            limits.max_login_connections
+                        ),
+                    }
                 });
                 drop(sock);
                 continue;

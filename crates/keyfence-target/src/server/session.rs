@@ -8,6 +8,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use keyfence_iscsi::SessionParams;
 use keyfence_scsi::Nexus;
 use tokio::sync::{mpsc, watch};
 
@@ -23,7 +27,7 @@ pub(crate) struct SessionKey {
 }
 
 /// A request another task makes of a session.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub(crate) enum SessionCtl {
     /// Drop the connection: reinstatement, TARGET COLD RESET, shutdown.
     Close,
@@ -31,12 +35,44 @@ pub(crate) enum SessionCtl {
     /// when `None`), as a LUN RESET, TARGET WARM RESET, CLEAR TASK SET or
     /// PREEMPT AND ABORT from another I_T nexus requires.
     AbortTasks { lun: Option<u64> },
+    /// The configuration was reloaded: take this session's target and
+    /// LUN view from it (unit attentions for what changed, a logout
+    /// request when the initiator lost access).
+    Reconfigure(Arc<super::Live>),
+}
+
+impl PartialEq for SessionCtl {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (SessionCtl::Close, SessionCtl::Close) => true,
+            (SessionCtl::AbortTasks { lun: a }, SessionCtl::AbortTasks { lun: b }) => a == b,
+            (SessionCtl::Reconfigure(a), SessionCtl::Reconfigure(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+/// What `keyfence status` shows of a session.
+#[derive(Debug, Clone)]
+pub(crate) struct SessionInfo {
+    /// The initiator name as it logged in.
+    pub initiator: String,
+    pub isid: u64,
+    pub tsih: u16,
+    pub tpgt: u16,
+    /// The portal the connection was accepted on, and the initiator's end.
+    pub local: Option<SocketAddr>,
+    pub peer: SocketAddr,
+    pub params: SessionParams,
+    pub since: std::time::SystemTime,
+    pub started: std::time::Instant,
 }
 
 #[derive(Debug)]
 struct Entry {
     key: SessionKey,
     nexus: Option<Nexus>,
+    info: Option<Arc<SessionInfo>>,
     ctl: mpsc::UnboundedSender<SessionCtl>,
     /// Closes (sender dropped) when the session's task has ended.
     gone: watch::Receiver<()>,
@@ -129,6 +165,7 @@ impl SessionTable {
         tsih: u16,
         key: SessionKey,
         nexus: Option<Nexus>,
+        info: Option<SessionInfo>,
     ) -> Result<SessionSlot, AdmitError> {
         self.reserved.remove(&tsih);
         if self.sessions.len() >= self.max {
@@ -141,6 +178,7 @@ impl SessionTable {
             Entry {
                 key,
                 nexus,
+                info: info.map(Arc::new),
                 ctl: ctl_tx,
                 gone,
             },
@@ -158,6 +196,30 @@ impl SessionTable {
             if e.gone.same_channel(&alive.subscribe()) {
                 self.sessions.remove(&tsih);
             }
+        }
+    }
+
+    /// The session limit (a reload may change it; sessions above a lowered
+    /// limit stay, new ones wait until there is room).
+    pub fn set_max(&mut self, max: u32) {
+        self.max = max as usize;
+    }
+
+    /// Every session: its target (`None`: discovery) and what status shows.
+    pub fn list(&self) -> Vec<(Option<usize>, Arc<SessionInfo>)> {
+        let mut v: Vec<_> = self
+            .sessions
+            .values()
+            .filter_map(|e| e.info.clone().map(|i| (e.key.target, i)))
+            .collect();
+        v.sort_by_key(|(_, i)| i.tsih);
+        v
+    }
+
+    /// Send `ctl` to every session.
+    pub fn broadcast(&self, ctl: &SessionCtl) {
+        for e in self.sessions.values() {
+            let _ = e.ctl.send(ctl.clone());
         }
     }
 
@@ -207,24 +269,24 @@ mod tests {
         let (ta, tb) = (t.reserve().unwrap(), t.reserve().unwrap());
         assert_ne!(ta, 0);
         assert_ne!(ta, tb, "reserved TSIHs differ");
-        let a = t.admit(ta, key(1), None).unwrap();
-        let _b = t.admit(tb, key(2), None).unwrap();
+        let a = t.admit(ta, key(1), None, None).unwrap();
+        let _b = t.admit(tb, key(2), None, None).unwrap();
         let tc = t.reserve().unwrap();
         assert_eq!(
-            t.admit(tc, key(3), None).unwrap_err(),
+            t.admit(tc, key(3), None, None).unwrap_err(),
             AdmitError::TooManySessions
         );
         t.remove(a.tsih, &a.alive);
         assert_eq!(t.len(), 1);
         let tc = t.reserve().unwrap();
-        assert!(t.admit(tc, key(3), None).is_ok());
+        assert!(t.admit(tc, key(3), None, None).is_ok());
     }
 
     #[tokio::test]
     async fn reinstatement_closes_the_old_session_and_waits_for_it() {
         let mut t = SessionTable::new(4);
         let tsih = t.reserve().unwrap();
-        let mut old = t.admit(tsih, key(7), None).unwrap();
+        let mut old = t.admit(tsih, key(7), None, None).unwrap();
         let d = t.displace(&key(7)).expect("old session found");
         assert_eq!(old.ctl.recv().await, Some(SessionCtl::Close));
         assert_eq!(t.len(), 0);
@@ -242,11 +304,11 @@ mod tests {
     fn remove_ignores_a_reused_tsih() {
         let mut t = SessionTable::new(4);
         let tsih = t.reserve().unwrap();
-        let a = t.admit(tsih, key(1), None).unwrap();
+        let a = t.admit(tsih, key(1), None, None).unwrap();
         let _d = t.displace(&key(1));
         t.next_tsih = a.tsih;
         let tsih = t.reserve().unwrap();
-        let b = t.admit(tsih, key(1), None).unwrap();
+        let b = t.admit(tsih, key(1), None, None).unwrap();
         assert_eq!(a.tsih, b.tsih);
         t.remove(a.tsih, &a.alive);
         assert_eq!(t.len(), 1, "the new session with the reused TSIH stays");

@@ -25,15 +25,17 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use keyfence_iscsi::pdu::{
-    InitiatorPdu, LogoutReason, LogoutRequest, LogoutResponse, LogoutResponseCode, NopIn, NopOut,
-    Reject, ScsiCommand, TextRequest, BHS_LEN, RESERVED_TAG,
+    AsyncMessage, InitiatorPdu, LogoutReason, LogoutRequest, LogoutResponse, LogoutResponseCode,
+    NopIn, NopOut, Reject, ScsiCommand, TextRequest, BHS_LEN, RESERVED_TAG,
 };
 use keyfence_iscsi::sequencing::{Admission, CommandWindow};
 use keyfence_iscsi::text::{SendTargetsEntry, TextContext, TextError, TextResponder};
 use keyfence_iscsi::{Lun, Opcode, Pdu, PduCodec, RejectReason, SessionParams};
 use keyfence_lu::LogicalUnit;
+use keyfence_lu::UaScope;
+use keyfence_scsi::sense::asc;
 use keyfence_scsi::Nexus;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::acl::{target_lun, LunView};
 use super::budget::Held;
@@ -41,7 +43,7 @@ use super::login::{self, Established, SessionKind};
 use super::metrics::{GaugeGuard, LuStats, WindowClosed};
 use super::session::{SessionCtl, SessionSlot};
 use super::wire::Outbox;
-use super::Shared;
+use super::{Live, Shared, TargetRt};
 
 use respond::InFlight;
 use respond::ResetJob;
@@ -124,8 +126,15 @@ pub(crate) struct Session {
     initiator: String,
     nexus: Option<Nexus>,
     target: Option<usize>,
+    /// The target as configured now (a reload hands the session a new one).
+    rt: Option<Arc<TargetRt>>,
     /// The LUNs the initiator sees, when its ACL entry maps them.
     view: Option<Arc<LunView>>,
+    /// The address the connection was accepted on.
+    local: Option<SocketAddr>,
+    /// The initiator lost access in a reload and was asked to log out;
+    /// the connection is closed at this time if it has not.
+    logout_deadline: Option<Instant>,
     tsih: u16,
     cid: u16,
     params: SessionParams,
@@ -193,23 +202,28 @@ impl Session {
         codec: PduCodec,
         now: Instant,
     ) -> Session {
-        let limits = &shared.limits;
+        let live = shared.live();
+        let limits = &live.limits;
         let window = CommandWindow::new(est.exp_cmd_sn, limits.max_cmds_per_session);
         let nop_interval = Duration::from_secs(u64::from(limits.nop_in_interval_secs));
         let nop_timeout = Duration::from_secs(u64::from(limits.nop_in_timeout_secs));
         let data_out_timeout = Duration::from_secs(u64::from(limits.data_out_timeout_secs));
-        let (target, nexus) = match &est.kind {
-            SessionKind::Discovery => (None, None),
+        let (target, nexus, rt) = match &est.kind {
+            SessionKind::Discovery => (None, None, None),
             SessionKind::Normal { target, tpgt } => {
-                let t = &shared.targets[*target];
+                let rt = live.target(*target).cloned();
                 let nexus = Nexus::new(
                     keyfence_scsi::InitiatorPort::new(&est.initiator, est.isid),
-                    t.target_port(*tpgt),
+                    keyfence_scsi::TargetPort::new(
+                        rt.as_ref().map_or("", |t| t.name.as_str()),
+                        *tpgt,
+                        *tpgt,
+                    ),
                 );
-                (Some(*target), Some(nexus))
+                (Some(*target), Some(nexus), rt)
             }
         };
-        let discovered = login::discovered_targets(&shared, &est.initiator, est.kind, est.local);
+        let discovered = login::discovered_targets(&live, &est.initiator, est.kind, est.local);
         let gauge = GaugeGuard::new(match est.kind {
             SessionKind::Discovery => &shared.metrics.sessions_discovery,
             SessionKind::Normal { .. } => &shared.metrics.sessions_normal,
@@ -220,7 +234,10 @@ impl Session {
             initiator: est.initiator,
             nexus,
             target,
+            rt,
             view: est.view,
+            local: est.local,
+            logout_deadline: None,
             tsih: est.registration.tsih,
             cid: est.cid,
             params: est.params,
@@ -258,7 +275,111 @@ impl Session {
         s.update_window();
         // The login response announced the window as it is now.
         s.advertised_max = s.window.max_cmd_sn();
+        // A reload between the login's check and now: apply it.
+        if live.generation != 0 {
+            s.reconfigure(&live, false);
+        }
         s
+    }
+
+    /// The LUN numbers this session sees (REPORT LUNS), each with the
+    /// identity of the LU behind it.
+    fn visible_luns(&self) -> Vec<(u64, Option<*const LogicalUnit>)> {
+        let numbers = match (&self.view, &self.rt) {
+            (Some(v), _) => v.luns().get().to_vec(),
+            (None, Some(t)) => t.luns.keys().copied().collect(),
+            (None, None) => Vec::new(),
+        };
+        numbers
+            .into_iter()
+            .map(|n| {
+                let id = match &self.view {
+                    Some(v) => v.resolve(n).map(|(id, _)| id),
+                    None => Some(n),
+                };
+                let lu = id
+                    .and_then(|id| self.rt.as_ref()?.luns.get(&id))
+                    .map(Arc::as_ptr);
+                (n, lu)
+            })
+            .collect()
+    }
+
+    /// Take this session's target and LUN view from a reloaded
+    /// configuration. LUNs that appeared, disappeared or were mapped
+    /// differently give REPORTED LUNS DATA HAS CHANGED (3Fh/0Eh) on the
+    /// LUs the session sees now; an initiator that lost access (target
+    /// gone, ACL entry removed) sees no LUN any more and is asked to log
+    /// out (Asynchronous Message, AsyncEvent 1), and closed after a grace
+    /// period. With `notify` false (the session was just admitted under
+    /// this configuration) no unit attention is queued.
+    fn reconfigure(&mut self, live: &Arc<Live>, notify: bool) {
+        let discovered = login::discovered_targets(live, &self.initiator, self.kind, self.local);
+        self.discovered = discovered;
+        let Some(t) = self.target else {
+            return;
+        };
+        let before = self.visible_luns();
+        let access = live
+            .target(t)
+            .and_then(|rt| rt.acl.access(&self.initiator).map(|a| (rt.clone(), a.view)));
+        match access {
+            Some((rt, view)) => {
+                self.rt = Some(rt);
+                self.view = view;
+            }
+            None => {
+                // Keep the target (for the nexus's LUs at the end) but
+                // show no LUN: the initiator has no access any more.
+                self.view = Some(Arc::new(LunView::empty()));
+                if self.logout_deadline.is_none() && self.closing.is_none() {
+                    self.request_logout();
+                }
+            }
+        }
+        // A LU replaced by another under the same number is a change too.
+        let after = self.visible_luns();
+        if notify && before != after {
+            if let (Some(nexus), Some(rt)) = (&self.nexus, &self.rt) {
+                for (n, _) in &after {
+                    let id = match &self.view {
+                        Some(v) => v.resolve(*n).map(|(id, _)| id),
+                        None => Some(*n),
+                    };
+                    if let Some(lu) = id.and_then(|id| rt.luns.get(&id)) {
+                        lu.queue_unit_attention(
+                            UaScope::Nexus(nexus),
+                            asc::REPORTED_LUNS_DATA_HAS_CHANGED,
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// How long an initiator that lost access has to log out.
+    const LOGOUT_GRACE: Duration = Duration::from_secs(2);
+
+    /// Ask the initiator to log out (RFC 7143 11.9.1, AsyncEvent 1,
+    /// Parameter3: seconds it has), closing the connection after that.
+    fn request_logout(&mut self) {
+        info!(peer = %self.peer, tsih = self.tsih, initiator = %self.initiator,
+            "access removed by reload: asking the initiator to log out");
+        let m = AsyncMessage {
+            lun: Lun::default(),
+            stat_sn: self.next_stat_sn(),
+            exp_cmd_sn: self.window.exp_cmd_sn(),
+            max_cmd_sn: self.window.max_cmd_sn(),
+            async_event: 1,
+            async_vcode: 0,
+            parameter1: 0,
+            parameter2: 0,
+            parameter3: Self::LOGOUT_GRACE.as_secs() as u16,
+            sense: Bytes::new(),
+            event_data: Bytes::new(),
+        };
+        self.push_pdu(&m.to_pdu());
+        self.logout_deadline = Some(Instant::now() + Self::LOGOUT_GRACE);
     }
 
     pub fn tsih(&self) -> u16 {
@@ -355,6 +476,7 @@ impl Session {
                     "closed by the target (reinstatement or reset)",
                 ));
             }
+            SessionCtl::Reconfigure(live) => self.reconfigure(&live, true),
             SessionCtl::AbortTasks { lun } => {
                 // `lun` is a target LUN id; this initiator may know it
                 // under another number.
@@ -373,17 +495,26 @@ impl Session {
             None if !self.nop_interval.is_zero() => self.last_rx + self.nop_interval,
             None => self.last_rx + Duration::from_secs(3600),
         };
-        let t = match self.oldest_write_activity() {
+        let mut due = match self.oldest_write_activity() {
             Some(t) => ping.min(t + self.data_out_timeout),
             None => ping,
         };
-        match self.read_retry {
-            Some(r) => t.min(r),
-            None => t,
+        if let Some(r) = self.read_retry {
+            due = due.min(r);
+        }
+        match self.logout_deadline {
+            Some(d) => due.min(d),
+            None => due,
         }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        if self.logout_deadline.is_some_and(|d| now >= d) {
+            self.close(ConnEnd::Closed(
+                "access removed by a reload; the initiator did not log out in time",
+            ));
+            return;
+        }
         if self.read_retry.is_some_and(|r| now >= r) {
             self.read_retry = None;
             self.release_deferred();
@@ -449,9 +580,9 @@ impl Session {
             table.remove(reg.tsih, &reg.alive);
             drop(reg);
         }
-        if let (Some(nexus), Some(t)) = (&self.nexus, self.target) {
+        if let (Some(nexus), Some(t)) = (&self.nexus, &self.rt) {
             if !table.has_nexus(nexus) {
-                for lu in self.shared.targets[t].luns.values() {
+                for lu in t.luns.values() {
                     lu.nexus_lost(nexus);
                 }
             }
@@ -749,7 +880,7 @@ impl Session {
     // --------------------------------------------------------------- text
 
     fn text(&mut self, t: TextRequest, bhs: &[u8; BHS_LEN]) {
-        let own = self.target.map(|i| self.shared.targets[i].name.clone());
+        let own = self.rt.as_ref().map(|t| t.name.clone());
         let ctx = TextContext {
             targets: &self.discovered,
             session_target: own.as_deref(),
@@ -801,13 +932,13 @@ impl Session {
     }
 
     fn lu_for(&self, lun: Lun) -> Option<Arc<LogicalUnit>> {
-        let t = &self.shared.targets[self.target?];
+        let t = self.rt.as_ref()?;
         t.luns.get(&self.target_lun(lun)?).cloned()
     }
 
     /// The metrics of the LU behind `lun`.
     fn stats_for(&self, lun: Lun) -> Option<Arc<LuStats>> {
-        let t = &self.shared.targets[self.target?];
+        let t = self.rt.as_ref()?;
         t.stats.get(&self.target_lun(lun)?).cloned()
     }
 

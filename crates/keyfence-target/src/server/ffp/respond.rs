@@ -169,7 +169,8 @@ impl Session {
             (held, None)
         };
         let Some(lu) = lu else {
-            let t = &self.shared.targets[self.target.unwrap_or(0)];
+            let rt = self.rt.clone();
+            let none = keyfence_lu::TargetLuns::new(Vec::new());
             let req = CommandRequest {
                 nexus: &nexus,
                 cdb,
@@ -177,7 +178,11 @@ impl Session {
                 read_only: false,
                 luns: None,
             };
-            let luns = self.view.as_deref().map_or(&*t.lun_list, LunView::luns);
+            let luns = match (self.view.as_deref(), rt.as_deref()) {
+                (Some(v), _) => v.luns(),
+                (None, Some(t)) => &*t.lun_list,
+                (None, None) => &none,
+            };
             let outcome = execute_no_lu(&req, luns);
             self.respond(&meta, outcome);
             if let Some(h) = read_held {
@@ -373,14 +378,14 @@ impl Session {
                 st.write_latency.observe(meta.start.elapsed());
             }
             CmdKind::PrOut(sa) => {
-                if let (Some(t), Some(lun)) = (self.target, self.target_lun(meta.lun)) {
+                if let (Some(t), Some(lun)) = (self.rt.clone(), self.target_lun(meta.lun)) {
                     let result = match status {
                         ScsiStatus::Good => "good",
                         ScsiStatus::ReservationConflict => "reservation_conflict",
                         ScsiStatus::CheckCondition => "check_condition",
                         _ => "other",
                     };
-                    let name = &self.shared.targets[t].name;
+                    let name = &t.name;
                     self.shared.metrics.pr_out(name, lun, sa, result);
                 }
             }

@@ -185,7 +185,12 @@ impl Session {
                     Some(self.tsih),
                     SessionCtl::AbortTasks { lun: None },
                 );
-                let lus = self.shared.targets[target].luns.values().cloned().collect();
+                let lus = self
+                    .rt
+                    .iter()
+                    .flat_map(|t| t.luns.values())
+                    .cloned()
+                    .collect();
                 r.push(self.reset_job(t.itt, lus, Some(cold)));
                 if cold {
                     after = TmfAfter::CloseAll;

@@ -1,0 +1,532 @@
+//! Live reconfiguration (SIGHUP, `keyfence reload`): read the
+//! configuration again, check all of it, and apply what changed without
+//! disturbing sessions it does not concern.
+//!
+//! A reload happens in two phases. The first does everything that can
+//! fail — reading and validating the file, refusing changes that need a
+//! restart, opening the LUs that are new, growing backing files whose
+//! `size` was raised — without changing what the server serves; any error
+//! undoes what it created and leaves the old configuration running. The
+//! second publishes the new [`Live`] and tells every session
+//! ([`SessionCtl::Reconfigure`]); each session then takes its target and
+//! LUN view from it, queues REPORTED LUNS DATA HAS CHANGED for itself when
+//! what it sees changed, or is asked to log out when its initiator lost
+//! access. Grown LUs queue CAPACITY DATA HAS CHANGED for their nexuses.
+//!
+//! A LUN whose configuration is unchanged keeps its [`LogicalUnit`] and so
+//! its persistent reservations, unit attentions and sessions. A removed
+//! LUN's APTPL state stays in the data directory and is read back when the
+//! LUN is added again.
+//!
+//! What needs a restart is refused with a message saying so: listen
+//! addresses (portals), `data_dir`, `admin_socket`, `[cluster]`, the
+//! admission limits, a LUN's block size, backing, read-only flag or
+//! identity while it is served, and in cluster mode any change of the set
+//! of LUs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keyfence_lu::{LogicalUnit, TargetLuns, UaScope};
+use keyfence_scsi::sense::asc;
+use tracing::{info, warn};
+
+use super::session::SessionCtl;
+use super::{acl, datadir, open_lu, BindHooks, Live, Portal, Shared, TargetRt};
+use crate::config::{Backing, Config, LunConfig, TargetConfig};
+
+/// Reads the configuration for a reload: the file `keyfence serve` was
+/// started with, with its command-line overrides applied. Errors are one
+/// line.
+pub type Reloader = Arc<dyn Fn() -> Result<Config, String> + Send + Sync>;
+
+/// Where reloads read the configuration from (set once serving).
+#[derive(Default)]
+pub(crate) struct Source(std::sync::Mutex<Option<Reloader>>);
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.get().is_some() {
+            "Source(set)"
+        } else {
+            "Source(none)"
+        })
+    }
+}
+
+impl Source {
+    pub fn set(&self, r: Reloader) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(r);
+    }
+
+    pub fn get(&self) -> Option<Reloader> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("this server was started without a configuration file (--config); there is nothing to reload")]
+    NoSource,
+    #[error("new configuration rejected: {0}")]
+    Invalid(String),
+    #[error("new configuration rejected: {0}; restart keyfence serve to apply it")]
+    NeedsRestart(String),
+}
+
+/// Read the configuration again and apply it; see the module doc. Returns
+/// a one-line summary of what changed.
+pub(crate) async fn reload(shared: &Arc<Shared>) -> Result<String, ReloadError> {
+    let _one_at_a_time = shared.reload_lock.lock().await;
+    let result = reload_locked(shared).await;
+    match &result {
+        Ok(summary) => info!("configuration reloaded: {summary}"),
+        Err(e) => warn!("{e}"),
+    }
+    result
+}
+
+async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
+    let source = shared.reloader.get().ok_or(ReloadError::NoSource)?;
+    let old = shared.live();
+    let clustered = shared.clustered;
+    let old2 = old.clone();
+    let hooks = shared.hooks.clone();
+    let prepared = tokio::task::spawn_blocking(move || {
+        let new = source().map_err(ReloadError::Invalid)?;
+        prepare(&old2, new, clustered, &hooks)
+    })
+    .await
+    .map_err(|e| ReloadError::Invalid(format!("reload task failed: {e}")))??;
+    let Prepared {
+        live,
+        lun_lists,
+        grown,
+        summary,
+    } = prepared;
+    // Commit: nothing below fails.
+    for (list, luns) in lun_lists {
+        list.set(luns);
+    }
+    let live = Arc::new(live);
+    apply_limits(shared, &old, &live);
+    shared.live.store(live.clone());
+    for lu in &grown {
+        lu.queue_unit_attention(UaScope::All, asc::CAPACITY_DATA_HAS_CHANGED);
+    }
+    shared
+        .sessions()
+        .broadcast(&SessionCtl::Reconfigure(live.clone()));
+    Ok(summary)
+}
+
+/// Limits that live outside [`Live`]: the session table's, the logged-in
+/// connection count and the buffer budget.
+fn apply_limits(shared: &Arc<Shared>, old: &Live, new: &Live) {
+    let (o, n) = (&old.limits, &new.limits);
+    if o.max_sessions != n.max_sessions {
+        shared.sessions().set_max(n.max_sessions);
+    }
+    if o.max_connections != n.max_connections {
+        let sem = shared.connections.clone();
+        if n.max_connections > o.max_connections {
+            sem.add_permits((n.max_connections - o.max_connections) as usize);
+        } else {
+            // Take the places away as connections give them back.
+            let fewer = o.max_connections - n.max_connections;
+            tokio::spawn(async move {
+                if let Ok(p) = sem.acquire_many_owned(fewer).await {
+                    p.forget();
+                }
+            });
+        }
+    }
+    if o.max_buffered_bytes != n.max_buffered_bytes {
+        shared.buffers.set_limit(n.max_buffered_bytes.0);
+    }
+}
+
+/// A reload checked and ready to publish.
+struct Prepared {
+    live: Live,
+    /// REPORT LUNS lists to replace (shared with LUs already serving).
+    lun_lists: Vec<(Arc<TargetLuns>, Vec<u64>)>,
+    grown: Vec<Arc<LogicalUnit>>,
+    summary: String,
+}
+
+fn restart(msg: impl Into<String>) -> ReloadError {
+    ReloadError::NeedsRestart(msg.into())
+}
+
+/// Changes no reload can apply.
+fn check_restart_only(old: &Config, new: &Config, clustered: bool) -> Result<(), ReloadError> {
+    if old.data_dir != new.data_dir {
+        return Err(restart(format!(
+            "data_dir changed from {} to {}",
+            old.data_dir.display(),
+            new.data_dir.display()
+        )));
+    }
+    if old.admin_socket_path() != new.admin_socket_path() {
+        return Err(restart("admin_socket changed"));
+    }
+    if old.cluster != new.cluster {
+        return Err(restart("[cluster] changed"));
+    }
+    if old.metrics_addr != new.metrics_addr {
+        return Err(restart("metrics address changed"));
+    }
+    let (o, n) = (&old.limits, &new.limits);
+    for (name, a, b) in [
+        (
+            "max_login_connections",
+            o.max_login_connections,
+            n.max_login_connections,
+        ),
+        (
+            "max_login_connections_per_source",
+            o.max_login_connections_per_source,
+            n.max_login_connections_per_source,
+        ),
+        (
+            "first_pdu_timeout_secs",
+            o.first_pdu_timeout_secs,
+            n.first_pdu_timeout_secs,
+        ),
+    ] {
+        if a != b {
+            return Err(restart(format!("limits.{name} changed from {a} to {b}")));
+        }
+    }
+    for t in &new.targets {
+        if let Some(ot) = find(old, &t.name) {
+            if ot.portal_addrs != t.portal_addrs || ot.first_tpgt != t.first_tpgt {
+                return Err(restart(format!(
+                    "target '{}': portals changed (adding or removing listen addresses)",
+                    t.name
+                )));
+            }
+        }
+    }
+    if clustered {
+        let same = old.targets.len() == new.targets.len()
+            && new
+                .targets
+                .iter()
+                .all(|t| find(old, &t.name).is_some_and(|o| o.luns == t.luns));
+        if !same {
+            return Err(restart(
+                "in cluster mode targets and LUNs cannot change while serving",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn find<'a>(c: &'a Config, name: &str) -> Option<&'a TargetConfig> {
+    c.targets.iter().find(|t| t.name.eq_ignore_ascii_case(name))
+}
+
+/// What happens to one LUN that was served and still is configured.
+enum Keep {
+    Same,
+    /// Same backing, `size` raised beyond the medium: grow to this.
+    Grow(u64),
+    /// Another backing store: a new LU.
+    Replace,
+}
+
+fn compare_lun(
+    data_dir: &std::path::Path,
+    target: &str,
+    old: &LunConfig,
+    new: &LunConfig,
+    lu: &LogicalUnit,
+) -> Result<Keep, ReloadError> {
+    if old == new {
+        return Ok(Keep::Same);
+    }
+    let (ob, nb) = (old.backing(data_dir), new.backing(data_dir));
+    let same_store = match (&ob, &nb) {
+        (Backing::File { path: a, .. }, Backing::File { path: b, .. }) => a == b,
+        (Backing::Device(a), Backing::Device(b)) => a == b,
+        _ => false,
+    };
+    if !same_store {
+        return Ok(Keep::Replace);
+    }
+    let mut o = old.clone();
+    o.size = new.size;
+    if o != *new {
+        return Err(restart(format!(
+            "target '{target}' LUN {}: block_size, read_only, serial or naa changed while it is served (remove the LUN in one reload and add it back in the next)",
+            new.id
+        )));
+    }
+    // Only `size` changed.
+    let Backing::File { size, .. } = nb else {
+        return Ok(Keep::Same);
+    };
+    let now = lu.block_count() * u64::from(lu.config().block_size);
+    if size > now {
+        if lu.config().read_only {
+            return Err(ReloadError::Invalid(format!(
+                "target '{target}' LUN {}: a read-only LUN cannot grow",
+                new.id
+            )));
+        }
+        return Ok(Keep::Grow(size));
+    }
+    if size < now {
+        warn!(
+            target,
+            lun = new.id,
+            size,
+            now,
+            "size lowered: the backing file is not shrunk (LUNs do not shrink while served)"
+        );
+    }
+    Ok(Keep::Same)
+}
+
+fn prepare(
+    old: &Live,
+    new: Config,
+    clustered: bool,
+    hooks: &BindHooks,
+) -> Result<Prepared, ReloadError> {
+    let Some(old_cfg) = &old.config else {
+        return Err(ReloadError::NoSource);
+    };
+    check_restart_only(old_cfg, &new, clustered)?;
+    // New targets must be served on addresses already listened on.
+    for t in &new.targets {
+        if find(old_cfg, &t.name).is_some() {
+            continue;
+        }
+        for (_, addr) in t.portal_groups() {
+            if addr.port() == 0 || !old.listeners.iter().any(|l| l.addr == addr) {
+                return Err(restart(format!(
+                    "new target '{}' needs portal {addr}, which is not listened on",
+                    t.name
+                )));
+            }
+        }
+    }
+    let mut created = datadir::Created::default();
+    match build(old, old_cfg, &new, hooks, &mut created) {
+        Ok((targets, lun_lists, grow, mut summary)) => {
+            // Grow last: it cannot be undone (the file stays larger, as
+            // its configuration says, if a later one fails).
+            let mut grown: Vec<Arc<LogicalUnit>> = Vec::new();
+            for (name, lun, lu, size) in grow {
+                if let Err(e) = lu.grow(size) {
+                    created.undo();
+                    // Those grown already report their new capacity.
+                    for lu in &grown {
+                        lu.queue_unit_attention(UaScope::All, asc::CAPACITY_DATA_HAS_CHANGED);
+                    }
+                    return Err(ReloadError::Invalid(format!(
+                        "target '{name}' LUN {lun}: cannot grow to {size} bytes: {e}"
+                    )));
+                }
+                grown.push(lu);
+            }
+            let mut listeners = old.listeners.clone();
+            for (i, t) in targets.iter().enumerate() {
+                let Some(t) = t else { continue };
+                for p in &t.portals {
+                    if let Some(l) = listeners.iter_mut().find(|l| l.addr == p.addr) {
+                        if !l.groups.contains(&(i, p.tpgt)) {
+                            l.groups.push((i, p.tpgt));
+                        }
+                    }
+                }
+            }
+            for l in &mut listeners {
+                l.groups
+                    .retain(|(i, _)| targets.get(*i).is_some_and(Option::is_some));
+            }
+            if summary.is_empty() {
+                summary = "no change".into();
+            }
+            Ok(Prepared {
+                live: Live {
+                    generation: old.generation + 1,
+                    targets,
+                    limits: new.limits.clone(),
+                    discovery_chap: new.discovery_chap.clone(),
+                    listeners,
+                    config: Some(new),
+                },
+                lun_lists,
+                grown,
+                summary,
+            })
+        }
+        Err(e) => {
+            created.undo();
+            Err(e)
+        }
+    }
+}
+
+type Built = (
+    Vec<Option<Arc<TargetRt>>>,
+    Vec<(Arc<TargetLuns>, Vec<u64>)>,
+    Vec<(String, u16, Arc<LogicalUnit>, u64)>,
+    String,
+);
+
+fn build(
+    old: &Live,
+    old_cfg: &Config,
+    new: &Config,
+    hooks: &BindHooks,
+    created: &mut datadir::Created,
+) -> Result<Built, ReloadError> {
+    let mut summary = String::new();
+    let mut note = |s: String| {
+        if !summary.is_empty() {
+            summary.push_str("; ");
+        }
+        summary.push_str(&s);
+    };
+    let mut targets: Vec<Option<Arc<TargetRt>>> = vec![None; old.targets.len()];
+    let mut lun_lists = Vec::new();
+    let mut grow = Vec::new();
+    let err = |e: super::ServerError| ReloadError::Invalid(e.to_string());
+    for tc in &new.targets {
+        let existing = old.target_by_name(&tc.name);
+        let (idx, portals, lun_list, old_luns, old_tc) = match existing {
+            Some(i) => {
+                let rt = old.target(i).expect("index of a served target");
+                (
+                    i,
+                    rt.portals.clone(),
+                    rt.lun_list.clone(),
+                    Some(rt),
+                    find(old_cfg, &tc.name),
+                )
+            }
+            None => {
+                targets.push(None);
+                let mut portals: Vec<Portal> = tc
+                    .portal_groups()
+                    .map(|(tpgt, addr)| Portal { tpgt, addr })
+                    .collect();
+                portals.sort_by_key(|p| p.tpgt);
+                note(format!("target {} added", tc.name));
+                (
+                    targets.len() - 1,
+                    portals,
+                    Arc::new(TargetLuns::new(Vec::new())),
+                    None,
+                    None,
+                )
+            }
+        };
+        // Other gateways' portal groups (cluster mode, where reloads keep
+        // the set of LUs): as the served target had them.
+        let peers = old_luns
+            .map(|rt| rt.peer_portals.clone())
+            .unwrap_or_default();
+        let mut luns = BTreeMap::new();
+        let mut backing = BTreeMap::new();
+        for lc in &tc.luns {
+            let lun = u64::from(lc.id);
+            let prev = old_luns.and_then(|rt| {
+                let lu = rt.luns.get(&lun)?;
+                let olc = old_tc?.luns.iter().find(|l| l.id == lc.id)?;
+                Some((lu, olc, rt.backing.get(&lun).cloned().unwrap_or_default()))
+            });
+            let keep = match &prev {
+                Some((lu, olc, _)) => Some(compare_lun(&new.data_dir, &tc.name, olc, lc, lu)?),
+                None => None,
+            };
+            match (prev, keep) {
+                (Some((lu, _, desc)), Some(Keep::Same)) => {
+                    luns.insert(lun, lu.clone());
+                    backing.insert(lun, desc);
+                }
+                (Some((lu, _, desc)), Some(Keep::Grow(size))) => {
+                    note(format!("{} LUN {lun} grows to {size} bytes", tc.name));
+                    grow.push((tc.name.clone(), lc.id, lu.clone(), size));
+                    luns.insert(lun, lu.clone());
+                    backing.insert(lun, desc);
+                }
+                _ => {
+                    let (lu, desc) = open_lu(
+                        &new.data_dir,
+                        &tc.name,
+                        lc,
+                        &portals,
+                        &peers,
+                        &lun_list,
+                        None,
+                        hooks,
+                        created,
+                    )
+                    .map_err(err)?;
+                    if existing.is_some() {
+                        note(format!("{} LUN {lun} added", tc.name));
+                    }
+                    luns.insert(lun, lu);
+                    backing.insert(lun, desc);
+                }
+            }
+        }
+        if let Some(rt) = old_luns {
+            for lun in rt.luns.keys().filter(|l| !luns.contains_key(l)) {
+                note(format!("{} LUN {lun} removed", tc.name));
+            }
+            if old_tc.is_some_and(|o| o.acls != tc.acls || o.open != tc.open) {
+                note(format!("{} ACL changed", tc.name));
+            }
+            if old_tc.is_some_and(|o| o.chap != tc.chap) {
+                note(format!("{} CHAP changed", tc.name));
+            }
+        }
+        lun_lists.push((lun_list.clone(), luns.keys().copied().collect()));
+        // Kept LUs keep their counters. The metrics registry is built at
+        // start: an LU added by a reload is counted here but not exported
+        // until the next restart.
+        let stats = luns
+            .iter()
+            .map(|(lun, lu)| {
+                let kept = old_luns.and_then(|rt| {
+                    rt.luns
+                        .get(lun)
+                        .filter(|old| Arc::ptr_eq(old, lu))
+                        .and(rt.stats.get(lun).cloned())
+                });
+                (*lun, kept.unwrap_or_default())
+            })
+            .collect();
+        targets[idx] = Some(Arc::new(TargetRt {
+            name: tc.name.clone(),
+            portals,
+            peer_portals: peers,
+            luns,
+            lun_list,
+            backing,
+            chap: tc.chap.clone(),
+            acl: acl::AclTable::new(tc),
+            stats,
+        }));
+    }
+    for (_, t) in old.targets() {
+        if find(new, &t.name).is_none() {
+            note(format!("target {} removed", t.name));
+        }
+    }
+    if old_cfg.limits != new.limits {
+        note("limits changed".into());
+    }
+    if old_cfg.discovery_chap != new.discovery_chap {
+        note("discovery CHAP changed".into());
+    }
+    Ok((targets, lun_lists, grow, summary))
+}
