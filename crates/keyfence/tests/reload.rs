@@ -1,0 +1,581 @@
+//! `keyfence status`, `keyfence reload` and SIGHUP against a real `keyfence
+//! serve --config FILE` process, with sessions of the keyfence initiator
+//! library over loopback.
+//!
+//! The configuration has one target with LUNs 0 and 1 and three
+//! initiators: `steady` sees LUN 0 only (its view never changes, so no
+//! reload below may disturb it), `watcher` sees every LUN, and `doomed`
+//! loses its ACL entry in a reload. Every I/O loop is bounded by a command
+//! count and a deadline.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command as Proc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use keyfence_initiator::commands;
+use keyfence_initiator::pr::RegisterOptions;
+use keyfence_initiator::{Device, IscsiUrl, SessionConfig};
+use keyfence_scsi::SenseKey;
+use keyfence_testkit::Serve;
+
+const IQN: &str = "iqn.2026-11.io.keyfence:reload";
+const STEADY: &str = "iqn.2026-11.io.example:steady";
+const WATCHER: &str = "iqn.2026-11.io.example:watcher";
+const DOOMED: &str = "iqn.2026-11.io.example:doomed";
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_keyfence"))
+}
+
+/// The configuration: `luns` as (id, size), and the ACL entries.
+fn config_text(luns: &[(u16, &str)], with_doomed: bool) -> String {
+    let mut t = format!(
+        "[[target]]\nname = \"{IQN}\"\nportals = [\"127.0.0.1:0\"]\n\n\
+         [[target.acl]]\ninitiator = \"{STEADY}\"\n[[target.acl.lun]]\nlun = 0\n\n\
+         [[target.acl]]\ninitiator = \"{WATCHER}\"\n"
+    );
+    if with_doomed {
+        t.push_str(&format!("\n[[target.acl]]\ninitiator = \"{DOOMED}\"\n"));
+    }
+    for (id, size) in luns {
+        t.push_str(&format!(
+            "\n[[target.lun]]\nid = {id}\npath = \"lun{id}.img\"\nsize = \"{size}\"\n"
+        ));
+    }
+    t
+}
+
+struct Fixture {
+    serve: Serve,
+    config: PathBuf,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn start(text: &str) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("keyfence.toml");
+        std::fs::write(&config, text).unwrap();
+        let serve = Serve::builder(bin()).config(&config).start();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        Fixture {
+            serve,
+            config,
+            rt,
+            _dir: dir,
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.serve.data_dir().join("keyfence.sock")
+    }
+
+    fn rewrite(&self, text: &str) {
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    fn connect(&self, initiator: &str, lun: u16) -> Device {
+        let url =
+            IscsiUrl::parse(&format!("iscsi://{}/{IQN}/{lun}", self.serve.portals()[0])).unwrap();
+        let cfg = SessionConfig {
+            initiator_name: Some(initiator.into()),
+            login_timeout: Duration::from_secs(10),
+            ..Default::default()
+        };
+        let dev = self
+            .rt
+            .block_on(Device::connect(&url, &cfg))
+            .unwrap_or_else(|e| panic!("{initiator} logs in: {e}\n{}", self.serve.log()));
+        // The power-on unit attention of a new nexus.
+        self.rt.block_on(dev.clear_unit_attentions()).unwrap();
+        dev
+    }
+
+    /// Run `keyfence ARGS... --socket SOCK`: (exit code, stdout, stderr).
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Proc::new(bin())
+            .args(args)
+            .arg("--socket")
+            .arg(self.socket())
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let (code, out, err) = self.cli(&["status", "--json"]);
+        assert_eq!(code, 0, "keyfence status: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status JSON: {e}\n{out}"))
+    }
+
+    fn reload(&self) -> String {
+        let (code, out, err) = self.cli(&["reload"]);
+        assert_eq!(code, 0, "keyfence reload: {err}\n{}", self.serve.log());
+        out
+    }
+}
+
+/// Every unit attention `dev` reports until there is none (bounded).
+fn drain_uas(f: &Fixture, dev: &Device, lun: u16) -> Vec<(u8, u8)> {
+    f.rt.block_on(async {
+        let mut seen = Vec::new();
+        for _ in 0..16 {
+            let r = dev
+                .session()
+                .execute(lun, &commands::test_unit_ready())
+                .await
+                .unwrap();
+            match &r.sense {
+                Some(s) if r.status == 0x02 && s.key == SenseKey::UnitAttention => {
+                    seen.push((s.asc, s.ascq))
+                }
+                _ => return seen,
+            }
+        }
+        panic!("unit attentions did not stop: {seen:?}");
+    })
+}
+
+fn lun_sizes(status: &serde_json::Value) -> Vec<(u64, u64)> {
+    status["targets"][0]["luns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["lun"].as_u64().unwrap(),
+                l["size_bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// A bounded write/read loop on LUN 0 of `dev`'s session, counting every
+/// command that did not end GOOD (unit attentions included).
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+const LOAD_MAX_COMMANDS: u64 = 200_000;
+const LOAD_MAX_TIME: Duration = Duration::from_secs(60);
+
+fn start_load(f: &Fixture, dev: Arc<Device>) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (s, d, x) = (stop.clone(), done.clone(), failed.clone());
+    let task = f.rt.spawn(async move {
+        let deadline = Instant::now() + LOAD_MAX_TIME;
+        let mut errors = Vec::new();
+        let mut i: u64 = 0;
+        while !s.load(Ordering::Relaxed) && i < LOAD_MAX_COMMANDS && Instant::now() < deadline {
+            let lba = (i % 64) as u32 * 8;
+            let data = Bytes::from(vec![(i % 251) as u8; 4096]);
+            let mut cdb = vec![0x2a, 0];
+            cdb.extend_from_slice(&lba.to_be_bytes());
+            cdb.extend_from_slice(&[0, 0, 8, 0]);
+            let w = dev
+                .session()
+                .execute(0, &commands::Command::write(cdb, data))
+                .await;
+            let mut cdb = vec![0x28, 0];
+            cdb.extend_from_slice(&lba.to_be_bytes());
+            cdb.extend_from_slice(&[0, 0, 8, 0]);
+            let r = dev
+                .session()
+                .execute(0, &commands::Command::read(cdb, 4096))
+                .await;
+            for res in [w, r] {
+                match res {
+                    Ok(r) if r.status == 0 => {}
+                    other => {
+                        x.fetch_add(1, Ordering::Relaxed);
+                        if errors.len() < 5 {
+                            errors.push(format!("{other:?}"));
+                        }
+                    }
+                }
+                d.fetch_add(1, Ordering::Relaxed);
+            }
+            i += 1;
+        }
+        errors
+    });
+    Load {
+        stop,
+        done,
+        failed,
+        task,
+    }
+}
+
+impl Load {
+    /// Wait until `n` more commands completed (bounded).
+    fn wait_for(&self, n: u64) {
+        let start = self.done.load(Ordering::Relaxed);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.done.load(Ordering::Relaxed) < start + n {
+            assert!(Instant::now() < deadline, "the load loop made no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn finish(self, f: &Fixture) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = f.rt.block_on(self.task).unwrap();
+        (
+            self.done.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
+}
+
+#[test]
+fn status_shows_targets_sessions_lus_and_limits() {
+    let f = Fixture::start(&config_text(&[(0, "4M"), (1, "4M")], true));
+    // File permissions are the access control.
+    let mode = std::fs::metadata(f.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
+    let watcher = f.connect(WATCHER, 1);
+    f.rt.block_on(watcher.register_and_ignore(0xabc, &RegisterOptions::default()))
+        .unwrap();
+    f.rt.block_on(watcher.reserve(0xabc, keyfence_scsi::pr_data::PrType::WriteExclusive))
+        .unwrap();
+    let info = watcher.session().info().clone();
+
+    let s = f.status();
+    assert_eq!(s["pid"].as_u64(), f.serve.pid().map(u64::from));
+    assert_eq!(s["config_generation"], 0);
+    let t = &s["targets"][0];
+    assert_eq!(t["name"], IQN);
+    assert_eq!(t["access"], "acl");
+    assert_eq!(t["acl_entries"], 3);
+    assert_eq!(t["portals"][0]["tpgt"], 1);
+    assert_eq!(t["portals"][0]["address"], f.serve.portals()[0].to_string());
+    assert_eq!(lun_sizes(&s), vec![(0, 4 << 20), (1, 4 << 20)]);
+    let l1 = &t["luns"][1];
+    assert_eq!(l1["block_size"], 512);
+    assert_eq!(l1["read_only"], false);
+    assert!(l1["backing"].as_str().unwrap().ends_with("lun1.img"));
+    assert_eq!(l1["pr"]["registrations"], 1);
+    assert_eq!(l1["pr"]["generation"], 1);
+    let res = &l1["pr"]["reservation"];
+    assert_eq!(res["type"], "Write Exclusive");
+    assert_eq!(res["type_code"], 1);
+    assert_eq!(res["key"], "0x0000000000000abc");
+    assert!(
+        res["holder"].as_str().unwrap().starts_with(WATCHER),
+        "{res}"
+    );
+    assert!(t["luns"][0]["pr"]["reservation"].is_null());
+
+    let sessions = s["sessions"].as_array().unwrap();
+    assert_eq!(sessions.len(), 1, "{sessions:?}");
+    let x = &sessions[0];
+    assert_eq!(x["initiator"], WATCHER);
+    assert_eq!(x["tsih"], u64::from(info.tsih));
+    assert_eq!(x["isid"], format!("{:012x}", info.isid));
+    assert_eq!(x["type"], "normal");
+    assert_eq!(x["target"], IQN);
+    assert_eq!(x["tpgt"], 1);
+    assert_eq!(x["portal"], f.serve.portals()[0].to_string());
+    assert!(x["age_secs"].as_u64().unwrap() < 60);
+    let p = &x["params"];
+    let want = watcher.session().params();
+    assert_eq!(p["immediate_data"], want.immediate_data);
+    assert_eq!(p["max_burst_length"], want.max_burst_length);
+    assert_eq!(p["header_digest"], want.header_digest);
+
+    assert_eq!(s["limits"]["max_sessions"], 64);
+    assert_eq!(s["limits"]["max_cmds_per_session"], 128);
+
+    // The tables show the same.
+    let (code, out, _) = f.cli(&["status"]);
+    assert_eq!(code, 0);
+    for want in [IQN, WATCHER, "Write Exclusive", "4.0 MiB", "max_sessions"] {
+        assert!(out.contains(want), "{want} missing from:\n{out}");
+    }
+    f.rt.block_on(Arc::new(watcher).session().logout()).unwrap();
+}
+
+#[test]
+fn status_without_a_server_says_so_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Proc::new(bin())
+        .args(["status", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("no keyfence server is listening"), "{err}");
+    // Usage errors are 2.
+    let out = Proc::new(bin())
+        .args(["status", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Proc::new(bin())
+        .args(["reload", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn reload_adds_and_removes_luns_and_acls_under_load() {
+    let f = Fixture::start(&config_text(&[(0, "4M"), (1, "4M")], true));
+    let steady = Arc::new(f.connect(STEADY, 0));
+    let watcher = f.connect(WATCHER, 0);
+    let doomed = f.connect(DOOMED, 0);
+    assert_eq!(f.rt.block_on(watcher.report_luns()).unwrap(), vec![0, 1]);
+
+    let load = start_load(&f, steady.clone());
+    load.wait_for(200);
+    // LUN 1 goes, LUN 2 comes, `doomed` loses its ACL entry.
+    f.rewrite(&config_text(&[(0, "4M"), (2, "4M")], false));
+    let said = f.reload();
+    assert!(said.contains("LUN 1 removed"), "{said}");
+    assert!(said.contains("LUN 2 added"), "{said}");
+    assert!(said.contains("ACL changed"), "{said}");
+    load.wait_for(200);
+
+    // The watcher is told, then sees the new LUNs.
+    let uas = drain_uas(&f, &watcher, 0);
+    assert!(
+        uas.contains(&(0x3f, 0x0e)),
+        "REPORTED LUNS DATA HAS CHANGED expected: {uas:?}"
+    );
+    assert_eq!(f.rt.block_on(watcher.report_luns()).unwrap(), vec![0, 2]);
+    let r =
+        f.rt.block_on(watcher.session().execute(1, &commands::test_unit_ready()))
+            .unwrap();
+    let s = r.sense.expect("LUN 1 is gone");
+    assert_eq!((s.key, s.asc, s.ascq), (SenseKey::IllegalRequest, 0x25, 0));
+    let r =
+        f.rt.block_on(watcher.session().execute(2, &commands::test_unit_ready()))
+            .unwrap();
+    // A nexus new to LUN 2 first sees its power-on unit attention.
+    assert!(r.status == 0 || r.sense.is_some_and(|s| s.key == SenseKey::UnitAttention));
+
+    // The initiator that lost access is asked to log out and is gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !doomed.session().is_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "the de-ACLed session is still open\n{}",
+            f.serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = f.status();
+    let names: Vec<&str> = s["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["initiator"].as_str().unwrap())
+        .collect();
+    assert!(!names.contains(&DOOMED), "{names:?}");
+    assert_eq!(s["config_generation"], 1);
+    // It cannot come back.
+    let url = IscsiUrl::parse(&format!("iscsi://{}/{IQN}/0", f.serve.portals()[0])).unwrap();
+    let cfg = SessionConfig {
+        initiator_name: Some(DOOMED.into()),
+        ..Default::default()
+    };
+    assert!(f.rt.block_on(Device::connect(&url, &cfg)).is_err());
+
+    // And back: LUN 1 returns, `doomed` is allowed again.
+    f.rewrite(&config_text(&[(0, "4M"), (1, "4M"), (2, "4M")], true));
+    f.reload();
+    load.wait_for(200);
+    let uas = drain_uas(&f, &watcher, 0);
+    assert!(uas.contains(&(0x3f, 0x0e)), "{uas:?}");
+    assert_eq!(f.rt.block_on(watcher.report_luns()).unwrap(), vec![0, 1, 2]);
+    let back = f.connect(DOOMED, 0);
+
+    let (done, failed, errors) = load.finish(&f);
+    eprintln!("unaffected session: {done} commands during two reloads, {failed} failed");
+    assert!(done >= 600, "only {done} commands ran");
+    assert_eq!(
+        failed, 0,
+        "commands of the unaffected session failed: {errors:?}"
+    );
+    // The unaffected session saw no unit attention either.
+    assert!(drain_uas(&f, &steady, 0).is_empty());
+    assert_eq!(f.rt.block_on(steady.report_luns()).unwrap(), vec![0]);
+    f.rt.block_on(back.close()).unwrap();
+    f.rt.block_on(watcher.close()).unwrap();
+}
+
+#[test]
+fn raising_size_grows_the_lu_with_capacity_data_has_changed() {
+    let f = Fixture::start(&config_text(&[(0, "4M"), (1, "4M")], false));
+    let watcher = f.connect(WATCHER, 1);
+    let steady = f.connect(STEADY, 0);
+    let before = f.rt.block_on(watcher.read_capacity16()).unwrap();
+    assert_eq!(before.blocks(), 8192);
+    f.rewrite(&config_text(&[(0, "4M"), (1, "8M")], false));
+    let said = f.reload();
+    assert!(said.contains("LUN 1 grows to 8388608 bytes"), "{said}");
+    let uas = drain_uas(&f, &watcher, 1);
+    assert_eq!(
+        uas,
+        vec![(0x2a, 0x09)],
+        "CAPACITY DATA HAS CHANGED expected"
+    );
+    let after = f.rt.block_on(watcher.read_capacity16()).unwrap();
+    assert_eq!(after.blocks(), 16384);
+    // The new blocks are there, durably in the file.
+    f.rt.block_on(watcher.write(16383, Bytes::from(vec![7u8; 512])))
+        .unwrap();
+    assert_eq!(
+        f.rt.block_on(watcher.read(16383, 1)).unwrap(),
+        Bytes::from(vec![7u8; 512])
+    );
+    let file = f.serve.data_dir().join("lun1.img");
+    assert_eq!(std::fs::metadata(file).unwrap().len(), 8 << 20);
+    assert_eq!(lun_sizes(&f.status()), vec![(0, 4 << 20), (1, 8 << 20)]);
+    // LUN 0 did not change: its nexuses are not disturbed.
+    assert!(drain_uas(&f, &steady, 0).is_empty());
+}
+
+#[test]
+fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
+    let f = Fixture::start(&config_text(&[(0, "4M")], false));
+    let watcher = f.connect(WATCHER, 0);
+    // A typo, and a valid LUN addition in the same file: nothing applies.
+    let mut bad = config_text(&[(0, "4M"), (1, "4M")], false);
+    bad.push_str("blok_size = 512\n");
+    f.rewrite(&bad);
+    let (code, out, err) = f.cli(&["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("rejected") && err.contains("blok_size"),
+        "{err}"
+    );
+    assert!(f.serve.log().contains("new configuration rejected"));
+    // Still LUN 0 only, no unit attention, I/O works.
+    assert_eq!(f.rt.block_on(watcher.report_luns()).unwrap(), vec![0]);
+    assert!(drain_uas(&f, &watcher, 0).is_empty());
+    f.rt.block_on(watcher.write(0, Bytes::from(vec![1u8; 512])))
+        .unwrap();
+    assert_eq!(f.status()["config_generation"], 0);
+    // A change that needs a restart says so and changes nothing either.
+    f.rewrite(&config_text(&[(0, "4M")], false).replace("127.0.0.1:0", "127.0.0.1:1"));
+    let (code, _, err) = f.cli(&["reload"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("portals changed") && err.contains("restart"),
+        "{err}"
+    );
+    assert!(!lun_file_exists(f.serve.data_dir(), 1));
+    assert_eq!(f.status()["config_generation"], 0);
+}
+
+fn lun_file_exists(dir: &Path, id: u16) -> bool {
+    dir.join(format!("lun{id}.img")).exists()
+}
+
+#[test]
+fn sighup_reloads_and_aptpl_state_survives_removal() {
+    let f = Fixture::start(&config_text(&[(0, "4M"), (1, "4M")], false));
+    let watcher = f.connect(WATCHER, 1);
+    let aptpl = RegisterOptions {
+        aptpl: true,
+        ..Default::default()
+    };
+    f.rt.block_on(watcher.register_and_ignore(0x77, &aptpl))
+        .unwrap();
+    // LUN 1 goes away, by SIGHUP.
+    f.rewrite(&config_text(&[(0, "4M")], false));
+    let pid = f.serve.pid().expect("serve runs") as libc::pid_t;
+    // SAFETY: signalling the child process this test started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while f.status()["config_generation"] != 1 {
+        assert!(
+            Instant::now() < deadline,
+            "SIGHUP did not reload\n{}",
+            f.serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(lun_sizes(&f.status()), vec![(0, 4 << 20)]);
+    assert!(f.serve.log().contains("SIGHUP"));
+    // Back again: the APTPL registration was kept in the data directory.
+    f.rewrite(&config_text(&[(0, "4M"), (1, "4M")], false));
+    f.reload();
+    let uas = drain_uas(&f, &watcher, 1);
+    assert!(!uas.is_empty());
+    let keys = f.rt.block_on(watcher.read_keys()).unwrap();
+    assert_eq!(keys.keys, vec![0x77], "{keys:?}");
+    assert_eq!(f.status()["targets"][0]["luns"][1]["pr"]["aptpl"], true);
+}
+
+#[test]
+fn a_stale_socket_is_replaced_and_a_live_one_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("admin.sock");
+    // A socket file nobody listens on any more (a server that died).
+    drop(std::os::unix::net::UnixListener::bind(&sock).unwrap());
+    assert!(sock.exists());
+    let config = dir.path().join("kf.toml");
+    std::fs::write(&config, config_text(&[(0, "4M")], false)).unwrap();
+    let serve = Serve::builder(bin())
+        .config(&config)
+        .arg("--admin-socket")
+        .arg(&sock)
+        .start();
+    let out = Proc::new(bin())
+        .args(["status", "--json", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", serve.log());
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // A second server wanting the same socket fails to start, saying why.
+    let other = dir.path().join("other-data");
+    let out = keyfence_testkit::cmd::run_bounded(
+        Proc::new(bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&other)
+            .arg("--admin-socket")
+            .arg(&sock),
+        None,
+        Duration::from_secs(20),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another keyfence serve is listening"), "{err}");
+    // The running server's socket still answers.
+    let out = Proc::new(bin())
+        .args(["status", "--socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    drop(serve);
+    // Removed at shutdown.
+    assert!(!sock.exists());
+}
