@@ -250,6 +250,8 @@ pub fn pages() -> Vec<(String, Vec<u8>)> {
     out.push(("keyfence.1".to_string(), top));
     for cmd in [
         crate::serve::command().name("serve"),
+        crate::admin::status_command().name("status"),
+        crate::admin::reload_command().name("reload"),
         crate::pr_show::command().name("pr"),
         crate::cluster_status::command().name("cluster"),
         crate::bench::command().name("bench"),
