@@ -215,7 +215,15 @@ fn render(s: &Status) -> String {
                 if t.access == "open" {
                     "open".into()
                 } else {
-                    format!("ACL, {} entries", t.acl_entries)
+                    format!(
+                        "ACL, {} {}",
+                        t.acl_entries,
+                        if t.acl_entries == 1 {
+                            "entry"
+                        } else {
+                            "entries"
+                        }
+                    )
                 },
                 if t.chap { "yes" } else { "no" }.into(),
             ]
