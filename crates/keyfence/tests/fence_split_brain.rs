@@ -235,7 +235,16 @@ fn fenced_node_never_writes_after_fencing_returns() {
         ]);
         assert_eq!(code(&o), 0, "stamp: {}", text(&o.stderr));
         // The fenced node keeps trying for a while; survivors keep writing.
+        // A write of the fenced node that PREEMPT AND ABORT aborted gets no
+        // status (TAS=0): its writer waits out its command timeout (2 s)
+        // before the next try, so wait (bounded) for a try issued after
+        // fencing returned, which the checks below require to be refused.
         std::thread::sleep(Duration::from_millis(200));
+        let victim_log = dir.join(format!("log{victim}"));
+        let end = Instant::now() + Duration::from_secs(10);
+        while !parse_log(&victim_log).iter().any(|l| l.t_issue > t_fenced) && Instant::now() < end {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         std::fs::write(&stop, b"").unwrap();
         for (n, w) in writers.iter_mut().enumerate() {
             let end = Instant::now() + Duration::from_secs(20);
