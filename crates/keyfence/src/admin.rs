@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::Parser;
 use keyfence_target::config::{ADMIN_SOCKET_NAME, DEFAULT_DATA_DIR};
 use keyfence_target::server::admin::{self, Request, Response, Status};
+use keyfence_target::server::human_size;
 
 /// How long to wait for the server's answer (a reload opens and may grow
 /// backing files).
@@ -169,21 +170,6 @@ fn age(secs: u64) -> String {
     }
 }
 
-fn size(b: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = b as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < UNITS.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{b} B")
-    } else {
-        format!("{v:.1} {}", UNITS[i])
-    }
-}
-
 /// The human-readable status.
 fn render(s: &Status) -> String {
     let mut out = String::new();
@@ -244,7 +230,7 @@ fn render(s: &Status) -> String {
             rows.push(vec![
                 t.name.clone(),
                 l.lun.to_string(),
-                size(l.size_bytes),
+                human_size(l.size_bytes),
                 l.block_size.to_string(),
                 if l.read_only { "ro" } else { "rw" }.into(),
                 format!(
@@ -367,6 +353,6 @@ mod tests {
         assert_eq!(out, "A    BB\nxxx  y\nz    w\n");
         assert_eq!(age(59), "59s");
         assert_eq!(age(61), "1m01s");
-        assert_eq!(size(1 << 30), "1.0 GiB");
+        assert_eq!(human_size(1 << 30), "1.0 GiB");
     }
 }

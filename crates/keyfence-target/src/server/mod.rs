@@ -913,7 +913,8 @@ fn listener_plan(config: &Config) -> Vec<(SocketAddr, Vec<(usize, u16)>)> {
     out
 }
 
-fn human_size(b: u64) -> String {
+/// A byte count as people read it: `100 B`, `1.5 MiB`, `1.0 GiB`.
+pub fn human_size(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
