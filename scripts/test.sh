@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every keyfence test: installs what the tests need (Debian packages via
 # apt-get when missing), runs the workspace's tests, the split-brain fencing
-# test, then libiscsi's conformance suite against `keyfence serve`.
+# test (single node and across two cluster gateways), then libiscsi's
+# conformance suite against `keyfence serve`.
 #
 # Everything is built in the `release-checked` profile (Cargo.toml: release
 # plus overflow checks): the binary the scripts start is the one the Rust
@@ -23,6 +24,10 @@ scripts/package-test.sh "$profile"
 
 echo "== split-brain fencing test, 25 rounds (scripts/split-brain.sh N for more)"
 KEYFENCE_PROFILE="$profile" scripts/split-brain.sh 25 2>&1 \
+    | grep -E "^split brain|^test |test result"
+
+echo "== split-brain fencing test across two cluster gateways, 10 rounds (scripts/split-brain.sh --cluster N for more)"
+KEYFENCE_PROFILE="$profile" scripts/split-brain.sh --cluster 10 2>&1 \
     | grep -E "^split brain|^test |test result"
 
 echo "== libiscsi conformance (iscsi-test-cu -d --test=ALL, two portal groups)"

@@ -1,0 +1,777 @@
+//! Split brain across gateways: a three-member etcd on loopback (Debian's
+//! etcd-server) and two `keyfence serve` gateways, A and B, over one shared
+//! backing file. Node 0 works through gateway A, node 1 through gateway B:
+//! each registers its key with the fence agent (`fence_keyfence -o on`)
+//! and runs a writer process that writes sequence-numbered, node-tagged
+//! records to its own region of the LU, reserved Write Exclusive –
+//! Registrants Only.
+//!
+//! Each round, at a random moment, one node (the victim) is cut off from
+//! the cluster while its storage path stays up and it keeps writing. The
+//! other node (the fencer) notices the silent heartbeat, decides to fence
+//! and runs `fence_keyfence -o off` (PREEMPT AND ABORT of the victim's
+//! key) through *its own* gateway, then takes the victim's region over with
+//! one write through its gateway. The rounds rotate through three modes:
+//!
+//! * `race`: nothing else happens;
+//! * `stop-victim-gw`: shortly after the fence agent starts, the victim's
+//!   gateway is frozen (SIGSTOP) for up to 2 s, with the victim's writes
+//!   queued in it, and thawed at a random moment;
+//! * `stop-fencer-gw`: the same with the fencer's gateway, for up to 0.8 s.
+//!
+//! Checked every round, from the disk read back through both gateways and
+//! from the writers' logs:
+//! * no record of the victim is in its region after the takeover write
+//!   (a late write: one that reached the medium after the fencer took over);
+//! * no write of the victim issued after PREEMPT AND ABORT returned GOOD
+//!   was acknowledged;
+//! * the victim's writes issued after fencing returned are refused, the
+//!   first one answered with RESERVATION CONFLICT unless its gateway had
+//!   stopped serving (NOT READY, ASYMMETRIC ACCESS STATE TRANSITION) or
+//!   did not answer in time;
+//! * every write the fencer's writer got GOOD for is on the disk, and it
+//!   keeps writing after fencing.
+//!
+//! Measured: the time from the fence decision to the victim's first write
+//! refused with RESERVATION CONFLICT (p50/p99/max), and the fence agent's
+//! run time.
+//!
+//! Rounds: 3, or `KEYFENCE_SPLIT_ROUNDS` (`scripts/split-brain.sh --cluster
+//! N` runs many). `KEYFENCE_SPLIT_MODES` (comma separated) limits the modes.
+
+mod fence_support;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fence_support::*;
+use keyfence_testkit::etcd::EtcdCluster;
+use keyfence_testkit::Serve;
+use rand::Rng;
+
+const IQN: &str = "iqn.2026-11.io.keyfence.test:clsplit";
+const NODES: usize = 2;
+const REGION: u64 = 256;
+const SIZE: u64 = 64 << 20;
+/// Heartbeat silence after which the fencer decides to fence.
+const SILENCE_MS: u64 = 60;
+const TTL_SECS: u64 = 3;
+const MARGIN_MS: u64 = 500;
+const KEYS: [&str; NODES] = ["0x5c01", "0x5c02"];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Race,
+    StopVictimGw,
+    StopFencerGw,
+}
+
+impl Mode {
+    const ALL: [Mode; 3] = [Mode::Race, Mode::StopVictimGw, Mode::StopFencerGw];
+
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Race => "race",
+            Mode::StopVictimGw => "stop-victim-gw",
+            Mode::StopFencerGw => "stop-fencer-gw",
+        }
+    }
+
+    /// Longest freeze of the mode's gateway, ms.
+    fn max_freeze_ms(self) -> u64 {
+        match self {
+            Mode::Race => 0,
+            Mode::StopVictimGw => 2000,
+            Mode::StopFencerGw => 800,
+        }
+    }
+}
+
+fn modes() -> Vec<Mode> {
+    let Ok(s) = std::env::var("KEYFENCE_SPLIT_MODES") else {
+        return Mode::ALL.to_vec();
+    };
+    let v: Vec<Mode> = s
+        .split(',')
+        .filter(|m| !m.trim().is_empty())
+        .map(|m| {
+            *Mode::ALL
+                .iter()
+                .find(|x| x.name() == m.trim())
+                .unwrap_or_else(|| {
+                    panic!("KEYFENCE_SPLIT_MODES: unknown mode {m:?} (race, stop-victim-gw, stop-fencer-gw)")
+                })
+        })
+        .collect();
+    assert!(!v.is_empty(), "KEYFENCE_SPLIT_MODES names no mode");
+    v
+}
+
+/// Etcd, the shared backing file and gateways A (TPGT 1) and B (TPGT 2).
+/// Dropped in field order: gateways first, then etcd, then the files.
+struct Rig {
+    gateways: Vec<Serve>,
+    _etcd: EtcdCluster,
+    _dir: tempfile::TempDir,
+}
+
+impl Rig {
+    fn start() -> Rig {
+        let etcd = EtcdCluster::start(3);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = dir.path().join("shared.img");
+        std::fs::File::create(&shared)
+            .and_then(|f| f.set_len(SIZE))
+            .expect("shared backing file");
+        let quoted: Vec<String> = etcd
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect();
+        let mut gateways = Vec::new();
+        for (i, name) in ["gwa", "gwb"].iter().enumerate() {
+            let data = dir.path().join(name);
+            std::fs::create_dir_all(&data).expect("data dir");
+            let toml = format!(
+                "[[target]]\nname = \"{IQN}\"\nportals = [\"127.0.0.1:0\"]\nfirst_tpgt = {}\nopen = true\n\
+                 [[target.lun]]\nid = 0\npath = \"{}\"\nsize = \"{SIZE}\"\n\
+                 [cluster]\nendpoints = [{}]\ngateway = \"{name}\"\nlease_ttl_secs = {TTL_SECS}\n\
+                 safety_margin_ms = {MARGIN_MS}\nrequest_timeout_ms = 1000\n",
+                i + 1,
+                shared.display(),
+                quoted.join(", "),
+            );
+            let cfg = data.join("keyfence.toml");
+            std::fs::write(&cfg, toml).expect("config");
+            gateways.push(
+                Serve::builder(BIN)
+                    .config(&cfg)
+                    .data_dir(&data)
+                    .log_level("warn")
+                    .start(),
+            );
+        }
+        Rig {
+            gateways,
+            _etcd: etcd,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, gw: usize) -> String {
+        format!("iscsi://{}/{IQN}/0", self.gateways[gw].portals()[0])
+    }
+
+    /// Wait (bounded) until gateway `gw` answers PR IN on the LU: it has
+    /// installed the committed state (after a freeze it may be rejoining).
+    fn wait_serving(&self, gw: usize) {
+        let url = self.url(gw);
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let o = run_bounded(
+                Command::new(BIN).args([
+                    "persist",
+                    "--initiator-name",
+                    &iname("probe"),
+                    "-n",
+                    "-k",
+                    &url,
+                ]),
+                None,
+                Duration::from_secs(10),
+            );
+            if code(&o) == 0 {
+                return;
+            }
+            assert!(
+                Instant::now() < end,
+                "gateway {gw} does not serve the LU within 30 s: {}\n{}",
+                text(&o.stderr),
+                self.gateways[gw].log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn signal(pid: u32, sig: i32) {
+    // SAFETY: kill(2) on the PID of a gateway this test spawned and holds.
+    unsafe {
+        libc::kill(pid as libc::pid_t, sig);
+    }
+}
+
+/// SIGSTOP `pid` and wait (bounded) until every thread of it has stopped.
+fn freeze(pid: u32) {
+    signal(pid, libc::SIGSTOP);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc task list");
+        let all_stopped = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit(')')
+                        .next()
+                        .map(|r| r.trim_start().starts_with('T'))
+                })
+                .unwrap_or(true)
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(Instant::now() < deadline, "gateway not stopped within 5 s");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Sends SIGCONT to a frozen gateway when dropped (also on a failed
+/// assertion), so that stopping the rig never waits on a stopped process.
+struct Thaw(u32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        signal(self.0, libc::SIGCONT);
+    }
+}
+
+struct LogLine {
+    acked: bool,
+    seq: u64,
+    lba: u64,
+    t_issue: u64,
+    t_done: u64,
+    error: String,
+}
+
+impl LogLine {
+    fn conflict(&self) -> bool {
+        !self.acked && self.error == "RESERVATION CONFLICT"
+    }
+
+    /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION: the gateway is not
+    /// serving (lease in doubt, rejoining).
+    fn transition(&self) -> bool {
+        !self.acked && self.error.contains("(asc 0x04 ascq 0x0a)")
+    }
+}
+
+fn parse_log(path: &Path) -> Vec<LogLine> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(6, ' ').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+            Some(LogLine {
+                acked: *f.first()? == "ack",
+                seq: num(1)?,
+                lba: num(2)?,
+                t_issue: num(3)?,
+                t_done: num(4)?,
+                error: f.get(5).map(|s| s.to_string()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+fn heartbeat(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+struct Rec {
+    lba: u64,
+    node: u32,
+    seq: u64,
+    t_ns: u64,
+}
+
+fn scan(url: &str, lba: u64) -> Vec<Rec> {
+    let o = keyfence(&[
+        "fence",
+        "scan",
+        "--device",
+        url,
+        "--region-lba",
+        &lba.to_string(),
+        "--region-blocks",
+        &REGION.to_string(),
+        "--initiator-name",
+        &iname("reader"),
+    ]);
+    assert_eq!(code(&o), 0, "scan: {}", text(&o.stderr));
+    text(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            assert!(v.get("corrupt").is_none(), "corrupt block: {l}");
+            Rec {
+                lba: v["lba"].as_u64().unwrap(),
+                node: v["node"].as_u64().unwrap() as u32,
+                seq: v["seq"].as_u64().unwrap(),
+                t_ns: v["t_ns"].as_u64().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// p50, p99 (nearest rank) and max of `v`, in ms.
+fn percentiles(v: &mut [f64]) -> String {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return "n/a".into();
+    }
+    let rank = |p: f64| v[((p * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1];
+    format!(
+        "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} rounds)",
+        rank(0.50),
+        rank(0.99),
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+fn spawn_writer(rig: &Rig, dir: &Path, n: usize, region: u64, stop: &Path) -> Child {
+    Command::new(BIN)
+        .args(["fence", "writer", "--device", &rig.url(n)])
+        .args(["--node", &n.to_string(), "--key", KEYS[n]])
+        .args(["--region-lba", &region.to_string()])
+        .args(["--region-blocks", &REGION.to_string()])
+        .args(["--initiator-name", &iname(&format!("clnode{n}"))])
+        .arg("--heartbeat")
+        .arg(dir.join(format!("hb{n}")))
+        .arg("--cut")
+        .arg(dir.join(format!("cut{n}")))
+        .arg("--stop")
+        .arg(stop)
+        .arg("--log")
+        .arg(dir.join(format!("log{n}")))
+        .args(["--max-ms", "60000", "--timeout-ms", "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn writer")
+}
+
+/// What one round found.
+#[derive(Default)]
+struct Tally {
+    late_writes: usize,
+    issued_after_preempt_acked: usize,
+    late_acks: usize,
+    transition_refusals: usize,
+}
+
+#[test]
+fn no_late_write_through_either_gateway_after_fencing() {
+    let rounds: usize = std::env::var("KEYFENCE_SPLIT_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let modes = modes();
+    let rig = Rig::start();
+    for gw in 0..2 {
+        rig.wait_serving(gw);
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let agent = agent_link(tmp.path());
+    let mut rng = rand::thread_rng();
+    let mut tally = Tally::default();
+    let mut refuse_ms = Vec::new();
+    let mut fence_ms = Vec::new();
+    let mut preempt_ms = Vec::new();
+    let mut refuse_aborted_ms = Vec::new();
+    let mut refuse_direct_ms = Vec::new();
+    let mut preempt_after_thaw = 0usize;
+    let mut by_mode: HashMap<&'static str, Vec<f64>> = HashMap::new();
+    let mut per_mode: HashMap<&'static str, usize> = HashMap::new();
+    let t_start = Instant::now();
+
+    for round in 0..rounds {
+        let mode = modes[round % modes.len()];
+        *per_mode.entry(mode.name()).or_default() += 1;
+        let dir = tmp.path().join(format!("r{round}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t_round = monotonic_ns();
+        for gw in 0..2 {
+            rig.wait_serving(gw);
+        }
+        // Unfence both nodes, each through its own gateway.
+        for (n, key) in KEYS.iter().enumerate() {
+            unfence(
+                &rig.url(n),
+                key,
+                &format!("clnode{n}"),
+                &dir.join(format!("store{n}")),
+            );
+        }
+        // Regions are reused after 40 rounds: older records do not count.
+        let region = |n: usize| ((round % 40) * NODES + n) as u64 * REGION;
+        let stop = dir.join("stop");
+        let mut writers: Vec<Child> = (0..NODES)
+            .map(|n| spawn_writer(&rig, &dir, n, region(n), &stop))
+            .collect();
+        let end = Instant::now() + Duration::from_secs(20);
+        while (0..NODES).any(|n| heartbeat(&dir.join(format!("hb{n}"))).unwrap_or(0) < 20) {
+            assert!(Instant::now() < end, "round {round}: writers did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Cut a random node off at a random moment.
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..250)));
+        let victim = rng.gen_range(0..NODES);
+        let fencer = 1 - victim;
+        std::fs::write(dir.join(format!("cut{victim}")), b"").unwrap();
+        let hb = dir.join(format!("hb{victim}"));
+        let mut last = heartbeat(&hb);
+        let mut since = Instant::now();
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = heartbeat(&hb);
+            if now != last {
+                last = now;
+                since = Instant::now();
+            } else if since.elapsed() >= Duration::from_millis(SILENCE_MS) {
+                break;
+            }
+            assert!(Instant::now() < end);
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let t_decide = monotonic_ns();
+        // The freeze of this mode, on its own thread while the agent runs.
+        let frozen_gw = match mode {
+            Mode::Race => None,
+            Mode::StopVictimGw => Some(victim),
+            Mode::StopFencerGw => Some(fencer),
+        };
+        let freeze_plan = frozen_gw.map(|gw| {
+            (
+                rig.gateways[gw].pid().expect("gateway running"),
+                Duration::from_millis(rng.gen_range(0..15)),
+                Duration::from_millis(rng.gen_range(0..=mode.max_freeze_ms())),
+            )
+        });
+        let freezer = freeze_plan.map(|(pid, after, hold)| {
+            std::thread::spawn(move || {
+                std::thread::sleep(after);
+                let thaw = Thaw(pid);
+                freeze(pid);
+                let t_frozen = monotonic_ns();
+                std::thread::sleep(hold);
+                drop(thaw);
+                (t_frozen, monotonic_ns())
+            })
+        });
+        let fencer_url = rig.url(fencer);
+        let o = run_bounded(
+            Command::new(&agent)
+                .args(["-o", "off", "-k", KEYS[victim], "-d", &fencer_url, "-v"])
+                .args(["--initiator-name", &iname(&format!("clnode{fencer}"))])
+                .args(["--timeout", "20"]),
+            None,
+            Duration::from_secs(60),
+        );
+        let t_fenced = monotonic_ns();
+        assert_eq!(
+            code(&o),
+            0,
+            "round {round} ({}): fence_keyfence through gateway {fencer}: {}",
+            mode.name(),
+            text(&o.stderr)
+        );
+        assert!(text(&o.stdout).contains("Success: Powered OFF"));
+        let t_preempted: u64 = text(&o.stderr)
+            .split("completed at monotonic ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no preempt time in {}", text(&o.stderr)));
+        // The fencer takes the victim's blocks over at once, through its
+        // own gateway (which may still be frozen in stop-fencer-gw: the
+        // write then waits for the thaw).
+        let stamp_node = 100 + fencer as u32;
+        let o = keyfence(&[
+            "fence",
+            "stamp",
+            "--device",
+            &fencer_url,
+            "--node",
+            &stamp_node.to_string(),
+            "--key",
+            KEYS[fencer],
+            "--region-lba",
+            &region(victim).to_string(),
+            "--region-blocks",
+            &REGION.to_string(),
+            "--initiator-name",
+            &iname(&format!("clnode{fencer}")),
+        ]);
+        assert_eq!(code(&o), 0, "stamp: {}", text(&o.stderr));
+        let frozen = freezer.map(|f| f.join().expect("freezer thread"));
+        let t_thawed = frozen.map(|(_, t)| t);
+        // The victim keeps trying; wait (bounded) for one of its writes
+        // issued after fencing returned to be refused with RESERVATION
+        // CONFLICT (an aborted write gets no status: its writer waits out
+        // its 1 s command timeout; a gateway that lost its lease while
+        // frozen answers NOT READY until it has rejoined).
+        let victim_log = dir.join(format!("log{victim}"));
+        let end = Instant::now() + Duration::from_secs(20);
+        while !parse_log(&victim_log)
+            .iter()
+            .any(|l| l.t_issue > t_fenced && l.conflict())
+            && Instant::now() < end
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Give anything still queued in a gateway time to reach the disk.
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::write(&stop, b"").unwrap();
+        for (n, w) in writers.iter_mut().enumerate() {
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Some(s) = w.try_wait().unwrap() {
+                    assert!(s.success(), "round {round}: writer {n} failed");
+                    break;
+                }
+                if Instant::now() > end {
+                    let _ = w.kill();
+                    panic!("round {round}: writer {n} did not stop");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        // What the disk (through both gateways) and the logs say.
+        let rel = |t: u64| (t as f64 - t_preempted as f64) / 1e6;
+        for n in 0..NODES {
+            let log = parse_log(&dir.join(format!("log{n}")));
+            if n == victim {
+                for gw in 0..2 {
+                    let recs: Vec<Rec> = scan(&rig.url(gw), region(n))
+                        .into_iter()
+                        .filter(|r| r.t_ns >= t_round)
+                        .collect();
+                    let stale: Vec<&Rec> = recs.iter().filter(|r| r.node != stamp_node).collect();
+                    tally.late_writes += stale.len();
+                    if let Some(r) = stale.first() {
+                        let l = log.iter().find(|l| l.seq == r.seq);
+                        panic!(
+                            "round {round} ({}): LATE WRITE: {} block(s) of the takeover through gateway {fencer} \
+                             overwritten by victim node{victim} (gateway {victim}), read through gateway {gw}; \
+                             seq {} at lba {} issued {:.3} ms after the preempt, its outcome {:?}; \
+                             fence returned {:.3} ms after the preempt{}",
+                            mode.name(),
+                            stale.len(),
+                            r.seq,
+                            r.lba,
+                            rel(r.t_ns),
+                            l.map(|l| format!(
+                                "{} at {:.3} ms {}",
+                                if l.acked { "ack" } else { "refused" },
+                                rel(l.t_done),
+                                l.error
+                            )),
+                            rel(t_fenced),
+                            t_thawed
+                                .map(|t| format!(", gateway thawed {:.3} ms after it", rel(t)))
+                                .unwrap_or_default()
+                        );
+                    }
+                    assert_eq!(
+                        recs.len() as u64,
+                        REGION,
+                        "round {round}: takeover write incomplete through gateway {gw}"
+                    );
+                }
+                // Acknowledgements the victim's process read after fencing
+                // returned: writes the target completed before it applied
+                // the preempt, whose response was read later (cross-process
+                // clock order). What is deterministic: none was issued
+                // after the preempt completed, none landed after the
+                // takeover (above).
+                let late: Vec<&LogLine> = log
+                    .iter()
+                    .filter(|l| l.acked && l.t_done > t_fenced)
+                    .collect();
+                tally.late_acks += late.len();
+                for l in &late {
+                    println!(
+                        "round {round} ({}): ack seen late: seq {} issued {:.3} ms, acknowledged {:.3} ms after the preempt completed; fence returned {:.3} ms after it",
+                        mode.name(),
+                        l.seq,
+                        rel(l.t_issue),
+                        rel(l.t_done),
+                        rel(t_fenced)
+                    );
+                }
+                let acked_after_preempt = log
+                    .iter()
+                    .filter(|l| l.acked && l.t_issue > t_preempted)
+                    .count();
+                tally.issued_after_preempt_acked += acked_after_preempt;
+                assert_eq!(
+                    acked_after_preempt,
+                    0,
+                    "round {round} ({}): a write of the victim issued after the preempt completed was acknowledged",
+                    mode.name()
+                );
+                // The victim's tries after fencing returned: refused, the
+                // first answered one with RESERVATION CONFLICT, or with NOT
+                // READY (transition) when its gateway was the frozen one.
+                let after: Vec<&LogLine> = log.iter().filter(|l| l.t_issue > t_fenced).collect();
+                let first_answered = after
+                    .iter()
+                    .find(|l| l.conflict() || l.transition() || l.acked)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "round {round} ({}): the victim got no answer to any write after fencing: {:?}",
+                            mode.name(),
+                            after.iter().map(|l| &l.error).collect::<Vec<_>>()
+                        )
+                    });
+                let transitions = after.iter().filter(|l| l.transition()).count();
+                tally.transition_refusals += transitions;
+                assert!(
+                    first_answered.conflict()
+                        || (first_answered.transition() && frozen_gw == Some(victim)),
+                    "round {round} ({}): the victim's first answered write after fencing got {:?}",
+                    mode.name(),
+                    if first_answered.acked {
+                        "GOOD"
+                    } else {
+                        first_answered.error.as_str()
+                    }
+                );
+                let refused = log
+                    .iter()
+                    .find(|l| l.conflict() && l.t_done >= t_decide)
+                    .unwrap_or_else(|| {
+                        panic!(
+                            "round {round} ({}): no write of the victim refused with RESERVATION CONFLICT within 20 s",
+                            mode.name()
+                        )
+                    });
+                let refused_after = (refused.t_done.saturating_sub(t_decide)) as f64 / 1e6;
+                // A write in flight at the preempt that was aborted gets no
+                // status: the writer tries again after its command timeout.
+                let aborted = log.iter().any(|l| {
+                    !l.acked
+                        && l.t_done >= t_decide
+                        && l.t_done <= refused.t_done
+                        && l.error.starts_with("timed out")
+                });
+                refuse_ms.push(refused_after);
+                by_mode.entry(mode.name()).or_default().push(refused_after);
+                if aborted {
+                    refuse_aborted_ms.push(refused_after);
+                } else {
+                    refuse_direct_ms.push(refused_after);
+                }
+                fence_ms.push((t_fenced - t_decide) as f64 / 1e6);
+                preempt_ms.push((t_preempted.saturating_sub(t_decide)) as f64 / 1e6);
+                if let Some((_, t1)) = frozen {
+                    if t1 < t_preempted {
+                        preempt_after_thaw += 1;
+                    }
+                }
+                println!(
+                    "round {round} ({}): cut node{victim} on gateway {victim}, fenced by node{fencer} through gateway {fencer}; \
+                     preempt GOOD {:.1} ms, fence_keyfence returned {:.1} ms, first RESERVATION CONFLICT {:.1} ms after the decision{}; \
+                     {} writes acknowledged before{}",
+                    mode.name(),
+                    (t_preempted.saturating_sub(t_decide)) as f64 / 1e6,
+                    (t_fenced - t_decide) as f64 / 1e6,
+                    refused_after,
+                    if aborted { " (a write in flight was aborted)" } else { "" },
+                    log.iter().filter(|l| l.acked).count(),
+                    match frozen {
+                        Some((t0, t1)) => format!(
+                            "; gateway {} frozen from {:.1} to {:.1} ms after the preempt",
+                            frozen_gw.unwrap_or(0),
+                            rel(t0),
+                            rel(t1)
+                        ),
+                        None => String::new(),
+                    }
+                );
+                continue;
+            }
+            let recs: Vec<Rec> = scan(&rig.url(n), region(n))
+                .into_iter()
+                .filter(|r| r.t_ns >= t_round)
+                .collect();
+            assert!(
+                recs.iter().all(|r| r.node as usize == n),
+                "round {round}: records in the wrong region"
+            );
+            // Every acknowledged write is on the disk (or overwritten by a
+            // later write to the same block).
+            let mut newest: HashMap<u64, u64> = HashMap::new();
+            for l in log.iter().filter(|l| l.acked) {
+                let e = newest.entry(l.lba).or_default();
+                *e = (*e).max(l.seq);
+            }
+            for (lba, seq) in &newest {
+                let r = recs.iter().find(|r| r.lba == *lba);
+                assert!(
+                    r.is_some_and(|r| r.seq >= *seq),
+                    "round {round}: node {n}: acknowledged seq {seq} at lba {lba} lost"
+                );
+            }
+            assert!(
+                log.iter().any(|l| l.acked && l.t_issue > t_fenced),
+                "round {round} ({}): fencer node{n} could not write after fencing",
+                mode.name()
+            );
+        }
+    }
+    let mut modes_run: Vec<String> = Mode::ALL
+        .iter()
+        .filter_map(|m| per_mode.get(m.name()).map(|c| format!("{} {c}", m.name())))
+        .collect();
+    modes_run.sort();
+    println!(
+        "split brain across gateways: {rounds} rounds ({}) in {:.0} s; victim writes landing after the takeover: {}; \
+         victim writes issued after the preempt and acknowledged: {}; acknowledgements the victim read after fencing \
+         returned (issued before the preempt): {}; NOT READY refusals while the victim's gateway rejoined: {}",
+        modes_run.join(", "),
+        t_start.elapsed().as_secs_f64(),
+        tally.late_writes,
+        tally.issued_after_preempt_acked,
+        tally.late_acks,
+        tally.transition_refusals
+    );
+    println!(
+        "split brain across gateways: fence decision -> victim's first RESERVATION CONFLICT: {}",
+        percentiles(&mut refuse_ms)
+    );
+    println!(
+        "split brain across gateways: of which no write in flight was aborted: {}; a write in flight was aborted \
+         (no status, the writer's 1 s command timeout first): {}",
+        percentiles(&mut refuse_direct_ms),
+        percentiles(&mut refuse_aborted_ms)
+    );
+    println!(
+        "split brain across gateways: fence decision -> PREEMPT AND ABORT GOOD: {}; -> fence_keyfence returned: {}",
+        percentiles(&mut preempt_ms),
+        percentiles(&mut fence_ms)
+    );
+    for m in Mode::ALL {
+        if let Some(v) = by_mode.get_mut(m.name()) {
+            println!(
+                "split brain across gateways: {}: fence decision -> victim's first RESERVATION CONFLICT: {}",
+                m.name(),
+                percentiles(v)
+            );
+        }
+    }
+    println!(
+        "split brain across gateways: PREEMPT AND ABORT returned GOOD after the frozen gateway was thawed \
+         (it waited for that gateway) in {preempt_after_thaw} rounds"
+    );
+}
