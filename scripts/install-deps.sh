@@ -26,6 +26,9 @@ command -v zsh >/dev/null || need+=(zsh)
 command -v fish >/dev/null || need+=(fish)
 command -v dpkg-deb >/dev/null || need+=(dpkg)
 command -v dpkg-shlibdeps >/dev/null || need+=(dpkg-dev)
+# Block-device LUN tests (run as root): loop devices and a file system to mount.
+command -v losetup >/dev/null || need+=(mount)
+command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 if [ ${#need[@]} -gt 0 ]; then
     echo "installing: ${need[*]}"
     SUDO=""

@@ -19,6 +19,13 @@ echo "== cargo test --workspace --profile $profile"
 cargo build --profile "$profile" --bin keyfence
 cargo test --workspace --profile "$profile"
 
+echo "== block-device LUNs on loop devices (crates/keyfence/tests/block_device.rs)"
+if [ "$(id -u)" -eq 0 ] && losetup --find >/dev/null 2>&1; then
+    cargo test --profile "$profile" -p keyfence --test block_device -- --ignored
+else
+    echo "block-device tests NOT run: they need root and a free loop device (losetup --find)"
+fi
+
 echo "== Debian package (cargo deb from the binary just built; dpkg -c checked)"
 scripts/package-test.sh "$profile"
 

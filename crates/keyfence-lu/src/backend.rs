@@ -37,6 +37,11 @@ pub enum BackendError {
     /// Another process (or another open of this process) already serves it.
     #[error("{path}: in use by {}", holder_text(*.holder))]
     Locked { path: PathBuf, holder: Option<u32> },
+    /// The kernel refused the exclusive open of a block device: it is
+    /// mounted, part of a device-mapper or RAID device, or opened
+    /// exclusively by another program.
+    #[error("{path}: block device busy (mounted, in use by device-mapper or RAID, or opened exclusively by another program)")]
+    DeviceBusy { path: PathBuf },
     #[error("{path}: size {size} is not a multiple of the block size {block_size}")]
     Unaligned {
         path: PathBuf,
@@ -333,9 +338,8 @@ impl FileBackend {
             }
             o.open(path).map_err(|e| {
                 if is_dev && e.raw_os_error() == Some(libc::EBUSY) {
-                    BackendError::Locked {
+                    BackendError::DeviceBusy {
                         path: path.to_owned(),
-                        holder: None,
                     }
                 } else {
                     no_direct(e)

@@ -1,0 +1,182 @@
+//! A LUN on a real block device (a loop device over a file): writes reach
+//! the device and are durable after a flush, the device is opened
+//! `O_EXCL` so a second writer, a mounted file system or a second
+//! `keyfence serve` is refused with a precise error, and it is free again
+//! once the first holder closes it.
+//!
+//! Attaching loop devices needs root, so these tests are ignored by a
+//! plain `cargo test`; `scripts/test.sh` runs them with `--ignored` when
+//! it runs as root and `losetup` can attach a device, and says so when it
+//! cannot. Run them by hand with
+//! `cargo test -p keyfence --test block_device -- --ignored`.
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use keyfence_lu::backend::{BackendError, BlockBackend, FileBackend};
+use keyfence_testkit::{code, run_bounded, text};
+
+const KF: &str = env!("CARGO_BIN_EXE_keyfence");
+const SIZE: u64 = 16 << 20;
+const WAIT: Duration = Duration::from_secs(30);
+
+/// A loop device over a file, detached on drop.
+struct Loop {
+    dev: PathBuf,
+    image: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Loop {
+    fn attach() -> Loop {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        let f = std::fs::File::create(&image).unwrap();
+        f.set_len(SIZE).unwrap();
+        f.write_all_at(b"before", 1 << 20).unwrap();
+        f.sync_all().unwrap();
+        let o = run_bounded(
+            Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image),
+            None,
+            WAIT,
+        );
+        assert_eq!(
+            code(&o),
+            0,
+            "losetup --find --show failed (these tests need root and loop devices): {}",
+            text(&o.stderr)
+        );
+        let dev = PathBuf::from(text(&o.stdout).trim());
+        Loop {
+            dev,
+            image,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = run_bounded(Command::new("losetup").arg("-d").arg(&self.dev), None, WAIT);
+    }
+}
+
+fn assert_busy(r: Result<FileBackend, BackendError>, what: &str) {
+    match r {
+        Err(BackendError::DeviceBusy { .. }) => {}
+        other => panic!("{what}: want DeviceBusy, got {other:?}"),
+    }
+}
+
+#[test]
+#[ignore = "needs root and a loop device; scripts/test.sh runs it where it can"]
+fn block_device_lun_is_exclusive_and_durable() {
+    let lp = Loop::attach();
+    let b = FileBackend::open(&lp.dev, None, false).expect("open the loop device");
+    assert_eq!(b.len(), SIZE, "a device keeps its own size");
+
+    let mut got = [0u8; 6];
+    b.read_at(&mut got, 1 << 20).unwrap();
+    assert_eq!(&got, b"before");
+
+    // A second writer, and a reader alongside the writer, are refused.
+    assert_busy(
+        FileBackend::open(&lp.dev, None, false),
+        "second writable open",
+    );
+    match FileBackend::open(&lp.dev, None, true) {
+        Err(BackendError::Locked { .. }) => {}
+        other => panic!("read-only open beside a writer: want Locked, got {other:?}"),
+    }
+
+    // A write is on the file under the loop device once flushed.
+    let block = vec![0x5au8; 4096];
+    b.write_at(&block, 2 << 20).unwrap();
+    b.flush().unwrap();
+    drop(b);
+    let f = std::fs::File::open(&lp.image).unwrap();
+    let mut back = vec![0u8; 4096];
+    f.read_exact_at(&mut back, 2 << 20).unwrap();
+    assert_eq!(
+        back, block,
+        "the flushed write is not on the device's backing file"
+    );
+
+    // Closed, the device can be opened again.
+    let again = FileBackend::open(&lp.dev, None, false).expect("reopen after close");
+    drop(again);
+}
+
+fn mount(dev: &Path, at: &Path) {
+    for cmd in [
+        Command::new("mkfs.ext4").args(["-q", "-F"]).arg(dev),
+        Command::new("mount").arg(dev).arg(at),
+    ] {
+        let o = run_bounded(cmd, None, WAIT);
+        assert_eq!(code(&o), 0, "{cmd:?}: {}", text(&o.stderr));
+    }
+}
+
+#[test]
+#[ignore = "needs root and a loop device; scripts/test.sh runs it where it can"]
+fn mounted_block_device_is_refused() {
+    let lp = Loop::attach();
+    let at = tempfile::tempdir().unwrap();
+    mount(&lp.dev, at.path());
+    let r = FileBackend::open(&lp.dev, None, false);
+    let o = run_bounded(Command::new("umount").arg(at.path()), None, WAIT);
+    assert_eq!(code(&o), 0, "umount: {}", text(&o.stderr));
+    assert_busy(r, "writable open of a mounted device");
+    // Unmounted, it can be served.
+    FileBackend::open(&lp.dev, None, false).expect("open after umount");
+}
+
+#[test]
+#[ignore = "needs root and a loop device; scripts/test.sh runs it where it can"]
+fn second_serve_of_a_device_fails_with_one_line() {
+    let lp = Loop::attach();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("keyfence.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[target]]\nname = \"iqn.2026-11.io.keyfence:blockdev\"\nportals = [\"127.0.0.1:0\"]\nopen = true\n\n\
+             [[target.lun]]\nid = 0\ndevice = \"{}\"\n",
+            lp.dev.display()
+        ),
+    )
+    .unwrap();
+    let first = keyfence_testkit::Serve::builder(KF)
+        .config(&cfg)
+        .log_level("error")
+        .start();
+    let o = run_bounded(
+        Command::new(KF)
+            .arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .arg("--data-dir")
+            .arg(dir.path().join("second"))
+            .env_remove("KEYFENCE_CONFIG"),
+        None,
+        WAIT,
+    );
+    let err = text(&o.stderr);
+    assert_ne!(
+        code(&o),
+        0,
+        "a second serve of {} started",
+        lp.dev.display()
+    );
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "want one line, got:\n{err}");
+    assert!(
+        lines[0].contains(&lp.dev.display().to_string()) && lines[0].contains("busy"),
+        "the error does not name the busy device: {err}"
+    );
+    drop(first);
+}
