@@ -3,7 +3,7 @@
 //! tools (which must be installed: the tests fail, saying how, without them).
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -14,10 +14,11 @@ use keyfence_iscsi::pdu::{
     Cdb, DataIn, DataOut, InitiatorPdu, LoginRequest, LoginResponse, R2t, Reject, ScsiCommand,
     ScsiResponse, Stage, TargetPdu, TaskAttr, TextRequest, TextResponse,
 };
-use keyfence_iscsi::{Lun, Pdu, PduCodec};
+use keyfence_iscsi::{Lun, Pdu};
 use keyfence_target::config::{ChapConfig, Config, Limits, Secret};
 use keyfence_target::server::ServerError;
-use keyfence_testkit::{InProcessServer, ServerOptions};
+use keyfence_testkit::raw::{read10, write10};
+use keyfence_testkit::{InProcessServer, LoginKeys, RawClient, ServerOptions};
 
 const IQN: &str = "iqn.2026-11.io.keyfence:test";
 const INITIATOR: &str = "iqn.2026-11.io.keyfence:test-initiator";
@@ -70,198 +71,30 @@ impl TestServer {
     }
 }
 
-/// A minimal blocking initiator speaking raw PDUs.
-struct Client {
-    s: TcpStream,
-    codec: PduCodec,
-    rbuf: BytesMut,
-    cmd_sn: u32,
-    exp_stat_sn: u32,
-    itt: u32,
-    pub tsih: u16,
+/// The raw-PDU initiator of the test kit, logged in the way these tests
+/// expect: MaxBurstLength 256 KiB, FirstBurstLength 64 KiB.
+type Client = RawClient;
+
+fn connect(addr: SocketAddr) -> Client {
+    RawClient::connect(addr, Duration::from_secs(10))
 }
 
-impl Client {
-    fn connect(addr: SocketAddr) -> Client {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Client {
-            s,
-            codec: PduCodec::new(),
-            rbuf: BytesMut::with_capacity(1 << 16),
-            cmd_sn: 1,
-            exp_stat_sn: 0,
-            itt: 1,
-            tsih: 0,
-        }
-    }
-
-    fn send(&mut self, pdu: &Pdu) {
-        let mut out = BytesMut::new();
-        self.codec.encode(pdu, &mut out).unwrap();
-        self.s.write_all(&out).unwrap();
-    }
-
-    /// Next PDU, or None at end of stream / timeout.
-    fn recv(&mut self) -> Option<Pdu> {
-        loop {
-            if let Some(p) = self.codec.decode(&mut self.rbuf).unwrap() {
-                return Some(p);
-            }
-            let mut tmp = [0u8; 65536];
-            match self.s.read(&mut tmp) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
-            }
-        }
-    }
-
-    fn recv_target(&mut self) -> TargetPdu {
-        let p = self.recv().expect("a PDU from the target");
-        TargetPdu::parse(&p).unwrap()
-    }
-
-    /// Log in (operational stage straight to full feature phase).
-    fn login(&mut self, isid: u64, target: Option<&str>) -> LoginResponse {
-        self.login_with(isid, target, false)
-    }
-
-    /// Log in, optionally asking for CRC32C header and data digests.
-    fn login_with(&mut self, isid: u64, target: Option<&str>, digests: bool) -> LoginResponse {
-        let mut t = TextBuilder::new();
-        t.push("InitiatorName", INITIATOR);
-        match target {
-            Some(name) => {
-                t.push("SessionType", "Normal");
-                t.push("TargetName", name);
-            }
-            None => {
-                t.push("SessionType", "Discovery");
-            }
-        }
-        let digest = if digests { "CRC32C" } else { "None" };
-        t.push("HeaderDigest", digest);
-        t.push("DataDigest", digest);
-        t.push("MaxRecvDataSegmentLength", "262144");
-        if target.is_some() {
-            t.push("ImmediateData", "Yes");
-            t.push("InitialR2T", "Yes");
-            t.push("MaxBurstLength", "262144");
-            t.push("FirstBurstLength", "65536");
-            t.push("ErrorRecoveryLevel", "0");
-        }
-        let mut data = t.finish();
-        loop {
-            let req = LoginRequest {
-                transit: true,
-                cont: false,
-                csg: Stage::Operational,
-                nsg: Stage::FullFeature,
-                version_max: 0,
-                version_min: 0,
-                isid,
-                tsih: self.tsih,
-                itt: self.itt,
-                cid: 1,
-                cmd_sn: self.cmd_sn,
-                exp_stat_sn: self.exp_stat_sn,
-                data,
-            };
-            self.send(&req.to_pdu());
-            let TargetPdu::LoginResponse(r) = self.recv_target() else {
-                panic!("expected a login response");
-            };
-            self.exp_stat_sn = r.stat_sn.wrapping_add(1);
-            if r.status_class != 0 || (r.transit && r.nsg == Stage::FullFeature) {
-                self.tsih = r.tsih;
-                self.itt += 1;
-                // Full feature phase: the target accepts what we declared.
-                self.codec.set_max_send_data_segment_length(262_144);
-                self.codec.set_max_recv_data_segment_length(262_144);
-                if digests && r.status_class == 0 {
-                    self.codec.set_header_digest(true);
-                    self.codec.set_data_digest(true);
-                }
-                return r;
-            }
-            data = Bytes::new();
-        }
-    }
-
-    fn next_itt(&mut self) -> u32 {
-        self.itt += 1;
-        self.itt
-    }
-
-    fn command(&mut self, cdb: &[u8], read: bool, write: bool, edtl: u32, data: Bytes) -> u32 {
-        let itt = self.next_itt();
-        let cmd = ScsiCommand {
-            immediate: false,
-            final_bit: true,
-            read,
-            write,
-            attr: TaskAttr::Simple,
-            lun: Lun::from_number(0).unwrap(),
-            itt,
-            expected_data_transfer_length: edtl,
-            cmd_sn: self.cmd_sn,
-            exp_stat_sn: self.exp_stat_sn,
-            cdb: Cdb::new(cdb).unwrap(),
-            bidi_read_length: None,
-            data,
-        };
-        self.cmd_sn = self.cmd_sn.wrapping_add(1);
-        self.send(&cmd.to_pdu());
-        itt
-    }
-
-    /// TEST UNIT READY until the unit attentions of a new nexus are
-    /// consumed.
-    fn clear_ua(&mut self) {
-        for _ in 0..8 {
-            self.command(&[0u8; 6], false, false, 0, Bytes::new());
-            if self.collect().1 == 0 {
-                return;
-            }
-        }
-        panic!("TEST UNIT READY keeps failing");
-    }
-
-    /// Read Data-In until status; returns (data, status, residual).
-    fn collect(&mut self) -> (Vec<u8>, u8, keyfence_iscsi::pdu::Residual) {
-        let mut data = Vec::new();
-        loop {
-            match self.recv_target() {
-                TargetPdu::DataIn(d) => {
-                    assert_eq!(d.buffer_offset as usize, data.len());
-                    data.extend_from_slice(&d.data);
-                    if let Some(st) = d.status {
-                        self.exp_stat_sn = d.stat_sn.wrapping_add(1);
-                        return (data, st, d.residual);
-                    }
-                }
-                TargetPdu::ScsiResponse(r) => {
-                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
-                    return (data, r.status, r.residual);
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
+/// Log in (operational stage straight to full feature phase); a discovery
+/// session when `target` is `None`.
+fn login(c: &mut Client, isid: u64, target: Option<&str>) -> LoginResponse {
+    login_with(c, isid, target, false)
 }
 
-fn read10(lba: u32, blocks: u16) -> [u8; 10] {
-    let mut c = [0u8; 10];
-    c[0] = 0x28;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
-}
-
-fn write10(lba: u32, blocks: u16) -> [u8; 10] {
-    let mut c = read10(lba, blocks);
-    c[0] = 0x2a;
-    c
+/// Log in, optionally asking for CRC32C header and data digests.
+fn login_with(c: &mut Client, isid: u64, target: Option<&str>, digests: bool) -> LoginResponse {
+    c.login(&LoginKeys {
+        initiator: INITIATOR,
+        target,
+        isid,
+        digests,
+        max_burst: 262_144,
+        first_burst: 65_536,
+    })
 }
 
 fn quick_limits() -> Limits {
@@ -275,8 +108,8 @@ fn quick_limits() -> Limits {
 #[test]
 fn login_read_write_and_residuals() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    let r = c.login(0x23d0_0000_0001, Some(IQN));
+    let mut c = connect(srv.portals[0]);
+    let r = login(&mut c, 0x23d0_0000_0001, Some(IQN));
     assert_eq!(r.status_class, 0, "login accepted");
     assert_ne!(r.tsih, 0);
     c.clear_ua();
@@ -320,8 +153,8 @@ fn login_read_write_and_residuals() {
 #[test]
 fn write_with_r2t() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_0002, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0002, Some(IQN)).status_class, 0);
     c.clear_ua();
     // 128 KiB: 64 KiB immediate data (FirstBurstLength), the rest by R2T.
     let blocks = 256u16;
@@ -407,8 +240,8 @@ fn next_status_itt(c: &mut Client) -> u32 {
 #[test]
 fn ordered_task_waits_for_older_tasks() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_0009, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0009, Some(IQN)).status_class, 0);
     c.clear_ua();
     // SYNCHRONIZE CACHE runs on the blocking pool; a READ with ORDERED
     // attribute sent right behind it must not complete before it.
@@ -419,9 +252,9 @@ fn ordered_task_waits_for_older_tasks() {
         // One TCP write: the target decodes both before executing either,
         // so a SIMPLE READ would finish while the flush is still running.
         let mut out = BytesMut::new();
-        c.codec.encode(&p1, &mut out).unwrap();
-        c.codec.encode(&p2, &mut out).unwrap();
-        c.s.write_all(&out).unwrap();
+        c.encode(&p1, &mut out);
+        c.encode(&p2, &mut out);
+        c.stream.write_all(&out).unwrap();
         assert_eq!(
             next_status_itt(&mut c),
             s,
@@ -434,8 +267,8 @@ fn ordered_task_waits_for_older_tasks() {
 #[test]
 fn crc32c_digests_on_every_pdu() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    let r = c.login_with(0x23d0_0000_000a, Some(IQN), true);
+    let mut c = connect(srv.portals[0]);
+    let r = login_with(&mut c, 0x23d0_0000_000a, Some(IQN), true);
     assert_eq!(r.status_class, 0);
     c.clear_ua();
     // 8 KiB goes out as its own iovec, 512 bytes is copied: both must
@@ -461,9 +294,9 @@ fn crc32c_digests_on_every_pdu() {
 #[test]
 fn data_digest_error_gets_reject_and_the_session_goes_on() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
+    let mut c = connect(srv.portals[0]);
     assert_eq!(
-        c.login_with(0x23d0_0000_000f, Some(IQN), true).status_class,
+        login_with(&mut c, 0x23d0_0000_000f, Some(IQN), true).status_class,
         0
     );
     c.clear_ua();
@@ -475,10 +308,10 @@ fn data_digest_error_gets_reject_and_the_session_goes_on() {
     bhs[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
     let pdu = Pdu::new(bhs, Bytes::new(), Bytes::from_static(b"pingdata"));
     let mut out = BytesMut::new();
-    c.codec.encode(&pdu, &mut out).unwrap();
+    c.encode(&pdu, &mut out);
     let last = out.len() - 1;
     out[last] ^= 0xff;
-    c.s.write_all(&out).unwrap();
+    c.stream.write_all(&out).unwrap();
     let TargetPdu::Reject(r) = c.recv_target() else {
         panic!("expected Reject")
     };
@@ -504,11 +337,11 @@ fn prout(c: &mut Client, sa: u8, prtype: u8, key: u64, sa_key: u64) -> u8 {
 #[test]
 fn preempt_and_abort_aborts_the_preempted_nexus_tasks() {
     let srv = TestServer::start(1, Limits::default());
-    let mut a = Client::connect(srv.portals[0]);
-    assert_eq!(a.login(0x23d0_0000_0010, Some(IQN)).status_class, 0);
+    let mut a = connect(srv.portals[0]);
+    assert_eq!(login(&mut a, 0x23d0_0000_0010, Some(IQN)).status_class, 0);
     a.clear_ua();
-    let mut b = Client::connect(srv.portals[0]);
-    assert_eq!(b.login(0x23d0_0000_0011, Some(IQN)).status_class, 0);
+    let mut b = connect(srv.portals[0]);
+    assert_eq!(login(&mut b, 0x23d0_0000_0011, Some(IQN)).status_class, 0);
     b.clear_ua();
     assert_eq!(prout(&mut a, 0x00, 0, 0, 0xaa), 0, "A registers");
     assert_eq!(prout(&mut b, 0x00, 0, 0, 0xbb), 0, "B registers");
@@ -606,15 +439,15 @@ block_size = 4096
         8 << 20
     );
     let shared: SocketAddr = format!("127.0.0.1:{q}").parse().unwrap();
-    let mut a = Client::connect(shared);
-    let r = a.login(0x23d0_0000_0012, Some("iqn.2026-11.io.keyfence:a"));
+    let mut a = connect(shared);
+    let r = login(&mut a, 0x23d0_0000_0012, Some("iqn.2026-11.io.keyfence:a"));
     assert_eq!((r.status_class, login_tpgt(&r)), (0, Some(2)));
-    let mut b = Client::connect(shared);
-    let r = b.login(0x23d0_0000_0012, Some("iqn.2026-11.io.keyfence:b"));
+    let mut b = connect(shared);
+    let r = login(&mut b, 0x23d0_0000_0012, Some("iqn.2026-11.io.keyfence:b"));
     assert_eq!((r.status_class, login_tpgt(&r)), (0, Some(1)));
     // B is not served on A's first portal.
-    let mut c = Client::connect(format!("127.0.0.1:{p}").parse().unwrap());
-    let r = c.login(0x23d0_0000_0013, Some("iqn.2026-11.io.keyfence:b"));
+    let mut c = connect(format!("127.0.0.1:{p}").parse().unwrap());
+    let r = login(&mut c, 0x23d0_0000_0013, Some("iqn.2026-11.io.keyfence:b"));
     assert_eq!(
         (r.status_class, r.status_detail),
         (2, 2),
@@ -632,18 +465,18 @@ fn session_limit_refuses_logins_beyond_it() {
             ..Limits::default()
         },
     );
-    let mut a = Client::connect(srv.portals[0]);
-    assert_eq!(a.login(0x23d0_0000_000b, Some(IQN)).status_class, 0);
-    let mut b = Client::connect(srv.portals[0]);
-    let r = b.login(0x23d0_0000_000c, Some(IQN));
+    let mut a = connect(srv.portals[0]);
+    assert_eq!(login(&mut a, 0x23d0_0000_000b, Some(IQN)).status_class, 0);
+    let mut b = connect(srv.portals[0]);
+    let r = login(&mut b, 0x23d0_0000_000c, Some(IQN));
     assert_eq!(
         (r.status_class, r.status_detail),
         (3, 2),
         "out of resources"
     );
     // Reinstating the existing session is still allowed at the limit.
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_000b, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_000b, Some(IQN)).status_class, 0);
     assert!(a.recv().is_none());
 }
 
@@ -656,12 +489,12 @@ fn connection_limit_closes_extra_connections() {
             ..Limits::default()
         },
     );
-    let mut a = Client::connect(srv.portals[0]);
-    assert_eq!(a.login(0x23d0_0000_000d, Some(IQN)).status_class, 0);
+    let mut a = connect(srv.portals[0]);
+    assert_eq!(login(&mut a, 0x23d0_0000_000d, Some(IQN)).status_class, 0);
     // max_connections counts logged-in connections: a second one may
     // log in (it holds a login slot meanwhile) but is refused a place.
-    let mut b = Client::connect(srv.portals[0]);
-    let r = b.login(0x23d0_0000_00dd, Some(IQN));
+    let mut b = connect(srv.portals[0]);
+    let r = login(&mut b, 0x23d0_0000_00dd, Some(IQN));
     assert_eq!(
         (r.status_class, r.status_detail),
         (3, 2),
@@ -675,8 +508,8 @@ fn connection_limit_closes_extra_connections() {
 #[test]
 fn oversized_data_segment_is_rejected_and_the_connection_dropped() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_000e, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_000e, Some(IQN)).status_class, 0);
     // A NOP-Out announcing 1 MiB of ping data: more than the 256 KiB we
     // declared as MaxRecvDataSegmentLength.
     let mut bhs = [0u8; 48];
@@ -685,7 +518,7 @@ fn oversized_data_segment_is_rejected_and_the_connection_dropped() {
     bhs[5..8].copy_from_slice(&[0x10, 0x00, 0x00]);
     bhs[16..20].copy_from_slice(&7u32.to_be_bytes());
     bhs[20..24].copy_from_slice(&0xffff_ffffu32.to_be_bytes());
-    c.s.write_all(&bhs).unwrap();
+    c.stream.write_all(&bhs).unwrap();
     let TargetPdu::Reject(r) = c.recv_target() else {
         panic!("expected Reject")
     };
@@ -696,8 +529,8 @@ fn oversized_data_segment_is_rejected_and_the_connection_dropped() {
 #[test]
 fn malformed_pdu_gets_reject() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_0003, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0003, Some(IQN)).status_class, 0);
     c.clear_ua();
     // SNACK at ERL 0: Reject (protocol error) carrying our header.
     let mut bhs = [0u8; 48];
@@ -727,8 +560,8 @@ fn malformed_pdu_gets_reject() {
 #[test]
 fn unknown_lun_and_report_luns() {
     let srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_0004, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0004, Some(IQN)).status_class, 0);
     // TEST UNIT READY to LUN 5: CHECK CONDITION, LOGICAL UNIT NOT SUPPORTED.
     let itt = c.next_itt();
     let cmd = ScsiCommand {
@@ -759,8 +592,8 @@ fn unknown_lun_and_report_luns() {
 #[test]
 fn discovery_lists_every_portal_with_tpgt() {
     let srv = TestServer::start(2, Limits::default());
-    let mut c = Client::connect(srv.portals[1]);
-    assert_eq!(c.login(0x23d0_0000_0005, None).status_class, 0);
+    let mut c = connect(srv.portals[1]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0005, None).status_class, 0);
     let itt = c.next_itt();
     let req = TextRequest {
         immediate: true,
@@ -813,10 +646,10 @@ fn discovery_lists_every_portal_with_tpgt() {
 #[test]
 fn reinstatement_replaces_the_old_session() {
     let srv = TestServer::start(1, Limits::default());
-    let mut a = Client::connect(srv.portals[0]);
-    assert_eq!(a.login(0x23d0_0000_0006, Some(IQN)).status_class, 0);
-    let mut b = Client::connect(srv.portals[0]);
-    let r = b.login(0x23d0_0000_0006, Some(IQN));
+    let mut a = connect(srv.portals[0]);
+    assert_eq!(login(&mut a, 0x23d0_0000_0006, Some(IQN)).status_class, 0);
+    let mut b = connect(srv.portals[0]);
+    let r = login(&mut b, 0x23d0_0000_0006, Some(IQN));
     assert_eq!(r.status_class, 0);
     assert_ne!(r.tsih, a.tsih, "a new session");
     // The old connection is closed by the target.
@@ -830,8 +663,8 @@ fn reinstatement_replaces_the_old_session() {
 #[test]
 fn idle_connection_is_pinged_and_dropped_when_silent() {
     let srv = TestServer::start(1, quick_limits());
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_0007, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0007, Some(IQN)).status_class, 0);
     let TargetPdu::NopIn(n) = c.recv_target() else {
         panic!("expected a NOP-In ping")
     };
@@ -844,8 +677,8 @@ fn idle_connection_is_pinged_and_dropped_when_silent() {
 #[test]
 fn shutdown_flushes_written_data() {
     let mut srv = TestServer::start(1, Limits::default());
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(c.login(0x23d0_0000_0008, Some(IQN)).status_class, 0);
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0008, Some(IQN)).status_class, 0);
     c.clear_ua();
     let data = vec![0x5au8; 4096];
     c.command(
@@ -1098,7 +931,7 @@ fn chap_target_offers_only_chap_and_refuses_bad_responses() {
     ];
 
     // None and CHAP offered: the target picks CHAP and does not move on.
-    let mut c = Client::connect(srv.portals[0]);
+    let mut c = connect(srv.portals[0]);
     let mut first = leading.to_vec();
     first.push(("AuthMethod", "None,CHAP"));
     let r = login_step(&mut c, 0x0001, Stage::Security, true, &first);
@@ -1134,19 +967,19 @@ fn chap_target_offers_only_chap_and_refuses_bad_responses() {
     assert!(c.recv().is_none(), "connection closed after the failure");
 
     // AuthMethod=None only.
-    let mut c = Client::connect(srv.portals[0]);
+    let mut c = connect(srv.portals[0]);
     let mut first = leading.to_vec();
     first.push(("AuthMethod", "None"));
     let r = login_step(&mut c, 0x0002, Stage::Security, true, &first);
     assert_eq!(status(&r), (0x02, 0x01));
 
     // Leaving out the security stage altogether.
-    let mut c = Client::connect(srv.portals[0]);
-    let r = c.login(0x0003, Some(IQN));
+    let mut c = connect(srv.portals[0]);
+    let r = login(&mut c, 0x0003, Some(IQN));
     assert_eq!(status(&r), (0x02, 0x01));
 
     // The right response logs in.
-    let mut c = Client::connect(srv.portals[0]);
+    let mut c = connect(srv.portals[0]);
     let mut first = leading.to_vec();
     first.push(("AuthMethod", "CHAP"));
     login_step(&mut c, 0x0004, Stage::Security, true, &first);
@@ -1195,14 +1028,14 @@ fn chap_for_discovery_sessions() {
         &cfg,
     )));
     // Raw: a discovery login that skips security.
-    let mut c = Client::connect(srv.portals[0]);
-    assert_eq!(status(&c.login(0x0005, None)), (0x02, 0x01));
+    let mut c = connect(srv.portals[0]);
+    assert_eq!(status(&login(&mut c, 0x0005, None)), (0x02, 0x01));
 
     // Without [discovery_chap], discovery stays open while the target
     // itself requires CHAP.
     let open = chap_server(false);
-    let mut c = Client::connect(open.portals[0]);
-    assert_eq!(status(&c.login(0x0006, None)), (0, 0));
+    let mut c = connect(open.portals[0]);
+    assert_eq!(status(&login(&mut c, 0x0006, None)), (0, 0));
 }
 
 #[test]
@@ -1248,7 +1081,7 @@ fn chap_with_libiscsi_tools() {
 #[test]
 fn chap_cannot_be_bypassed_by_splitting_the_first_request() {
     let srv = chap_server(false);
-    let mut c = Client::connect(srv.portals[0]);
+    let mut c = connect(srv.portals[0]);
     let mut head = TextBuilder::new();
     head.push("InitiatorName", INITIATOR);
     let mut tail = TextBuilder::new();

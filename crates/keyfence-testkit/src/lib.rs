@@ -16,6 +16,8 @@
 //!   one cargo built for the running test profile.
 //! * [`etcd`]: an N-member etcd cluster on loopback for the cluster tests,
 //!   members killed or frozen by PID for fault tests.
+//! * [`raw`]: a blocking initiator speaking raw PDUs, for hostile and
+//!   protocol-level tests.
 //! * `server` (feature `server`): `keyfence_target::server::Server` in the
 //!   test process, for tests that do not need a separate process.
 //!
@@ -24,6 +26,7 @@
 pub mod cmd;
 pub mod etcd;
 pub mod port;
+pub mod raw;
 pub mod serve;
 #[cfg(feature = "server")]
 pub mod server;
@@ -35,6 +38,7 @@ pub use cmd::{code, run, run_bounded, text};
 /// configuration types (`Limits`, `ChapConfig`, ...).
 #[cfg(feature = "server")]
 pub use keyfence_target as target;
+pub use raw::{LoginKeys, RawClient};
 pub use serve::{keyfence_bin, Serve, ServeBuilder};
 #[cfg(feature = "server")]
 pub use server::{InProcessServer, ServerOptions};

@@ -11,20 +11,18 @@
 //! build does not know; the figures are printed on stderr (`cargo test
 //! ... -- --nocapture`).
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use keyfence_iscsi::keys::TextBuilder;
-use keyfence_iscsi::pdu::{
-    DataOut, LoginRequest, NopOut, ScsiCommand, Stage, TargetPdu, TaskAttr, RESERVED_TAG,
-};
-use keyfence_iscsi::{Cdb, Lun, Pdu, PduCodec};
-use keyfence_testkit::Serve;
+use keyfence_iscsi::pdu::{DataOut, TargetPdu, RESERVED_TAG};
+use keyfence_iscsi::Lun;
+use keyfence_testkit::raw::{read16, write16, Next};
+use keyfence_testkit::{LoginKeys, RawClient, Serve};
 
 const INITIATOR: &str = "iqn.2026-11.io.keyfence:hostile";
 
@@ -35,168 +33,15 @@ fn binary() -> (PathBuf, bool) {
     }
 }
 
-/// A blocking initiator speaking raw PDUs.
-struct Raw {
-    s: TcpStream,
-    codec: PduCodec,
-    rbuf: BytesMut,
-    cmd_sn: u32,
-    max_cmd_sn: u32,
-    exp_stat_sn: u32,
-    itt: u32,
+/// The test kit's raw-PDU initiator, connected with a 10 s timeout.
+fn connect(addr: SocketAddr) -> RawClient {
+    RawClient::connect(addr, Duration::from_secs(10))
 }
 
-impl Raw {
-    fn connect(addr: SocketAddr) -> Raw {
-        let s = TcpStream::connect(addr).expect("connect");
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.set_nodelay(true).unwrap();
-        Raw {
-            s,
-            codec: PduCodec::new(),
-            rbuf: BytesMut::with_capacity(1 << 16),
-            cmd_sn: 1,
-            max_cmd_sn: 1,
-            exp_stat_sn: 0,
-            itt: 0,
-        }
-    }
-
-    fn encode(&self, pdu: &Pdu, out: &mut BytesMut) {
-        self.codec.encode(pdu, out).expect("encodable PDU");
-    }
-
-    fn send(&mut self, pdu: &Pdu) -> std::io::Result<()> {
-        let mut out = BytesMut::new();
-        self.encode(pdu, &mut out);
-        self.s.write_all(&out)
-    }
-
-    /// The next PDU, or None at end of stream or after the read timeout.
-    fn recv(&mut self) -> Option<TargetPdu> {
-        loop {
-            match self.codec.decode(&mut self.rbuf) {
-                Ok(Some(p)) => return TargetPdu::parse(&p).ok(),
-                Ok(None) => {}
-                Err(_) => return None,
-            }
-            let mut tmp = [0u8; 65536];
-            match self.s.read(&mut tmp) {
-                Ok(0) | Err(_) => return None,
-                Ok(n) => self.rbuf.extend_from_slice(&tmp[..n]),
-            }
-        }
-    }
-
-    /// Log in to `target` in one operational-stage step.
-    fn login(&mut self, target: &str, isid: u64) {
-        let mut t = TextBuilder::new();
-        t.push("InitiatorName", INITIATOR);
-        t.push("SessionType", "Normal");
-        t.push("TargetName", target);
-        t.push("HeaderDigest", "None");
-        t.push("DataDigest", "None");
-        t.push("MaxRecvDataSegmentLength", "262144");
-        t.push("ImmediateData", "Yes");
-        t.push("InitialR2T", "Yes");
-        t.push("MaxBurstLength", "1048576");
-        t.push("FirstBurstLength", "262144");
-        t.push("ErrorRecoveryLevel", "0");
-        let mut data = t.finish();
-        loop {
-            let req = LoginRequest {
-                transit: true,
-                cont: false,
-                csg: Stage::Operational,
-                nsg: Stage::FullFeature,
-                version_max: 0,
-                version_min: 0,
-                isid,
-                tsih: 0,
-                itt: self.itt,
-                cid: 1,
-                cmd_sn: self.cmd_sn,
-                exp_stat_sn: self.exp_stat_sn,
-                data,
-            };
-            self.send(&req.to_pdu()).expect("send login");
-            let Some(TargetPdu::LoginResponse(r)) = self.recv() else {
-                panic!("no login response");
-            };
-            assert_eq!(r.status_class, 0, "login refused");
-            self.exp_stat_sn = r.stat_sn.wrapping_add(1);
-            self.max_cmd_sn = r.max_cmd_sn;
-            if r.transit && r.nsg == Stage::FullFeature {
-                self.itt += 1;
-                self.codec.set_max_send_data_segment_length(262_144);
-                self.codec.set_max_recv_data_segment_length(262_144);
-                return;
-            }
-            data = Bytes::new();
-        }
-    }
-
-    fn command_pdu(&mut self, cdb: &[u8], read: bool, write: bool, edtl: u32) -> Pdu {
-        self.itt += 1;
-        let cmd = ScsiCommand {
-            immediate: false,
-            final_bit: true,
-            read,
-            write,
-            attr: TaskAttr::Simple,
-            lun: Lun::from_number(0).unwrap(),
-            itt: self.itt,
-            expected_data_transfer_length: edtl,
-            cmd_sn: self.cmd_sn,
-            exp_stat_sn: self.exp_stat_sn,
-            cdb: Cdb::new(cdb).unwrap(),
-            bidi_read_length: None,
-            data: Bytes::new(),
-        };
-        self.cmd_sn = self.cmd_sn.wrapping_add(1);
-        cmd.to_pdu()
-    }
-
-    /// Run a command without data and wait for its status.
-    fn status_of(&mut self, cdb: &[u8]) -> Option<u8> {
-        let pdu = self.command_pdu(cdb, false, false, 0);
-        let itt = self.itt;
-        self.send(&pdu).ok()?;
-        loop {
-            match self.recv()? {
-                TargetPdu::ScsiResponse(r) if r.itt == itt => {
-                    self.exp_stat_sn = r.stat_sn.wrapping_add(1);
-                    self.max_cmd_sn = r.max_cmd_sn;
-                    return Some(r.status);
-                }
-                TargetPdu::NopIn(n) if n.ttt != RESERVED_TAG => self.answer_ping(n.ttt),
-                _ => {}
-            }
-        }
-    }
-
-    fn answer_ping(&mut self, ttt: u32) {
-        let n = NopOut {
-            immediate: true,
-            lun: Lun::default(),
-            itt: RESERVED_TAG,
-            ttt,
-            cmd_sn: self.cmd_sn,
-            exp_stat_sn: self.exp_stat_sn,
-            data: Bytes::new(),
-        };
-        let _ = self.send(&n.to_pdu());
-    }
-
-    fn clear_ua(&mut self) {
-        for _ in 0..8 {
-            if self.status_of(&[0; 6]) == Some(0) {
-                return;
-            }
-        }
-        panic!("TEST UNIT READY keeps failing");
-    }
+/// Log in to `target` as this test's initiator; the login must succeed.
+fn login(c: &mut RawClient, target: &str, isid: u64) {
+    let r = c.login(&LoginKeys::normal(INITIATOR, target, isid));
+    assert_eq!(r.status_class, 0, "login refused");
 }
 
 /// VmRSS and VmHWM of `pid`, KiB.
@@ -234,8 +79,8 @@ struct Bystander {
 
 fn bystander(addr: SocketAddr, iqn: &str, isid: u64, for_how_long: Duration) -> Bystander {
     let start = Instant::now();
-    let mut c = Raw::connect(addr);
-    c.login(iqn, isid);
+    let mut c = connect(addr);
+    login(&mut c, iqn, isid);
     c.clear_ua();
     let login = start.elapsed();
     let latencies = tur_latencies(&mut c, for_how_long);
@@ -243,7 +88,7 @@ fn bystander(addr: SocketAddr, iqn: &str, isid: u64, for_how_long: Duration) -> 
 }
 
 /// TEST UNIT READY latencies over `for_how_long`.
-fn tur_latencies(c: &mut Raw, for_how_long: Duration) -> Vec<Duration> {
+fn tur_latencies(c: &mut RawClient, for_how_long: Duration) -> Vec<Duration> {
     let mut latencies = Vec::new();
     let end = Instant::now() + for_how_long;
     while Instant::now() < end {
@@ -259,20 +104,6 @@ fn p99(mut v: Vec<Duration>) -> Duration {
     assert!(!v.is_empty());
     v.sort();
     v[(v.len() * 99 / 100).min(v.len() - 1)]
-}
-
-fn read16(lba: u64, blocks: u32) -> [u8; 16] {
-    let mut c = [0u8; 16];
-    c[0] = 0x88;
-    c[2..10].copy_from_slice(&lba.to_be_bytes());
-    c[10..14].copy_from_slice(&blocks.to_be_bytes());
-    c
-}
-
-fn write16(lba: u64, blocks: u32) -> [u8; 16] {
-    let mut c = read16(lba, blocks);
-    c[0] = 0x8a;
-    c
 }
 
 #[test]
@@ -291,8 +122,8 @@ fn read_burst_without_reading_is_bounded_and_stalls_nobody() {
     let measure = {
         let iqn = iqn.clone();
         std::thread::spawn(move || {
-            let mut c = Raw::connect(addr);
-            c.login(&iqn, 0x4000_0000_0002);
+            let mut c = connect(addr);
+            login(&mut c, &iqn, 0x4000_0000_0002);
             c.clear_ua();
             let _ = ready_tx.send(());
             tur_latencies(&mut c, Duration::from_secs(6))
@@ -303,23 +134,23 @@ fn read_burst_without_reading_is_bounded_and_stalls_nobody() {
         .expect("bystander logged in");
     // The attacker: a full window of 16 MiB READ(16)s in one send, never
     // read back.
-    let mut a = Raw::connect(addr);
-    a.login(&iqn, 0x4000_0000_0001);
+    let mut a = connect(addr);
+    login(&mut a, &iqn, 0x4000_0000_0001);
     a.clear_ua();
     let window = a.max_cmd_sn.wrapping_sub(a.cmd_sn).wrapping_add(1);
     let mut burst = BytesMut::new();
     for k in 0..window {
         let lba = u64::from(k % 16) * 32768;
-        let pdu = a.command_pdu(&read16(lba, 32768), true, false, 16 << 20);
+        let (_, pdu) = a.command_pdu(&read16(lba, 32768), true, false, 16 << 20, Bytes::new());
         a.encode(&pdu, &mut burst);
     }
     std::thread::sleep(Duration::from_millis(200));
-    a.s.write_all(&burst).expect("send the burst");
+    a.stream.write_all(&burst).expect("send the burst");
     // A legitimate client logs in during the attack.
     std::thread::sleep(Duration::from_millis(300));
     let t = Instant::now();
-    let mut l = Raw::connect(addr);
-    l.login(&iqn, 0x4000_0000_0003);
+    let mut l = connect(addr);
+    login(&mut l, &iqn, 0x4000_0000_0003);
     l.clear_ua();
     let login = t.elapsed();
     let latencies = measure.join().unwrap();
@@ -357,39 +188,36 @@ fn read_burst_without_reading_is_bounded_and_stalls_nobody() {
 /// for but the last 512, answering pings; returns whether the target
 /// closed the connection before `until`.
 fn stalled_writer(addr: SocketAddr, iqn: &str, isid: u64, writes: u32, until: Instant) -> bool {
-    let mut c = Raw::connect(addr);
-    c.s.set_read_timeout(Some(Duration::from_millis(200)))
+    let mut c = connect(addr);
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    c.login(iqn, isid);
+    login(&mut c, iqn, isid);
     let mut burst = BytesMut::new();
     let mut itts = Vec::new();
     for k in 0..writes {
-        let pdu = c.command_pdu(&write16(u64::from(k) * 32768, 32768), false, true, 16 << 20);
-        itts.push(c.itt);
+        let (itt, pdu) = c.command_pdu(
+            &write16(u64::from(k) * 32768, 32768),
+            false,
+            true,
+            16 << 20,
+            Bytes::new(),
+        );
+        itts.push(itt);
         c.encode(&pdu, &mut burst);
     }
-    if c.s.write_all(&burst).is_err() {
+    if c.stream.write_all(&burst).is_err() {
         return true;
     }
     let chunk = Bytes::from(vec![0xa5u8; 262_144]);
     while Instant::now() < until {
-        let p = match c.codec.decode(&mut c.rbuf) {
-            Ok(Some(p)) => TargetPdu::parse(&p).ok(),
-            Ok(None) => {
-                let mut tmp = [0u8; 65536];
-                match c.s.read(&mut tmp) {
-                    Ok(0) => return true,
-                    Ok(n) => c.rbuf.extend_from_slice(&tmp[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
-                    Err(_) => return true,
-                }
-                continue;
-            }
-            Err(_) => return true,
+        let p = match c.next_or_quiet() {
+            Next::Pdu(p) => p,
+            Next::Quiet => continue,
+            Next::Closed => return true,
         };
         match p {
-            Some(TargetPdu::R2t(r)) => {
+            TargetPdu::R2t(r) => {
                 let end = r.buffer_offset + r.desired_data_transfer_length;
                 // Stop 512 bytes short of the end of the command.
                 let stop_at = if end >= 16 << 20 { end - 512 } else { end };
@@ -412,11 +240,11 @@ fn stalled_writer(addr: SocketAddr, iqn: &str, isid: u64, writes: u32, until: In
                     off += n;
                     sn += 1;
                 }
-                if c.s.write_all(&out).is_err() {
+                if c.stream.write_all(&out).is_err() {
                     return true;
                 }
             }
-            Some(TargetPdu::NopIn(n)) if n.ttt != RESERVED_TAG => c.answer_ping(n.ttt),
+            TargetPdu::NopIn(n) if n.ttt != RESERVED_TAG => c.answer_ping(n.ttt),
             _ => {}
         }
     }
@@ -536,17 +364,17 @@ fn unread_read_data_counts_in_max_buffered_bytes() {
     let peak = watch_rss(pid, stop.clone());
     let mut attackers = Vec::new();
     for k in 0..SESSIONS {
-        let mut a = Raw::connect(addr);
-        a.login(iqn, 0x4000_0000_0300 + k);
+        let mut a = connect(addr);
+        login(&mut a, iqn, 0x4000_0000_0300 + k);
         a.clear_ua();
         let window = a.max_cmd_sn.wrapping_sub(a.cmd_sn).wrapping_add(1);
         let mut burst = BytesMut::new();
         for j in 0..window {
             let lba = (k * 64 + u64::from(j)) % 256 * 2048;
-            let pdu = a.command_pdu(&read16(lba, 2048), true, false, 1 << 20);
+            let (_, pdu) = a.command_pdu(&read16(lba, 2048), true, false, 1 << 20, Bytes::new());
             a.encode(&pdu, &mut burst);
         }
-        a.s.write_all(&burst).expect("send the burst");
+        a.stream.write_all(&burst).expect("send the burst");
         attackers.push(a);
     }
     // Let the reads run and their data pile up, then measure another
