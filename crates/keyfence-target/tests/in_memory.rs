@@ -8,6 +8,7 @@ use keyfence_iscsi::pdu::{DataOut, NopOut, ScsiCommand, TargetPdu, TaskAttr, RES
 use keyfence_iscsi::{Cdb, Lun, SessionParams};
 use keyfence_target::config::Limits;
 use keyfence_target::server::harness::{InMemoryTarget, SessionPair};
+use keyfence_testkit::raw::{read10, write10};
 
 const INITIATOR: &str = "iqn.2026-11.io.keyfence:mem-initiator";
 
@@ -92,20 +93,6 @@ impl Ini {
         }
         (st, data)
     }
-}
-
-fn write10(lba: u32, blocks: u16) -> [u8; 10] {
-    let mut c = [0u8; 10];
-    c[0] = 0x2a;
-    c[2..6].copy_from_slice(&lba.to_be_bytes());
-    c[7..9].copy_from_slice(&blocks.to_be_bytes());
-    c
-}
-
-fn read10(lba: u32, blocks: u16) -> [u8; 10] {
-    let mut c = write10(lba, blocks);
-    c[0] = 0x28;
-    c
 }
 
 #[test]
