@@ -5,12 +5,17 @@
 //! stdout:
 //!
 //! ```text
-//! rw=randwrite bs=4096 qd=32 iops=23456.7 mbps=96.08 lat_avg_us=1364 lat_p99_us=2950 ios=234567 seconds=10.00
+//! rw=randwrite bs=4096 qd=32 iops=23456.7 mbps=96.08 lat_avg_us=1364 lat_p50_us=1210 lat_p99_us=2950 ios=234567 seconds=10.00
 //! ```
 //!
 //! `mbps` is 10^6 bytes per second. Latency is measured per command from
 //! submission to status, including time spent waiting for the target's
 //! CmdSN window.
+//!
+//! `--rw register` measures PERSISTENT RESERVE OUT instead: each command is
+//! a REGISTER AND IGNORE EXISTING KEY with a new key, so every one changes
+//! the reservation state (and, on a clustered LU, commits to etcd and waits
+//! until every gateway applied it). The key is removed at the end.
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -28,6 +33,8 @@ enum Rw {
     Write,
     Randread,
     Randwrite,
+    /// PERSISTENT RESERVE OUT, REGISTER AND IGNORE EXISTING KEY.
+    Register,
 }
 
 impl Rw {
@@ -37,6 +44,7 @@ impl Rw {
             Rw::Write => "write",
             Rw::Randread => "randread",
             Rw::Randwrite => "randwrite",
+            Rw::Register => "register",
         }
     }
     fn is_write(self) -> bool {
@@ -323,6 +331,20 @@ async fn bench(args: Args) -> anyhow::Result<()> {
                     next_seq.fetch_add(1, Ordering::Relaxed) % slots
                 };
                 let lba = slot * bs / bsz;
+                if rw == Rw::Register {
+                    // A new key each time: every command changes the state.
+                    let key = 0x6b66_0000_0000_0000 | (slot.wrapping_add(1) & 0xffff_ffff);
+                    let t0 = Instant::now();
+                    if let Err(e) = dev.register_and_ignore(key, &Default::default()).await {
+                        counters.failed.store(true, Ordering::Relaxed);
+                        return Err(anyhow::anyhow!(
+                            "REGISTER AND IGNORE EXISTING KEY failed: {e}"
+                        ));
+                    }
+                    hist.record(t0.elapsed());
+                    counters.ios.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
                 let cmd = if rw.is_write() {
                     commands::write16(lba, payload.clone(), bsz as u32, fua)?
                 } else {
@@ -387,17 +409,24 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     let ios = counters.ios.load(Ordering::Relaxed);
     let bytes = counters.bytes.load(Ordering::Relaxed);
     println!(
-        "rw={} bs={} qd={} iops={:.1} mbps={:.2} lat_avg_us={} lat_p99_us={} ios={} seconds={:.2}",
+        "rw={} bs={} qd={} iops={:.1} mbps={:.2} lat_avg_us={} lat_p50_us={} lat_p99_us={} ios={} seconds={:.2}",
         args.rw.name(),
         args.bs,
         args.qd,
         ios as f64 / elapsed,
         bytes as f64 / elapsed / 1e6,
         hist.mean(),
+        hist.percentile(50.0),
         hist.percentile(99.0),
         ios,
         elapsed
     );
+    if args.rw == Rw::Register {
+        // Leave no registration behind (REGISTER AND IGNORE with key 0).
+        dev.register_and_ignore(0, &Default::default())
+            .await
+            .map_err(|e| anyhow::anyhow!("removing the benchmark's key: {e}"))?;
+    }
     if let Ok(dev) = Arc::try_unwrap(dev) {
         if let Err(e) = dev.close().await {
             tracing::debug!(error = %e, "logout after bench failed");
