@@ -11,18 +11,30 @@ table reports the median of each side and the ratio keyfence / tgt.
 the same alternating rounds, with its own columns, the ratio of the two
 keyfence builds and the ratio of the CPU time their processes spent per IO; --serve-arg passes arguments (e.g. --metrics 127.0.0.1:0) to
 `keyfence serve` of --binary only.
+
+--cluster compares cluster mode (a three-member etcd on loopback, two
+gateways over one file) with single-node mode instead, in one run: 4 KiB
+random reads through gateway A against a single-node target, with the
+backing file on disk and on tmpfs; PR OUT latency (`keyfence bench --rw
+register`, one command at a time); and the time from a fence decision to
+the victim's first write refused with RESERVATION CONFLICT, the victim
+writing through one gateway (portal) and the fencer running
+fence_keyfence through the other.
 """
 
 import argparse
 import os
+import random
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
-from targets import KeyfenceTarget, TgtTarget
+from targets import (KEYFENCE_IQN, ClusterTarget, KeyfenceTarget, TgtTarget, _stop, free_port,
+                     wait_banner)
 
 PERF_RE = re.compile(r"iops average (\d+) \((\d+) MB/s\)\s*$")
 
@@ -43,6 +55,7 @@ def iscsi_perf(url, qd, blocks, random, seconds):
 
 
 BENCH_RE = re.compile(r"iops=(\d+(?:\.\d+)?)\s.*?mbps=(\d+(?:\.\d+)?)")
+LAT_RE = re.compile(r"lat_p50_us=(\d+) lat_p99_us=(\d+)")
 
 
 def keyfence_bench(binary, url, rw, bs, qd, seconds):
@@ -54,6 +67,329 @@ def keyfence_bench(binary, url, rw, bs, qd, seconds):
     if not m:
         raise RuntimeError(f"could not parse keyfence bench output: {text[-400:]}")
     return float(m.group(1)), float(m.group(2))
+
+
+def pr_latency(binary, url, seconds):
+    """PR OUT REGISTER AND IGNORE EXISTING KEY, one at a time, a new key each:
+    (commands per second, p50 us, p99 us)."""
+    out = subprocess.run([binary, "bench", url, "--rw", "register", "--qd", "1",
+                          "--duration", str(seconds), "--initiator-name",
+                          "iqn.2026-11.io.keyfence:bench-pr"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, timeout=seconds + 60, check=True)
+    text = out.stdout.decode()
+    m, lat = BENCH_RE.search(text), LAT_RE.search(text)
+    if not (m and lat):
+        raise RuntimeError(f"could not parse keyfence bench output: {text[-400:]}")
+    return float(m.group(1)), int(lat.group(1)), int(lat.group(2))
+
+
+def fence_rounds(binary, victim_url, fencer_url, rounds, workdir):
+    """Fence a writing victim `rounds` times: the victim's `keyfence fence
+    writer` writes through `victim_url`, the fencer runs fence_keyfence -o off
+    through `fencer_url` at a random moment. Per round: ms from the decision
+    to PREEMPT AND ABORT's GOOD and to the victim's first write refused with
+    RESERVATION CONFLICT, and whether a write of the victim in flight at the
+    preempt was aborted (it gets no status: the writer's 1 s command timeout
+    runs out first). Fails if a write of the victim issued after the preempt
+    was acknowledged."""
+    os.makedirs(workdir, exist_ok=True)
+    agent = os.path.join(workdir, "fence_keyfence")
+    if not os.path.lexists(agent):
+        os.symlink(binary, agent)
+    names = {"victim": "iqn.2026-11.io.keyfence:bench-victim",
+             "fencer": "iqn.2026-11.io.keyfence:bench-fencer"}
+    keys = {"victim": "0x7b01", "fencer": "0x7b02"}
+    urls = {"victim": victim_url, "fencer": fencer_url}
+    results = []
+    for r in range(rounds):
+        d = os.path.join(workdir, f"r{r}")
+        os.makedirs(d)
+        for who in ("fencer", "victim"):
+            subprocess.run([binary, "fence", "agent", "-o", "on", "-k", keys[who], "-d", urls[who],
+                            "--initiator-name", names[who], "--store-path",
+                            os.path.join(d, f"store-{who}"), "--timeout", "5"],
+                           check=True, stdout=subprocess.DEVNULL, timeout=60)
+        hb, log, stop = (os.path.join(d, x) for x in ("hb", "log", "stop"))
+        writer = subprocess.Popen(
+            [binary, "fence", "writer", "--device", victim_url, "--node", "0", "--key",
+             keys["victim"], "--region-lba", "0", "--region-blocks", "256", "--initiator-name",
+             names["victim"], "--heartbeat", hb, "--cut", os.path.join(d, "cut"), "--stop", stop,
+             "--log", log, "--max-ms", "60000", "--timeout-ms", "1000"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    with open(hb) as f:
+                        if int(f.read().split()[0]) >= 20:
+                            break
+                except (OSError, ValueError, IndexError):
+                    pass
+                if time.monotonic() > deadline or writer.poll() is not None:
+                    raise RuntimeError("the victim's writer did not start writing")
+                time.sleep(0.005)
+            time.sleep(random.uniform(0, 0.2))
+            # Python's time.monotonic_ns is CLOCK_MONOTONIC, the writer's clock.
+            t_decide = time.monotonic_ns()
+            out = subprocess.run([agent, "-o", "off", "-k", keys["victim"], "-d", fencer_url,
+                                  "-v", "--initiator-name", names["fencer"], "--timeout", "20"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+            if out.returncode != 0:
+                raise RuntimeError(f"fence_keyfence failed: {out.stderr.decode()[-400:]}")
+            m = re.search(r"completed at monotonic (\d+)", out.stderr.decode())
+            if not m:
+                raise RuntimeError("fence_keyfence printed no preempt time")
+            t_preempted = int(m.group(1))
+            deadline = time.monotonic() + 10
+            refused = None
+            while refused is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+                lines = parse_writer_log(log)
+                refused = next((l for l in lines if l[0] == "refused" and l[4] >= t_decide
+                                and l[5] == "RESERVATION CONFLICT"), None)
+            if refused is None:
+                raise RuntimeError("no write of the victim refused within 10 s of fencing")
+        finally:
+            open(stop, "w").close()
+            try:
+                writer.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                writer.kill()
+                writer.wait()
+        lines = parse_writer_log(log)
+        late = [l for l in lines if l[0] == "ack" and l[2] > t_preempted]
+        if late:
+            raise RuntimeError(f"round {r}: a write of the victim issued after the preempt "
+                               f"was acknowledged: {late[0]}")
+        aborted = any(l[0] == "refused" and t_decide <= l[4] <= refused[4]
+                      and l[5].startswith("timed out") for l in lines)
+        results.append(((t_preempted - t_decide) / 1e6, (refused[4] - t_decide) / 1e6, aborted))
+    return results
+
+
+def etcd_put_latency(endpoint, seconds):
+    """Latency of single etcd writes (one at a time, over etcd's JSON gateway
+    on one keep-alive connection): what every cluster commit and ack costs at
+    least. Returns (p50 us, p99 us)."""
+    import base64
+    import http.client
+    import json
+    from urllib.parse import urlparse
+    u = urlparse(endpoint)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    key = base64.b64encode(b"/kf-bench/put-latency").decode()
+    lat = []
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            body = json.dumps({"key": key, "value": base64.b64encode(os.urandom(16)).decode()})
+            t0 = time.monotonic_ns()
+            conn.request("POST", "/v3/kv/put", body, {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            r.read()
+            if r.status != 200:
+                raise RuntimeError(f"etcd put: HTTP {r.status}")
+            lat.append((time.monotonic_ns() - t0) / 1e3)
+        conn.request("POST", "/v3/kv/deleterange", json.dumps({"key": key}),
+                     {"Content-Type": "application/json"})
+        conn.getresponse().read()
+    finally:
+        conn.close()
+    return pct(lat, 50), pct(lat, 99)
+
+
+def parse_writer_log(path):
+    """(outcome, seq, t_issue, lba, t_done, error) per line of a writer log."""
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                p = line.rstrip("\n").split(" ", 5)
+                if len(p) >= 5:
+                    out.append((p[0], int(p[1]), int(p[3]), int(p[2]), int(p[4]),
+                                p[5] if len(p) > 5 else ""))
+    except OSError:
+        pass
+    return out
+
+
+def pct(values, p):
+    """Nearest-rank percentile."""
+    v = sorted(values)
+    return v[min(len(v), max(1, -(-len(v) * p // 100))) - 1]
+
+
+class ConfiguredSingle:
+    """A single-node `keyfence serve` from a configuration file (two portals),
+    for a block size the command line cannot set."""
+
+    def __init__(self, binary, workdir, size, image, block_size):
+        self.binary, self.workdir, self.size = binary, workdir, size
+        self.image, self.block_size = image, block_size
+        self.proc = None
+
+    def start(self):
+        conf = os.path.join(self.workdir, "keyfence.toml")
+        with open(conf, "w") as f:
+            f.write(f'data_dir = "{self.workdir}"\n\n[[target]]\nname = "{KEYFENCE_IQN}"\n'
+                    'portals = ["127.0.0.1:0", "127.0.0.1:0"]\nopen = true\n\n[[target.lun]]\n'
+                    f'id = 0\npath = "{self.image}"\nsize = {self.size}\n'
+                    f'block_size = {self.block_size}\n')
+        log_path = os.path.join(self.workdir, "keyfence.log")
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([self.binary, "serve", "--config", conf, "--log-level", "warn"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        ports = wait_banner(log_path, self.proc, 2)
+        return [f"iscsi://127.0.0.1:{p}/{KEYFENCE_IQN}/0" for p in ports]
+
+    def stop(self):
+        _stop(self.proc, "keyfence serve")
+
+
+class ConfiguredCluster(ClusterTarget):
+    """ClusterTarget whose gateways are started from configuration files, for
+    a block size the command line cannot set (tmpfs needs 4096-byte aligned
+    direct I/O)."""
+
+    def __init__(self, binary, workdir, size, etcd, block_size):
+        super().__init__(binary, workdir, size, etcd=etcd)
+        self.block_size = block_size
+
+    def _start_gateways(self):
+        shared = os.path.join(self.workdir, "shared.img")
+        ports = [free_port(), free_port()]
+        endpoints = ", ".join(f'"{e}"' for e in self.endpoints.split(","))
+        for i, name in enumerate(["gwa", "gwb"]):
+            data = os.path.join(self.workdir, name)
+            os.makedirs(data, exist_ok=True)
+            conf = os.path.join(data, "keyfence.toml")
+            with open(conf, "w") as f:
+                f.write(f'data_dir = "{data}"\n\n[[target]]\nname = "{KEYFENCE_IQN}"\n'
+                        f'portals = ["127.0.0.1:{ports[i]}"]\nfirst_tpgt = {i + 1}\nopen = true\n'
+                        f'\n[[target.lun]]\nid = 0\npath = "{shared}"\nsize = {self.size}\n'
+                        f'block_size = {self.block_size}\n\n[cluster]\nendpoints = [{endpoints}]\n'
+                        f'gateway = "{name}"\n')
+            log_path = os.path.join(self.workdir, f"{name}.log")
+            proc = subprocess.Popen([self.binary, "serve", "--config", conf, "--log-level", "warn"],
+                                    stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+            self.gateways.append(proc)
+            wait_banner(log_path, proc, 1)
+        return ports
+
+
+def cluster_vs_single(binary, etcd, args):
+    """Cluster mode against single-node mode, side by side in one run."""
+    load0 = os.getloadavg()
+    reads = {}
+    cpu = {}
+    pr = {"single-node": [], "cluster": []}
+    puts = []
+    fences = {}
+    for storage in ("disk", "tmpfs"):
+        workdir = tempfile.mkdtemp(prefix="kf-bench-", dir="/dev/shm" if storage == "tmpfs" else None)
+        try:
+            os.makedirs(os.path.join(workdir, "cluster"))
+            os.makedirs(os.path.join(workdir, "single"))
+            single_img = os.path.join(workdir, "single.img")
+            make_image(single_img, args.size)
+            make_image(os.path.join(workdir, "cluster", "shared.img"), args.size)
+            # The single-node LU reads through the page cache: start it warm.
+            read_through(single_img)
+            if storage == "disk":
+                single = KeyfenceTarget(binary, os.path.join(workdir, "single"), args.size,
+                                        image=single_img, extra_args=["--log-level", "warn"])
+                cl = ClusterTarget(binary, os.path.join(workdir, "cluster"), args.size, etcd=etcd)
+                blocks = 8
+            else:
+                # Direct I/O on tmpfs needs 4096-byte alignment: 4096-byte
+                # blocks on both sides.
+                single = ConfiguredSingle(binary, os.path.join(workdir, "single"), args.size,
+                                          single_img, 4096)
+                cl = ConfiguredCluster(binary, os.path.join(workdir, "cluster"), args.size, etcd,
+                                       4096)
+                blocks = 1
+            try:
+                urls = {"single-node": single.start(), "cluster": cl.start()}
+                pids = {"single-node": single.proc.pid, "cluster": cl.gateways[0].pid}
+                sides = ["single-node", "cluster"]
+                reads[storage] = {s: [] for s in sides}
+                cpu[storage] = {s: [] for s in sides}
+                for r in range(args.rounds):
+                    order = sides if r % 2 == 0 else sides[::-1]
+                    for side in order:
+                        c0 = process_cpu(pids[side])
+                        v = iscsi_perf(urls[side][0], 32, blocks, True, args.seconds)[0]
+                        reads[storage][side].append(v)
+                        if v > 0:
+                            cpu[storage][side].append(
+                                (process_cpu(pids[side]) - c0) * 1e6 / (v * args.seconds))
+                        print(f"round {r + 1}: {storage:<5} 4k randread qd32 {side:<11} {v:>8}",
+                              file=sys.stderr, flush=True)
+                    if storage != "disk":
+                        continue
+                    p50, p99 = etcd_put_latency(cl.endpoints.split(",")[0], min(args.seconds, 3))
+                    puts.append((p50, p99))
+                    print(f"round {r + 1}: etcd put p50 {p50:.0f} us p99 {p99:.0f} us",
+                          file=sys.stderr, flush=True)
+                    for side in order:
+                        ops, p50, p99 = pr_latency(binary, urls[side][0], args.seconds)
+                        pr[side].append((ops, p50, p99))
+                        print(f"round {r + 1}: PR OUT register qd1 {side:<11} {ops:>8.0f}/s "
+                              f"p50 {p50} us p99 {p99} us", file=sys.stderr, flush=True)
+                if storage == "disk":
+                    for side in sides:
+                        fences[side] = fence_rounds(binary, urls[side][0], urls[side][1],
+                                                    args.fence_rounds,
+                                                    os.path.join(workdir, f"fence-{side}"))
+                        f = fences[side]
+                        print(f"fence {side}: {len(f)} rounds, decision -> first conflict p50 "
+                              f"{pct([x[1] for x in f], 50):.1f} ms", file=sys.stderr, flush=True)
+            finally:
+                single.stop()
+                cl.stop()
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    load1 = os.getloadavg()
+
+    print("\n| 4 KiB random read, QD 32 | single-node (IOPS) | cluster, gateway A (IOPS) "
+          "| cluster / single | target CPU per IO, single / cluster (us) |\n|---|---:|---:|---:|---:|")
+    what = {"disk": "file on disk (single-node: page cache, cluster: O_DIRECT)",
+            "tmpfs": "file on tmpfs, 4096-byte blocks (both from memory)"}
+    for storage in ("disk", "tmpfs"):
+        s = statistics.median(reads[storage]["single-node"])
+        c = statistics.median(reads[storage]["cluster"])
+        cs = statistics.median(cpu[storage]["single-node"] or [0])
+        cc = statistics.median(cpu[storage]["cluster"] or [0])
+        print(f"| {what[storage]} | {s:.0f} | {c:.0f} | {c / s:.3f} | {cs:.1f} / {cc:.1f} |")
+    print("\n| PR OUT REGISTER AND IGNORE EXISTING KEY, QD 1 | single-node | cluster |"
+          "\n|---|---:|---:|")
+    for i, name in ((1, "p50 latency (us)"), (2, "p99 latency (us)"), (0, "commands per second")):
+        print(f"| {name} | {statistics.median(x[i] for x in pr['single-node']):.0f} "
+              f"| {statistics.median(x[i] for x in pr['cluster']):.0f} |")
+    print(f"| for scale: one etcd write (put), p50 / p99 (us) | | "
+          f"{statistics.median(x[0] for x in puts):.0f} / {statistics.median(x[1] for x in puts):.0f} |")
+    print("\n| fence decision -> (ms) | single-node: p50 / p99 / max | cluster: p50 / p99 / max |"
+          "\n|---|---:|---:|")
+
+    def row(side, sel):
+        v = [sel(x) for x in fences[side] if sel(x) is not None]
+        if not v:
+            return "n/a"
+        return f"{pct(v, 50):.1f} / {pct(v, 99):.1f} / {max(v):.1f} ({len(v)})"
+
+    for name, sel in (("PREEMPT AND ABORT GOOD", lambda x: x[0]),
+                      ("victim's first RESERVATION CONFLICT", lambda x: x[1]),
+                      ("... rounds without an aborted write in flight",
+                       lambda x: x[1] if not x[2] else None),
+                      ("... rounds with one (no status, 1 s command timeout first)",
+                       lambda x: x[1] if x[2] else None)):
+        print(f"| {name} | {row('single-node', sel)} | {row('cluster', sel)} |")
+    print(f"\n({args.rounds} alternating rounds of {args.seconds} s, medians; "
+          f"{args.size >> 20} MiB LU; {args.fence_rounds} fence rounds per side, the victim "
+          f"through gateway/portal A, the fencer through B; etcd: three members on loopback, "
+          f"data on disk; load average {load0[0]:.2f} before, {load1[0]:.2f} after)")
+    return 0
 
 
 def persist(binary, url, initiator, *args):
@@ -137,11 +473,26 @@ def main():
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `keyfence serve` of --binary (repeatable; "
                          "use --serve-arg=--metrics --serve-arg=127.0.0.1:0)")
+    ap.add_argument("--cluster", action="store_true",
+                    help="compare cluster mode (three-member etcd, two gateways) with "
+                         "single-node mode instead of keyfence with tgt")
+    ap.add_argument("--fence-rounds", type=int, default=20,
+                    help="fence decisions per side with --cluster")
+    ap.add_argument("--etcd", default=shutil.which("etcd") or "/usr/bin/etcd",
+                    help="etcd binary for --cluster")
     ap.add_argument("--pr", action="store_true",
                     help="measure the reservation check instead: reads with and without a "
                          "WERO reservation on keyfence")
     args = ap.parse_args()
     binary = os.path.abspath(args.binary)
+    if args.cluster:
+        if shutil.which("iscsi-perf") is None:
+            print("iscsi-perf not found: run scripts/install-deps.sh", file=sys.stderr)
+            return 2
+        if not os.access(args.etcd, os.X_OK):
+            print(f"etcd not found ({args.etcd}): apt-get install etcd-server", file=sys.stderr)
+            return 2
+        return cluster_vs_single(binary, args.etcd, args)
     for tool in ("iscsi-perf", "tgtd", "tgtadm"):
         if shutil.which(tool) is None:
             print(f"{tool} not found: run scripts/install-deps.sh", file=sys.stderr)
