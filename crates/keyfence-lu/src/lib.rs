@@ -429,6 +429,25 @@ impl LogicalUnit {
         &self.reservations
     }
 
+    /// The target ports the LU is reachable through now (those of its
+    /// configuration until [`LogicalUnit::set_target_ports`]).
+    pub fn target_ports(&self) -> Arc<Vec<TargetPort>> {
+        self.reservations.target_ports()
+    }
+
+    /// Replace the target ports (portal groups added or removed while
+    /// serving): INQUIRY's MULTIP bit, REPORT TARGET PORT GROUPS, the
+    /// Device Identification page and the reservation engine use the new
+    /// set from the next command on. Empty sets are ignored (an LU is
+    /// always reachable through some port).
+    pub fn set_target_ports(&self, mut ports: Vec<TargetPort>) {
+        if ports.is_empty() {
+            return;
+        }
+        ports.sort_by_key(|p| p.tpgt);
+        self.reservations.set_target_ports(ports);
+    }
+
     /// The unit attention queues (shared with the reservation engine).
     pub fn unit_attentions(&self) -> &Arc<UnitAttentions> {
         &self.ua

@@ -45,6 +45,9 @@ const ABORT_DRAIN_LIMIT: Duration = Duration::from_secs(60);
 #[derive(Debug)]
 pub struct Reservations {
     ctx: ReservationContext,
+    /// The LU's target ports now: `ctx.target_ports` until a reload
+    /// changes them ([`Reservations::set_target_ports`]).
+    ports: ArcSwap<Vec<keyfence_scsi::TargetPort>>,
     view: ArcSwap<AccessView>,
     writer: Mutex<Writer>,
     /// Held by a PR OUT from before it computes until its PREEMPT AND
@@ -84,6 +87,19 @@ impl Reservations {
         Self::with_store(ctx, store)
     }
 
+    /// The target ports the LU is reachable through now (ALL_TG_PT,
+    /// SPEC_I_PT, READ FULL STATUS).
+    pub fn target_ports(&self) -> Arc<Vec<keyfence_scsi::TargetPort>> {
+        self.ports.load_full()
+    }
+
+    /// Replace the target ports (a reload added or removed portal
+    /// groups). Registrations made through a port that is gone stay, as
+    /// the I_T nexus they name may come back.
+    pub fn set_target_ports(&self, ports: Vec<keyfence_scsi::TargetPort>) {
+        self.ports.store(Arc::new(ports));
+    }
+
     /// Build the gate over any store (`None`: no persistence, PTPL_C=0).
     pub fn with_store(ctx: ReservationContext, store: Option<Arc<dyn PrStore>>) -> Self {
         let (state, version) = match &store {
@@ -121,6 +137,7 @@ impl Reservations {
             features: Features {
                 ptpl_c: store.is_some(),
             },
+            ports: ArcSwap::from_pointee(ctx.target_ports.clone()),
             ctx,
             view: ArcSwap::from_pointee(AccessView::new(Arc::new(state))),
             writer: Mutex::new(Writer { version }),
@@ -139,6 +156,7 @@ impl Reservations {
     pub fn with_shared(ctx: ReservationContext, shared: Arc<dyn SharedPrState>) -> Self {
         Reservations {
             features: Features { ptpl_c: true },
+            ports: ArcSwap::from_pointee(ctx.target_ports.clone()),
             ctx,
             view: ArcSwap::from_pointee(AccessView::new(Arc::new(PrState::default()))),
             writer: Mutex::new(Writer { version: 0 }),
@@ -261,7 +279,7 @@ impl Reservations {
         known.dedup();
         if let Some(shared) = &self.shared {
             let (n, c, d) = (nexus.clone(), cdb.to_vec(), data.to_vec());
-            let ports = self.ctx.target_ports.clone();
+            let ports = self.target_ports().to_vec();
             let features = self.features;
             // PREEMPT AND ABORT may name the issuer's own I_T nexus (its
             // key among the preempted ones, or key zero under an
@@ -319,8 +337,9 @@ impl Reservations {
         let drain_turn = self.drain.lock().unwrap_or_else(|e| e.into_inner());
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         let before = self.snapshot();
+        let ports = self.target_ports();
         let ctx = keyfence_pr::Context {
-            target_ports: &self.ctx.target_ports,
+            target_ports: &ports,
             known_initiators: &known,
             features: self.features,
         };

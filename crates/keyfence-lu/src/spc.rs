@@ -278,7 +278,7 @@ impl LogicalUnit {
         d.push(0x12); // HISUP, RESPONSE DATA FORMAT 2
         d.push(0); // ADDITIONAL LENGTH, below
         d.push(0x10); // TPGS = 01b: implicit ALUA; 3PC = 0; PROTECT = 0
-        d.push(if self.cfg.target_ports.len() > 1 {
+        d.push(if self.target_ports().len() > 1 {
             0x10
         } else {
             0
@@ -387,9 +387,8 @@ impl LogicalUnit {
             &t10,
         );
         // The target port the command came through.
-        let port = self
-            .cfg
-            .target_ports
+        let ports = self.target_ports();
+        let port = ports
             .iter()
             .find(|p| p.tpgt == req.nexus.target.tpgt && p.name == req.nexus.target.name)
             .unwrap_or(&req.nexus.target);
@@ -424,7 +423,8 @@ impl LogicalUnit {
     }
 
     fn report_tpgs(&self, extended: bool, alloc_len: u32) -> CommandOutcome {
-        let mut groups: Vec<u16> = self.cfg.target_ports.iter().map(|p| p.tpgt).collect();
+        let all = self.target_ports();
+        let mut groups: Vec<u16> = all.iter().map(|p| p.tpgt).collect();
         groups.sort_unstable();
         groups.dedup();
         let mut d = vec![0u8; 4];
@@ -433,9 +433,7 @@ impl LogicalUnit {
             d.extend_from_slice(&[0x10, 0, 0, 0]);
         }
         for g in groups {
-            let ports: Vec<u16> = self
-                .cfg
-                .target_ports
+            let ports: Vec<u16> = all
                 .iter()
                 .filter(|p| p.tpgt == g)
                 .map(|p| p.relative_id)
