@@ -10,7 +10,10 @@ table reports the median of each side and the ratio keyfence / tgt.
 --baseline BINARY adds a second keyfence (e.g. the build before a change) to
 the same alternating rounds, with its own columns, the ratio of the two
 keyfence builds and the ratio of the CPU time their processes spent per IO; --serve-arg passes arguments (e.g. --metrics 127.0.0.1:0) to
-`keyfence serve` of --binary only.
+`keyfence serve` of --binary only, --baseline-serve-arg to that of the
+baseline. The baseline may be the same binary: then the two keyfence
+columns compare two ways of serving (e.g. with and without --metrics) in
+the same rounds.
 
 --cluster compares cluster mode (a three-member etcd on loopback, two
 gateways over one file) with single-node mode instead, in one run: 4 KiB
@@ -480,6 +483,8 @@ def main():
                     help="fence decisions per side with --cluster")
     ap.add_argument("--etcd", default=shutil.which("etcd") or "/usr/bin/etcd",
                     help="etcd binary for --cluster")
+    ap.add_argument("--baseline-serve-arg", action="append", default=[], metavar="ARG",
+                    help="extra argument for `keyfence serve` of --baseline (repeatable)")
     ap.add_argument("--pr", action="store_true",
                     help="measure the reservation check instead: reads with and without a "
                          "WERO reservation on keyfence")
@@ -527,7 +532,7 @@ def main():
     base = None
     if args.baseline:
         base = KeyfenceTarget(os.path.abspath(args.baseline), os.path.join(workdir, "base"),
-                              args.size, image=base_img)
+                              args.size, image=base_img, extra_args=args.baseline_serve_arg)
         os.makedirs(base.workdir)
 
     workloads = [

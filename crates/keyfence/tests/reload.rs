@@ -58,10 +58,19 @@ struct Fixture {
 
 impl Fixture {
     fn start(text: &str) -> Fixture {
+        Self::start_with(text, &[])
+    }
+
+    /// [`Fixture::start`] with extra `keyfence serve` arguments.
+    fn start_with(text: &str, args: &[&str]) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("keyfence.toml");
         std::fs::write(&config, text).unwrap();
-        let serve = Serve::builder(bin()).config(&config).start();
+        let mut b = Serve::builder(bin()).config(&config);
+        for a in args {
+            b = b.arg(a);
+        }
+        let serve = b.start();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -578,4 +587,332 @@ fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     drop(serve);
     // Removed at shutdown.
     assert!(!sock.exists());
+}
+
+/// `GET /metrics` from the address `keyfence serve` printed at start.
+fn scrape(f: &Fixture) -> String {
+    use std::io::{Read, Write};
+    let banner = std::fs::read_to_string(f.serve.scratch_dir().join("serve.out")).unwrap();
+    let addr: std::net::SocketAddr = banner
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("metrics on http://")?
+                .strip_suffix("/metrics")?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no metrics line in:\n{banner}"));
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    let (head, body) = got.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    body.to_string()
+}
+
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let promtool = keyfence_testkit::tool::require("promtool");
+    let mut child = Proc::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- text ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the per-LU sample `name` of LUN `lun`, if it is exported.
+fn lu_sample(text: &str, name: &str, lun: u16) -> Option<f64> {
+    let key = format!("{name}{{target=\"{IQN}\",lun=\"{lun}\"}} ");
+    text.lines()
+        .find_map(|l| l.strip_prefix(&key))
+        .map(|v| v.parse().unwrap())
+}
+
+#[test]
+fn luns_added_by_reload_are_scraped_and_removed_ones_are_not() {
+    let f = Fixture::start_with(
+        &config_text(&[(0, "4M"), (1, "4M")], false),
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let before = scrape(&f);
+    promtool_check(&before);
+    assert_eq!(lu_sample(&before, "keyfence_lu_reads_total", 0), Some(0.0));
+    assert_eq!(lu_sample(&before, "keyfence_lu_reads_total", 1), Some(0.0));
+    assert_eq!(lu_sample(&before, "keyfence_lu_reads_total", 2), None);
+    let watcher = f.connect(WATCHER, 0);
+    f.rt.block_on(watcher.read(0, 1)).unwrap();
+
+    // LUN 1 goes, LUN 2 comes: the next scrape shows LUN 2 and not LUN 1,
+    // and LUN 0 (kept) keeps its count.
+    f.rewrite(&config_text(&[(0, "4M"), (2, "4M")], false));
+    f.reload();
+    let after = scrape(&f);
+    promtool_check(&after);
+    assert_eq!(lu_sample(&after, "keyfence_lu_reads_total", 0), Some(1.0));
+    assert_eq!(lu_sample(&after, "keyfence_lu_reads_total", 1), None);
+    assert_eq!(lu_sample(&after, "keyfence_lu_reads_total", 2), Some(0.0));
+    assert!(lu_sample(&after, "keyfence_lu_unit_attentions_queued_total", 2).is_some());
+
+    // The new LU counts what is done to it.
+    let uas = drain_uas(&f, &watcher, 0);
+    assert!(uas.contains(&(0x3f, 0x0e)), "{uas:?}");
+    // LUN 2's own unit attentions (power on, REPORTED LUNS DATA HAS CHANGED).
+    drain_uas(&f, &watcher, 2);
+    let mut cdb = vec![0x28, 0, 0, 0, 0, 0, 0, 0, 8, 0];
+    for _ in 0..3 {
+        let r =
+            f.rt.block_on(
+                watcher
+                    .session()
+                    .execute(2, &commands::Command::read(cdb.clone(), 4096)),
+            )
+            .unwrap();
+        assert_eq!(r.status, 0, "{r:?}");
+    }
+    cdb[0] = 0x2a;
+    let w = commands::Command::write(cdb, Bytes::from(vec![5u8; 4096]));
+    let r = f.rt.block_on(watcher.session().execute(2, &w)).unwrap();
+    assert_eq!(r.status, 0, "{r:?}");
+    let counted = scrape(&f);
+    promtool_check(&counted);
+    assert_eq!(lu_sample(&counted, "keyfence_lu_reads_total", 2), Some(3.0));
+    assert_eq!(
+        lu_sample(&counted, "keyfence_lu_read_bytes_total", 2),
+        Some(3.0 * 4096.0)
+    );
+    assert_eq!(
+        lu_sample(&counted, "keyfence_lu_writes_total", 2),
+        Some(1.0)
+    );
+    assert_eq!(
+        lu_sample(&counted, "keyfence_lu_read_latency_seconds_count", 2),
+        Some(3.0)
+    );
+    f.rt.block_on(watcher.close()).unwrap();
+}
+
+/// `config_text` with the target's portals replaced by `portals`.
+fn with_portals(text: &str, portals: &[&str]) -> String {
+    let list: Vec<String> = portals.iter().map(|p| format!("\"{p}\"")).collect();
+    text.replace(
+        "portals = [\"127.0.0.1:0\"]",
+        &format!("portals = [{}]", list.join(", ")),
+    )
+}
+
+/// REPORT TARGET PORT GROUPS through `dev`'s session as (group, relative
+/// port ids).
+fn rtpg(f: &Fixture, dev: &Device) -> Vec<(u16, Vec<u16>)> {
+    let cdb = vec![0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
+    let r =
+        f.rt.block_on(
+            dev.session()
+                .execute(0, &commands::Command::read(cdb, 4096)),
+        )
+        .unwrap();
+    assert_eq!(r.status, 0, "REPORT TARGET PORT GROUPS: {r:?}");
+    let d = r.data.to_vec();
+    let mut groups = Vec::new();
+    let mut at = 4;
+    while at + 8 <= d.len() {
+        let id = u16::from_be_bytes([d[at + 2], d[at + 3]]);
+        let n = usize::from(d[at + 7]);
+        let ports = (0..n)
+            .map(|k| u16::from_be_bytes([d[at + 10 + 4 * k], d[at + 11 + 4 * k]]))
+            .collect();
+        groups.push((id, ports));
+        at += 8 + 4 * n;
+    }
+    groups
+}
+
+/// (relative target port, target port group) of VPD 83h through `dev`.
+fn port_identity(f: &Fixture, dev: &Device) -> (u16, u16) {
+    let ds = f.rt.block_on(dev.device_identification()).unwrap();
+    let find = |ty: u8| {
+        let d = ds
+            .iter()
+            .find(|d| d.association == 1 && d.designator_type == ty)
+            .unwrap_or_else(|| panic!("VPD 83h lacks target port type {ty}: {ds:?}"));
+        u16::from_be_bytes([d.value[2], d.value[3]])
+    };
+    (find(4), find(5))
+}
+
+fn wait_closed(f: &Fixture, dev: &Device, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !dev.session().is_closed() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the session is still open\n{}",
+            f.serve.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn reload_adds_and_removes_a_portal_under_load_on_another() {
+    let base = config_text(&[(0, "4M")], false);
+    let f = Fixture::start(&base);
+    let first = f.serve.portals()[0];
+    let steady = Arc::new(f.connect(STEADY, 0));
+    assert_eq!(rtpg(&f, &steady), vec![(1, vec![1])]);
+    let load = start_load(&f, steady.clone());
+    load.wait_for(200);
+
+    // A second portal (TPGT 2) comes, while the first one carries I/O.
+    let added = keyfence_testkit::port::with_free_port("a reloaded portal", |p| {
+        let addr = format!("127.0.0.1:{p}");
+        f.rewrite(&with_portals(&base, &["127.0.0.1:0", &addr]));
+        match f.cli(&["reload"]) {
+            (0, said, _) => Ok((addr, said)),
+            (_, _, err) => Err(err),
+        }
+    });
+    let (addr, said) = added;
+    assert!(
+        said.contains(&format!("portal {addr} (TPGT 2) added")),
+        "{said}"
+    );
+    load.wait_for(200);
+
+    // Log in through it: the new target port is everywhere.
+    let url = IscsiUrl::parse(&format!("iscsi://{addr}/{IQN}/0")).unwrap();
+    let cfg = SessionConfig {
+        initiator_name: Some(WATCHER.into()),
+        login_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    let watcher =
+        f.rt.block_on(Device::connect(&url, &cfg))
+            .unwrap_or_else(|e| panic!("login through the new portal: {e}\n{}", f.serve.log()));
+    f.rt.block_on(watcher.clear_unit_attentions()).unwrap();
+    assert_eq!(rtpg(&f, &watcher), vec![(1, vec![1]), (2, vec![2])]);
+    assert_eq!(port_identity(&f, &watcher), (2, 2));
+    // New commands of the session on the first portal see the new set too.
+    assert_eq!(rtpg(&f, &steady), vec![(1, vec![1]), (2, vec![2])]);
+    assert_eq!(port_identity(&f, &steady), (1, 1));
+    let durl = IscsiUrl::parse(&format!("iscsi://{first}/{IQN}/0")).unwrap();
+    let found =
+        f.rt.block_on(keyfence_initiator::login::discover(&durl, &cfg))
+            .unwrap();
+    let mut portals: Vec<(String, u16, Option<u16>)> = found
+        .iter()
+        .find(|t| t.name == IQN)
+        .expect("SendTargets lists the target")
+        .portals
+        .clone();
+    portals.sort_by_key(|p| p.2);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    assert_eq!(
+        portals,
+        vec![
+            ("127.0.0.1".to_string(), first.port(), Some(1)),
+            ("127.0.0.1".to_string(), port, Some(2))
+        ]
+    );
+
+    // Moving the new portal to the first position would change its TPGT:
+    // refused, nothing changes.
+    f.rewrite(&with_portals(&base, &[&addr, "127.0.0.1:0"]));
+    let (code, _, err) = f.cli(&["reload"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("portal {addr} would change from TPGT 2 to TPGT 1")),
+        "{err}"
+    );
+    assert!(!watcher.session().is_closed());
+
+    // Remove it again: its session ends, the other one keeps going.
+    f.rewrite(&base);
+    let said = f.reload();
+    assert!(
+        said.contains(&format!("portal {addr} (TPGT 2) removed")),
+        "{said}"
+    );
+    wait_closed(&f, &watcher, "session through the removed portal");
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "{addr} still accepts connections"
+    );
+    load.wait_for(200);
+    assert_eq!(rtpg(&f, &steady), vec![(1, vec![1])]);
+    let (done, failed, errors) = load.finish(&f);
+    eprintln!(
+        "session on the other portal: {done} commands during two portal reloads, {failed} failed"
+    );
+    assert!(done >= 600, "only {done} commands ran");
+    assert_eq!(
+        failed, 0,
+        "commands of the unaffected session failed: {errors:?}"
+    );
+    assert!(drain_uas(&f, &steady, 0).is_empty());
+    assert_eq!(f.status()["config_generation"], 2);
+
+    // The same address can be added back (the socket was closed).
+    f.rewrite(&with_portals(&base, &["127.0.0.1:0", &addr]));
+    let said = f.reload();
+    assert!(said.contains("added"), "{said}");
+    let again = f.rt.block_on(Device::connect(&url, &cfg)).unwrap();
+    f.rt.block_on(again.close()).unwrap();
+}
+
+#[test]
+fn a_busy_portal_address_rejects_the_whole_reload() {
+    let base = config_text(&[(0, "4M")], false);
+    let f = Fixture::start(&base);
+    let watcher = f.connect(WATCHER, 0);
+    // Someone else holds the address; the same reload also adds a LUN.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = busy.local_addr().unwrap().to_string();
+    let text = with_portals(
+        &config_text(&[(0, "4M"), (1, "4M")], false),
+        &["127.0.0.1:0", &addr],
+    );
+    f.rewrite(&text);
+    let (code, out, err) = f.cli(&["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("rejected") && err.contains(&format!("cannot listen on {addr}")),
+        "{err}"
+    );
+    // Nothing of it applied.
+    assert!(!lun_file_exists(f.serve.data_dir(), 1));
+    let s = f.status();
+    assert_eq!(s["config_generation"], 0);
+    assert_eq!(
+        s["targets"][0]["portals"].as_array().unwrap().len(),
+        1,
+        "{s}"
+    );
+    assert_eq!(f.rt.block_on(watcher.report_luns()).unwrap(), vec![0]);
+    assert!(drain_uas(&f, &watcher, 0).is_empty());
+    // Once the address is free the same file applies.
+    drop(busy);
+    let said = f.reload();
+    assert!(
+        said.contains("LUN 1 added") && said.contains("(TPGT 2) added"),
+        "{said}"
+    );
 }

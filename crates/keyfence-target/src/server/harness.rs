@@ -57,14 +57,9 @@ impl InMemoryTarget {
                 .into_iter()
                 .collect(),
         };
-        let metrics = Arc::new(super::metrics::Metrics::new(target.luns.iter().map(
-            |(lun, lu)| super::metrics::LuSource {
-                target: TARGET_NAME,
-                lun: *lun,
-                stats: target.stats[lun].clone(),
-                ua: lu.unit_attentions().clone(),
-            },
-        )));
+        let metrics = Arc::new(super::metrics::Metrics::new(true));
+        let target = Arc::new(target);
+        super::publish_lu_metrics(&metrics, &[Some(target.clone())]);
         let (shutdown_tx, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
             connections: Arc::new(Semaphore::new(limits.max_connections as usize)),
@@ -77,9 +72,10 @@ impl InMemoryTarget {
             reload_lock: tokio::sync::Mutex::new(()),
             reloader: Default::default(),
             hooks: Default::default(),
+            acceptors: Default::default(),
             live: arc_swap::ArcSwap::from_pointee(Live {
                 generation: 0,
-                targets: vec![Some(Arc::new(target))],
+                targets: vec![Some(target)],
                 limits,
                 discovery_chap: None,
                 listeners: Vec::new(),
@@ -141,6 +137,7 @@ impl InMemoryTarget {
             registration,
             view: None,
             local: None,
+            portal: None,
         };
         let mut codec = PduCodec::new();
         codec.apply(&params);

@@ -74,6 +74,9 @@ pub(super) struct Established {
     /// The address the connection was accepted on (what SendTargets
     /// advertises for a wildcard portal).
     pub local: Option<std::net::SocketAddr>,
+    /// The portal (listener address) it came through: a reload that
+    /// removes that portal ends the session.
+    pub portal: Option<std::net::SocketAddr>,
 }
 
 /// Why a login did not produce a session.
@@ -483,6 +486,7 @@ pub(super) async fn login(
                             registration,
                             view,
                             local: wire.rd.local_addr().ok(),
+                            portal: Some(info.addr),
                         });
                     }
                     Err(AdmitError::TooManySessions) => {

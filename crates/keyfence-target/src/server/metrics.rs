@@ -1,8 +1,8 @@
 //! What the server counts, for `GET /metrics` (see [`super::metrics_http`]).
 //!
 //! The I/O path touches only atomics it reached without a lookup: each
-//! logical unit gets its [`LuStats`] when the server is built, the
-//! session finds it next to the LU it already looks up, and the latency
+//! logical unit gets its [`LuStats`] when it is opened (at start or by a
+//! reload), the session finds it next to the LU it already looks up, and the latency
 //! histograms are plain arrays of atomic bucket counters ([`Latency`]),
 //! because `prometheus_client`'s `Histogram` takes a mutex on every
 //! observation. Rarer events (logins, task management, PR OUT, refusals
@@ -11,12 +11,18 @@
 //!
 //! Everything is encoded by `prometheus_client` in the Prometheus text
 //! format (0.0.4); the per-LU families come from a [`Collector`] that
-//! reads the atomics at scrape time.
+//! reads the atomics at scrape time, of the LUs served at that moment
+//! ([`Metrics::set_lus`] after each reload).
+//!
+//! Per-LU counting is done only when something reads it
+//! ([`Metrics::counts_lus`]: a metrics endpoint is configured). Without
+//! one the I/O path neither reads the clock nor touches a counter.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use keyfence_lu::UnitAttentions;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -222,10 +228,11 @@ struct LuEntry {
     ua: Arc<UnitAttentions>,
 }
 
-/// The per-LU families, read from the atomics at each scrape.
+/// The per-LU families, read from the atomics at each scrape: of the
+/// LUs [`Metrics::set_lus`] last published.
 #[derive(Debug)]
 struct LuCollector {
-    lus: Vec<LuEntry>,
+    lus: Arc<ArcSwap<Vec<LuEntry>>>,
 }
 
 impl LuCollector {
@@ -238,7 +245,7 @@ impl LuCollector {
         value: impl Fn(&LuEntry) -> u64,
     ) -> Result<(), std::fmt::Error> {
         let mut m = encoder.encode_descriptor(name, help, unit, MetricType::Counter)?;
-        for e in &self.lus {
+        for e in self.lus.load().iter() {
             let labels = [("target", e.target.as_str()), ("lun", e.lun.as_str())];
             ConstCounter::new(value(e)).encode(m.encode_family(&labels)?)?;
         }
@@ -254,7 +261,7 @@ impl LuCollector {
     ) -> Result<(), std::fmt::Error> {
         let mut m =
             encoder.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
-        for e in &self.lus {
+        for e in self.lus.load().iter() {
             let labels = [("target", e.target.as_str()), ("lun", e.lun.as_str())];
             let (sum, count, buckets) = value(e).snapshot();
             m.encode_family(&labels)?
@@ -331,6 +338,10 @@ impl Collector for LuCollector {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
+    /// The LUs the per-LU families list.
+    lus: Arc<ArcSwap<Vec<LuEntry>>>,
+    /// Whether the I/O path counts per LU (see the module doc).
+    count_lus: bool,
     pub(crate) sessions_normal: Gauge,
     pub(crate) sessions_discovery: Gauge,
     pub(crate) connections: Gauge,
@@ -354,7 +365,9 @@ pub(crate) struct LuSource<'a> {
 }
 
 impl Metrics {
-    pub(crate) fn new<'a>(lus: impl IntoIterator<Item = LuSource<'a>>) -> Metrics {
+    /// The metrics of a server; `count_lus`: whether the I/O path counts
+    /// per LU. Its LUs are published by [`Metrics::set_lus`].
+    pub(crate) fn new(count_lus: bool) -> Metrics {
         let mut r = Registry::default();
         let sessions = Family::<Labels1, Gauge>::default();
         let sessions_normal = sessions.get_or_create(&[("kind", "normal")]).clone();
@@ -436,18 +449,12 @@ impl Metrics {
             "Connections closed because a NOP-In ping was not answered in time.",
             nop_timeouts.clone(),
         );
-        let lus = lus
-            .into_iter()
-            .map(|l| LuEntry {
-                target: l.target.to_string(),
-                lun: l.lun.to_string(),
-                stats: l.stats,
-                ua: l.ua,
-            })
-            .collect();
-        r.register_collector(Box::new(LuCollector { lus }));
+        let lus = Arc::new(ArcSwap::from_pointee(Vec::new()));
+        r.register_collector(Box::new(LuCollector { lus: lus.clone() }));
         Metrics {
             registry: r,
+            lus,
+            count_lus,
             sessions_normal,
             sessions_discovery,
             connections,
@@ -461,6 +468,28 @@ impl Metrics {
             data_out_timeouts,
             nop_timeouts,
         }
+    }
+
+    /// Does the I/O path count per LU? Fixed for the server's lifetime
+    /// (the metrics address needs a restart to change).
+    pub(crate) fn counts_lus(&self) -> bool {
+        self.count_lus
+    }
+
+    /// The LUs the per-LU families list from now on (at start and after
+    /// every reload): scrapes show added LUs and no longer show removed
+    /// ones.
+    pub(crate) fn set_lus<'a>(&self, lus: impl IntoIterator<Item = LuSource<'a>>) {
+        let lus = lus
+            .into_iter()
+            .map(|l| LuEntry {
+                target: l.target.to_string(),
+                lun: l.lun.to_string(),
+                stats: l.stats,
+                ua: l.ua,
+            })
+            .collect();
+        self.lus.store(Arc::new(lus));
     }
 
     /// Everything in the Prometheus text exposition format (0.0.4).

@@ -129,7 +129,8 @@ pub(crate) struct TargetRt {
     pub chap: Option<ChapConfig>,
     /// Which initiators may log in and what each sees.
     pub acl: acl::AclTable,
-    /// The counters of each LU (same keys as `luns`).
+    /// The counters of each LU (same keys as `luns`); empty when nothing
+    /// reads them ([`metrics::Metrics::counts_lus`]).
     pub stats: BTreeMap<u64, Arc<metrics::LuStats>>,
 }
 
@@ -213,6 +214,9 @@ pub(crate) struct Shared {
     pub reloader: reload::Source,
     /// Applied to the LUs a reload opens, as to those opened at bind.
     pub hooks: BindHooks,
+    /// The listening sockets and their accept loops (a reload adds and
+    /// removes portals).
+    pub acceptors: std::sync::Mutex<Acceptors>,
 }
 
 impl Shared {
@@ -223,6 +227,77 @@ impl Shared {
 
     pub fn sessions(&self) -> std::sync::MutexGuard<'_, SessionTable> {
         self.sessions.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn acceptors(&self) -> std::sync::MutexGuard<'_, Acceptors> {
+        self.acceptors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The bound listeners: those not yet accepting (before [`Server::run`])
+/// and the accept loop of each one that is.
+#[derive(Default)]
+pub(crate) struct Acceptors {
+    /// While the server runs: what an accept loop is started with.
+    running: Option<(Arc<admission::Admission>, mpsc::Sender<()>)>,
+    pending: Vec<TcpListener>,
+    loops: BTreeMap<SocketAddr, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+}
+
+impl std::fmt::Debug for Acceptors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Acceptors")
+            .field("running", &self.running.is_some())
+            .field("pending", &self.pending.len())
+            .field("accepting", &self.loops.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Acceptors {
+    /// Accept on `l` (bound to `addr`): now if the server runs, else
+    /// once it does.
+    pub fn add(&mut self, shared: &Arc<Shared>, l: TcpListener, addr: SocketAddr) {
+        let Some((admission, done)) = &self.running else {
+            self.pending.push(l);
+            return;
+        };
+        info!(%addr, "listening");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(
+            shared.clone(),
+            admission.clone(),
+            l,
+            addr,
+            stop_rx,
+            done.clone(),
+        ));
+        self.loops.insert(addr, (stop_tx, task));
+    }
+
+    /// Stop accepting on `addr`; the returned task ends (closing the
+    /// socket) promptly. Connections accepted on it are not touched.
+    pub fn remove(&mut self, addr: SocketAddr) -> Option<tokio::task::JoinHandle<()>> {
+        self.pending
+            .retain(|l| l.local_addr().map_or(true, |a| a != addr));
+        let (stop, task) = self.loops.remove(&addr)?;
+        let _ = stop.send(true);
+        Some(task)
+    }
+
+    /// Start accepting on every pending listener.
+    fn start(
+        &mut self,
+        shared: &Arc<Shared>,
+        admission: Arc<admission::Admission>,
+        done: mpsc::Sender<()>,
+    ) {
+        self.running = Some((admission, done));
+        for l in std::mem::take(&mut self.pending) {
+            if let Ok(addr) = l.local_addr() {
+                self.add(shared, l, addr);
+            }
+        }
     }
 }
 
@@ -261,7 +336,6 @@ impl std::fmt::Debug for BindHooks {
 /// A bound, not yet running, iSCSI target server.
 pub struct Server {
     shared: Arc<Shared>,
-    listeners: Vec<(TcpListener, ListenerInfo)>,
     admin: Option<admin::AdminSocket>,
     shutdown_tx: watch::Sender<bool>,
     /// Held until the server has stopped and flushed.
@@ -373,6 +447,8 @@ impl Server {
             })
             .collect();
         peers.sort_by_key(|(_, p)| p.tpgt);
+        // Per-LU counters only when an endpoint exports them.
+        let count_lus = config.metrics_addr.is_some();
         let mut follow = Vec::new();
         let mut targets = Vec::with_capacity(config.targets.len());
         for (tc, mut tportals) in config.targets.iter().zip(portals) {
@@ -411,7 +487,9 @@ impl Server {
                     created,
                 )?;
                 luns.insert(lun, lu);
-                stats.insert(lun, Arc::new(metrics::LuStats::default()));
+                if count_lus {
+                    stats.insert(lun, Arc::new(metrics::LuStats::default()));
+                }
                 backing_desc.insert(lun, desc);
             }
             targets.push(Some(Arc::new(TargetRt {
@@ -426,16 +504,8 @@ impl Server {
                 stats,
             })));
         }
-        let metrics = Arc::new(metrics::Metrics::new(targets.iter().flatten().flat_map(
-            |t| {
-                t.luns.iter().map(|(lun, lu)| metrics::LuSource {
-                    target: &t.name,
-                    lun: *lun,
-                    stats: t.stats[lun].clone(),
-                    ua: lu.unit_attentions().clone(),
-                })
-            },
-        )));
+        let metrics = Arc::new(metrics::Metrics::new(count_lus));
+        publish_lu_metrics(&metrics, &targets);
         let admin = match admin::AdminSocket::bind(&config.admin_socket_path()) {
             Ok(a) => a,
             Err(err) => {
@@ -466,6 +536,10 @@ impl Server {
             reloader: reload::Source::default(),
             hooks: hooks.clone(),
             live: ArcSwap::from_pointee(live),
+            acceptors: std::sync::Mutex::new(Acceptors {
+                pending: listeners.into_iter().map(|(l, _)| l).collect(),
+                ..Default::default()
+            }),
         });
         if let Some(m) = &membership {
             let live = shared.live();
@@ -485,7 +559,6 @@ impl Server {
         Ok(Server {
             cluster: membership,
             shared,
-            listeners,
             admin: Some(admin),
             shutdown_tx,
             data_dir_lock,
@@ -498,7 +571,9 @@ impl Server {
         self.metrics.as_ref().map(|(_, a)| *a)
     }
 
-    /// The metrics as `GET /metrics` returns them (Prometheus text).
+    /// The metrics as `GET /metrics` returns them (Prometheus text). The
+    /// per-LU families are counted only when a metrics address is
+    /// configured.
     pub fn metrics_text(&self) -> String {
         self.shared.metrics.encode()
     }
@@ -597,7 +672,6 @@ impl Server {
     ) -> Result<(), ServerError> {
         let Server {
             shared,
-            listeners,
             admin,
             shutdown_tx,
             data_dir_lock,
@@ -618,21 +692,16 @@ impl Server {
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let admission = admission::Admission::new(&shared.live().limits);
         let admin_task = admin.map(|a| tokio::spawn(a.serve(shared.clone())));
-        for (l, info) in listeners {
-            info!(addr = %info.addr, "listening");
-            tokio::spawn(accept_loop(
-                shared.clone(),
-                admission.clone(),
-                l,
-                Arc::new(info),
-                done_tx.clone(),
-            ));
-        }
+        shared
+            .acceptors()
+            .start(&shared, admission, done_tx.clone());
         drop(done_tx);
         tokio::spawn(trim_when_idle(shared.shutdown.clone()));
         shutdown.await;
         info!("shutting down: no new connections; finishing commands in flight");
         let _ = shutdown_tx.send(true);
+        // A reload starts no accept loop from now on.
+        shared.acceptors().running = None;
         // Every accept loop and connection task holds a sender.
         if tokio::time::timeout(Duration::from_secs(30), done_rx.recv())
             .await
@@ -789,6 +858,21 @@ async fn flush_all(shared: &Arc<Shared>) -> Result<(), ServerError> {
     })
 }
 
+/// Make the per-LU metric families list the LUs of `targets` (those
+/// counted: see [`metrics::Metrics::counts_lus`]).
+fn publish_lu_metrics(m: &metrics::Metrics, targets: &[Option<Arc<TargetRt>>]) {
+    m.set_lus(targets.iter().flatten().flat_map(|t| {
+        t.luns.iter().filter_map(|(lun, lu)| {
+            Some(metrics::LuSource {
+                target: &t.name,
+                lun: *lun,
+                stats: t.stats.get(lun)?.clone(),
+                ua: lu.unit_attentions().clone(),
+            })
+        })
+    }));
+}
+
 /// Open (creating a missing file sparse) the backing store of LUN `lc` of
 /// target `target` and build its logical unit.
 // Everything an LU is built from, at bind and at reload alike.
@@ -929,17 +1013,25 @@ pub fn human_size(b: u64) -> String {
     }
 }
 
+/// Accept connections on `listener` (bound to `addr`) until shutdown or
+/// until `stop` (a reload removed the portal).
 async fn accept_loop(
     shared: Arc<Shared>,
     admission: Arc<admission::Admission>,
     listener: TcpListener,
-    info: Arc<ListenerInfo>,
+    addr: SocketAddr,
+    mut stop: watch::Receiver<bool>,
     done: mpsc::Sender<()>,
 ) {
     let mut shutdown = shared.shutdown.clone();
+    let info = Arc::new(ListenerInfo {
+        addr,
+        groups: Vec::new(),
+    });
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break,
             r = listener.accept() => r,
         };
         let (sock, peer) = match accepted {
@@ -990,6 +1082,7 @@ async fn accept_loop(
             drop(done);
         }));
     }
+    drop(listener);
     debug!(addr = %info.addr, "listener closed");
 }
 

@@ -18,21 +18,35 @@
 //! LUN's APTPL state stays in the data directory and is read back when the
 //! LUN is added again.
 //!
-//! What needs a restart is refused with a message saying so: listen
-//! addresses (portals), `data_dir`, `admin_socket`, `[cluster]`, the
-//! admission limits, a LUN's block size, backing, read-only flag or
-//! identity while it is served, and in cluster mode any change of the set
-//! of LUs.
+//! Portals: the first phase binds every listen address that is new (a
+//! bind failure rejects the reload); the commit starts accepting on them,
+//! hands every LU of a target whose portal groups changed its new target
+//! ports (REPORT TARGET PORT GROUPS, Device Identification, ALL_TG_PT),
+//! stops accepting on the addresses no target uses any more, and asks
+//! the sessions that came through a removed portal to log out. A portal
+//! is its (TPGT, address): one that stays keeps its listener and its
+//! sessions; one whose address stays but whose TPGT would change (its
+//! position in `portals`, or `first_tpgt`, moved) is refused, since its
+//! sessions' I_T nexuses name the old TPGT.
+//!
+//! What needs a restart is refused with a message saying so: `data_dir`,
+//! `admin_socket`, `[cluster]`, the admission limits, a LUN's block size,
+//! backing, read-only flag or identity while it is served, and in cluster
+//! mode any change of the set of LUs or of the portals (both are
+//! registered with the cluster).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use std::net::SocketAddr;
+
 use keyfence_lu::{LogicalUnit, TargetLuns, UaScope};
 use keyfence_scsi::sense::asc;
+use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use super::session::SessionCtl;
-use super::{acl, datadir, open_lu, BindHooks, Live, Portal, Shared, TargetRt};
+use super::{acl, datadir, open_lu, BindHooks, ListenerInfo, Live, Portal, Shared, TargetRt};
 use crate::config::{Backing, Config, LunConfig, TargetConfig};
 
 /// Reads the configuration for a reload: the file `keyfence serve` was
@@ -93,9 +107,10 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
     let clustered = shared.clustered;
     let old2 = old.clone();
     let hooks = shared.hooks.clone();
+    let count_lus = shared.metrics.counts_lus();
     let prepared = tokio::task::spawn_blocking(move || {
         let new = source().map_err(ReloadError::Invalid)?;
-        prepare(&old2, new, clustered, &hooks)
+        prepare(&old2, new, clustered, count_lus, &hooks)
     })
     .await
     .map_err(|e| ReloadError::Invalid(format!("reload task failed: {e}")))??;
@@ -104,14 +119,45 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
         lun_lists,
         grown,
         summary,
+        fresh,
+        ports_changed,
     } = prepared;
     // Commit: nothing below fails.
     for (list, luns) in lun_lists {
         list.set(luns);
     }
+    for t in ports_changed.iter().filter_map(|i| live.target(*i)) {
+        let ports: Vec<_> = t
+            .portals
+            .iter()
+            .chain(t.peer_portals.iter().map(|(_, p)| p))
+            .map(|p| keyfence_scsi::TargetPort::new(&t.name, p.tpgt, p.tpgt))
+            .collect();
+        for lu in t.luns.values() {
+            lu.set_target_ports(ports.clone());
+        }
+    }
     let live = Arc::new(live);
     apply_limits(shared, &old, &live);
     shared.live.store(live.clone());
+    // Accept on the new portals; stop on those no target uses any more.
+    let retired: Vec<_> = {
+        let mut acc = shared.acceptors();
+        for (addr, l) in fresh {
+            acc.add(shared, l, addr);
+        }
+        old.listeners
+            .iter()
+            .filter(|o| !live.listeners.iter().any(|l| l.addr == o.addr))
+            .filter_map(|o| acc.remove(o.addr))
+            .collect()
+    };
+    for task in retired {
+        // The socket is closed when its loop ends (at once): a later
+        // reload can listen on the address again.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    super::publish_lu_metrics(&shared.metrics, &live.targets);
     for lu in &grown {
         lu.queue_unit_attention(UaScope::All, asc::CAPACITY_DATA_HAS_CHANGED);
     }
@@ -154,6 +200,10 @@ struct Prepared {
     lun_lists: Vec<(Arc<TargetLuns>, Vec<u64>)>,
     grown: Vec<Arc<LogicalUnit>>,
     summary: String,
+    /// Listeners bound for new portals, by bound address.
+    fresh: Vec<(SocketAddr, TcpListener)>,
+    /// Served targets whose portal groups changed.
+    ports_changed: Vec<usize>,
 }
 
 fn restart(msg: impl Into<String>) -> ReloadError {
@@ -200,16 +250,6 @@ fn check_restart_only(old: &Config, new: &Config, clustered: bool) -> Result<(),
             return Err(restart(format!("limits.{name} changed from {a} to {b}")));
         }
     }
-    for t in &new.targets {
-        if let Some(ot) = find(old, &t.name) {
-            if ot.portal_addrs != t.portal_addrs || ot.first_tpgt != t.first_tpgt {
-                return Err(restart(format!(
-                    "target '{}': portals changed (adding or removing listen addresses)",
-                    t.name
-                )));
-            }
-        }
-    }
     if clustered {
         let same = old.targets.len() == new.targets.len()
             && new
@@ -221,8 +261,95 @@ fn check_restart_only(old: &Config, new: &Config, clustered: bool) -> Result<(),
                 "in cluster mode targets and LUNs cannot change while serving",
             ));
         }
+        for t in &new.targets {
+            if find(old, &t.name)
+                .is_some_and(|o| o.portal_addrs != t.portal_addrs || o.first_tpgt != t.first_tpgt)
+            {
+                return Err(restart(format!(
+                    "target '{}': in cluster mode portals cannot change while serving (they are registered with the cluster)",
+                    t.name
+                )));
+            }
+        }
     }
     Ok(())
+}
+
+/// Portal groups by lower-case target name, and the listeners bound for
+/// them (by bound address).
+type PortalPlan = (
+    BTreeMap<String, Vec<Portal>>,
+    Vec<(SocketAddr, TcpListener)>,
+);
+
+/// The portal groups of every target of `new` (by lower-case name), with
+/// the listeners bound for the addresses not listened on yet. A portal
+/// group that stays (same TPGT and configured address) keeps its bound
+/// address; see the module doc for what is refused.
+fn plan_portals(old: &Live, old_cfg: &Config, new: &Config) -> Result<PortalPlan, ReloadError> {
+    let mut fresh: Vec<(SocketAddr, SocketAddr, TcpListener)> = Vec::new();
+    let mut out = BTreeMap::new();
+    for tc in &new.targets {
+        let old_tc = find(old_cfg, &tc.name);
+        let old_rt = old.target_by_name(&tc.name).and_then(|i| old.target(i));
+        let mut portals = Vec::new();
+        for (tpgt, want) in tc.portal_groups() {
+            let was = old_tc.is_some_and(|o| o.portal_groups().any(|g| g == (tpgt, want)));
+            let kept = old_rt
+                .filter(|_| was)
+                .and_then(|rt| rt.portals.iter().find(|p| p.tpgt == tpgt))
+                .map(|p| p.addr);
+            if kept.is_none() && want.port() != 0 {
+                if let Some((from, _)) =
+                    old_tc.and_then(|o| o.portal_groups().find(|(_, a)| *a == want))
+                {
+                    return Err(ReloadError::Invalid(format!(
+                        "target '{}': portal {want} would change from TPGT {from} to TPGT {tpgt} (its position in `portals` or first_tpgt moved); a reload cannot change the TPGT of a served portal: keep its position, or remove it in one reload and add it in the next",
+                        tc.name
+                    )));
+                }
+            }
+            let addr = match kept {
+                Some(a) => a,
+                // Listened on already (for another target), or bound just
+                // now for another portal group of this reload.
+                None if want.port() != 0 && old.listeners.iter().any(|l| l.addr == want) => want,
+                None => match fresh
+                    .iter()
+                    .find(|(w, _, _)| *w == want && want.port() != 0)
+                {
+                    Some((_, a, _)) => *a,
+                    None => {
+                        let (a, l) = listen(want).map_err(|e| {
+                            ReloadError::Invalid(format!(
+                                "target '{}': cannot listen on {want}: {e}",
+                                tc.name
+                            ))
+                        })?;
+                        fresh.push((want, a, l));
+                        a
+                    }
+                },
+            };
+            portals.push(Portal { tpgt, addr });
+        }
+        portals.sort_by_key(|p| p.tpgt);
+        out.insert(tc.name.to_ascii_lowercase(), portals);
+    }
+    Ok((out, fresh.into_iter().map(|(_, a, l)| (a, l)).collect()))
+}
+
+/// Bind a listening socket as [`super::Server::bind`] does.
+fn listen(addr: SocketAddr) -> std::io::Result<(SocketAddr, TcpListener)> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    let l = sock.listen(1024)?;
+    Ok((l.local_addr()?, l))
 }
 
 fn find<'a>(c: &'a Config, name: &str) -> Option<&'a TargetConfig> {
@@ -295,29 +422,19 @@ fn prepare(
     old: &Live,
     new: Config,
     clustered: bool,
+    count_lus: bool,
     hooks: &BindHooks,
 ) -> Result<Prepared, ReloadError> {
     let Some(old_cfg) = &old.config else {
         return Err(ReloadError::NoSource);
     };
     check_restart_only(old_cfg, &new, clustered)?;
-    // New targets must be served on addresses already listened on.
-    for t in &new.targets {
-        if find(old_cfg, &t.name).is_some() {
-            continue;
-        }
-        for (_, addr) in t.portal_groups() {
-            if addr.port() == 0 || !old.listeners.iter().any(|l| l.addr == addr) {
-                return Err(restart(format!(
-                    "new target '{}' needs portal {addr}, which is not listened on",
-                    t.name
-                )));
-            }
-        }
-    }
+    // Listen on new portals first: a busy address rejects the reload
+    // before anything is created (the sockets close when dropped).
+    let (portals, fresh) = plan_portals(old, old_cfg, &new)?;
     let mut created = datadir::Created::default();
-    match build(old, old_cfg, &new, hooks, &mut created) {
-        Ok((targets, lun_lists, grow, mut summary)) => {
+    match build(old, old_cfg, &new, &portals, count_lus, hooks, &mut created) {
+        Ok((targets, lun_lists, grow, mut summary, ports_changed)) => {
             // Grow last: it cannot be undone (the file stays larger, as
             // its configuration says, if a later one fails).
             let mut grown: Vec<Arc<LogicalUnit>> = Vec::new();
@@ -334,20 +451,20 @@ fn prepare(
                 }
                 grown.push(lu);
             }
-            let mut listeners = old.listeners.clone();
+            // Every listener with the (target, TPGT) pairs it serves now;
+            // one serving none is closed at the commit.
+            let mut listeners: Vec<ListenerInfo> = Vec::new();
             for (i, t) in targets.iter().enumerate() {
                 let Some(t) = t else { continue };
                 for p in &t.portals {
-                    if let Some(l) = listeners.iter_mut().find(|l| l.addr == p.addr) {
-                        if !l.groups.contains(&(i, p.tpgt)) {
-                            l.groups.push((i, p.tpgt));
-                        }
+                    match listeners.iter_mut().find(|l| l.addr == p.addr) {
+                        Some(l) => l.groups.push((i, p.tpgt)),
+                        None => listeners.push(ListenerInfo {
+                            addr: p.addr,
+                            groups: vec![(i, p.tpgt)],
+                        }),
                     }
                 }
-            }
-            for l in &mut listeners {
-                l.groups
-                    .retain(|(i, _)| targets.get(*i).is_some_and(Option::is_some));
             }
             if summary.is_empty() {
                 summary = "no change".into();
@@ -364,6 +481,8 @@ fn prepare(
                 lun_lists,
                 grown,
                 summary,
+                fresh,
+                ports_changed,
             })
         }
         Err(e) => {
@@ -378,12 +497,15 @@ type Built = (
     Vec<(Arc<TargetLuns>, Vec<u64>)>,
     Vec<(String, u16, Arc<LogicalUnit>, u64)>,
     String,
+    Vec<usize>,
 );
 
 fn build(
     old: &Live,
     old_cfg: &Config,
     new: &Config,
+    new_portals: &BTreeMap<String, Vec<Portal>>,
+    count_lus: bool,
     hooks: &BindHooks,
     created: &mut datadir::Created,
 ) -> Result<Built, ReloadError> {
@@ -397,31 +519,39 @@ fn build(
     let mut targets: Vec<Option<Arc<TargetRt>>> = vec![None; old.targets.len()];
     let mut lun_lists = Vec::new();
     let mut grow = Vec::new();
+    let mut ports_changed = Vec::new();
     let err = |e: super::ServerError| ReloadError::Invalid(e.to_string());
     for tc in &new.targets {
         let existing = old.target_by_name(&tc.name);
-        let (idx, portals, lun_list, old_luns, old_tc) = match existing {
+        let portals = new_portals
+            .get(&tc.name.to_ascii_lowercase())
+            .cloned()
+            .unwrap_or_default();
+        let (idx, lun_list, old_luns, old_tc) = match existing {
             Some(i) => {
                 let rt = old.target(i).expect("index of a served target");
-                (
-                    i,
-                    rt.portals.clone(),
-                    rt.lun_list.clone(),
-                    Some(rt),
-                    find(old_cfg, &tc.name),
-                )
+                if rt.portals != portals {
+                    ports_changed.push(i);
+                    for p in portals.iter().filter(|p| !rt.portals.contains(p)) {
+                        note(format!(
+                            "{} portal {} (TPGT {}) added",
+                            tc.name, p.addr, p.tpgt
+                        ));
+                    }
+                    for p in rt.portals.iter().filter(|p| !portals.contains(p)) {
+                        note(format!(
+                            "{} portal {} (TPGT {}) removed",
+                            tc.name, p.addr, p.tpgt
+                        ));
+                    }
+                }
+                (i, rt.lun_list.clone(), Some(rt), find(old_cfg, &tc.name))
             }
             None => {
                 targets.push(None);
-                let mut portals: Vec<Portal> = tc
-                    .portal_groups()
-                    .map(|(tpgt, addr)| Portal { tpgt, addr })
-                    .collect();
-                portals.sort_by_key(|p| p.tpgt);
                 note(format!("target {} added", tc.name));
                 (
                     targets.len() - 1,
-                    portals,
                     Arc::new(TargetLuns::new(Vec::new())),
                     None,
                     None,
@@ -490,11 +620,11 @@ fn build(
             }
         }
         lun_lists.push((lun_list.clone(), luns.keys().copied().collect()));
-        // Kept LUs keep their counters. The metrics registry is built at
-        // start: an LU added by a reload is counted here but not exported
-        // until the next restart.
+        // Kept LUs keep their counters; new ones start at zero and are
+        // exported from the commit on.
         let stats = luns
             .iter()
+            .filter(|_| count_lus)
             .map(|(lun, lu)| {
                 let kept = old_luns.and_then(|rt| {
                     rt.luns
@@ -528,5 +658,5 @@ fn build(
     if old_cfg.discovery_chap != new.discovery_chap {
         note("discovery CHAP changed".into());
     }
-    Ok((targets, lun_lists, grow, summary))
+    Ok((targets, lun_lists, grow, summary, ports_changed))
 }

@@ -132,9 +132,13 @@ pub(crate) struct Session {
     view: Option<Arc<LunView>>,
     /// The address the connection was accepted on.
     local: Option<SocketAddr>,
-    /// The initiator lost access in a reload and was asked to log out;
-    /// the connection is closed at this time if it has not.
+    /// The portal (listener address) the connection came through.
+    portal: Option<SocketAddr>,
+    /// The initiator lost access or its portal in a reload and was asked
+    /// to log out; the connection is closed at this time if it has not.
     logout_deadline: Option<Instant>,
+    /// Why it was asked to log out.
+    logout_reason: &'static str,
     tsih: u16,
     cid: u16,
     params: SessionParams,
@@ -237,7 +241,9 @@ impl Session {
             rt,
             view: est.view,
             local: est.local,
+            portal: est.portal,
             logout_deadline: None,
+            logout_reason: "",
             tsih: est.registration.tsih,
             cid: est.cid,
             params: est.params,
@@ -316,6 +322,20 @@ impl Session {
     fn reconfigure(&mut self, live: &Arc<Live>, notify: bool) {
         let discovered = login::discovered_targets(live, &self.initiator, self.kind, self.local);
         self.discovered = discovered;
+        // The portal it came through was removed: the session ends
+        // (whatever else changed).
+        let portal_gone = self.portal.is_some_and(|a| match self.kind {
+            SessionKind::Discovery => !live.listeners.iter().any(|l| l.addr == a),
+            // (A removed target is an access loss, handled below.)
+            SessionKind::Normal { target, tpgt } => {
+                live.target(target).is_some() && !live.groups_at(a).contains(&(target, tpgt))
+            }
+        });
+        if portal_gone && self.logout_deadline.is_none() && self.closing.is_none() {
+            self.request_logout(
+                "its portal was removed by a reload; the initiator did not log out in time",
+            );
+        }
         let Some(t) = self.target else {
             return;
         };
@@ -333,7 +353,9 @@ impl Session {
                 // show no LUN: the initiator has no access any more.
                 self.view = Some(Arc::new(LunView::empty()));
                 if self.logout_deadline.is_none() && self.closing.is_none() {
-                    self.request_logout();
+                    self.request_logout(
+                        "access removed by a reload; the initiator did not log out in time",
+                    );
                 }
             }
         }
@@ -362,9 +384,13 @@ impl Session {
 
     /// Ask the initiator to log out (RFC 7143 11.9.1, AsyncEvent 1,
     /// Parameter3: seconds it has), closing the connection after that.
-    fn request_logout(&mut self) {
+    /// `reason`: why, as the connection's end is logged if the initiator
+    /// does not log out in time.
+    fn request_logout(&mut self, reason: &'static str) {
+        let why = reason.split(';').next().unwrap_or(reason);
         info!(peer = %self.peer, tsih = self.tsih, initiator = %self.initiator,
-            "access removed by reload: asking the initiator to log out");
+            "{why}: asking the initiator to log out");
+        self.logout_reason = reason;
         let m = AsyncMessage {
             lun: Lun::default(),
             stat_sn: self.next_stat_sn(),
@@ -510,9 +536,7 @@ impl Session {
 
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.logout_deadline.is_some_and(|d| now >= d) {
-            self.close(ConnEnd::Closed(
-                "access removed by a reload; the initiator did not log out in time",
-            ));
+            self.close(ConnEnd::Closed(self.logout_reason));
             return;
         }
         if self.read_retry.is_some_and(|r| now >= r) {
@@ -936,10 +960,16 @@ impl Session {
         t.luns.get(&self.target_lun(lun)?).cloned()
     }
 
-    /// The metrics of the LU behind `lun`.
-    fn stats_for(&self, lun: Lun) -> Option<Arc<LuStats>> {
-        let t = self.rt.as_ref()?;
-        t.stats.get(&self.target_lun(lun)?).cloned()
+    /// The LU behind `lun` and its counters (None when not counted), with
+    /// one resolution of the LUN.
+    fn lu_and_stats(&self, lun: Lun) -> (Option<Arc<LogicalUnit>>, Option<Arc<LuStats>>) {
+        let Some((t, id)) = self.rt.as_ref().zip(self.target_lun(lun)) else {
+            return (None, None);
+        };
+        let Some(lu) = t.luns.get(&id) else {
+            return (None, None);
+        };
+        (Some(lu.clone()), t.stats.get(&id).cloned())
     }
 
     /// The target LUN id behind a LUN field of this session.

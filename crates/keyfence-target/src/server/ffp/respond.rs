@@ -52,7 +52,7 @@ pub(crate) struct Meta {
     /// What the command is counted as, when it arrived, and its LU's
     /// counters (None: no LU, or not counted).
     pub kind: CmdKind,
-    pub start: Instant,
+    pub start: Option<Instant>,
     pub stats: Option<Arc<LuStats>>,
 }
 
@@ -367,7 +367,9 @@ impl Session {
             CmdKind::Read => {
                 st.reads.fetch_add(1, Relaxed);
                 st.read_bytes.fetch_add(sent as u64, Relaxed);
-                st.read_latency.observe(meta.start.elapsed());
+                if let Some(t) = meta.start {
+                    st.read_latency.observe(t.elapsed());
+                }
             }
             CmdKind::Write => {
                 st.writes.fetch_add(1, Relaxed);
@@ -375,7 +377,9 @@ impl Session {
                     let n = meta.edtl.min(meta.wanted_out.unwrap_or(0));
                     st.write_bytes.fetch_add(u64::from(n), Relaxed);
                 }
-                st.write_latency.observe(meta.start.elapsed());
+                if let Some(t) = meta.start {
+                    st.write_latency.observe(t.elapsed());
+                }
             }
             CmdKind::PrOut(sa) => {
                 if let (Some(t), Some(lun)) = (self.rt.clone(), self.target_lun(meta.lun)) {

@@ -168,9 +168,9 @@ impl Session {
             self.reject(RejectReason::TaskInProgress, &pdu.bhs);
             return;
         }
-        let start = Instant::now();
-        let lu = self.lu_for(cmd.lun);
-        let stats = lu.as_ref().and_then(|_| self.stats_for(cmd.lun));
+        let (lu, stats) = self.lu_and_stats(cmd.lun);
+        // The clock is read only for a command that is counted.
+        let start = stats.as_ref().map(|_| Instant::now());
         let cdb = cmd.cdb.as_slice();
         let edtl = cmd.expected_data_transfer_length;
         // What the CDB transfers out, for writes and for commands sent
@@ -383,7 +383,7 @@ impl Session {
             edtl: cmd.expected_data_transfer_length,
             wanted_out: None,
             kind: CmdKind::Other,
-            start: Instant::now(),
+            start: None,
             stats: None,
         };
         self.shared.metrics.task_set_full.inc();
