@@ -490,11 +490,15 @@ fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
         .unwrap();
     assert_eq!(f.status()["config_generation"], 0);
     // A change that needs a restart says so and changes nothing either.
-    f.rewrite(&config_text(&[(0, "4M")], false).replace("127.0.0.1:0", "127.0.0.1:1"));
+    // (A LUN added in the same file is not applied either.)
+    f.rewrite(&format!(
+        "[limits]\nmax_login_connections = 7\n\n{}",
+        config_text(&[(0, "4M"), (1, "4M")], false)
+    ));
     let (code, _, err) = f.cli(&["reload"]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("portals changed") && err.contains("restart"),
+        err.contains("limits.max_login_connections changed") && err.contains("restart"),
         "{err}"
     );
     assert!(!lun_file_exists(f.serve.data_dir(), 1));
