@@ -20,7 +20,7 @@ use std::ops::Range;
 use std::os::unix::fs::{FileExt, FileTypeExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 
 /// Errors opening a backend.
@@ -143,6 +143,16 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
         self.read_at(&mut buf, offset)?;
         Ok(buf)
     }
+    /// Read `len` bytes from byte `offset` only if that needs no waiting
+    /// for the device, because every byte is in a cache: `Some(data)`, all
+    /// of the range and never a part of it. `None` when the read would
+    /// wait, the backend cannot read without waiting (the default), or the
+    /// attempt failed; the caller then reads with
+    /// [`BlockBackend::read_vec`], where waiting is allowed and errors are
+    /// reported. The range lies within `len()`.
+    fn try_read_nowait(&self, _len: usize, _offset: u64) -> Option<Vec<u8>> {
+        None
+    }
     /// Write `buf` at byte `offset`. The range lies within `len()`.
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
     /// Make every completed write durable (fdatasync).
@@ -185,6 +195,8 @@ pub struct FileBackend {
     is_block_device: bool,
     /// Opened `O_DIRECT` (clustered LUs): the alignment it requires.
     direct: Option<DirectAlign>,
+    /// `RWF_NOWAIT` reads were refused as unsupported: do not try again.
+    no_nowait: AtomicBool,
 }
 
 /// Alignment that `O_DIRECT` I/O on one file requires.
@@ -383,6 +395,7 @@ impl FileBackend {
             read_only,
             is_block_device,
             direct,
+            no_nowait: AtomicBool::new(false),
         })
     }
 
@@ -637,6 +650,58 @@ impl BlockBackend for FileBackend {
             }
         }
         Ok(buf)
+    }
+
+    /// `preadv2(RWF_NOWAIT)`: served from the page cache or not at all.
+    /// The kernel returns `EAGAIN` when the first page is not cached and a
+    /// short count when a later one is not; the rest is tried again the
+    /// same way, and if it is not all cached the bytes read so far are
+    /// dropped (the caller reads the whole range where it may wait).
+    fn try_read_nowait(&self, len: usize, offset: u64) -> Option<Vec<u8>> {
+        if self.direct.is_some() || self.no_nowait.load(Ordering::Relaxed) {
+            // Direct I/O has no cache to be served from.
+            return None;
+        }
+        let mut buf: Vec<u8> = Vec::with_capacity(len);
+        while buf.len() < len {
+            let filled = buf.len();
+            let pos = u64::try_from(filled)
+                .ok()
+                .and_then(|f| offset.checked_add(f))
+                .and_then(|p| libc::off_t::try_from(p).ok())?;
+            let spare = buf.spare_capacity_mut().get_mut(..len - filled)?;
+            let iov = libc::iovec {
+                iov_base: spare.as_mut_ptr().cast(),
+                iov_len: spare.len(),
+            };
+            // SAFETY: the one iovec points at the vector's unused capacity,
+            // exclusively borrowed and valid for writes of `spare.len()`
+            // bytes; preadv2 writes at most that many bytes there, nothing
+            // reads from it, and the fd is owned by `self.file`.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, pos, libc::RWF_NOWAIT) };
+            match usize::try_from(n) {
+                // End of file: not ours to report here.
+                Ok(0) => return None,
+                Ok(n) => {
+                    // SAFETY: preadv2 initialised the first `n` bytes of
+                    // the spare capacity, right after the `filled`
+                    // initialised ones, and `filled + n <= len <= capacity`.
+                    unsafe { buf.set_len(filled + n.min(len - filled)) };
+                }
+                Err(_) => {
+                    let e = io::Error::last_os_error();
+                    match e.raw_os_error() {
+                        Some(libc::EINTR) => {}
+                        Some(libc::EOPNOTSUPP | libc::ENOSYS) => {
+                            self.no_nowait.store(true, Ordering::Relaxed);
+                            return None;
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        Some(buf)
     }
 
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
@@ -975,6 +1040,9 @@ mod tests {
         let mut part = vec![0u8; 100];
         b.read_at(&mut part, 2 * blk as u64 + 7).unwrap();
         assert_eq!(part, odd[7..107]);
+        // No cache to read from without waiting: the data just written
+        // went to the medium, and a nowait read says it would block.
+        assert_eq!(b.try_read_nowait(blk, 2 * blk as u64), None);
         // Past the end: a short medium, as for buffered files.
         let e = b.read_vec(2 * blk, b.len() - blk as u64).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
@@ -999,6 +1067,48 @@ mod tests {
             .unwrap()
             .iter()
             .all(|&x| x == 0));
+    }
+
+    /// Set an access pattern advice on the backend's open file (the
+    /// range 0..0 is the whole file).
+    fn advise(b: &FileBackend, advice: libc::c_int) {
+        // SAFETY: posix_fadvise only reads its integer arguments on an fd
+        // owned by `b.file`.
+        let rc = unsafe { libc::posix_fadvise(b.file.as_raw_fd(), 0, 0, advice) };
+        assert_eq!(rc, 0, "posix_fadvise: {}", io::Error::from_raw_os_error(rc));
+    }
+
+    #[test]
+    fn nowait_read_is_served_from_the_page_cache_and_never_in_part() {
+        // A directory on the source tree's file system, which drops clean
+        // pages on request (a tmpfs, as /tmp often is, never does).
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let b = FileBackend::open(&dir.path().join("n.img"), Some(1 << 20), false).unwrap();
+        // No read-ahead: a page read is the only page brought in.
+        advise(&b, libc::POSIX_FADV_RANDOM);
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        b.write_at(&data, 0).unwrap();
+        // Just written: cached, and read without waiting.
+        let got = b.try_read_nowait(65536, 12288).expect("cached pages");
+        assert_eq!(got, data[12288..12288 + 65536]);
+        assert_eq!(b.try_read_nowait(0, 0), Some(Vec::new()));
+        // Written back and dropped from the cache: it would wait.
+        b.flush().unwrap();
+        advise(&b, libc::POSIX_FADV_DONTNEED);
+        assert!(b.try_read_nowait(4096, 0).is_none(), "read an evicted page");
+        // The first page cached, the second not: the kernel returns the
+        // first alone, which is not handed out as the data of both.
+        let mut page = vec![0u8; 4096];
+        b.read_at(&mut page, 0).unwrap();
+        assert_eq!(page, data[..4096]);
+        let part = b.try_read_nowait(8192, 0).map(|v| v.len());
+        assert_eq!(part, None, "returned part of a range");
+        // A waiting read brings the rest in; then it is served.
+        assert_eq!(b.read_vec(8192, 0).unwrap(), data[..8192]);
+        assert_eq!(b.try_read_nowait(8192, 0).as_deref(), Some(&data[..8192]));
+        // The memory backend keeps the default: it would block.
+        let m = MemBackend::new(8192);
+        assert_eq!(m.try_read_nowait(4096, 0), None);
     }
 
     #[test]

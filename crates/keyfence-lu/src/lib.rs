@@ -540,6 +540,47 @@ impl LogicalUnit {
         }
     }
 
+    /// Execute a READ without waiting for the medium, when that can be
+    /// told beforehand: `Some(outcome)` when it is done (its data was all
+    /// in the backend's cache, or it ended at the reservation gate or a
+    /// check of its CDB), exactly as [`LogicalUnit::execute`] would have
+    /// answered. `None` when it must go through `execute` where it may
+    /// wait: it is not a READ, it asks for FUA (read from the medium) or
+    /// more than `max_bytes`, a unit attention is pending for the nexus
+    /// (`execute` reports it), or the data is not all cached. `None`
+    /// changes nothing.
+    pub fn try_read_nowait(
+        &self,
+        req: &CommandRequest<'_>,
+        max_bytes: u64,
+    ) -> Option<CommandOutcome> {
+        let Ok(Cdb::Read { lba, blocks, flags }) = cdb::parse(req.cdb) else {
+            return None;
+        };
+        if flags.fua || self.bytes(blocks.into()) > max_bytes {
+            return None;
+        }
+        let nexus_state = self.ua.entry(req.nexus);
+        if nexus_state.is_pending() {
+            return None;
+        }
+        // In flight from the reservation check on, as in `execute`.
+        let _inflight = self.ua.enter(&nexus_state);
+        if let Some(o) = self.reservations.gate(req.nexus, req.cdb) {
+            return Some(o);
+        }
+        if let Err(s) = self
+            .check_transfer(req.cdb, blocks)
+            .and_then(|()| self.check_range(lba, blocks.into()))
+        {
+            return Some(CommandOutcome::check_condition(s));
+        }
+        let len = usize::try_from(self.bytes(blocks.into())).ok()?;
+        self.backend
+            .try_read_nowait(len, self.bytes(lba))
+            .map(CommandOutcome::data)
+    }
+
     fn dispatch(&self, req: &CommandRequest<'_>, c: Cdb) -> Result<CommandOutcome, Sense> {
         match c {
             Cdb::RequestSense { desc, alloc_len } => {

@@ -86,7 +86,7 @@ impl LogicalUnit {
         }
     }
 
-    fn check_transfer(&self, cdb: &[u8], blocks: u32) -> Result<(), Sense> {
+    pub(crate) fn check_transfer(&self, cdb: &[u8], blocks: u32) -> Result<(), Sense> {
         if blocks > self.max_transfer_blocks() {
             return Err(Sense::invalid_cdb_field(length_field(cdb), Some(7)));
         }

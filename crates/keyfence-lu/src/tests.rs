@@ -1193,3 +1193,67 @@ fn a_clustered_lu_submits_nothing_after_the_serving_deadline() {
     good(&run(&lu, &n, &rw10(0x2a, 0, 0, 2), &[0x5a; 1024]));
     assert_eq!(medium(0, 2), vec![0x5a; 1024]);
 }
+
+fn try_nowait(lu: &LogicalUnit, n: &Nexus, cdb: &[u8], max: u64) -> Option<CommandOutcome> {
+    lu.try_read_nowait(
+        &CommandRequest {
+            nexus: n,
+            cdb,
+            data_out: &[],
+            read_only: false,
+            luns: None,
+        },
+        max,
+    )
+}
+
+#[test]
+fn nowait_read_answers_from_the_page_cache_as_execute_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let fb = Arc::new(FileBackend::open(&dir.path().join("x"), Some(1 << 20), false).unwrap());
+    let lu = lu_with(fb, config());
+    let n = nexus("iqn.a");
+    // A unit attention is pending for a new nexus: left to `execute`,
+    // which reports it, and not consumed.
+    assert_eq!(try_nowait(&lu, &n, &rw10(0x28, 0, 0, 8), 1 << 20), None);
+    ready(&lu, &n);
+    let data: Vec<u8> = (0..8 * 512).map(|i| (i % 253) as u8).collect();
+    good(&run(&lu, &n, &rw10(0x2a, 0, 16, 8), &data));
+    // Cached: the same answer as `execute`, by READ(10) and READ(16).
+    for cdb in [&rw10(0x28, 0, 16, 8)[..], &rw16(0x88, 0, 16, 8)[..]] {
+        let o = try_nowait(&lu, &n, cdb, 1 << 20).expect("cached read");
+        assert_eq!(good(&o), &data[..]);
+        assert_eq!(o, run(&lu, &n, cdb, &[]));
+    }
+    // Not tried: FUA (read from the medium), larger than allowed, not a
+    // READ.
+    assert_eq!(try_nowait(&lu, &n, &rw10(0x28, 0x08, 16, 8), 1 << 20), None);
+    assert_eq!(try_nowait(&lu, &n, &rw10(0x28, 0, 16, 8), 4095), None);
+    assert_eq!(try_nowait(&lu, &n, &rw10(0x2a, 0, 16, 8), 1 << 20), None);
+    assert_eq!(try_nowait(&lu, &n, &rw10(0x2f, 0, 16, 8), 1 << 20), None);
+    // Checks that need no medium access are answered.
+    let o = try_nowait(&lu, &n, &rw10(0x28, 0, 2047, 2), 1 << 20).unwrap();
+    assert_eq!(sense(&o).code(), asc::LBA_OUT_OF_RANGE);
+    let other = nexus("iqn.b");
+    ready(&lu, &other);
+    good(&run(&lu, &other, &[0x16, 0, 0, 0, 0, 0], &[]));
+    let o = try_nowait(&lu, &n, &rw10(0x28, 0, 16, 8), 1 << 20).unwrap();
+    assert_eq!(o.status, ScsiStatus::ReservationConflict);
+    good(&run(&lu, &other, &[0x17, 0, 0, 0, 0, 0], &[]));
+    // A unit attention queued later is left for `execute` too.
+    lu.queue_unit_attention(UaScope::All, asc::MODE_PARAMETERS_CHANGED);
+    assert_eq!(try_nowait(&lu, &n, &rw10(0x28, 0, 16, 8), 1 << 20), None);
+    let s = sense(&run(&lu, &n, &rw10(0x28, 0, 16, 8), &[]));
+    assert_eq!(s.code(), asc::MODE_PARAMETERS_CHANGED);
+    assert!(try_nowait(&lu, &n, &rw10(0x28, 0, 16, 8), 1 << 20).is_some());
+}
+
+#[test]
+fn nowait_read_on_a_backend_without_a_cache_would_block() {
+    let (lu, b) = mem_lu(64);
+    let n = nexus("iqn.a");
+    ready(&lu, &n);
+    b.write_at(&[7; 512], 0).unwrap();
+    assert_eq!(try_nowait(&lu, &n, &rw10(0x28, 0, 0, 1), 1 << 20), None);
+    assert_eq!(good(&run(&lu, &n, &rw10(0x28, 0, 0, 1), &[])), &[7; 512]);
+}

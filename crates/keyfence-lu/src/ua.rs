@@ -79,6 +79,11 @@ impl NexusUa {
         self.pending.store(true, Ordering::Release);
     }
 
+    /// Is a unit attention pending (without clearing it)?
+    pub(crate) fn is_pending(&self) -> bool {
+        self.pending.load(Ordering::Acquire)
+    }
+
     pub(crate) fn take(&self) -> Option<Asc> {
         if !self.pending.load(Ordering::Acquire) {
             return None;

@@ -55,6 +55,14 @@ impl BlockBackend for SlowReads {
         self.delay(offset);
         self.inner.read_vec(len, offset)
     }
+    /// A slow read is not in any cache: it would block, and goes to the
+    /// session's I/O queue. Others may be served from the page cache.
+    fn try_read_nowait(&self, len: usize, offset: u64) -> Option<Vec<u8>> {
+        if offset >= SIZE / 2 && self.slow.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.inner.try_read_nowait(len, offset)
+    }
     fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
         self.inner.write_at(buf, offset)
     }

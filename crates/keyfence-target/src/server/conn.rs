@@ -2,9 +2,9 @@
 //! full feature phase [`Session`] with the socket. It reads into one
 //! buffer and hands the bytes to the session, sends the session's outbox
 //! with vectored writes, runs the session's jobs (every command that
-//! touches the medium or may block) through its [`SessionIo`] queue on the
-//! blocking pool and feeds their completions back, and fires the session's
-//! timers.
+//! touches the medium or may block, except READs served from the page
+//! cache without waiting) through its [`SessionIo`] queue on the blocking
+//! pool and feeds their completions back, and fires the session's timers.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -12,6 +12,10 @@
 //! still sees the session's queue depth, and one session can occupy at
 //! most that many blocking threads. Other sessions have their own queues
 //! and runners, so their commands never wait behind this one's.
+//!
+//! A READ whose data is all in the page cache does not come here: the
+//! session answers it on the connection's task with a read that fails
+//! rather than wait (`RWF_NOWAIT`), and queues it only when that fails.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};

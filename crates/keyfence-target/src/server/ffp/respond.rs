@@ -38,6 +38,17 @@ fn answered_from_memory(cdb: &[u8]) -> bool {
     }
 }
 
+/// Largest READ tried on the connection's task from the page cache
+/// (copying more would hold up the other sessions served by the same
+/// worker thread); larger ones go to the session's I/O queue.
+const NOWAIT_READ_MAX_BYTES: u64 = 256 << 10;
+
+/// READ(6), READ(10), READ(12), READ(16): commands that do not change the
+/// medium or any state of the LU other than unit attentions.
+fn is_read(cdb: &[u8]) -> bool {
+    matches!(cdb.first(), Some(0x08 | 0x28 | 0xa8 | 0x88))
+}
+
 /// The response metadata a command needs once it has executed.
 #[derive(Debug, Clone)]
 pub(crate) struct Meta {
@@ -61,6 +72,8 @@ pub(crate) struct Meta {
 pub(super) struct InFlight {
     pub lun: Lun,
     pub aborted: bool,
+    /// A READ (see [`is_read`]): a later READ may overtake it.
+    pub read: bool,
     /// Data-in the job may return (counted in the session's read budget).
     pub read_bytes: u64,
     /// Its place in the server's budget (reads), kept until its data-in
@@ -192,8 +205,29 @@ impl Session {
         };
         // Every command that touches the medium or may block (flushes,
         // FUA, reservation changes) runs off the connection's task, on the
-        // session's I/O queue; only commands answered from memory run here.
+        // session's I/O queue; only commands answered from memory (or
+        // from the page cache, below) run here.
         let read_only = self.read_only_view(meta.lun);
+        // A READ whose data is all in the page cache is answered here
+        // without waiting, unless this session has a command other than a
+        // READ queued or running (a write it must not overtake, or a
+        // reservation change), or a reset that has not been applied.
+        if is_read(cdb) && self.resets_running == 0 && !self.non_read_in_flight() {
+            let req = CommandRequest {
+                nexus: &nexus,
+                cdb,
+                data_out: &data_out,
+                read_only,
+                luns: self.view.as_deref().map(LunView::luns),
+            };
+            if let Some(outcome) = lu.try_read_nowait(&req, NOWAIT_READ_MAX_BYTES) {
+                self.respond(&meta, outcome);
+                if let Some(h) = read_held {
+                    self.hold_until_sent(h);
+                }
+                return;
+            }
+        }
         if !answered_from_memory(cdb) || lu.is_blocking(cdb) {
             let read_bytes = if meta.read { u64::from(meta.edtl) } else { 0 };
             self.read_job_bytes += read_bytes;
@@ -202,6 +236,7 @@ impl Session {
                 InFlight {
                     lun: meta.lun,
                     aborted: false,
+                    read: is_read(cdb),
                     read_bytes,
                     read_held,
                 },
@@ -231,6 +266,12 @@ impl Session {
         if let Some(h) = read_held {
             self.hold_until_sent(h);
         }
+    }
+
+    /// Is a command other than a READ queued or running (on any LU: two
+    /// LUN numbers of an ACL view may name one LU)?
+    fn non_read_in_flight(&self) -> bool {
+        self.in_flight.values().any(|f| !f.read)
     }
 
     /// A [`Job`] finished.
