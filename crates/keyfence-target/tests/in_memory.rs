@@ -1,11 +1,15 @@
 //! The target's full feature phase driven in memory: PDUs in, outbox out,
 //! jobs run by the test, time advanced by the test. No socket, no runtime.
 
+use std::io;
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use keyfence_iscsi::pdu::{DataOut, NopOut, ScsiCommand, TargetPdu, TaskAttr, RESERVED_TAG};
 use keyfence_iscsi::{Cdb, Lun, SessionParams};
+use keyfence_lu::backend::{BlockBackend, MemBackend};
 use keyfence_target::config::Limits;
 use keyfence_target::server::harness::{InMemoryTarget, SessionPair};
 use keyfence_testkit::raw::{read10, write10};
@@ -545,4 +549,84 @@ fn a_write_whose_data_out_stalls_ends_the_connection() {
     assert!(i.pair.closing().unwrap().contains("Data-Out"));
     i.pair.end();
     assert_eq!(t.buffered_bytes(), 0);
+}
+
+/// Memory whose lower half is "in the page cache": reads of it are served
+/// without waiting, reads of the upper half would block.
+#[derive(Debug)]
+struct HalfCached(MemBackend);
+
+impl BlockBackend for HalfCached {
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.0.read_at(buf, offset)
+    }
+    fn try_read_nowait(&self, len: usize, offset: u64) -> Option<Vec<u8>> {
+        if offset + len as u64 > self.len() / 2 {
+            return None;
+        }
+        self.0.read_vec(len, offset).ok()
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.0.write_at(buf, offset)
+    }
+    fn flush(&self) -> io::Result<()> {
+        self.0.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.0.discard(offset, len)
+    }
+    fn mapped_ranges(&self, range: Range<u64>, limit: usize) -> io::Result<Vec<Range<u64>>> {
+        self.0.mapped_ranges(range, limit)
+    }
+    fn is_read_only(&self) -> bool {
+        self.0.is_read_only()
+    }
+}
+
+#[test]
+fn cached_reads_are_answered_at_once_but_never_pass_a_write() {
+    let backend = Arc::new(HalfCached(MemBackend::new(1 << 20)));
+    let t = InMemoryTarget::with_backend(Limits::default(), backend);
+    let mut i = Ini::new(&t, 9);
+    clear_ua(&mut i);
+    // Nothing in flight and the data cached: answered without a job.
+    let r = i.command(&read10(8, 8), true, false, 4096, Bytes::new());
+    assert_eq!(i.pair.held_jobs(), 0, "a cached READ went to the I/O queue");
+    assert_eq!(i.statuses(), (vec![(r, 0x00)], vec![0; 4096]));
+    // Not cached: a job. A later cached READ passes it (SIMPLE reads may
+    // be reordered; neither changes the medium).
+    let slow = i.command(&read10(1024, 8), true, false, 4096, Bytes::new());
+    assert_eq!(i.pair.held_jobs(), 1);
+    let fast = i.command(&read10(8, 8), true, false, 4096, Bytes::new());
+    assert_eq!(i.pair.held_jobs(), 1);
+    let out = i.pair.recv().unwrap();
+    assert!(
+        matches!(out.as_slice(), [TargetPdu::DataIn(d)] if d.itt == fast && d.status == Some(0)),
+        "{out:?}"
+    );
+    assert_eq!(i.statuses().0, vec![(slow, 0x00)]);
+    // A WRITE waiting on the queue: a READ of its blocks waits behind it
+    // and returns the new data, not the cached old data.
+    let w = i.command(
+        &write10(8, 8),
+        false,
+        true,
+        4096,
+        Bytes::from(vec![0x5a; 4096]),
+    );
+    assert_eq!(i.pair.held_jobs(), 1);
+    let after = i.command(&read10(8, 8), true, false, 4096, Bytes::new());
+    assert_eq!(i.pair.held_jobs(), 2, "a READ passed a queued WRITE");
+    assert!(i.pair.recv().unwrap().is_empty());
+    assert_eq!(
+        i.statuses(),
+        (vec![(w, 0x00), (after, 0x00)], vec![0x5a; 4096])
+    );
+    // The queue is empty again: cached reads are answered at once.
+    let r = i.command(&read10(8, 8), true, false, 4096, Bytes::new());
+    assert_eq!(i.pair.held_jobs(), 0);
+    assert_eq!(i.statuses(), (vec![(r, 0x00)], vec![0x5a; 4096]));
 }

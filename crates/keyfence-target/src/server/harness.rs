@@ -3,7 +3,7 @@
 //! `Pair` drives a connection).
 //!
 //! An [`InMemoryTarget`] serves one target with one LUN on a
-//! [`MemBackend`]. [`InMemoryTarget::session`] gives a [`SessionPair`]:
+//! [`MemBackend`] (or a backend the test gives). [`InMemoryTarget::session`] gives a [`SessionPair`]:
 //! a session as if its login had just completed, with the initiator's end
 //! of the byte stream. The test sends PDUs, lets time pass, runs (or
 //! holds back) the commands the session hands out as jobs, and reads the
@@ -38,11 +38,15 @@ pub struct InMemoryTarget {
 impl InMemoryTarget {
     /// A target whose LUN 0 has `lun_bytes` (a multiple of 512) of memory.
     pub fn new(limits: Limits, lun_bytes: u64) -> InMemoryTarget {
+        Self::with_backend(limits, Arc::new(MemBackend::new(lun_bytes)))
+    }
+
+    /// A target whose LUN 0 sits on `backend`.
+    pub fn with_backend(limits: Limits, backend: Arc<dyn BlockBackend>) -> InMemoryTarget {
         let addr = "127.0.0.1:3260".parse().expect("a socket address");
         let port = TargetPort::new(TARGET_NAME, 1, 1);
         let lun_list = Arc::new(TargetLuns::new(vec![0]));
         let cfg = LuConfig::new(TARGET_NAME, 0, vec![port], lun_list.clone());
-        let backend: Arc<dyn BlockBackend> = Arc::new(MemBackend::new(lun_bytes));
         let lu = LogicalUnit::new(cfg, backend).expect("a valid in-memory LU");
         let target = TargetRt {
             name: TARGET_NAME.into(),
