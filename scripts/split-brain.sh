@@ -9,9 +9,10 @@
 # --cluster (crates/keyfence/tests/cluster_split_brain.rs): a three-member
 # etcd and two gateways over one backing file; the victim writes through one
 # gateway, the fencer preempts and takes over through the other; the rounds
-# rotate between a plain race and freezing (SIGSTOP) the victim's or the
-# fencer's gateway around the preempt. KEYFENCE_SPLIT_MODES (comma separated:
-# race, stop-victim-gw, stop-fencer-gw) limits the modes.
+# rotate between a plain race, freezing (SIGSTOP) the victim's or the
+# fencer's gateway around the preempt, and freezing the victim's gateway past
+# its lease. KEYFENCE_SPLIT_MODES (comma separated: race, stop-victim-gw,
+# stop-fencer-gw, expire-victim-gw) limits the modes.
 #
 # Usage: scripts/split-brain.sh [--cluster] [ROUNDS]     (default 100)
 # KEYFENCE_PROFILE selects the cargo profile (default release).

@@ -11,13 +11,18 @@
 //! other node (the fencer) notices the silent heartbeat, decides to fence
 //! and runs `fence_keyfence -o off` (PREEMPT AND ABORT of the victim's
 //! key) through *its own* gateway, then takes the victim's region over with
-//! one write through its gateway. The rounds rotate through three modes:
+//! one write through its gateway. The rounds rotate through four modes:
 //!
 //! * `race`: nothing else happens;
 //! * `stop-victim-gw`: shortly after the fence agent starts, the victim's
 //!   gateway is frozen (SIGSTOP) for up to 2 s, with the victim's writes
 //!   queued in it, and thawed at a random moment;
-//! * `stop-fencer-gw`: the same with the fencer's gateway, for up to 0.8 s.
+//! * `stop-fencer-gw`: the same with the fencer's gateway, for up to 0.8 s;
+//! * `expire-victim-gw`: the victim's gateway frozen for 2.6–4 s, past its
+//!   serving deadline (TTL 3 s − margin 0.5 s after its last confirmed
+//!   keep-alive): PREEMPT AND ABORT returns GOOD once its lease expired,
+//!   and after the thaw it must refuse what it held (NOT READY), rejoin
+//!   and refuse the victim with RESERVATION CONFLICT.
 //!
 //! Checked every round, from the disk read back through both gateways and
 //! from the writers' logs:
@@ -36,7 +41,7 @@
 //! refused with RESERVATION CONFLICT (p50/p99/max), and the fence agent's
 //! run time.
 //!
-//! Rounds: 3, or `KEYFENCE_SPLIT_ROUNDS` (`scripts/split-brain.sh --cluster
+//! Rounds: 4 (one of each mode), or `KEYFENCE_SPLIT_ROUNDS` (`scripts/split-brain.sh --cluster
 //! N` runs many). `KEYFENCE_SPLIT_MODES` (comma separated) limits the modes.
 
 mod fence_support;
@@ -66,25 +71,33 @@ enum Mode {
     Race,
     StopVictimGw,
     StopFencerGw,
+    ExpireVictimGw,
 }
 
 impl Mode {
-    const ALL: [Mode; 3] = [Mode::Race, Mode::StopVictimGw, Mode::StopFencerGw];
+    const ALL: [Mode; 4] = [
+        Mode::Race,
+        Mode::StopVictimGw,
+        Mode::StopFencerGw,
+        Mode::ExpireVictimGw,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Mode::Race => "race",
             Mode::StopVictimGw => "stop-victim-gw",
             Mode::StopFencerGw => "stop-fencer-gw",
+            Mode::ExpireVictimGw => "expire-victim-gw",
         }
     }
 
-    /// Longest freeze of the mode's gateway, ms.
-    fn max_freeze_ms(self) -> u64 {
+    /// Shortest and longest freeze of the mode's gateway, ms.
+    fn freeze_ms(self) -> std::ops::RangeInclusive<u64> {
         match self {
-            Mode::Race => 0,
-            Mode::StopVictimGw => 2000,
-            Mode::StopFencerGw => 800,
+            Mode::Race => 0..=0,
+            Mode::StopVictimGw => 0..=2000,
+            Mode::StopFencerGw => 0..=800,
+            Mode::ExpireVictimGw => 2600..=4000,
         }
     }
 }
@@ -101,7 +114,7 @@ fn modes() -> Vec<Mode> {
                 .iter()
                 .find(|x| x.name() == m.trim())
                 .unwrap_or_else(|| {
-                    panic!("KEYFENCE_SPLIT_MODES: unknown mode {m:?} (race, stop-victim-gw, stop-fencer-gw)")
+                    panic!("KEYFENCE_SPLIT_MODES: unknown mode {m:?} (race, stop-victim-gw, stop-fencer-gw, expire-victim-gw)")
                 })
         })
         .collect();
@@ -373,7 +386,7 @@ fn no_late_write_through_either_gateway_after_fencing() {
     let rounds: usize = std::env::var("KEYFENCE_SPLIT_ROUNDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(4);
     let modes = modes();
     let rig = Rig::start();
     for gw in 0..2 {
@@ -448,12 +461,13 @@ fn no_late_write_through_either_gateway_after_fencing() {
             Mode::Race => None,
             Mode::StopVictimGw => Some(victim),
             Mode::StopFencerGw => Some(fencer),
+            Mode::ExpireVictimGw => Some(victim),
         };
         let freeze_plan = frozen_gw.map(|gw| {
             (
                 rig.gateways[gw].pid().expect("gateway running"),
                 Duration::from_millis(rng.gen_range(0..15)),
-                Duration::from_millis(rng.gen_range(0..=mode.max_freeze_ms())),
+                Duration::from_millis(rng.gen_range(mode.freeze_ms())),
             )
         });
         let freezer = freeze_plan.map(|(pid, after, hold)| {
