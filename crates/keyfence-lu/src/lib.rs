@@ -627,10 +627,19 @@ impl LogicalUnit {
         }
     }
 
-    /// The I_T nexus is gone (session ended or connection lost).
+    /// The I_T nexus is gone (session ended or connection lost). Blocks
+    /// until its effects are in force (cluster mode: committed and applied
+    /// by every live gateway); not on an I/O worker.
     pub fn nexus_lost(&self, nexus: &Nexus) {
+        self.nexus_lost_unless(nexus, &(Arc::new(|| false) as reservation::Superseded));
+    }
+
+    /// [`Self::nexus_lost`], except that the SPC-2 reservation is left
+    /// alone when `superseded` says a new session of the nexus started
+    /// meanwhile (see [`Reservations::on_nexus_loss`]).
+    pub fn nexus_lost_unless(&self, nexus: &Nexus, superseded: &reservation::Superseded) {
         self.ua.nexus_lost(nexus);
-        self.reservations.on_nexus_loss(nexus);
+        self.reservations.on_nexus_loss(nexus, superseded);
     }
 
     /// LOGICAL UNIT RESET task management function.

@@ -494,18 +494,42 @@ impl Reservations {
 
     /// The I_T nexus is gone (session closed or dropped): its SPC-2
     /// reservation, if any, ends. Persistent reservations stay.
-    pub fn on_nexus_loss(&self, nexus: &Nexus) {
+    ///
+    /// Returns once the change is in force: in cluster mode committed and
+    /// applied by every live gateway, so a command through any gateway
+    /// after this returns sees it. Blocks (an etcd round trip, or the
+    /// writer lock a PR OUT may hold across its fsync): not on an I/O
+    /// worker. `superseded` is asked right before the change is computed
+    /// (under the writer lock, or before each commit attempt): when it
+    /// says a new session of the same nexus has started (a reinstatement
+    /// that stopped waiting for this one), the reservation is that
+    /// session's and is left alone.
+    pub fn on_nexus_loss(&self, nexus: &Nexus, superseded: &Superseded) {
         if self.snapshot().spc2.as_ref() != Some(nexus) {
             return;
         }
         if let Some(shared) = &self.shared {
-            let n = nexus.clone();
-            shared.commit_detached(Box::new(move |st: &PrState| {
+            let (n, superseded) = (nexus.clone(), superseded.clone());
+            let change: SharedChange = Box::new(move |st: &PrState| {
+                if superseded() {
+                    return Ok(unchanged_or(st, None));
+                }
                 Ok(unchanged_or(st, keyfence_pr::on_nexus_loss(st, &n)))
-            }));
+            });
+            if let Err(r) = shared.commit(change) {
+                tracing::error!(
+                    lun = self.ctx.lun,
+                    nexus = %nexus,
+                    refusal = ?r,
+                    "the SPC-2 reservation of a lost I_T nexus could not be released"
+                );
+            }
             return;
         }
         let _w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if superseded() {
+            return;
+        }
         if let Some(st) = keyfence_pr::on_nexus_loss(&self.snapshot(), nexus) {
             self.publish(Arc::new(st));
         }
@@ -540,6 +564,10 @@ impl Reservations {
         }
     }
 }
+
+/// Has a new session of a lost I_T nexus started meanwhile? See
+/// [`Reservations::on_nexus_loss`].
+pub type Superseded = Arc<dyn Fn() -> bool + Send + Sync>;
 
 /// A transition without effects: `next`, or `st` unchanged when `None`.
 fn unchanged_or(st: &PrState, next: Option<PrState>) -> Applied {

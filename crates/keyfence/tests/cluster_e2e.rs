@@ -8,6 +8,7 @@
 //! nexus on A and takes its write access away there; a write through one
 //! gateway is read through the other. Three initiators on three gateways
 //! see the access rules and unit attentions of all six reservation types.
+//! A logout releases its SCSI-2 reservation before the Logout Response.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -383,3 +384,58 @@ async fn six_types_three_initiators_three_gateways() {
     .await
     .expect("test bounded");
 }
+
+/// SPC-2 RESERVE(6) / RELEASE(6): GOOD or RESERVATION CONFLICT.
+async fn spc2(dev: &Device, opcode: u8) -> Io {
+    match dev
+        .execute(&keyfence_initiator::commands::Command::none(vec![
+            opcode, 0, 0, 0, 0, 0,
+        ]))
+        .await
+    {
+        Ok(_) => Io::Good,
+        Err(Error::ReservationConflict) => Io::Conflict,
+        Err(e) => panic!("{opcode:02x}h: unexpected {e}"),
+    }
+}
+
+/// A logout ends the SCSI-2 reservation of its I_T nexus cluster-wide
+/// before the Logout Response: a RESERVE(6) through the other gateway
+/// right after the logout returned is GOOD, every time (libiscsi's
+/// Reserve6.Logout across gateways).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logout_releases_the_scsi2_reservation_before_its_response() {
+    const ROUNDS: usize = 12;
+    let cluster = Cluster::start(2).await;
+    let [a, b] = &cluster.gateways[..] else {
+        unreachable!()
+    };
+    let (url_a, url_b) = (a.url(0), b.url(0));
+    tokio::time::timeout(TEST_LIMIT, async {
+        let y = login(&url_b, "iqn.2026-11.test:logout-b").await;
+        for round in 0..ROUNDS {
+            let x = login(&url_a, "iqn.2026-11.test:logout-a").await;
+            assert_eq!(
+                spc2(&x, 0x16).await,
+                Io::Good,
+                "round {round}: RESERVE(6) through A"
+            );
+            assert_eq!(
+                spc2(&y, 0x16).await,
+                Io::Conflict,
+                "round {round}: the reservation through A binds B"
+            );
+            x.close().await.expect("logout through A");
+            assert_eq!(
+                spc2(&y, 0x16).await,
+                Io::Good,
+                "round {round}: RESERVE(6) through B right after A's logout"
+            );
+            assert_eq!(spc2(&y, 0x17).await, Io::Good, "round {round}: RELEASE(6)");
+        }
+        let _ = y.close().await;
+    })
+    .await
+    .expect("test within its time limit");
+}
+

@@ -1142,3 +1142,46 @@ async fn spec_i_pt_and_preempted_while_logged_out() {
     })
     .await;
 }
+
+// ------------------------------------------------------------ logout ---
+
+const RESERVER: Port = Port::new("iqn.2026-11.io.keyfence.test:reserver", 0x8000_0000_1601);
+const NEXT: Port = Port::new("iqn.2026-11.io.keyfence.test:next", 0x8000_0000_1602);
+
+/// SPC-2 RESERVE(6) / RELEASE(6).
+async fn spc2(dev: &Device, opcode: u8) -> Io {
+    let cmd = keyfence_initiator::commands::Command::none(vec![opcode, 0, 0, 0, 0, 0]);
+    io("RESERVE/RELEASE(6)", dev.execute(&cmd).await.map(drop))
+}
+
+/// The Logout Response is sent only once the nexus loss has been applied:
+/// another initiator's RESERVE(6) right after the logout returned is GOOD,
+/// every time (libiscsi's Reserve6.Logout).
+#[tokio::test]
+async fn a_logout_releases_the_scsi2_reservation_before_its_response() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = Target::start(dir.path());
+        let next = login(&t.url(2), NEXT, &[POWER_ON]).await;
+        for round in 0..20 {
+            // A nexus that logged in before starts with I_T NEXUS LOSS
+            // OCCURRED.
+            let first: &[(u8, u8)] = if round == 0 {
+                &[POWER_ON]
+            } else {
+                &[NEXUS_LOSS]
+            };
+            let r = login(&t.url(1), RESERVER, first).await;
+            assert_eq!(spc2(&r, 0x16).await, Good, "round {round}: RESERVE(6)");
+            assert_eq!(spc2(&next, 0x16).await, Conflict, "round {round}");
+            r.close().await.expect("logout");
+            assert_eq!(
+                spc2(&next, 0x16).await,
+                Good,
+                "round {round}: RESERVE(6) right after the holder's logout"
+            );
+            assert_eq!(spc2(&next, 0x17).await, Good, "round {round}: RELEASE(6)");
+        }
+    })
+    .await;
+}

@@ -203,6 +203,26 @@ fn preempt_and_abort_queues_uas_and_aborts() {
     );
 }
 
+fn not_superseded() -> super::Superseded {
+    Arc::new(|| false)
+}
+
+#[test]
+fn nexus_loss_leaves_the_reservation_of_a_superseding_session_alone() {
+    let r = Reservations::with_store(ctx(None), None);
+    let (a, b) = (nexus("iqn.a", 1), nexus("iqn.b", 1));
+    let reserve6 = [0x16u8, 0, 0, 0, 0, 0];
+    let tur = [0u8; 6];
+    // A new session of nexus a (a reinstatement that stopped waiting for
+    // the old one) holds the reservation when the old session's loss is
+    // applied: it stays.
+    assert_eq!(r.execute(&a, &reserve6, &[]).status, ScsiStatus::Good);
+    r.on_nexus_loss(&a, &(Arc::new(|| true) as super::Superseded));
+    assert!(!r.check(&b, &tur), "the new session's reservation stays");
+    r.on_nexus_loss(&a, &not_superseded());
+    assert!(r.check(&b, &tur));
+}
+
 #[test]
 fn spc2_reservation_ends_with_nexus_loss_and_resets() {
     let r = Reservations::with_store(ctx(None), None);
@@ -211,9 +231,9 @@ fn spc2_reservation_ends_with_nexus_loss_and_resets() {
     let tur = [0u8; 6];
     assert_eq!(r.execute(&a, &reserve6, &[]).status, ScsiStatus::Good);
     assert!(!r.check(&b, &tur));
-    r.on_nexus_loss(&b);
+    r.on_nexus_loss(&b, &not_superseded());
     assert!(!r.check(&b, &tur), "another nexus's loss changes nothing");
-    r.on_nexus_loss(&a);
+    r.on_nexus_loss(&a, &not_superseded());
     assert!(r.check(&b, &tur));
     assert_eq!(r.execute(&b, &reserve6, &[]).status, ScsiStatus::Good);
     r.on_lu_reset(keyfence_scsi::sense::asc::BUS_DEVICE_RESET_FUNCTION_OCCURRED);
@@ -810,7 +830,7 @@ mod cluster {
         let o = a.execute(&x, &[0x16, 0, 0, 0, 0, 0], &[]);
         assert_eq!(o.status, ScsiStatus::Good);
         assert!(!b.check(&z, &WRITE));
-        a.on_nexus_loss(&x);
+        a.on_nexus_loss(&x, &not_superseded());
         assert!(b.check(&z, &WRITE));
         assert_eq!(c.state.lock().unwrap().spc2, None);
     }

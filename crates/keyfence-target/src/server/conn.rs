@@ -71,9 +71,23 @@ pub(super) async fn serve_connection(
     let end = run(&shared, &mut sess, &mut wire, &io, &mut done_rx).await;
     finish(&mut sess, &mut wire, &io, &mut done_rx).await;
     // Releasing the I_T nexus takes each LU's reservation lock, which a
-    // PR OUT may hold across its APTPL fsync: not on a worker thread.
-    if let Err(e) = tokio::task::spawn_blocking(move || sess.end()).await {
-        warn!(%peer, tsih, "releasing the I_T nexus failed: {e}");
+    // PR OUT may hold across its APTPL fsync, and in cluster mode waits
+    // for an etcd commit: not on a worker thread. A logout's response is
+    // queued by it, so it is sent only once the nexus loss is in force.
+    match tokio::task::spawn_blocking(move || {
+        sess.end();
+        sess
+    })
+    .await
+    {
+        Ok(mut sess) => {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                let _ = wire.send(sess.outbox()).await;
+                let _ = wire.wr.shutdown().await;
+            })
+            .await;
+        }
+        Err(e) => warn!(%peer, tsih, "releasing the I_T nexus failed: {e}"),
     }
     match &end {
         ConnEnd::Eof | ConnEnd::Logout | ConnEnd::Closed(_) => {
@@ -158,7 +172,8 @@ async fn run(
 
 /// After the loop: let commands running on the blocking pool finish
 /// (their results are discarded if the socket is gone) and send what is
-/// left; the caller then releases the I_T nexus.
+/// left; the caller then releases the I_T nexus, sends what that queued
+/// (a logout's response) and closes the socket.
 async fn finish(
     sess: &mut Session,
     wire: &mut Wire,
@@ -179,9 +194,5 @@ async fn finish(
             _ => break,
         }
     }
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let _ = wire.send(sess.outbox()).await;
-        let _ = wire.wr.shutdown().await;
-    })
-    .await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), wire.send(sess.outbox())).await;
 }

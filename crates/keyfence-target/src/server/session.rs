@@ -223,12 +223,13 @@ impl SessionTable {
         }
     }
 
-    /// Is a session of I_T nexus `nexus` registered? (A session that
-    /// replaced an older one with the same nexus is.)
-    pub fn has_nexus(&self, nexus: &Nexus) -> bool {
+    /// Is a session of I_T nexus `nexus` registered other than the one
+    /// whose task holds the sender of `alive`? (A session that reinstated
+    /// that one after waiting for it in vain.)
+    pub fn has_other_nexus(&self, nexus: &Nexus, alive: &watch::Receiver<()>) -> bool {
         self.sessions
             .values()
-            .any(|e| e.nexus.as_ref() == Some(nexus))
+            .any(|e| e.nexus.as_ref() == Some(nexus) && !e.gone.same_channel(alive))
     }
 
     /// Send `ctl` to every normal session of `target`, except `skip`.

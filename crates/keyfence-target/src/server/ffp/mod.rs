@@ -31,6 +31,7 @@ use keyfence_iscsi::pdu::{
 use keyfence_iscsi::sequencing::{Admission, CommandWindow};
 use keyfence_iscsi::text::{SendTargetsEntry, TextContext, TextError, TextResponder};
 use keyfence_iscsi::{Lun, Opcode, Pdu, PduCodec, RejectReason, SessionParams};
+use keyfence_lu::reservation::Superseded;
 use keyfence_lu::LogicalUnit;
 use keyfence_lu::UaScope;
 use keyfence_scsi::sense::asc;
@@ -189,6 +190,8 @@ pub(crate) struct Session {
     ping: Option<(u32, Instant)>,
     last_rx: Instant,
     closing: Option<ConnEnd>,
+    /// A logout's response, sent after the nexus loss ([`Session::end`]).
+    logout_response: Option<Pdu>,
     close_all_after_flush: bool,
     /// The window is closed for a budget (counted once per closing).
     saturated: bool,
@@ -274,6 +277,7 @@ impl Session {
             ping: None,
             last_rx: now,
             closing: None,
+            logout_response: None,
             close_all_after_flush: false,
             saturated: false,
             _gauge: gauge,
@@ -591,25 +595,39 @@ impl Session {
     }
 
     /// The connection is over: release the I_T nexus and the session's
-    /// registration. Call after the last job completed (or was given up).
+    /// registration. Call after the last job completed (or was given up),
+    /// off the I/O workers: the nexus loss takes each LU's reservation
+    /// lock (which a PR OUT may hold across its APTPL fsync) and in
+    /// cluster mode commits through etcd and waits until every live
+    /// gateway applied it. After a logout the Logout Response is queued
+    /// only then, so that the initiator's next command, through any
+    /// gateway, sees the nexus loss (e.g. its SCSI-2 reservation gone).
     pub fn end(&mut self) {
         self.abort_where(|_, _| true);
-        // Under the session table's lock, so that no new session of this
-        // nexus is admitted in between: leave the table, then release the
-        // nexus unless a session that reinstated this one (after waiting
-        // for it in vain) already uses it; its unit attentions and SCSI-2
-        // reservation are its own.
-        let mut table = self.shared.sessions();
-        if let Some(reg) = self.reg.take() {
-            table.remove(reg.tsih, &reg.alive);
-            drop(reg);
-        }
-        if let (Some(nexus), Some(t)) = (&self.nexus, &self.rt) {
-            if !table.has_nexus(nexus) {
+        if let (Some(nexus), Some(t), Some(reg)) = (&self.nexus, &self.rt, &self.reg) {
+            // The session stays in the table while its nexus loss is
+            // applied (without the table's lock: that may take an etcd
+            // round trip), so a login of the same nexus displaces it and
+            // waits until it is over. Unless a session that reinstated
+            // this one (after waiting for it in vain) already uses the
+            // nexus: then its unit attentions and SCSI-2 reservation are
+            // its own. Asked again right before the change is computed.
+            let (shared, alive) = (self.shared.clone(), reg.alive.subscribe());
+            let other = nexus.clone();
+            let superseded: Superseded =
+                Arc::new(move || shared.sessions().has_other_nexus(&other, &alive));
+            if !superseded() {
                 for lu in t.luns.values() {
-                    lu.nexus_lost(nexus);
+                    lu.nexus_lost_unless(nexus, &superseded);
                 }
             }
+        }
+        if let Some(reg) = self.reg.take() {
+            self.shared.sessions().remove(reg.tsih, &reg.alive);
+            drop(reg);
+        }
+        if let Some(pdu) = self.logout_response.take() {
+            self.push_pdu(&pdu);
         }
     }
 
@@ -946,12 +964,16 @@ impl Session {
             time2wait: 0,
             time2retain: 0,
         };
-        self.push_pdu(&r.to_pdu());
         if response == LogoutResponseCode::Success {
             // The logout ends every task: those still collecting data or
             // held back are dropped, running ones finish without status.
+            // The response goes out once the nexus loss is in force
+            // ([`Session::end`]).
             self.abort_where(|_, _| true);
+            self.logout_response = Some(r.to_pdu());
             self.closing = Some(ConnEnd::Logout);
+        } else {
+            self.push_pdu(&r.to_pdu());
         }
     }
 
