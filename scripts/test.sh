@@ -2,7 +2,8 @@
 # Run every keyfence test: installs what the tests need (Debian packages via
 # apt-get when missing), runs the workspace's tests, the split-brain fencing
 # test (single node and across two cluster gateways), then libiscsi's
-# conformance suite against `keyfence serve`.
+# conformance suite against `keyfence serve` (single node, with ACLs, and in
+# cluster mode across two gateways).
 #
 # Everything is built in the `release-checked` profile (Cargo.toml: release
 # plus overflow checks): the binary the scripts start is the one the Rust
@@ -44,3 +45,7 @@ python3 scripts/conformance.py --binary "$bin" --log "$out/conformance.log" \
 echo "== libiscsi conformance again, the target with ACLs for iscsi-test-cu's initiator names"
 python3 scripts/conformance.py --acl --binary "$bin" --log "$out/conformance-acl.log" \
     --json "$out/conformance-acl.json"
+
+echo "== libiscsi conformance across gateways (three-member etcd, two gateways, PR and multipath suites)"
+python3 scripts/conformance.py --cluster --binary "$bin" --log "$out/conformance-cluster.log" \
+    --json "$out/conformance-cluster.json"

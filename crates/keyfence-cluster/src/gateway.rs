@@ -328,6 +328,11 @@ impl Gateway {
         self.lease
     }
 
+    /// The connection this gateway uses.
+    pub(crate) fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
     /// The lease TTL etcd granted.
     pub fn ttl(&self) -> Duration {
         self.ttl

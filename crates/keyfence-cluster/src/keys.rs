@@ -6,6 +6,8 @@
 //! <prefix>/acks/<lu>/<name>     revision of <lu> applied by <name>, under its lease
 //! <prefix>/departed/<name>/<lease>  the survivor that handles a departed
 //!                               incarnation's nexus loss, under its lease
+//! <prefix>/locks/<lu>/caw/<name>  gateway <name> holds or waits for <lu>'s
+//!                               COMPARE AND WRITE lock, under its lease
 //! ```
 
 use std::fmt;
@@ -124,6 +126,15 @@ impl Keys {
 
     pub fn ack(&self, lu: &LuId, gateway: &str) -> String {
         format!("{}{gateway}", self.acks(lu))
+    }
+
+    /// The COMPARE AND WRITE lock line of `lu` (lock.rs).
+    pub fn caw_locks(&self, lu: &LuId) -> String {
+        format!("{}/locks/{lu}/caw/", self.prefix)
+    }
+
+    pub fn caw_lock(&self, lu: &LuId, gateway: &str) -> String {
+        format!("{}{gateway}", self.caw_locks(lu))
     }
 }
 

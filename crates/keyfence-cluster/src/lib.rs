@@ -21,6 +21,8 @@
 //!   applied it or provably stopped serving.
 //! * [`GatewayWatch`]: gateways joining and leaving, so survivors can
 //!   commit a dead gateway's nexus-loss effects.
+//! * [`Gateway::lock`] / [`Gateway::unlock`]: a cluster-wide lock per LU
+//!   for COMPARE AND WRITE, bound to the holder's lease.
 //! * [`ClusterConfig`]: the `[cluster]` table.
 //!
 //! The iSCSI/SCSI side (serving from a local snapshot, turning unit
@@ -33,6 +35,7 @@ mod error;
 mod fence;
 mod gateway;
 mod keys;
+mod lock;
 mod pr_store;
 mod record;
 mod status;
@@ -44,6 +47,7 @@ pub use error::{Error, Unavailability};
 pub use fence::Applied;
 pub use gateway::{Gateway, GatewayEntry, GatewayRecord, Liveness, PortalGroup, GATEWAY_FORMAT};
 pub use keys::{check_gateway_name, Keys, LuId};
+pub use lock::LockHeld;
 pub use pr_store::ClusterPrStore;
 pub use record::{LuState, UaCatchUp, UnitAttention, FORMAT, UA_LOG_CHANGES, UA_LOG_ENTRIES};
 pub use watch::{GatewayEvent, GatewayWatch, LuEvent, LuWatch};

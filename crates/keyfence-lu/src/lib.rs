@@ -523,9 +523,10 @@ impl LogicalUnit {
         if reservation_command {
             return self.reservations.execute(req.nexus, req.cdb, req.data_out);
         }
-        // COMPARE AND WRITE is not atomic across gateways (each gateway
-        // only locks its own stripes): a clustered LU does not offer it.
-        if op == 0x89 && self.reservations.is_shared() {
+        // COMPARE AND WRITE is atomic across gateways only under the
+        // cluster's lock for it: without one a clustered LU does not
+        // offer it.
+        if op == 0x89 && !self.reservations.offers_compare_and_write() {
             return CommandOutcome::check_condition(Sense::illegal_request(
                 asc::INVALID_COMMAND_OPERATION_CODE,
             ));

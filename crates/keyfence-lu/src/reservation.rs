@@ -172,6 +172,25 @@ impl Reservations {
         self.shared.is_some()
     }
 
+    /// Is COMPARE AND WRITE offered? Always on a single-node LU; on a
+    /// clustered one only with a cluster-wide lock for it.
+    pub fn offers_compare_and_write(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_none_or(|s| s.offers_compare_and_write())
+    }
+
+    /// Cluster mode: hold the LU's cluster-wide COMPARE AND WRITE lock
+    /// until the returned guard is dropped (`None` on a single-node LU).
+    /// Blocks; not on an I/O worker.
+    pub(crate) fn compare_and_write_lock(&self) -> Result<Option<SharedCawGuard<'_>>, Sense> {
+        let Some(shared) = &self.shared else {
+            return Ok(None);
+        };
+        shared.lock_compare_and_write()?;
+        Ok(Some(SharedCawGuard(shared.as_ref())))
+    }
+
     /// Cluster mode: install the committed state (the follower of the
     /// shared state calls this for every change, in order) and serve
     /// from it.
@@ -562,6 +581,15 @@ impl Reservations {
         if let Some(st) = keyfence_pr::on_reset(&self.snapshot()) {
             self.publish(Arc::new(st));
         }
+    }
+}
+
+/// The cluster-wide COMPARE AND WRITE lock, released on drop.
+pub(crate) struct SharedCawGuard<'a>(&'a dyn SharedPrState);
+
+impl Drop for SharedCawGuard<'_> {
+    fn drop(&mut self) {
+        self.0.unlock_compare_and_write();
     }
 }
 

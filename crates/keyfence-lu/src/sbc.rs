@@ -453,6 +453,9 @@ impl LogicalUnit {
             return Ok(CommandOutcome::good());
         }
         let (verify, write) = req.data_out.split_at(half);
+        // Clustered: no other gateway's COMPARE AND WRITE runs on the LU
+        // until the guard is dropped, after this one's write is durable.
+        let cluster_lock = self.reservations.compare_and_write_lock()?;
         {
             let _g = self.locks.exclusive(lba, blocks.into());
             let medium = self.read_blocks(lba, blocks.into())?;
@@ -464,6 +467,10 @@ impl LogicalUnit {
                 .write_at(write, self.bytes(lba))
                 .map_err(write_error)?;
         }
+        if cluster_lock.is_some() {
+            self.backend.flush().map_err(write_error)?;
+        }
+        drop(cluster_lock);
         self.complete_write(flags.fua)?;
         Ok(CommandOutcome::good())
     }

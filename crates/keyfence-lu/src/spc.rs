@@ -243,7 +243,7 @@ impl LogicalUnit {
                 opcode,
                 service_action,
                 alloc_len,
-                self.reservations.is_shared(),
+                !self.reservations.offers_compare_and_write(),
             ),
             // Reservation commands are routed before decoding; REQUEST
             // SENSE and the SBC commands are handled by the caller.
@@ -326,12 +326,12 @@ impl LogicalUnit {
                         .copy_from_slice(&(v.min(u64::from(u32::MAX)) as u32).to_be_bytes())
                 };
                 d[4] = 0; // WSNZ = 0: WRITE SAME with 0 blocks runs to the end
-                          // A clustered LU does not offer COMPARE AND WRITE (not
-                          // atomic across gateways): MAXIMUM COMPARE AND WRITE 0.
-                d[5] = if self.reservations.is_shared() {
-                    0
-                } else {
+                          // A clustered LU without a cluster-wide lock does not
+                          // offer COMPARE AND WRITE: MAXIMUM COMPARE AND WRITE 0.
+                d[5] = if self.reservations.offers_compare_and_write() {
                     MAX_COMPARE_AND_WRITE_BLOCKS
+                } else {
+                    0
                 };
                 let gran = (UNMAP_GRANULARITY_BYTES >> sh).max(1);
                 d[6..8].copy_from_slice(&(gran as u16).to_be_bytes());

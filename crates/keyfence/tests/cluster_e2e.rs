@@ -8,7 +8,8 @@
 //! nexus on A and takes its write access away there; a write through one
 //! gateway is read through the other. Three initiators on three gateways
 //! see the access rules and unit attentions of all six reservation types.
-//! A logout releases its SCSI-2 reservation before the Logout Response.
+//! A logout releases its SCSI-2 reservation before the Logout Response;
+//! COMPARE AND WRITE races through two gateways have one winner each.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -439,3 +440,89 @@ async fn a_logout_releases_the_scsi2_reservation_before_its_response() {
     .expect("test within its time limit");
 }
 
+#[derive(Debug, PartialEq, Eq)]
+enum Caw {
+    Good,
+    Miscompare,
+}
+
+/// COMPARE AND WRITE (89h) of one block at `lba`: replace `expect` by
+/// `new`.
+async fn compare_and_write(dev: &Device, lba: u64, expect: u8, new: u8) -> Caw {
+    let mut cdb = vec![0u8; 16];
+    cdb[0] = 0x89;
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[13] = 1;
+    let mut data = vec![expect; BLOCK];
+    data.extend_from_slice(&[new; BLOCK]);
+    let cmd = keyfence_initiator::commands::Command::write(cdb, Bytes::from(data));
+    match dev.execute(&cmd).await {
+        Ok(_) => Caw::Good,
+        Err(Error::CheckCondition(s))
+            if s.key == SenseKey::Miscompare && (s.asc, s.ascq) == (0x1d, 0x00) =>
+        {
+            Caw::Miscompare
+        }
+        Err(e) => panic!("COMPARE AND WRITE: unexpected {e}"),
+    }
+}
+
+/// COMPARE AND WRITE is atomic across gateways: two initiators on two
+/// gateways race to replace the same block's contents, round after round;
+/// exactly one of them wins each round (the other's compare fails), and
+/// the block then holds the winner's data, read through either gateway.
+/// Both gateways advertise it (Block Limits VPD).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_write_is_atomic_across_gateways() {
+    const ROUNDS: u8 = 40;
+    const LBA: u64 = 100;
+    let cluster = Cluster::start(2).await;
+    let [a, b] = &cluster.gateways[..] else {
+        unreachable!()
+    };
+    let (url_a, url_b) = (a.url(0), b.url(0));
+    tokio::time::timeout(TEST_LIMIT, async {
+        let x = login(&url_a, "iqn.2026-11.test:caw-x").await;
+        let y = login(&url_b, "iqn.2026-11.test:caw-y").await;
+        for d in [&x, &y] {
+            let limits = d.vpd_page(0xb0).await.expect("Block Limits VPD");
+            assert!(limits[5] > 0, "MAXIMUM COMPARE AND WRITE LENGTH is 0");
+        }
+        assert_eq!(write(&x, LBA, 0).await, Io::Good);
+        let (mut wins_x, mut wins_y) = (0, 0);
+        let mut current = 0u8;
+        for round in 0..ROUNDS {
+            // Distinct new contents for each side and round (never 0).
+            let (nx, ny) = (2 * round + 1, 2 * round + 2);
+            let (rx, ry) = tokio::join!(
+                compare_and_write(&x, LBA, current, nx),
+                compare_and_write(&y, LBA, current, ny)
+            );
+            let winner = match (rx, ry) {
+                (Caw::Good, Caw::Miscompare) => {
+                    wins_x += 1;
+                    nx
+                }
+                (Caw::Miscompare, Caw::Good) => {
+                    wins_y += 1;
+                    ny
+                }
+                other => panic!("round {round}: {other:?}: exactly one must win"),
+            };
+            for d in [&x, &y] {
+                let got = d.read(LBA, 1).await.expect("READ");
+                assert!(
+                    got.iter().all(|&v| v == winner),
+                    "round {round}: block holds {} after {winner} won",
+                    got[0]
+                );
+            }
+            current = winner;
+        }
+        eprintln!("COMPARE AND WRITE races: {wins_x} won through A, {wins_y} through B");
+        let _ = x.close().await;
+        let _ = y.close().await;
+    })
+    .await
+    .expect("test within its time limit");
+}

@@ -17,6 +17,7 @@
 
 use keyfence_pr::{Applied, PrState, Refusal};
 use keyfence_scsi::sense::Asc;
+use keyfence_scsi::Sense;
 
 /// A transition of the shared state: the engine run on the committed
 /// state. Must be a pure function of the state it is given: it may run
@@ -48,6 +49,30 @@ pub trait SharedPrState: Send + Sync + std::fmt::Debug {
     fn unit_attention_elsewhere(&self, asc: Asc) {
         let _ = asc;
     }
+
+    /// Does the shared state provide a cluster-wide lock for COMPARE AND
+    /// WRITE ([`Self::lock_compare_and_write`])? Without one the LU does
+    /// not offer COMPARE AND WRITE (it would not be atomic across
+    /// gateways). Default: no.
+    fn offers_compare_and_write(&self) -> bool {
+        false
+    }
+
+    /// Take the LU's cluster-wide COMPARE AND WRITE lock: while this
+    /// gateway holds it no other gateway runs a COMPARE AND WRITE on the
+    /// LU. Blocks (not on an I/O worker). `Err` is the sense to answer
+    /// (e.g. NOT READY, ASYMMETRIC ACCESS STATE TRANSITION when the lock
+    /// cannot be had in time). Release it with
+    /// [`Self::unlock_compare_and_write`] once the write is durable.
+    fn lock_compare_and_write(&self) -> Result<(), Sense> {
+        Err(Sense::illegal_request(
+            keyfence_scsi::sense::asc::INVALID_COMMAND_OPERATION_CODE,
+        ))
+    }
+
+    /// Release the lock taken by a successful
+    /// [`Self::lock_compare_and_write`].
+    fn unlock_compare_and_write(&self) {}
 
     /// The name of this gateway, for the PR change log lines.
     fn gateway(&self) -> Option<&str> {

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use keyfence_cluster::{
-    Change, Cluster, Error, Gateway, GatewayEntry, GatewayEvent, Liveness, LuEvent, LuId, LuState,
-    PortalGroup, UaCatchUp, UpdateError,
+    Change, Cluster, Error, Gateway, GatewayEntry, GatewayEvent, Liveness, LockHeld, LuEvent, LuId,
+    LuState, PortalGroup, UaCatchUp, UpdateError,
 };
 use keyfence_lu::reservation::{SharedChange, SharedPrState};
 use keyfence_lu::{LogicalUnit, UaScope};
@@ -43,6 +43,36 @@ pub(crate) struct EtcdPrState {
     /// lease TTL + margin + a request timeout, so that a dead gateway's
     /// lease runs out first.
     apply_wait: Duration,
+    /// The LU's cluster-wide COMPARE AND WRITE lock, as this gateway uses it.
+    caw: CawLock,
+}
+
+/// Most COMPARE AND WRITEs of this gateway in a row under one take of the
+/// cluster-wide lock while more of its own wait: then it is released, so
+/// a gateway waiting in line gets its turn.
+const CAW_STREAK: u32 = 8;
+
+/// This gateway's side of an LU's COMPARE AND WRITE lock: its own
+/// commands take turns locally (one at a time); the first of a run takes
+/// the etcd lock (`Gateway::lock`), which is handed on to the next local
+/// one while some wait (up to [`CAW_STREAK`] in a row) and released
+/// otherwise.
+#[derive(Debug, Default)]
+struct CawLock {
+    state: std::sync::Mutex<CawState>,
+    turn: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct CawState {
+    /// A COMPARE AND WRITE of this gateway holds the turn.
+    busy: bool,
+    /// Local commands waiting for the turn.
+    waiting: usize,
+    /// The etcd lock, while this gateway holds it.
+    held: Option<LockHeld>,
+    /// COMPARE AND WRITEs since it was taken.
+    streak: u32,
 }
 
 impl EtcdPrState {
@@ -58,6 +88,7 @@ impl EtcdPrState {
             lu,
             runtime,
             apply_wait,
+            caw: CawLock::default(),
         }
     }
 
@@ -210,8 +241,112 @@ impl SharedPrState for EtcdPrState {
         }
     }
 
+    fn offers_compare_and_write(&self) -> bool {
+        true
+    }
+
+    fn lock_compare_and_write(&self) -> Result<(), Sense> {
+        // Called on the blocking pool (every medium command runs there).
+        let limit = self.apply_wait * 2;
+        let give_up = std::time::Instant::now() + limit;
+        let transition = || Sense::new(SenseKey::NotReady, asc::ASYMMETRIC_ACCESS_STATE_TRANSITION);
+        let lock = || self.caw.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock();
+        st.waiting += 1;
+        while st.busy {
+            let left = give_up.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                st.waiting -= 1;
+                return Err(transition());
+            }
+            st = self
+                .caw
+                .turn
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        st.waiting -= 1;
+        st.busy = true;
+        let gw = self.membership.gateway();
+        if st.held.as_ref().is_some_and(|h| h.lease() != gw.lease()) {
+            // Taken by an incarnation whose lease is gone.
+            st.held = None;
+        }
+        if st.held.is_none() {
+            drop(st);
+            let lu = self.lu.clone();
+            let gw2 = gw.clone();
+            let deadline = tokio::time::Instant::now() + limit;
+            let r = self.block_on(async move { gw2.lock(&lu, deadline).await }, limit);
+            st = lock();
+            match r {
+                Some(Ok(h)) => {
+                    st.held = Some(h);
+                    st.streak = 0;
+                }
+                other => {
+                    let e =
+                        other.map_or_else(|| "no answer".to_string(), |r| format!("{:?}", r.err()));
+                    tracing::warn!(gateway = gw.name(), lu = %self.lu, error = %e, "COMPARE AND WRITE lock not taken");
+                    st.busy = false;
+                    self.caw.turn.notify_one();
+                    return Err(transition());
+                }
+            }
+        }
+        st.streak += 1;
+        Ok(())
+    }
+
+    fn unlock_compare_and_write(&self) {
+        let lock = || self.caw.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = lock();
+        if st.waiting > 0 && st.streak < CAW_STREAK && self.membership.may_serve() {
+            // Handed on to the next local COMPARE AND WRITE.
+            st.busy = false;
+            self.caw.turn.notify_one();
+            return;
+        }
+        let held = st.held.take();
+        st.streak = 0;
+        drop(st);
+        if let Some(h) = held {
+            let gw = self.membership.gateway();
+            let (gw2, h2) = (gw.clone(), h.clone());
+            let r = self.block_on(
+                async move { gw2.unlock(&h2).await },
+                self.cluster.request_timeout() * 2,
+            );
+            if !matches!(r, Some(Ok(()))) {
+                // Its key goes with the lease at the latest.
+                tracing::warn!(gateway = gw.name(), lu = %self.lu, "COMPARE AND WRITE lock not released; it ends with the lease");
+            }
+        }
+        let mut st = lock();
+        st.busy = false;
+        self.caw.turn.notify_one();
+    }
+
     fn gateway(&self) -> Option<&str> {
         Some(self.cluster.gateway())
+    }
+}
+
+impl EtcdPrState {
+    /// Run `fut` on the runtime and wait for it on this (non-worker)
+    /// thread for at most `limit` (plus a second); `None` if it did not
+    /// finish.
+    fn block_on<T: Send + 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + Send + 'static,
+        limit: Duration,
+    ) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.runtime.spawn(async move {
+            let _ = tx.send(fut.await);
+        });
+        rx.recv_timeout(limit + Duration::from_secs(1)).ok()
     }
 }
 
