@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, Txn, TxnOp, TxnOpResponse,
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
 };
 use keyfence_pr::{Applied, PrState};
 use keyfence_scsi::sense::{asc, Asc};
@@ -354,6 +354,21 @@ impl Cluster {
                 changed: false,
             });
         }
+        let mut next = self.successor(base, change);
+        let value = encode_state(lu, &next);
+        let revision = self.cas(lu, base, value, next.nonce).await?;
+        next.revision = revision;
+        next.read_at = revision;
+        self.log_commit(lu, &next);
+        Ok(Committed {
+            state: next,
+            changed: true,
+        })
+    }
+
+    /// The record that commits `change` on top of `base` (revision not
+    /// yet known).
+    fn successor(&self, base: &LuState, change: Change) -> LuState {
         let seq = base.seq + 1;
         let new: Vec<UnitAttention> = change
             .unit_attentions
@@ -362,7 +377,7 @@ impl Cluster {
             .collect();
         let (log, complete_from) =
             record::next_ua_log(&base.unit_attentions, base.ua_complete_from, seq, new);
-        let mut next = LuState {
+        LuState {
             revision: 0,
             read_at: 0,
             seq,
@@ -372,13 +387,13 @@ impl Cluster {
             ua_complete_from: complete_from,
             aborts: change.aborts,
             nonce: rand::random(),
-        };
-        let value = encode_state(lu, &next);
-        let revision = self.cas(lu, base, value, next.nonce).await?;
-        next.revision = revision;
-        next.read_at = revision;
+        }
+    }
+
+    fn log_commit(&self, lu: &LuId, next: &LuState) {
+        let seq = next.seq;
         tracing::info!(
-            gateway = %self.gateway, lu = %lu, revision, seq,
+            gateway = %self.gateway, lu = %lu, revision = next.revision, seq,
             generation = next.state.generation,
             registrations = next.state.registrations.len(),
             reservation = ?next.state.reservation.as_ref().map(|r| r.pr_type),
@@ -386,10 +401,122 @@ impl Cluster {
             aborts = next.aborts.len(),
             "PR state committed"
         );
-        Ok(Committed {
-            state: next,
-            changed: true,
-        })
+    }
+
+    /// Commit `f`'s change of `lu` at most once per `marker`: the change
+    /// and the creation of the key `marker` (under `marker_lease`, 0 for
+    /// none) are one transaction that requires `marker` not to exist, so
+    /// of any number of callers with the same marker — also ones that
+    /// retry after a lost answer, or a claimant that died halfway and its
+    /// successor — exactly one commits. `Ok(None)` when the marker
+    /// already exists (done before). Conflicts on the state are retried as
+    /// in [`Cluster::update`]; a no-op change still creates the marker.
+    pub async fn commit_once<E, F>(
+        &self,
+        lu: &LuId,
+        marker: &str,
+        marker_lease: i64,
+        mut f: F,
+    ) -> Result<Option<Committed>, UpdateError<E>>
+    where
+        F: FnMut(&LuState) -> Result<Change, E>,
+    {
+        let key = self.keys.state(lu);
+        let patience = Instant::now() + self.timeout * 3;
+        for attempt in 1..=UPDATE_ATTEMPTS {
+            let read =
+                Txn::new().and_then([TxnOp::get(key.clone(), None), TxnOp::get(marker, None)]);
+            let r = match self
+                .call("reading PR state and marker", |mut c| {
+                    let t = read.clone();
+                    async move { c.txn(t).await }
+                })
+                .await
+            {
+                Err(Error::Unavailable { .. }) if Instant::now() < patience => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                other => other?,
+            };
+            let read_at = r.header().map_or(0, |h| h.revision());
+            let mut gets = r.op_responses().into_iter().filter_map(|op| match op {
+                TxnOpResponse::Get(g) => Some(g),
+                _ => None,
+            });
+            let (Some(state), Some(done)) = (gets.next(), gets.next()) else {
+                return Err(UpdateError::Cluster(Error::Etcd(
+                    "malformed transaction answer".into(),
+                )));
+            };
+            if !done.kvs().is_empty() {
+                return Ok(None);
+            }
+            let base = match state.kvs().first() {
+                None => LuState::absent(read_at),
+                Some(kv) => record::decode(lu.as_str(), kv.value(), kv.mod_revision(), read_at)
+                    .map_err(|reason| Error::Corrupt {
+                        key: key.clone(),
+                        reason,
+                    })?,
+            };
+            let change = f(&base).map_err(UpdateError::Rejected)?;
+            let changed = !(change.state == base.state
+                && change.unit_attentions.is_empty()
+                && change.aborts.is_empty());
+            let mut next = if changed {
+                self.successor(&base, change)
+            } else {
+                base.clone()
+            };
+            let mut ops = Vec::new();
+            if changed {
+                ops.push(TxnOp::put(key.clone(), encode_state(lu, &next), None));
+            }
+            let opts = (marker_lease != 0).then(|| PutOptions::new().with_lease(marker_lease));
+            ops.push(TxnOp::put(marker, self.gateway.clone(), opts));
+            let t = Txn::new()
+                .when([
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, base.revision),
+                    Compare::create_revision(marker, CompareOp::Equal, 0),
+                ])
+                .and_then(ops);
+            match self
+                .call_write("committing PR state once", |mut c| {
+                    let t = t.clone();
+                    async move { c.txn(t).await }
+                })
+                .await
+            {
+                Ok(resp) if resp.succeeded() => {
+                    if changed {
+                        next.revision = resp.header().map_or(0, |h| h.revision());
+                        next.read_at = next.revision;
+                        self.log_commit(lu, &next);
+                    }
+                    return Ok(Some(Committed {
+                        state: next,
+                        changed,
+                    }));
+                }
+                // Another commit, or the marker: read again to see which.
+                Ok(_) => {
+                    let jitter = rand::random::<u64>() % (u64::from(attempt) * 4 + 1);
+                    tokio::time::sleep(Duration::from_millis(jitter)).await;
+                }
+                // Not made, or its answer lost: the next read finds the
+                // marker if it was made (and a lost proposal applied later
+                // fails on the marker a retry created, and vice versa).
+                Err(Error::Unavailable { .. }) if Instant::now() < patience => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(UpdateError::Cluster(e)),
+            }
+        }
+        Err(UpdateError::Cluster(Error::Contended {
+            lu: lu.to_string(),
+            attempts: UPDATE_ATTEMPTS,
+        }))
     }
 
     /// The compare-and-swap itself. When the answer is lost, the outcome

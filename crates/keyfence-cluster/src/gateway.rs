@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
+use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -461,6 +461,100 @@ impl Gateway {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+impl Gateway {
+    /// Wait until nobody holds the claim on `departed`'s nexus-loss work:
+    /// its claimant released it when done, or died (the claim lives under
+    /// its lease). Then claim again: a claimant that died halfway leaves
+    /// the rest to the next one ([`Cluster::commit_once`] makes every LU's
+    /// part happen once). Unbounded: the caller bounds it.
+    pub async fn wait_departure_claim_released(
+        &self,
+        departed: &GatewayEntry,
+    ) -> Result<(), Error> {
+        let key = self
+            .cluster
+            .keys()
+            .departed(&departed.record.name, departed.lease);
+        loop {
+            let r = self
+                .cluster
+                .call("reading a departure claim", |mut c| {
+                    let k = key.clone();
+                    async move { c.get(k, None).await }
+                })
+                .await?;
+            if r.kvs().is_empty() {
+                return Ok(());
+            }
+            let at = r.header().map_or(0, |h| h.revision());
+            let options = WatchOptions::new().with_start_revision(at + 1);
+            let mut stream = self
+                .cluster
+                .call("watching a departure claim", |mut c| {
+                    let (k, o) = (key.clone(), options.clone());
+                    async move { c.watch(k, Some(o)).await }
+                })
+                .await?;
+            loop {
+                match stream.message().await {
+                    Ok(Some(m)) if !m.canceled() && m.compact_revision() == 0 => {
+                        if m.events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete)
+                        {
+                            return Ok(());
+                        }
+                    }
+                    // Ended or failed: read again.
+                    _ => break,
+                }
+            }
+        }
+    }
+
+    /// Give up this gateway's claim on `departed` once its work is done,
+    /// so the survivors waiting on it claim in turn and find nothing left.
+    pub async fn release_departure(&self, departed: &GatewayEntry) -> Result<(), Error> {
+        let key = self
+            .cluster
+            .keys()
+            .departed(&departed.record.name, departed.lease);
+        let t = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, self.lease)])
+            .and_then([TxnOp::delete(key.clone(), None)]);
+        self.cluster
+            .call_write("releasing a departure claim", |mut c| {
+                let t = t.clone();
+                async move { c.txn(t).await }
+            })
+            .await
+            .map(drop)
+    }
+}
+
+impl Cluster {
+    /// A lease of `ttl` for keys that must outlive this gateway for a
+    /// while but not forever (the departure markers: a day).
+    pub async fn grant_lease(&self, ttl: Duration) -> Result<i64, Error> {
+        let secs = ttl.as_secs().max(1) as i64;
+        self.call_write("granting lease", |mut c| async move {
+            c.lease_grant(secs, None).await
+        })
+        .await
+        .map(|g| g.id())
+    }
+
+    /// Revoke lease `id` (its keys are deleted).
+    pub async fn revoke_lease(&self, id: i64) -> Result<(), Error> {
+        self.call(
+            "revoking lease",
+            |mut c| async move { c.lease_revoke(id).await },
+        )
+        .await
+        .map(drop)
     }
 }
 

@@ -6,6 +6,8 @@
 //! <prefix>/acks/<lu>/<name>     revision of <lu> applied by <name>, under its lease
 //! <prefix>/departed/<name>/<lease>  the survivor that handles a departed
 //!                               incarnation's nexus loss, under its lease
+//! <prefix>/departed/<name>/<lease>/<lu>  that nexus loss is committed on
+//!                               <lu>, under a lease of a day
 //! <prefix>/locks/<lu>/caw/<name>  gateway <name> holds or waits for <lu>'s
 //!                               COMPARE AND WRITE lock, under its lease
 //! ```
@@ -114,6 +116,12 @@ impl Keys {
     /// with lease `lease` (one survivor does it).
     pub fn departed(&self, name: &str, lease: i64) -> String {
         format!("{}/departed/{name}/{lease:x}", self.prefix)
+    }
+
+    /// The marker that the nexus loss of gateway `name`'s incarnation with
+    /// lease `lease` has been committed on `lu` (`Cluster::commit_once`).
+    pub fn departed_done(&self, name: &str, lease: i64, lu: &LuId) -> String {
+        format!("{}/{lu}", self.departed(name, lease))
     }
 
     pub fn gateway(&self, name: &str) -> String {

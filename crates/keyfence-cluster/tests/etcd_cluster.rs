@@ -683,3 +683,194 @@ async fn a_commit_whose_answer_is_lost_is_settled_never_guessed() {
         Err(e) => panic!("not settled although etcd was back: {e}"),
     }
 }
+
+/// A departed gateway's nexus loss: the survivor that won the claim dies
+/// before committing; the claim goes with its lease, the other survivor
+/// (waiting on it) claims in turn and commits — once per LU, however often
+/// it is tried (the per-LU marker), also after the first claimant had done
+/// part of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_departure_claimed_by_a_survivor_that_dies_is_taken_over_and_committed_once() {
+    let etcd = EtcdCluster::start(3);
+    let (lu1, lu2) = (
+        LuId::new("lu-departure-1").unwrap(),
+        LuId::new("lu-departure-2").unwrap(),
+    );
+    let c = connect(&etcd, "gwd").await;
+    let pg = |t| {
+        vec![PortalGroup {
+            tpgt: t,
+            portals: vec![],
+        }]
+    };
+    let mut departed = c.join(pg(1), TTL, MARGIN).await.unwrap();
+    let s1 = c.as_gateway("gws1").unwrap();
+    let s2 = c.as_gateway("gws2").unwrap();
+    let mut g1 = s1.join(pg(2), TTL, MARGIN).await.unwrap();
+    let g2 = s2.join(pg(3), TTL, MARGIN).await.unwrap();
+    let d = c
+        .gateways()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|e| e.record.name == "gwd")
+        .expect("departed gateway registered");
+    for lu in [&lu1, &lu2] {
+        c.update(lu, |s| Ok::<_, String>(register(&s.state, "iqn.d", 7)))
+            .await
+            .unwrap();
+    }
+    departed.stop();
+
+    // gws1 wins the claim, commits LU 1 only, and dies.
+    assert!(g1.claim_departure(&d).await.unwrap());
+    assert!(
+        !g2.claim_departure(&d).await.unwrap(),
+        "one claimant at a time"
+    );
+    let change = |s: &keyfence_cluster::LuState| {
+        Ok::<_, String>(Change {
+            state: s.state.clone(),
+            unit_attentions: vec![(None, asc::I_T_NEXUS_LOSS_OCCURRED)],
+            aborts: Vec::new(),
+        })
+    };
+    let marker_lease = s1.grant_lease(Duration::from_secs(3600)).await.unwrap();
+    let m1 = c.keys().departed_done("gwd", d.lease, &lu1);
+    let m2 = c.keys().departed_done("gwd", d.lease, &lu2);
+    let seq1 = c.read(&lu1).await.unwrap().seq;
+    let seq2 = c.read(&lu2).await.unwrap().seq;
+    assert!(s1
+        .commit_once(&lu1, &m1, marker_lease, change)
+        .await
+        .unwrap()
+        .is_some());
+    let waiting = {
+        let g2 = std::sync::Arc::new(g2);
+        let w = g2.clone();
+        let d = d.clone();
+        (
+            g2,
+            tokio::spawn(async move { w.wait_departure_claim_released(&d).await }),
+        )
+    };
+    let (g2, waiter) = waiting;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !waiter.is_finished(),
+        "claim released while its holder lives"
+    );
+    let died = Instant::now();
+    g1.stop();
+    timeout(TTL * 3 + Duration::from_secs(3), waiter)
+        .await
+        .expect("claim released within the claimant's lease")
+        .unwrap()
+        .unwrap();
+    let took = died.elapsed();
+    assert!(
+        took >= TTL - TTL / 3 - Duration::from_millis(200),
+        "claim gone after {took:?}: before the claimant's lease could expire"
+    );
+
+    // gws2 takes over: LU 1 is already done (its marker), LU 2 is done now;
+    // doing it all again changes nothing.
+    assert!(g2.claim_departure(&d).await.unwrap());
+    let ml = s2.grant_lease(Duration::from_secs(3600)).await.unwrap();
+    assert!(s2
+        .commit_once(&lu1, &m1, ml, change)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(s2
+        .commit_once(&lu2, &m2, ml, change)
+        .await
+        .unwrap()
+        .is_some());
+    assert!(s2
+        .commit_once(&lu2, &m2, ml, change)
+        .await
+        .unwrap()
+        .is_none());
+    assert_eq!(c.read(&lu1).await.unwrap().seq, seq1 + 1, "LU 1 once");
+    assert_eq!(c.read(&lu2).await.unwrap().seq, seq2 + 1, "LU 2 once");
+    g2.release_departure(&d).await.unwrap();
+    timeout(Duration::from_secs(2), g2.wait_departure_claim_released(&d))
+        .await
+        .expect("a released claim is gone at once")
+        .unwrap();
+}
+
+/// The COMPARE AND WRITE lock: one holder at a time, waiters served in
+/// order, and a holder that dies releases it with its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compare_and_write_lock_has_one_holder_and_goes_with_a_dead_holders_lease() {
+    let etcd = EtcdCluster::start(3);
+    let lu = LuId::new("lu-caw").unwrap();
+    let c = connect(&etcd, "gwl1").await;
+    let pg = |t| {
+        vec![PortalGroup {
+            tpgt: t,
+            portals: vec![],
+        }]
+    };
+    let mut g1 = c.join(pg(1), TTL, MARGIN).await.unwrap();
+    let g2 = std::sync::Arc::new(
+        c.as_gateway("gwl2")
+            .unwrap()
+            .join(pg(2), TTL, MARGIN)
+            .await
+            .unwrap(),
+    );
+    let far = || Instant::now() + Duration::from_secs(20);
+    // Taken and released, then taken again.
+    let h = g1.lock(&lu, far()).await.unwrap();
+    g1.unlock(&h).await.unwrap();
+    let h1 = g1.lock(&lu, far()).await.unwrap();
+    // g2 waits behind g1 ...
+    let w = {
+        let (g2, lu) = (g2.clone(), lu.clone());
+        tokio::spawn(async move { g2.lock(&lu, Instant::now() + Duration::from_secs(20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!w.is_finished(), "two holders at once");
+    // ... a waiter that gives up leaves the line ...
+    assert!(g2
+        .lock(&LuId::new("lu-other").unwrap(), far())
+        .await
+        .is_ok());
+    // ... and gets it when g1 releases.
+    g1.unlock(&h1).await.unwrap();
+    let h2 = timeout(Duration::from_secs(5), w)
+        .await
+        .expect("lock passed on")
+        .unwrap()
+        .unwrap();
+    // g1 waits behind g2 now, with a deadline it cannot meet.
+    let short = g1
+        .lock(&lu, Instant::now() + Duration::from_millis(300))
+        .await;
+    assert!(short.is_err(), "got the lock while g2 holds it");
+    g2.unlock(&h2).await.unwrap();
+    // A holder that dies: the lock goes with its lease.
+    let h1 = g1.lock(&lu, far()).await.unwrap();
+    let w = {
+        let (g2, lu) = (g2.clone(), lu.clone());
+        tokio::spawn(async move { g2.lock(&lu, Instant::now() + Duration::from_secs(20)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!w.is_finished());
+    let died = Instant::now();
+    g1.stop();
+    let h2 = timeout(TTL * 3 + Duration::from_secs(3), w)
+        .await
+        .expect("a dead holder's lock is released with its lease")
+        .unwrap()
+        .unwrap();
+    assert!(
+        died.elapsed() >= TTL - TTL / 3 - Duration::from_millis(200),
+        "lock taken over before the dead holder's lease could expire"
+    );
+    let _ = h1;
+    g2.unlock(&h2).await.unwrap();
+}

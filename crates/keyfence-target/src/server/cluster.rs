@@ -763,45 +763,123 @@ async fn departures(shared: Arc<Shared>, membership: Arc<Membership>, lus: Vec<F
     }
 }
 
-/// Commit a departed gateway's nexus-loss effects if this gateway wins the
-/// claim on them.
+/// How long a departure's per-LU "done" markers live: far beyond any
+/// survivor's retry of the same departure.
+const DEPARTURE_MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// Commit a departed gateway's nexus-loss effects, once cluster-wide. The
+/// survivor that wins the claim does it and then gives the claim up; the
+/// others wait until the claim is gone — given up, or gone with the lease
+/// of a claimant that died — and claim in turn, so a claimant's death
+/// halfway does not leave the work undone. Each LU's part is committed
+/// together with a marker (`Cluster::commit_once`), so what a claimant did
+/// before it died is not done again.
 async fn handle_departure(membership: Arc<Membership>, lus: Vec<Followed>, d: GatewayEntry) {
     let name = d.record.name.clone();
-    let gw = membership.gateway();
-    let claimed = loop {
-        match gw.claim_departure(&d).await {
-            Ok(c) => break c,
-            Err(e) if e.is_unavailable() => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(e) => {
-                tracing::warn!(departed = %name, error = %e, "cannot claim a departed gateway's nexus loss");
+    loop {
+        let gw = membership.gateway();
+        let claimed = loop {
+            match gw.claim_departure(&d).await {
+                Ok(c) => break c,
+                Err(e) if e.is_unavailable() => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(Error::LeaseLost(_)) => {
+                    // This incarnation is gone; the next one (or another
+                    // survivor) takes over.
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    break false;
+                }
+                Err(e) => {
+                    tracing::warn!(departed = %name, error = %e, "cannot claim a departed gateway's nexus loss");
+                    return;
+                }
+            }
+        };
+        if claimed {
+            if commit_departure(&membership, &gw, &lus, &d).await {
+                if let Err(e) = gw.release_departure(&d).await {
+                    // It goes with this gateway's lease at the latest.
+                    tracing::debug!(departed = %name, error = %e, "departure claim not released");
+                }
                 return;
             }
+            // Not all committed (etcd trouble): try again shortly.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        tracing::info!(departed = %name, "another gateway handles the departed gateway's nexus loss; waiting for it to finish");
+        match tokio::time::timeout(
+            Duration::from_secs(600),
+            gw.wait_departure_claim_released(&d),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(departed = %name, error = %e, "watching a departure claim failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Commit `d`'s nexus loss on every clustered LU that does not have it
+/// yet. False if some LU could not be done now.
+async fn commit_departure(
+    membership: &Membership,
+    gw: &Gateway,
+    lus: &[Followed],
+    d: &GatewayEntry,
+) -> bool {
+    let name = &d.record.name;
+    let marker_lease = match membership.cluster.grant_lease(DEPARTURE_MARKER_TTL).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(departed = %name, error = %e, "cannot grant the departure markers' lease");
+            return false;
         }
     };
-    if !claimed {
-        tracing::info!(departed = %name, "another gateway handles the departed gateway's nexus loss");
-        return;
-    }
     let tpgts: HashSet<u16> = d.record.portal_groups.iter().map(|g| g.tpgt).collect();
-    for f in &lus {
+    let (mut all, mut used) = (true, false);
+    for f in lus {
+        let marker = membership
+            .cluster
+            .keys()
+            .departed_done(name, d.lease, &f.id);
         let r = membership
             .cluster
-            .update(&f.id, |s: &LuState| {
+            .commit_once(&f.id, &marker, marker_lease, |s: &LuState| {
                 Ok::<_, std::convert::Infallible>(departed_nexus_loss(&s.state, &tpgts))
             })
             .await;
         match r {
-            Ok(c) if c.changed => tracing::info!(
+            Ok(Some(c)) => {
+                used = true;
+                if c.changed {
+                    tracing::info!(
+                        gateway = gw.name(), departed = %name, lu = %f.id,
+                        revision = c.state.revision, seq = c.state.seq,
+                        "departed gateway's I_T nexus loss committed"
+                    );
+                }
+            }
+            Ok(None) => tracing::info!(
                 gateway = gw.name(), departed = %name, lu = %f.id,
-                revision = c.state.revision, seq = c.state.seq,
-                "departed gateway's I_T nexus loss committed"
+                "departed gateway's I_T nexus loss was already committed"
             ),
-            Ok(_) => {}
             Err(e) => {
+                all = false;
                 tracing::error!(gateway = gw.name(), departed = %name, lu = %f.id, error = %e, "departed gateway's nexus loss not committed")
             }
         }
     }
+    if !used {
+        // Everything was done before: no marker lives under it.
+        let _ = membership.cluster.revoke_lease(marker_lease).await;
+    }
+    all
 }
 
 /// The effects of losing every I_T nexus whose target port is in `tpgts`
