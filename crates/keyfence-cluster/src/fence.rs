@@ -2,7 +2,7 @@
 //! stopped serving): what a PREEMPT, PREEMPT AND ABORT, CLEAR or RESERVE
 //! waits for before GOOD (docs/cluster.md, "Fencing").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 use etcd_client::{EventType, GetOptions, Txn, TxnOp, TxnOpResponse, WatchOptions};
@@ -56,6 +56,55 @@ impl Cluster {
         let mut members: Option<BTreeMap<String, Member>> = None;
         let mut outcome = Applied::default();
         loop {
+            // Watch both prefixes from now on, and only then read them:
+            // the snapshot covers what came before the watch, the watch
+            // what comes after. A watch from the current revision is
+            // "synced" at etcd and gets each event at once; one opened
+            // from an earlier revision (as from the snapshot's, when an
+            // ack landed in between) is caught up by etcd's background
+            // sync only every 100 ms, which every PR OUT would wait.
+            let watch = tokio::time::timeout_at(
+                deadline,
+                self.call("watching gateways and acks", |mut c| {
+                    let (gp, ap) = (gw_prefix.clone(), ack_prefix.clone());
+                    async move {
+                        let o = WatchOptions::new().with_prefix();
+                        let mut w = c.watch(gp, Some(o.clone())).await?;
+                        w.watch(ap, Some(o)).await?;
+                        Ok(w)
+                    }
+                }),
+            )
+            .await;
+            let mut w = match watch {
+                Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
+                Ok(w) => w?,
+            };
+            // Both watches exist once etcd confirmed them; events that
+            // come meanwhile are kept for after the snapshot.
+            let mut early = VecDeque::new();
+            let mut created = 0;
+            while created < 2 {
+                match tokio::time::timeout_at(deadline, w.message()).await {
+                    Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
+                    Ok(Ok(Some(m))) => {
+                        if m.canceled() {
+                            break;
+                        }
+                        if m.created() {
+                            created += 1;
+                        }
+                        if !m.events().is_empty() {
+                            early.push_back(m);
+                        }
+                    }
+                    Ok(Ok(None)) | Ok(Err(_)) => break,
+                }
+            }
+            if created < 2 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
             // A consistent snapshot of registrations and acks.
             let t = Txn::new().and_then([
                 TxnOp::get(gw_prefix.clone(), Some(GetOptions::new().with_prefix())),
@@ -143,26 +192,6 @@ impl Cluster {
             if ms.is_empty() {
                 return Ok(finish(lu, revision, outcome));
             }
-            // Follow both prefixes from the snapshot on.
-            let options = WatchOptions::new()
-                .with_start_revision(at + 1)
-                .with_prefix();
-            let watch = tokio::time::timeout_at(
-                deadline,
-                self.call("watching gateways and acks", |mut c| {
-                    let (gp, ap, o) = (gw_prefix.clone(), ack_prefix.clone(), options.clone());
-                    async move {
-                        let mut w = c.watch(gp, Some(o.clone())).await?;
-                        w.watch(ap, Some(o)).await?;
-                        Ok(w)
-                    }
-                }),
-            )
-            .await;
-            let mut w = match watch {
-                Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
-                Ok(w) => w?,
-            };
             loop {
                 // While a member's key is gone but its lease may live,
                 // look at the lease again now and then.
@@ -174,12 +203,15 @@ impl Cluster {
                 } else {
                     deadline
                 };
-                let msg = match tokio::time::timeout_at(tick, w.message()).await {
-                    Err(_) if tick < deadline => None,
-                    Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
-                    Ok(Ok(Some(m))) => Some(m),
-                    // Stream trouble: take a new snapshot.
-                    Ok(Ok(None)) | Ok(Err(_)) => break,
+                let msg = match early.pop_front() {
+                    Some(m) => Some(m),
+                    None => match tokio::time::timeout_at(tick, w.message()).await {
+                        Err(_) if tick < deadline => None,
+                        Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
+                        Ok(Ok(Some(m))) => Some(m),
+                        // Stream trouble: take a new snapshot.
+                        Ok(Ok(None)) | Ok(Err(_)) => break,
+                    },
                 };
                 let Some(ms) = members.as_mut() else { break };
                 if let Some(msg) = msg {
@@ -188,6 +220,10 @@ impl Cluster {
                     }
                     for ev in msg.events() {
                         let Some(kv) = ev.kv() else { continue };
+                        // The snapshot already shows what this did.
+                        if kv.mod_revision() <= at {
+                            continue;
+                        }
                         let key = String::from_utf8_lossy(kv.key()).into_owned();
                         if let Some(name) = key.strip_prefix(gw_prefix.as_str()) {
                             if let Some(m) = ms.get_mut(name) {
