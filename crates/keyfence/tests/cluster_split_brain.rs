@@ -250,90 +250,6 @@ impl Drop for Thaw {
     }
 }
 
-struct LogLine {
-    acked: bool,
-    seq: u64,
-    lba: u64,
-    t_issue: u64,
-    t_done: u64,
-    error: String,
-}
-
-impl LogLine {
-    fn conflict(&self) -> bool {
-        !self.acked && self.error == "RESERVATION CONFLICT"
-    }
-
-    /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION: the gateway is not
-    /// serving (lease in doubt, rejoining).
-    fn transition(&self) -> bool {
-        !self.acked && self.error.contains("(asc 0x04 ascq 0x0a)")
-    }
-}
-
-fn parse_log(path: &Path) -> Vec<LogLine> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.splitn(6, ' ').collect();
-            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
-            Some(LogLine {
-                acked: *f.first()? == "ack",
-                seq: num(1)?,
-                lba: num(2)?,
-                t_issue: num(3)?,
-                t_done: num(4)?,
-                error: f.get(5).map(|s| s.to_string()).unwrap_or_default(),
-            })
-        })
-        .collect()
-}
-
-fn heartbeat(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .split(' ')
-        .next()?
-        .parse()
-        .ok()
-}
-
-struct Rec {
-    lba: u64,
-    node: u32,
-    seq: u64,
-    t_ns: u64,
-}
-
-fn scan(url: &str, lba: u64) -> Vec<Rec> {
-    let o = keyfence(&[
-        "fence",
-        "scan",
-        "--device",
-        url,
-        "--region-lba",
-        &lba.to_string(),
-        "--region-blocks",
-        &REGION.to_string(),
-        "--initiator-name",
-        &iname("reader"),
-    ]);
-    assert_eq!(code(&o), 0, "scan: {}", text(&o.stderr));
-    text(&o.stdout)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json");
-            assert!(v.get("corrupt").is_none(), "corrupt block: {l}");
-            Rec {
-                lba: v["lba"].as_u64().unwrap(),
-                node: v["node"].as_u64().unwrap() as u32,
-                seq: v["seq"].as_u64().unwrap(),
-                t_ns: v["t_ns"].as_u64().unwrap(),
-            }
-        })
-        .collect()
-}
-
 /// p50, p99 (nearest rank) and max of `v`, in ms.
 fn percentiles(v: &mut [f64]) -> String {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -566,7 +482,7 @@ fn no_late_write_through_either_gateway_after_fencing() {
             let log = parse_log(&dir.join(format!("log{n}")));
             if n == victim {
                 for gw in 0..2 {
-                    let recs: Vec<Rec> = scan(&rig.url(gw), region(n))
+                    let recs: Vec<Rec> = scan(&rig.url(gw), region(n), REGION)
                         .into_iter()
                         .filter(|r| r.t_ns >= t_round)
                         .collect();
@@ -715,7 +631,7 @@ fn no_late_write_through_either_gateway_after_fencing() {
                 );
                 continue;
             }
-            let recs: Vec<Rec> = scan(&rig.url(n), region(n))
+            let recs: Vec<Rec> = scan(&rig.url(n), region(n), REGION)
                 .into_iter()
                 .filter(|r| r.t_ns >= t_round)
                 .collect();

@@ -12,7 +12,6 @@
 mod fence_support;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,76 +22,6 @@ const NODES: usize = 3;
 const REGION: u64 = 256;
 /// Heartbeat silence after which the survivors decide to fence.
 const SILENCE_MS: u64 = 60;
-
-struct LogLine {
-    acked: bool,
-    seq: u64,
-    lba: u64,
-    t_issue: u64,
-    t_done: u64,
-}
-
-fn parse_log(path: &Path) -> Vec<LogLine> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
-            Some(LogLine {
-                acked: *f.first()? == "ack",
-                seq: num(1)?,
-                lba: num(2)?,
-                t_issue: num(3)?,
-                t_done: num(4)?,
-            })
-        })
-        .collect()
-}
-
-fn heartbeat(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path)
-        .ok()?
-        .split(' ')
-        .next()?
-        .parse()
-        .ok()
-}
-
-struct Rec {
-    lba: u64,
-    node: u32,
-    seq: u64,
-    t_ns: u64,
-}
-
-fn scan(url: &str, lba: u64) -> Vec<Rec> {
-    let o = keyfence(&[
-        "fence",
-        "scan",
-        "--device",
-        url,
-        "--region-lba",
-        &lba.to_string(),
-        "--region-blocks",
-        &REGION.to_string(),
-        "--initiator-name",
-        &iname("reader"),
-    ]);
-    assert_eq!(code(&o), 0, "scan: {}", text(&o.stderr));
-    text(&o.stdout)
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).expect("json");
-            assert!(v.get("corrupt").is_none(), "corrupt block: {l}");
-            Rec {
-                lba: v["lba"].as_u64().unwrap(),
-                node: v["node"].as_u64().unwrap() as u32,
-                seq: v["seq"].as_u64().unwrap(),
-                t_ns: v["t_ns"].as_u64().unwrap(),
-            }
-        })
-        .collect()
-}
 
 fn stats(v: &mut [f64]) -> String {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -264,7 +193,7 @@ fn fenced_node_never_writes_after_fencing_returns() {
         // What the disk and the logs say.
         for n in 0..NODES {
             let log = parse_log(&dir.join(format!("log{n}")));
-            let recs: Vec<Rec> = scan(&url, region(n))
+            let recs: Vec<Rec> = scan(&url, region(n), REGION)
                 .into_iter()
                 .filter(|r| r.t_ns >= t_round)
                 .collect();

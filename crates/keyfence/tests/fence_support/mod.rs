@@ -103,3 +103,93 @@ pub fn unfence(devices: &str, key: &str, node: &str, store: &Path) {
     ]);
     assert_eq!(code(&o), 0, "unfence {node}: {}", text(&o.stderr));
 }
+
+/// One line of a `keyfence fence writer` log: `ack|err SEQ LBA T_ISSUE T_DONE [ERROR]`.
+pub struct LogLine {
+    pub acked: bool,
+    pub seq: u64,
+    pub lba: u64,
+    pub t_issue: u64,
+    pub t_done: u64,
+    pub error: String,
+}
+
+impl LogLine {
+    pub fn conflict(&self) -> bool {
+        !self.acked && self.error == "RESERVATION CONFLICT"
+    }
+
+    /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION: the gateway is not
+    /// serving (lease in doubt, rejoining).
+    pub fn transition(&self) -> bool {
+        !self.acked && self.error.contains("(asc 0x04 ascq 0x0a)")
+    }
+}
+
+/// The writer log at `path` (lines that do not parse are passed over).
+pub fn parse_log(path: &Path) -> Vec<LogLine> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(6, ' ').collect();
+            let num = |i: usize| f.get(i).and_then(|s| s.parse::<u64>().ok());
+            Some(LogLine {
+                acked: *f.first()? == "ack",
+                seq: num(1)?,
+                lba: num(2)?,
+                t_issue: num(3)?,
+                t_done: num(4)?,
+                error: f.get(5).map(|s| s.to_string()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// The writer's last heartbeat (monotonic ns).
+pub fn heartbeat(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .split(' ')
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A record `keyfence fence scan` found on disk.
+pub struct Rec {
+    pub lba: u64,
+    pub node: u32,
+    pub seq: u64,
+    pub t_ns: u64,
+}
+
+/// The records in `blocks` blocks from `lba` of `url`, read back with
+/// `keyfence fence scan`.
+pub fn scan(url: &str, lba: u64, blocks: u64) -> Vec<Rec> {
+    let o = keyfence(&[
+        "fence",
+        "scan",
+        "--device",
+        url,
+        "--region-lba",
+        &lba.to_string(),
+        "--region-blocks",
+        &blocks.to_string(),
+        "--initiator-name",
+        &iname("reader"),
+    ]);
+    assert_eq!(code(&o), 0, "scan: {}", text(&o.stderr));
+    text(&o.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            assert!(v.get("corrupt").is_none(), "corrupt block: {l}");
+            Rec {
+                lba: v["lba"].as_u64().unwrap(),
+                node: v["node"].as_u64().unwrap() as u32,
+                seq: v["seq"].as_u64().unwrap(),
+                t_ns: v["t_ns"].as_u64().unwrap(),
+            }
+        })
+        .collect()
+}
