@@ -119,6 +119,45 @@ pub fn terminate(child: &Child) {
     }
 }
 
+/// Send `sig` to `pid`, a process this test started and still holds
+/// (not reaped), so the PID cannot have been reused.
+pub fn signal(pid: u32, sig: i32) {
+    let pid = libc::pid_t::try_from(pid).expect("pid fits pid_t");
+    // SAFETY: kill(2) has no memory effects; the caller holds the child.
+    unsafe {
+        libc::kill(pid, sig);
+    }
+}
+
+/// SIGSTOP `pid` (see [`signal`]) and wait until every thread of it has
+/// stopped, as the signal is delivered asynchronously; fails the test
+/// after `limit`.
+pub fn freeze(pid: u32, limit: Duration) {
+    signal(pid, libc::SIGSTOP);
+    let deadline = Instant::now() + limit;
+    loop {
+        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc task list");
+        let all_stopped = tasks.flatten().all(|t| {
+            std::fs::read_to_string(t.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    st.rsplit(')')
+                        .next()
+                        .map(|r| r.trim_start().starts_with('T'))
+                })
+                .unwrap_or(true)
+        });
+        if all_stopped {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process {pid} not stopped within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// Exit code, or -1 when the process was killed by a signal.
 pub fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)

@@ -142,11 +142,7 @@ impl EtcdCluster {
 
     fn signal(&self, i: usize, sig: i32) {
         if let Some(pid) = self.members[i].pid() {
-            // SAFETY: kill(2) on the PID of a child this fixture spawned
-            // and has not reaped.
-            unsafe {
-                libc::kill(pid as libc::pid_t, sig);
-            }
+            crate::cmd::signal(pid, sig);
         }
     }
 

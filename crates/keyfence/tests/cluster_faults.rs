@@ -117,37 +117,11 @@ fn lu_id(lun: u64) -> LuId {
 }
 
 fn signal(s: &Serve, sig: i32) {
-    let pid = s.pid().expect("gateway running");
-    // SAFETY: kill(2) on the PID of a child this test spawned and holds.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
+    keyfence_testkit::cmd::signal(s.pid().expect("gateway running"), sig);
 }
 
-/// SIGSTOP `s` and wait (bounded) until every thread of it has stopped:
-/// the signal is delivered asynchronously.
 fn freeze(s: &Serve) {
-    signal(s, libc::SIGSTOP);
-    let pid = s.pid().expect("gateway running");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc task list");
-        let all_stopped = tasks.flatten().all(|t| {
-            std::fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|st| {
-                    st.rsplit(')')
-                        .next()
-                        .map(|r| r.trim_start().starts_with('T'))
-                })
-                .unwrap_or(true)
-        });
-        if all_stopped {
-            return;
-        }
-        assert!(Instant::now() < deadline, "gateway not stopped within 5 s");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    keyfence_testkit::cmd::freeze(s.pid().expect("gateway running"), Duration::from_secs(5));
 }
 
 /// Log in as `name` (ISID `isid`) through `url`, LUN `lun`, and wait

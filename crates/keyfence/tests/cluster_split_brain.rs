@@ -52,6 +52,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fence_support::*;
+use keyfence_testkit::cmd::signal;
 use keyfence_testkit::etcd::EtcdCluster;
 use keyfence_testkit::Serve;
 use rand::Rng;
@@ -209,35 +210,8 @@ impl Rig {
     }
 }
 
-fn signal(pid: u32, sig: i32) {
-    // SAFETY: kill(2) on the PID of a gateway this test spawned and holds.
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
-/// SIGSTOP `pid` and wait (bounded) until every thread of it has stopped.
 fn freeze(pid: u32) {
-    signal(pid, libc::SIGSTOP);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("/proc task list");
-        let all_stopped = tasks.flatten().all(|t| {
-            std::fs::read_to_string(t.path().join("stat"))
-                .ok()
-                .and_then(|st| {
-                    st.rsplit(')')
-                        .next()
-                        .map(|r| r.trim_start().starts_with('T'))
-                })
-                .unwrap_or(true)
-        });
-        if all_stopped {
-            return;
-        }
-        assert!(Instant::now() < deadline, "gateway not stopped within 5 s");
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    keyfence_testkit::cmd::freeze(pid, Duration::from_secs(5));
 }
 
 /// Sends SIGCONT to a frozen gateway when dropped (also on a failed
