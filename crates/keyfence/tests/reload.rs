@@ -491,14 +491,14 @@ fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     assert_eq!(f.status()["config_generation"], 0);
     // A change that needs a restart says so and changes nothing either.
     // (A LUN added in the same file is not applied either.)
-    f.rewrite(&format!(
-        "[limits]\nmax_login_connections = 7\n\n{}",
-        config_text(&[(0, "4M"), (1, "4M")], false)
+    f.rewrite(&config_text(&[(0, "4M"), (1, "4M")], false).replace(
+        "path = \"lun0.img\"\n",
+        "path = \"lun0.img\"\nblock_size = 4096\n",
     ));
     let (code, _, err) = f.cli(&["reload"]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("limits.max_login_connections changed") && err.contains("restart"),
+        err.contains("LUN 0: block_size") && err.contains("restart"),
         "{err}"
     );
     assert!(!lun_file_exists(f.serve.data_dir(), 1));
@@ -919,4 +919,159 @@ fn a_busy_portal_address_rejects_the_whole_reload() {
         said.contains("LUN 1 added") && said.contains("(TPGT 2) added"),
         "{said}"
     );
+}
+
+/// A raw TCP connection to the portal that sends nothing: it holds a
+/// login slot (if admitted) until the first-PDU timeout.
+fn hold(f: &Fixture) -> std::net::TcpStream {
+    std::net::TcpStream::connect(f.serve.portals()[0]).unwrap()
+}
+
+/// Is `s` still open after `wait` (the server neither closed nor reset
+/// it)?
+fn still_open(s: &mut std::net::TcpStream, wait: Duration) -> bool {
+    s.set_read_timeout(Some(wait)).unwrap();
+    // Data or end of file: the server answered or closed it.
+    match s.peek(&mut [0u8; 1]) {
+        Ok(_) => false,
+        Err(e) => matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Wait (bounded) until the server closed `s`; how long that took.
+fn closed_within(s: &mut std::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use std::io::Read;
+    let start = Instant::now();
+    s.set_read_timeout(Some(limit)).unwrap();
+    match s.read(&mut [0u8; 1]) {
+        Ok(0) => Some(start.elapsed()),
+        Err(e)
+            if !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Some(start.elapsed())
+        }
+        _ => None,
+    }
+}
+
+fn try_login(f: &Fixture, initiator: &str) -> Result<Device, String> {
+    let url = IscsiUrl::parse(&format!("iscsi://{}/{IQN}/0", f.serve.portals()[0])).unwrap();
+    let cfg = SessionConfig {
+        initiator_name: Some(initiator.into()),
+        login_timeout: Duration::from_secs(10),
+        ..Default::default()
+    };
+    f.rt.block_on(Device::connect(&url, &cfg))
+        .map_err(|e| e.to_string())
+}
+
+fn with_limits(per_source: u32, first_pdu_secs: u32) -> String {
+    format!(
+        "[limits]\nmax_login_connections_per_source = {per_source}\nfirst_pdu_timeout_secs = {first_pdu_secs}\n\n{}",
+        config_text(&[(0, "4M")], false)
+    )
+}
+
+#[test]
+fn admission_limits_change_on_reload_without_dropping_anyone() {
+    const N: u32 = 2;
+    let f = Fixture::start(&with_limits(N, 60));
+    let steady = Arc::new(f.connect(STEADY, 0));
+    let load = start_load(&f, steady.clone());
+    load.wait_for(100);
+
+    // N connections logging in (silent) from 127.0.0.1 take its share.
+    let mut held: Vec<_> = (0..N).map(|_| hold(&f)).collect();
+    for s in &mut held {
+        assert!(
+            still_open(s, Duration::from_millis(500)),
+            "held connection closed"
+        );
+    }
+    let mut over = hold(&f);
+    assert!(
+        closed_within(&mut over, Duration::from_secs(10)).is_some(),
+        "connection N+1 from one source was admitted"
+    );
+    assert!(try_login(&f, WATCHER).is_err(), "login N+1 admitted");
+
+    // Raised to N+2: a new connection from the same source is admitted
+    // and logs in, while the N still hold their slots.
+    f.rewrite(&with_limits(N + 2, 60));
+    let said = f.reload();
+    assert!(said.contains("limits changed"), "{said}");
+    let watcher = try_login(&f, WATCHER)
+        .unwrap_or_else(|e| panic!("login after raising the limit: {e}\n{}", f.serve.log()));
+    f.rt.block_on(watcher.clear_unit_attentions()).unwrap();
+    held.push(hold(&f));
+    for s in &mut held {
+        assert!(
+            still_open(s, Duration::from_millis(300)),
+            "held connection closed"
+        );
+    }
+    assert_eq!(held.len() as u32, N + 1);
+
+    // Lowered to 1 (below the N+1 logging in) with a 1 s first-PDU
+    // timeout: nobody is dropped — the connections logging in keep their
+    // slot and the 60 s they were given, the sessions keep working — and
+    // new connections are refused.
+    f.rewrite(&with_limits(1, 1));
+    f.reload();
+    let mut refused = hold(&f);
+    assert!(
+        closed_within(&mut refused, Duration::from_secs(10)).is_some(),
+        "a connection was admitted over the lowered limit"
+    );
+    assert!(
+        try_login(&f, DOOMED).is_err(),
+        "login over the lowered limit"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    for s in &mut held {
+        assert!(
+            still_open(s, Duration::from_millis(300)),
+            "a connection already logging in was dropped by the reload"
+        );
+    }
+    f.rt.block_on(watcher.read(0, 1))
+        .expect("the session logged in under the raised limit works");
+    load.wait_for(200);
+
+    // Once the count is below the new limit, a connection is admitted
+    // again, under the new 1 s first-PDU timeout.
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let took = loop {
+        let mut s = hold(&f);
+        let start = Instant::now();
+        match closed_within(&mut s, Duration::from_secs(10)) {
+            Some(t) if start.elapsed() >= Duration::from_millis(500) => break t,
+            // Refused at once: the held slots are not given back yet.
+            _ => {
+                assert!(Instant::now() < deadline, "never admitted again");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert!(
+        took < Duration::from_secs(5),
+        "first-PDU timeout took {took:?}"
+    );
+
+    let (done, failed, errors) = load.finish(&f);
+    eprintln!("established session: {done} commands during three limit reloads, {failed} failed");
+    assert_eq!(
+        failed, 0,
+        "commands of the established session failed: {errors:?}"
+    );
+    assert!(drain_uas(&f, &steady, 0).is_empty());
+    assert_eq!(f.status()["limits"]["max_login_connections_per_source"], 1);
+    f.rt.block_on(watcher.close()).unwrap();
 }

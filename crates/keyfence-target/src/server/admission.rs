@@ -17,12 +17,19 @@
 //! attempt waits for its turn, with exponential backoff, and an attempt
 //! whose turn is too far away is refused at once (service unavailable).
 //!
+//! The three limits can change while serving (a reload,
+//! [`Admission::set_limits`]): new connections are admitted under the new
+//! ones. Connections already logging in keep their slot and the first-PDU
+//! deadline they were given; when a limit is lowered below the number of
+//! slots in use, new connections are refused (not displacing anyone)
+//! until the count is below the new limit.
+//!
 //! Refusals are logged at WARN at most once per [`LOG_INTERVAL`] per kind,
 //! with the number of events since the last line.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -126,9 +133,10 @@ impl Slots {
 #[derive(Debug)]
 pub(crate) struct Admission {
     slots: Mutex<Slots>,
-    max_login: usize,
-    max_per_source: usize,
-    pub first_pdu_timeout: Duration,
+    max_login: AtomicUsize,
+    max_per_source: AtomicUsize,
+    /// Milliseconds a new connection has to send its first PDU.
+    first_pdu_timeout_ms: AtomicU64,
     pub throttle: AuthThrottle,
     pub log_refused: RateLimitedLog,
     pub log_idle: RateLimitedLog,
@@ -140,15 +148,35 @@ impl Admission {
     pub fn new(limits: &Limits) -> Arc<Admission> {
         Arc::new(Admission {
             slots: Mutex::new(Slots::default()),
-            max_login: limits.max_login_connections as usize,
-            max_per_source: limits.max_login_connections_per_source as usize,
-            first_pdu_timeout: Duration::from_secs(u64::from(limits.first_pdu_timeout_secs)),
+            max_login: AtomicUsize::new(limits.max_login_connections as usize),
+            max_per_source: AtomicUsize::new(limits.max_login_connections_per_source as usize),
+            first_pdu_timeout_ms: AtomicU64::new(
+                u64::from(limits.first_pdu_timeout_secs).saturating_mul(1000),
+            ),
             throttle: AuthThrottle::default(),
             log_refused: RateLimitedLog::new("connection refused"),
             log_idle: RateLimitedLog::new("connection dropped before login"),
             log_chap: RateLimitedLog::new("login refused: CHAP authentication failed"),
             evicted: AtomicU64::new(0),
         })
+    }
+
+    /// Apply the admission limits of `limits` to connections accepted
+    /// from now on (see the module doc).
+    pub fn set_limits(&self, limits: &Limits) {
+        // Under the slot lock, so that an admission sees all three of
+        // one configuration.
+        let _s = self.slots();
+        self.max_login
+            .store(limits.max_login_connections as usize, Ordering::Relaxed);
+        self.max_per_source.store(
+            limits.max_login_connections_per_source as usize,
+            Ordering::Relaxed,
+        );
+        self.first_pdu_timeout_ms.store(
+            u64::from(limits.first_pdu_timeout_secs).saturating_mul(1000),
+            Ordering::Relaxed,
+        );
     }
 
     fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -160,11 +188,18 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, source: IpAddr) -> Result<Arc<Ticket>, Refused> {
         let source = source_group(source);
         let mut s = self.slots();
+        let max_login = self.max_login.load(Ordering::Relaxed);
         let mine = s.per_source.get(&source).copied().unwrap_or(0);
-        if mine >= self.max_per_source {
+        if mine >= self.max_per_source.load(Ordering::Relaxed) {
             return Err(Refused::PerSource);
         }
-        if s.slots.len() >= self.max_login {
+        if s.slots.len() > max_login {
+            // Over a limit lowered by a reload: the connections already
+            // logging in keep their slots; newcomers wait for the count
+            // to fall below the limit rather than displace one.
+            return Err(Refused::Full);
+        }
+        if s.slots.len() >= max_login {
             // The idle connection of the source with the most slots,
             // the oldest of those.
             let victim = s
@@ -190,6 +225,8 @@ impl Admission {
         s.next_id += 1;
         let evict = Arc::new(Notify::new());
         let accepted = Instant::now();
+        let first_pdu_timeout =
+            Duration::from_millis(self.first_pdu_timeout_ms.load(Ordering::Relaxed));
         s.slots.insert(
             id,
             Slot {
@@ -205,6 +242,7 @@ impl Admission {
             id,
             source,
             accepted,
+            first_pdu_timeout,
             evict,
             done: AtomicBool::new(false),
             permit: Mutex::new(None),
@@ -227,6 +265,9 @@ pub(crate) struct Ticket {
     id: u64,
     pub source: IpAddr,
     pub accepted: Instant,
+    /// How long it has to send its first PDU (as configured when it was
+    /// accepted).
+    pub first_pdu_timeout: Duration,
     evict: Arc<Notify>,
     done: AtomicBool,
     permit: Mutex<Option<OwnedSemaphorePermit>>,
@@ -526,6 +567,42 @@ mod tests {
         drop(b1);
         drop(t);
         assert_eq!(adm.in_login(), 1);
+    }
+
+    #[tokio::test]
+    async fn limits_change_for_newcomers_only() {
+        let adm = Admission::new(&limits(4, 2));
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let held: Vec<_> = (0..2).map(|_| adm.admit(a).unwrap()).collect();
+        assert_eq!(adm.admit(a).unwrap_err(), Refused::PerSource);
+        // Raised: a third from the same source is admitted.
+        adm.set_limits(&Limits {
+            first_pdu_timeout_secs: 9,
+            ..limits(4, 3)
+        });
+        let third = adm.admit(a).unwrap();
+        assert_eq!(third.first_pdu_timeout, Duration::from_secs(9));
+        assert_eq!(held[0].first_pdu_timeout, Duration::from_secs(5));
+        assert!(held.iter().all(|t| t.started()) && third.started());
+        // Lowered below the count: nobody is dropped (their slots stay,
+        // none is displaced), newcomers are refused until the count is
+        // below the new limits.
+        adm.set_limits(&limits(2, 1));
+        assert_eq!(adm.admit(a).unwrap_err(), Refused::PerSource);
+        assert_eq!(adm.admit(b).unwrap_err(), Refused::Full);
+        assert_eq!(adm.in_login(), 3);
+        let idle = {
+            drop(third);
+            // 2 in use, limit 2: b may displace an idle one only; all
+            // have started, so it is refused.
+            assert_eq!(adm.admit(b).unwrap_err(), Refused::Full);
+            drop(held);
+            adm.admit(b).unwrap()
+        };
+        assert_eq!(adm.in_login(), 1);
+        assert_eq!(adm.admit(b).unwrap_err(), Refused::PerSource);
+        drop(idle);
     }
 
     #[test]

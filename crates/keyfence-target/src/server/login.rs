@@ -522,7 +522,7 @@ async fn first_pdu(
         return next_pdu(wire).await;
     };
     let adm = t.admission();
-    let deadline = t.accepted + adm.first_pdu_timeout;
+    let deadline = t.accepted + t.first_pdu_timeout;
     let peer = wire.peer;
     tokio::select! {
         r = tokio::time::timeout_at(deadline, next_pdu(wire)) => match r {
@@ -537,7 +537,7 @@ async fn first_pdu(
                 adm.log_idle.event(|| {
                     format!(
                         "{peer}: no Login Request within {} s",
-                        adm.first_pdu_timeout.as_secs()
+                        t.first_pdu_timeout.as_secs()
                     )
                 });
                 Ok(None)

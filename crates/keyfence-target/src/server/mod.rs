@@ -285,6 +285,11 @@ impl Acceptors {
         Some(task)
     }
 
+    /// The admission control of the accept loops, once the server runs.
+    pub fn admission(&self) -> Option<&Arc<admission::Admission>> {
+        self.running.as_ref().map(|(a, _)| a)
+    }
+
     /// Start accepting on every pending listener.
     fn start(
         &mut self,
@@ -690,11 +695,15 @@ impl Server {
             }
         };
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        let admission = admission::Admission::new(&shared.live().limits);
         let admin_task = admin.map(|a| tokio::spawn(a.serve(shared.clone())));
-        shared
-            .acceptors()
-            .start(&shared, admission, done_tx.clone());
+        {
+            // Under the acceptors' lock: a reload that publishes new
+            // limits either comes before (and they are read here) or
+            // finds the admission running and changes its limits.
+            let mut acc = shared.acceptors();
+            let admission = admission::Admission::new(&shared.live().limits);
+            acc.start(&shared, admission, done_tx.clone());
+        }
         drop(done_tx);
         tokio::spawn(trim_when_idle(shared.shutdown.clone()));
         shutdown.await;

@@ -29,8 +29,16 @@
 //! position in `portals`, or `first_tpgt`, moved) is refused, since its
 //! sessions' I_T nexuses name the old TPGT.
 //!
+//! Limits: every `[limits]` key applies. The admission limits
+//! (`max_login_connections`, `max_login_connections_per_source`,
+//! `first_pdu_timeout_secs`) govern the connections accepted from the
+//! commit on; connections already logging in keep their slot and
+//! first-PDU deadline, and when a limit is lowered below the number in
+//! use new connections are refused until it is below again (nobody is
+//! dropped).
+//!
 //! What needs a restart is refused with a message saying so: `data_dir`,
-//! `admin_socket`, `[cluster]`, the admission limits, a LUN's block size,
+//! `admin_socket`, `[cluster]`, a LUN's block size,
 //! backing, read-only flag or identity while it is served, and in cluster
 //! mode any change of the set of LUs or of the portals (both are
 //! registered with the cluster).
@@ -138,8 +146,8 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
         }
     }
     let live = Arc::new(live);
-    apply_limits(shared, &old, &live);
     shared.live.store(live.clone());
+    apply_limits(shared, &old, &live);
     // Accept on the new portals; stop on those no target uses any more.
     let retired: Vec<_> = {
         let mut acc = shared.acceptors();
@@ -168,9 +176,25 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
 }
 
 /// Limits that live outside [`Live`]: the session table's, the logged-in
-/// connection count and the buffer budget.
+/// connection count, the buffer budget and the admission of new
+/// connections. Call after `new` is published.
 fn apply_limits(shared: &Arc<Shared>, old: &Live, new: &Live) {
     let (o, n) = (&old.limits, &new.limits);
+    if (
+        o.max_login_connections,
+        o.max_login_connections_per_source,
+        o.first_pdu_timeout_secs,
+    ) != (
+        n.max_login_connections,
+        n.max_login_connections_per_source,
+        n.first_pdu_timeout_secs,
+    ) {
+        // Not running yet: `Server::run` reads them from the published
+        // configuration (under the same lock).
+        if let Some(a) = shared.acceptors().admission() {
+            a.set_limits(n);
+        }
+    }
     if o.max_sessions != n.max_sessions {
         shared.sessions().set_max(n.max_sessions);
     }
@@ -227,28 +251,6 @@ fn check_restart_only(old: &Config, new: &Config, clustered: bool) -> Result<(),
     }
     if old.metrics_addr != new.metrics_addr {
         return Err(restart("metrics address changed"));
-    }
-    let (o, n) = (&old.limits, &new.limits);
-    for (name, a, b) in [
-        (
-            "max_login_connections",
-            o.max_login_connections,
-            n.max_login_connections,
-        ),
-        (
-            "max_login_connections_per_source",
-            o.max_login_connections_per_source,
-            n.max_login_connections_per_source,
-        ),
-        (
-            "first_pdu_timeout_secs",
-            o.first_pdu_timeout_secs,
-            n.first_pdu_timeout_secs,
-        ),
-    ] {
-        if a != b {
-            return Err(restart(format!("limits.{name} changed from {a} to {b}")));
-        }
     }
     if clustered {
         let same = old.targets.len() == new.targets.len()
