@@ -57,6 +57,13 @@ struct StatusArgs {
 /// Make a running keyfence serve re-read its configuration file and apply
 /// what changed (as SIGHUP does). An invalid configuration is refused as a
 /// whole and the old one keeps running.
+///
+/// Targets, portals, LUNs, ACLs, CHAP secrets, `[limits]` and the metrics
+/// address are applied live. `data_dir`, `admin_socket` and `[cluster]`
+/// need a restart, and so do, in cluster mode, this gateway's portals and
+/// any change of the set of LUNs; a served LUN's block size, read-only
+/// flag or identity changes by removing it in one reload and adding it
+/// back in the next.
 #[derive(Debug, Parser)]
 #[command(name = "keyfence reload", version)]
 struct ReloadArgs {
@@ -186,6 +193,9 @@ fn render(s: &Status) -> String {
             ""
         }
     );
+    if let Some(m) = &s.metrics {
+        let _ = writeln!(out, "metrics at http://{m}/metrics");
+    }
     out.push_str("\nTargets\n");
     let rows: Vec<Vec<String>> = s
         .targets

@@ -1075,3 +1075,114 @@ fn admission_limits_change_on_reload_without_dropping_anyone() {
     assert_eq!(f.status()["limits"]["max_login_connections_per_source"], 1);
     f.rt.block_on(watcher.close()).unwrap();
 }
+
+/// `GET /metrics` from `addr`: the body of a 200 answer.
+fn scrape_at(addr: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)
+        .unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).unwrap();
+    let (head, body) = got.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    body.to_string()
+}
+
+fn metrics_in_status(f: &Fixture) -> Option<String> {
+    f.status()["metrics"].as_str().map(str::to_string)
+}
+
+fn with_metrics(addr: Option<&str>) -> String {
+    let base = config_text(&[(0, "4M")], false);
+    match addr {
+        Some(a) => format!("metrics = \"{a}\"\n\n{base}"),
+        None => base,
+    }
+}
+
+/// Nothing accepts connections on `addr` any more (bounded wait: the old
+/// endpoint's thread closes its socket promptly).
+fn wait_refused(addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(addr).is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "{addr} still accepts connections"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_metrics_endpoint_moves_stops_and_starts_on_reload() {
+    let f = Fixture::start(&with_metrics(Some("127.0.0.1:0")));
+    let first = metrics_in_status(&f).expect("status names the metrics endpoint");
+    let watcher = f.connect(WATCHER, 0);
+    f.rt.block_on(watcher.read(0, 1)).unwrap();
+    assert_eq!(
+        lu_sample(&scrape_at(&first), "keyfence_lu_reads_total", 0),
+        Some(1.0)
+    );
+
+    // A busy address rejects the whole reload; the old endpoint stays.
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let busy_addr = busy.local_addr().unwrap().to_string();
+    f.rewrite(&with_metrics(Some(&busy_addr)));
+    let (code, _, err) = f.cli(&["reload"]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&format!("cannot listen for metrics on {busy_addr}")),
+        "{err}"
+    );
+    assert_eq!(metrics_in_status(&f).as_deref(), Some(first.as_str()));
+    scrape_at(&first);
+    drop(busy);
+
+    // Moved: the new address serves (the counters carry on), the old
+    // one is closed.
+    let (moved, said) = keyfence_testkit::port::with_free_port("a reloaded metrics address", |p| {
+        let addr = format!("127.0.0.1:{p}");
+        f.rewrite(&with_metrics(Some(&addr)));
+        match f.cli(&["reload"]) {
+            (0, said, _) => Ok((addr, said)),
+            (_, _, err) => Err(err),
+        }
+    });
+    assert!(
+        said.contains(&format!("metrics endpoint on {moved}")),
+        "{said}"
+    );
+    assert_eq!(metrics_in_status(&f).as_deref(), Some(moved.as_str()));
+    let text = scrape_at(&moved);
+    promtool_check(&text);
+    assert_eq!(lu_sample(&text, "keyfence_lu_reads_total", 0), Some(1.0));
+    wait_refused(&first);
+
+    // Removed: nothing listens, status says none.
+    f.rewrite(&with_metrics(None));
+    let said = f.reload();
+    assert!(said.contains("metrics endpoint removed"), "{said}");
+    wait_refused(&moved);
+    assert_eq!(metrics_in_status(&f), None);
+
+    // Back: the per-LU families are counted again from now on.
+    f.rewrite(&with_metrics(Some("127.0.0.1:0")));
+    f.reload();
+    let back = metrics_in_status(&f).expect("metrics endpoint back");
+    assert_eq!(
+        lu_sample(&scrape_at(&back), "keyfence_lu_reads_total", 0),
+        Some(0.0)
+    );
+    f.rt.block_on(watcher.read(0, 1)).unwrap();
+    f.rt.block_on(watcher.read(0, 1)).unwrap();
+    assert_eq!(
+        lu_sample(&scrape_at(&back), "keyfence_lu_reads_total", 0),
+        Some(2.0)
+    );
+    assert!(drain_uas(&f, &watcher, 0).is_empty());
+    f.rt.block_on(watcher.close()).unwrap();
+}

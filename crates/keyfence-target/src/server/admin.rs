@@ -79,6 +79,9 @@ pub struct Status {
     pub sessions: Vec<SessionStatus>,
     /// `[limits]` in force, by their configuration names.
     pub limits: serde_json::Value,
+    /// Where `GET /metrics` is served, if anywhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -411,6 +414,7 @@ pub(crate) fn status(shared: &Shared) -> Status {
         targets,
         sessions,
         limits: serde_json::to_value(&live.limits).unwrap_or_default(),
+        metrics: shared.acceptors().metrics_addr().map(|a| a.to_string()),
     }
 }
 

@@ -341,7 +341,7 @@ pub struct Metrics {
     /// The LUs the per-LU families list.
     lus: Arc<ArcSwap<Vec<LuEntry>>>,
     /// Whether the I/O path counts per LU (see the module doc).
-    count_lus: bool,
+    count_lus: std::sync::atomic::AtomicBool,
     pub(crate) sessions_normal: Gauge,
     pub(crate) sessions_discovery: Gauge,
     pub(crate) connections: Gauge,
@@ -454,7 +454,7 @@ impl Metrics {
         Metrics {
             registry: r,
             lus,
-            count_lus,
+            count_lus: std::sync::atomic::AtomicBool::new(count_lus),
             sessions_normal,
             sessions_discovery,
             connections,
@@ -470,10 +470,17 @@ impl Metrics {
         }
     }
 
-    /// Does the I/O path count per LU? Fixed for the server's lifetime
-    /// (the metrics address needs a restart to change).
+    /// Does the I/O path count per LU (a metrics endpoint is
+    /// configured)? A reload that adds or removes the endpoint changes it
+    /// ([`Metrics::set_counts_lus`]).
     pub(crate) fn counts_lus(&self) -> bool {
-        self.count_lus
+        self.count_lus.load(Relaxed)
+    }
+
+    /// Count per LU from now on (the LUs' [`LuStats`] are handed to the
+    /// sessions with the configuration, which decides what is counted).
+    pub(crate) fn set_counts_lus(&self, on: bool) {
+        self.count_lus.store(on, Relaxed);
     }
 
     /// The LUs the per-LU families list from now on (at start and after

@@ -39,11 +39,57 @@ pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to take the response.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serve `listener` on a new thread until `shutdown` turns true.
-pub(crate) fn spawn(
+/// A running endpoint: its thread serves until the server shuts down or
+/// [`Endpoint::stop`] (a reload moved it) or the endpoint is dropped.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Endpoint {
+    /// Serve `listener` (bound to `addr`) on a new thread.
+    pub fn start(
+        listener: std::net::TcpListener,
+        addr: SocketAddr,
+        metrics: Arc<Metrics>,
+        shutdown: watch::Receiver<bool>,
+    ) -> std::io::Result<Endpoint> {
+        let (stop, stopped) = watch::channel(false);
+        let thread = spawn(listener, metrics, shutdown, stopped)?;
+        Ok(Endpoint {
+            addr,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop accepting; the returned thread ends (closing the socket)
+    /// promptly. Scrapes in progress are cut short.
+    pub fn stop(mut self) -> Option<std::thread::JoinHandle<()>> {
+        let _ = self.stop.send(true);
+        self.thread.take()
+    }
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Serve `listener` on a new thread until `shutdown` or `stop` turns
+/// true.
+fn spawn(
     listener: std::net::TcpListener,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -54,7 +100,7 @@ pub(crate) fn spawn(
         .spawn(move || {
             rt.block_on(async move {
                 match TcpListener::from_std(listener) {
-                    Ok(l) => accept_loop(l, metrics, shutdown).await,
+                    Ok(l) => accept_loop(l, metrics, shutdown, stop).await,
                     Err(e) => warn!("metrics endpoint: {e}"),
                 }
             })
@@ -65,11 +111,13 @@ async fn accept_loop(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = tokio::select! {
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break,
             r = listener.accept() => r,
         };
         let (sock, peer) = match accepted {

@@ -242,6 +242,25 @@ pub(crate) struct Acceptors {
     running: Option<(Arc<admission::Admission>, mpsc::Sender<()>)>,
     pending: Vec<TcpListener>,
     loops: BTreeMap<SocketAddr, (watch::Sender<bool>, tokio::task::JoinHandle<()>)>,
+    /// The `GET /metrics` endpoint, when configured: bound and waiting
+    /// for [`Server::run`], or served.
+    metrics: Option<MetricsListener>,
+}
+
+/// The metrics endpoint's socket before and while it is served.
+#[derive(Debug)]
+pub(crate) enum MetricsListener {
+    Bound(std::net::TcpListener, SocketAddr),
+    Serving(metrics_http::Endpoint),
+}
+
+impl MetricsListener {
+    pub fn addr(&self) -> SocketAddr {
+        match self {
+            MetricsListener::Bound(_, a) => *a,
+            MetricsListener::Serving(e) => e.addr(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Acceptors {
@@ -250,6 +269,7 @@ impl std::fmt::Debug for Acceptors {
             .field("running", &self.running.is_some())
             .field("pending", &self.pending.len())
             .field("accepting", &self.loops.keys().collect::<Vec<_>>())
+            .field("metrics", &self.metrics_addr())
             .finish()
     }
 }
@@ -283,6 +303,48 @@ impl Acceptors {
         let (stop, task) = self.loops.remove(&addr)?;
         let _ = stop.send(true);
         Some(task)
+    }
+
+    /// Where `GET /metrics` is served (or will be, once the server runs).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics.as_ref().map(MetricsListener::addr)
+    }
+
+    /// Replace the metrics endpoint by `new` (None: no endpoint). A bound
+    /// socket is served at once if the server runs. Returns the old
+    /// endpoint's thread, stopping, to be joined.
+    pub fn replace_metrics(
+        &mut self,
+        shared: &Shared,
+        new: Option<MetricsListener>,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        let new = match new {
+            Some(MetricsListener::Bound(l, addr)) if self.running.is_some() => {
+                match metrics_http::Endpoint::start(
+                    l,
+                    addr,
+                    shared.metrics.clone(),
+                    shared.shutdown.clone(),
+                ) {
+                    Ok(e) => {
+                        info!(%addr, "serving metrics at /metrics");
+                        Some(MetricsListener::Serving(e))
+                    }
+                    Err(e) => {
+                        warn!(%addr, "metrics endpoint not started: {e}");
+                        None
+                    }
+                }
+            }
+            other => other,
+        };
+        match std::mem::replace(&mut self.metrics, new) {
+            Some(MetricsListener::Serving(e)) => {
+                info!(addr = %e.addr(), "metrics endpoint stopped");
+                e.stop()
+            }
+            _ => None,
+        }
     }
 
     /// The admission control of the accept loops, once the server runs.
@@ -348,8 +410,6 @@ pub struct Server {
     /// Cluster mode: this gateway's membership (dropping it stops the
     /// keep-alives and fences the gateway).
     cluster: Option<Arc<cluster::Membership>>,
-    /// The bound `GET /metrics` endpoint, when configured.
-    metrics: Option<(std::net::TcpListener, SocketAddr)>,
 }
 
 impl Server {
@@ -543,6 +603,7 @@ impl Server {
             live: ArcSwap::from_pointee(live),
             acceptors: std::sync::Mutex::new(Acceptors {
                 pending: listeners.into_iter().map(|(l, _)| l).collect(),
+                metrics: metrics_listener.map(|(l, a)| MetricsListener::Bound(l, a)),
                 ..Default::default()
             }),
         });
@@ -567,13 +628,12 @@ impl Server {
             admin: Some(admin),
             shutdown_tx,
             data_dir_lock,
-            metrics: metrics_listener,
         })
     }
 
     /// Where `GET /metrics` is served, when configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics.as_ref().map(|(_, a)| *a)
+        self.shared.acceptors().metrics_addr()
     }
 
     /// The metrics as `GET /metrics` returns them (Prometheus text). The
@@ -681,19 +741,23 @@ impl Server {
             shutdown_tx,
             data_dir_lock,
             cluster: membership,
-            metrics,
         } = self;
         // Scrapes run on a thread of their own, never on the runtime's
         // workers that serve sessions.
-        let metrics_thread = match metrics {
-            None => None,
-            Some((l, addr)) => {
-                let t = metrics_http::spawn(l, shared.metrics.clone(), shared.shutdown.clone())
-                    .map_err(|err| ServerError::MetricsBind { addr, err })?;
+        {
+            let mut acc = shared.acceptors();
+            if let Some(MetricsListener::Bound(l, addr)) = acc.metrics.take() {
+                let e = metrics_http::Endpoint::start(
+                    l,
+                    addr,
+                    shared.metrics.clone(),
+                    shared.shutdown.clone(),
+                )
+                .map_err(|err| ServerError::MetricsBind { addr, err })?;
                 info!(%addr, "serving metrics at /metrics");
-                Some(t)
+                acc.metrics = Some(MetricsListener::Serving(e));
             }
-        };
+        }
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
         let admin_task = admin.map(|a| tokio::spawn(a.serve(shared.clone())));
         {
@@ -710,7 +774,11 @@ impl Server {
         info!("shutting down: no new connections; finishing commands in flight");
         let _ = shutdown_tx.send(true);
         // A reload starts no accept loop from now on.
-        shared.acceptors().running = None;
+        let metrics_thread = {
+            let mut acc = shared.acceptors();
+            acc.running = None;
+            acc.replace_metrics(&shared, None)
+        };
         // Every accept loop and connection task holds a sender.
         if tokio::time::timeout(Duration::from_secs(30), done_rx.recv())
             .await

@@ -37,6 +37,10 @@
 //! use new connections are refused until it is below again (nobody is
 //! dropped).
 //!
+//! The metrics endpoint (`metrics`): a new address is bound in the first
+//! phase (a busy one rejects the reload); the commit serves it and stops
+//! the old one. Added, it turns per-LU counting on; removed, off.
+//!
 //! What needs a restart is refused with a message saying so: `data_dir`,
 //! `admin_socket`, `[cluster]`, a LUN's block size,
 //! backing, read-only flag or identity while it is served, and in cluster
@@ -54,7 +58,9 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use super::session::SessionCtl;
-use super::{acl, datadir, open_lu, BindHooks, ListenerInfo, Live, Portal, Shared, TargetRt};
+use super::{
+    acl, datadir, open_lu, BindHooks, ListenerInfo, Live, MetricsListener, Portal, Shared, TargetRt,
+};
 use crate::config::{Backing, Config, LunConfig, TargetConfig};
 
 /// Reads the configuration for a reload: the file `keyfence serve` was
@@ -115,10 +121,10 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
     let clustered = shared.clustered;
     let old2 = old.clone();
     let hooks = shared.hooks.clone();
-    let count_lus = shared.metrics.counts_lus();
+    let metrics_bound = shared.acceptors().metrics_addr();
     let prepared = tokio::task::spawn_blocking(move || {
         let new = source().map_err(ReloadError::Invalid)?;
-        prepare(&old2, new, clustered, count_lus, &hooks)
+        prepare(&old2, new, clustered, metrics_bound, &hooks)
     })
     .await
     .map_err(|e| ReloadError::Invalid(format!("reload task failed: {e}")))??;
@@ -129,6 +135,7 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
         summary,
         fresh,
         ports_changed,
+        metrics,
     } = prepared;
     // Commit: nothing below fails.
     for (list, luns) in lun_lists {
@@ -164,6 +171,26 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
         // The socket is closed when its loop ends (at once): a later
         // reload can listen on the address again.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+    }
+    // The metrics endpoint: the new socket is served from now on, the
+    // old one closes (scrapes in progress on it are cut short).
+    if let MetricsPlan::Replace(new) = metrics {
+        let old = shared.acceptors().replace_metrics(shared, new);
+        if let Some(t) = old {
+            let _ = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || t.join()),
+            )
+            .await;
+        }
+    }
+    let counting = live
+        .config
+        .as_ref()
+        .is_some_and(|c| c.metrics_addr.is_some());
+    if shared.metrics.counts_lus() != counting {
+        // The LUs' counters came with the configuration just published.
+        shared.metrics.set_counts_lus(counting);
     }
     super::publish_lu_metrics(&shared.metrics, &live.targets);
     for lu in &grown {
@@ -228,6 +255,45 @@ struct Prepared {
     fresh: Vec<(SocketAddr, TcpListener)>,
     /// Served targets whose portal groups changed.
     ports_changed: Vec<usize>,
+    metrics: MetricsPlan,
+}
+
+/// What a reload does to the metrics endpoint.
+enum MetricsPlan {
+    Keep,
+    /// Serve this instead (bound already), or none.
+    Replace(Option<MetricsListener>),
+}
+
+/// Bind the metrics endpoint's new address, if it changed (a busy address
+/// rejects the reload). `bound`: where it listens now.
+fn plan_metrics(
+    old: &Config,
+    new: &Config,
+    bound: Option<SocketAddr>,
+) -> Result<(MetricsPlan, Option<String>), ReloadError> {
+    if old.metrics_addr == new.metrics_addr {
+        return Ok((MetricsPlan::Keep, None));
+    }
+    let Some(want) = new.metrics_addr else {
+        return Ok((
+            MetricsPlan::Replace(None),
+            Some("metrics endpoint removed".into()),
+        ));
+    };
+    // The address it is bound to already (the old one named its port 0).
+    if want.port() != 0 && bound == Some(want) {
+        return Ok((MetricsPlan::Keep, None));
+    }
+    let err = |e: std::io::Error| {
+        ReloadError::Invalid(format!("cannot listen for metrics on {want}: {e}"))
+    };
+    let l = std::net::TcpListener::bind(want).map_err(err)?;
+    let addr = l.local_addr().map_err(err)?;
+    Ok((
+        MetricsPlan::Replace(Some(MetricsListener::Bound(l, addr))),
+        Some(format!("metrics endpoint on {addr}")),
+    ))
 }
 
 fn restart(msg: impl Into<String>) -> ReloadError {
@@ -248,9 +314,6 @@ fn check_restart_only(old: &Config, new: &Config, clustered: bool) -> Result<(),
     }
     if old.cluster != new.cluster {
         return Err(restart("[cluster] changed"));
-    }
-    if old.metrics_addr != new.metrics_addr {
-        return Err(restart("metrics address changed"));
     }
     if clustered {
         let same = old.targets.len() == new.targets.len()
@@ -424,13 +487,17 @@ fn prepare(
     old: &Live,
     new: Config,
     clustered: bool,
-    count_lus: bool,
+    metrics_bound: Option<SocketAddr>,
     hooks: &BindHooks,
 ) -> Result<Prepared, ReloadError> {
     let Some(old_cfg) = &old.config else {
         return Err(ReloadError::NoSource);
     };
     check_restart_only(old_cfg, &new, clustered)?;
+    // The metrics endpoint's new address, bound before anything else.
+    let (metrics, metrics_note) = plan_metrics(old_cfg, &new, metrics_bound)?;
+    // Per-LU counters exactly when an endpoint exports them.
+    let count_lus = new.metrics_addr.is_some();
     // Listen on new portals first: a busy address rejects the reload
     // before anything is created (the sockets close when dropped).
     let (portals, fresh) = plan_portals(old, old_cfg, &new)?;
@@ -468,6 +535,12 @@ fn prepare(
                     }
                 }
             }
+            if let Some(n) = metrics_note {
+                if !summary.is_empty() {
+                    summary.push_str("; ");
+                }
+                summary.push_str(&n);
+            }
             if summary.is_empty() {
                 summary = "no change".into();
             }
@@ -485,6 +558,7 @@ fn prepare(
                 summary,
                 fresh,
                 ports_changed,
+                metrics,
             })
         }
         Err(e) => {
