@@ -9,10 +9,12 @@
 //! The backing store of a clustered LU is served by several gateways,
 //! possibly on different hosts that share no page cache, so it is opened
 //! `O_DIRECT`: every read goes to the medium and every acknowledged write
-//! has left this host's cache. Direct I/O needs buffers and file offsets
-//! aligned to what the file system asks (`statx` `STATX_DIOALIGN`); the
-//! backend bounces through an aligned buffer and refuses a block size
-//! smaller than the file offset alignment when the LU is configured.
+//! has left this host's cache. A single-node LU configured `direct = true`
+//! is opened the same way ([`FileBackend::open_direct`]). Direct I/O needs
+//! buffers and file offsets aligned to what the file system asks (`statx`
+//! `STATX_DIOALIGN`); the backend bounces through an aligned buffer and
+//! refuses a block size smaller than the file offset alignment when the LU
+//! is configured.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -49,7 +51,7 @@ pub enum BackendError {
         block_size: u32,
     },
     /// The file system cannot do direct I/O on it at all.
-    #[error("{path}: uncached (O_DIRECT) I/O, which a clustered LU needs, is not supported here: {source}")]
+    #[error("{path}: its file system does not support uncached (O_DIRECT) I/O, which a clustered LU or one with direct = true needs: {source}")]
     NoDirectIo {
         path: PathBuf,
         #[source]
@@ -142,6 +144,14 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug {
         let mut buf = vec![0u8; len];
         self.read_at(&mut buf, offset)?;
         Ok(buf)
+    }
+    /// False when [`BlockBackend::try_read_nowait`] would always answer
+    /// `None` (the backend has no cache, e.g. it does uncached I/O): the
+    /// LU then does not try at all. The default, true, suits backends that
+    /// only override `try_read_nowait`; one that overrides neither answers
+    /// `None` at no cost.
+    fn may_read_nowait(&self) -> bool {
+        true
     }
     /// Read `len` bytes from byte `offset` only if that needs no waiting
     /// for the device, because every byte is in a cache: `Some(data)`, all
@@ -291,7 +301,20 @@ impl FileBackend {
     /// anyone else. A conflict is [`BackendError::Locked`], naming the
     /// holder's pid when `/proc/locks` tells it.
     pub fn open(path: &Path, size: Option<u64>, read_only: bool) -> Result<Self, BackendError> {
-        Self::open_with(path, size, read_only, false)
+        Self::open_with(path, size, read_only, false, false)
+    }
+
+    /// [`FileBackend::open`] for uncached I/O (a single-node LU configured
+    /// `direct = true`): locked and, for a block device, opened `O_EXCL`
+    /// as `open` does, and opened `O_DIRECT` as a clustered LU's store is.
+    /// A file system that refuses direct I/O is
+    /// [`BackendError::NoDirectIo`].
+    pub fn open_direct(
+        path: &Path,
+        size: Option<u64>,
+        read_only: bool,
+    ) -> Result<Self, BackendError> {
+        Self::open_with(path, size, read_only, false, true)
     }
 
     /// Open the backing store of a clustered LU, which several gateways
@@ -304,14 +327,17 @@ impl FileBackend {
         size: Option<u64>,
         read_only: bool,
     ) -> Result<Self, BackendError> {
-        Self::open_with(path, size, read_only, true)
+        Self::open_with(path, size, read_only, true, true)
     }
 
+    /// `shared`: several processes serve the store (shared lock, no
+    /// `O_EXCL`); `direct`: open it `O_DIRECT`.
     fn open_with(
         path: &Path,
         size: Option<u64>,
         read_only: bool,
-        clustered: bool,
+        shared: bool,
+        direct: bool,
     ) -> Result<Self, BackendError> {
         use std::os::unix::fs::OpenOptionsExt;
         let io_err = |source| BackendError::Io {
@@ -320,9 +346,9 @@ impl FileBackend {
         };
         let exists = path.exists();
         let is_dev = std::fs::metadata(path).is_ok_and(|m| m.file_type().is_block_device());
-        let direct_flag = if clustered { libc::O_DIRECT } else { 0 };
+        let direct_flag = if direct { libc::O_DIRECT } else { 0 };
         let no_direct = |e: io::Error| {
-            if clustered && e.raw_os_error() == Some(libc::EINVAL) {
+            if direct && e.raw_os_error() == Some(libc::EINVAL) {
                 BackendError::NoDirectIo {
                     path: path.to_owned(),
                     source: e,
@@ -343,8 +369,8 @@ impl FileBackend {
                 .write(true)
                 .create(!exists && size.is_some())
                 .truncate(false);
-            if is_dev && !clustered {
-                o.custom_flags(libc::O_EXCL);
+            if is_dev && !shared {
+                o.custom_flags(libc::O_EXCL | direct_flag);
             } else {
                 o.custom_flags(direct_flag);
             }
@@ -366,7 +392,7 @@ impl FileBackend {
                 path: path.to_owned(),
             });
         }
-        if !try_flock(&file, read_only || clustered).map_err(io_err)? {
+        if !try_flock(&file, read_only || shared).map_err(io_err)? {
             return Err(BackendError::Locked {
                 path: path.to_owned(),
                 holder: flock_holder(&file),
@@ -387,8 +413,8 @@ impl FileBackend {
         } else {
             meta.len()
         };
-        let direct = clustered.then(|| DirectAlign::of(&file));
-        Ok(FileBackend {
+        let direct = direct.then(|| DirectAlign::of(&file));
+        let b = FileBackend {
             file,
             path: path.to_owned(),
             len: len.into(),
@@ -396,6 +422,35 @@ impl FileBackend {
             is_block_device,
             direct,
             no_nowait: AtomicBool::new(false),
+        };
+        b.probe_direct()?;
+        Ok(b)
+    }
+
+    /// Some file systems accept an `O_DIRECT` open and refuse the I/O
+    /// itself (`EINVAL`): read the first direct-I/O unit once, so that
+    /// shows when the LU is configured, not at the first READ.
+    fn probe_direct(&self) -> Result<(), BackendError> {
+        let Some(d) = self.direct else {
+            return Ok(());
+        };
+        let len = usize::try_from(d.offset.min(self.len())).unwrap_or(0);
+        if len == 0 {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; len];
+        self.read_direct(d, &mut buf, 0).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EINVAL) {
+                BackendError::NoDirectIo {
+                    path: self.path.clone(),
+                    source,
+                }
+            } else {
+                BackendError::Io {
+                    path: self.path.clone(),
+                    source,
+                }
+            }
         })
     }
 
@@ -650,6 +705,12 @@ impl BlockBackend for FileBackend {
             }
         }
         Ok(buf)
+    }
+
+    /// Uncached (direct) I/O has no cache to serve a read from; neither
+    /// has a kernel that refused `RWF_NOWAIT` once.
+    fn may_read_nowait(&self) -> bool {
+        self.direct.is_none() && !self.no_nowait.load(Ordering::Relaxed)
     }
 
     /// `preadv2(RWF_NOWAIT)`: served from the page cache or not at all.
@@ -936,6 +997,11 @@ impl BlockBackend for MemBackend {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+
+    /// Its `try_read_nowait` is the default: always `None`.
+    fn may_read_nowait(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
@@ -1067,6 +1133,105 @@ mod tests {
             .unwrap()
             .iter()
             .all(|&x| x == 0));
+    }
+
+    #[test]
+    fn direct_backend_is_uncached_and_exclusive_and_reads_any_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.img");
+        let b = FileBackend::open_direct(&p, Some(1 << 20), false).unwrap();
+        assert_ne!(
+            open_flags(&b.file) & libc::O_DIRECT,
+            0,
+            "not opened O_DIRECT"
+        );
+        let d = b.direct_io().unwrap();
+        // Single-node: locked exclusively, as a buffered open is.
+        assert!(matches!(
+            FileBackend::open(&p, None, false),
+            Err(BackendError::Locked { .. })
+        ));
+        assert!(matches!(
+            FileBackend::open_clustered(&p, None, false),
+            Err(BackendError::Locked { .. })
+        ));
+        // No cache: never tried, and no syscall if it were.
+        assert!(!b.may_read_nowait());
+        assert!(
+            FileBackend::open(&dir.path().join("b.img"), Some(1 << 20), false)
+                .unwrap()
+                .may_read_nowait()
+        );
+
+        // Whole units written are on the file at once, for another open.
+        let blk = d.offset as usize;
+        let data: Vec<u8> = (0..4 * blk).map(|i| (i % 241) as u8).collect();
+        b.write_at(&data, blk as u64).unwrap();
+        let mut seen = vec![0u8; data.len()];
+        File::open(&p)
+            .unwrap()
+            .read_exact_at(&mut seen, blk as u64)
+            .unwrap();
+        assert_eq!(seen, data);
+        assert_eq!(b.try_read_nowait(blk, blk as u64), None);
+        // Reads at any offset and of any length, inside one unit, across
+        // units, into the sparse tail and up to the end of the file.
+        let lenf = b.len();
+        for (off, len) in [
+            (blk as u64, blk),
+            (blk as u64 + 1, 1),
+            (blk as u64 + 511, 1025),
+            (2 * blk as u64 - 3, blk + 6),
+            (blk as u64 + 17, 4 * blk - 17),
+            (5 * blk as u64 - 100, 300),
+            (lenf - 1, 1),
+            (lenf - blk as u64 - 5, blk + 5),
+        ] {
+            let want: Vec<u8> = (off..off + len as u64)
+                .map(|o| {
+                    let i = o.wrapping_sub(blk as u64) as usize;
+                    data.get(i).copied().unwrap_or(0)
+                })
+                .collect();
+            assert_eq!(
+                b.read_vec(len, off).unwrap(),
+                want,
+                "read_vec {len} at {off}"
+            );
+            let mut odd = vec![0xeeu8; len + 1];
+            b.read_at(&mut odd[1..], off).unwrap();
+            assert_eq!(&odd[1..], &want[..], "read_at {len} at {off}");
+        }
+        let e = b.read_vec(2, lenf - 1).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        b.flush().unwrap();
+        drop(b);
+        // Read-only direct exports share, as buffered ones do.
+        let r1 = FileBackend::open_direct(&p, None, true).unwrap();
+        let r2 = FileBackend::open(&p, None, true).unwrap();
+        assert_eq!(r1.read_vec(blk, blk as u64).unwrap(), data[..blk]);
+        drop((r1, r2));
+    }
+
+    #[test]
+    fn a_file_system_without_direct_io_is_refused_in_one_line() {
+        // procfs (as tmpfs before Linux 6.6) refuses O_DIRECT opens.
+        let p = Path::new("/proc/version");
+        assert!(std::fs::metadata(p).unwrap().is_file());
+        for e in [
+            FileBackend::open_direct(p, None, true).unwrap_err(),
+            FileBackend::open_clustered(p, None, true).unwrap_err(),
+        ] {
+            assert!(matches!(e, BackendError::NoDirectIo { .. }), "{e:?}");
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text}");
+            assert!(
+                text.starts_with("/proc/version: ") && text.contains("direct = true"),
+                "{text}"
+            );
+        }
+        // Buffered, it opens.
+        FileBackend::open(p, None, true).unwrap();
     }
 
     /// Set an access pattern advice on the backend's open file (the

@@ -548,13 +548,18 @@ impl LogicalUnit {
     /// answered. `None` when it must go through `execute` where it may
     /// wait: it is not a READ, it asks for FUA (read from the medium) or
     /// more than `max_bytes`, a unit attention is pending for the nexus
-    /// (`execute` reports it), or the data is not all cached. `None`
-    /// changes nothing.
+    /// (`execute` reports it), the backend has no cache (uncached I/O) or
+    /// the data is not all cached. `None` changes nothing.
     pub fn try_read_nowait(
         &self,
         req: &CommandRequest<'_>,
         max_bytes: u64,
     ) -> Option<CommandOutcome> {
+        // An uncached backend (direct I/O) never has the data at hand:
+        // leave the command to `execute` without checking it twice.
+        if !self.backend.may_read_nowait() {
+            return None;
+        }
         let Ok(Cdb::Read { lba, blocks, flags }) = cdb::parse(req.cdb) else {
             return None;
         };

@@ -1257,3 +1257,91 @@ fn nowait_read_on_a_backend_without_a_cache_would_block() {
     assert_eq!(try_nowait(&lu, &n, &rw10(0x28, 0, 0, 1), 1 << 20), None);
     assert_eq!(good(&run(&lu, &n, &rw10(0x28, 0, 0, 1), &[])), &[7; 512]);
 }
+
+/// A single-node LU over an uncached (direct = true) backing file: what
+/// it acknowledges is on the file for any other reader at once, READs of
+/// every length and LBA and the compare of COMPARE AND WRITE read through
+/// the aligned bounce buffer, and READs are never tried from a cache.
+#[test]
+fn a_direct_lu_writes_through_to_the_file_and_reads_every_range() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("direct.img");
+    let fb = FileBackend::open_direct(&path, Some(1 << 20), false).unwrap();
+    // The smallest block size the file system's direct I/O allows.
+    let bs = fb.direct_io().unwrap().offset.max(512) as u32;
+    assert!(bs == 512 || bs == 4096, "direct I/O alignment {bs}");
+    fb.check_alignment(bs).unwrap();
+    let mut cfg = config();
+    cfg.block_size = bs;
+    let lu = lu_with(Arc::new(fb), cfg);
+    let blocks = lu.block_count();
+    let n = nexus("iqn.direct");
+    ready(&lu, &n);
+    let bsz = bs as usize;
+    let pattern = |lba: u64, count: usize| -> Vec<u8> {
+        (0..count * bsz)
+            .map(|i| ((lba as usize * bsz + i) % 251) as u8)
+            .collect()
+    };
+    let other = std::fs::File::open(&path).unwrap();
+    let on_file = |lba: u64, count: usize| {
+        let mut v = vec![0u8; count * bsz];
+        other.read_exact_at(&mut v, lba * u64::from(bs)).unwrap();
+        v
+    };
+    // Writes of one and of several blocks, at odd LBAs and the last one.
+    for (lba, count) in [(1u64, 1u16), (3, 5), (blocks - 2, 2)] {
+        let data = pattern(lba, count.into());
+        good(&run(&lu, &n, &rw10(0x2a, 0, lba as u32, count), &data));
+        assert_eq!(on_file(lba, count.into()), data, "WRITE at {lba}");
+    }
+    // Reads spanning written blocks and holes, at any LBA.
+    let want = |lba: u64, count: usize| -> Vec<u8> {
+        (lba..lba + count as u64)
+            .flat_map(|b| {
+                let written = b == 1 || (3..8).contains(&b) || b >= blocks - 2;
+                if written {
+                    pattern(b, 1)
+                } else {
+                    vec![0; bsz]
+                }
+            })
+            .collect()
+    };
+    for (lba, count) in [
+        (0u64, 1u32),
+        (1, 1),
+        (0, 9),
+        (2, 3),
+        (5, 1),
+        (blocks - 3, 3),
+    ] {
+        let cdb = rw16(0x88, 0, lba, count);
+        assert!(
+            try_nowait(&lu, &n, &cdb, 1 << 20).is_none(),
+            "nowait READ at {lba}"
+        );
+        assert_eq!(
+            good(&run(&lu, &n, &cdb, &[])),
+            &want(lba, count as usize)[..]
+        );
+    }
+    // COMPARE AND WRITE compares against the medium and writes through.
+    let mut buf = pattern(3, 1);
+    buf.extend(vec![0x5a; bsz]);
+    good(&run(&lu, &n, &caw(3, 1, false), &buf));
+    assert_eq!(on_file(3, 1), vec![0x5a; bsz]);
+    let s = sense(&run(&lu, &n, &caw(3, 1, false), &buf));
+    assert_eq!(s.key, SenseKey::Miscompare);
+    // Another writer of the file is seen at once: no cache in between.
+    let rw = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    rw.write_all_at(&vec![0xc3; bsz], 9 * u64::from(bs))
+        .unwrap();
+    rw.sync_all().unwrap();
+    assert_eq!(
+        good(&run(&lu, &n, &rw10(0x28, 0, 9, 1), &[])),
+        &vec![0xc3; bsz][..]
+    );
+    good(&run(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
+}

@@ -481,6 +481,13 @@ pub struct LunConfig {
     pub block_size: u32,
     #[serde(default)]
     pub read_only: bool,
+    /// Uncached I/O (`O_DIRECT`), as a clustered LU always does: reads go
+    /// to the medium and writes leave this host's page cache before they
+    /// are acknowledged (SYNCHRONIZE CACHE still flushes the device's
+    /// cache). For initiators that cache themselves (a VM host), so data
+    /// is not cached twice. The file system must support direct I/O.
+    #[serde(default)]
+    pub direct: bool,
     #[serde(default)]
     pub serial: Option<String>,
     /// NAA IEEE Registered Extended (6h) designator: 32 hex digits.
@@ -1115,6 +1122,7 @@ path = "/abs/a3.img"
 size = 1048576
 block_size = 4096
 read_only = true
+direct = true
 serial = "A3"
 naa = "6001405f0000000000000000000000a3"
 [[target]]
@@ -1150,6 +1158,12 @@ device = "/dev/null"
             }
         );
         assert_eq!(a.luns[1].naa_bytes().unwrap().len(), 16);
+        assert!(a.luns[1].direct && !a.luns[0].direct);
+        let e = err(&GOOD.replace("direct = true", "direct = \"yes\""));
+        assert!(
+            e.starts_with("c.toml:19:") && e.contains("expected a boolean") && !e.contains('\n'),
+            "{e}"
+        );
         assert_eq!(
             c.targets[1].luns[0].backing(&c.data_dir),
             Backing::Device("/dev/null".into())

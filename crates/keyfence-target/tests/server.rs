@@ -700,6 +700,105 @@ fn shutdown_flushes_written_data() {
     assert!(c.recv().is_none());
 }
 
+/// The `flags:` of the open file descriptions of this process that name
+/// `path` (from /proc/self/fdinfo).
+fn open_flags_of(path: &std::path::Path) -> Vec<i32> {
+    let want = std::fs::canonicalize(path).unwrap();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(want.as_path()) {
+            continue;
+        }
+        let fd = e.file_name().to_string_lossy().into_owned();
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue;
+        };
+        if let Some(f) = info.lines().find_map(|l| l.strip_prefix("flags:")) {
+            out.push(i32::from_str_radix(f.trim(), 8).unwrap());
+        }
+    }
+    out
+}
+
+/// A LUN with `direct = true`: its backing file is open O_DIRECT, an
+/// acknowledged WRITE (no SYNCHRONIZE CACHE) is on the file for another
+/// reader, and READs come back. A file system that refuses direct I/O
+/// stops the start with one line naming the target and LUN.
+#[test]
+fn a_direct_lun_is_served_uncached_and_needs_direct_io() {
+    const O_DIRECT: i32 = 0o40000;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerOptions::default().config(dir.path());
+    // 4096-byte blocks meet every file system's direct-I/O alignment.
+    cfg.targets[0].luns[0].direct = true;
+    cfg.targets[0].luns[0].block_size = 4096;
+    let mut srv = InProcessServer::from_config(cfg).unwrap();
+    let flags = open_flags_of(&srv.image());
+    assert!(
+        !flags.is_empty() && flags.iter().all(|f| f & O_DIRECT != 0),
+        "backing file open flags {flags:?}"
+    );
+    let mut c = connect(srv.portals()[0]);
+    assert_eq!(login(&mut c, 0x23d0_0000_0031, Some(IQN)).status_class, 0);
+    c.clear_ua();
+    let data: Vec<u8> = (0..3 * 4096u32).map(|i| (i % 249) as u8).collect();
+    c.command(
+        &write10(5, 3),
+        false,
+        true,
+        3 * 4096,
+        Bytes::from(data.clone()),
+    );
+    assert_eq!(c.collect().1, 0);
+    let mut on_file = vec![0u8; data.len()];
+    std::os::unix::fs::FileExt::read_exact_at(
+        &std::fs::File::open(srv.image()).unwrap(),
+        &mut on_file,
+        5 * 4096,
+    )
+    .unwrap();
+    assert_eq!(on_file, data, "an acknowledged write is on the file");
+    for (lba, blocks) in [(5u32, 3u16), (6, 1), (4, 5)] {
+        c.command(
+            &read10(lba, blocks),
+            true,
+            false,
+            u32::from(blocks) * 4096,
+            Bytes::new(),
+        );
+        let (got, st, _) = c.collect();
+        assert_eq!(st, 0);
+        let want: Vec<u8> = (lba..lba + u32::from(blocks))
+            .flat_map(|b| match b {
+                5..=7 => data[(b as usize - 5) * 4096..(b as usize - 4) * 4096].to_vec(),
+                _ => vec![0u8; 4096],
+            })
+            .collect();
+        assert_eq!(got, want, "READ {blocks} at {lba}");
+    }
+    srv.shutdown();
+
+    // procfs refuses O_DIRECT (as tmpfs did before Linux 6.6).
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = ServerOptions::default().config(dir.path());
+    let lun = &mut cfg.targets[0].luns[0];
+    (lun.path, lun.size, lun.read_only, lun.direct) =
+        (Some("/proc/version".into()), None, true, true);
+    match InProcessServer::from_config(cfg) {
+        Err(e @ ServerError::Backend { .. }) => {
+            let text = e.to_string();
+            assert!(!text.contains('\n'), "{text}");
+            assert!(
+                text.starts_with(&format!("target {IQN} LUN 0: /proc/version: "))
+                    && text.contains("O_DIRECT"),
+                "{text}"
+            );
+        }
+        Err(e) => panic!("not a backend error: {e}"),
+        Ok(_) => panic!("a LUN on procfs served with direct = true"),
+    }
+}
+
 /// Run an external tool (failing when it is not installed), bounded;
 /// its stdout and stderr, failing unless it succeeds.
 fn run(tool: &str, args: &[&str]) -> String {

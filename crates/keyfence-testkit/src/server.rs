@@ -62,6 +62,7 @@ impl ServerOptions {
                     size: Some(ByteSize(self.size)),
                     block_size: 512,
                     read_only: false,
+                    direct: false,
                     serial: None,
                     naa: None,
                 }],

@@ -176,6 +176,7 @@ fn config_from_args(args: &Args) -> Result<Config> {
                         size: Some(args.size.unwrap_or(ByteSize(DEFAULT_LUN_SIZE))),
                         block_size: 512,
                         read_only: false,
+                        direct: false,
                         serial: None,
                         naa: None,
                     }],

@@ -505,6 +505,61 @@ fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     assert_eq!(f.status()["config_generation"], 0);
 }
 
+/// Is `file` open O_DIRECT in process `pid` (every open of it)?
+fn opened_direct(pid: u32, file: &Path) -> bool {
+    const O_DIRECT: i32 = 0o40000;
+    let want = std::fs::canonicalize(file).unwrap();
+    let mut flags = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if std::fs::read_link(e.path()).ok().as_deref() != Some(want.as_path()) {
+            continue;
+        }
+        let fd = e.file_name().to_string_lossy().into_owned();
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+        let f = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
+        flags.push(i32::from_str_radix(f.trim(), 8).unwrap());
+    }
+    assert!(!flags.is_empty(), "{} is not open", file.display());
+    flags.iter().all(|f| f & O_DIRECT != 0)
+}
+
+/// `direct` of a served LUN is fixed, as `read_only` is: changing it needs
+/// the LUN removed and added back. A LUN added by a reload with
+/// `direct = true` is served uncached.
+#[test]
+fn direct_is_refused_for_a_served_lun_and_applied_to_an_added_one() {
+    let f = Fixture::start(&config_text(&[(0, "4M")], false));
+    let pid = f.serve.pid().unwrap();
+    let lun0 = f.serve.data_dir().join("lun0.img");
+    assert!(!opened_direct(pid, &lun0));
+    let direct0 = config_text(&[(0, "4M")], false)
+        .replace("path = \"lun0.img\"", "path = \"lun0.img\"\ndirect = true");
+    f.rewrite(&direct0);
+    let (code, out, err) = f.cli(&["reload"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("LUN 0") && err.contains("direct") && err.contains("remove the LUN"),
+        "{err}"
+    );
+    assert!(!opened_direct(pid, &lun0));
+    assert_eq!(f.status()["config_generation"], 0);
+    // LUN 1 added uncached; LUN 0 as it was.
+    let mut added = config_text(&[(0, "4M")], false);
+    added.push_str("\n[[target.lun]]\nid = 1\npath = \"lun1.img\"\nsize = \"4M\"\ndirect = true\n");
+    f.rewrite(&added);
+    f.reload();
+    assert!(opened_direct(pid, &f.serve.data_dir().join("lun1.img")));
+    assert!(!opened_direct(pid, &lun0));
+    let watcher = f.connect(WATCHER, 1);
+    let data = Bytes::from((0..4096u32).map(|i| (i % 247) as u8).collect::<Vec<u8>>());
+    f.rt.block_on(watcher.write(8, data.clone())).unwrap();
+    assert_eq!(f.rt.block_on(watcher.read(8, 8)).unwrap(), data);
+}
+
 fn lun_file_exists(dir: &Path, id: u16) -> bool {
     dir.join(format!("lun{id}.img")).exists()
 }

@@ -967,6 +967,16 @@ fn open_lu(
 ) -> Result<(Arc<LogicalUnit>, String), ServerError> {
     let lun = u64::from(lc.id);
     let clustered = shared_pr.is_some();
+    // A clustered LU is always uncached; a single-node one when asked.
+    let open_store = |path: &std::path::Path, size| {
+        if clustered {
+            FileBackend::open_clustered(path, size, lc.read_only)
+        } else if lc.direct {
+            FileBackend::open_direct(path, size, lc.read_only)
+        } else {
+            FileBackend::open(path, size, lc.read_only)
+        }
+    };
     let backend_err = |err| ServerError::Backend {
         target: target.to_string(),
         lun,
@@ -983,24 +993,14 @@ fn open_lu(
                     })?;
             }
             let existed = path.exists();
-            let b = if clustered {
-                FileBackend::open_clustered(&path, Some(size), lc.read_only)
-            } else {
-                FileBackend::open(&path, Some(size), lc.read_only)
-            }
-            .map_err(backend_err)?;
+            let b = open_store(&path, Some(size)).map_err(backend_err)?;
             if !existed {
                 created.file(path.clone());
             }
             (b, format!("file {}", path.display()))
         }
         Backing::Device(path) => {
-            let b = if clustered {
-                FileBackend::open_clustered(&path, None, lc.read_only)
-            } else {
-                FileBackend::open(&path, None, lc.read_only)
-            }
-            .map_err(backend_err)?;
+            let b = open_store(&path, None).map_err(backend_err)?;
             (b, format!("device {}", path.display()))
         }
     };

@@ -453,7 +453,7 @@ fn compare_lun(
     o.size = new.size;
     if o != *new {
         return Err(restart(format!(
-            "target '{target}' LUN {}: block_size, read_only, serial or naa changed while it is served (remove the LUN in one reload and add it back in the next)",
+            "target '{target}' LUN {}: block_size, read_only, direct, serial or naa changed while it is served (remove the LUN in one reload and add it back in the next)",
             new.id
         )));
     }
