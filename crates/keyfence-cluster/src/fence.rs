@@ -50,9 +50,23 @@ impl Cluster {
         revision: i64,
         deadline: Instant,
     ) -> Result<Applied, Error> {
+        self.wait_acked(lu, self.keys().acks(lu), revision, deadline, None)
+            .await
+    }
+
+    /// [`Cluster::wait_applied`] for the acknowledgements (decimal
+    /// revisions, under the acknowledging gateway's lease) kept under
+    /// `ack_prefix`, not waiting for gateway `skip`.
+    pub(crate) async fn wait_acked(
+        &self,
+        lu: &LuId,
+        ack_prefix: String,
+        revision: i64,
+        deadline: Instant,
+        skip: Option<&str>,
+    ) -> Result<Applied, Error> {
         let started = Instant::now();
         let gw_prefix = self.keys().gateways();
-        let ack_prefix = self.keys().acks(lu);
         let mut members: Option<BTreeMap<String, Member>> = None;
         let mut outcome = Applied::default();
         loop {
@@ -172,6 +186,9 @@ impl Cluster {
                         acked: 0,
                         key_gone: true,
                     });
+                }
+                if let Some(s) = skip {
+                    ms.remove(s);
                 }
                 ms
             });

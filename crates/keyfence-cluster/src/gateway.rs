@@ -362,22 +362,29 @@ impl Gateway {
     /// finished or aborted the commands the change preempted). The ack
     /// lives under the lease, so it disappears with it.
     pub async fn ack(&self, lu: &LuId, revision: i64) -> Result<(), Error> {
+        let key = self.cluster.keys().ack(lu, &self.name);
+        self.put_under_lease(key, revision.to_string(), "writing ack")
+            .await
+    }
+
+    /// Put `key` = `value` under this incarnation's lease.
+    pub(crate) async fn put_under_lease(
+        &self,
+        key: String,
+        value: String,
+        what: &str,
+    ) -> Result<(), Error> {
         if self.shared.lost.load(Ordering::SeqCst) {
             return Err(Error::LeaseLost(self.name.clone()));
         }
-        let key = self.cluster.keys().ack(lu, &self.name);
         let lease = self.lease;
         let r = self
             .cluster
-            .call_write("writing ack", |mut c| {
-                let key = key.clone();
+            .call_write(what, |mut c| {
+                let (key, value) = (key.clone(), value.clone());
                 async move {
-                    c.put(
-                        key,
-                        revision.to_string(),
-                        Some(PutOptions::new().with_lease(lease)),
-                    )
-                    .await
+                    c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                        .await
                 }
             })
             .await;

@@ -10,6 +10,10 @@
 //!                               <lu>, under a lease of a day
 //! <prefix>/locks/<lu>/caw/<name>  gateway <name> holds or waits for <lu>'s
 //!                               COMPARE AND WRITE lock, under its lease
+//! <prefix>/locks/<lu>/range     the LBA range the lock's holder compares
+//!                               and writes, under its lease (range.rs)
+//! <prefix>/locks/<lu>/range-acks/<name>  revision of that range <name>
+//!                               holds back its writes for, under its lease
 //! ```
 
 use std::fmt;
@@ -144,6 +148,20 @@ impl Keys {
     pub fn caw_lock(&self, lu: &LuId, gateway: &str) -> String {
         format!("{}{gateway}", self.caw_locks(lu))
     }
+
+    /// The range the COMPARE AND WRITE lock's holder works on (range.rs).
+    pub fn caw_range(&self, lu: &LuId) -> String {
+        format!("{}/locks/{lu}/range", self.prefix)
+    }
+
+    /// The other gateways' acknowledgements of that range.
+    pub fn caw_range_acks(&self, lu: &LuId) -> String {
+        format!("{}/locks/{lu}/range-acks/", self.prefix)
+    }
+
+    pub fn caw_range_ack(&self, lu: &LuId, gateway: &str) -> String {
+        format!("{}{gateway}", self.caw_range_acks(lu))
+    }
 }
 
 #[cfg(test)]
@@ -165,6 +183,12 @@ mod tests {
             "/kf/test/acks/iqn.2026-11.io.keyfence:t@lun3/gw1"
         );
         assert!(k.ack(&lu, "gw1").starts_with(&k.acks(&lu)));
+        // The range and its acks are outside the lock's line.
+        assert!(!k.caw_range(&lu).starts_with(&k.caw_locks(&lu)));
+        assert!(!k.caw_range_ack(&lu, "gw1").starts_with(&k.caw_locks(&lu)));
+        assert!(k
+            .caw_range_ack(&lu, "gw1")
+            .starts_with(&k.caw_range_acks(&lu)));
     }
 
     #[test]

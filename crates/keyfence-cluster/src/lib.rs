@@ -22,7 +22,9 @@
 //! * [`GatewayWatch`]: gateways joining and leaving, so survivors can
 //!   commit a dead gateway's nexus-loss effects.
 //! * [`Gateway::lock`] / [`Gateway::unlock`]: a cluster-wide lock per LU
-//!   for COMPARE AND WRITE, bound to the holder's lease.
+//!   for COMPARE AND WRITE, bound to the holder's lease;
+//!   [`Gateway::publish_range`] / [`Cluster::wait_range_acked`] /
+//!   [`Cluster::watch_range`]: its LBA range held back on every gateway.
 //! * [`ClusterConfig`]: the `[cluster]` table.
 //!
 //! The iSCSI/SCSI side (serving from a local snapshot, turning unit
@@ -37,6 +39,7 @@ mod gateway;
 mod keys;
 mod lock;
 mod pr_store;
+mod range;
 mod record;
 mod status;
 mod watch;
@@ -49,5 +52,6 @@ pub use gateway::{Gateway, GatewayEntry, GatewayRecord, Liveness, PortalGroup, G
 pub use keys::{check_gateway_name, Keys, LuId};
 pub use lock::LockHeld;
 pub use pr_store::ClusterPrStore;
+pub use range::{CawRange, RangeEvent, RangeWatch, RANGE_FORMAT};
 pub use record::{LuState, UaCatchUp, UnitAttention, FORMAT, UA_LOG_CHANGES, UA_LOG_ENTRIES};
 pub use watch::{GatewayEvent, GatewayWatch, LuEvent, LuWatch};

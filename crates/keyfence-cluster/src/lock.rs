@@ -28,9 +28,11 @@ use crate::{Error, Gateway};
 /// lease ends).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LockHeld {
-    key: String,
-    create_revision: i64,
-    lease: i64,
+    pub(crate) key: String,
+    pub(crate) create_revision: i64,
+    pub(crate) lease: i64,
+    /// The LU's range key (range.rs): the holder's, if any, while held.
+    pub(crate) range: String,
 }
 
 impl LockHeld {
@@ -56,7 +58,8 @@ impl Gateway {
             return Err(Error::LeaseLost(self.name().to_owned()));
         }
         let key = self.cluster().keys().caw_lock(lu, self.name());
-        let held = self.get_in_line(&key).await?;
+        let range = self.cluster().keys().caw_range(lu);
+        let held = self.get_in_line(&key, range).await?;
         match tokio::time::timeout_at(deadline, self.wait_turn(lu, &held)).await {
             Ok(Ok(())) => Ok(held),
             Ok(Err(e)) => {
@@ -74,7 +77,9 @@ impl Gateway {
     }
 
     /// Release a lock taken with [`Gateway::lock`] (deletes this
-    /// gateway's key if it is still the one created then).
+    /// gateway's key if it is still the one created then), and the range
+    /// it published, if any ([`Gateway::publish_range`]: only the holder
+    /// writes the range key, so while the lock is held it is the holder's).
     pub async fn unlock(&self, held: &LockHeld) -> Result<(), Error> {
         let t = Txn::new()
             .when([Compare::create_revision(
@@ -82,7 +87,10 @@ impl Gateway {
                 CompareOp::Equal,
                 held.create_revision,
             )])
-            .and_then([TxnOp::delete(held.key.clone(), None)]);
+            .and_then([
+                TxnOp::delete(held.range.clone(), None),
+                TxnOp::delete(held.key.clone(), None),
+            ]);
         self.cluster()
             .call_write("releasing the COMPARE AND WRITE lock", |mut c| {
                 let t = t.clone();
@@ -94,7 +102,7 @@ impl Gateway {
 
     /// Create this gateway's key under its lease, or find the one an
     /// abandoned attempt of this incarnation left (its place in line).
-    async fn get_in_line(&self, key: &str) -> Result<LockHeld, Error> {
+    async fn get_in_line(&self, key: &str, range: String) -> Result<LockHeld, Error> {
         let lease = self.lease();
         let t = Txn::new()
             .when([Compare::create_revision(key, CompareOp::Equal, 0)])
@@ -124,6 +132,7 @@ impl Gateway {
                 key: key.to_owned(),
                 create_revision,
                 lease,
+                range,
             });
         }
         let kv = r.op_responses().into_iter().find_map(|op| match op {
@@ -135,6 +144,7 @@ impl Gateway {
                 key: key.to_owned(),
                 create_revision: kv.create_revision(),
                 lease,
+                range,
             }),
             Some(kv) => Err(Error::Etcd(format!(
                 "{key} is held under lease {:x}, not this gateway's {lease:x}",

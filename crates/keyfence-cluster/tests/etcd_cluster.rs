@@ -874,3 +874,135 @@ async fn the_compare_and_write_lock_has_one_holder_and_goes_with_a_dead_holders_
     let _ = h1;
     g2.unlock(&h2).await.unwrap();
 }
+
+/// The COMPARE AND WRITE range: published by the lock's holder only,
+/// seen by the other gateways' watches, waited for until every other live
+/// gateway acknowledged it (an ack of an older range does not count) or
+/// its lease is gone, and released by the holder, by `unlock`, or with the
+/// holder's lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compare_and_write_range_is_acknowledged_by_every_live_gateway_and_goes_with_its_holder(
+) {
+    use keyfence_cluster::RangeEvent;
+    let etcd = EtcdCluster::start(3);
+    let lu = LuId::new("lu-range").unwrap();
+    let c = connect(&etcd, "gwr1").await;
+    let pg = |t| {
+        vec![PortalGroup {
+            tpgt: t,
+            portals: vec![],
+        }]
+    };
+    let mut g1 = c.join(pg(1), TTL, MARGIN).await.unwrap();
+    let g2 = c
+        .as_gateway("gwr2")
+        .unwrap()
+        .join(pg(2), TTL, MARGIN)
+        .await
+        .unwrap();
+    let mut g3 = c
+        .as_gateway("gwr3")
+        .unwrap()
+        .join(pg(3), TTL, MARGIN)
+        .await
+        .unwrap();
+    let far = || Instant::now() + Duration::from_secs(20);
+    let next = |w: &mut keyfence_cluster::RangeWatch| {
+        let mut w = std::mem::replace(w, c.watch_range(&lu, i64::MAX - 1));
+        async move {
+            let ev = timeout(Duration::from_secs(10), w.next())
+                .await
+                .expect("a range event")
+                .expect("range watch");
+            (w, ev)
+        }
+    };
+    let (none, at) = c.read_range(&lu).await.unwrap();
+    assert_eq!(none, None);
+    let mut watch = c.watch_range(&lu, at);
+    let h1 = g1.lock(&lu, far()).await.unwrap();
+    let rev = g1.publish_range(&h1, 10, 4).await.unwrap();
+    let (w, ev) = next(&mut watch).await;
+    watch = w;
+    let RangeEvent::Held(r) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(
+        (r.gateway.as_str(), r.lba, r.blocks, r.revision),
+        ("gwr1", 10, 4, rev)
+    );
+    assert_eq!(c.read_range(&lu).await.unwrap().0, Some(r.clone()));
+    // Waits for gwr2 and gwr3, not for the holder itself.
+    let wait = {
+        let (c, lu) = (c.clone(), lu.clone());
+        tokio::spawn(async move { c.wait_range_acked(&lu, rev, far(), "gwr1").await })
+    };
+    g2.ack_range(&lu, rev).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !wait.is_finished(),
+        "range held before gwr3 acknowledged it"
+    );
+    g3.ack_range(&lu, rev).await.unwrap();
+    let a = timeout(Duration::from_secs(5), wait)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.acked, vec!["gwr2".to_string(), "gwr3".to_string()]);
+    assert!(a.gone.is_empty());
+    // Withdrawn (the lock stays), then the next range: the old acks do
+    // not count for it; a gateway that stops is waited out.
+    g1.release_range(&h1).await.unwrap();
+    let (w, ev) = next(&mut watch).await;
+    watch = w;
+    assert!(matches!(ev, RangeEvent::Released { .. }), "{ev:?}");
+    let rev2 = g1.publish_range(&h1, 12, 1).await.unwrap();
+    let (w, ev) = next(&mut watch).await;
+    watch = w;
+    assert!(
+        matches!(ev, RangeEvent::Held(ref r) if r.revision == rev2),
+        "{ev:?}"
+    );
+    let wait = {
+        let (c, lu) = (c.clone(), lu.clone());
+        tokio::spawn(async move { c.wait_range_acked(&lu, rev2, far(), "gwr1").await })
+    };
+    g2.ack_range(&lu, rev2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!wait.is_finished(), "an ack of the previous range counted");
+    let stopped = Instant::now();
+    g3.stop();
+    let a = timeout(TTL * 3 + Duration::from_secs(3), wait)
+        .await
+        .expect("a silent gateway is waited out")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (a.acked, a.gone),
+        (vec!["gwr2".to_string()], vec!["gwr3".to_string()])
+    );
+    assert!(
+        stopped.elapsed() >= TTL - TTL / 3 - Duration::from_millis(200),
+        "went on before the silent gateway's lease could expire"
+    );
+    // unlock releases the range with the lock; without the lock nothing
+    // can be published.
+    g1.unlock(&h1).await.unwrap();
+    let (w, ev) = next(&mut watch).await;
+    watch = w;
+    assert!(matches!(ev, RangeEvent::Released { .. }), "{ev:?}");
+    assert!(g1.publish_range(&h1, 0, 1).await.is_err());
+    assert_eq!(c.read_range(&lu).await.unwrap().0, None);
+    // A holder that dies: its range goes with its lease.
+    let h1 = g1.lock(&lu, far()).await.unwrap();
+    g1.publish_range(&h1, 20, 2).await.unwrap();
+    let (w, ev) = next(&mut watch).await;
+    watch = w;
+    assert!(matches!(ev, RangeEvent::Held(_)), "{ev:?}");
+    g1.stop();
+    let (_, ev) = timeout(TTL * 3 + Duration::from_secs(3), next(&mut watch))
+        .await
+        .expect("a dead holder's range is released with its lease");
+    assert!(matches!(ev, RangeEvent::Released { .. }), "{ev:?}");
+}
