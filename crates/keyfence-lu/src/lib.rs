@@ -36,6 +36,7 @@ use keyfence_scsi::sense::{asc, Asc};
 use keyfence_scsi::{Nexus, ScsiStatus, Sense, TargetPort};
 
 use crate::backend::BlockBackend;
+pub use rangelock::HeldRange;
 pub use reservation::Reservations;
 pub use ua::{UaScope, UnitAttentions};
 
@@ -307,6 +308,8 @@ pub struct LogicalUnit {
     pub(crate) reservations: Reservations,
     pub(crate) mode: ModeState,
     pub(crate) locks: rangelock::RangeLocks,
+    /// Cluster mode: ranges held for other gateways' COMPARE AND WRITEs.
+    pub(crate) held: rangelock::HeldRanges,
 }
 
 fn check_len(field: &'static str, s: &str, max: usize) -> Result<(), LuError> {
@@ -371,6 +374,7 @@ impl LogicalUnit {
                 qam: AtomicU8::new(1),
             },
             locks: rangelock::RangeLocks::new(),
+            held: rangelock::HeldRanges::default(),
             cfg,
             backend,
         })
@@ -631,6 +635,42 @@ impl LogicalUnit {
                 asc::ASYMMETRIC_ACCESS_STATE_TRANSITION,
             ))
         }
+    }
+
+    /// Cluster mode: hold exactly `ranges` for other gateways' COMPARE AND
+    /// WRITEs, and return once every command modifying the medium that
+    /// overlaps a newly held range and was already past that check has
+    /// finished. From then until the range is released (the next call
+    /// without it) such commands wait — WRITE, WRITE AND VERIFY, WRITE
+    /// SAME, UNMAP, ORWRITE — and fail with NOT READY, ASYMMETRIC ACCESS
+    /// STATE TRANSITION if the gateway stops serving meanwhile. Blocks
+    /// (on in-flight writes): not on an I/O worker.
+    pub fn hold_ranges(&self, ranges: Vec<HeldRange>) {
+        let (_, before) = self.held.get();
+        let new: Vec<HeldRange> = ranges
+            .iter()
+            .filter(|r| !before.contains(r))
+            .copied()
+            .collect();
+        self.held.set(false, ranges);
+        for r in new {
+            // Writes hold their stripes from the check to the end of the
+            // write: once the stripes are ours, those that did not see
+            // the range are done, and the rest see it.
+            drop(self.locks.exclusive(r.lba, r.blocks));
+        }
+    }
+
+    /// Cluster mode: hold every block until [`Self::hold_ranges`] says
+    /// which ranges are held (the gateway (re)joins and has not read
+    /// them yet).
+    pub fn hold_all_ranges(&self) {
+        self.held.set(true, Vec::new());
+    }
+
+    /// The ranges held now (`true`: every block).
+    pub fn held_ranges(&self) -> (bool, Vec<HeldRange>) {
+        self.held.get()
     }
 
     /// The I_T nexus is gone (session ended or connection lost). Blocks

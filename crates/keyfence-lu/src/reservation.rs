@@ -180,14 +180,19 @@ impl Reservations {
             .is_none_or(|s| s.offers_compare_and_write())
     }
 
-    /// Cluster mode: hold the LU's cluster-wide COMPARE AND WRITE lock
+    /// Cluster mode: hold the LU's cluster-wide COMPARE AND WRITE lock,
+    /// with `blocks` blocks from `lba` held on every other live gateway,
     /// until the returned guard is dropped (`None` on a single-node LU).
     /// Blocks; not on an I/O worker.
-    pub(crate) fn compare_and_write_lock(&self) -> Result<Option<SharedCawGuard<'_>>, Sense> {
+    pub(crate) fn compare_and_write_lock(
+        &self,
+        lba: u64,
+        blocks: u64,
+    ) -> Result<Option<SharedCawGuard<'_>>, Sense> {
         let Some(shared) = &self.shared else {
             return Ok(None);
         };
-        shared.lock_compare_and_write()?;
+        shared.lock_compare_and_write(lba, blocks)?;
         Ok(Some(SharedCawGuard(shared.as_ref())))
     }
 

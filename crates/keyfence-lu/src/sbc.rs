@@ -9,7 +9,7 @@ use keyfence_scsi::cdb::{Cdb, IoFlags};
 use keyfence_scsi::sense::asc;
 use keyfence_scsi::{ScsiStatus, Sense, SenseKey};
 
-use super::{CommandOutcome, CommandRequest, LogicalUnit};
+use super::{rangelock, CommandOutcome, CommandRequest, LogicalUnit};
 
 /// Largest READ/WRITE/VERIFY transfer, bytes (VPD B0h MAXIMUM TRANSFER
 /// LENGTH); also bounds the memory one command can make the LU allocate.
@@ -41,6 +41,11 @@ fn write_error(e: std::io::Error) -> Sense {
 fn read_error(e: std::io::Error) -> Sense {
     medium_error(asc::UNRECOVERED_READ_ERROR, &e)
 }
+
+/// How long a write waits for a range another gateway's COMPARE AND
+/// WRITE holds before it gives up (the hold normally lasts milliseconds;
+/// it ends at the latest with the holder's lease).
+const HELD_WAIT_LIMIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 fn lba_out_of_range() -> Sense {
     Sense::illegal_request(asc::LBA_OUT_OF_RANGE)
@@ -119,6 +124,39 @@ impl LogicalUnit {
             self.backend.flush().map_err(write_error)?;
         }
         Ok(())
+    }
+
+    /// The stripe guard a command modifying the medium holds while it
+    /// writes `blocks` blocks from `lba` (`take` takes it shared or
+    /// exclusive), taken once no range held for another gateway's COMPARE
+    /// AND WRITE overlaps them (cluster mode; one atomic load otherwise).
+    fn medium_guard<'a>(
+        &'a self,
+        lba: u64,
+        blocks: u64,
+        take: impl Fn() -> rangelock::Guard<'a>,
+    ) -> Result<rangelock::Guard<'a>, Sense> {
+        loop {
+            let g = take();
+            if !self.held.overlaps(lba, blocks) {
+                return Ok(g);
+            }
+            drop(g);
+            self.held
+                .wait_clear(
+                    lba,
+                    blocks,
+                    || self.reservations.may_serve(),
+                    HELD_WAIT_LIMIT,
+                )
+                .map_err(|()| {
+                    Sense::new(SenseKey::NotReady, asc::ASYMMETRIC_ACCESS_STATE_TRANSITION)
+                })?;
+        }
+    }
+
+    fn write_guard(&self, lba: u64, blocks: u64) -> Result<rangelock::Guard<'_>, Sense> {
+        self.medium_guard(lba, blocks, || self.locks.shared(lba, blocks))
     }
 
     fn read_blocks(&self, lba: u64, blocks: u64) -> Result<Vec<u8>, Sense> {
@@ -263,7 +301,7 @@ impl LogicalUnit {
             return Ok(CommandOutcome::good());
         };
         {
-            let _g = self.locks.shared(lba, blocks.into());
+            let _g = self.write_guard(lba, blocks.into())?;
             self.may_submit()?;
             self.backend
                 .write_at(data, self.bytes(lba))
@@ -344,7 +382,7 @@ impl LogicalUnit {
         if count == 0 {
             return Ok(CommandOutcome::good());
         }
-        let _g = self.locks.shared(lba, count);
+        let _g = self.write_guard(lba, count)?;
         if unmap {
             // Deallocate whatever the data-out holds (with LBPRZ the blocks
             // then read back as zeroes), as initiators expect of UNMAP=1.
@@ -421,7 +459,7 @@ impl LogicalUnit {
             }
         }
         for (lba, count) in ranges {
-            let _g = self.locks.shared(lba, count);
+            let _g = self.write_guard(lba, count)?;
             self.may_submit()?;
             self.backend
                 .discard(self.bytes(lba), self.bytes(count))
@@ -453,9 +491,13 @@ impl LogicalUnit {
             return Ok(CommandOutcome::good());
         }
         let (verify, write) = req.data_out.split_at(half);
-        // Clustered: no other gateway's COMPARE AND WRITE runs on the LU
-        // until the guard is dropped, after this one's write is durable.
-        let cluster_lock = self.reservations.compare_and_write_lock()?;
+        // Clustered: no other gateway's COMPARE AND WRITE runs on the LU,
+        // and no other gateway's write reaches these blocks, until the
+        // guard is dropped, after this one's write is durable. (This
+        // gateway's own writes are kept out by the exclusive stripes.)
+        let cluster_lock = self
+            .reservations
+            .compare_and_write_lock(lba, blocks.into())?;
         {
             let _g = self.locks.exclusive(lba, blocks.into());
             let medium = self.read_blocks(lba, blocks.into())?;
@@ -486,7 +528,9 @@ impl LogicalUnit {
             return Ok(CommandOutcome::good());
         };
         {
-            let _g = self.locks.exclusive(lba, blocks.into());
+            let _g = self.medium_guard(lba, blocks.into(), || {
+                self.locks.exclusive(lba, blocks.into())
+            })?;
             let mut medium = self.read_blocks(lba, blocks.into())?;
             for (m, d) in medium.iter_mut().zip(data) {
                 *m |= d;

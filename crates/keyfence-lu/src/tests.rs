@@ -1345,3 +1345,214 @@ fn a_direct_lu_writes_through_to_the_file_and_reads_every_range() {
     );
     good(&run(&lu, &n, &[0x35, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]));
 }
+
+/// A backend whose writes stop inside `write_at` until let go, to have a
+/// write in flight at a chosen moment.
+#[derive(Debug)]
+struct GatedBackend {
+    inner: MemBackend,
+    open: std::sync::Mutex<bool>,
+    turn: std::sync::Condvar,
+    entered: std::sync::atomic::AtomicUsize,
+}
+
+impl GatedBackend {
+    fn let_go(&self) {
+        *self.open.lock().unwrap() = true;
+        self.turn.notify_all();
+    }
+}
+
+impl BlockBackend for GatedBackend {
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.inner.read_at(buf, offset)
+    }
+    fn write_at(&self, buf: &[u8], offset: u64) -> std::io::Result<()> {
+        self.entered.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.turn.wait(open).unwrap();
+        }
+        drop(open);
+        self.inner.write_at(buf, offset)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(offset, len)
+    }
+    fn mapped_ranges(
+        &self,
+        range: std::ops::Range<u64>,
+        limit: usize,
+    ) -> std::io::Result<Vec<std::ops::Range<u64>>> {
+        self.inner.mapped_ranges(range, limit)
+    }
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// A write of `blocks` blocks of `byte` at `lba` on another thread; its
+/// outcome arrives on the channel.
+fn write_on_thread(
+    lu: &Arc<LogicalUnit>,
+    n: &Nexus,
+    lba: u64,
+    blocks: u32,
+    byte: u8,
+) -> std::sync::mpsc::Receiver<CommandOutcome> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (lu, n) = (lu.clone(), n.clone());
+    std::thread::spawn(move || {
+        let data = vec![byte; blocks as usize * 512];
+        let _ = tx.send(run(&lu, &n, &rw16(0x8a, 0, lba, blocks), &data));
+    });
+    rx
+}
+
+/// Ranges held for another gateway's COMPARE AND WRITE (cluster mode):
+/// overlapping writes of every kind wait until the range is released,
+/// others do not; holding everything holds every write.
+#[test]
+fn held_ranges_hold_overlapping_writes_until_released() {
+    let lu = Arc::new(big_mem_lu());
+    let n = nexus("iqn.a");
+    ready(&lu, &n);
+    let none = std::time::Duration::from_millis(300);
+    lu.hold_ranges(vec![HeldRange {
+        id: 7,
+        lba: 100,
+        blocks: 8,
+    }]);
+    // Outside the range: at once.
+    good(&run(&lu, &n, &rw16(0x8a, 0, 108, 1), &[1; 512]));
+    good(&run(&lu, &n, &rw16(0x8a, 0, 92, 8), &[1; 4096]));
+    // Inside: WRITE, and WRITE SAME, UNMAP and ORWRITE, wait.
+    let w = write_on_thread(&lu, &n, 96, 8, 2);
+    let mut ws = rw16(0x93, 0, 107, 2);
+    ws[1] = 0;
+    let same = {
+        let (lu, n) = (lu.clone(), n.clone());
+        std::thread::spawn(move || run(&lu, &n, &ws, &[3; 512]))
+    };
+    let unmap = {
+        let (lu, n) = (lu.clone(), n.clone());
+        std::thread::spawn(move || {
+            let mut p = vec![0u8; 24];
+            p[1] = 22;
+            p[3] = 16;
+            p[8..16].copy_from_slice(&100u64.to_be_bytes());
+            p[16..20].copy_from_slice(&1u32.to_be_bytes());
+            run(&lu, &n, &[0x42, 0, 0, 0, 0, 0, 0, 0, 24, 0], &p)
+        })
+    };
+    let orw = {
+        let (lu, n) = (lu.clone(), n.clone());
+        std::thread::spawn(move || run(&lu, &n, &rw16(0x8b, 0, 105, 1), &[0x40; 512]))
+    };
+    assert!(
+        w.recv_timeout(none).is_err(),
+        "an overlapping WRITE went on"
+    );
+    for t in [&same, &unmap, &orw] {
+        assert!(!t.is_finished(), "an overlapping command went on");
+    }
+    // The medium is untouched there.
+    assert_eq!(good(&run(&lu, &n, &rw16(0x88, 0, 100, 8), &[])), &[0; 4096]);
+    assert_eq!(
+        lu.held_ranges(),
+        (
+            false,
+            vec![HeldRange {
+                id: 7,
+                lba: 100,
+                blocks: 8
+            }]
+        )
+    );
+    lu.hold_ranges(Vec::new());
+    good(&w.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
+    for t in [same, unmap, orw] {
+        good(&t.join().unwrap());
+    }
+    // Everything held (not synchronised yet): any write waits.
+    lu.hold_all_ranges();
+    let w = write_on_thread(&lu, &n, 5000, 1, 4);
+    assert!(
+        w.recv_timeout(none).is_err(),
+        "a WRITE went on while all is held"
+    );
+    lu.hold_ranges(vec![HeldRange {
+        id: 9,
+        lba: 0,
+        blocks: 1,
+    }]);
+    good(&w.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
+    lu.hold_ranges(Vec::new());
+}
+
+/// Holding a range waits for the writes to it already in flight (past the
+/// check, inside the backend) and returns only once they finished; a
+/// write in flight elsewhere is not waited for.
+#[test]
+fn holding_a_range_waits_for_the_writes_in_flight_there() {
+    let b = Arc::new(GatedBackend {
+        inner: MemBackend::new(64 << 20),
+        open: std::sync::Mutex::new(false),
+        turn: std::sync::Condvar::new(),
+        entered: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let lu = Arc::new(lu_with(b.clone(), config()));
+    let n = nexus("iqn.a");
+    ready(&lu, &n);
+    let w = write_on_thread(&lu, &n, 100, 1, 5);
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while b.entered.load(Ordering::SeqCst) == 0 {
+        assert!(
+            std::time::Instant::now() < give_up,
+            "the write never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    // Another range (another stripe region): held at once.
+    lu.hold_ranges(vec![HeldRange {
+        id: 1,
+        lba: 1 << 20,
+        blocks: 4,
+    }]);
+    let holding = {
+        let lu = lu.clone();
+        std::thread::spawn(move || {
+            lu.hold_ranges(vec![
+                HeldRange {
+                    id: 1,
+                    lba: 1 << 20,
+                    blocks: 4,
+                },
+                HeldRange {
+                    id: 2,
+                    lba: 96,
+                    blocks: 8,
+                },
+            ]);
+            // What the medium holds once the range is held.
+            let mut buf = vec![0u8; 512];
+            lu.backend().read_at(&mut buf, 100 * 512).unwrap();
+            buf
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        !holding.is_finished(),
+        "held before the write in flight ended"
+    );
+    b.let_go();
+    assert_eq!(holding.join().unwrap(), vec![5u8; 512]);
+    good(&w.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
+    lu.hold_ranges(Vec::new());
+}

@@ -58,13 +58,17 @@ pub trait SharedPrState: Send + Sync + std::fmt::Debug {
         false
     }
 
-    /// Take the LU's cluster-wide COMPARE AND WRITE lock: while this
-    /// gateway holds it no other gateway runs a COMPARE AND WRITE on the
-    /// LU. Blocks (not on an I/O worker). `Err` is the sense to answer
-    /// (e.g. NOT READY, ASYMMETRIC ACCESS STATE TRANSITION when the lock
-    /// cannot be had in time). Release it with
+    /// Take the LU's cluster-wide COMPARE AND WRITE lock for `blocks`
+    /// blocks from `lba`: while this gateway holds it no other gateway
+    /// runs a COMPARE AND WRITE on the LU, and every other live gateway
+    /// holds back its commands that modify those blocks (it acknowledged
+    /// the range after its writes in flight there finished, or it
+    /// provably stopped serving). Blocks (not on an I/O worker). `Err` is
+    /// the sense to answer (e.g. NOT READY, ASYMMETRIC ACCESS STATE
+    /// TRANSITION when the lock cannot be had in time). Release it with
     /// [`Self::unlock_compare_and_write`] once the write is durable.
-    fn lock_compare_and_write(&self) -> Result<(), Sense> {
+    fn lock_compare_and_write(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
+        let _ = (lba, blocks);
         Err(Sense::illegal_request(
             keyfence_scsi::sense::asc::INVALID_COMMAND_OPERATION_CODE,
         ))

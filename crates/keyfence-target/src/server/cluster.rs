@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use keyfence_cluster::{
-    Change, Cluster, Error, Gateway, GatewayEntry, GatewayEvent, Liveness, LockHeld, LuEvent, LuId,
-    LuState, PortalGroup, UaCatchUp, UpdateError,
+    CawRange, Change, Cluster, Error, Gateway, GatewayEntry, GatewayEvent, Liveness, LockHeld,
+    LuEvent, LuId, LuState, PortalGroup, RangeEvent, UaCatchUp, UpdateError,
 };
 use keyfence_lu::reservation::{SharedChange, SharedPrState};
-use keyfence_lu::{LogicalUnit, UaScope};
+use keyfence_lu::{HeldRange, LogicalUnit, UaScope};
 use keyfence_pr::{PrState, Refusal};
 use keyfence_scsi::sense::{asc, Asc};
 use keyfence_scsi::{Nexus, Sense, SenseKey};
@@ -245,7 +245,7 @@ impl SharedPrState for EtcdPrState {
         true
     }
 
-    fn lock_compare_and_write(&self) -> Result<(), Sense> {
+    fn lock_compare_and_write(&self, lba: u64, blocks: u64) -> Result<(), Sense> {
         // Called on the blocking pool (every medium command runs there).
         let limit = self.apply_wait * 2;
         let give_up = std::time::Instant::now() + limit;
@@ -273,46 +273,111 @@ impl SharedPrState for EtcdPrState {
             // Taken by an incarnation whose lease is gone.
             st.held = None;
         }
-        if st.held.is_none() {
-            drop(st);
-            let lu = self.lu.clone();
-            let gw2 = gw.clone();
-            let deadline = tokio::time::Instant::now() + limit;
-            let r = self.block_on(async move { gw2.lock(&lu, deadline).await }, limit);
-            st = lock();
-            match r {
-                Some(Ok(h)) => {
-                    st.held = Some(h);
-                    st.streak = 0;
-                }
-                other => {
-                    let e =
-                        other.map_or_else(|| "no answer".to_string(), |r| format!("{:?}", r.err()));
-                    tracing::warn!(gateway = gw.name(), lu = %self.lu, error = %e, "COMPARE AND WRITE lock not taken");
-                    st.busy = false;
-                    self.caw.turn.notify_one();
-                    return Err(transition());
+        let held = match st.held.clone() {
+            Some(h) => h,
+            None => {
+                drop(st);
+                let lu = self.lu.clone();
+                let gw2 = gw.clone();
+                let deadline = tokio::time::Instant::now() + limit;
+                let r = self.block_on(async move { gw2.lock(&lu, deadline).await }, limit);
+                st = lock();
+                match r {
+                    Some(Ok(h)) => {
+                        st.held = Some(h.clone());
+                        st.streak = 0;
+                        h
+                    }
+                    other => {
+                        let e = other
+                            .map_or_else(|| "no answer".to_string(), |r| format!("{:?}", r.err()));
+                        tracing::warn!(gateway = gw.name(), lu = %self.lu, error = %e, "COMPARE AND WRITE lock not taken");
+                        st.busy = false;
+                        self.caw.turn.notify_one();
+                        return Err(transition());
+                    }
                 }
             }
-        }
+        };
         st.streak += 1;
-        Ok(())
+        drop(st);
+        // Publish the range and wait until every other live gateway holds
+        // back its writes there (or provably stopped serving).
+        let (lu, gw2, cluster, h) = (
+            self.lu.clone(),
+            gw.clone(),
+            self.cluster.clone(),
+            held.clone(),
+        );
+        let wait = self.apply_wait;
+        let r = self.block_on(
+            async move {
+                let rev = gw2.publish_range(&h, lba, blocks).await?;
+                let deadline = tokio::time::Instant::now() + wait;
+                cluster
+                    .wait_range_acked(&lu, rev, deadline, gw2.name())
+                    .await
+                    .map(|a| (rev, a))
+            },
+            wait + self.cluster.request_timeout(),
+        );
+        match r {
+            Some(Ok((rev, a))) => {
+                tracing::debug!(gateway = gw.name(), lu = %self.lu, lba, blocks, revision = rev, acked = ?a.acked, gone = ?a.gone, "COMPARE AND WRITE range held cluster-wide");
+                Ok(())
+            }
+            other => {
+                let e = other.map_or_else(|| "no answer".to_string(), |r| format!("{:?}", r.err()));
+                tracing::warn!(gateway = gw.name(), lu = %self.lu, lba, blocks, error = %e, "COMPARE AND WRITE range not held by every gateway");
+                // Give the lock (and the range) up: the next one starts over.
+                self.release_caw(true);
+                Err(transition())
+            }
+        }
     }
 
     fn unlock_compare_and_write(&self) {
+        self.release_caw(false);
+    }
+
+    fn gateway(&self) -> Option<&str> {
+        Some(self.cluster.gateway())
+    }
+}
+
+impl EtcdPrState {
+    /// End this gateway's turn at the COMPARE AND WRITE lock: hand the
+    /// lock on to the next local COMPARE AND WRITE (withdrawing the
+    /// range), or — with `give_up`, when none waits, after
+    /// [`CAW_STREAK`] in a row or when this gateway may not serve —
+    /// release it (the range with it).
+    fn release_caw(&self, give_up: bool) {
         let lock = || self.caw.state.lock().unwrap_or_else(|e| e.into_inner());
         let mut st = lock();
-        if st.waiting > 0 && st.streak < CAW_STREAK && self.membership.may_serve() {
-            // Handed on to the next local COMPARE AND WRITE.
-            st.busy = false;
-            self.caw.turn.notify_one();
-            return;
+        let gw = self.membership.gateway();
+        if !give_up && st.waiting > 0 && st.streak < CAW_STREAK && self.membership.may_serve() {
+            if let Some(h) = st.held.clone() {
+                drop(st);
+                let (gw2, h2) = (gw.clone(), h);
+                let r = self.block_on(
+                    async move { gw2.release_range(&h2).await },
+                    self.cluster.request_timeout() * 2,
+                );
+                if matches!(r, Some(Ok(()))) {
+                    // Handed on to the next local COMPARE AND WRITE.
+                    st = lock();
+                    st.busy = false;
+                    self.caw.turn.notify_one();
+                    return;
+                }
+                tracing::warn!(gateway = gw.name(), lu = %self.lu, "COMPARE AND WRITE range not withdrawn; releasing the lock");
+                st = lock();
+            }
         }
         let held = st.held.take();
         st.streak = 0;
         drop(st);
         if let Some(h) = held {
-            let gw = self.membership.gateway();
             let (gw2, h2) = (gw.clone(), h.clone());
             let r = self.block_on(
                 async move { gw2.unlock(&h2).await },
@@ -328,12 +393,6 @@ impl SharedPrState for EtcdPrState {
         self.caw.turn.notify_one();
     }
 
-    fn gateway(&self) -> Option<&str> {
-        Some(self.cluster.gateway())
-    }
-}
-
-impl EtcdPrState {
     /// Run `fut` on the runtime and wait for it on this (non-worker)
     /// thread for at most `limit` (plus a second); `None` if it did not
     /// finish.
@@ -526,7 +585,12 @@ pub(crate) async fn supervise(
     loop {
         let gw = membership.gateway();
         let mut live = gw.liveness();
-        let followers: Vec<_> = lus
+        // No write reaches a clustered LU until this incarnation has read
+        // which range another gateway's COMPARE AND WRITE holds there.
+        for f in &lus {
+            f.lu.hold_all_ranges();
+        }
+        let mut followers: Vec<_> = lus
             .iter()
             .map(|f| {
                 tokio::spawn(follow(
@@ -537,6 +601,13 @@ pub(crate) async fn supervise(
                 ))
             })
             .collect();
+        followers.extend(lus.iter().map(|f| {
+            tokio::spawn(follow_ranges(
+                f.clone(),
+                gw.clone(),
+                membership.cluster.clone(),
+            ))
+        }));
         let lost = loop {
             tokio::select! {
                 r = live.changed() => {
@@ -571,6 +642,7 @@ pub(crate) async fn supervise(
         // state read after the new registration.
         for f in &lus {
             f.lu.reservations().unsync();
+            f.lu.hold_all_ranges();
         }
         tracing::error!(
             gateway = gw.name(),
@@ -678,6 +750,92 @@ async fn follow(shared: Arc<Shared>, f: Followed, gw: Arc<Gateway>, cluster: Clu
         }
         tracing::error!(gateway = gw.name(), lu = %f.id, error = %e, "cannot follow the clustered LU; not served here; trying again in 5 s");
         tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+/// Follow the range other gateways' COMPARE AND WRITEs hold on one
+/// clustered LU under gateway incarnation `gw` (docs/cluster.md, *COMPARE
+/// AND WRITE*): read it, hold it (this gateway's writes there in flight
+/// finish, new ones wait), acknowledge; then the same for every range
+/// published, and let the writes go when it is released. Ends only when
+/// the lease is lost (the supervisor holds everything then, and starts a
+/// new one after joining again).
+async fn follow_ranges(f: Followed, gw: Arc<Gateway>, cluster: Cluster) {
+    let me = gw.name().to_owned();
+    loop {
+        let result: Result<std::convert::Infallible, Error> = async {
+            let (now, at) = loop {
+                match cluster.read_range(&f.id).await {
+                    Ok(x) => break x,
+                    Err(e) if e.is_unavailable() => {
+                        tracing::warn!(gateway = gw.name(), lu = %f.id, error = %e, "cannot read the COMPARE AND WRITE range; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            hold_range(&gw, &f, &me, now).await?;
+            let mut watch = cluster.watch_range(&f.id, at);
+            loop {
+                let now = match watch.next().await {
+                    Ok(RangeEvent::Held(r)) => Some(r),
+                    Ok(RangeEvent::Released { .. }) => None,
+                    Ok(RangeEvent::Resync(r)) => r,
+                    Err(e) if e.is_unavailable() => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                hold_range(&gw, &f, &me, now).await?;
+            }
+        }
+        .await;
+        let Err(e) = result;
+        if matches!(e, Error::LeaseLost(_)) {
+            // The supervisor sees the loss and replaces this follower.
+            std::future::pending::<()>().await;
+        }
+        // Which range is held is unknown (an unreadable record): hold
+        // every write until it is known again.
+        f.lu.hold_all_ranges();
+        tracing::error!(gateway = gw.name(), lu = %f.id, error = %e, "cannot follow the COMPARE AND WRITE range; writes held; trying again in 1 s");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Hold `range` on this gateway's LU (another gateway's; this gateway's
+/// own is ordered by its local range locks) instead of what was held,
+/// once the writes to it in flight finished, and acknowledge it.
+async fn hold_range(
+    gw: &Gateway,
+    f: &Followed,
+    me: &str,
+    range: Option<CawRange>,
+) -> Result<(), Error> {
+    let range = range.filter(|r| r.gateway != me);
+    let held: Vec<HeldRange> = range
+        .iter()
+        .map(|r| HeldRange {
+            id: r.revision,
+            lba: r.lba,
+            blocks: r.blocks,
+        })
+        .collect();
+    let lu = f.lu.clone();
+    tokio::task::spawn_blocking(move || lu.hold_ranges(held))
+        .await
+        .map_err(|e| Error::Etcd(format!("holding a COMPARE AND WRITE range: {e}")))?;
+    let Some(r) = range else { return Ok(()) };
+    loop {
+        match gw.ack_range(&f.id, r.revision).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_unavailable() => {
+                tracing::warn!(gateway = gw.name(), lu = %f.id, revision = r.revision, error = %e, "range ack not written; retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
