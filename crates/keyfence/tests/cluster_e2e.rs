@@ -526,3 +526,210 @@ async fn compare_and_write_is_atomic_across_gateways() {
     .await
     .expect("test within its time limit");
 }
+
+/// Blocks of the region [`compare_and_write_is_atomic_against_writes_through_another_gateway`]
+/// races on (the COMPARE AND WRITE covers all of them).
+const RACE_BLOCKS: usize = 16;
+
+/// A tagged value of one block: its id (`'W'` or `'C'` in the top byte,
+/// then a counter) and, for a COMPARE AND WRITE's value, the id it
+/// replaced in that block; repeated over the block.
+fn tagged(id: u64, replaced: u64) -> Vec<u8> {
+    let mut b = Vec::with_capacity(BLOCK);
+    while b.len() < BLOCK {
+        b.extend_from_slice(&id.to_be_bytes());
+        b.extend_from_slice(&replaced.to_be_bytes());
+    }
+    b
+}
+
+/// The id each block of `data` carries.
+fn ids(data: &[u8]) -> Vec<u64> {
+    data.chunks(BLOCK)
+        .map(|b| u64::from_be_bytes(b[..8].try_into().expect("8 bytes")))
+        .collect()
+}
+
+const W_TAG: u64 = (b'W' as u64) << 56;
+const C_TAG: u64 = (b'C' as u64) << 56;
+
+/// COMPARE AND WRITE of `RACE_BLOCKS` blocks at `lba`: `expect` → `new`.
+async fn compare_and_write_blocks(dev: &Device, lba: u64, expect: &[u8], new: &[u8]) -> Caw {
+    let mut cdb = vec![0u8; 16];
+    cdb[0] = 0x89;
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[13] = RACE_BLOCKS as u8;
+    let mut data = expect.to_vec();
+    data.extend_from_slice(new);
+    let cmd = keyfence_initiator::commands::Command::write(cdb, Bytes::from(data));
+    match dev.execute(&cmd).await {
+        Ok(_) => Caw::Good,
+        Err(Error::CheckCondition(s))
+            if s.key == SenseKey::Miscompare && (s.asc, s.ascq) == (0x1d, 0x00) =>
+        {
+            Caw::Miscompare
+        }
+        Err(e) => panic!("COMPARE AND WRITE: unexpected {e}"),
+    }
+}
+
+/// COMPARE AND WRITE is atomic against plain WRITEs through another
+/// gateway. Initiator X on gateway A reads a region and replaces what it
+/// read with COMPARE AND WRITE, over and over; initiator Y on gateway B
+/// writes the region with plain WRITEs and reads it back after each.
+/// Every value is unique and a COMPARE AND WRITE's value names the value
+/// it replaced (per block). Between Y's WRITE of w and Y's next READ only
+/// X's COMPARE AND WRITEs can change the region, and each one that wrote
+/// replaced exactly what was there, so the value Y reads must lead back
+/// through that chain of replacements to w. If a COMPARE AND WRITE
+/// compared before w landed and wrote after it (w clobbered), the chain
+/// of what Y reads skips w.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_and_write_is_atomic_against_writes_through_another_gateway() {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    const LBA: u64 = 400;
+    const MAX_CAWS: u64 = 600;
+    const MAX_WRITES: u64 = 20_000;
+    const RUN: Duration = Duration::from_secs(40);
+    let cluster = Cluster::start(2).await;
+    let [a, b] = &cluster.gateways[..] else {
+        unreachable!()
+    };
+    let (url_a, url_b) = (a.url(0), b.url(0));
+    tokio::time::timeout(TEST_LIMIT, async {
+        let x = login(&url_a, "iqn.2026-11.test:caw-w-x").await;
+        let y = login(&url_b, "iqn.2026-11.test:caw-w-y").await;
+        let first: Vec<u8> = (0..RACE_BLOCKS).flat_map(|_| tagged(W_TAG, 0)).collect();
+        y.write(LBA, Bytes::from(first.clone()))
+            .await
+            .expect("first WRITE");
+        // What one COMPARE AND WRITE costs alone (reported, not checked).
+        let mut alone = Vec::new();
+        let mut cur = first;
+        for i in 0..40u64 {
+            let new: Vec<u8> = (0..RACE_BLOCKS).flat_map(|_| tagged(i + 1, 0)).collect();
+            let t = Instant::now();
+            assert_eq!(
+                compare_and_write_blocks(&x, LBA, &cur, &new).await,
+                Caw::Good
+            );
+            alone.push(t.elapsed());
+            cur = new;
+        }
+        alone.sort();
+        eprintln!(
+            "COMPARE AND WRITE alone through A: p50 {:?}, p90 {:?}, max {:?}",
+            alone[alone.len() / 2],
+            alone[alone.len() * 9 / 10],
+            alone[alone.len() - 1]
+        );
+        let first: Vec<u8> = (0..RACE_BLOCKS).flat_map(|_| tagged(W_TAG, 0)).collect();
+        y.write(LBA, Bytes::from(first)).await.expect("first WRITE");
+        // What every COMPARE AND WRITE value replaced, per block (also
+        // those whose answer was a miscompare: never on the medium then).
+        let replaced: Arc<Mutex<HashMap<u64, Vec<u64>>>> = Arc::default();
+        let done = Arc::new(AtomicBool::new(false));
+        let started = Instant::now();
+        let cawing = {
+            let (replaced, done) = (replaced.clone(), done.clone());
+            async move {
+                let (mut good, mut miscompare) = (0u64, 0u64);
+                for j in 1..=MAX_CAWS {
+                    if started.elapsed() > RUN {
+                        break;
+                    }
+                    let seen = x
+                        .read(LBA, RACE_BLOCKS as u32)
+                        .await
+                        .expect("READ through A");
+                    let old = ids(&seen);
+                    let id = C_TAG | j;
+                    replaced.lock().unwrap().insert(id, old.clone());
+                    let new: Vec<u8> = old.iter().flat_map(|&r| tagged(id, r)).collect();
+                    match compare_and_write_blocks(&x, LBA, &seen, &new).await {
+                        Caw::Good => good += 1,
+                        Caw::Miscompare => miscompare += 1,
+                    }
+                }
+                done.store(true, Ordering::SeqCst);
+                let _ = x.close().await;
+                (good, miscompare)
+            }
+        };
+        let writing = {
+            let done = done.clone();
+            async move {
+                // (k, ids Y read right after its WRITE of k)
+                let mut seen = Vec::new();
+                let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+                for k in 1..=MAX_WRITES {
+                    if done.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    let data: Vec<u8> = (0..RACE_BLOCKS)
+                        .flat_map(|_| tagged(W_TAG | k, 0))
+                        .collect();
+                    y.write(LBA, Bytes::from(data))
+                        .await
+                        .expect("WRITE through B");
+                    let back = y
+                        .read(LBA, RACE_BLOCKS as u32)
+                        .await
+                        .expect("READ through B");
+                    seen.push((k, ids(&back)));
+                    // A pause of 0..4 ms, so that some COMPARE AND WRITEs
+                    // find what X read still there.
+                    rng ^= rng << 13;
+                    rng ^= rng >> 7;
+                    rng ^= rng << 17;
+                    tokio::time::sleep(Duration::from_micros(rng % 4000)).await;
+                }
+                let _ = y.close().await;
+                seen
+            }
+        };
+        let ((good, miscompare), seen) = tokio::join!(cawing, writing);
+        let replaced = replaced.lock().unwrap();
+        let mut lost = Vec::new();
+        let mut through_caw = 0;
+        for (k, blocks) in &seen {
+            for (blk, &start) in blocks.iter().enumerate() {
+                let mut id = start;
+                while id >> 56 == C_TAG >> 56 {
+                    id = replaced
+                        .get(&id)
+                        .unwrap_or_else(|| panic!("block {blk} holds {id:#x}, never written"))[blk];
+                }
+                if start != id {
+                    through_caw += 1;
+                }
+                if id != W_TAG | k {
+                    lost.push((*k, blk, start, id));
+                }
+            }
+        }
+        let mut lost_writes: Vec<u64> = lost.iter().map(|l| l.0).collect();
+        lost_writes.dedup();
+        eprintln!(
+            "COMPARE AND WRITE vs WRITE: {good} good, {miscompare} miscompared, {} writes, \
+             {through_caw} block reads after a WRITE went through a COMPARE AND WRITE, \
+             {} writes clobbered",
+            seen.len(),
+            lost_writes.len()
+        );
+        assert!(
+            lost.is_empty(),
+            "WRITEs through B clobbered by a COMPARE AND WRITE through A that compared before \
+             them (write k, block, id read, chain ends at): {:x?}",
+            &lost[..lost.len().min(8)]
+        );
+        assert!(
+            good >= 20,
+            "only {good} COMPARE AND WRITEs succeeded: the race was not run"
+        );
+    })
+    .await
+    .expect("test within its time limit");
+}
