@@ -1519,19 +1519,33 @@ fn holding_a_range_waits_for_the_writes_in_flight_there() {
         );
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    // Another range (another stripe region): held at once.
-    lu.hold_ranges(vec![HeldRange {
-        id: 1,
-        lba: 1 << 20,
-        blocks: 4,
-    }]);
+    // A range in another stripe: held at once.
+    let other = {
+        let lu = lu.clone();
+        std::thread::spawn(move || {
+            lu.hold_ranges(vec![HeldRange {
+                id: 1,
+                lba: 4096,
+                blocks: 4,
+            }])
+        })
+    };
+    let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !other.is_finished() {
+        if std::time::Instant::now() >= give_up {
+            // Let the write go so the test ends, then fail.
+            b.let_go();
+            panic!("a range elsewhere waited for the write in flight");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     let holding = {
         let lu = lu.clone();
         std::thread::spawn(move || {
             lu.hold_ranges(vec![
                 HeldRange {
                     id: 1,
-                    lba: 1 << 20,
+                    lba: 4096,
                     blocks: 4,
                 },
                 HeldRange {
