@@ -17,12 +17,16 @@ the same rounds.
 
 --cluster compares cluster mode (a three-member etcd on loopback, two
 gateways over one file) with single-node mode instead, in one run: 4 KiB
-random reads through gateway A against a single-node target, with the
-backing file on disk and on tmpfs; PR OUT latency (`keyfence bench --rw
-register`, one command at a time); and the time from a fence decision to
-the victim's first write refused with RESERVATION CONFLICT, the victim
-writing through one gateway (portal) and the fencer running
-fence_keyfence through the other.
+random reads through gateway A against a single-node target with the same
+caching (`direct = true`: both O_DIRECT, each on its own copy of the file
+on disk), on tmpfs (both from memory), and, for reference, against a
+single-node target reading the disk file through the page cache; PR OUT
+latency (`keyfence bench --rw register`, one command at a time); COMPARE
+AND WRITE latency (`keyfence bench --rw caw`, one at a time; clustered, each
+takes the LU's etcd lock and fdatasyncs before releasing it); and the time
+from a fence decision to the victim's first write refused with
+RESERVATION CONFLICT, the victim writing through one gateway (portal) and
+the fencer running fence_keyfence through the other.
 """
 
 import argparse
@@ -83,6 +87,20 @@ def pr_latency(binary, url, seconds):
     m, lat = BENCH_RE.search(text), LAT_RE.search(text)
     if not (m and lat):
         raise RuntimeError(f"could not parse keyfence bench output: {text[-400:]}")
+    return float(m.group(1)), int(lat.group(1)), int(lat.group(2))
+
+
+def caw_latency(binary, url, bs, seconds):
+    """COMPARE AND WRITE of one `bs`-byte range, one at a time, each one
+    matching (a MISCOMPARE fails): (commands per second, p50 us, p99 us)."""
+    out = subprocess.run([binary, "bench", url, "--rw", "caw", "--qd", "1", "--bs", str(bs),
+                          "--duration", str(seconds), "--initiator-name",
+                          "iqn.2026-11.io.keyfence:bench-caw"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, timeout=seconds + 60)
+    text = out.stdout.decode()
+    m, lat = BENCH_RE.search(text), LAT_RE.search(text)
+    if out.returncode != 0 or not (m and lat):
+        raise RuntimeError(f"keyfence bench --rw caw failed: {out.stderr.decode()[-400:]}")
     return float(m.group(1)), int(lat.group(1)), int(lat.group(2))
 
 
@@ -226,9 +244,9 @@ class ConfiguredSingle:
     """A single-node `keyfence serve` from a configuration file (two portals),
     for a block size the command line cannot set."""
 
-    def __init__(self, binary, workdir, size, image, block_size):
+    def __init__(self, binary, workdir, size, image, block_size, direct=False):
         self.binary, self.workdir, self.size = binary, workdir, size
-        self.image, self.block_size = image, block_size
+        self.image, self.block_size, self.direct = image, block_size, direct
         self.proc = None
 
     def start(self):
@@ -237,7 +255,8 @@ class ConfiguredSingle:
             f.write(f'data_dir = "{self.workdir}"\n\n[[target]]\nname = "{KEYFENCE_IQN}"\n'
                     'portals = ["127.0.0.1:0", "127.0.0.1:0"]\nopen = true\n\n[[target.lun]]\n'
                     f'id = 0\npath = "{self.image}"\nsize = {self.size}\n'
-                    f'block_size = {self.block_size}\n')
+                    f'block_size = {self.block_size}\n'
+                    f'direct = {"true" if self.direct else "false"}\n')
         log_path = os.path.join(self.workdir, "keyfence.log")
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([self.binary, "serve", "--config", conf, "--log-level", "warn"],
@@ -287,23 +306,36 @@ def cluster_vs_single(binary, etcd, args):
     reads = {}
     cpu = {}
     pr = {"single-node": [], "cluster": []}
+    caw = {}
     puts = []
     fences = {}
     for storage in ("disk", "tmpfs"):
         workdir = tempfile.mkdtemp(prefix="kf-bench-", dir="/dev/shm" if storage == "tmpfs" else None)
+        targets = []
         try:
             os.makedirs(os.path.join(workdir, "cluster"))
             os.makedirs(os.path.join(workdir, "single"))
             single_img = os.path.join(workdir, "single.img")
             make_image(single_img, args.size)
             make_image(os.path.join(workdir, "cluster", "shared.img"), args.size)
-            # The single-node LU reads through the page cache: start it warm.
+            # The page-cache single-node LU starts warm.
             read_through(single_img)
             if storage == "disk":
+                # The same caching as a clustered LU: uncached, on its own
+                # copy (a clustered file cannot be served single-node at
+                # the same time), on the same file system.
+                os.makedirs(os.path.join(workdir, "direct"))
+                direct_img = os.path.join(workdir, "direct.img")
+                make_image(direct_img, args.size)
                 single = KeyfenceTarget(binary, os.path.join(workdir, "single"), args.size,
                                         image=single_img, extra_args=["--log-level", "warn"])
+                direct = ConfiguredSingle(binary, os.path.join(workdir, "direct"), args.size,
+                                          direct_img, 512, direct=True)
                 cl = ClusterTarget(binary, os.path.join(workdir, "cluster"), args.size, etcd=etcd)
-                blocks = 8
+                blocks, block_size = 8, 512
+                sides = ["single-node direct", "cluster", "single-node cached"]
+                started = {"single-node cached": single, "single-node direct": direct,
+                           "cluster": cl}
             else:
                 # Direct I/O on tmpfs needs 4096-byte alignment: 4096-byte
                 # blocks on both sides.
@@ -311,60 +343,74 @@ def cluster_vs_single(binary, etcd, args):
                                           single_img, 4096)
                 cl = ConfiguredCluster(binary, os.path.join(workdir, "cluster"), args.size, etcd,
                                        4096)
-                blocks = 1
-            try:
-                urls = {"single-node": single.start(), "cluster": cl.start()}
-                pids = {"single-node": single.proc.pid, "cluster": cl.gateways[0].pid}
-                sides = ["single-node", "cluster"]
-                reads[storage] = {s: [] for s in sides}
-                cpu[storage] = {s: [] for s in sides}
-                for r in range(args.rounds):
-                    order = sides if r % 2 == 0 else sides[::-1]
-                    for side in order:
-                        c0 = process_cpu(pids[side])
-                        v = iscsi_perf(urls[side][0], 32, blocks, True, args.seconds)[0]
-                        reads[storage][side].append(v)
-                        if v > 0:
-                            cpu[storage][side].append(
-                                (process_cpu(pids[side]) - c0) * 1e6 / (v * args.seconds))
-                        print(f"round {r + 1}: {storage:<5} 4k randread qd32 {side:<11} {v:>8}",
-                              file=sys.stderr, flush=True)
-                    if storage != "disk":
-                        continue
-                    p50, p99 = etcd_put_latency(cl.endpoints.split(",")[0], min(args.seconds, 3))
-                    puts.append((p50, p99))
-                    print(f"round {r + 1}: etcd put p50 {p50:.0f} us p99 {p99:.0f} us",
+                blocks, block_size = 1, 4096
+                sides = ["single-node cached", "cluster"]
+                started = {"single-node cached": single, "cluster": cl}
+            urls, pids = {}, {}
+            for side in sides:
+                t = started[side]
+                urls[side] = t.start()
+                targets.append(t)
+                pids[side] = t.gateways[0].pid if t is cl else t.proc.pid
+            reads[storage] = {s: [] for s in sides}
+            cpu[storage] = {s: [] for s in sides}
+            for r in range(args.rounds):
+                # Rotate the order each round so no side always goes first.
+                order = sides[r % len(sides):] + sides[:r % len(sides)]
+                for side in order:
+                    c0 = process_cpu(pids[side])
+                    v = iscsi_perf(urls[side][0], 32, blocks, True, args.seconds)[0]
+                    reads[storage][side].append(v)
+                    if v > 0:
+                        cpu[storage][side].append(
+                            (process_cpu(pids[side]) - c0) * 1e6 / (v * args.seconds))
+                    print(f"round {r + 1}: {storage:<5} 4k randread qd32 {side:<18} {v:>8}",
                           file=sys.stderr, flush=True)
-                    for side in order:
-                        ops, p50, p99 = pr_latency(binary, urls[side][0], args.seconds)
-                        pr[side].append((ops, p50, p99))
-                        print(f"round {r + 1}: PR OUT register qd1 {side:<11} {ops:>8.0f}/s "
-                              f"p50 {p50} us p99 {p99} us", file=sys.stderr, flush=True)
-                if storage == "disk":
-                    for side in sides:
-                        fences[side] = fence_rounds(binary, urls[side][0], urls[side][1],
-                                                    args.fence_rounds,
-                                                    os.path.join(workdir, f"fence-{side}"))
-                        f = fences[side]
-                        print(f"fence {side}: {len(f)} rounds, decision -> first conflict p50 "
-                              f"{pct([x[1] for x in f], 50):.1f} ms", file=sys.stderr, flush=True)
-            finally:
-                single.stop()
-                cl.stop()
+                if storage != "disk":
+                    continue
+                p50, p99 = etcd_put_latency(cl.endpoints.split(",")[0], min(args.seconds, 3))
+                puts.append((p50, p99))
+                print(f"round {r + 1}: etcd put p50 {p50:.0f} us p99 {p99:.0f} us",
+                      file=sys.stderr, flush=True)
+                for side in ("single-node cached", "cluster")[::1 if r % 2 == 0 else -1]:
+                    ops, p50, p99 = pr_latency(binary, urls[side][0], args.seconds)
+                    pr["single-node" if side != "cluster" else side].append((ops, p50, p99))
+                    print(f"round {r + 1}: PR OUT register qd1 {side:<18} {ops:>8.0f}/s "
+                          f"p50 {p50} us p99 {p99} us", file=sys.stderr, flush=True)
+                for side in order:
+                    ops, p50, p99 = caw_latency(binary, urls[side][0], block_size, args.seconds)
+                    caw.setdefault(side, []).append((ops, p50, p99))
+                    print(f"round {r + 1}: COMPARE AND WRITE qd1 {side:<18} {ops:>8.0f}/s "
+                          f"p50 {p50} us p99 {p99} us", file=sys.stderr, flush=True)
+            if storage == "disk":
+                for side, url in (("single-node", urls["single-node cached"]),
+                                  ("cluster", urls["cluster"])):
+                    fences[side] = fence_rounds(binary, url[0], url[1], args.fence_rounds,
+                                                os.path.join(workdir, f"fence-{side}"))
+                    f = fences[side]
+                    print(f"fence {side}: {len(f)} rounds, decision -> first conflict p50 "
+                          f"{pct([x[1] for x in f], 50):.1f} ms", file=sys.stderr, flush=True)
         finally:
+            for t in targets:
+                t.stop()
             shutil.rmtree(workdir, ignore_errors=True)
     load1 = os.getloadavg()
 
     print("\n| 4 KiB random read, QD 32 | single-node (IOPS) | cluster, gateway A (IOPS) "
           "| cluster / single | target CPU per IO, single / cluster (us) |\n|---|---:|---:|---:|---:|")
-    what = {"disk": "file on disk (single-node: page cache, cluster: O_DIRECT)",
-            "tmpfs": "file on tmpfs, 4096-byte blocks (both from memory)"}
-    for storage in ("disk", "tmpfs"):
-        s = statistics.median(reads[storage]["single-node"])
+
+    def read_row(name, storage, side):
+        s = statistics.median(reads[storage][side])
         c = statistics.median(reads[storage]["cluster"])
-        cs = statistics.median(cpu[storage]["single-node"] or [0])
+        cs = statistics.median(cpu[storage][side] or [0])
         cc = statistics.median(cpu[storage]["cluster"] or [0])
-        print(f"| {what[storage]} | {s:.0f} | {c:.0f} | {c / s:.3f} | {cs:.1f} / {cc:.1f} |")
+        print(f"| {name} | {s:.0f} | {c:.0f} | {c / s:.3f} | {cs:.1f} / {cc:.1f} |")
+
+    read_row("file on disk, both uncached (single-node direct = true, cluster O_DIRECT)",
+             "disk", "single-node direct")
+    read_row("file on tmpfs, 4096-byte blocks (both from memory)", "tmpfs", "single-node cached")
+    read_row("for reference: file on disk, single-node through the page cache, cluster O_DIRECT",
+             "disk", "single-node cached")
     print("\n| PR OUT REGISTER AND IGNORE EXISTING KEY, QD 1 | single-node | cluster |"
           "\n|---|---:|---:|")
     for i, name in ((1, "p50 latency (us)"), (2, "p99 latency (us)"), (0, "commands per second")):
@@ -372,6 +418,12 @@ def cluster_vs_single(binary, etcd, args):
               f"| {statistics.median(x[i] for x in pr['cluster']):.0f} |")
     print(f"| for scale: one etcd write (put), p50 / p99 (us) | | "
           f"{statistics.median(x[0] for x in puts):.0f} / {statistics.median(x[1] for x in puts):.0f} |")
+    print("\n| COMPARE AND WRITE, 512 bytes, QD 1, file on disk | single-node cached "
+          "| single-node direct | cluster |\n|---|---:|---:|---:|")
+    for i, name in ((1, "p50 latency (us)"), (2, "p99 latency (us)"), (0, "commands per second")):
+        print(f"| {name} | " + " | ".join(
+            f"{statistics.median(x[i] for x in caw[side]):.0f}"
+            for side in ("single-node cached", "single-node direct", "cluster")) + " |")
     print("\n| fence decision -> (ms) | single-node: p50 / p99 / max | cluster: p50 / p99 / max |"
           "\n|---|---:|---:|")
 
@@ -388,10 +440,11 @@ def cluster_vs_single(binary, etcd, args):
                       ("... rounds with one (no status, 1 s command timeout first)",
                        lambda x: x[1] if x[2] else None)):
         print(f"| {name} | {row('single-node', sel)} | {row('cluster', sel)} |")
-    print(f"\n({args.rounds} alternating rounds of {args.seconds} s, medians; "
-          f"{args.size >> 20} MiB LU; {args.fence_rounds} fence rounds per side, the victim "
-          f"through gateway/portal A, the fencer through B; etcd: three members on loopback, "
-          f"data on disk; load average {load0[0]:.2f} before, {load1[0]:.2f} after)")
+    print(f"\n({args.rounds} rounds of {args.seconds} s in rotating order, medians; "
+          f"{args.size >> 20} MiB LU, each side on its own copy; {args.fence_rounds} fence "
+          f"rounds per side, the victim through gateway/portal A, the fencer through B; "
+          f"single-node PR OUT and fencing on the page-cache target; etcd: three members on "
+          f"loopback, data on disk; load average {load0[0]:.2f} before, {load1[0]:.2f} after)")
     return 0
 
 

@@ -16,6 +16,12 @@
 //! a REGISTER AND IGNORE EXISTING KEY with a new key, so every one changes
 //! the reservation state (and, on a clustered LU, commits to etcd and waits
 //! until every gateway applied it). The key is removed at the end.
+//!
+//! `--rw caw` measures COMPARE AND WRITE: each worker owns one `--bs` range
+//! (worker n the n-th), writes a pattern there first and then swaps it with
+//! another one, comparing against what it wrote last, so every command
+//! must succeed (a MISCOMPARE fails the run). On a clustered LU each one
+//! takes the LU's cluster-wide lock.
 
 use std::ffi::OsString;
 use std::process::ExitCode;
@@ -35,6 +41,8 @@ enum Rw {
     Randwrite,
     /// PERSISTENT RESERVE OUT, REGISTER AND IGNORE EXISTING KEY.
     Register,
+    /// COMPARE AND WRITE, one range per worker.
+    Caw,
 }
 
 impl Rw {
@@ -45,6 +53,7 @@ impl Rw {
             Rw::Randread => "randread",
             Rw::Randwrite => "randwrite",
             Rw::Register => "register",
+            Rw::Caw => "caw",
         }
     }
     fn is_write(self) -> bool {
@@ -256,8 +265,21 @@ async fn bench(args: Args) -> anyhow::Result<()> {
     }
     let io_blocks = u32::try_from(args.bs / bsz)
         .map_err(|_| anyhow::anyhow!("--bs {} is too large", args.bs))?;
+    if args.rw == Rw::Caw && io_blocks > 255 {
+        anyhow::bail!(
+            "--bs {} is {io_blocks} blocks; COMPARE AND WRITE covers at most 255",
+            args.bs
+        );
+    }
     let region = args.size_limit.unwrap_or(u64::MAX).min(cap.bytes());
     let slots = region / args.bs;
+    if args.rw == Rw::Caw && slots < u64::from(args.qd) {
+        anyhow::bail!(
+            "--rw caw needs one {}-byte range per worker: {} do not fit in {region} bytes",
+            args.bs,
+            args.qd
+        );
+    }
     if slots == 0 {
         anyhow::bail!(
             "the LU ({} bytes, limited to {region}) holds no {}-byte I/O",
@@ -284,7 +306,7 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         p.data_digest,
     );
 
-    let payload = if args.rw.is_write() {
+    let payload = if args.rw.is_write() || args.rw == Rw::Caw {
         let mut v = vec![0u8; args.bs as usize];
         let mut x = 0x9e37_79b9_7f4a_7c15u64;
         for chunk in v.chunks_mut(8) {
@@ -321,7 +343,41 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         workers.push(tokio::spawn(async move {
             let mut hist = Histogram::new();
             let mut rng = 0x2545_f491_4f6c_dd1du64 ^ (u64::from(w) + 1).wrapping_mul(0x9e37_79b9);
+            // COMPARE AND WRITE: this worker's range holds `a` after the
+            // first write, then `b`, `a`, ... (data-out: compare, then write).
+            let mut caw = None;
+            if rw == Rw::Caw {
+                let lba = u64::from(w) * bs / bsz;
+                let a = payload.clone();
+                let b: Vec<u8> = a.iter().map(|x| !x).collect();
+                let swap = |x: &[u8], y: &[u8]| Bytes::from([x, y].concat());
+                let (ab, ba) = (swap(&a, &b), swap(&b, &a));
+                let first = commands::write16(lba, a, bsz as u32, false)?;
+                dev.session()
+                    .execute(dev.lun(), &first)
+                    .await
+                    .and_then(|r| r.into_result())
+                    .map_err(|e| anyhow::anyhow!("caw: first write at LBA {lba} failed: {e}"))?;
+                caw = Some((lba, [ab, ba]));
+            }
+            let mut turn = 0usize;
             while Instant::now() < deadline && !counters.failed.load(Ordering::Relaxed) {
+                if let Some((lba, data)) = &caw {
+                    let cmd = compare_and_write(*lba, io_blocks as u8, data[turn].clone());
+                    let t0 = Instant::now();
+                    let r = dev.session().execute(dev.lun(), &cmd).await;
+                    if let Err(e) = r.and_then(|r| r.into_result()) {
+                        counters.failed.store(true, Ordering::Relaxed);
+                        return Err(anyhow::anyhow!(
+                            "COMPARE AND WRITE at LBA {lba} failed: {e}"
+                        ));
+                    }
+                    hist.record(t0.elapsed());
+                    turn ^= 1;
+                    counters.ios.fetch_add(1, Ordering::Relaxed);
+                    counters.bytes.fetch_add(bs, Ordering::Relaxed);
+                    continue;
+                }
                 let slot = if rw.is_random() {
                     rng ^= rng << 13;
                     rng ^= rng >> 7;
@@ -433,6 +489,16 @@ async fn bench(args: Args) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// COMPARE AND WRITE (SBC-4 5.3) of `blocks` at `lba`; `data` holds the
+/// verify data followed by the write data.
+fn compare_and_write(lba: u64, blocks: u8, data: Bytes) -> commands::Command {
+    let mut cdb = vec![0u8; 16];
+    cdb[0] = 0x89;
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[13] = blocks;
+    commands::Command::write(cdb, data)
 }
 
 /// The clap definition of this command (for manual pages and completions).

@@ -66,3 +66,66 @@ fn register_loop_reports_latency_and_leaves_no_key() {
         .unwrap_or_else(|| panic!("no PR generation in {keys}")) as f64;
     assert_eq!(generation, field(line, "ios") + 1.0, "{line}\n{keys}");
 }
+
+/// `keyfence bench --rw caw`: each worker swaps two patterns in its own
+/// range with COMPARE AND WRITE; every compare matches, so the run
+/// succeeds, and each range ends holding one of its two patterns.
+#[test]
+fn caw_loop_swaps_each_workers_range_and_reports_latency() {
+    let serve = Serve::builder(KF).size("16M").log_level("error").start();
+    let url = serve.url(0);
+    let o = run_bounded(
+        Command::new(KF).args([
+            "bench",
+            &url,
+            "--rw",
+            "caw",
+            "--qd",
+            "2",
+            "--bs",
+            "1024",
+            "--duration",
+            "0.5",
+        ]),
+        None,
+        Duration::from_secs(30),
+    );
+    assert_eq!(code(&o), 0, "bench: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let line = out.lines().last().expect("summary line");
+    assert!(line.starts_with("rw=caw bs=1024 qd=2 "), "{line}");
+    let ios = field(line, "ios");
+    assert!(ios >= 2.0, "{line}");
+    let (p50, p99) = (field(line, "lat_p50_us"), field(line, "lat_p99_us"));
+    assert!(p50 > 0.0 && p50 <= p99, "{line}");
+    // Both ranges hold a pattern and its complement flipped in turn:
+    // the two ranges start from the same pattern.
+    let img = std::fs::read(serve.data_dir().join("lun0.img")).unwrap();
+    let (r0, r1) = (&img[..1024], &img[1024..2048]);
+    assert!(r0.iter().any(|&b| b != 0), "range 0 never written");
+    let flipped: Vec<u8> = r1.iter().map(|b| !b).collect();
+    assert!(r0 == r1 || r0 == &flipped[..], "ranges hold other data");
+    assert!(
+        img[2048..].iter().all(|&b| b == 0),
+        "wrote outside the ranges"
+    );
+    // A range longer than COMPARE AND WRITE's 255 blocks is refused.
+    let o = run_bounded(
+        Command::new(KF).args([
+            "bench",
+            &url,
+            "--rw",
+            "caw",
+            "--qd",
+            "40",
+            "--bs",
+            "512k",
+            "--duration",
+            "0.2",
+        ]),
+        None,
+        Duration::from_secs(30),
+    );
+    assert_ne!(code(&o), 0, "{}", text(&o.stdout));
+    assert!(text(&o.stderr).contains("255"), "{}", text(&o.stderr));
+}
