@@ -16,6 +16,8 @@
 //!   one cargo built for the running test profile.
 //! * [`etcd`]: an N-member etcd cluster on loopback for the cluster tests,
 //!   members killed or frozen by PID for fault tests.
+//! * [`cluster`]: a cluster-mode rig (etcd, shared backing files, `keyfence
+//!   serve` gateways), gateways stopped, killed or frozen for fault tests.
 //! * [`raw`]: a blocking initiator speaking raw PDUs, for hostile and
 //!   protocol-level tests.
 //! * `server` (feature `server`): `keyfence_target::server::Server` in the
@@ -23,6 +25,7 @@
 //!
 //! Everything listens on loopback only, and every wait is bounded.
 
+pub mod cluster;
 pub mod cmd;
 pub mod etcd;
 pub mod port;
@@ -33,6 +36,7 @@ pub mod server;
 pub mod tgtd;
 pub mod tool;
 
+pub use cluster::{ClusterOptions, ClusterRig, Lease};
 pub use cmd::{code, run, run_bounded, text};
 /// The target crate the in-process server comes from, for its
 /// configuration types (`Limits`, `ChapConfig`, ...).

@@ -17,84 +17,23 @@ use std::time::{Duration, Instant};
 use keyfence_initiator::{
     Bytes, Device, Error, IscsiUrl, Isid, PrType, RegisterOptions, SenseKey, SessionConfig,
 };
-use keyfence_testkit::etcd::EtcdCluster;
-use keyfence_testkit::Serve;
+use keyfence_testkit::{ClusterOptions, ClusterRig};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:cluster";
 const BLOCK: usize = 512;
-const SIZE: u64 = 64 << 20;
 const TEST_LIMIT: Duration = Duration::from_secs(90);
 const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
 
-fn gateway(data_dir: &Path, endpoints: &str, name: &str, tpgt: u16) -> Serve {
-    Serve::builder(KF)
-        .data_dir(data_dir)
-        .target_name(IQN)
-        .size("64MiB")
-        .log_level("info")
-        .args_cluster(endpoints, name, tpgt)
-        .start()
-}
-
-trait ClusterArgs {
-    fn args_cluster(self, endpoints: &str, name: &str, tpgt: u16) -> Self;
-}
-
-impl ClusterArgs for keyfence_testkit::ServeBuilder {
-    fn args_cluster(self, endpoints: &str, name: &str, tpgt: u16) -> Self {
-        self.arg("--cluster")
-            .arg(endpoints)
-            .arg("--gateway")
-            .arg(name)
-            .arg("--first-tpgt")
-            .arg(tpgt.to_string())
-    }
-}
-
-/// A three-member etcd and `n` gateways (TPGT 1, 2, …) serving one
-/// backing file, reached from every gateway's data directory. Dropped in
-/// field order: gateways first, then etcd, then the files.
-struct Cluster {
-    gateways: Vec<Serve>,
-    _etcd: EtcdCluster,
-    shared: std::path::PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Cluster {
-    async fn start(n: u16) -> Cluster {
-        let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
-            .await
-            .expect("etcd start");
-        let endpoints = etcd.endpoints().join(",");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let shared = dir.path().join("shared.img");
-        std::fs::File::create(&shared)
-            .and_then(|f| f.set_len(SIZE))
-            .expect("shared backing file");
-        let mut starting = Vec::new();
-        for tpgt in 1..=n {
-            let name = format!("gw{tpgt}");
-            let d = dir.path().join(&name);
-            std::fs::create_dir_all(&d).expect("data dir");
-            std::os::unix::fs::symlink(&shared, d.join("lun0.img")).expect("symlink");
-            let e = endpoints.clone();
-            starting.push(tokio::task::spawn_blocking(move || {
-                gateway(&d, &e, &name, tpgt)
-            }));
-        }
-        let mut gateways = Vec::new();
-        for g in starting {
-            gateways.push(g.await.expect("gateway start"));
-        }
-        Cluster {
-            gateways,
-            _etcd: etcd,
-            shared,
-            _dir: dir,
-        }
-    }
+/// A three-member etcd and `n` gateways (TPGT 1, 2, ...) serving one
+/// 64 MiB backing file, configured with command-line flags (`--cluster`,
+/// `--gateway`, `--first-tpgt`).
+fn start(n: usize) -> ClusterRig {
+    let opts = ClusterOptions::new(KF, IQN)
+        .gateways(n)
+        .lun_size(64 << 20)
+        .flags();
+    tokio::task::block_in_place(|| ClusterRig::start(opts))
 }
 
 /// Log in as `name` through `url` and wait (bounded) until the gateway
@@ -183,18 +122,18 @@ async fn write(dev: &Device, lba: u64, byte: u8) -> Io {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reservation_through_one_gateway_binds_the_other() {
-    let cluster = Cluster::start(2).await;
-    let shared = cluster.shared.clone();
-    let [a, b] = &cluster.gateways[..] else {
+    let cluster = start(2);
+    let shared = cluster.backing_file(0);
+    let [a, b] = cluster.gateways() else {
         unreachable!()
     };
-    let (url_a, url_b) = (a.url(0), b.url(0));
+    let (url_a, url_b) = (cluster.url(0, 0), cluster.url(1, 0));
     // Gateways on different hosts share no page cache: each serves the
     // clustered LU uncached.
     for (g, name) in [(a, "A"), (b, "B")] {
         let pid = g.pid().expect("gateway pid");
         assert!(
-            opened_direct(pid, &shared),
+            opened_direct(pid, shared),
             "gateway {name} has not opened the backing file O_DIRECT"
         );
     }
@@ -278,8 +217,8 @@ async fn can_read(dev: &Device) -> bool {
 /// deliver their unit attentions to the right nexus on another gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn six_types_three_initiators_three_gateways() {
-    let cluster = Cluster::start(3).await;
-    let urls: Vec<String> = cluster.gateways.iter().map(|g| g.url(0)).collect();
+    let cluster = start(3);
+    let urls: Vec<String> = (0..3).map(|gw| cluster.url(gw, 0)).collect();
     tokio::time::timeout(TEST_LIMIT, async {
         let x = login(&urls[0], "iqn.2026-11.test:x").await;
         let y = login(&urls[1], "iqn.2026-11.test:y").await;
@@ -407,11 +346,8 @@ async fn spc2(dev: &Device, opcode: u8) -> Io {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_logout_releases_the_scsi2_reservation_before_its_response() {
     const ROUNDS: usize = 12;
-    let cluster = Cluster::start(2).await;
-    let [a, b] = &cluster.gateways[..] else {
-        unreachable!()
-    };
-    let (url_a, url_b) = (a.url(0), b.url(0));
+    let cluster = start(2);
+    let (url_a, url_b) = (cluster.url(0, 0), cluster.url(1, 0));
     tokio::time::timeout(TEST_LIMIT, async {
         let y = login(&url_b, "iqn.2026-11.test:logout-b").await;
         for round in 0..ROUNDS {
@@ -476,11 +412,8 @@ async fn compare_and_write(dev: &Device, lba: u64, expect: u8, new: u8) -> Caw {
 async fn compare_and_write_is_atomic_across_gateways() {
     const ROUNDS: u8 = 40;
     const LBA: u64 = 100;
-    let cluster = Cluster::start(2).await;
-    let [a, b] = &cluster.gateways[..] else {
-        unreachable!()
-    };
-    let (url_a, url_b) = (a.url(0), b.url(0));
+    let cluster = start(2);
+    let (url_a, url_b) = (cluster.url(0, 0), cluster.url(1, 0));
     tokio::time::timeout(TEST_LIMIT, async {
         let x = login(&url_a, "iqn.2026-11.test:caw-x").await;
         let y = login(&url_b, "iqn.2026-11.test:caw-y").await;
@@ -593,11 +526,8 @@ async fn compare_and_write_is_atomic_against_writes_through_another_gateway() {
     const MAX_CAWS: u64 = 600;
     const MAX_WRITES: u64 = 20_000;
     const RUN: Duration = Duration::from_secs(40);
-    let cluster = Cluster::start(2).await;
-    let [a, b] = &cluster.gateways[..] else {
-        unreachable!()
-    };
-    let (url_a, url_b) = (a.url(0), b.url(0));
+    let cluster = start(2);
+    let (url_a, url_b) = (cluster.url(0, 0), cluster.url(1, 0));
     tokio::time::timeout(TEST_LIMIT, async {
         let x = login(&url_a, "iqn.2026-11.test:caw-w-x").await;
         let y = login(&url_b, "iqn.2026-11.test:caw-w-y").await;

@@ -14,7 +14,6 @@
 //!   kill of one etcd member, loss of the etcd quorum, one gateway cut off
 //!   from etcd.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use keyfence_cluster::{Cluster, ClusterConfig, LuId};
@@ -22,112 +21,57 @@ use keyfence_initiator::commands::Command;
 use keyfence_initiator::{
     Bytes, Device, Error, IscsiUrl, Isid, PrType, RegisterOptions, SenseKey, SessionConfig,
 };
-use keyfence_testkit::etcd::EtcdCluster;
-use keyfence_testkit::Serve;
+use keyfence_testkit::{ClusterOptions, ClusterRig, Lease};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:faults";
 const BLOCK: usize = 512;
-const SIZE: u64 = 16 << 20;
 const TTL: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_millis(500);
 const TEST_LIMIT: Duration = Duration::from_secs(120);
 const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
 const TRANSITION: (u8, u8) = (0x04, 0x0a);
+/// Gateways gwa, gwb, gwc (TPGT 1, 2, 3).
+const A: usize = 0;
+const B: usize = 1;
+const C: usize = 2;
 
 /// The tests measure time against the lease TTL: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// An etcd cluster, the shared backing files and the gateways.
-struct Rig {
-    etcd: EtcdCluster,
-    dir: tempfile::TempDir,
-    /// LUN 0 and LUN 1 backing files.
-    files: [PathBuf; 2],
+/// Two 16 MiB LUNs, lease TTL 3 s, margin 500 ms, request timeout 1 s.
+fn options() -> ClusterOptions {
+    ClusterOptions::new(KF, IQN).luns(2).lease(Lease {
+        ttl_secs: TTL.as_secs(),
+        safety_margin_ms: MARGIN.as_millis() as u64,
+        request_timeout_ms: 1000,
+    })
 }
 
-impl Rig {
-    async fn start() -> Rig {
-        let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
-            .await
-            .expect("etcd start");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let files = [dir.path().join("lun0.img"), dir.path().join("lun1.img")];
-        for f in &files {
-            std::fs::File::create(f)
-                .and_then(|f| f.set_len(SIZE))
-                .expect("shared backing file");
-        }
-        Rig { etcd, dir, files }
-    }
+fn start(opts: ClusterOptions) -> ClusterRig {
+    tokio::task::block_in_place(|| ClusterRig::start(opts))
+}
 
-    fn endpoints(&self) -> Vec<String> {
-        self.etcd.endpoints()
-    }
-
-    /// Start gateway `name` with TPGT `tpgt` using etcd `endpoints`.
-    async fn gateway(&self, name: &str, tpgt: u16, endpoints: &[String]) -> Serve {
-        let data = self.dir.path().join(name);
-        std::fs::create_dir_all(&data).expect("data dir");
-        let quoted: Vec<String> = endpoints.iter().map(|e| format!("\"{e}\"")).collect();
-        let toml = format!(
-            "[[target]]\nname = \"{IQN}\"\nportals = [\"127.0.0.1:0\"]\nfirst_tpgt = {tpgt}\nopen = true\n\
-             [[target.lun]]\nid = 0\npath = \"{}\"\nsize = \"16M\"\n\
-             [[target.lun]]\nid = 1\npath = \"{}\"\nsize = \"16M\"\n\
-             [cluster]\nendpoints = [{}]\ngateway = \"{name}\"\nlease_ttl_secs = {}\n\
-             safety_margin_ms = {}\nrequest_timeout_ms = 1000\n",
-            self.files[0].display(),
-            self.files[1].display(),
-            quoted.join(", "),
-            TTL.as_secs(),
-            MARGIN.as_millis(),
-        );
-        let cfg = data.join("keyfence.toml");
-        std::fs::write(&cfg, toml).expect("config");
-        tokio::task::spawn_blocking(move || {
-            Serve::builder(KF)
-                .config(&cfg)
-                .data_dir(&data)
-                .log_level("info")
-                .start()
-        })
+/// A client of the cluster for the test's own look-ups.
+async fn client(rig: &ClusterRig) -> Cluster {
+    Cluster::connect(&ClusterConfig::new(rig.endpoints(), "tester"))
         .await
-        .expect("gateway start")
-    }
+        .expect("connect to etcd")
+}
 
-    /// A client of the cluster for the test's own look-ups.
-    async fn client(&self) -> Cluster {
-        Cluster::connect(&ClusterConfig::new(self.endpoints(), "tester"))
-            .await
-            .expect("connect to etcd")
-    }
-
-    fn block(&self, lun: usize, lba: u64) -> Vec<u8> {
-        use std::os::unix::fs::FileExt;
-        let f = std::fs::File::open(&self.files[lun]).expect("open backing file");
-        let mut b = vec![0u8; BLOCK];
-        f.read_exact_at(&mut b, lba * BLOCK as u64)
-            .expect("read backing file");
-        b
-    }
+/// Block `lba` of LUN `lun`, read from the backing file.
+fn block(rig: &ClusterRig, lun: usize, lba: u64) -> Vec<u8> {
+    rig.read_backing(lun, lba * BLOCK as u64, BLOCK)
 }
 
 fn lu_id(lun: u64) -> LuId {
     LuId::for_lun(IQN, lun).expect("LU id")
 }
 
-fn signal(s: &Serve, sig: i32) {
-    keyfence_testkit::cmd::signal(s.pid().expect("gateway running"), sig);
-}
-
-fn freeze(s: &Serve) {
-    keyfence_testkit::cmd::freeze(s.pid().expect("gateway running"), Duration::from_secs(5));
-}
-
 /// Log in as `name` (ISID `isid`) through `url`, LUN `lun`, and wait
 /// (bounded) until the gateway serves the LU; unit attentions consumed.
-async fn login(s: &Serve, lun: u16, name: &str) -> Device {
-    let url = format!("iscsi://{}/{IQN}/{lun}", s.portals()[0]);
+async fn login(rig: &ClusterRig, gw: usize, lun: usize, name: &str) -> Device {
+    let url = rig.url(gw, lun);
     let cfg = SessionConfig {
         initiator_name: Some(name.to_string()),
         isid: Some(Isid::new(0x23d0_0000_0001).expect("ISID")),
@@ -237,13 +181,10 @@ async fn bounded<F: std::future::Future>(what: &str, f: F) -> F::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preempt_and_abort_of_the_issuers_own_key_completes() {
     let _one = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let a = rig.gateway("gwa", 1, &ep).await;
-    let b = rig.gateway("gwb", 2, &ep).await;
+    let rig = start(options());
     bounded("test", async {
-        let x = login(&a, 0, "iqn.2026-11.test:x").await;
-        let z = login(&b, 0, "iqn.2026-11.test:z").await;
+        let x = login(&rig, A, 0, "iqn.2026-11.test:x").await;
+        let z = login(&rig, B, 0, "iqn.2026-11.test:z").await;
         // x (through A) and z (through B) share key 0xaa; x reserves.
         x.register(0, 0xaa, &none()).await.expect("REGISTER x");
         z.register(0, 0xaa, &none()).await.expect("REGISTER z");
@@ -277,7 +218,6 @@ async fn preempt_and_abort_of_the_issuers_own_key_completes() {
         }
     })
     .await;
-    drop((a, b));
 }
 
 /// A gateway whose lease is revoked (etcd says it is gone: `Lost`) joins
@@ -286,14 +226,11 @@ async fn preempt_and_abort_of_the_issuers_own_key_completes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gateway_whose_lease_is_revoked_joins_again_with_the_current_state() {
     let _one = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let a = rig.gateway("gwa", 1, &ep).await;
-    let b = rig.gateway("gwb", 2, &ep).await;
-    let etcd = rig.client().await;
+    let rig = start(options());
+    let etcd = client(&rig).await;
     bounded("test", async {
-        let x = login(&a, 0, "iqn.2026-11.test:x").await;
-        let y = login(&b, 0, "iqn.2026-11.test:y").await;
+        let x = login(&rig, A, 0, "iqn.2026-11.test:x").await;
+        let y = login(&rig, B, 0, "iqn.2026-11.test:y").await;
         x.register(0, 0xa1, &none()).await.expect("REGISTER x");
         let old = etcd
             .gateways()
@@ -324,7 +261,7 @@ async fn a_gateway_whose_lease_is_revoked_joins_again_with_the_current_state() {
             assert!(
                 Instant::now() < deadline,
                 "gwa did not join again within 20 s\n{}",
-                a.log()
+                rig.gateway(A).log()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         };
@@ -339,7 +276,7 @@ async fn a_gateway_whose_lease_is_revoked_joins_again_with_the_current_state() {
         );
         assert_eq!(write(&x, 4, 0x44).await, Io::Conflict);
         assert!(
-            a.log().contains("joined again"),
+            rig.gateway(A).log().contains("joined again"),
             "gateway A's log does not say it joined again"
         );
         for d in [x, y] {
@@ -347,7 +284,6 @@ async fn a_gateway_whose_lease_is_revoked_joins_again_with_the_current_state() {
         }
     })
     .await;
-    drop((a, b));
 }
 
 /// A crashed gateway's I_T nexuses are lost: one survivor (of two)
@@ -358,24 +294,20 @@ async fn a_gateway_whose_lease_is_revoked_joins_again_with_the_current_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_departed_gateways_nexus_loss_is_committed_once_and_a_clean_stop_revokes_at_once() {
     let _one = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let mut a = rig.gateway("gwa", 1, &ep).await;
-    let mut b = rig.gateway("gwb", 2, &ep).await;
-    let c = rig.gateway("gwc", 3, &ep).await;
-    let etcd = rig.client().await;
+    let mut rig = start(options().gateways(3));
+    let etcd = client(&rig).await;
     bounded("test", async {
         // LUN 0: w holds an SPC-2 reservation through A.
-        let w = login(&a, 0, "iqn.2026-11.test:w").await;
+        let w = login(&rig, A, 0, "iqn.2026-11.test:w").await;
         assert_eq!(reserve6(&w).await, Io::Good);
         // LUN 1: x is registered through A.
-        let x = login(&a, 1, "iqn.2026-11.test:x").await;
+        let x = login(&rig, A, 1, "iqn.2026-11.test:x").await;
         x.register(0, 0xa1, &none()).await.expect("REGISTER x");
-        let y = login(&b, 0, "iqn.2026-11.test:y").await;
+        let y = login(&rig, B, 0, "iqn.2026-11.test:y").await;
         assert_eq!(write(&y, 5, 0x55).await, Io::Conflict);
         let seq1 = etcd.read(&lu_id(1)).await.expect("read LUN 1").seq;
 
-        a.kill();
+        rig.gateway_mut(A).kill();
         let killed = Instant::now();
         // Through B the SPC-2 reservation ends once A's lease expired.
         let deadline = killed + Duration::from_secs(20);
@@ -427,8 +359,8 @@ async fn a_departed_gateways_nexus_loss_is_committed_once_and_a_clean_stop_revok
         let _ = y.close().await;
         let _ = x;
         let _ = w;
-        let z = login(&c, 0, "iqn.2026-11.test:z").await;
-        b.stop();
+        let z = login(&rig, C, 0, "iqn.2026-11.test:z").await;
+        rig.gateway_mut(B).stop();
         assert_eq!(gateway_names(&etcd).await, vec!["gwc".to_string()]);
         let t = Instant::now();
         z.register(0, 0xc1, &none()).await.expect("REGISTER z");
@@ -441,7 +373,6 @@ async fn a_departed_gateways_nexus_loss_is_committed_once_and_a_clean_stop_revok
         let _ = z.close().await;
     })
     .await;
-    drop((a, b, c));
 }
 
 /// (i) kill -9 of a gateway whose initiator holds a registration: a
@@ -450,20 +381,17 @@ async fn a_departed_gateways_nexus_loss_is_committed_once_and_a_clean_stop_revok
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_kill_9_of_a_gateway() {
     let _one = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let mut a = rig.gateway("gwa", 1, &ep).await;
-    let b = rig.gateway("gwb", 2, &ep).await;
-    let etcd = rig.client().await;
+    let mut rig = start(options());
+    let etcd = client(&rig).await;
     bounded("test", async {
-        let x = login(&a, 0, "iqn.2026-11.test:x").await;
-        let y = login(&b, 0, "iqn.2026-11.test:y").await;
+        let x = login(&rig, A, 0, "iqn.2026-11.test:x").await;
+        let y = login(&rig, B, 0, "iqn.2026-11.test:y").await;
         x.register(0, 0xa1, &none()).await.expect("REGISTER x");
         x.reserve(0xa1, PrType::WriteExclusive)
             .await
             .expect("RESERVE x");
         y.register(0, 0xb1, &none()).await.expect("REGISTER y");
-        a.kill();
+        rig.gateway_mut(A).kill();
         let killed = Instant::now();
         y.preempt(0xb1, 0xa1, PrType::WriteExclusive)
             .await
@@ -483,12 +411,11 @@ async fn fault_kill_9_of_a_gateway() {
         let r = y.read_reservation().await.expect("READ RESERVATION");
         assert_eq!(r.reservation.map(|d| d.key), Some(0xb1));
         assert_eq!(write(&y, 6, 0x66).await, Io::Good);
-        assert_eq!(rig.block(0, 6), vec![0x66; BLOCK]);
+        assert_eq!(block(&rig, 0, 6), vec![0x66; BLOCK]);
         let _ = y.close().await;
         drop(x);
     })
     .await;
-    drop((a, b));
 }
 
 /// (ii) A gateway frozen (SIGSTOP) while its initiator is preempted with
@@ -498,14 +425,11 @@ async fn fault_kill_9_of_a_gateway() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_sigstop_of_a_gateway_during_preempt_and_abort() {
     let _one = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let a = rig.gateway("gwa", 1, &ep).await;
-    let b = rig.gateway("gwb", 2, &ep).await;
-    let etcd = rig.client().await;
+    let rig = start(options());
+    let etcd = client(&rig).await;
     bounded("test", async {
-        let x = std::sync::Arc::new(login(&a, 0, "iqn.2026-11.test:x").await);
-        let y = login(&b, 0, "iqn.2026-11.test:y").await;
+        let x = std::sync::Arc::new(login(&rig, A, 0, "iqn.2026-11.test:x").await);
+        let y = login(&rig, B, 0, "iqn.2026-11.test:y").await;
         x.register(0, 0xa1, &none()).await.expect("REGISTER x");
         x.reserve(0xa1, PrType::WriteExclusive)
             .await
@@ -513,7 +437,7 @@ async fn fault_sigstop_of_a_gateway_during_preempt_and_abort() {
         assert_eq!(write(&x, 8, 0x11).await, Io::Good);
         y.register(0, 0xb1, &none()).await.expect("REGISTER y");
 
-        freeze(&a);
+        rig.freeze(A);
         let stopped = Instant::now();
         // x's WRITE waits in the frozen gateway's socket.
         let late = {
@@ -535,10 +459,10 @@ async fn fault_sigstop_of_a_gateway_during_preempt_and_abort() {
             took >= TTL - TTL / 3 - Duration::from_millis(200),
             "GOOD {took:?} after SIGSTOP: before the lease could expire"
         );
-        assert_eq!(rig.block(0, 8), vec![0x11; BLOCK]);
+        assert_eq!(block(&rig, 0, 8), vec![0x11; BLOCK]);
         assert_eq!(write(&y, 8, 0x77).await, Io::Good);
 
-        signal(&a, libc::SIGCONT);
+        rig.thaw(A);
         let r = tokio::time::timeout(Duration::from_secs(30), late)
             .await
             .expect("the queued WRITE is answered after SIGCONT")
@@ -556,14 +480,13 @@ async fn fault_sigstop_of_a_gateway_during_preempt_and_abort() {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(
-            rig.block(0, 8),
+            block(&rig, 0, 8),
             vec![0x77; BLOCK],
             "a late write of the fenced initiator reached the disk"
         );
         let _ = y.close().await;
     })
     .await;
-    drop((a, b));
 }
 
 /// (iii) One etcd member killed: PR OUT and I/O go on through both
@@ -571,16 +494,13 @@ async fn fault_sigstop_of_a_gateway_during_preempt_and_abort() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_kill_of_one_etcd_member() {
     let _one = SERIAL.lock().await;
-    let mut rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let a = rig.gateway("gwa", 1, &ep).await;
-    let b = rig.gateway("gwb", 2, &ep).await;
+    let mut rig = start(options());
     bounded("test", async {
-        let x = login(&a, 0, "iqn.2026-11.test:x").await;
-        let y = login(&b, 0, "iqn.2026-11.test:y").await;
+        let x = login(&rig, A, 0, "iqn.2026-11.test:x").await;
+        let y = login(&rig, B, 0, "iqn.2026-11.test:y").await;
         x.register(0, 0xa1, &none()).await.expect("REGISTER x");
         // Every gateway uses the first endpoint first.
-        rig.etcd.kill(0);
+        rig.etcd_mut().kill(0);
         let t = Instant::now();
         y.register(0, 0xb1, &none()).await.expect("REGISTER y");
         y.reserve(0xb1, PrType::WriteExclusive)
@@ -605,7 +525,6 @@ async fn fault_kill_of_one_etcd_member() {
         let _ = (x.close().await, y.close().await);
     })
     .await;
-    drop((a, b));
 }
 
 /// (iv) Loss of the etcd quorum (two of three members stopped): a PR OUT
@@ -615,17 +534,14 @@ async fn fault_kill_of_one_etcd_member() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_loss_of_the_etcd_quorum() {
     let _one = SERIAL.lock().await;
-    let rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let a = rig.gateway("gwa", 1, &ep).await;
-    let b = rig.gateway("gwb", 2, &ep).await;
+    let rig = start(options());
     bounded("test", async {
-        let x = login(&a, 0, "iqn.2026-11.test:x").await;
-        let y = login(&b, 0, "iqn.2026-11.test:y").await;
+        let x = login(&rig, A, 0, "iqn.2026-11.test:x").await;
+        let y = login(&rig, B, 0, "iqn.2026-11.test:y").await;
         x.register(0, 0xa1, &none()).await.expect("REGISTER x");
         let y = std::sync::Arc::new(y);
-        rig.etcd.freeze(1);
-        rig.etcd.freeze(2);
+        rig.etcd().freeze(1);
+        rig.etcd().freeze(2);
         let lost = Instant::now();
         // A PR OUT issued now (it passes the check: the gateway still
         // serves) fails in etcd: a precise error, in bounded time.
@@ -670,8 +586,8 @@ async fn fault_loss_of_the_etcd_quorum() {
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(write(&x, 11, 0xb1).await, Io::Transition);
         // Quorum back: service returns.
-        rig.etcd.thaw(1);
-        rig.etcd.thaw(2);
+        rig.etcd().thaw(1);
+        rig.etcd().thaw(2);
         let back = Instant::now();
         for dev in [&x, &*y] {
             ready(dev, Duration::from_secs(30)).await;
@@ -688,7 +604,6 @@ async fn fault_loss_of_the_etcd_quorum() {
         let _ = x.close().await;
     })
     .await;
-    drop((a, b));
 }
 
 /// (v) A gateway cut off from etcd (its only endpoint killed) but not
@@ -697,15 +612,13 @@ async fn fault_loss_of_the_etcd_quorum() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_one_gateway_cut_off_from_etcd() {
     let _one = SERIAL.lock().await;
-    let mut rig = Rig::start().await;
-    let ep = rig.endpoints();
-    let a = rig.gateway("gwa", 1, &ep[2..]).await;
-    let b = rig.gateway("gwb", 2, &ep[..2]).await;
+    // A reaches etcd through the third member only, B through the others.
+    let mut rig = start(options().etcd_members_of(A, [2]).etcd_members_of(B, [0, 1]));
     bounded("test", async {
-        let x = login(&a, 0, "iqn.2026-11.test:x").await;
-        let y = login(&b, 0, "iqn.2026-11.test:y").await;
+        let x = login(&rig, A, 0, "iqn.2026-11.test:x").await;
+        let y = login(&rig, B, 0, "iqn.2026-11.test:y").await;
         assert_eq!(write(&x, 13, 0xc1).await, Io::Good);
-        rig.etcd.kill(2);
+        rig.etcd_mut().kill(2);
         let cut = Instant::now();
         let mut last = 0xc1;
         loop {
@@ -730,13 +643,12 @@ async fn fault_one_gateway_cut_off_from_etcd() {
             .expect("RESERVE y");
         eprintln!("PR OUT through the connected gateway: {:?}", t.elapsed());
         assert_eq!(write(&y, 14, 0xc4).await, Io::Good);
-        assert_eq!(rig.block(0, 14), vec![0xc4; BLOCK]);
+        assert_eq!(block(&rig, 0, 14), vec![0xc4; BLOCK]);
         // Still fenced: it cannot reach etcd to join again.
         assert_eq!(write(&x, 13, 0xc5).await, Io::Transition);
-        assert_eq!(rig.block(0, 13), vec![last; BLOCK]);
+        assert_eq!(block(&rig, 0, 13), vec![last; BLOCK]);
         let _ = y.close().await;
         drop(x);
     })
     .await;
-    drop((a, b));
 }

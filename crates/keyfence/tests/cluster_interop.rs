@@ -8,8 +8,6 @@
 //! the answering gateway's. A REGISTER with ALL_TG_PT and SPEC_I_PT
 //! through gateway A registers on gateway B's target port too.
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use keyfence_initiator::commands::Command;
@@ -17,52 +15,12 @@ use keyfence_initiator::{
     discover, Bytes, Device, Error, IscsiUrl, Isid, PrType, RegisterOptions, SenseKey,
     SessionConfig, TransportId,
 };
-use keyfence_testkit::etcd::EtcdCluster;
-use keyfence_testkit::port::with_free_ports;
-use keyfence_testkit::Serve;
+use keyfence_testkit::{ClusterOptions, ClusterRig};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:interop";
 const BLOCK: usize = 512;
-const SIZE: u64 = 16 << 20;
 const TEST_LIMIT: Duration = Duration::from_secs(90);
-
-/// Two gateways over one file, each knowing the other's portal group.
-fn gateways(dir: &Path, endpoints: &str) -> (Serve, Serve) {
-    let shared = dir.join("shared.img");
-    std::fs::File::create(&shared)
-        .and_then(|f| f.set_len(SIZE))
-        .expect("shared backing file");
-    let dirs: Vec<PathBuf> = ["gwa", "gwb"].iter().map(|n| dir.join(n)).collect();
-    for d in &dirs {
-        std::fs::create_dir_all(d).expect("data dir");
-        std::os::unix::fs::symlink(&shared, d.join("lun0.img")).expect("symlink");
-    }
-    with_free_ports(2, "two gateways", |ports| {
-        let addr = |i: usize| -> SocketAddr { SocketAddr::from(([127, 0, 0, 1], ports[i])) };
-        let start = |i: usize| {
-            let (me, other) = (["gwa", "gwb"][i], ["gwa", "gwb"][1 - i]);
-            Serve::builder(KF)
-                .data_dir(&dirs[i])
-                .target_name(IQN)
-                .size("16MiB")
-                .log_level("info")
-                .listen(&[addr(i)])
-                .arg("--cluster")
-                .arg(endpoints)
-                .arg("--gateway")
-                .arg(me)
-                .arg("--first-tpgt")
-                .arg((i + 1).to_string())
-                .arg("--peer")
-                .arg(format!("{other}:{}:{}", 2 - i, addr(1 - i)))
-                .try_start()
-        };
-        let a = start(0)?;
-        let b = start(1)?;
-        Ok((a, b))
-    })
-}
 
 /// Run `keyfence ARGS`, expect exit 0 and JSON on stdout.
 fn kf_json(args: &[&str]) -> serde_json::Value {
@@ -173,18 +131,12 @@ async fn write(dev: &Device, lba: u64, byte: u8) -> Result<(), Error> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_gateway_shows_every_portal_group_and_one_identity() {
-    let etcd = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
-        .await
-        .expect("etcd start");
-    let endpoints = etcd.endpoints().join(",");
-    let etcd_endpoints = endpoints.clone();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().to_path_buf();
-    let (a, b) = tokio::task::spawn_blocking(move || gateways(&path, &endpoints))
-        .await
-        .expect("gateways");
-    let (pa, pb) = (a.portals()[0], b.portals()[0]);
-    let (url_a, url_b) = (a.url(0), b.url(0));
+    // Two gateways over one file, each knowing the other's portal group.
+    let opts = ClusterOptions::new(KF, IQN).peers();
+    let rig = tokio::task::block_in_place(|| ClusterRig::start(opts));
+    let etcd_endpoints = rig.endpoints().join(",");
+    let (pa, pb) = (rig.portal(0), rig.portal(1));
+    let (url_a, url_b) = (rig.url(0, 0), rig.url(1, 0));
     tokio::time::timeout(TEST_LIMIT, async {
         // SendTargets through either gateway: both portals, each with its TPGT.
         let mut want = vec![
@@ -318,6 +270,4 @@ async fn every_gateway_shows_every_portal_group_and_one_identity() {
     })
     .await
     .expect("test bounded");
-    drop((a, b));
-    drop(etcd);
 }

@@ -53,8 +53,7 @@ use std::time::{Duration, Instant};
 
 use fence_support::*;
 use keyfence_testkit::cmd::signal;
-use keyfence_testkit::etcd::EtcdCluster;
-use keyfence_testkit::Serve;
+use keyfence_testkit::{ClusterOptions, ClusterRig, Lease};
 use rand::Rng;
 
 const IQN: &str = "iqn.2026-11.io.keyfence.test:clsplit";
@@ -124,90 +123,17 @@ fn modes() -> Vec<Mode> {
 }
 
 /// Etcd, the shared backing file and gateways A (TPGT 1) and B (TPGT 2).
-/// Dropped in field order: gateways first, then etcd, then the files.
-struct Rig {
-    gateways: Vec<Serve>,
-    _etcd: EtcdCluster,
-    _dir: tempfile::TempDir,
-}
-
-impl Rig {
-    fn start() -> Rig {
-        let etcd = EtcdCluster::start(3);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let shared = dir.path().join("shared.img");
-        std::fs::File::create(&shared)
-            .and_then(|f| f.set_len(SIZE))
-            .expect("shared backing file");
-        let quoted: Vec<String> = etcd
-            .endpoints()
-            .iter()
-            .map(|e| format!("\"{e}\""))
-            .collect();
-        let mut gateways = Vec::new();
-        for (i, name) in ["gwa", "gwb"].iter().enumerate() {
-            let data = dir.path().join(name);
-            std::fs::create_dir_all(&data).expect("data dir");
-            let toml = format!(
-                "[[target]]\nname = \"{IQN}\"\nportals = [\"127.0.0.1:0\"]\nfirst_tpgt = {}\nopen = true\n\
-                 [[target.lun]]\nid = 0\npath = \"{}\"\nsize = \"{SIZE}\"\n\
-                 [cluster]\nendpoints = [{}]\ngateway = \"{name}\"\nlease_ttl_secs = {TTL_SECS}\n\
-                 safety_margin_ms = {MARGIN_MS}\nrequest_timeout_ms = 1000\n",
-                i + 1,
-                shared.display(),
-                quoted.join(", "),
-            );
-            let cfg = data.join("keyfence.toml");
-            std::fs::write(&cfg, toml).expect("config");
-            gateways.push(
-                Serve::builder(BIN)
-                    .config(&cfg)
-                    .data_dir(&data)
-                    .log_level("warn")
-                    .start(),
-            );
-        }
-        Rig {
-            gateways,
-            _etcd: etcd,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, gw: usize) -> String {
-        format!("iscsi://{}/{IQN}/0", self.gateways[gw].portals()[0])
-    }
-
-    /// Wait (bounded) until gateway `gw` answers PR IN on the LU: it has
-    /// installed the committed state (after a freeze it may be rejoining).
-    fn wait_serving(&self, gw: usize) {
-        let url = self.url(gw);
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            let o = run_bounded(
-                Command::new(BIN).args([
-                    "persist",
-                    "--initiator-name",
-                    &iname("probe"),
-                    "-n",
-                    "-k",
-                    &url,
-                ]),
-                None,
-                Duration::from_secs(10),
-            );
-            if code(&o) == 0 {
-                return;
-            }
-            assert!(
-                Instant::now() < end,
-                "gateway {gw} does not serve the LU within 30 s: {}\n{}",
-                text(&o.stderr),
-                self.gateways[gw].log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+fn start_rig() -> ClusterRig {
+    ClusterRig::start(
+        ClusterOptions::new(BIN, IQN)
+            .lun_size(SIZE)
+            .log_level("warn")
+            .lease(Lease {
+                ttl_secs: TTL_SECS,
+                safety_margin_ms: MARGIN_MS,
+                request_timeout_ms: 1000,
+            }),
+    )
 }
 
 fn freeze(pid: u32) {
@@ -240,9 +166,9 @@ fn percentiles(v: &mut [f64]) -> String {
     )
 }
 
-fn spawn_writer(rig: &Rig, dir: &Path, n: usize, region: u64, stop: &Path) -> Child {
+fn spawn_writer(rig: &ClusterRig, dir: &Path, n: usize, region: u64, stop: &Path) -> Child {
     Command::new(BIN)
-        .args(["fence", "writer", "--device", &rig.url(n)])
+        .args(["fence", "writer", "--device", &rig.url(n, 0)])
         .args(["--node", &n.to_string(), "--key", KEYS[n]])
         .args(["--region-lba", &region.to_string()])
         .args(["--region-blocks", &REGION.to_string()])
@@ -278,9 +204,9 @@ fn no_late_write_through_either_gateway_after_fencing() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
     let modes = modes();
-    let rig = Rig::start();
+    let rig = start_rig();
     for gw in 0..2 {
-        rig.wait_serving(gw);
+        rig.wait_serving(gw, Duration::from_secs(30));
     }
     let tmp = tempfile::tempdir().unwrap();
     let agent = agent_link(tmp.path());
@@ -303,12 +229,12 @@ fn no_late_write_through_either_gateway_after_fencing() {
         std::fs::create_dir_all(&dir).unwrap();
         let t_round = monotonic_ns();
         for gw in 0..2 {
-            rig.wait_serving(gw);
+            rig.wait_serving(gw, Duration::from_secs(30));
         }
         // Unfence both nodes, each through its own gateway.
         for (n, key) in KEYS.iter().enumerate() {
             unfence(
-                &rig.url(n),
+                &rig.url(n, 0),
                 key,
                 &format!("clnode{n}"),
                 &dir.join(format!("store{n}")),
@@ -355,7 +281,7 @@ fn no_late_write_through_either_gateway_after_fencing() {
         };
         let freeze_plan = frozen_gw.map(|gw| {
             (
-                rig.gateways[gw].pid().expect("gateway running"),
+                rig.gateway(gw).pid().expect("gateway running"),
                 Duration::from_millis(rng.gen_range(0..15)),
                 Duration::from_millis(rng.gen_range(mode.freeze_ms())),
             )
@@ -371,7 +297,7 @@ fn no_late_write_through_either_gateway_after_fencing() {
                 (t_frozen, monotonic_ns())
             })
         });
-        let fencer_url = rig.url(fencer);
+        let fencer_url = rig.url(fencer, 0);
         let o = run_bounded(
             Command::new(&agent)
                 .args(["-o", "off", "-k", KEYS[victim], "-d", &fencer_url, "-v"])
@@ -456,7 +382,7 @@ fn no_late_write_through_either_gateway_after_fencing() {
             let log = parse_log(&dir.join(format!("log{n}")));
             if n == victim {
                 for gw in 0..2 {
-                    let recs: Vec<Rec> = scan(&rig.url(gw), region(n), REGION)
+                    let recs: Vec<Rec> = scan(&rig.url(gw, 0), region(n), REGION)
                         .into_iter()
                         .filter(|r| r.t_ns >= t_round)
                         .collect();
@@ -605,7 +531,7 @@ fn no_late_write_through_either_gateway_after_fencing() {
                 );
                 continue;
             }
-            let recs: Vec<Rec> = scan(&rig.url(n), region(n), REGION)
+            let recs: Vec<Rec> = scan(&rig.url(n, 0), region(n), REGION)
                 .into_iter()
                 .filter(|r| r.t_ns >= t_round)
                 .collect();
