@@ -3,9 +3,10 @@
 //! workspace test kit), the monotonic clock.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::Duration;
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_keyfence");
 
@@ -192,4 +193,148 @@ pub fn scan(url: &str, lba: u64, blocks: u64) -> Vec<Rec> {
             }
         })
         .collect()
+}
+
+/// Wait (bounded, 20 s) until the heartbeat file `hb` has not changed for
+/// `silence`: the survivors' membership layer deciding that its node is
+/// gone.
+pub fn wait_silent(hb: &Path, silence: Duration) {
+    let mut last = heartbeat(hb);
+    let mut since = Instant::now();
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = heartbeat(hb);
+        if now != last {
+            last = now;
+            since = Instant::now();
+        } else if since.elapsed() >= silence {
+            return;
+        }
+        assert!(
+            Instant::now() < end,
+            "heartbeat {} never fell silent",
+            hb.display()
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The moment (monotonic ns) PREEMPT AND ABORT completed, from the output
+/// of a successful `fence_keyfence -o off -v`.
+pub fn preempt_time(round: usize, o: &Output) -> u64 {
+    assert_eq!(
+        code(o),
+        0,
+        "round {round}: fence_keyfence: {}",
+        text(&o.stderr)
+    );
+    assert!(text(&o.stdout).contains("Success: Powered OFF"));
+    text(&o.stderr)
+        .split("completed at monotonic ")
+        .nth(1)
+        .and_then(|s| s.split(' ').next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no preempt time in {}", text(&o.stderr)))
+}
+
+/// The survivor `node` (initiator `initiator`, key `key`) takes the
+/// region of `blocks` blocks at `lba` over with one write through `url`
+/// (`keyfence fence stamp`), its records tagged `node`.
+pub fn stamp(url: &str, node: u32, key: &str, lba: u64, blocks: u64, initiator: &str) {
+    let o = keyfence(&[
+        "fence",
+        "stamp",
+        "--device",
+        url,
+        "--node",
+        &node.to_string(),
+        "--key",
+        key,
+        "--region-lba",
+        &lba.to_string(),
+        "--region-blocks",
+        &blocks.to_string(),
+        "--initiator-name",
+        &iname(initiator),
+    ]);
+    assert_eq!(code(&o), 0, "stamp: {}", text(&o.stderr));
+}
+
+/// Create the file `stop` and wait (bounded, 20 s each) until every writer
+/// has exited successfully.
+pub fn stop_writers(round: usize, stop: &Path, writers: &mut [Child]) {
+    std::fs::write(stop, b"").expect("stop file");
+    for (n, w) in writers.iter_mut().enumerate() {
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(s) = w.try_wait().expect("wait for writer") {
+                assert!(s.success(), "round {round}: writer {n} failed");
+                break;
+            }
+            if Instant::now() > end {
+                let _ = w.kill();
+                panic!("round {round}: writer {n} did not stop");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The round's check of a node that was not fenced (`n`, its writer log
+/// `log`, the records found in its region `recs`): every record there is
+/// its own, every write it got GOOD for is on the disk (or overwritten by a
+/// later write to the same block), and it still wrote after fencing
+/// returned at `t_fenced`.
+pub fn check_survivor(round: usize, n: usize, log: &[LogLine], recs: &[Rec], t_fenced: u64) {
+    assert!(
+        recs.iter().all(|r| r.node as usize == n),
+        "round {round}: records in the wrong region"
+    );
+    let mut newest: HashMap<u64, u64> = HashMap::new();
+    for l in log.iter().filter(|l| l.acked) {
+        let e = newest.entry(l.lba).or_default();
+        *e = (*e).max(l.seq);
+    }
+    for (lba, seq) in &newest {
+        let r = recs.iter().find(|r| r.lba == *lba);
+        assert!(
+            r.is_some_and(|r| r.seq >= *seq),
+            "round {round}: node {n}: acknowledged seq {seq} at lba {lba} lost"
+        );
+    }
+    assert!(
+        log.iter().any(|l| l.acked && l.t_issue > t_fenced),
+        "round {round}: surviving node{n} could not write after fencing"
+    );
+}
+
+/// The victim's writes acknowledged although issued after PREEMPT AND
+/// ABORT completed at `t_preempted`: there must be none. Returns the
+/// victim's acknowledgements read after fencing returned at `t_fenced`
+/// (writes completed before the preempt whose response came later: the
+/// processes' clocks order them, not the target), printed with `what`.
+pub fn check_victim_acks(what: &str, log: &[LogLine], t_preempted: u64, t_fenced: u64) -> usize {
+    let rel = |t: u64| (t as f64 - t_preempted as f64) / 1e6;
+    let late: Vec<&LogLine> = log
+        .iter()
+        .filter(|l| l.acked && l.t_done > t_fenced)
+        .collect();
+    for l in &late {
+        println!(
+            "{what}: ack seen late: seq {} issued {:.3} ms, acknowledged {:.3} ms after the preempt completed; fence returned {:.3} ms after it",
+            l.seq,
+            rel(l.t_issue),
+            rel(l.t_done),
+            rel(t_fenced)
+        );
+    }
+    let acked_after_preempt = log
+        .iter()
+        .filter(|l| l.acked && l.t_issue > t_preempted)
+        .count();
+    assert_eq!(
+        acked_after_preempt, 0,
+        "{what}: a write of the victim issued after the preempt completed was acknowledged"
+    );
+    late.len()
 }
