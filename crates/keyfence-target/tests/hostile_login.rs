@@ -59,7 +59,15 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// A raw connection speaking PDUs.
+/// A raw connection speaking PDUs, async. This test keeps its own client
+/// instead of the test kit's blocking `RawClient`, which serves one
+/// connection per thread with every wait bounded by its socket timeout:
+/// here 400 idle connections are held open and watched until the target
+/// closes them, and 16 CHAP guessers run at once until a shared 3 s
+/// deadline cancels the logins still in flight, which the target holds
+/// back on purpose (its backoff after failed attempts grows to seconds).
+/// Each connection also comes from a chosen 127.x.y.z source address,
+/// the key of the target's per-source admission limits.
 struct Raw {
     s: TcpStream,
     codec: PduCodec,
@@ -189,23 +197,32 @@ fn text(pairs: &[(&str, &str)]) -> Bytes {
     t.finish()
 }
 
-/// A login without authentication: the final status.
+/// A login to [`IQN`] without authentication: the final status.
 async fn plain_login(
     src: Ipv4Addr,
     addr: SocketAddr,
     initiator: &str,
     isid: u64,
 ) -> Option<(u8, u8)> {
+    login_to(src, addr, initiator, IQN, isid).await
+}
+
+/// A normal session's login to `target` that offers no authentication
+/// and goes straight to the operational stage: the final status.
+async fn login_to(
+    src: Ipv4Addr,
+    addr: SocketAddr,
+    initiator: &str,
+    target: &str,
+    isid: u64,
+) -> Option<(u8, u8)> {
     let mut c = Raw::connect_from(src, addr).await.ok()?;
-    c.operational(
-        isid,
-        vec![
-            ("InitiatorName", initiator),
-            ("SessionType", "Normal"),
-            ("TargetName", IQN),
-        ],
-    )
-    .await
+    let first = vec![
+        ("InitiatorName", initiator),
+        ("SessionType", "Normal"),
+        ("TargetName", target),
+    ];
+    c.operational(isid, first).await
 }
 
 /// Security stage up to the target's challenge: (connection, CHAP_I,
@@ -464,28 +481,8 @@ fn login_statuses_do_not_reveal_target_names_under_chap() {
                 assert_eq!(real, Some((2, 1)));
                 assert_eq!(fake, real, "unknown name answered differently");
                 // No authentication offered.
-                let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
-                let a = c
-                    .operational(
-                        0x3,
-                        vec![
-                            ("InitiatorName", LEGIT),
-                            ("SessionType", "Normal"),
-                            ("TargetName", IQN),
-                        ],
-                    )
-                    .await;
-                let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
-                let b = c
-                    .operational(
-                        0x4,
-                        vec![
-                            ("InitiatorName", LEGIT),
-                            ("SessionType", "Normal"),
-                            ("TargetName", unknown),
-                        ],
-                    )
-                    .await;
+                let a = login_to(LOCALHOST, addr, LEGIT, IQN, 0x3).await;
+                let b = login_to(LOCALHOST, addr, LEGIT, unknown, 0x4).await;
                 assert_eq!(a, Some((2, 1)));
                 assert_eq!(b, a);
             } else {
@@ -493,17 +490,7 @@ fn login_statuses_do_not_reveal_target_names_under_chap() {
                 // apart from the open target's by 0203h.
                 let st = plain_login(LOCALHOST, addr, LEGIT, 0x5).await;
                 assert_eq!(st, Some((0, 0)));
-                let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
-                let b = c
-                    .operational(
-                        0x6,
-                        vec![
-                            ("InitiatorName", LEGIT),
-                            ("SessionType", "Normal"),
-                            ("TargetName", unknown),
-                        ],
-                    )
-                    .await;
+                let b = login_to(LOCALHOST, addr, LEGIT, unknown, 0x6).await;
                 assert_eq!(b, Some((2, 1)), "unknown target with discovery CHAP");
             }
         });
@@ -513,17 +500,8 @@ fn login_statuses_do_not_reveal_target_names_under_chap() {
     let srv = server(Limits::default(), None, None);
     let addr = srv.portals()[0];
     runtime().block_on(async {
-        let mut c = Raw::connect_from(LOCALHOST, addr).await.unwrap();
-        let b = c
-            .operational(
-                0x7,
-                vec![
-                    ("InitiatorName", LEGIT),
-                    ("SessionType", "Normal"),
-                    ("TargetName", "iqn.2026-11.io.keyfence:nope"),
-                ],
-            )
-            .await;
+        let nope = "iqn.2026-11.io.keyfence:nope";
+        let b = login_to(LOCALHOST, addr, LEGIT, nope, 0x7).await;
         assert_eq!(b, Some((2, 2)));
     });
 }

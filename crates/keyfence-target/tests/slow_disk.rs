@@ -94,6 +94,35 @@ fn config(initiator: &str) -> SessionConfig {
     }
 }
 
+/// The in-process server over a [`SIZE`] LU with `hooks`, and a runtime
+/// of its own for the initiators, so that the server's worker threads
+/// serve only the server.
+fn start(hooks: BindHooks) -> (InProcessServer, IscsiUrl, tokio::runtime::Runtime) {
+    let srv = InProcessServer::start_with_hooks(
+        ServerOptions {
+            size: SIZE,
+            ..Default::default()
+        },
+        hooks,
+    );
+    let url = IscsiUrl::parse(&srv.url(0)).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    (srv, url, rt)
+}
+
+/// Log in as `iqn.2026-11.io.keyfence:NAME`, unit attentions consumed.
+async fn login(url: &IscsiUrl, name: &str) -> Device {
+    let d = Device::connect(url, &config(&format!("iqn.2026-11.io.keyfence:{name}")))
+        .await
+        .unwrap_or_else(|e| panic!("login of {name}: {e}"));
+    d.clear_unit_attentions().await.unwrap();
+    d
+}
+
 fn p99(mut v: Vec<Duration>) -> Duration {
     assert!(!v.is_empty());
     v.sort();
@@ -114,36 +143,15 @@ fn slow_reads_of_one_session_do_not_stall_another() {
             }) as Arc<dyn BlockBackend>
         })
     };
-    let srv = InProcessServer::start_with_hooks(
-        ServerOptions {
-            size: SIZE,
-            ..Default::default()
-        },
-        BindHooks {
-            backend: Some(hook),
-            pr_store: None,
-        },
-    );
-    let url = IscsiUrl::parse(&srv.url(0)).unwrap();
-    // The initiators run on their own runtime, so the server's worker
-    // threads serve only the server.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (srv, url, rt) = start(BindHooks {
+        backend: Some(hook),
+        pr_store: None,
+    });
     let (latencies, reads) = rt.block_on(async move {
-        let bystander = Device::connect(&url, &config("iqn.2026-11.io.keyfence:bystander"))
-            .await
-            .expect("bystander login");
-        bystander.clear_unit_attentions().await.unwrap();
+        let bystander = login(&url, "bystander").await;
         let mut attackers = Vec::new();
         for k in 0..ATTACKERS {
-            let d = Device::connect(&url, &config(&format!("iqn.2026-11.io.keyfence:flood{k}")))
-                .await
-                .expect("attacker login");
-            d.clear_unit_attentions().await.unwrap();
-            attackers.push(Arc::new(d));
+            attackers.push(Arc::new(login(&url, &format!("flood{k}")).await));
         }
         slow.store(true, Ordering::SeqCst);
         let until = Instant::now() + Duration::from_secs(3);
@@ -165,19 +173,7 @@ fn slow_reads_of_one_session_do_not_stall_another() {
         }
         // Let the flood fill every queue, then measure the bystander.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mut latencies = Vec::new();
-        let fast_read = commands::read16(0, 8, 512).unwrap();
-        let end = Instant::now() + Duration::from_secs(2);
-        while Instant::now() < end {
-            let t = Instant::now();
-            bystander.test_unit_ready().await.expect("TEST UNIT READY");
-            latencies.push(t.elapsed());
-            let t = Instant::now();
-            let r = bystander.execute(&fast_read).await.expect("fast read");
-            assert_eq!(r.data.len(), 4096);
-            latencies.push(t.elapsed());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let latencies = latencies(&bystander, Duration::from_secs(2)).await;
         let mut reads = 0;
         while let Some(n) = flood.join_next().await {
             reads += n.expect("attacker task");
@@ -240,8 +236,9 @@ async fn latencies(dev: &Device, how_long: Duration) -> Vec<Duration> {
         dev.test_unit_ready().await.expect("TEST UNIT READY");
         v.push(t.elapsed());
         let t = Instant::now();
-        dev.execute(&read).await.expect("read");
+        let r = dev.execute(&read).await.expect("4 KiB read");
         v.push(t.elapsed());
+        assert_eq!(r.data.len(), 4096);
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     v
@@ -261,30 +258,14 @@ fn resets_waiting_for_a_slow_aptpl_write_do_not_stall_another_session() {
             }) as Arc<dyn PrStore>
         })
     };
-    let srv = InProcessServer::start_with_hooks(
-        ServerOptions {
-            size: SIZE,
-            ..Default::default()
-        },
-        BindHooks {
-            backend: None,
-            pr_store: Some(hook),
-        },
-    );
-    let url = IscsiUrl::parse(&srv.url(0)).unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let (srv, url, rt) = start(BindHooks {
+        backend: None,
+        pr_store: Some(hook),
+    });
     let (lat, reset_took) = rt.block_on(async move {
         let mut devs = Vec::new();
         for name in ["pr", "reset1", "reset2", "bystander"] {
-            let d = Device::connect(&url, &config(&format!("iqn.2026-11.io.keyfence:{name}")))
-                .await
-                .expect("login");
-            d.clear_unit_attentions().await.unwrap();
-            devs.push(Arc::new(d));
+            devs.push(Arc::new(login(&url, name).await));
         }
         slow.store(true, Ordering::SeqCst);
         // REGISTER with APTPL: the store write holds the LU's reservation
