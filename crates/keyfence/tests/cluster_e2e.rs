@@ -11,12 +11,13 @@
 //! A logout releases its SCSI-2 reservation before the Logout Response;
 //! COMPARE AND WRITE races through two gateways have one winner each.
 
+mod initiator_support;
+
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use keyfence_initiator::{
-    Bytes, Device, Error, IscsiUrl, Isid, PrType, RegisterOptions, SenseKey, SessionConfig,
-};
+use initiator_support::uas;
+use keyfence_initiator::{Bytes, Device, Error, PrType, RegisterOptions, SenseKey};
 use keyfence_testkit::{ClusterOptions, ClusterRig};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
@@ -40,41 +41,7 @@ fn start(n: usize) -> ClusterRig {
 /// serves the clustered LU; the unit attentions of the new nexus are
 /// consumed.
 async fn login(url: &str, name: &str) -> Device {
-    let cfg = SessionConfig {
-        initiator_name: Some(name.to_string()),
-        isid: Some(Isid::new(0x23d0_0000_0001).expect("ISID")),
-        login_timeout: Duration::from_secs(5),
-        unit_attention_retries: 0,
-        ..SessionConfig::default()
-    };
-    let dev = Device::connect(&IscsiUrl::parse(url).expect("URL"), &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("login of {name} at {url}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match dev.test_unit_ready().await {
-            Ok(()) => break,
-            Err(Error::UnitAttention(_)) => {}
-            Err(Error::CheckCondition(s))
-                if s.key == SenseKey::NotReady
-                    && (s.asc, s.ascq) == (0x04, 0x0a)
-                    && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("TEST UNIT READY of {name} at {url}: {e}"),
-        }
-    }
-    dev
-}
-
-async fn uas(dev: &Device) -> Vec<(u8, u8)> {
-    dev.clear_unit_attentions()
-        .await
-        .expect("TEST UNIT READY")
-        .iter()
-        .map(|s| (s.asc, s.ascq))
-        .collect()
+    initiator_support::login(url, name, 0x23d0_0000_0001).await
 }
 
 /// Whether process `pid` holds `file` open, and every such open is

@@ -14,13 +14,14 @@
 //!   kill of one etcd member, loss of the etcd quorum, one gateway cut off
 //!   from etcd.
 
+mod initiator_support;
+
 use std::time::{Duration, Instant};
 
+use initiator_support::{ready, uas, TRANSITION};
 use keyfence_cluster::{Cluster, ClusterConfig, LuId};
 use keyfence_initiator::commands::Command;
-use keyfence_initiator::{
-    Bytes, Device, Error, IscsiUrl, Isid, PrType, RegisterOptions, SenseKey, SessionConfig,
-};
+use keyfence_initiator::{Bytes, Device, Error, PrType, RegisterOptions, SenseKey};
 use keyfence_testkit::{ClusterOptions, ClusterRig, Lease};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
@@ -30,7 +31,6 @@ const TTL: Duration = Duration::from_secs(3);
 const MARGIN: Duration = Duration::from_millis(500);
 const TEST_LIMIT: Duration = Duration::from_secs(120);
 const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
-const TRANSITION: (u8, u8) = (0x04, 0x0a);
 /// Gateways gwa, gwb, gwc (TPGT 1, 2, 3).
 const A: usize = 0;
 const B: usize = 1;
@@ -68,50 +68,10 @@ fn lu_id(lun: u64) -> LuId {
     LuId::for_lun(IQN, lun).expect("LU id")
 }
 
-/// Log in as `name` (ISID `isid`) through `url`, LUN `lun`, and wait
-/// (bounded) until the gateway serves the LU; unit attentions consumed.
+/// Log in as `name` through gateway `gw`, LUN `lun`, and wait (bounded)
+/// until the gateway serves the LU; unit attentions consumed.
 async fn login(rig: &ClusterRig, gw: usize, lun: usize, name: &str) -> Device {
-    let url = rig.url(gw, lun);
-    let cfg = SessionConfig {
-        initiator_name: Some(name.to_string()),
-        isid: Some(Isid::new(0x23d0_0000_0001).expect("ISID")),
-        login_timeout: Duration::from_secs(5),
-        unit_attention_retries: 0,
-        ..SessionConfig::default()
-    };
-    let dev = Device::connect(&IscsiUrl::parse(&url).expect("URL"), &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("login of {name} at {url}: {e}"));
-    ready(&dev, Duration::from_secs(20)).await;
-    dev
-}
-
-/// TEST UNIT READY until the LU is served (unit attentions and NOT READY,
-/// ASYMMETRIC ACCESS STATE TRANSITION retried) within `bound`.
-async fn ready(dev: &Device, bound: Duration) {
-    let deadline = Instant::now() + bound;
-    loop {
-        match dev.test_unit_ready().await {
-            // Answered from an installed state (a reservation held by
-            // another initiator also refuses TEST UNIT READY).
-            Ok(()) | Err(Error::ReservationConflict) => return,
-            Err(Error::UnitAttention(_)) => {}
-            Err(Error::CheckCondition(s))
-                if s.key == SenseKey::NotReady && (s.asc, s.ascq) == TRANSITION => {}
-            Err(e) => panic!("TEST UNIT READY: {e}"),
-        }
-        assert!(Instant::now() < deadline, "LU not ready within {bound:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn uas(dev: &Device) -> Vec<(u8, u8)> {
-    dev.clear_unit_attentions()
-        .await
-        .expect("TEST UNIT READY")
-        .iter()
-        .map(|s| (s.asc, s.ascq))
-        .collect()
+    initiator_support::login(&rig.url(gw, lun), name, 0x23d0_0000_0001).await
 }
 
 #[derive(Debug, PartialEq, Eq)]

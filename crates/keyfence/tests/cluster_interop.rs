@@ -8,12 +8,14 @@
 //! the answering gateway's. A REGISTER with ALL_TG_PT and SPEC_I_PT
 //! through gateway A registers on gateway B's target port too.
 
-use std::time::{Duration, Instant};
+mod initiator_support;
 
+use std::time::Duration;
+
+use initiator_support::{login, session_config};
 use keyfence_initiator::commands::Command;
 use keyfence_initiator::{
-    discover, Bytes, Device, Error, IscsiUrl, Isid, PrType, RegisterOptions, SenseKey,
-    SessionConfig, TransportId,
+    discover, Bytes, Device, Error, IscsiUrl, PrType, RegisterOptions, TransportId,
 };
 use keyfence_testkit::{ClusterOptions, ClusterRig};
 
@@ -40,40 +42,6 @@ fn kf_json(args: &[&str]) -> serde_json::Value {
             String::from_utf8_lossy(&out.stdout)
         )
     })
-}
-
-fn config(name: &str, isid: u64) -> SessionConfig {
-    SessionConfig {
-        initiator_name: Some(name.to_string()),
-        isid: Some(Isid::new(isid).expect("ISID")),
-        login_timeout: Duration::from_secs(5),
-        unit_attention_retries: 0,
-        ..SessionConfig::default()
-    }
-}
-
-/// Log in and wait (bounded) until the gateway serves the clustered LU;
-/// the new nexus's unit attentions are consumed.
-async fn login(url: &str, name: &str, isid: u64) -> Device {
-    let dev = Device::connect(&IscsiUrl::parse(url).expect("URL"), &config(name, isid))
-        .await
-        .unwrap_or_else(|e| panic!("login of {name} at {url}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match dev.test_unit_ready().await {
-            Ok(()) => break,
-            Err(Error::UnitAttention(_)) => {}
-            Err(Error::CheckCondition(s))
-                if s.key == SenseKey::NotReady
-                    && (s.asc, s.ascq) == (0x04, 0x0a)
-                    && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("TEST UNIT READY of {name} at {url}: {e}"),
-        }
-    }
-    dev
 }
 
 /// REPORT TARGET PORT GROUPS as (group, ALUA state, relative port ids).
@@ -147,7 +115,7 @@ async fn every_gateway_shows_every_portal_group_and_one_identity() {
         for url in [&url_a, &url_b] {
             let found = discover(
                 &IscsiUrl::parse(url).expect("URL"),
-                &config("iqn.2026-11.test:d", 0x23d0_0000_0009),
+                &session_config("iqn.2026-11.test:d", 0x23d0_0000_0009),
             )
             .await
             .expect("SendTargets");

@@ -21,10 +21,13 @@
 //! (sessions use `unit_attention_retries: 0`, so no call consumes one
 //! silently); every expectation is exact.
 
+mod initiator_support;
+
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use initiator_support::uas;
 use keyfence_initiator::{
     Bytes, Device, Error, FullStatus, IscsiUrl, Isid, PrType, ReadKeys, ReadReservation,
     RegisterOptions, ReservationDescriptor, SessionConfig, TransportId,
@@ -116,16 +119,6 @@ async fn login(url: &str, port: Port, first: &[(u8, u8)]) -> Device {
     assert_eq!(uas(&dev).await, first, "first UAs of {}", port.text());
     dev.capacity().await.expect("READ CAPACITY");
     dev
-}
-
-/// Every unit attention pending for the device's I_T nexus, oldest first.
-async fn uas(dev: &Device) -> Vec<(u8, u8)> {
-    dev.clear_unit_attentions()
-        .await
-        .expect("TEST UNIT READY")
-        .iter()
-        .map(|s| (s.asc, s.ascq))
-        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,68 @@
+//! Shared helpers of the integration tests that drive a target through the
+//! initiator library (pr_e2e, and the cluster tests cluster_e2e,
+//! cluster_faults and cluster_interop, whose rig is
+//! `keyfence_testkit::cluster`): logging in through a gateway and waiting
+//! until it serves the clustered LU, reading unit attentions.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use keyfence_initiator::{Device, Error, IscsiUrl, Isid, SenseKey, SessionConfig};
+
+/// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION: the gateway does not
+/// serve the LU (not yet joined, lease in doubt, rejoining).
+pub const TRANSITION: (u8, u8) = (0x04, 0x0a);
+
+/// A session as initiator `name`, ISID `isid`, consuming no unit attention
+/// on its own (`unit_attention_retries: 0`).
+pub fn session_config(name: &str, isid: u64) -> SessionConfig {
+    SessionConfig {
+        initiator_name: Some(name.to_string()),
+        isid: Some(Isid::new(isid).expect("ISID")),
+        login_timeout: Duration::from_secs(5),
+        unit_attention_retries: 0,
+        ..SessionConfig::default()
+    }
+}
+
+/// Log in as `name` (ISID `isid`) through `url` and wait (bounded) until
+/// the gateway serves the LU; the new nexus's unit attentions are consumed.
+pub async fn login(url: &str, name: &str, isid: u64) -> Device {
+    let dev = Device::connect(
+        &IscsiUrl::parse(url).expect("URL"),
+        &session_config(name, isid),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("login of {name} at {url}: {e}"));
+    ready(&dev, Duration::from_secs(20)).await;
+    dev
+}
+
+/// TEST UNIT READY until the LU is served (unit attentions and NOT READY,
+/// ASYMMETRIC ACCESS STATE TRANSITION retried) within `bound`.
+pub async fn ready(dev: &Device, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    loop {
+        match dev.test_unit_ready().await {
+            // Answered from an installed state (a reservation held by
+            // another initiator also refuses TEST UNIT READY).
+            Ok(()) | Err(Error::ReservationConflict) => return,
+            Err(Error::UnitAttention(_)) => {}
+            Err(Error::CheckCondition(s))
+                if s.key == SenseKey::NotReady && (s.asc, s.ascq) == TRANSITION => {}
+            Err(e) => panic!("TEST UNIT READY: {e}"),
+        }
+        assert!(Instant::now() < deadline, "LU not ready within {bound:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every unit attention pending for the device's I_T nexus, oldest first.
+pub async fn uas(dev: &Device) -> Vec<(u8, u8)> {
+    dev.clear_unit_attentions()
+        .await
+        .expect("TEST UNIT READY")
+        .iter()
+        .map(|s| (s.asc, s.ascq))
+        .collect()
+}
