@@ -1119,7 +1119,12 @@ async fn spec_i_pt_and_preempted_while_logged_out() {
 
         // The holder logs out; another node preempts it meanwhile. On its
         // return it hears of the nexus loss, then of the preemption, and
-        // its writes conflict.
+        // its writes conflict. This relies on the target sending the Logout
+        // Response only after the nexus loss is applied: a nexus loss
+        // replaces whatever unit attentions its nexus had queued, so one
+        // applied after the PREEMPT would drop REGISTRATIONS PREEMPTED
+        // (before the logout fix, af923e9, it could, and this test then
+        // saw I_T NEXUS LOSS OCCURRED alone).
         gone.close().await.unwrap();
         sp.preempt(ks, kg, we_ro).await.unwrap();
         // The registrants sharing the preemptor's key keep it; same type,
