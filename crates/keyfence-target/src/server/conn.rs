@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 pub(crate) use super::ffp::ConnEnd;
 use super::ffp::{Completion, Session};
-use super::iopool::SessionIo;
+use super::iopool::{Done, SessionIo};
 use super::login;
 pub(crate) use super::wire::Wire;
 use super::{ListenerInfo, Shared};
@@ -66,10 +66,18 @@ pub(super) async fn serve_connection(
     let mut sess = Session::new(shared.clone(), est, peer, codec, Instant::now().into_std());
     let tsih = sess.tsih();
     info!(%peer, tsih, initiator = %sess.initiator(), kind = ?sess.kind(), "session started");
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel();
-    let io = SessionIo::new(done_tx);
-    let end = run(&shared, &mut sess, &mut wire, &io, &mut done_rx).await;
-    finish(&mut sess, &mut wire, &io, &mut done_rx).await;
+    let (io, mut done) = match SessionIo::new() {
+        Ok(q) => q,
+        Err(e) => {
+            // Out of file descriptors: the session cannot run commands.
+            // It ran none; release what its login took and close.
+            warn!(%peer, tsih, "session ended: cannot set up its I/O queue: {e}");
+            let _ = tokio::task::spawn_blocking(move || sess.end()).await;
+            return;
+        }
+    };
+    let end = run(&shared, &mut sess, &mut wire, &io, &mut done).await;
+    finish(&mut sess, &mut wire, &io, &mut done).await;
     // Releasing the I_T nexus takes each LU's reservation lock, which a
     // PR OUT may hold across its APTPL fsync, and in cluster mode waits
     // for an etcd commit: not on a worker thread. A logout's response is
@@ -99,23 +107,14 @@ pub(super) async fn serve_connection(
 
 /// Hand the session's jobs to its I/O queue.
 fn spawn_jobs(sess: &mut Session, io: &Arc<SessionIo>) {
-    io.submit(sess.take_jobs());
+    io.submit(sess.jobs());
 }
 
-/// Feed a batch of completions and every other one already waiting to
-/// the session, so they are answered with one send.
-fn complete_all(
-    sess: &mut Session,
-    first: Vec<Completion>,
-    done_rx: &mut mpsc::UnboundedReceiver<Vec<Completion>>,
-) {
-    for c in first {
+/// Feed completions to the session (every one waiting, so they are
+/// answered with one send).
+fn complete_all(sess: &mut Session, batch: impl Iterator<Item = Completion>) {
+    for c in batch {
         sess.complete(c);
-    }
-    while let Ok(batch) = done_rx.try_recv() {
-        for c in batch {
-            sess.complete(c);
-        }
     }
 }
 
@@ -124,7 +123,7 @@ async fn run(
     sess: &mut Session,
     wire: &mut Wire,
     io: &Arc<SessionIo>,
-    done_rx: &mut mpsc::UnboundedReceiver<Vec<Completion>>,
+    done: &mut Done,
 ) -> ConnEnd {
     let mut shutdown = shared.shutdown.clone();
     let mut ctl = sess
@@ -162,7 +161,7 @@ async fn run(
                 Ok(false) => return ConnEnd::Eof,
                 Err(e) => return ConnEnd::Io(e),
             },
-            Some(c) = done_rx.recv() => complete_all(sess, c, done_rx),
+            Some(c) = done.next() => complete_all(sess, c),
             Some(c) = ctl.recv() => sess.handle_ctl(c),
             _ = tokio::time::sleep_until(deadline) => sess.handle_timeout(std::time::Instant::now()),
             _ = shutdown.wait_for(|s| *s) => return ConnEnd::Closed("target shutting down"),
@@ -174,23 +173,14 @@ async fn run(
 /// (their results are discarded if the socket is gone) and send what is
 /// left; the caller then releases the I_T nexus, sends what that queued
 /// (a logout's response) and closes the socket.
-async fn finish(
-    sess: &mut Session,
-    wire: &mut Wire,
-    io: &Arc<SessionIo>,
-    done_rx: &mut mpsc::UnboundedReceiver<Vec<Completion>>,
-) {
+async fn finish(sess: &mut Session, wire: &mut Wire, io: &Arc<SessionIo>, done: &mut Done) {
     loop {
         spawn_jobs(sess, io);
         if sess.jobs_running() == 0 {
             break;
         }
-        match tokio::time::timeout(Duration::from_secs(30), done_rx.recv()).await {
-            Ok(Some(batch)) => {
-                for c in batch {
-                    sess.complete(c);
-                }
-            }
+        match tokio::time::timeout(Duration::from_secs(30), done.next()).await {
+            Ok(Some(batch)) => complete_all(sess, batch),
             _ => break,
         }
     }

@@ -449,6 +449,12 @@ impl Session {
         std::mem::take(&mut self.jobs)
     }
 
+    /// The commands to run off the connection's task, to be drained (the
+    /// vector keeps its capacity for the next ones).
+    pub fn jobs(&mut self) -> &mut Vec<Job> {
+        &mut self.jobs
+    }
+
     /// Commands handed out as jobs and not completed yet.
     pub fn jobs_running(&self) -> usize {
         self.in_flight.len() + self.resets_running
