@@ -524,6 +524,7 @@ def main():
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--size", type=int, default=512 << 20)
     ap.add_argument("--no-writes", action="store_true", help="skip the write workloads")
+    ap.add_argument("--writes-only", action="store_true", help="skip the read workloads")
     ap.add_argument("--baseline", metavar="BINARY",
                     help="another keyfence binary to measure in the same rounds")
     ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
@@ -588,10 +589,17 @@ def main():
                               args.size, image=base_img, extra_args=args.baseline_serve_arg)
         os.makedirs(base.workdir)
 
-    workloads = [
-        ("4k randread qd32 (IOPS)", lambda url: iscsi_perf(url, 32, 8, True, args.seconds)[0]),
-        ("128k seqread qd16 (MB/s)", lambda url: iscsi_perf(url, 16, 256, False, args.seconds)[1]),
-    ]
+    if args.no_writes and args.writes_only:
+        print("--no-writes and --writes-only leave nothing to measure", file=sys.stderr)
+        return 2
+    workloads = []
+    if not args.writes_only:
+        workloads += [
+            ("4k randread qd32 (IOPS)",
+             lambda url: iscsi_perf(url, 32, 8, True, args.seconds)[0]),
+            ("128k seqread qd16 (MB/s)",
+             lambda url: iscsi_perf(url, 16, 256, False, args.seconds)[1]),
+        ]
     if not args.no_writes:
         workloads += [
             ("4k randwrite qd32 (IOPS)",
