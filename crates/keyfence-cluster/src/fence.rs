@@ -1,6 +1,6 @@
-//! Waiting until every live gateway applied a revision (or provably
-//! stopped serving): what a PREEMPT, PREEMPT AND ABORT, CLEAR or RESERVE
-//! waits for before GOOD (docs/cluster.md, "Fencing").
+//! Waiting until every live gateway serving an LU applied a revision (or
+//! provably stopped serving): what a PREEMPT, PREEMPT AND ABORT, CLEAR or
+//! RESERVE waits for before GOOD (docs/cluster.md, "Fencing").
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
@@ -20,6 +20,9 @@ pub struct Applied {
     /// Gateways that did not, and whose registration disappeared from
     /// etcd (lease expired or revoked): they stopped serving before.
     pub gone: Vec<String>,
+    /// Gateways that did not, and stopped serving the LU (a reload
+    /// removed it: [`crate::Gateway::leave_lu`]).
+    pub left: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -29,18 +32,25 @@ struct Member {
     acked: i64,
     /// Its registration disappeared but its lease still exists (a key
     /// deleted by hand): it may still serve, so it stays pending until
-    /// the lease is gone too.
+    /// the lease is gone too. Also set when its serving key (its ack key
+    /// of the LU's PR state) disappeared.
     key_gone: bool,
+    /// It said it no longer serves the LU.
+    left: bool,
 }
 
 impl Cluster {
-    /// Wait until every gateway registered when the wait starts has
-    /// acknowledged revision `revision` of `lu` (an ack ≥ `revision`), or
-    /// its registration and its lease are gone (the lease expired or was
+    /// Wait until every gateway that serves `lu` when the wait starts —
+    /// registered, with an ack key for `lu` under the lease of its
+    /// registration that is not [`crate::NOT_SERVING`] — has acknowledged
+    /// revision `revision` (an ack ≥ `revision`), or said that it no
+    /// longer serves the LU ([`crate::Gateway::leave_lu`]), or its
+    /// registration and its lease are gone (the lease expired or was
     /// revoked at etcd, so it stopped serving at least a safety margin
-    /// earlier). A registration deleted by hand while its lease lives
-    /// does not count. Gateways that register
-    /// later read the state after registering and need no waiting.
+    /// earlier). A registration or ack deleted by hand while its lease
+    /// lives does not count. Gateways that start serving the LU later
+    /// ([`crate::Gateway::serve_lu`], written before their first read of
+    /// the state) read a state at least as new and need no waiting.
     /// [`Error::NotApplied`] at `deadline`, naming the gateways still
     /// pending; use a deadline beyond lease TTL + margin so that a dead
     /// gateway's lease can run out first.
@@ -56,7 +66,8 @@ impl Cluster {
 
     /// [`Cluster::wait_applied`] for the acknowledgements (decimal
     /// revisions, under the acknowledging gateway's lease) kept under
-    /// `ack_prefix`, not waiting for gateway `skip`.
+    /// `ack_prefix`, not waiting for gateway `skip`. The gateways waited
+    /// for are always those serving the LU (its PR ack keys).
     pub(crate) async fn wait_acked(
         &self,
         lu: &LuId,
@@ -67,6 +78,11 @@ impl Cluster {
     ) -> Result<Applied, Error> {
         let started = Instant::now();
         let gw_prefix = self.keys().gateways();
+        // Who serves the LU: the PR state's ack keys; `ack_prefix` may be
+        // another set of acknowledgements (a COMPARE AND WRITE range's).
+        let serving_prefix = self.keys().acks(lu);
+        let separate = serving_prefix != ack_prefix;
+        let watches = if separate { 3 } else { 2 };
         let mut members: Option<BTreeMap<String, Member>> = None;
         let mut outcome = Applied::default();
         loop {
@@ -81,10 +97,14 @@ impl Cluster {
                 deadline,
                 self.call("watching gateways and acks", |mut c| {
                     let (gp, ap) = (gw_prefix.clone(), ack_prefix.clone());
+                    let sp = separate.then(|| serving_prefix.clone());
                     async move {
                         let o = WatchOptions::new().with_prefix();
                         let mut w = c.watch(gp, Some(o.clone())).await?;
-                        w.watch(ap, Some(o)).await?;
+                        w.watch(ap, Some(o.clone())).await?;
+                        if let Some(sp) = sp {
+                            w.watch(sp, Some(o)).await?;
+                        }
                         Ok(w)
                     }
                 }),
@@ -94,11 +114,11 @@ impl Cluster {
                 Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
                 Ok(w) => w?,
             };
-            // Both watches exist once etcd confirmed them; events that
+            // The watches exist once etcd confirmed them; events that
             // come meanwhile are kept for after the snapshot.
             let mut early = VecDeque::new();
             let mut created = 0;
-            while created < 2 {
+            while created < watches {
                 match tokio::time::timeout_at(deadline, w.message()).await {
                     Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
                     Ok(Ok(Some(m))) => {
@@ -115,7 +135,7 @@ impl Cluster {
                     Ok(Ok(None)) | Ok(Err(_)) => break,
                 }
             }
-            if created < 2 {
+            if created < watches {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -123,6 +143,10 @@ impl Cluster {
             let t = Txn::new().and_then([
                 TxnOp::get(gw_prefix.clone(), Some(GetOptions::new().with_prefix())),
                 TxnOp::get(ack_prefix.clone(), Some(GetOptions::new().with_prefix())),
+                TxnOp::get(
+                    serving_prefix.clone(),
+                    Some(GetOptions::new().with_prefix()),
+                ),
             ]);
             let snap = tokio::time::timeout_at(
                 deadline,
@@ -141,11 +165,11 @@ impl Cluster {
                 TxnOpResponse::Get(g) => Some(g),
                 _ => None,
             });
-            let (gws, acks) = match (gets.next(), gets.next()) {
-                (Some(g), Some(a)) => (g, a),
+            let (gws, acks, serving) = match (gets.next(), gets.next(), gets.next()) {
+                (Some(g), Some(a), Some(s)) => (g, a, s),
                 _ => {
                     return Err(Error::Etcd(
-                        "transaction answered without both reads".into(),
+                        "transaction answered without all three reads".into(),
                     ))
                 }
             };
@@ -161,42 +185,57 @@ impl Cluster {
                 let (name, rev) = parse_ack(&ack_prefix, kv.key(), kv.value())?;
                 ack_of.insert(name, (rev, kv.lease()));
             }
+            let mut serving_of = BTreeMap::new();
+            for kv in serving.kvs() {
+                let (name, rev) = parse_ack(&serving_prefix, kv.key(), kv.value())?;
+                serving_of.insert(name, (rev, kv.lease()));
+            }
             let ms = members.get_or_insert_with(|| {
-                let mut ms: BTreeMap<String, Member> = now_registered
+                // The gateways serving this LU: a PR ack key (written
+                // before their first read of its state) that does not say
+                // they left it. One under the lease of the registration is
+                // that gateway's; one under another lease (no
+                // registration, or a registration deleted by hand and
+                // taken by a new incarnation) is waited for until that
+                // lease is gone.
+                let mut ms: BTreeMap<String, Member> = serving_of
                     .iter()
-                    .map(|(n, (c, l))| {
+                    .filter(|(_, (rev, _))| *rev != crate::NOT_SERVING)
+                    .map(|(n, (_, lease))| {
+                        let registered = now_registered.get(n).filter(|(_, l)| l == lease);
                         (
                             n.clone(),
                             Member {
-                                create_revision: *c,
-                                lease: *l,
+                                create_revision: registered.map_or(0, |(c, _)| *c),
+                                lease: *lease,
                                 acked: 0,
-                                key_gone: false,
+                                key_gone: registered.is_none(),
+                                left: false,
                             },
                         )
                     })
                     .collect();
-                // A gateway that acked this LU under a lease but has no
-                // registration (deleted by hand) is waited for as well,
-                // until its lease is gone.
-                for (n, (_, lease)) in &ack_of {
-                    ms.entry(n.clone()).or_insert(Member {
-                        create_revision: 0,
-                        lease: *lease,
-                        acked: 0,
-                        key_gone: true,
-                    });
-                }
                 if let Some(s) = skip {
                     ms.remove(s);
                 }
                 ms
             });
             // A member whose registration vanished or was replaced by a
-            // new incarnation is gone once its lease is.
+            // new incarnation, or whose serving key vanished, is gone once
+            // its lease is; one whose serving key says it left the LU is
+            // done.
             for (name, m) in ms.iter_mut() {
+                match serving_of.get(name) {
+                    Some((rev, lease)) if *lease == m.lease => {
+                        if *rev == crate::NOT_SERVING {
+                            m.left = true;
+                        }
+                    }
+                    Some(_) => {}
+                    None => m.key_gone = true,
+                }
                 if let Some((rev, lease)) = ack_of.get(name) {
-                    if *lease == m.lease {
+                    if *lease == m.lease && *rev != crate::NOT_SERVING {
                         m.acked = m.acked.max(*rev);
                     }
                 }
@@ -250,11 +289,31 @@ impl Cluster {
                                     m.key_gone = true;
                                 }
                             }
+                        } else if let Some(name) = key.strip_prefix(serving_prefix.as_str()) {
+                            let Some(m) = ms.get_mut(name) else { continue };
+                            if ev.event_type() == EventType::Delete {
+                                // With its lease, or by hand: gone once
+                                // the lease is.
+                                m.key_gone = true;
+                                continue;
+                            }
+                            let (_, rev) = parse_ack(&serving_prefix, kv.key(), kv.value())?;
+                            // Only the incarnation waited for counts.
+                            if m.lease != kv.lease() {
+                                continue;
+                            }
+                            if rev == crate::NOT_SERVING {
+                                m.left = true;
+                            } else if !separate {
+                                m.acked = m.acked.max(rev);
+                            }
                         } else if ev.event_type() == EventType::Put {
                             let (name, rev) = parse_ack(&ack_prefix, kv.key(), kv.value())?;
                             // Only the incarnation waited for can ack.
                             if let Some(m) = ms.get_mut(&name).filter(|m| m.lease == kv.lease()) {
-                                m.acked = m.acked.max(rev);
+                                if rev != crate::NOT_SERVING {
+                                    m.acked = m.acked.max(rev);
+                                }
                             }
                         }
                     }
@@ -323,6 +382,9 @@ fn settle(ms: &mut BTreeMap<String, Member>, revision: i64, outcome: &mut Applie
         if m.acked >= revision {
             outcome.acked.push(name.clone());
             false
+        } else if m.left {
+            outcome.left.push(name.clone());
+            false
         } else {
             true
         }
@@ -332,7 +394,8 @@ fn settle(ms: &mut BTreeMap<String, Member>, revision: i64, outcome: &mut Applie
 fn finish(lu: &LuId, revision: i64, mut outcome: Applied) -> Applied {
     outcome.acked.sort();
     outcome.gone.sort();
-    tracing::info!(lu = %lu, revision, acked = ?outcome.acked, gone = ?outcome.gone, "revision applied cluster-wide");
+    outcome.left.sort();
+    tracing::info!(lu = %lu, revision, acked = ?outcome.acked, gone = ?outcome.gone, left = ?outcome.left, "revision applied cluster-wide");
     outcome
 }
 

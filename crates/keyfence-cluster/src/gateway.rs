@@ -305,6 +305,10 @@ impl Cluster {
     }
 }
 
+/// The value of a gateway's ack key for an LU it stopped serving
+/// ([`Gateway::leave_lu`]).
+pub const NOT_SERVING: i64 = -1;
+
 /// `(gateway, revision)` of an ack key/value under `prefix`.
 pub(crate) fn parse_ack(prefix: &str, key: &[u8], value: &[u8]) -> Result<(String, i64), Error> {
     let key = String::from_utf8_lossy(key).into_owned();
@@ -362,6 +366,28 @@ impl Gateway {
     /// finished or aborted the commands the change preempted). The ack
     /// lives under the lease, so it disappears with it.
     pub async fn ack(&self, lu: &LuId, revision: i64) -> Result<(), Error> {
+        self.put_ack(lu, revision.max(0)).await
+    }
+
+    /// Say that this gateway serves `lu` from now on, before its first
+    /// read of the LU's state: its ack key with revision 0. A fencing
+    /// change waits for the gateways whose ack key for the LU exists (and
+    /// is not [`NOT_SERVING`]) when its wait starts; one committed after
+    /// this put is therefore waited for here, and one committed before it
+    /// is in the state this gateway reads next.
+    pub async fn serve_lu(&self, lu: &LuId) -> Result<(), Error> {
+        self.put_ack(lu, 0).await
+    }
+
+    /// Say that this gateway no longer serves `lu` (a reload removed it):
+    /// its ack key becomes [`NOT_SERVING`], and fencing changes stop
+    /// waiting for it. Call only once no command on the LU runs here any
+    /// more.
+    pub async fn leave_lu(&self, lu: &LuId) -> Result<(), Error> {
+        self.put_ack(lu, NOT_SERVING).await
+    }
+
+    async fn put_ack(&self, lu: &LuId, revision: i64) -> Result<(), Error> {
         let key = self.cluster.keys().ack(lu, &self.name);
         self.put_under_lease(key, revision.to_string(), "writing ack")
             .await

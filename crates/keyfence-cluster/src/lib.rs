@@ -18,7 +18,9 @@
 //!   lease can have expired at etcd.
 //! * [`Gateway::ack`] / [`Cluster::wait_applied`]: acknowledgements that
 //!   let a fencing PR OUT return GOOD only once every live gateway
-//!   applied it or provably stopped serving.
+//!   serving the LU applied it or provably stopped serving;
+//!   [`Gateway::serve_lu`] / [`Gateway::leave_lu`]: which LUs a gateway
+//!   serves (a reload adds and removes them).
 //! * [`GatewayWatch`]: gateways joining and leaving, so survivors can
 //!   commit a dead gateway's nexus-loss effects.
 //! * [`Gateway::lock`] / [`Gateway::unlock`]: a cluster-wide lock per LU
@@ -48,7 +50,9 @@ pub use client::{Change, Cluster, Committed, UpdateError, UPDATE_ATTEMPTS};
 pub use config::{ClusterConfig, GatewayPortals, MAX_LEASE_TTL_SECS, MIN_LEASE_TTL_SECS};
 pub use error::{Error, Unavailability};
 pub use fence::Applied;
-pub use gateway::{Gateway, GatewayEntry, GatewayRecord, Liveness, PortalGroup, GATEWAY_FORMAT};
+pub use gateway::{
+    Gateway, GatewayEntry, GatewayRecord, Liveness, PortalGroup, GATEWAY_FORMAT, NOT_SERVING,
+};
 pub use keys::{check_gateway_name, Keys, LuId};
 pub use lock::LockHeld;
 pub use pr_store::ClusterPrStore;

@@ -6,7 +6,7 @@
 //! through another gateway. The lock's holder publishes the range it is
 //! about to compare and write in `locks/<lu>/range` under its lease
 //! ([`Gateway::publish_range`]), and waits until every other live gateway
-//! acknowledged it ([`Cluster::wait_range_acked`]; the acks live in
+//! serving the LU (as [`Cluster::wait_applied`] counts them) acknowledged it ([`Cluster::wait_range_acked`]; the acks live in
 //! `locks/<lu>/range-acks/<name>` under each acknowledging gateway's
 //! lease, and a gateway that does not acknowledge is waited out exactly as
 //! in [`Cluster::wait_applied`]: until its lease is gone). A gateway

@@ -420,6 +420,10 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
         c.as_gateway("gw2").unwrap().join(pg(9), TTL, MARGIN).await,
         Err(Error::NameInUse(_))
     ));
+    // All three serve the LU (a gateway says so before its first read).
+    for g in [&g1, &g2, &g3] {
+        g.serve_lu(&lu).await.unwrap();
+    }
 
     // 1. Every gateway acks: the wait ends with all of them acked.
     let r1 = c
@@ -532,6 +536,61 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
         .await
         .expect("rejoin after expiry");
     g3.leave().await.unwrap();
+
+    // A gateway that does not serve the LU is not waited for; one that
+    // serves it is, until it acks or says it left the LU.
+    let g6 = c
+        .as_gateway("gw6")
+        .unwrap()
+        .join(pg(6), TTL, MARGIN)
+        .await
+        .unwrap();
+    let r = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.f", 6)))
+        .await
+        .unwrap()
+        .state
+        .revision;
+    g1.ack(&lu, r).await.unwrap();
+    g2.ack(&lu, r).await.unwrap();
+    let done = c
+        .wait_applied(&lu, r, Instant::now() + Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(done.acked, ["gw1", "gw2"]);
+    g6.serve_lu(&lu).await.unwrap();
+    let r = c
+        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.g", 7)))
+        .await
+        .unwrap()
+        .state
+        .revision;
+    g1.ack(&lu, r).await.unwrap();
+    g2.ack(&lu, r).await.unwrap();
+    let waiter = {
+        let (c, lu) = (c.clone(), lu.clone());
+        tokio::spawn(async move {
+            c.wait_applied(&lu, r, Instant::now() + Duration::from_secs(10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiter.is_finished(), "returned before gw6 acked or left");
+    g6.leave_lu(&lu).await.unwrap();
+    let done = timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("bounded")
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (done.acked.as_slice(), done.left.as_slice(), done.gone.len()),
+        (
+            &["gw1".to_string(), "gw2".to_string()][..],
+            &["gw6".to_string()][..],
+            0
+        )
+    );
+    g6.leave().await.unwrap();
 
     // A registration deleted by hand while its lease lives does not count
     // as gone: that gateway may still serve. Its lease ending does.
@@ -906,6 +965,10 @@ async fn the_compare_and_write_range_is_acknowledged_by_every_live_gateway_and_g
         .join(pg(3), TTL, MARGIN)
         .await
         .unwrap();
+    // All three serve the LU (range waits count the gateways serving it).
+    for g in [&g1, &g2, &g3] {
+        g.serve_lu(&lu).await.unwrap();
+    }
     let far = || Instant::now() + Duration::from_secs(20);
     let next = |w: &mut keyfence_cluster::RangeWatch| {
         let mut w = std::mem::replace(w, c.watch_range(&lu, i64::MAX - 1));

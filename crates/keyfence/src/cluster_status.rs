@@ -163,9 +163,9 @@ struct LuStatus {
 #[derive(Debug, Serialize)]
 struct AckView {
     gateway: String,
-    /// The revision of this LU the gateway has applied; None: a live
-    /// gateway that has not acknowledged this LU (it does not serve it, or
-    /// is still starting).
+    /// The revision of this LU the gateway has applied (0: it serves the
+    /// LU and is reading its state); None: a live gateway that does not
+    /// serve this LU (or no longer: a reload removed it).
     acked_revision: Option<i64>,
     /// acked_revision >= committed_revision.
     current: bool,
@@ -239,7 +239,11 @@ async fn read_status(etcd: &EtcdArgs) -> Result<Status, String> {
         let acks = names
             .into_iter()
             .map(|n| {
-                let rev = acked.iter().find(|(g, _)| *g == n).map(|(_, r)| *r);
+                let rev = acked
+                    .iter()
+                    .find(|(g, _)| *g == n)
+                    .map(|(_, r)| *r)
+                    .filter(|r| *r != keyfence_cluster::NOT_SERVING);
                 AckView {
                     current: rev.is_some_and(|r| r >= s.revision),
                     gateway: n,
@@ -316,7 +320,7 @@ fn table(s: &Status) -> String {
                 match a.acked_revision {
                     Some(r) if a.current => format!("acked {r} (current)"),
                     Some(r) => format!("acked {r} (behind)"),
-                    None => "no ack".into(),
+                    None => "does not serve it".into(),
                 }
             );
         }

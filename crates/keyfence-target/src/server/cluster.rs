@@ -7,8 +7,14 @@
 //! flight when the lease is in doubt, re-joins with a new lease and
 //! resynchronises every LU after the lease was lost, and commits the
 //! nexus-loss effects of gateways that departed.
+//!
+//! The clustered LUs served here are kept in a [`Registry`]: a reload adds
+//! LUs to it (each is followed — `Gateway::serve_lu`, read, install, ack —
+//! before the reload publishes it) and removes them (the follower stops,
+//! the LU stops serving, the commands in flight on it finish, then
+//! `Gateway::leave_lu` tells fencers not to wait for this gateway on it).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -556,6 +562,9 @@ pub(crate) struct Followed {
     /// The last change whose unit attentions were delivered here (kept
     /// across re-joins); `u64::MAX` before the first install.
     applied_seq: Arc<AtomicU64>,
+    /// True while the LU is in service here: its state read, installed
+    /// and acknowledged under the current incarnation.
+    in_service: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl Followed {
@@ -566,7 +575,203 @@ impl Followed {
             id,
             tpgts,
             applied_seq: Arc::new(AtomicU64::new(u64::MAX)),
+            in_service: Arc::new(tokio::sync::watch::channel(false).0),
         }
+    }
+}
+
+/// A followed LU and its tasks under the current incarnation.
+#[derive(Debug)]
+struct Entry {
+    f: Followed,
+    /// Asks the follower to stop between two changes.
+    stop: tokio::sync::watch::Sender<bool>,
+    /// The follower of the PR state.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// The follower of the COMPARE AND WRITE range.
+    ranges: Option<tokio::task::JoinHandle<()>>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    /// The incarnation followers run under; None before the supervisor
+    /// starts them and while it joins again.
+    gw: Option<Arc<Gateway>>,
+    lus: BTreeMap<LuId, Entry>,
+    /// LUs removed whose `leave_lu` is not written yet (etcd unreachable):
+    /// one may not be added back until it is.
+    leaving: HashSet<LuId>,
+}
+
+/// The clustered LUs this gateway serves and their followers (see the
+/// module doc).
+#[derive(Debug)]
+pub(crate) struct Registry {
+    pub membership: Arc<Membership>,
+    inner: std::sync::Mutex<RegistryInner>,
+}
+
+impl Registry {
+    pub fn new(membership: Arc<Membership>) -> Arc<Registry> {
+        Arc::new(Registry {
+            membership,
+            inner: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, RegistryInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The LUs followed now.
+    pub fn followed(&self) -> Vec<Followed> {
+        self.lock().lus.values().map(|e| e.f.clone()).collect()
+    }
+
+    /// How long a reload waits for an added LU to come into service.
+    pub fn join_wait(&self) -> Duration {
+        let m = &self.membership;
+        m.ttl + m.cluster.request_timeout() * 2
+    }
+
+    fn spawn(shared: &Arc<Shared>, e: &mut Entry, gw: &Arc<Gateway>, cluster: &Cluster) {
+        // No write reaches the LU until this incarnation has read which
+        // range another gateway's COMPARE AND WRITE holds there.
+        e.f.lu.hold_all_ranges();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        e.stop = stop;
+        e.task = Some(tokio::spawn(follow(
+            shared.clone(),
+            e.f.clone(),
+            gw.clone(),
+            cluster.clone(),
+            stopped,
+        )));
+        e.ranges = Some(tokio::spawn(follow_ranges(
+            e.f.clone(),
+            gw.clone(),
+            cluster.clone(),
+        )));
+    }
+
+    /// Follow every LU under incarnation `gw` (the supervisor).
+    fn start_all(&self, shared: &Arc<Shared>, gw: Arc<Gateway>) {
+        let cluster = self.membership.cluster.clone();
+        let mut inner = self.lock();
+        for e in inner.lus.values_mut() {
+            Self::spawn(shared, e, &gw, &cluster);
+        }
+        inner.gw = Some(gw);
+    }
+
+    /// Stop every follower at once (the incarnation is over).
+    fn abort_all(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut inner = self.lock();
+        inner.gw = None;
+        inner
+            .lus
+            .values_mut()
+            .flat_map(|e| [e.task.take(), e.ranges.take()])
+            .flatten()
+            .inspect(|t| t.abort())
+            .collect()
+    }
+
+    /// Follow `f` (at bind, or added by a reload): at once if the
+    /// supervisor runs, else when it starts. The receiver turns true once
+    /// the LU is in service. Refused while the same LU is still leaving.
+    pub fn add(
+        &self,
+        shared: &Arc<Shared>,
+        f: Followed,
+    ) -> Result<tokio::sync::watch::Receiver<bool>, String> {
+        let mut inner = self.lock();
+        if inner.leaving.contains(&f.id) {
+            return Err(format!(
+                "clustered LU {} was removed by an earlier reload and this gateway could not tell the cluster yet (is etcd reachable?); try again",
+                f.id
+            ));
+        }
+        if inner.lus.contains_key(&f.id) {
+            return Err(format!("clustered LU {} is served already", f.id));
+        }
+        let served = f.in_service.subscribe();
+        let mut e = Entry {
+            f,
+            stop: tokio::sync::watch::channel(false).0,
+            task: None,
+            ranges: None,
+        };
+        if let Some(gw) = inner.gw.clone() {
+            Self::spawn(shared, &mut e, &gw, &self.membership.cluster);
+        }
+        inner.lus.insert(e.f.id.clone(), e);
+        Ok(served)
+    }
+
+    /// Stop serving `id` here (a reload removed it, or it did not come
+    /// into service): stop its follower, refuse new commands on it, wait
+    /// for those in flight, then tell the cluster this gateway no longer
+    /// serves it, so fencing changes stop waiting for it.
+    pub async fn remove(self: &Arc<Self>, id: &LuId) {
+        let Some(e) = self.lock().lus.remove(id) else {
+            return;
+        };
+        let _ = e.stop.send(true);
+        if let Some(t) = e.ranges {
+            t.abort();
+            let _ = t.await;
+        }
+        if let Some(t) = e.task {
+            // It stops between two changes; applying one may drain
+            // preempted commands for up to DRAIN_LIMIT.
+            let abort = t.abort_handle();
+            if tokio::time::timeout(DRAIN_LIMIT + Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        e.f.lu.reservations().unsync();
+        e.f.in_service.send_replace(false);
+        let all = e.f.lu.unit_attentions().known_nexuses();
+        if !drain(&e.f.lu, all, DRAIN_LIMIT).await {
+            tracing::error!(lu = %id, "commands on a removed clustered LU did not finish in {DRAIN_LIMIT:?}");
+        }
+        let deadline = tokio::time::Instant::now() + self.join_wait();
+        loop {
+            let gw = self.membership.gateway();
+            match gw.leave_lu(id).await {
+                Ok(()) => {
+                    tracing::info!(gateway = gw.name(), lu = %id, "clustered LU no longer served here");
+                    return;
+                }
+                // Its ack key went with the lease.
+                Err(Error::LeaseLost(_)) => return,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::warn!(gateway = gw.name(), lu = %id, error = %e, "cannot tell the cluster the LU is no longer served here; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => {
+                    tracing::error!(gateway = gw.name(), lu = %id, error = %e, "cannot tell the cluster the LU is no longer served here; retrying in the background (fencing changes on it wait for this gateway meanwhile)");
+                    break;
+                }
+            }
+        }
+        self.lock().leaving.insert(id.clone());
+        let (me, id) = (self.clone(), id.clone());
+        tokio::spawn(async move {
+            loop {
+                let gw = me.membership.gateway();
+                match gw.leave_lu(&id).await {
+                    Ok(()) | Err(Error::LeaseLost(_)) => break,
+                    Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+                }
+            }
+            tracing::info!(lu = %id, "clustered LU no longer served here (told the cluster late)");
+            me.lock().leaving.remove(&id);
+        });
     }
 }
 
@@ -575,39 +780,14 @@ impl Followed {
 /// lease is in doubt (`Fenced`) wait for the commands in flight; when it
 /// is lost, stop the followers, stop serving, join again with a new lease
 /// and resynchronise every LU (full read, install, ack) before serving.
-pub(crate) async fn supervise(
-    shared: Arc<Shared>,
-    membership: Arc<Membership>,
-    lus: Vec<Followed>,
-) {
+pub(crate) async fn supervise(shared: Arc<Shared>, registry: Arc<Registry>) {
+    let membership = registry.membership.clone();
     let mut shutdown = shared.shutdown.clone();
-    tokio::spawn(departures(shared.clone(), membership.clone(), lus.clone()));
+    tokio::spawn(departures(shared.clone(), registry.clone()));
     loop {
         let gw = membership.gateway();
         let mut live = gw.liveness();
-        // No write reaches a clustered LU until this incarnation has read
-        // which range another gateway's COMPARE AND WRITE holds there.
-        for f in &lus {
-            f.lu.hold_all_ranges();
-        }
-        let mut followers: Vec<_> = lus
-            .iter()
-            .map(|f| {
-                tokio::spawn(follow(
-                    shared.clone(),
-                    f.clone(),
-                    gw.clone(),
-                    membership.cluster.clone(),
-                ))
-            })
-            .collect();
-        followers.extend(lus.iter().map(|f| {
-            tokio::spawn(follow_ranges(
-                f.clone(),
-                gw.clone(),
-                membership.cluster.clone(),
-            ))
-        }));
+        registry.start_all(&shared, gw.clone());
         let lost = loop {
             tokio::select! {
                 r = live.changed() => {
@@ -618,7 +798,7 @@ pub(crate) async fn supervise(
                     match now {
                         Liveness::Lost => break true,
                         Liveness::Fenced { .. } => {
-                            tokio::spawn(drain_at_deadline(lus.clone(), membership.margin));
+                            tokio::spawn(drain_at_deadline(registry.followed(), membership.margin));
                         }
                         Liveness::Serving { .. } => {
                             tracing::info!(gateway = gw.name(), "lease confirmed again: serving");
@@ -628,10 +808,7 @@ pub(crate) async fn supervise(
                 _ = shutdown.changed() => break false,
             }
         };
-        for f in &followers {
-            f.abort();
-        }
-        for f in followers {
+        for f in registry.abort_all() {
             let _ = f.await;
         }
         if !lost || *shutdown.borrow() {
@@ -640,9 +817,10 @@ pub(crate) async fn supervise(
         // The old incarnation is gone; no follower of it runs any more.
         // Nothing is served until a follower of the new one installed a
         // state read after the new registration.
-        for f in &lus {
+        for f in registry.followed() {
             f.lu.reservations().unsync();
             f.lu.hold_all_ranges();
+            f.in_service.send_replace(false);
         }
         tracing::error!(
             gateway = gw.name(),
@@ -696,13 +874,37 @@ async fn drain_at_deadline(lus: Vec<Followed>, margin: Duration) {
     }
 }
 
-/// Follow one clustered LU under gateway incarnation `gw`: read, install,
-/// ack, then apply and ack every committed change in order. Ends only
-/// when the lease is lost (the supervisor then aborts it and joins again).
-async fn follow(shared: Arc<Shared>, f: Followed, gw: Arc<Gateway>, cluster: Cluster) {
+/// Follow one clustered LU under gateway incarnation `gw`: say that this
+/// gateway serves it, read, install, ack, then apply and ack every
+/// committed change in order. Ends when `stop` turns true (a reload
+/// removed the LU; checked between changes) or is aborted by the
+/// supervisor once the lease is lost.
+async fn follow(
+    shared: Arc<Shared>,
+    f: Followed,
+    gw: Arc<Gateway>,
+    cluster: Cluster,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
     loop {
-        let result: Result<std::convert::Infallible, Error> = async {
+        let result: Result<(), Error> = async {
+            // This gateway serves the LU from here on: a fencing change
+            // committed from now on waits for its ack; one committed
+            // before is in the state read next.
+            loop {
+                match gw.serve_lu(&f.id).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_unavailable() => {
+                        tracing::warn!(gateway = gw.name(), lu = %f.id, error = %e, "cannot register as serving the LU; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let first = loop {
+                if *stop.borrow() {
+                    return Ok(());
+                }
                 match cluster.read(&f.id).await {
                     Ok(s) => break s,
                     Err(e) if e.is_unavailable() => {
@@ -721,10 +923,15 @@ async fn follow(shared: Arc<Shared>, f: Followed, gw: Arc<Gateway>, cluster: Clu
             }
             f.applied_seq.store(first.seq, Ordering::SeqCst);
             ack(&gw, &f.id, first.revision).await?;
+            f.in_service.send_replace(true);
             tracing::info!(gateway = gw.name(), lu = %f.id, revision = first.revision, "clustered LU in service");
             let mut watch = cluster.watch_lu(&f.id, first.read_at);
             loop {
-                let ev = match watch.next().await {
+                let next = tokio::select! {
+                    ev = watch.next() => ev,
+                    _ = stop.wait_for(|s| *s) => return Ok(()),
+                };
+                let ev = match next {
                     Ok(ev) => ev,
                     Err(e) if e.is_unavailable() => {
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -741,15 +948,23 @@ async fn follow(shared: Arc<Shared>, f: Followed, gw: Arc<Gateway>, cluster: Clu
             }
         }
         .await;
-        let Err(e) = result;
+        let e = match result {
+            Ok(()) => return,
+            Err(e) => e,
+        };
         f.lu.reservations().unsync();
+        f.in_service.send_replace(false);
         if matches!(e, Error::LeaseLost(_)) {
             tracing::error!(gateway = gw.name(), lu = %f.id, "lease lost: the LU is not served until the gateway joined again");
             // The supervisor sees the loss and replaces this follower.
-            std::future::pending::<()>().await;
+            let _ = stop.wait_for(|s| *s).await;
+            return;
         }
         tracing::error!(gateway = gw.name(), lu = %f.id, error = %e, "cannot follow the clustered LU; not served here; trying again in 5 s");
-        tokio::time::sleep(Duration::from_secs(5)).await;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 
@@ -859,7 +1074,8 @@ async fn ack(gateway: &Gateway, id: &LuId, revision: i64) -> Result<(), Error> {
 /// effects of I_T nexus loss for the nexuses of its portal groups on every
 /// clustered LU: registrations stay (SPC-4), an SPC-2 reservation held
 /// through it ends, and each such nexus gets I_T NEXUS LOSS OCCURRED.
-async fn departures(shared: Arc<Shared>, membership: Arc<Membership>, lus: Vec<Followed>) {
+async fn departures(shared: Arc<Shared>, registry: Arc<Registry>) {
+    let membership = registry.membership.clone();
     let mut shutdown = shared.shutdown.clone();
     let cluster = membership.cluster.clone();
     let me = cluster.gateway().to_owned();
@@ -916,7 +1132,7 @@ async fn departures(shared: Arc<Shared>, membership: Arc<Membership>, lus: Vec<F
             if d.record.name == me {
                 continue;
             }
-            tokio::spawn(handle_departure(membership.clone(), lus.clone(), d));
+            tokio::spawn(handle_departure(membership.clone(), registry.clone(), d));
         }
     }
 }
@@ -932,7 +1148,7 @@ const DEPARTURE_MARKER_TTL: Duration = Duration::from_secs(24 * 3600);
 /// halfway does not leave the work undone. Each LU's part is committed
 /// together with a marker (`Cluster::commit_once`), so what a claimant did
 /// before it died is not done again.
-async fn handle_departure(membership: Arc<Membership>, lus: Vec<Followed>, d: GatewayEntry) {
+async fn handle_departure(membership: Arc<Membership>, registry: Arc<Registry>, d: GatewayEntry) {
     let name = d.record.name.clone();
     loop {
         let gw = membership.gateway();
@@ -955,7 +1171,7 @@ async fn handle_departure(membership: Arc<Membership>, lus: Vec<Followed>, d: Ga
             }
         };
         if claimed {
-            if commit_departure(&membership, &gw, &lus, &d).await {
+            if commit_departure(&membership, &gw, &registry.followed(), &d).await {
                 if let Err(e) = gw.release_departure(&d).await {
                     // It goes with this gateway's lease at the latest.
                     tracing::debug!(departed = %name, error = %e, "departure claim not released");

@@ -73,6 +73,7 @@ impl InMemoryTarget {
             metrics,
             started: Instant::now(),
             clustered: false,
+            cluster: None,
             reload_lock: tokio::sync::Mutex::new(()),
             reloader: Default::default(),
             hooks: Default::default(),

@@ -206,8 +206,11 @@ pub(crate) struct Shared {
     pub metrics: Arc<metrics::Metrics>,
     /// When the server was bound (for `keyfence status`).
     pub started: std::time::Instant,
-    /// Cluster mode (reloads keep the set of LUs).
+    /// Cluster mode.
     pub clustered: bool,
+    /// Cluster mode: the clustered LUs served here and their followers
+    /// (a reload adds and removes LUs).
+    pub cluster: Option<Arc<cluster::Registry>>,
     /// Serialises reloads.
     pub reload_lock: tokio::sync::Mutex<()>,
     /// Where reloads read the configuration from, if anywhere.
@@ -498,20 +501,7 @@ impl Server {
                 )
             }
         };
-        // The other gateways' portal groups: every clustered LU is reached
-        // through them too, so its target ports (ALL_TG_PT, READ FULL
-        // STATUS, REPORT TARGET PORT GROUPS) include theirs.
-        let mut peers: Vec<(String, Portal)> = config
-            .cluster
-            .iter()
-            .flat_map(|c| c.gateways.iter().filter(move |g| g.name != c.gateway))
-            .flat_map(|g| {
-                g.portal_groups()
-                    .into_iter()
-                    .map(|(tpgt, addr)| (g.name.clone(), Portal { tpgt, addr }))
-            })
-            .collect();
-        peers.sort_by_key(|(_, p)| p.tpgt);
+        let peers = peer_portals(&config);
         // Per-LU counters only when an endpoint exports them.
         let count_lus = config.metrics_addr.is_some();
         let mut follow = Vec::new();
@@ -597,6 +587,9 @@ impl Server {
             metrics,
             started: std::time::Instant::now(),
             clustered: membership.is_some(),
+            cluster: membership
+                .as_ref()
+                .map(|m| cluster::Registry::new(m.clone())),
             reload_lock: tokio::sync::Mutex::new(()),
             reloader: reload::Source::default(),
             hooks: hooks.clone(),
@@ -607,9 +600,8 @@ impl Server {
                 ..Default::default()
             }),
         });
-        if let Some(m) = &membership {
+        if let Some(registry) = &shared.cluster {
             let live = shared.live();
-            let mut lus = Vec::new();
             for (t, lun, id) in follow {
                 let Some(target) = live.target(t) else {
                     continue;
@@ -618,9 +610,14 @@ impl Server {
                     continue;
                 };
                 let tpgts = target.portals.iter().map(|p| p.tpgt).collect();
-                lus.push(cluster::Followed::new(t, lu.clone(), id, tpgts));
+                // Followed once the supervisor starts.
+                if let Err(e) =
+                    registry.add(&shared, cluster::Followed::new(t, lu.clone(), id, tpgts))
+                {
+                    warn!("{e}");
+                }
             }
-            tokio::spawn(cluster::supervise(shared.clone(), m.clone(), lus));
+            tokio::spawn(cluster::supervise(shared.clone(), registry.clone()));
         }
         Ok(Server {
             cluster: membership,
@@ -1057,6 +1054,25 @@ impl ReloadHandle {
     pub async fn reload(&self) -> Result<String, ReloadError> {
         reload::reload(&self.shared).await
     }
+}
+
+/// Cluster mode: the other gateways' portal groups
+/// (`[[cluster.gateways]]`) in TPGT order. Every clustered LU is reached
+/// through them too, so its target ports (ALL_TG_PT, READ FULL STATUS,
+/// REPORT TARGET PORT GROUPS) include theirs.
+fn peer_portals(config: &Config) -> Vec<(String, Portal)> {
+    let mut peers: Vec<(String, Portal)> = config
+        .cluster
+        .iter()
+        .flat_map(|c| c.gateways.iter().filter(move |g| g.name != c.gateway))
+        .flat_map(|g| {
+            g.portal_groups()
+                .into_iter()
+                .map(|(tpgt, addr)| (g.name.clone(), Portal { tpgt, addr }))
+        })
+        .collect();
+    peers.sort_by_key(|(_, p)| p.tpgt);
+    peers
 }
 
 /// Distinct addresses to bind, with (target index, TPGT) served on each.

@@ -41,11 +41,24 @@
 //! phase (a busy one rejects the reload); the commit serves it and stops
 //! the old one. Added, it turns per-LU counting on; removed, off.
 //!
+//! Cluster mode: an added LU is followed (`Gateway::serve_lu`, read,
+//! install, ack: [`super::cluster::Registry`]) before the new
+//! configuration is published, and the reload is rejected if it does not
+//! come into service in time; a removed LU, once the new configuration is
+//! published, stops serving, waits for its commands in flight and then
+//! leaves (`Gateway::leave_lu`), so fencing changes through other gateways
+//! no longer wait for this one. A served clustered LU may not change (one
+//! identity and backing cluster-wide), and this gateway's portal groups
+//! may not either: they are in its gateway record, which survivors use
+//! for its nexus loss, and the other gateways advertise them from their
+//! `[[cluster.gateways]]`, part of `[cluster]` (docs/cluster.md,
+//! "Reloading a gateway").
+//!
 //! What needs a restart is refused with a message saying so: `data_dir`,
-//! `admin_socket`, `[cluster]`, a LUN's block size,
-//! backing, read-only flag or identity while it is served, and in cluster
-//! mode any change of the set of LUs or of the portals (both are
-//! registered with the cluster).
+//! `admin_socket`, `[cluster]`, a LUN's block size, backing, read-only or direct
+//! flag or identity while it is served (remove it in one reload and add
+//! it back in the next), and in cluster mode this gateway's portal
+//! groups.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -57,6 +70,7 @@ use keyfence_scsi::sense::asc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use super::cluster::{EtcdPrState, Followed, Registry};
 use super::session::SessionCtl;
 use super::{
     acl, datadir, open_lu, BindHooks, ListenerInfo, Live, MetricsListener, Portal, Shared, TargetRt,
@@ -122,9 +136,17 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
     let old2 = old.clone();
     let hooks = shared.hooks.clone();
     let metrics_bound = shared.acceptors().metrics_addr();
+    let cluster = shared.cluster.clone();
     let prepared = tokio::task::spawn_blocking(move || {
         let new = source().map_err(ReloadError::Invalid)?;
-        prepare(&old2, new, clustered, metrics_bound, &hooks)
+        prepare(
+            &old2,
+            new,
+            clustered,
+            metrics_bound,
+            &hooks,
+            cluster.as_ref(),
+        )
     })
     .await
     .map_err(|e| ReloadError::Invalid(format!("reload task failed: {e}")))??;
@@ -136,7 +158,17 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
         fresh,
         ports_changed,
         metrics,
+        joining,
+        created,
     } = prepared;
+    // Cluster mode: every added LU reads the committed state and takes
+    // part in acknowledging changes before anyone can reach it.
+    if let Some(reg) = &shared.cluster {
+        if let Err(e) = join_cluster(shared, reg, joining).await {
+            created.undo();
+            return Err(e);
+        }
+    }
     // Commit: nothing below fails.
     for (list, luns) in lun_lists {
         list.set(luns);
@@ -199,7 +231,64 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
     shared
         .sessions()
         .broadcast(&SessionCtl::Reconfigure(live.clone()));
+    // Cluster mode: the removed LUs stop serving here, then leave.
+    if let Some(reg) = &shared.cluster {
+        for (_, t) in old.targets() {
+            for (lun, lu) in &t.luns {
+                let kept = live
+                    .targets()
+                    .any(|(_, n)| n.luns.values().any(|x| Arc::ptr_eq(x, lu)));
+                if kept {
+                    continue;
+                }
+                if let Ok(id) = keyfence_cluster::LuId::for_lun(&t.name, *lun) {
+                    reg.remove(&id).await;
+                }
+            }
+        }
+    }
     Ok(summary)
+}
+
+/// Follow the clustered LUs a reload adds and wait (bounded) until each
+/// is in service here; if one is not, none of them stays.
+async fn join_cluster(
+    shared: &Arc<Shared>,
+    reg: &Arc<Registry>,
+    joining: Vec<Followed>,
+) -> Result<(), ReloadError> {
+    let mut waits = Vec::new();
+    let mut failed = None;
+    for f in joining {
+        let id = f.id.clone();
+        match reg.add(shared, f) {
+            Ok(rx) => waits.push((id, rx)),
+            Err(msg) => {
+                failed = Some(msg);
+                break;
+            }
+        }
+    }
+    let limit = reg.join_wait();
+    let deadline = tokio::time::Instant::now() + limit;
+    if failed.is_none() {
+        for (id, rx) in &mut waits {
+            let r = tokio::time::timeout_at(deadline, rx.wait_for(|s| *s)).await;
+            if !matches!(r, Ok(Ok(_))) {
+                failed = Some(format!(
+                    "clustered LU {id} did not come into service within {limit:?} (is etcd reachable? see the log)"
+                ));
+                break;
+            }
+        }
+    }
+    let Some(msg) = failed else {
+        return Ok(());
+    };
+    for (id, _) in &waits {
+        reg.remove(id).await;
+    }
+    Err(ReloadError::Invalid(msg))
 }
 
 /// Limits that live outside [`Live`]: the session table's, the logged-in
@@ -256,6 +345,43 @@ struct Prepared {
     /// Served targets whose portal groups changed.
     ports_changed: Vec<usize>,
     metrics: MetricsPlan,
+    /// Cluster mode: the LUs this reload adds, to bring into service
+    /// before it is published.
+    joining: Vec<Followed>,
+    /// What the first phase created on disk, undone if bringing the new
+    /// clustered LUs into service fails.
+    created: datadir::Created,
+}
+
+/// Cluster mode: this gateway's portal groups are registered with the
+/// cluster (its gateway record, whose TPGTs survivors use for its nexus
+/// loss; the other gateways advertise them from `[[cluster.gateways]]`,
+/// which needs a restart): a reload may not change them. A target added
+/// or kept uses the portal groups served already.
+fn check_cluster_portals(
+    old: &Live,
+    new: &BTreeMap<String, Vec<Portal>>,
+) -> Result<(), ReloadError> {
+    let show = |v: &std::collections::BTreeSet<(u16, SocketAddr)>| {
+        v.iter()
+            .map(|(t, a)| format!("{a} (TPGT {t})"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let was: std::collections::BTreeSet<(u16, SocketAddr)> = old
+        .targets()
+        .flat_map(|(_, t)| t.portals.iter().map(|p| (p.tpgt, p.addr)))
+        .collect();
+    let now: std::collections::BTreeSet<(u16, SocketAddr)> =
+        new.values().flatten().map(|p| (p.tpgt, p.addr)).collect();
+    if now.is_empty() || was == now {
+        return Ok(());
+    }
+    Err(restart(format!(
+        "in cluster mode this gateway's portal groups cannot change while serving (they are registered with the cluster and listed in [cluster]): {} would become {}",
+        show(&was),
+        show(&now)
+    )))
 }
 
 /// What a reload does to the metrics endpoint.
@@ -316,24 +442,20 @@ fn check_restart_only(old: &Config, new: &Config, clustered: bool) -> Result<(),
         return Err(restart("[cluster] changed"));
     }
     if clustered {
-        let same = old.targets.len() == new.targets.len()
-            && new
-                .targets
-                .iter()
-                .all(|t| find(old, &t.name).is_some_and(|o| o.luns == t.luns));
-        if !same {
-            return Err(restart(
-                "in cluster mode targets and LUNs cannot change while serving",
-            ));
-        }
+        // A clustered LU is served on every gateway with one identity and
+        // the same backing store: while served it stays as it is (it may
+        // be removed in one reload and added back in the next).
         for t in &new.targets {
-            if find(old, &t.name)
-                .is_some_and(|o| o.portal_addrs != t.portal_addrs || o.first_tpgt != t.first_tpgt)
-            {
-                return Err(restart(format!(
-                    "target '{}': in cluster mode portals cannot change while serving (they are registered with the cluster)",
-                    t.name
-                )));
+            let Some(o) = find(old, &t.name) else {
+                continue;
+            };
+            for l in &t.luns {
+                if o.luns.iter().any(|ol| ol.id == l.id && ol != l) {
+                    return Err(restart(format!(
+                        "target '{}' LUN {}: in cluster mode a served LUN's configuration cannot change (remove the LUN in one reload and add it back in the next)",
+                        t.name, l.id
+                    )));
+                }
             }
         }
     }
@@ -489,6 +611,7 @@ fn prepare(
     clustered: bool,
     metrics_bound: Option<SocketAddr>,
     hooks: &BindHooks,
+    cluster: Option<&Arc<Registry>>,
 ) -> Result<Prepared, ReloadError> {
     let Some(old_cfg) = &old.config else {
         return Err(ReloadError::NoSource);
@@ -501,9 +624,21 @@ fn prepare(
     // Listen on new portals first: a busy address rejects the reload
     // before anything is created (the sockets close when dropped).
     let (portals, fresh) = plan_portals(old, old_cfg, &new)?;
+    if clustered {
+        check_cluster_portals(old, &portals)?;
+    }
     let mut created = datadir::Created::default();
-    match build(old, old_cfg, &new, &portals, count_lus, hooks, &mut created) {
-        Ok((targets, lun_lists, grow, mut summary, ports_changed)) => {
+    match build(
+        old,
+        old_cfg,
+        &new,
+        &portals,
+        count_lus,
+        hooks,
+        cluster,
+        &mut created,
+    ) {
+        Ok((targets, lun_lists, grow, mut summary, ports_changed, joining)) => {
             // Grow last: it cannot be undone (the file stays larger, as
             // its configuration says, if a later one fails).
             let mut grown: Vec<Arc<LogicalUnit>> = Vec::new();
@@ -559,6 +694,8 @@ fn prepare(
                 fresh,
                 ports_changed,
                 metrics,
+                joining,
+                created,
             })
         }
         Err(e) => {
@@ -574,8 +711,10 @@ type Built = (
     Vec<(String, u16, Arc<LogicalUnit>, u64)>,
     String,
     Vec<usize>,
+    Vec<Followed>,
 );
 
+#[allow(clippy::too_many_arguments)]
 fn build(
     old: &Live,
     old_cfg: &Config,
@@ -583,6 +722,7 @@ fn build(
     new_portals: &BTreeMap<String, Vec<Portal>>,
     count_lus: bool,
     hooks: &BindHooks,
+    cluster: Option<&Arc<Registry>>,
     created: &mut datadir::Created,
 ) -> Result<Built, ReloadError> {
     let mut summary = String::new();
@@ -596,7 +736,11 @@ fn build(
     let mut lun_lists = Vec::new();
     let mut grow = Vec::new();
     let mut ports_changed = Vec::new();
+    let mut joining = Vec::new();
     let err = |e: super::ServerError| ReloadError::Invalid(e.to_string());
+    // Cluster mode: the other gateways' portal groups (`[cluster]` does
+    // not change in a reload).
+    let peers = super::peer_portals(new);
     for tc in &new.targets {
         let existing = old.target_by_name(&tc.name);
         let portals = new_portals
@@ -634,11 +778,6 @@ fn build(
                 )
             }
         };
-        // Other gateways' portal groups (cluster mode, where reloads keep
-        // the set of LUs): as the served target had them.
-        let peers = old_luns
-            .map(|rt| rt.peer_portals.clone())
-            .unwrap_or_default();
         let mut luns = BTreeMap::new();
         let mut backing = BTreeMap::new();
         for lc in &tc.luns {
@@ -664,6 +803,28 @@ fn build(
                     backing.insert(lun, desc);
                 }
                 _ => {
+                    // Cluster mode: its state is the cluster's; it is
+                    // followed (read, installed, acknowledged) before the
+                    // reload publishes it.
+                    let shared_pr = match cluster {
+                        None => None,
+                        Some(reg) => {
+                            let id =
+                                keyfence_cluster::LuId::for_lun(&tc.name, lun).map_err(|e| {
+                                    ReloadError::Invalid(format!(
+                                        "target '{}' LUN {lun}: {e}",
+                                        tc.name
+                                    ))
+                                })?;
+                            let st: Arc<dyn keyfence_lu::reservation::SharedPrState> =
+                                Arc::new(EtcdPrState::new(
+                                    reg.membership.clone(),
+                                    id.clone(),
+                                    tokio::runtime::Handle::current(),
+                                ));
+                            Some((id, st))
+                        }
+                    };
                     let (lu, desc) = open_lu(
                         &new.data_dir,
                         &tc.name,
@@ -671,13 +832,17 @@ fn build(
                         &portals,
                         &peers,
                         &lun_list,
-                        None,
+                        shared_pr.as_ref().map(|(_, st)| st.clone()),
                         hooks,
                         created,
                     )
                     .map_err(err)?;
                     if existing.is_some() {
                         note(format!("{} LUN {lun} added", tc.name));
+                    }
+                    if let Some((id, _)) = shared_pr {
+                        let tpgts = portals.iter().map(|p| p.tpgt).collect();
+                        joining.push(Followed::new(idx, lu.clone(), id, tpgts));
                     }
                     luns.insert(lun, lu);
                     backing.insert(lun, desc);
@@ -714,7 +879,7 @@ fn build(
         targets[idx] = Some(Arc::new(TargetRt {
             name: tc.name.clone(),
             portals,
-            peer_portals: peers,
+            peer_portals: peers.clone(),
             luns,
             lun_list,
             backing,
@@ -734,5 +899,5 @@ fn build(
     if old_cfg.discovery_chap != new.discovery_chap {
         note("discovery CHAP changed".into());
     }
-    Ok((targets, lun_lists, grow, summary, ports_changed))
+    Ok((targets, lun_lists, grow, summary, ports_changed, joining))
 }
