@@ -180,3 +180,46 @@ fn second_serve_of_a_device_fails_with_one_line() {
     );
     drop(first);
 }
+
+#[test]
+#[ignore = "needs root and a loop device; scripts/test.sh runs it where it can"]
+fn direct_lun_on_a_block_device_bypasses_the_page_cache() {
+    let lp = Loop::attach();
+    let b = FileBackend::open_direct(&lp.dev, None, false).expect("open the loop device O_DIRECT");
+    assert_eq!(b.len(), SIZE);
+    assert!(
+        !b.may_read_nowait(),
+        "an uncached LU must not try page-cache reads"
+    );
+
+    // Still exclusive: a second open, cached or not, is refused.
+    assert_busy(
+        FileBackend::open_direct(&lp.dev, None, false),
+        "second direct open",
+    );
+    assert_busy(
+        FileBackend::open(&lp.dev, None, false),
+        "cached open beside a direct one",
+    );
+
+    // Unaligned reads, as the LU issues them for 512-byte blocks.
+    let mut got = [0u8; 6];
+    b.read_at(&mut got, 1 << 20).unwrap();
+    assert_eq!(&got, b"before");
+    let mut odd = vec![0u8; 1000];
+    b.read_at(&mut odd, (1 << 20) - 494).unwrap();
+    assert_eq!(&odd[494..500], b"before");
+
+    // Without a flush, the write has left the device's page cache: the
+    // loop driver has already passed it to the image file. (A buffered
+    // write would sit in /dev/loopN's cache until written back.)
+    let data: Vec<u8> = (0..8192u32).map(|i| (i % 251) as u8).collect();
+    b.write_at(&data, (3 << 20) + 512).unwrap();
+    let f = std::fs::File::open(&lp.image).unwrap();
+    let mut back = vec![0u8; data.len()];
+    f.read_exact_at(&mut back, (3 << 20) + 512).unwrap();
+    assert!(
+        back == data,
+        "an O_DIRECT write is not on the device's backing file before any flush"
+    );
+}
