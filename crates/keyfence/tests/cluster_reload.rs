@@ -270,11 +270,12 @@ fn luns_join_and_leave_the_cluster_on_reload() {
         let said = g.reload();
         assert!(said.contains("LUN 1 added"), "{}: {said}", g.name);
     }
-    for d in [&x0, &y0] {
-        assert!(f
-            .rt
-            .block_on(uas(d))
-            .contains(&REPORTED_LUNS_DATA_HAS_CHANGED));
+    for (d, who) in [(&x0, "x on A"), (&y0, "y on B")] {
+        let seen = f.rt.block_on(uas(d));
+        assert!(
+            seen.contains(&REPORTED_LUNS_DATA_HAS_CHANGED),
+            "{who}: no REPORTED LUNS DATA HAS CHANGED after the reload; unit attentions {seen:x?}"
+        );
     }
 
     let x1 = f.rt.block_on(async {

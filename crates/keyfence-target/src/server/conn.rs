@@ -157,7 +157,16 @@ async fn run(
         let deadline = Instant::from_std(sess.poll_timeout());
         tokio::select! {
             r = wire.fill() => match r {
-                Ok(true) => sess.input(&mut wire.rbuf, std::time::Instant::now()),
+                Ok(true) => {
+                    // Control messages sent before these bytes arrived (a
+                    // reload that has returned, an abort) apply to the
+                    // commands in them: `select!` may have picked the
+                    // socket although both were ready.
+                    while let Ok(c) = ctl.try_recv() {
+                        sess.handle_ctl(c);
+                    }
+                    sess.input(&mut wire.rbuf, std::time::Instant::now())
+                }
                 Ok(false) => return ConnEnd::Eof,
                 Err(e) => return ConnEnd::Io(e),
             },
