@@ -6,7 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnResponse, WatchOptions,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -96,6 +98,10 @@ impl Shared {
             self.deadline.send_replace(Some(until));
             if Instant::now() < until {
                 self.liveness.send_if_modified(|l| {
+                    // Lost in the meantime (by another task): stays lost.
+                    if self.lost.load(Ordering::SeqCst) {
+                        return false;
+                    }
                     let was_serving = matches!(l, Liveness::Serving { .. });
                     *l = Liveness::Serving { until };
                     !was_serving
@@ -123,11 +129,18 @@ impl Shared {
         });
     }
 
-    fn lose(&self) {
-        self.lost.store(true, Ordering::SeqCst);
+    /// etcd says the lease is gone: stop serving for good. Idempotent:
+    /// true only for the call that made the change (`Lost` is announced
+    /// once). Takes no lock but the watch channels' own, held only for
+    /// the store, so it may be called from any task.
+    fn lose(&self) -> bool {
+        if self.lost.swap(true, Ordering::SeqCst) {
+            return false;
+        }
         self.until_ns.store(0, Ordering::SeqCst);
         self.deadline.send_replace(None);
         self.liveness.send_replace(Liveness::Lost);
+        true
     }
 
     fn may_serve(&self) -> bool {
@@ -400,27 +413,54 @@ impl Gateway {
         value: String,
         what: &str,
     ) -> Result<(), Error> {
+        let lease = self.lease;
+        self.write_under_lease(what, |mut c| {
+            let (key, value) = (key.clone(), value.clone());
+            async move {
+                c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                    .await
+            }
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Run `txn`, which writes keys under this incarnation's lease, as
+    /// [`Gateway::write_under_lease`] does.
+    pub(crate) async fn txn_under_lease(&self, what: &str, txn: Txn) -> Result<TxnResponse, Error> {
+        self.write_under_lease(what, |mut c| {
+            let t = txn.clone();
+            async move { c.txn(t).await }
+        })
+        .await
+    }
+
+    /// A write that puts keys under this incarnation's lease
+    /// ([`Cluster::call_write`]). etcd refuses it once the lease is gone
+    /// ("lease not found"): then this gateway stops serving at once
+    /// ([`Liveness::Lost`], as when its keep-alive learns it), since the
+    /// others may already treat it as gone, and the write fails with
+    /// [`Error::LeaseLost`]. Once the lease is known to be gone it fails
+    /// so at once, without asking etcd.
+    async fn write_under_lease<T, F, Fut>(&self, what: &str, f: F) -> Result<T, Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
         if self.shared.lost.load(Ordering::SeqCst) {
             return Err(Error::LeaseLost(self.name.clone()));
         }
-        let lease = self.lease;
-        let r = self
-            .cluster
-            .call_write(what, |mut c| {
-                let (key, value) = (key.clone(), value.clone());
-                async move {
-                    c.put(key, value, Some(PutOptions::new().with_lease(lease)))
-                        .await
-                }
-            })
-            .await;
-        match r {
-            // etcd refuses a put under a lease it no longer has.
+        match self.cluster.call_write(what, f).await {
             Err(Error::Etcd(m)) if m.contains("lease not found") => {
-                self.shared.lose();
+                if self.shared.lose() {
+                    tracing::error!(
+                        gateway = %self.name, lease = format!("{:x}", self.lease), what,
+                        "gateway lease not found at etcd; stop serving and join again"
+                    );
+                }
                 Err(Error::LeaseLost(self.name.clone()))
             }
-            other => other.map(|_| ()),
+            other => other,
         }
     }
 
@@ -465,9 +505,6 @@ impl Gateway {
     /// claimant cluster-wide. The claim is a key created under this
     /// gateway's lease only if it does not exist.
     pub async fn claim_departure(&self, departed: &GatewayEntry) -> Result<bool, Error> {
-        if self.shared.lost.load(Ordering::SeqCst) {
-            return Err(Error::LeaseLost(self.name.clone()));
-        }
         let key = self
             .cluster
             .keys()
@@ -479,21 +516,9 @@ impl Gateway {
                 self.name.clone(),
                 Some(PutOptions::new().with_lease(self.lease)),
             )]);
-        let r = self
-            .cluster
-            .call_write("claiming a departed gateway", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
-            .await;
-        match r {
-            Ok(r) => Ok(r.succeeded()),
-            Err(Error::Etcd(m)) if m.contains("lease not found") => {
-                self.shared.lose();
-                Err(Error::LeaseLost(self.name.clone()))
-            }
-            Err(e) => Err(e),
-        }
+        self.txn_under_lease("claiming a departed gateway", t)
+            .await
+            .map(|r| r.succeeded())
     }
 }
 
@@ -657,19 +682,21 @@ async fn keep_alive(
                 shared.confirm(sent + Duration::from_secs(t as u64).min(ttl) - margin);
             }
             Ok(_) => {
-                tracing::error!(
-                    lease = format!("{lease:x}"),
-                    "gateway lease expired at etcd; stop serving and join again"
-                );
-                shared.lose();
+                if shared.lose() {
+                    tracing::error!(
+                        lease = format!("{lease:x}"),
+                        "gateway lease expired at etcd; stop serving and join again"
+                    );
+                }
                 return;
             }
             Err(e) if e.contains("lease not found") => {
-                tracing::error!(
-                    lease = format!("{lease:x}"),
-                    "gateway lease not found at etcd; stop serving and join again"
-                );
-                shared.lose();
+                if shared.lose() {
+                    tracing::error!(
+                        lease = format!("{lease:x}"),
+                        "gateway lease not found at etcd; stop serving and join again"
+                    );
+                }
                 return;
             }
             Err(e) => {

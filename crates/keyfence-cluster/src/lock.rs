@@ -113,19 +113,8 @@ impl Gateway {
             )])
             .or_else([TxnOp::get(key, None)]);
         let r = self
-            .cluster()
-            .call_write("queueing for the COMPARE AND WRITE lock", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
-            .await;
-        let r = match r {
-            Ok(r) => r,
-            Err(Error::Etcd(m)) if m.contains("lease not found") => {
-                return Err(Error::LeaseLost(self.name().to_owned()))
-            }
-            Err(e) => return Err(e),
-        };
+            .txn_under_lease("queueing for the COMPARE AND WRITE lock", t)
+            .await?;
         if r.succeeded() {
             let create_revision = r.header().map_or(0, |h| h.revision());
             return Ok(LockHeld {

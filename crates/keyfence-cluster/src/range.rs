@@ -104,19 +104,8 @@ impl Gateway {
                 Some(PutOptions::new().with_lease(held.lease)),
             )]);
         let r = self
-            .cluster()
-            .call_write("publishing the COMPARE AND WRITE range", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
-            .await;
-        let r = match r {
-            Ok(r) => r,
-            Err(Error::Etcd(m)) if m.contains("lease not found") => {
-                return Err(Error::LeaseLost(self.name().to_owned()))
-            }
-            Err(e) => return Err(e),
-        };
+            .txn_under_lease("publishing the COMPARE AND WRITE range", t)
+            .await?;
         if !r.succeeded() {
             // The lock key is gone: it went with our lease.
             return Err(Error::LeaseLost(self.name().to_owned()));

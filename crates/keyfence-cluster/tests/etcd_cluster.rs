@@ -934,6 +934,76 @@ async fn the_compare_and_write_lock_has_one_holder_and_goes_with_a_dead_holders_
     g2.unlock(&h2).await.unwrap();
 }
 
+/// A write under the gateway's lease that etcd refuses for want of the
+/// lease ("lease not found": revoked behind the gateway's back) fails with
+/// `LeaseLost` and stops the gateway serving at once, before its
+/// keep-alive finds out; `Lost` is announced once, also when the
+/// keep-alive learns it later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_refused_for_want_of_the_lease_stops_the_gateway_at_once() {
+    let etcd = EtcdCluster::start(1);
+    let c = connect(&etcd, "gwx0").await;
+    let lu = LuId::new("lu-gone").unwrap();
+    let pg = |t| {
+        vec![PortalGroup {
+            tpgt: t,
+            portals: vec![],
+        }]
+    };
+    let other = c
+        .as_gateway("gwx9")
+        .unwrap()
+        .join(pg(9), TTL, MARGIN)
+        .await
+        .unwrap();
+    let departed = c.gateways().await.unwrap().remove(0);
+    let writes = ["lock", "claim", "ack"];
+    for (i, write) in writes.into_iter().enumerate() {
+        let name = format!("gwx{}", i + 1);
+        let gw = c
+            .as_gateway(&name)
+            .unwrap()
+            .join(pg(i as u16 + 1), TTL, MARGIN)
+            .await
+            .unwrap();
+        let mut live = gw.liveness();
+        live.borrow_and_update();
+        assert!(gw.may_serve(), "{write}: a new gateway serves");
+        c.revoke_lease(gw.lease()).await.unwrap();
+        let t = Instant::now();
+        let r = match write {
+            "lock" => gw
+                .lock(&lu, Instant::now() + Duration::from_secs(5))
+                .await
+                .map(drop),
+            "claim" => gw.claim_departure(&departed).await.map(drop),
+            _ => gw.ack(&lu, 1).await,
+        };
+        assert!(
+            matches!(r, Err(Error::LeaseLost(ref n)) if *n == name),
+            "{write}: {r:?}"
+        );
+        // The keep-alive (every TTL / 3) may have found out meanwhile
+        // only if the write took that long.
+        assert!(
+            gw.current() == Liveness::Lost || t.elapsed() >= TTL / 3,
+            "{write}: still {:?} after etcd refused the lease",
+            gw.current()
+        );
+        assert!(!gw.may_serve(), "{write}: serving without a lease");
+        assert!(live.has_changed().unwrap());
+        assert_eq!(*live.borrow_and_update(), Liveness::Lost);
+        // The keep-alive meets the missing lease too: no second `Lost`.
+        tokio::time::sleep(TTL / 3 + Duration::from_millis(300)).await;
+        assert!(
+            !live.has_changed().unwrap(),
+            "{write}: Lost announced twice"
+        );
+        assert_eq!(gw.current(), Liveness::Lost);
+    }
+    drop(other);
+}
+
 /// The COMPARE AND WRITE range: published by the lock's holder only,
 /// seen by the other gateways' watches, waited for until every other live
 /// gateway acknowledged it (an ack of an older range does not count) or
