@@ -46,6 +46,18 @@ impl LockHeld {
     pub fn create_revision(&self) -> i64 {
         self.create_revision
     }
+
+    /// A transaction that does `ops` only while this gateway's lock key
+    /// is the one created then (it goes with the lease).
+    pub(crate) fn txn(&self, ops: impl Into<Vec<TxnOp>>) -> Txn {
+        Txn::new()
+            .when([Compare::create_revision(
+                self.key.clone(),
+                CompareOp::Equal,
+                self.create_revision,
+            )])
+            .and_then(ops)
+    }
 }
 
 impl Gateway {
@@ -81,16 +93,10 @@ impl Gateway {
     /// it published, if any ([`Gateway::publish_range`]: only the holder
     /// writes the range key, so while the lock is held it is the holder's).
     pub async fn unlock(&self, held: &LockHeld) -> Result<(), Error> {
-        let t = Txn::new()
-            .when([Compare::create_revision(
-                held.key.clone(),
-                CompareOp::Equal,
-                held.create_revision,
-            )])
-            .and_then([
-                TxnOp::delete(held.range.clone(), None),
-                TxnOp::delete(held.key.clone(), None),
-            ]);
+        let t = held.txn([
+            TxnOp::delete(held.range.clone(), None),
+            TxnOp::delete(held.key.clone(), None),
+        ]);
         self.cluster()
             .call_write("releasing the COMPARE AND WRITE lock", |mut c| {
                 let t = t.clone();

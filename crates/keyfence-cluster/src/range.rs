@@ -19,9 +19,7 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use etcd_client::{
-    Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, WatchOptions, WatchStream,
-};
+use etcd_client::{EventType, PutOptions, TxnOp, WatchOptions, WatchStream};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -92,17 +90,11 @@ impl Gateway {
             blocks,
         })
         .map_err(|e| Error::Etcd(e.to_string()))?;
-        let t = Txn::new()
-            .when([Compare::create_revision(
-                held.key.clone(),
-                CompareOp::Equal,
-                held.create_revision,
-            )])
-            .and_then([TxnOp::put(
-                held.range.clone(),
-                value,
-                Some(PutOptions::new().with_lease(held.lease)),
-            )]);
+        let t = held.txn([TxnOp::put(
+            held.range.clone(),
+            value,
+            Some(PutOptions::new().with_lease(held.lease)),
+        )]);
         let r = self
             .txn_under_lease("publishing the COMPARE AND WRITE range", t)
             .await?;
@@ -115,13 +107,7 @@ impl Gateway {
 
     /// Withdraw the range published under `held` (the lock stays held).
     pub async fn release_range(&self, held: &LockHeld) -> Result<(), Error> {
-        let t = Txn::new()
-            .when([Compare::create_revision(
-                held.key.clone(),
-                CompareOp::Equal,
-                held.create_revision,
-            )])
-            .and_then([TxnOp::delete(held.range.clone(), None)]);
+        let t = held.txn([TxnOp::delete(held.range.clone(), None)]);
         self.cluster()
             .call_write("releasing the COMPARE AND WRITE range", |mut c| {
                 let t = t.clone();
