@@ -16,16 +16,14 @@
 //! [`Gateway::unlock`], or with the holder's lease). Gateways follow the
 //! key with [`Cluster::watch_range`].
 
-use std::collections::VecDeque;
-use std::time::Duration;
-
-use etcd_client::{EventType, PutOptions, TxnOp, WatchOptions, WatchStream};
+use etcd_client::{EventType, KeyValue, PutOptions, TxnOp};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::fence::Applied;
 use crate::keys::LuId;
 use crate::lock::LockHeld;
+use crate::watch::{Resumable, Subject};
 use crate::{Cluster, Error, Gateway};
 
 /// The `format` of a range record.
@@ -171,14 +169,11 @@ impl Cluster {
     /// Follow `lu`'s range after revision `after` (the `read_range` the
     /// caller started from).
     pub fn watch_range(&self, lu: &LuId, after: i64) -> RangeWatch {
-        RangeWatch {
-            cluster: self.clone(),
+        let subject = RangeKey {
             lu: lu.clone(),
             key: self.keys().caw_range(lu),
-            next_revision: after + 1,
-            stream: None,
-            pending: VecDeque::new(),
-        }
+        };
+        RangeWatch(Resumable::new(self, subject, after))
     }
 }
 
@@ -194,21 +189,36 @@ pub enum RangeEvent {
 }
 
 /// A resumable watch of one LU's range key, like [`crate::LuWatch`].
-pub struct RangeWatch {
-    cluster: Cluster,
+#[derive(Debug)]
+pub struct RangeWatch(Resumable<RangeKey>);
+
+/// The subject of a [`RangeWatch`].
+#[derive(Debug)]
+struct RangeKey {
     lu: LuId,
     key: String,
-    next_revision: i64,
-    stream: Option<WatchStream>,
-    pending: VecDeque<Result<RangeEvent, Error>>,
 }
 
-impl std::fmt::Debug for RangeWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RangeWatch")
-            .field("lu", &self.lu)
-            .field("next_revision", &self.next_revision)
-            .finish()
+impl Subject for RangeKey {
+    type Event = RangeEvent;
+    const WHAT: &'static str = "COMPARE AND WRITE range watch";
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn event(&self, event_type: EventType, kv: &KeyValue) -> Result<RangeEvent, Error> {
+        match event_type {
+            EventType::Delete => Ok(RangeEvent::Released {
+                revision: kv.mod_revision(),
+            }),
+            EventType::Put => decode(kv.key(), kv.value(), kv.mod_revision()).map(RangeEvent::Held),
+        }
+    }
+
+    async fn resync(&self, cluster: &Cluster) -> Result<(RangeEvent, i64), Error> {
+        let (range, at) = cluster.read_range(&self.lu).await?;
+        Ok((RangeEvent::Resync(range), at))
     }
 }
 
@@ -216,58 +226,6 @@ impl RangeWatch {
     /// The next event; errors leave the watch usable (the next call
     /// reconnects from where it stopped).
     pub async fn next(&mut self) -> Result<RangeEvent, Error> {
-        loop {
-            if let Some(ev) = self.pending.pop_front() {
-                return ev;
-            }
-            if self.stream.is_none() {
-                let options = WatchOptions::new()
-                    .with_start_revision(self.next_revision)
-                    .with_progress_notify();
-                let key = self.key.clone();
-                let stream = self
-                    .cluster
-                    .call("starting the COMPARE AND WRITE range watch", |mut c| {
-                        let (key, options) = (key.clone(), options.clone());
-                        async move { c.watch(key, Some(options)).await }
-                    })
-                    .await?;
-                self.stream = Some(stream);
-            }
-            let Some(stream) = self.stream.as_mut() else {
-                continue;
-            };
-            let msg = match stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    self.stream = None;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                Err(e) => {
-                    self.stream = None;
-                    return Err(Error::from(e));
-                }
-            };
-            if msg.compact_revision() > 0 || (msg.canceled() && !msg.created()) {
-                tracing::warn!(lu = %self.lu, from = self.next_revision, "range watch history gone; reading it again");
-                self.stream = None;
-                let (range, at) = self.cluster.read_range(&self.lu).await?;
-                self.next_revision = at + 1;
-                return Ok(RangeEvent::Resync(range));
-            }
-            for ev in msg.events() {
-                let Some(kv) = ev.kv() else { continue };
-                self.next_revision = kv.mod_revision() + 1;
-                self.pending.push_back(match ev.event_type() {
-                    EventType::Delete => Ok(RangeEvent::Released {
-                        revision: kv.mod_revision(),
-                    }),
-                    EventType::Put => {
-                        decode(kv.key(), kv.value(), kv.mod_revision()).map(RangeEvent::Held)
-                    }
-                });
-            }
-        }
+        self.0.next().await
     }
 }

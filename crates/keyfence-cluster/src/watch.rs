@@ -1,9 +1,11 @@
-//! Following one LU's committed states in revision order.
+//! Following one LU's committed states in revision order, and gateways
+//! joining and leaving, with the resumable watch these and the COMPARE
+//! AND WRITE range's watch (range.rs) share.
 
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions, WatchStream};
+use etcd_client::{EventType, KeyValue, WatchOptions, WatchStream};
 
 use crate::gateway::{GatewayEntry, GatewayRecord};
 use crate::keys::LuId;
@@ -37,21 +39,45 @@ impl LuEvent {
 /// failure from the revision after the last one delivered, so a gateway
 /// sees every change in order; falls back to a full read
 /// ([`LuEvent::Resync`]) when etcd compacted that history away.
-pub struct LuWatch {
-    cluster: Cluster,
+#[derive(Debug)]
+pub struct LuWatch(Resumable<LuStateKey>);
+
+/// The subject of a [`LuWatch`].
+#[derive(Debug)]
+struct LuStateKey {
     lu: LuId,
     key: String,
-    next_revision: i64,
-    stream: Option<WatchStream>,
-    pending: VecDeque<Result<LuEvent, Error>>,
 }
 
-impl std::fmt::Debug for LuWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LuWatch")
-            .field("lu", &self.lu)
-            .field("next_revision", &self.next_revision)
-            .finish()
+impl Subject for LuStateKey {
+    type Event = LuEvent;
+    const WHAT: &'static str = "PR state watch";
+
+    fn key(&self) -> &str {
+        &self.key
+    }
+
+    fn event(&self, event_type: EventType, kv: &KeyValue) -> Result<LuEvent, Error> {
+        let state = match event_type {
+            EventType::Delete => Ok(LuState::absent(kv.mod_revision())),
+            EventType::Put => record::decode(
+                self.lu.as_str(),
+                kv.value(),
+                kv.mod_revision(),
+                kv.mod_revision(),
+            )
+            .map_err(|reason| Error::Corrupt {
+                key: self.key.clone(),
+                reason,
+            }),
+        };
+        state.map(LuEvent::Changed)
+    }
+
+    async fn resync(&self, cluster: &Cluster) -> Result<(LuEvent, i64), Error> {
+        let state = cluster.read(&self.lu).await?;
+        let at = state.read_at;
+        Ok((LuEvent::Resync(state), at))
     }
 }
 
@@ -59,94 +85,25 @@ impl Cluster {
     /// Watch `lu` for changes after cluster revision `after` (typically
     /// the `read_at` of the read the caller started from).
     pub fn watch_lu(&self, lu: &LuId, after: i64) -> LuWatch {
-        LuWatch {
-            cluster: self.clone(),
+        let subject = LuStateKey {
             lu: lu.clone(),
             key: self.keys().state(lu),
-            next_revision: after + 1,
-            stream: None,
-            pending: VecDeque::new(),
-        }
+        };
+        LuWatch(Resumable::new(self, subject, after))
     }
 }
 
 impl LuWatch {
     /// The revision the next event will be at or after.
     pub fn next_revision(&self) -> i64 {
-        self.next_revision
+        self.0.next_revision()
     }
 
     /// The next event. An error (etcd unavailable, a corrupt record)
     /// leaves the watch usable: the next call reconnects from where it
     /// stopped. Callers bound the wait with a timeout.
     pub async fn next(&mut self) -> Result<LuEvent, Error> {
-        loop {
-            if let Some(ev) = self.pending.pop_front() {
-                return ev;
-            }
-            if self.stream.is_none() {
-                let options = WatchOptions::new()
-                    .with_start_revision(self.next_revision)
-                    .with_progress_notify();
-                let key = self.key.clone();
-                let stream = self
-                    .cluster
-                    .call("starting watch", |mut c| {
-                        let (key, options) = (key.clone(), options.clone());
-                        async move { c.watch(key, Some(options)).await }
-                    })
-                    .await?;
-                tracing::debug!(lu = %self.lu, from = self.next_revision, "watch started");
-                self.stream = Some(stream);
-            }
-            let Some(stream) = self.stream.as_mut() else {
-                continue;
-            };
-            let msg = match stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    self.stream = None;
-                    tracing::warn!(lu = %self.lu, "watch stream ended; reconnecting");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-                Err(e) => {
-                    self.stream = None;
-                    let e = Error::from(e);
-                    tracing::warn!(lu = %self.lu, error = %e, "watch stream failed");
-                    return Err(e);
-                }
-            };
-            if msg.compact_revision() > 0 || (msg.canceled() && !msg.created()) {
-                tracing::warn!(
-                    lu = %self.lu, from = self.next_revision,
-                    compacted = msg.compact_revision(), reason = msg.cancel_reason(),
-                    "watch history gone; resynchronising with a full read"
-                );
-                self.stream = None;
-                let state = self.cluster.read(&self.lu).await?;
-                self.next_revision = state.read_at + 1;
-                return Ok(LuEvent::Resync(state));
-            }
-            for ev in msg.events() {
-                let Some(kv) = ev.kv() else { continue };
-                self.next_revision = kv.mod_revision() + 1;
-                let state = match ev.event_type() {
-                    EventType::Delete => Ok(LuState::absent(kv.mod_revision())),
-                    EventType::Put => record::decode(
-                        self.lu.as_str(),
-                        kv.value(),
-                        kv.mod_revision(),
-                        kv.mod_revision(),
-                    )
-                    .map_err(|reason| Error::Corrupt {
-                        key: self.key.clone(),
-                        reason,
-                    }),
-                };
-                self.pending.push_back(state.map(LuEvent::Changed));
-            }
-        }
+        self.0.next().await
     }
 }
 
@@ -167,102 +124,203 @@ pub enum GatewayEvent {
 }
 
 /// A resumable watch of `gateways/`, like [`LuWatch`] for one LU.
-pub struct GatewayWatch {
-    cluster: Cluster,
+#[derive(Debug)]
+pub struct GatewayWatch(Resumable<GatewayKeys>);
+
+/// The subject of a [`GatewayWatch`].
+#[derive(Debug)]
+struct GatewayKeys {
     prefix: String,
-    next_revision: i64,
-    stream: Option<WatchStream>,
-    pending: VecDeque<Result<GatewayEvent, Error>>,
 }
 
-impl std::fmt::Debug for GatewayWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GatewayWatch")
-            .field("next_revision", &self.next_revision)
-            .finish()
+impl Subject for GatewayKeys {
+    type Event = GatewayEvent;
+    const WHAT: &'static str = "gateway watch";
+    const PREFIX: bool = true;
+
+    fn key(&self) -> &str {
+        &self.prefix
+    }
+
+    fn event(&self, event_type: EventType, kv: &KeyValue) -> Result<GatewayEvent, Error> {
+        let key = String::from_utf8_lossy(kv.key()).into_owned();
+        let name = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
+        match event_type {
+            EventType::Delete => Ok(GatewayEvent::Left {
+                name,
+                revision: kv.mod_revision(),
+            }),
+            EventType::Put => serde_json::from_slice::<GatewayRecord>(kv.value())
+                .map(|record| {
+                    GatewayEvent::Joined(GatewayEntry {
+                        record,
+                        lease: kv.lease(),
+                        create_revision: kv.create_revision(),
+                    })
+                })
+                .map_err(|e| Error::Corrupt {
+                    key,
+                    reason: e.to_string(),
+                }),
+        }
+    }
+
+    async fn resync(&self, cluster: &Cluster) -> Result<(GatewayEvent, i64), Error> {
+        let (gateways, read_at) = cluster.gateways_at().await?;
+        Ok((GatewayEvent::Resync { gateways, read_at }, read_at))
     }
 }
 
 impl Cluster {
     /// Watch gateway registrations after cluster revision `after`.
     pub fn watch_gateways(&self, after: i64) -> GatewayWatch {
-        GatewayWatch {
-            cluster: self.clone(),
+        let subject = GatewayKeys {
             prefix: self.keys().gateways(),
-            next_revision: after + 1,
-            stream: None,
-            pending: VecDeque::new(),
-        }
+        };
+        GatewayWatch(Resumable::new(self, subject, after))
     }
 }
 
 impl GatewayWatch {
     /// The next membership event; errors leave the watch usable.
     pub async fn next(&mut self) -> Result<GatewayEvent, Error> {
+        self.0.next().await
+    }
+}
+
+/// A key (or every key under a prefix) followed by a [`Resumable`]
+/// watch: what its changes, and a full read of it, deliver.
+pub(crate) trait Subject {
+    /// What the watch delivers.
+    type Event;
+    /// The watch, for logs and errors.
+    const WHAT: &'static str;
+    /// Whether [`Subject::key`] is a prefix to watch every key under.
+    const PREFIX: bool = false;
+
+    fn key(&self) -> &str;
+
+    /// What a put or delete of `kv` (at its mod revision) delivers.
+    fn event(&self, event_type: EventType, kv: &KeyValue) -> Result<Self::Event, Error>;
+
+    /// The history since the last event is gone: what a full read
+    /// delivers instead, and the revision it was read at.
+    fn resync(
+        &self,
+        cluster: &Cluster,
+    ) -> impl std::future::Future<Output = Result<(Self::Event, i64), Error>> + Send;
+}
+
+/// A watch that resumes where it stopped: after a stream failure it
+/// watches again from the revision after the last event delivered (so
+/// nothing is skipped or repeated), and when etcd compacted that history
+/// away or cancelled the watch it delivers a full read
+/// ([`Subject::resync`]) and goes on from there.
+pub(crate) struct Resumable<S: Subject> {
+    cluster: Cluster,
+    subject: S,
+    next_revision: i64,
+    stream: Option<WatchStream>,
+    pending: VecDeque<Result<S::Event, Error>>,
+}
+
+impl<S: Subject + std::fmt::Debug> std::fmt::Debug for Resumable<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resumable")
+            .field("subject", &self.subject)
+            .field("next_revision", &self.next_revision)
+            .finish()
+    }
+}
+
+impl<S: Subject> Resumable<S> {
+    /// Follow `subject` after cluster revision `after`.
+    pub(crate) fn new(cluster: &Cluster, subject: S, after: i64) -> Self {
+        Resumable {
+            cluster: cluster.clone(),
+            subject,
+            next_revision: after + 1,
+            stream: None,
+            pending: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn next_revision(&self) -> i64 {
+        self.next_revision
+    }
+
+    /// The next event. An error (etcd unavailable, a stream failure, an
+    /// undecodable value) leaves the watch usable: the next call goes on
+    /// from where it stopped.
+    pub(crate) async fn next(&mut self) -> Result<S::Event, Error> {
         loop {
             if let Some(ev) = self.pending.pop_front() {
                 return ev;
             }
-            if self.stream.is_none() {
-                let options = WatchOptions::new()
-                    .with_start_revision(self.next_revision)
-                    .with_prefix()
-                    .with_progress_notify();
-                let prefix = self.prefix.clone();
-                let stream = self
-                    .cluster
-                    .call("starting gateway watch", |mut c| {
-                        let (prefix, options) = (prefix.clone(), options.clone());
-                        async move { c.watch(prefix, Some(options)).await }
-                    })
-                    .await?;
-                self.stream = Some(stream);
-            }
-            let Some(stream) = self.stream.as_mut() else {
-                continue;
+            let stream = match &mut self.stream {
+                Some(stream) => stream,
+                None => {
+                    let mut options = WatchOptions::new()
+                        .with_start_revision(self.next_revision)
+                        .with_progress_notify();
+                    if S::PREFIX {
+                        options = options.with_prefix();
+                    }
+                    let key = self.subject.key().to_owned();
+                    let stream = self
+                        .cluster
+                        .call(&format!("starting the {}", S::WHAT), |mut c| {
+                            let (key, options) = (key.clone(), options.clone());
+                            async move { c.watch(key, Some(options)).await }
+                        })
+                        .await?;
+                    tracing::debug!(
+                        watch = S::WHAT,
+                        key = self.subject.key(),
+                        from = self.next_revision,
+                        "watch started"
+                    );
+                    self.stream.insert(stream)
+                }
             };
             let msg = match stream.message().await {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     self.stream = None;
+                    tracing::warn!(
+                        watch = S::WHAT,
+                        key = self.subject.key(),
+                        "watch stream ended; reconnecting"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
                 Err(e) => {
                     self.stream = None;
-                    return Err(Error::from(e));
+                    let e = Error::from(e);
+                    tracing::warn!(watch = S::WHAT, key = self.subject.key(), error = %e, "watch stream failed");
+                    return Err(e);
                 }
             };
             if msg.compact_revision() > 0 || (msg.canceled() && !msg.created()) {
+                tracing::warn!(
+                    watch = S::WHAT,
+                    key = self.subject.key(),
+                    from = self.next_revision,
+                    compacted = msg.compact_revision(),
+                    reason = msg.cancel_reason(),
+                    "watch history gone; resynchronising with a full read"
+                );
                 self.stream = None;
-                let (gateways, read_at) = self.cluster.gateways_at().await?;
-                self.next_revision = read_at + 1;
-                return Ok(GatewayEvent::Resync { gateways, read_at });
+                let (event, at) = self.subject.resync(&self.cluster).await?;
+                self.next_revision = at + 1;
+                return Ok(event);
             }
             for ev in msg.events() {
                 let Some(kv) = ev.kv() else { continue };
                 self.next_revision = kv.mod_revision() + 1;
-                let key = String::from_utf8_lossy(kv.key()).into_owned();
-                let name = key.strip_prefix(&self.prefix).unwrap_or(&key).to_owned();
-                let item = match ev.event_type() {
-                    EventType::Delete => Ok(GatewayEvent::Left {
-                        name,
-                        revision: kv.mod_revision(),
-                    }),
-                    EventType::Put => serde_json::from_slice::<GatewayRecord>(kv.value())
-                        .map(|record| {
-                            GatewayEvent::Joined(GatewayEntry {
-                                record,
-                                lease: kv.lease(),
-                                create_revision: kv.create_revision(),
-                            })
-                        })
-                        .map_err(|e| Error::Corrupt {
-                            key,
-                            reason: e.to_string(),
-                        }),
-                };
-                self.pending.push_back(item);
+                self.pending
+                    .push_back(self.subject.event(ev.event_type(), kv));
             }
         }
     }
