@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{
-    Client, Compare, CompareOp, EventType, PutOptions, Txn, TxnOp, TxnResponse, WatchOptions,
-};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnResponse};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -548,28 +546,18 @@ impl Gateway {
                 return Ok(());
             }
             let at = r.header().map_or(0, |h| h.revision());
-            let options = WatchOptions::new().with_start_revision(at + 1);
-            let mut stream = self
+            let deleted = self
                 .cluster
-                .call("watching a departure claim", |mut c| {
-                    let (k, o) = (key.clone(), options.clone());
-                    async move { c.watch(k, Some(o)).await }
-                })
+                .watch_until_deleted(
+                    "watching a departure claim",
+                    key.clone().into_bytes(),
+                    at + 1,
+                )
                 .await?;
-            loop {
-                match stream.message().await {
-                    Ok(Some(m)) if !m.canceled() && m.compact_revision() == 0 => {
-                        if m.events()
-                            .iter()
-                            .any(|e| e.event_type() == EventType::Delete)
-                        {
-                            return Ok(());
-                        }
-                    }
-                    // Ended or failed: read again.
-                    _ => break,
-                }
+            if deleted {
+                return Ok(());
             }
+            // The watch ended without a deletion: read again.
         }
     }
 

@@ -15,8 +15,7 @@
 //! overlap the next one.
 
 use etcd_client::{
-    Compare, CompareOp, EventType, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp,
-    TxnOpResponse, WatchOptions,
+    Compare, CompareOp, GetOptions, PutOptions, SortOrder, SortTarget, Txn, TxnOp, TxnOpResponse,
 };
 use tokio::time::Instant;
 
@@ -190,33 +189,15 @@ impl Gateway {
             let Some(prev) = ahead.kvs().first() else {
                 return Ok(());
             };
-            let prev_key = prev.key().to_vec();
-            let options = WatchOptions::new().with_start_revision(at + 1);
-            let mut stream = self
-                .cluster()
-                .call("watching the COMPARE AND WRITE lock", |mut c| {
-                    let (k, o) = (prev_key.clone(), options.clone());
-                    async move { c.watch(k, Some(o)).await }
-                })
+            // Wait until the key ahead is deleted (or the watch ends),
+            // then read the line again.
+            self.cluster()
+                .watch_until_deleted(
+                    "watching the COMPARE AND WRITE lock",
+                    prev.key().to_vec(),
+                    at + 1,
+                )
                 .await?;
-            // Until the key ahead is deleted (or the watch ends: read the
-            // line again).
-            'watch: loop {
-                match stream.message().await {
-                    Ok(Some(m)) => {
-                        if m.canceled() || m.compact_revision() > 0 {
-                            break 'watch;
-                        }
-                        if m.events()
-                            .iter()
-                            .any(|e| e.event_type() == EventType::Delete)
-                        {
-                            break 'watch;
-                        }
-                    }
-                    Ok(None) | Err(_) => break 'watch,
-                }
-            }
         }
     }
 }

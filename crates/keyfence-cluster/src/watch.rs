@@ -188,6 +188,40 @@ impl GatewayWatch {
     }
 }
 
+impl Cluster {
+    /// Watch `key` from revision `from` until it is deleted (`true`), or
+    /// until the watch ends without that: cancelled, history compacted,
+    /// stream closed or failed (`false`: read the key again and decide).
+    /// Unbounded: the caller bounds it.
+    pub(crate) async fn watch_until_deleted(
+        &self,
+        what: &str,
+        key: Vec<u8>,
+        from: i64,
+    ) -> Result<bool, Error> {
+        let options = WatchOptions::new().with_start_revision(from);
+        let mut stream = self
+            .call(what, |mut c| {
+                let (k, o) = (key.clone(), options.clone());
+                async move { c.watch(k, Some(o)).await }
+            })
+            .await?;
+        loop {
+            match stream.message().await {
+                Ok(Some(m)) if !m.canceled() && m.compact_revision() == 0 => {
+                    if m.events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                    {
+                        return Ok(true);
+                    }
+                }
+                _ => return Ok(false),
+            }
+        }
+    }
+}
+
 /// A key (or every key under a prefix) followed by a [`Resumable`]
 /// watch: what its changes, and a full read of it, deliver.
 pub(crate) trait Subject {
