@@ -5,7 +5,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use keyfence_cluster::{
-    Change, Cluster, ClusterConfig, ClusterPrStore, Error, Liveness, LuEvent, LuId, PortalGroup,
+    Applied, Change, Cluster, ClusterConfig, ClusterPrStore, Error, Gateway, Liveness, LuEvent,
+    LuId, PortalGroup,
 };
 use keyfence_pr::{PrState, PrStore, Registration, StoreError};
 use keyfence_scsi::sense::asc;
@@ -30,6 +31,57 @@ async fn connect(etcd: &EtcdCluster, gateway: &str) -> Cluster {
     Cluster::connect(&config(etcd, gateway))
         .await
         .expect("connect to etcd")
+}
+
+/// Commit [`register`] on `lu`: the revision it committed at.
+async fn commit_registration(c: &Cluster, lu: &LuId, initiator: &str, key: u64) -> i64 {
+    c.update(lu, |s| Ok::<_, String>(register(&s.state, initiator, key)))
+        .await
+        .unwrap()
+        .state
+        .revision
+}
+
+/// [`Cluster::wait_applied`] for `revision` of `lu` within `patience`,
+/// in a task of its own.
+fn spawn_wait_applied(
+    c: &Cluster,
+    lu: &LuId,
+    revision: i64,
+    patience: Duration,
+) -> tokio::task::JoinHandle<Result<Applied, Error>> {
+    let (c, lu) = (c.clone(), lu.clone());
+    tokio::spawn(async move {
+        c.wait_applied(&lu, revision, Instant::now() + patience)
+            .await
+    })
+}
+
+/// What a [`spawn_wait_applied`] task concluded; it must end within 5 s.
+async fn waited(waiter: tokio::task::JoinHandle<Result<Applied, Error>>) -> Applied {
+    timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("bounded")
+        .unwrap()
+        .unwrap()
+}
+
+/// One portal group `tpgt`, without portals.
+fn pg(tpgt: u16) -> Vec<PortalGroup> {
+    vec![PortalGroup {
+        tpgt,
+        portals: vec![],
+    }]
+}
+
+/// Join as gateway `name` over `c`'s connection, serving portal group
+/// `tpgt`.
+async fn join_as(c: &Cluster, name: &str, tpgt: u16) -> Gateway {
+    c.as_gateway(name)
+        .unwrap()
+        .join(pg(tpgt), TTL, MARGIN)
+        .await
+        .unwrap()
 }
 
 fn nexus(initiator: &str, isid: u64) -> Nexus {
@@ -396,25 +448,9 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
     let (none, at) = c.gateways_at().await.unwrap();
     assert!(none.is_empty());
     let mut members = c.watch_gateways(at);
-    let pg = |t| {
-        vec![PortalGroup {
-            tpgt: t,
-            portals: vec![],
-        }]
-    };
     let g1 = c.join(pg(1), TTL, MARGIN).await.unwrap();
-    let g2 = c
-        .as_gateway("gw2")
-        .unwrap()
-        .join(pg(2), TTL, MARGIN)
-        .await
-        .unwrap();
-    let mut g3 = c
-        .as_gateway("gw3")
-        .unwrap()
-        .join(pg(3), TTL, MARGIN)
-        .await
-        .unwrap();
+    let g2 = join_as(&c, "gw2", 2).await;
+    let mut g3 = join_as(&c, "gw3", 3).await;
     // A second gateway cannot take a live name.
     assert!(matches!(
         c.as_gateway("gw2").unwrap().join(pg(9), TTL, MARGIN).await,
@@ -426,19 +462,8 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
     }
 
     // 1. Every gateway acks: the wait ends with all of them acked.
-    let r1 = c
-        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.a", 1)))
-        .await
-        .unwrap()
-        .state
-        .revision;
-    let waiter = {
-        let (c, lu) = (c.clone(), lu.clone());
-        tokio::spawn(async move {
-            c.wait_applied(&lu, r1, Instant::now() + Duration::from_secs(10))
-                .await
-        })
-    };
+    let r1 = commit_registration(&c, &lu, "iqn.a", 1).await;
+    let waiter = spawn_wait_applied(&c, &lu, r1, Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(!waiter.is_finished(), "returned before any ack");
     for g in [&g1, &g2] {
@@ -448,11 +473,7 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
     assert!(!waiter.is_finished(), "returned before gw3 acked");
     let t = Instant::now();
     g3.ack(&lu, r1).await.unwrap();
-    let done = timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("bounded")
-        .unwrap()
-        .unwrap();
+    let done = waited(waiter).await;
     assert_eq!(done.acked, ["gw1", "gw2", "gw3"]);
     assert!(done.gone.is_empty());
     assert!(t.elapsed() < Duration::from_secs(2));
@@ -468,12 +489,7 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
     // once etcd expired it.
     g3.stop();
     assert!(!g3.may_serve());
-    let r2 = c
-        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.b", 2)))
-        .await
-        .unwrap()
-        .state
-        .revision;
+    let r2 = commit_registration(&c, &lu, "iqn.b", 2).await;
     g1.ack(&lu, r2).await.unwrap();
     g2.ack(&lu, r2).await.unwrap();
     match c
@@ -539,18 +555,8 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
 
     // A gateway that does not serve the LU is not waited for; one that
     // serves it is, until it acks or says it left the LU.
-    let g6 = c
-        .as_gateway("gw6")
-        .unwrap()
-        .join(pg(6), TTL, MARGIN)
-        .await
-        .unwrap();
-    let r = c
-        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.f", 6)))
-        .await
-        .unwrap()
-        .state
-        .revision;
+    let g6 = join_as(&c, "gw6", 6).await;
+    let r = commit_registration(&c, &lu, "iqn.f", 6).await;
     g1.ack(&lu, r).await.unwrap();
     g2.ack(&lu, r).await.unwrap();
     let done = c
@@ -559,29 +565,14 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
         .unwrap();
     assert_eq!(done.acked, ["gw1", "gw2"]);
     g6.serve_lu(&lu).await.unwrap();
-    let r = c
-        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.g", 7)))
-        .await
-        .unwrap()
-        .state
-        .revision;
+    let r = commit_registration(&c, &lu, "iqn.g", 7).await;
     g1.ack(&lu, r).await.unwrap();
     g2.ack(&lu, r).await.unwrap();
-    let waiter = {
-        let (c, lu) = (c.clone(), lu.clone());
-        tokio::spawn(async move {
-            c.wait_applied(&lu, r, Instant::now() + Duration::from_secs(10))
-                .await
-        })
-    };
+    let waiter = spawn_wait_applied(&c, &lu, r, Duration::from_secs(10));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiter.is_finished(), "returned before gw6 acked or left");
     g6.leave_lu(&lu).await.unwrap();
-    let done = timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("bounded")
-        .unwrap()
-        .unwrap();
+    let done = waited(waiter).await;
     assert_eq!(
         (done.acked.as_slice(), done.left.as_slice(), done.gone.len()),
         (
@@ -594,22 +585,12 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
 
     // A registration deleted by hand while its lease lives does not count
     // as gone: that gateway may still serve. Its lease ending does.
-    let g5 = c
-        .as_gateway("gw5")
-        .unwrap()
-        .join(pg(5), TTL, MARGIN)
-        .await
-        .unwrap();
+    let g5 = join_as(&c, "gw5", 5).await;
     // Like a real gateway, it acks the state it read when it joined.
     g5.ack(&lu, c.read(&lu).await.unwrap().revision)
         .await
         .unwrap();
-    let r = c
-        .update(&lu, |s| Ok::<_, String>(register(&s.state, "iqn.e", 5)))
-        .await
-        .unwrap()
-        .state
-        .revision;
+    let r = commit_registration(&c, &lu, "iqn.e", 5).await;
     g1.ack(&lu, r).await.unwrap();
     g2.ack(&lu, r).await.unwrap();
     c.client()
@@ -623,21 +604,11 @@ async fn wait_applied_ends_on_acks_or_lease_loss_and_quorum_loss_is_a_typed_erro
         Err(Error::NotApplied { pending, .. }) => assert_eq!(pending, ["gw5"]),
         other => panic!("a hand-deleted key with a live lease counted: {other:?}"),
     }
-    let waiter = {
-        let (c, lu) = (c.clone(), lu.clone());
-        tokio::spawn(async move {
-            c.wait_applied(&lu, r, Instant::now() + Duration::from_secs(5))
-                .await
-        })
-    };
+    let waiter = spawn_wait_applied(&c, &lu, r, Duration::from_secs(5));
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiter.is_finished());
     g5.leave().await.unwrap();
-    let done = timeout(Duration::from_secs(5), waiter)
-        .await
-        .expect("bounded")
-        .unwrap()
-        .unwrap();
+    let done = waited(waiter).await;
     assert_eq!(
         (done.acked.len(), done.gone.as_slice()),
         (2, &["gw5".to_string()][..])
@@ -756,12 +727,6 @@ async fn a_departure_claimed_by_a_survivor_that_dies_is_taken_over_and_committed
         LuId::new("lu-departure-2").unwrap(),
     );
     let c = connect(&etcd, "gwd").await;
-    let pg = |t| {
-        vec![PortalGroup {
-            tpgt: t,
-            portals: vec![],
-        }]
-    };
     let mut departed = c.join(pg(1), TTL, MARGIN).await.unwrap();
     let s1 = c.as_gateway("gws1").unwrap();
     let s2 = c.as_gateway("gws2").unwrap();
@@ -867,30 +832,20 @@ async fn the_compare_and_write_lock_has_one_holder_and_goes_with_a_dead_holders_
     let etcd = EtcdCluster::start(3);
     let lu = LuId::new("lu-caw").unwrap();
     let c = connect(&etcd, "gwl1").await;
-    let pg = |t| {
-        vec![PortalGroup {
-            tpgt: t,
-            portals: vec![],
-        }]
-    };
     let mut g1 = c.join(pg(1), TTL, MARGIN).await.unwrap();
-    let g2 = std::sync::Arc::new(
-        c.as_gateway("gwl2")
-            .unwrap()
-            .join(pg(2), TTL, MARGIN)
-            .await
-            .unwrap(),
-    );
+    let g2 = std::sync::Arc::new(join_as(&c, "gwl2", 2).await);
     let far = || Instant::now() + Duration::from_secs(20);
+    // g2 asks for the lock in a task of its own.
+    let g2_locks = || {
+        let (g2, lu) = (g2.clone(), lu.clone());
+        tokio::spawn(async move { g2.lock(&lu, far()).await })
+    };
     // Taken and released, then taken again.
     let h = g1.lock(&lu, far()).await.unwrap();
     g1.unlock(&h).await.unwrap();
     let h1 = g1.lock(&lu, far()).await.unwrap();
     // g2 waits behind g1 ...
-    let w = {
-        let (g2, lu) = (g2.clone(), lu.clone());
-        tokio::spawn(async move { g2.lock(&lu, Instant::now() + Duration::from_secs(20)).await })
-    };
+    let w = g2_locks();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!w.is_finished(), "two holders at once");
     // ... a waiter that gives up leaves the line ...
@@ -913,10 +868,7 @@ async fn the_compare_and_write_lock_has_one_holder_and_goes_with_a_dead_holders_
     g2.unlock(&h2).await.unwrap();
     // A holder that dies: the lock goes with its lease.
     let h1 = g1.lock(&lu, far()).await.unwrap();
-    let w = {
-        let (g2, lu) = (g2.clone(), lu.clone());
-        tokio::spawn(async move { g2.lock(&lu, Instant::now() + Duration::from_secs(20)).await })
-    };
+    let w = g2_locks();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!w.is_finished());
     let died = Instant::now();
@@ -944,28 +896,12 @@ async fn a_write_refused_for_want_of_the_lease_stops_the_gateway_at_once() {
     let etcd = EtcdCluster::start(1);
     let c = connect(&etcd, "gwx0").await;
     let lu = LuId::new("lu-gone").unwrap();
-    let pg = |t| {
-        vec![PortalGroup {
-            tpgt: t,
-            portals: vec![],
-        }]
-    };
-    let other = c
-        .as_gateway("gwx9")
-        .unwrap()
-        .join(pg(9), TTL, MARGIN)
-        .await
-        .unwrap();
+    let other = join_as(&c, "gwx9", 9).await;
     let departed = c.gateways().await.unwrap().remove(0);
     let writes = ["lock", "claim", "ack"];
     for (i, write) in writes.into_iter().enumerate() {
         let name = format!("gwx{}", i + 1);
-        let gw = c
-            .as_gateway(&name)
-            .unwrap()
-            .join(pg(i as u16 + 1), TTL, MARGIN)
-            .await
-            .unwrap();
+        let gw = join_as(&c, &name, i as u16 + 1).await;
         let mut live = gw.liveness();
         live.borrow_and_update();
         assert!(gw.may_serve(), "{write}: a new gateway serves");
@@ -1016,25 +952,9 @@ async fn the_compare_and_write_range_is_acknowledged_by_every_live_gateway_and_g
     let etcd = EtcdCluster::start(3);
     let lu = LuId::new("lu-range").unwrap();
     let c = connect(&etcd, "gwr1").await;
-    let pg = |t| {
-        vec![PortalGroup {
-            tpgt: t,
-            portals: vec![],
-        }]
-    };
     let mut g1 = c.join(pg(1), TTL, MARGIN).await.unwrap();
-    let g2 = c
-        .as_gateway("gwr2")
-        .unwrap()
-        .join(pg(2), TTL, MARGIN)
-        .await
-        .unwrap();
-    let mut g3 = c
-        .as_gateway("gwr3")
-        .unwrap()
-        .join(pg(3), TTL, MARGIN)
-        .await
-        .unwrap();
+    let g2 = join_as(&c, "gwr2", 2).await;
+    let mut g3 = join_as(&c, "gwr3", 3).await;
     // All three serve the LU (range waits count the gateways serving it).
     for g in [&g1, &g2, &g3] {
         g.serve_lu(&lu).await.unwrap();
