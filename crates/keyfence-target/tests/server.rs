@@ -17,6 +17,7 @@ use keyfence_iscsi::pdu::{
 use keyfence_iscsi::{Lun, Pdu};
 use keyfence_target::config::{ChapConfig, Config, Limits, Secret};
 use keyfence_target::server::ServerError;
+use keyfence_testkit::fdinfo::{open_flags, opened_direct};
 use keyfence_testkit::raw::{read10, write10};
 use keyfence_testkit::{InProcessServer, LoginKeys, RawClient, ServerOptions};
 
@@ -700,43 +701,23 @@ fn shutdown_flushes_written_data() {
     assert!(c.recv().is_none());
 }
 
-/// The `flags:` of the open file descriptions of this process that name
-/// `path` (from /proc/self/fdinfo).
-fn open_flags_of(path: &std::path::Path) -> Vec<i32> {
-    let want = std::fs::canonicalize(path).unwrap();
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-        if std::fs::read_link(e.path()).ok().as_deref() != Some(want.as_path()) {
-            continue;
-        }
-        let fd = e.file_name().to_string_lossy().into_owned();
-        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
-            continue;
-        };
-        if let Some(f) = info.lines().find_map(|l| l.strip_prefix("flags:")) {
-            out.push(i32::from_str_radix(f.trim(), 8).unwrap());
-        }
-    }
-    out
-}
-
 /// A LUN with `direct = true`: its backing file is open O_DIRECT, an
 /// acknowledged WRITE (no SYNCHRONIZE CACHE) is on the file for another
 /// reader, and READs come back. A file system that refuses direct I/O
 /// stops the start with one line naming the target and LUN.
 #[test]
 fn a_direct_lun_is_served_uncached_and_needs_direct_io() {
-    const O_DIRECT: i32 = 0o40000;
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = ServerOptions::default().config(dir.path());
     // 4096-byte blocks meet every file system's direct-I/O alignment.
     cfg.targets[0].luns[0].direct = true;
     cfg.targets[0].luns[0].block_size = 4096;
     let mut srv = InProcessServer::from_config(cfg).unwrap();
-    let flags = open_flags_of(&srv.image());
+    let me = std::process::id();
     assert!(
-        !flags.is_empty() && flags.iter().all(|f| f & O_DIRECT != 0),
-        "backing file open flags {flags:?}"
+        opened_direct(me, &srv.image()),
+        "backing file open flags {:?}",
+        open_flags(me, &srv.image())
     );
     let mut c = connect(srv.portals()[0]);
     assert_eq!(login(&mut c, 0x23d0_0000_0031, Some(IQN)).status_class, 0);

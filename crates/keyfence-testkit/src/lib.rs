@@ -6,6 +6,7 @@
 //!   passes by skipping its check.
 //! * [`cmd`]: child processes run to completion with a time limit and their
 //!   output captured.
+//! * [`fdinfo`]: how a process holds a file open (cached or `O_DIRECT`).
 //! * [`port`]: the one place that hands out a port number up front (for
 //!   tools such as tgtd that cannot bind port 0 and report it), retrying
 //!   when the port turns out to be taken.
@@ -28,6 +29,7 @@
 pub mod cluster;
 pub mod cmd;
 pub mod etcd;
+pub mod fdinfo;
 pub mod port;
 pub mod raw;
 pub mod serve;
@@ -38,6 +40,7 @@ pub mod tool;
 
 pub use cluster::{ClusterOptions, ClusterRig, Lease};
 pub use cmd::{code, run, run_bounded, text};
+pub use fdinfo::opened_direct;
 /// The target crate the in-process server comes from, for its
 /// configuration types (`Limits`, `ChapConfig`, ...).
 #[cfg(feature = "server")]

@@ -13,12 +13,11 @@
 
 mod initiator_support;
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use initiator_support::uas;
 use keyfence_initiator::{Bytes, Device, Error, PrType, RegisterOptions, SenseKey};
-use keyfence_testkit::{ClusterOptions, ClusterRig};
+use keyfence_testkit::{opened_direct, ClusterOptions, ClusterRig};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:cluster";
@@ -42,35 +41,6 @@ fn start(n: usize) -> ClusterRig {
 /// consumed.
 async fn login(url: &str, name: &str) -> Device {
     initiator_support::login(url, name, 0x23d0_0000_0001).await
-}
-
-/// Whether process `pid` holds `file` open, and every such open is
-/// `O_DIRECT` (from /proc/PID/fd and /proc/PID/fdinfo).
-fn opened_direct(pid: u32, file: &Path) -> bool {
-    const O_DIRECT: u32 = 0o40000;
-    let want = std::fs::canonicalize(file).expect("canonical backing path");
-    let mut opens = 0;
-    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).expect("/proc/PID/fd") {
-        let fd = fd.expect("fd entry");
-        if std::fs::read_link(fd.path()).ok().as_deref() != Some(want.as_path()) {
-            continue;
-        }
-        let info = std::fs::read_to_string(format!(
-            "/proc/{pid}/fdinfo/{}",
-            fd.file_name().to_string_lossy()
-        ))
-        .expect("fdinfo");
-        let flags = info
-            .lines()
-            .find_map(|l| l.strip_prefix("flags:"))
-            .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
-            .expect("flags line");
-        if flags & O_DIRECT == 0 {
-            return false;
-        }
-        opens += 1;
-    }
-    opens > 0
 }
 
 #[derive(Debug, PartialEq, Eq)]

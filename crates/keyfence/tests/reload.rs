@@ -20,7 +20,7 @@ use keyfence_initiator::commands;
 use keyfence_initiator::pr::RegisterOptions;
 use keyfence_initiator::{Device, IscsiUrl, SessionConfig};
 use keyfence_scsi::SenseKey;
-use keyfence_testkit::Serve;
+use keyfence_testkit::{opened_direct, Serve};
 
 const IQN: &str = "iqn.2026-11.io.keyfence:reload";
 const STEADY: &str = "iqn.2026-11.io.example:steady";
@@ -503,27 +503,6 @@ fn an_invalid_config_is_rejected_whole_and_the_old_one_keeps_serving() {
     );
     assert!(!lun_file_exists(f.serve.data_dir(), 1));
     assert_eq!(f.status()["config_generation"], 0);
-}
-
-/// Is `file` open O_DIRECT in process `pid` (every open of it)?
-fn opened_direct(pid: u32, file: &Path) -> bool {
-    const O_DIRECT: i32 = 0o40000;
-    let want = std::fs::canonicalize(file).unwrap();
-    let mut flags = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .flatten()
-    {
-        if std::fs::read_link(e.path()).ok().as_deref() != Some(want.as_path()) {
-            continue;
-        }
-        let fd = e.file_name().to_string_lossy().into_owned();
-        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
-        let f = info.lines().find_map(|l| l.strip_prefix("flags:")).unwrap();
-        flags.push(i32::from_str_radix(f.trim(), 8).unwrap());
-    }
-    assert!(!flags.is_empty(), "{} is not open", file.display());
-    flags.iter().all(|f| f & O_DIRECT != 0)
 }
 
 /// `direct` of a served LUN is fixed, as `read_only` is: changing it needs
