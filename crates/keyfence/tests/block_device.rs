@@ -259,6 +259,9 @@ fn direct_lun_on_a_block_device_served_over_iscsi() {
         "keyfence serve holds {} open cached (flags {:?}), not O_DIRECT",
         lp.dev.display(),
         keyfence_testkit::fdinfo::open_flags(pid, &lp.dev)
+            .iter()
+            .map(|f| format!("0{f:o}"))
+            .collect::<Vec<_>>()
     );
 
     // Exclusive while served.
