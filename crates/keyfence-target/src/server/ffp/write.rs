@@ -15,7 +15,7 @@ use keyfence_scsi::sense::{asc, Asc};
 use keyfence_scsi::{ScsiStatus, Sense, SenseKey};
 use tracing::debug;
 
-use super::respond::Meta;
+use super::respond::{Counted, Meta};
 use super::{Session, SESSION_WRITE_BUDGET};
 use crate::server::budget::Held;
 use crate::server::metrics::CmdKind;
@@ -169,8 +169,10 @@ impl Session {
             return;
         }
         let (lu, stats) = self.lu_and_stats(cmd.lun);
-        // The clock is read only for a command that is counted.
-        let start = stats.as_ref().map(|_| Instant::now());
+        let counted = stats.map(|stats| Counted {
+            stats,
+            since: self.last_rx,
+        });
         let cdb = cmd.cdb.as_slice();
         let edtl = cmd.expected_data_transfer_length;
         // What the CDB transfers out, for writes and for commands sent
@@ -191,8 +193,7 @@ impl Session {
             edtl,
             wanted_out,
             kind: CmdKind::of(cdb),
-            start,
-            stats,
+            counted,
         };
         if !cmd.write {
             let cdb = cmd.cdb;
@@ -383,8 +384,7 @@ impl Session {
             edtl: cmd.expected_data_transfer_length,
             wanted_out: None,
             kind: CmdKind::Other,
-            start: None,
-            stats: None,
+            counted: None,
         };
         self.shared.metrics.task_set_full.inc();
         self.respond(&meta, CommandOutcome::with_status(ScsiStatus::TaskSetFull));
