@@ -13,7 +13,11 @@ keyfence builds and the ratio of the CPU time their processes spent per IO; --se
 `keyfence serve` of --binary only, --baseline-serve-arg to that of the
 baseline. The baseline may be the same binary: then the two keyfence
 columns compare two ways of serving (e.g. with and without --metrics) in
-the same rounds.
+the same rounds. --no-tgt leaves tgtd out of such a comparison: the two
+keyfence sides then run back to back in every round, in alternating order
+(ABBA), and each round's ratio of the two is reported too (their median
+and spread), which cancels drift in the machine's load better than the
+ratio of the medians; the load average at the start and end is printed.
 
 --cluster compares cluster mode (a three-member etcd on loopback, two
 gateways over one file) with single-node mode instead, in one run: 4 KiB
@@ -517,6 +521,33 @@ def make_image(path, size):
         os.fsync(f.fileno())
 
 
+def print_pairs(workloads, results, per_round, args, load0, load1):
+    """The --no-tgt table: medians, the ratio of the medians, and the median
+    (and range) of the per-round ratios of the two keyfence sides, for the
+    result and for the target's CPU per unit of work."""
+
+    def spread(ratios):
+        if not ratios:
+            return "n/a"
+        return f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f})"
+
+    print("\n| workload | keyfence | baseline | keyfence/baseline | per round: median (range) "
+          "| target CPU per unit, keyfence/baseline, per round: median (range) |"
+          "\n|---|---:|---:|---:|---:|---:|")
+    for name, _ in workloads:
+        k = statistics.median(results[name]["keyfence"])
+        b = statistics.median(results[name]["baseline"])
+        rounds = per_round[name]
+        ratio = [x["keyfence"][0] / x["baseline"][0] for x in rounds if x["baseline"][0] > 0]
+        cpu = [x["keyfence"][1] / x["baseline"][1] for x in rounds
+               if x["keyfence"][1] and x["baseline"][1]]
+        print(f"| {name} | {k:.0f} | {b:.0f} | {k / b:.3f}x | {spread(ratio)} | {spread(cpu)} |")
+    print(f"\n({args.rounds} rounds of {args.seconds} s, the two sides back to back in "
+          f"alternating order, medians; {args.size >> 20} MiB file-backed LUN on each, loopback; "
+          f"load average {load0[0]:.2f} at the start, {load1[0]:.2f} at the end)")
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--binary", default=os.path.join("target", "release", "keyfence"))
@@ -539,6 +570,9 @@ def main():
                     help="etcd binary for --cluster")
     ap.add_argument("--baseline-serve-arg", action="append", default=[], metavar="ARG",
                     help="extra argument for `keyfence serve` of --baseline (repeatable)")
+    ap.add_argument("--no-tgt", action="store_true",
+                    help="with --baseline: measure only the two keyfence sides, back to back "
+                         "in alternating order, with per-round ratios")
     ap.add_argument("--pr", action="store_true",
                     help="measure the reservation check instead: reads with and without a "
                          "WERO reservation on keyfence")
@@ -552,7 +586,10 @@ def main():
             print(f"etcd not found ({args.etcd}): apt-get install etcd-server", file=sys.stderr)
             return 2
         return cluster_vs_single(binary, args.etcd, args)
-    for tool in ("iscsi-perf", "tgtd", "tgtadm"):
+    if args.no_tgt and not args.baseline:
+        print("--no-tgt compares --binary with --baseline: give --baseline", file=sys.stderr)
+        return 2
+    for tool in ("iscsi-perf",) + (() if args.no_tgt else ("tgtd", "tgtadm")):
         if shutil.which(tool) is None:
             print(f"{tool} not found: run scripts/install-deps.sh", file=sys.stderr)
             return 2
@@ -573,16 +610,18 @@ def main():
     kf_img = os.path.join(workdir, "kf.img")
     tgt_img = os.path.join(workdir, "tgt.img")
     base_img = os.path.join(workdir, "base.img")
-    for img in (kf_img, tgt_img) + ((base_img,) if args.baseline else ()):
+    images = (kf_img,) + (() if args.no_tgt else (tgt_img,)) + ((base_img,) if args.baseline else ())
+    for img in images:
         copy_synced(template, img)
     os.remove(template)
-    for img in (kf_img, tgt_img) + ((base_img,) if args.baseline else ()):
+    for img in images:
         read_through(img)
     kf = KeyfenceTarget(binary, os.path.join(workdir, "kf"), args.size, image=kf_img,
                         extra_args=args.serve_arg)
-    tgt = TgtTarget(os.path.join(workdir, "tgt"), args.size, image=tgt_img)
+    tgt = None if args.no_tgt else TgtTarget(os.path.join(workdir, "tgt"), args.size, image=tgt_img)
     os.makedirs(kf.workdir)
-    os.makedirs(tgt.workdir)
+    if tgt:
+        os.makedirs(tgt.workdir)
     base = None
     if args.baseline:
         base = KeyfenceTarget(os.path.abspath(args.baseline), os.path.join(workdir, "base"),
@@ -607,36 +646,50 @@ def main():
             ("128k seqwrite qd16 (MB/s)",
              lambda url: keyfence_bench(binary, url, "write", 131072, 16, args.seconds)[1]),
         ]
-    sides = ["keyfence", "tgt"] + (["baseline"] if base else [])
+    sides = ["keyfence"] + ([] if args.no_tgt else ["tgt"]) + (["baseline"] if base else [])
     results = {name: {side: [] for side in sides} for name, _ in workloads}
     cpu = {name: {side: [] for side in sides} for name, _ in workloads}
+    # Per round, each side's (result, target CPU per unit or None), for --no-tgt.
+    per_round = {name: [] for name, _ in workloads}
+    load0 = os.getloadavg()
     try:
-        urls = {"keyfence": kf.start()[0], "tgt": tgt.start()[0]}
+        urls = {"keyfence": kf.start()[0]}
+        if tgt:
+            urls["tgt"] = tgt.start()[0]
         procs = {"keyfence": kf.proc.pid}
         if base:
             urls["baseline"] = base.start()[0]
             procs["baseline"] = base.proc.pid
         for r in range(args.rounds):
             for name, run in workloads:
-                # Rotate the order each round so no side always goes first.
+                # Rotate the order each round so no side always goes first
+                # (with two sides: ABBA).
                 order = sides[r % len(sides):] + sides[:r % len(sides)]
+                this_round = {}
                 for side, url in ((s, urls[s]) for s in order):
                     pid = procs.get(side)
                     c0 = process_cpu(pid)
                     v = run(url)
                     results[name][side].append(v)
+                    c = None
                     if pid is not None and v > 0:
                         # Target CPU per unit of work (IO or MB).
-                        cpu[name][side].append((process_cpu(pid) - c0) / (v * args.seconds))
+                        c = (process_cpu(pid) - c0) / (v * args.seconds)
+                        cpu[name][side].append(c)
+                    this_round[side] = (v, c)
                     print(f"round {r + 1}: {name:<26} {side:<8} {v:>10.0f}", file=sys.stderr,
                           flush=True)
+                per_round[name].append(this_round)
     finally:
         kf.stop()
-        tgt.stop()
+        if tgt:
+            tgt.stop()
         if base:
             base.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
+    if args.no_tgt:
+        return print_pairs(workloads, results, per_round, args, load0, os.getloadavg())
     if base:
         print("\n| workload | keyfence | baseline | tgt | keyfence/tgt | baseline/tgt "
               "| keyfence/baseline |\n|---|---:|---:|---:|---:|---:|---:|")
