@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse,
+    TxnResponse,
 };
 use keyfence_pr::{Applied, PrState};
 use keyfence_scsi::sense::{asc, Asc};
@@ -272,6 +273,25 @@ impl Cluster {
         self.call_with(what, false, f).await
     }
 
+    /// Run the read-only transaction `t` as [`Cluster::call`] does.
+    pub(crate) async fn txn_read(&self, what: &str, t: Txn) -> Result<TxnResponse, Error> {
+        self.call(what, |mut c| {
+            let t = t.clone();
+            async move { c.txn(t).await }
+        })
+        .await
+    }
+
+    /// Run the transaction `t`, which writes, as [`Cluster::call_write`]
+    /// does.
+    pub(crate) async fn txn_write(&self, what: &str, t: Txn) -> Result<TxnResponse, Error> {
+        self.call_write(what, |mut c| {
+            let t = t.clone();
+            async move { c.txn(t).await }
+        })
+        .await
+    }
+
     async fn call_with<T, F, Fut>(&self, what: &str, idempotent: bool, mut f: F) -> Result<T, Error>
     where
         F: FnMut(Client) -> Fut,
@@ -426,13 +446,7 @@ impl Cluster {
         for attempt in 1..=UPDATE_ATTEMPTS {
             let read =
                 Txn::new().and_then([TxnOp::get(key.clone(), None), TxnOp::get(marker, None)]);
-            let r = match self
-                .call("reading PR state and marker", |mut c| {
-                    let t = read.clone();
-                    async move { c.txn(t).await }
-                })
-                .await
-            {
+            let r = match self.txn_read("reading PR state and marker", read).await {
                 Err(Error::Unavailable { .. }) if Instant::now() < patience => {
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -481,13 +495,7 @@ impl Cluster {
                     Compare::create_revision(marker, CompareOp::Equal, 0),
                 ])
                 .and_then(ops);
-            match self
-                .call_write("committing PR state once", |mut c| {
-                    let t = t.clone();
-                    async move { c.txn(t).await }
-                })
-                .await
-            {
+            match self.txn_write("committing PR state once", t).await {
                 Ok(resp) if resp.succeeded() => {
                     if changed {
                         next.revision = resp.header().map_or(0, |h| h.revision());
@@ -543,11 +551,7 @@ impl Cluster {
         };
         let first = {
             let t = txn(value);
-            self.call_write("committing PR state", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
-            .await
+            self.txn_write("committing PR state", t).await
         };
         let err = match first {
             Ok(resp) => return txn_outcome(lu, base.revision, &resp),
@@ -578,13 +582,7 @@ impl Cluster {
                         ..base.clone()
                     };
                     let t = txn(encode_state(lu, &seal));
-                    match self
-                        .call_write("sealing PR state", |mut c| {
-                            let t = t.clone();
-                            async move { c.txn(t).await }
-                        })
-                        .await
-                    {
+                    match self.txn_write("sealing PR state", t).await {
                         Ok(resp) if resp.succeeded() => return Err(err),
                         Ok(_) => continue, // moved: read again to see by whom
                         Err(e) => last = e.to_string(),
@@ -654,12 +652,7 @@ impl Cluster {
             )])
             .and_then([TxnOp::delete(key.clone(), None)])
             .or_else([TxnOp::get(key.clone(), None)]);
-        let resp = self
-            .call_write("removing PR state", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
-            .await?;
+        let resp = self.txn_write("removing PR state", t).await?;
         txn_outcome(lu, expected, &resp)?;
         tracing::info!(gateway = %self.gateway, lu = %lu, "PR state removed");
         Ok(resp.header().map_or(0, |h| h.revision()))

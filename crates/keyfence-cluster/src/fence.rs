@@ -148,14 +148,9 @@ impl Cluster {
                     Some(GetOptions::new().with_prefix()),
                 ),
             ]);
-            let snap = tokio::time::timeout_at(
-                deadline,
-                self.call("reading gateways and acks", |mut c| {
-                    let t = t.clone();
-                    async move { c.txn(t).await }
-                }),
-            )
-            .await;
+            let snap =
+                tokio::time::timeout_at(deadline, self.txn_read("reading gateways and acks", t))
+                    .await;
             let snap = match snap {
                 Err(_) => return Err(not_applied(lu, revision, members.as_ref(), started)),
                 Ok(r) => r?,

@@ -205,10 +205,7 @@ impl Cluster {
                 value,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let registered = self.call_write("registering gateway", |mut c| {
-            let t = t.clone();
-            async move { c.txn(t).await }
-        });
+        let registered = self.txn_write("registering gateway", t);
         match registered.await {
             Ok(r) if r.succeeded() => {}
             other => {
@@ -572,10 +569,7 @@ impl Gateway {
             .when([Compare::lease(key.clone(), CompareOp::Equal, self.lease)])
             .and_then([TxnOp::delete(key.clone(), None)]);
         self.cluster
-            .call_write("releasing a departure claim", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
+            .txn_write("releasing a departure claim", t)
             .await
             .map(drop)
     }

@@ -97,10 +97,7 @@ impl Gateway {
             TxnOp::delete(held.key.clone(), None),
         ]);
         self.cluster()
-            .call_write("releasing the COMPARE AND WRITE lock", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
+            .txn_write("releasing the COMPARE AND WRITE lock", t)
             .await
             .map(drop)
     }
@@ -165,10 +162,7 @@ impl Gateway {
             ]);
             let r = self
                 .cluster()
-                .call("reading the COMPARE AND WRITE lock's line", |mut c| {
-                    let t = t.clone();
-                    async move { c.txn(t).await }
-                })
+                .txn_read("reading the COMPARE AND WRITE lock's line", t)
                 .await?;
             let at = r.header().map_or(0, |h| h.revision());
             let mut gets = r.op_responses().into_iter().filter_map(|op| match op {

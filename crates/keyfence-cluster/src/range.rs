@@ -107,10 +107,7 @@ impl Gateway {
     pub async fn release_range(&self, held: &LockHeld) -> Result<(), Error> {
         let t = held.txn([TxnOp::delete(held.range.clone(), None)]);
         self.cluster()
-            .call_write("releasing the COMPARE AND WRITE range", |mut c| {
-                let t = t.clone();
-                async move { c.txn(t).await }
-            })
+            .txn_write("releasing the COMPARE AND WRITE range", t)
             .await
             .map(drop)
     }
