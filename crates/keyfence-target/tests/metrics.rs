@@ -196,6 +196,14 @@ fn lu(name: &str, target: &str) -> String {
 }
 
 fn promtool_check(text: &str) {
+    // Every HELP text is one sentence ending in exactly one period (the
+    // encoder adds the period for registered metrics).
+    for line in text.lines().filter(|l| l.starts_with("# HELP ")) {
+        assert!(
+            line.ends_with('.') && !line.ends_with(".."),
+            "HELP text must end in one period: {line}"
+        );
+    }
     let promtool = tool::require("promtool");
     let mut child = Process::new(promtool)
         .args(["check", "metrics"])

@@ -383,13 +383,13 @@ impl Metrics {
         let sessions_discovery = sessions.get_or_create(&[("kind", "discovery")]).clone();
         r.register(
             "keyfence_sessions",
-            "iSCSI sessions in full feature phase.",
+            "iSCSI sessions in full feature phase",
             sessions,
         );
         let connections = Gauge::default();
         r.register(
             "keyfence_connections",
-            "Open iSCSI TCP connections, logging in or logged in.",
+            "Open iSCSI TCP connections, logging in or logged in",
             connections.clone(),
         );
         let logins = Family::<Labels1, Counter>::default();
@@ -398,19 +398,19 @@ impl Metrics {
         }
         r.register(
             "keyfence_logins",
-            "Completed login attempts, by result.",
+            "Completed login attempts, by result",
             logins.clone(),
         );
         let pr_out = Family::<PrOutLabels, Counter>::default();
         r.register(
             "keyfence_pr_out",
-            "PERSISTENT RESERVE OUT commands, by logical unit, service action and status.",
+            "PERSISTENT RESERVE OUT commands, by logical unit, service action and status",
             pr_out.clone(),
         );
         let tmf = Family::<Labels2, Counter>::default();
         r.register(
             "keyfence_task_management",
-            "Task management functions answered, by function and response.",
+            "Task management functions answered, by function and response",
             tmf.clone(),
         );
         let refused = Family::<Labels1, Counter>::default();
@@ -419,7 +419,7 @@ impl Metrics {
         }
         r.register(
             "keyfence_connections_refused",
-            "Connections refused by admission control, by reason.",
+            "Connections refused by admission control, by reason",
             refused.clone(),
         );
         let idle_dropped = Family::<Labels1, Counter>::default();
@@ -428,7 +428,7 @@ impl Metrics {
         }
         r.register(
             "keyfence_connections_dropped_before_login",
-            "Connections dropped before sending a login request, by reason.",
+            "Connections dropped before sending a login request, by reason",
             idle_dropped.clone(),
         );
         let windows_closed = Family::<Labels1, Counter>::default();
@@ -437,25 +437,25 @@ impl Metrics {
         }
         r.register(
             "keyfence_cmdsn_window_closed",
-            "Times a session's command window closed because it reached its data-in or write budget.",
+            "Times a session's command window closed because it reached its data-in or write budget",
             windows_closed.clone(),
         );
         let task_set_full = Counter::default();
         r.register(
             "keyfence_write_budget_refusals",
-            "Commands answered TASK SET FULL because the session's or server's write budget was full.",
+            "Commands answered TASK SET FULL because the session's or server's write budget was full",
             task_set_full.clone(),
         );
         let data_out_timeouts = Counter::default();
         r.register(
             "keyfence_data_out_timeouts",
-            "Connections closed because a write command's Data-Out did not arrive in time.",
+            "Connections closed because a write command's Data-Out did not arrive in time",
             data_out_timeouts.clone(),
         );
         let nop_timeouts = Counter::default();
         r.register(
             "keyfence_nop_timeouts",
-            "Connections closed because a NOP-In ping was not answered in time.",
+            "Connections closed because a NOP-In ping was not answered in time",
             nop_timeouts.clone(),
         );
         let lus = Arc::new(ArcSwap::from_pointee(Vec::new()));
