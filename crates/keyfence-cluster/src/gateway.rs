@@ -724,3 +724,43 @@ async fn fence_timer(shared: Arc<Shared>) {
         }
     }
 }
+
+impl Gateway {
+    /// Replace the portal groups in this incarnation's registration (a
+    /// reload changed them), keeping it under the same lease: survivors
+    /// commit this gateway's nexus loss for the TPGTs its registration
+    /// lists when it is gone, and see the new list through
+    /// [`Cluster::watch_gateways`] (a [`crate::GatewayEvent::Joined`] with
+    /// the same lease). The write is one transaction that requires the
+    /// key to be under this incarnation's lease, so a registration that
+    /// is gone (lease expired or revoked, key deleted by hand) is never
+    /// recreated here.
+    pub async fn update_portals(&self, portal_groups: Vec<PortalGroup>) -> Result<(), Error> {
+        let key = self.cluster.keys().gateway(&self.name);
+        let record = GatewayRecord {
+            format: GATEWAY_FORMAT.into(),
+            name: self.name.clone(),
+            portal_groups,
+            ttl_secs: self.ttl.as_secs() as i64,
+        };
+        let value = serde_json::to_vec(&record).unwrap_or_default();
+        let t = Txn::new()
+            .when([Compare::lease(key.clone(), CompareOp::Equal, self.lease)])
+            .and_then([TxnOp::put(
+                key,
+                value,
+                Some(PutOptions::new().with_lease(self.lease)),
+            )]);
+        let r = self
+            .txn_under_lease("updating the gateway's portal groups", t)
+            .await?;
+        if r.succeeded() {
+            Ok(())
+        } else {
+            Err(Error::Etcd(format!(
+                "the registration of gateway {:?} is no longer under its lease {:x}",
+                self.name, self.lease
+            )))
+        }
+    }
+}
