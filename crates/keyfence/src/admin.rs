@@ -59,11 +59,11 @@ struct StatusArgs {
 /// whole and the old one keeps running.
 ///
 /// Targets, portals, LUNs, ACLs, CHAP secrets, `[limits]` and the metrics
-/// address are applied live (in cluster mode too, except portals).
-/// `data_dir`, `admin_socket` and `[cluster]` need a restart, and so do,
-/// in cluster mode, this gateway's portals; a served LUN's block size,
-/// read-only flag or identity changes by removing it in one reload and
-/// adding it back in the next.
+/// address are applied live, in cluster mode too, and so is
+/// `[[cluster.gateways]]` (the portal groups advertised for the other
+/// gateways). `data_dir`, `admin_socket` and the rest of `[cluster]` need
+/// a restart; a served LUN's block size, read-only flag or identity
+/// changes by removing it in one reload and adding it back in the next.
 #[derive(Debug, Parser)]
 #[command(name = "keyfence reload", version)]
 struct ReloadArgs {

@@ -501,12 +501,43 @@ async fn drain(lu: &Arc<LogicalUnit>, nexuses: Vec<Nexus>, limit: Duration) -> b
         .unwrap_or(false)
 }
 
+/// Portal groups as (TPGT, address) pairs, to compare and combine them.
+pub(crate) type PortalSet = std::collections::BTreeSet<(u16, String)>;
+
+/// The (TPGT, address) pairs of registered portal groups.
+pub(crate) fn portal_set(groups: &[PortalGroup]) -> PortalSet {
+    groups
+        .iter()
+        .flat_map(|g| g.portals.iter().map(|a| (g.tpgt, a.clone())))
+        .collect()
+}
+
+/// Portal groups to register: one per TPGT with its addresses, in TPGT
+/// order.
+pub(crate) fn portal_groups(set: &PortalSet) -> Vec<PortalGroup> {
+    let mut out: Vec<PortalGroup> = Vec::new();
+    for (tpgt, addr) in set {
+        match out.last_mut() {
+            Some(g) if g.tpgt == *tpgt => g.portals.push(addr.clone()),
+            _ => out.push(PortalGroup {
+                tpgt: *tpgt,
+                portals: vec![addr.clone()],
+            }),
+        }
+    }
+    out
+}
+
 /// This gateway's membership in the cluster: the current incarnation
 /// (lease and registration), replaced by a new one when the lease is lost.
 #[derive(Debug)]
 pub(crate) struct Membership {
     cluster: Cluster,
-    groups: Vec<PortalGroup>,
+    /// The portal groups registered now (in the current incarnation's
+    /// record, and the ones a new incarnation registers). Held while the
+    /// record is rewritten or a new incarnation joins, so the two never
+    /// interleave.
+    groups: tokio::sync::Mutex<Vec<PortalGroup>>,
     ttl: Duration,
     margin: Duration,
     current: ArcSwap<Gateway>,
@@ -525,9 +556,35 @@ impl Membership {
             ttl: gw.ttl(),
             margin,
             cluster,
-            groups,
+            groups: tokio::sync::Mutex::new(groups),
             current: ArcSwap::from_pointee(gw),
         }))
+    }
+
+    /// The portal groups registered now.
+    pub async fn portal_groups(&self) -> Vec<PortalGroup> {
+        self.groups.lock().await.clone()
+    }
+
+    /// Register `groups` instead (a reload changed this gateway's
+    /// portals): rewrite the current incarnation's record under its lease
+    /// (`Gateway::update_portals`); a later incarnation registers them
+    /// too. Nothing changes on error.
+    pub async fn set_portal_groups(&self, groups: Vec<PortalGroup>) -> Result<(), Error> {
+        let mut now = self.groups.lock().await;
+        if *now == groups {
+            return Ok(());
+        }
+        let gw = self.gateway();
+        gw.update_portals(groups.clone()).await?;
+        tracing::info!(gateway = gw.name(), groups = ?groups, "registered portal groups changed");
+        *now = groups;
+        Ok(())
+    }
+
+    /// The connection to etcd.
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
     }
 
     /// May commands on clustered LUs run now? (A lock-free read.)
@@ -558,7 +615,11 @@ pub(crate) struct Followed {
     pub target: usize,
     pub lu: Arc<LogicalUnit>,
     pub id: LuId,
-    pub tpgts: HashSet<u16>,
+    /// The TPGTs of this gateway's portal groups its target is served
+    /// on, and of those a reload removed while sessions through them
+    /// remain: unit attentions and aborts for nexuses there are this
+    /// gateway's to deliver.
+    pub tpgts: Arc<ArcSwap<HashSet<u16>>>,
     /// The last change whose unit attentions were delivered here (kept
     /// across re-joins); `u64::MAX` before the first install.
     applied_seq: Arc<AtomicU64>,
@@ -573,7 +634,7 @@ impl Followed {
             target,
             lu,
             id,
-            tpgts,
+            tpgts: Arc::new(ArcSwap::from_pointee(tpgts)),
             applied_seq: Arc::new(AtomicU64::new(u64::MAX)),
             in_service: Arc::new(tokio::sync::watch::channel(false).0),
         }
@@ -609,6 +670,21 @@ struct RegistryInner {
 pub(crate) struct Registry {
     pub membership: Arc<Membership>,
     inner: std::sync::Mutex<RegistryInner>,
+    /// Portal groups a reload removed that are still registered (see
+    /// `reload::retire_portals`).
+    pub retiring: std::sync::Mutex<Retiring>,
+}
+
+/// The state of retiring the portal groups reloads removed from the
+/// registration.
+#[derive(Debug, Default)]
+pub(crate) struct Retiring {
+    /// A task is retiring them; it looks at the published configuration
+    /// again before it ends.
+    pub running: bool,
+    /// Logins in progress when a reload was published: they may have
+    /// started under the configuration before it.
+    pub logins: HashSet<u16>,
 }
 
 impl Registry {
@@ -616,6 +692,7 @@ impl Registry {
         Arc::new(Registry {
             membership,
             inner: Default::default(),
+            retiring: Default::default(),
         })
     }
 
@@ -626,6 +703,17 @@ impl Registry {
     /// The LUs followed now.
     pub fn followed(&self) -> Vec<Followed> {
         self.lock().lus.values().map(|e| e.f.clone()).collect()
+    }
+
+    /// Deliver unit attentions and aborts of the LUs of `target` to the
+    /// nexuses through `tpgts` from now on (a reload changed the target's
+    /// portal groups).
+    pub fn set_tpgts(&self, target: usize, tpgts: &HashSet<u16>) {
+        for e in self.lock().lus.values().filter(|e| e.f.target == target) {
+            if **e.f.tpgts.load() != *tpgts {
+                e.f.tpgts.store(Arc::new(tpgts.clone()));
+            }
+        }
     }
 
     /// How long a reload waits for an added LU to come into service.
@@ -832,11 +920,14 @@ pub(crate) async fn supervise(shared: Arc<Shared>, registry: Arc<Registry>) {
             if *shutdown.borrow() {
                 return;
             }
-            match membership
+            // Under the lock: a reload does not rewrite the record of the
+            // incarnation being replaced meanwhile.
+            let groups = membership.groups.lock().await;
+            let joined = membership
                 .cluster
-                .join(membership.groups.clone(), membership.ttl, membership.margin)
-                .await
-            {
+                .join(groups.clone(), membership.ttl, membership.margin)
+                .await;
+            match joined {
                 Ok(g) => {
                     tracing::info!(
                         gateway = g.name(),
@@ -847,6 +938,7 @@ pub(crate) async fn supervise(shared: Arc<Shared>, registry: Arc<Registry>) {
                     break;
                 }
                 Err(e) => {
+                    drop(groups);
                     tracing::warn!(error = %e, "joining again failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -917,9 +1009,9 @@ async fn follow(
             let before = f.applied_seq.load(Ordering::SeqCst);
             if before == u64::MAX {
                 // A fresh start: no unit attentions of the past to deliver.
-                apply(&shared, f.target, &f.lu, &f.tpgts, gw.name(), &first, first.seq, false).await;
+                apply(&shared, f.target, &f.lu, &f.tpgts.load_full(), gw.name(), &first, first.seq, false).await;
             } else {
-                apply(&shared, f.target, &f.lu, &f.tpgts, gw.name(), &first, before, true).await;
+                apply(&shared, f.target, &f.lu, &f.tpgts.load_full(), gw.name(), &first, before, true).await;
             }
             f.applied_seq.store(first.seq, Ordering::SeqCst);
             ack(&gw, &f.id, first.revision).await?;
@@ -942,7 +1034,7 @@ async fn follow(
                 let resync = matches!(ev, LuEvent::Resync(_));
                 let s = ev.state();
                 let applied = f.applied_seq.load(Ordering::SeqCst);
-                apply(&shared, f.target, &f.lu, &f.tpgts, gw.name(), s, applied, resync).await;
+                apply(&shared, f.target, &f.lu, &f.tpgts.load_full(), gw.name(), s, applied, resync).await;
                 f.applied_seq.store(applied.max(s.seq), Ordering::SeqCst);
                 ack(&gw, &f.id, s.revision).await?;
             }

@@ -487,14 +487,13 @@ impl Server {
             None => None,
             Some(cc) => {
                 let c = keyfence_cluster::Cluster::connect(cc).await?;
-                let groups = portals
-                    .iter()
-                    .flatten()
-                    .map(|p| keyfence_cluster::PortalGroup {
-                        tpgt: p.tpgt,
-                        portals: vec![p.addr.to_string()],
-                    })
-                    .collect();
+                let groups = cluster::portal_groups(
+                    &portals
+                        .iter()
+                        .flatten()
+                        .map(|p| (p.tpgt, p.addr.to_string()))
+                        .collect(),
+                );
                 Some(
                     cluster::Membership::join(c, groups, cc.lease_ttl(), cc.safety_margin())
                         .await?,

@@ -48,19 +48,30 @@
 //! published, stops serving, waits for its commands in flight and then
 //! leaves (`Gateway::leave_lu`), so fencing changes through other gateways
 //! no longer wait for this one. A served clustered LU may not change (one
-//! identity and backing cluster-wide), and this gateway's portal groups
-//! may not either: they are in its gateway record, which survivors use
-//! for its nexus loss, and the other gateways advertise them from their
-//! `[[cluster.gateways]]`, part of `[cluster]` (docs/cluster.md,
-//! "Reloading a gateway").
+//! identity and backing cluster-wide).
+//!
+//! Cluster mode, portals: this gateway's change by the rules above, and
+//! its registration follows (docs/cluster.md, "Reloading a gateway").
+//! Portal groups added are registered (`Gateway::update_portals`, under
+//! the lease) before the configuration is published, so before anyone
+//! can log in through them: survivors commit a dead gateway's nexus loss
+//! for the TPGTs it registered. A TPGT another live gateway registers is
+//! refused, and so is the reload when the registration cannot be
+//! written. Portal groups removed stay registered, and the followers
+//! keep delivering unit attentions for their nexuses, until their
+//! sessions have gone and the logins in progress at the publication have
+//! finished; then [`retire_portals`] drops them. `[[cluster.gateways]]`
+//! applies too: it is what this gateway advertises for the others
+//! (SendTargets, and every LU's target ports as for its own portals); a
+//! kept address of another gateway may not change its TPGT either.
 //!
 //! What needs a restart is refused with a message saying so: `data_dir`,
-//! `admin_socket`, `[cluster]`, a LUN's block size, backing, read-only or direct
-//! flag or identity while it is served (remove it in one reload and add
-//! it back in the next), and in cluster mode this gateway's portal
-//! groups.
+//! `admin_socket`, `[cluster]` but its gateway list (naming the keys
+//! that changed), a LUN's block size, backing, read-only or direct flag
+//! or identity while it is served (remove it in one reload and add it
+//! back in the next).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use std::net::SocketAddr;
@@ -70,7 +81,7 @@ use keyfence_scsi::sense::asc;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
-use super::cluster::{EtcdPrState, Followed, Registry};
+use super::cluster::{portal_groups, portal_set, EtcdPrState, Followed, PortalSet, Registry};
 use super::session::SessionCtl;
 use super::{
     acl, datadir, open_lu, BindHooks, ListenerInfo, Live, MetricsListener, Portal, Shared, TargetRt,
@@ -161,17 +172,45 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
         joining,
         created,
     } = prepared;
-    // Cluster mode: every added LU reads the committed state and takes
-    // part in acknowledging changes before anyone can reach it.
+    // Cluster mode: the portal groups this gateway serves from now on are
+    // registered before anyone can log in through them (survivors commit
+    // its nexus loss for the TPGTs registered); those removed stay
+    // registered until their sessions have gone (`retire_portals`).
     if let Some(reg) = &shared.cluster {
+        let widened = match register_portals(reg, &live).await {
+            Ok(w) => w,
+            Err(e) => {
+                created.undo();
+                return Err(e);
+            }
+        };
+        // Every added LU reads the committed state and takes part in
+        // acknowledging changes before anyone can reach it.
         if let Err(e) = join_cluster(shared, reg, joining).await {
             created.undo();
+            if widened {
+                // Registered for nothing: retire them again.
+                retire_portals(shared, reg);
+            }
             return Err(e);
         }
     }
     // Commit: nothing below fails.
     for (list, luns) in lun_lists {
         list.set(luns);
+    }
+    if let Some(reg) = &shared.cluster {
+        // Unit attentions and aborts for nexuses through the new portal
+        // groups are delivered here before the first login through one;
+        // those through removed ones until their sessions have gone.
+        for i in &ports_changed {
+            let tpgts: HashSet<u16> = [old.target(*i), live.target(*i)]
+                .into_iter()
+                .flatten()
+                .flat_map(|t| t.portals.iter().map(|p| p.tpgt))
+                .collect();
+            reg.set_tpgts(*i, &tpgts);
+        }
     }
     for t in ports_changed.iter().filter_map(|i| live.target(*i)) {
         let ports: Vec<_> = t
@@ -231,6 +270,9 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
     shared
         .sessions()
         .broadcast(&SessionCtl::Reconfigure(live.clone()));
+    if let Some(reg) = &shared.cluster {
+        retire_portals(shared, reg);
+    }
     // Cluster mode: the removed LUs stop serving here, then leave.
     if let Some(reg) = &shared.cluster {
         for (_, t) in old.targets() {
@@ -248,6 +290,183 @@ async fn reload_locked(shared: &Arc<Shared>) -> Result<String, ReloadError> {
         }
     }
     Ok(summary)
+}
+
+/// This gateway's portal groups as `live` serves them.
+fn own_portals(live: &Live) -> PortalSet {
+    live.targets()
+        .flat_map(|(_, t)| t.portals.iter().map(|p| (p.tpgt, p.addr.to_string())))
+        .collect()
+}
+
+/// Cluster mode: register the portal groups of `live` (to be published)
+/// in addition to those registered now. A TPGT another gateway still
+/// registers is refused: TPGTs are unique cluster-wide, and a survivor
+/// would commit the nexus loss of that gateway's nexuses for this one's.
+/// True if the registration changed.
+async fn register_portals(reg: &Arc<Registry>, live: &Live) -> Result<bool, ReloadError> {
+    let m = &reg.membership;
+    let registered = portal_set(&m.portal_groups().await);
+    let want = own_portals(live);
+    let wider: PortalSet = registered.union(&want).cloned().collect();
+    if wider == registered {
+        return Ok(false);
+    }
+    let had: HashSet<u16> = registered.iter().map(|(t, _)| *t).collect();
+    let new_tpgts: HashSet<u16> = want
+        .iter()
+        .map(|(t, _)| *t)
+        .filter(|t| !had.contains(t))
+        .collect();
+    let cluster = m.cluster();
+    if !new_tpgts.is_empty() {
+        let others = cluster.gateways().await.map_err(|e| {
+            ReloadError::Invalid(format!(
+                "cannot read the other gateways' registrations to check the new portal groups: {e}"
+            ))
+        })?;
+        for g in others.iter().filter(|g| g.record.name != cluster.gateway()) {
+            if let Some(pg) = g
+                .record
+                .portal_groups
+                .iter()
+                .find(|pg| new_tpgts.contains(&pg.tpgt))
+            {
+                return Err(ReloadError::Invalid(format!(
+                    "TPGT {} is registered by gateway {:?} ({}); TPGTs are unique cluster-wide: reload that gateway without it first",
+                    pg.tpgt,
+                    g.record.name,
+                    pg.portals.join(", ")
+                )));
+            }
+        }
+    }
+    m.set_portal_groups(portal_groups(&wider))
+        .await
+        .map_err(|e| {
+            ReloadError::Invalid(format!(
+                "cannot register this gateway's new portal groups with the cluster: {e}"
+            ))
+        })?;
+    Ok(true)
+}
+
+/// How often [`retire_portals`] looks whether the sessions through the
+/// portal groups removed have gone.
+const RETIRE_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Cluster mode, after a reload was published (or failed after
+/// registering new portal groups): bring the registration, and the TPGTs
+/// whose unit attentions the followers deliver here, down to the portal
+/// groups served now, keeping those some session still uses. A session
+/// through a removed portal group was asked to log out and is closed a
+/// little later; until it has gone (its nexus loss committed, see
+/// docs/cluster.md) its TPGT stays registered, so the survivors would
+/// commit its nexus loss were this gateway to die. Logins in progress
+/// when the reload was published are waited for too: they may have
+/// started under the old configuration. Runs in the background, one task
+/// at a time, until done or the server stops; the etcd write is retried
+/// while etcd is unreachable.
+fn retire_portals(shared: &Arc<Shared>, reg: &Arc<Registry>) {
+    let logins = shared.sessions().logins_in_progress();
+    {
+        let mut r = reg.retiring.lock().unwrap_or_else(|e| e.into_inner());
+        r.logins.extend(logins);
+        if r.running {
+            // It reads the published configuration before it ends.
+            return;
+        }
+        r.running = true;
+    }
+    let (shared, reg) = (shared.clone(), reg.clone());
+    tokio::spawn(async move {
+        let mut shutdown = shared.shutdown.clone();
+        let mut warned = false;
+        loop {
+            // Under the reload lock: no reload is between its
+            // registration and its publication.
+            let guard = shared.reload_lock.lock().await;
+            match retire_step(&shared, &reg).await {
+                Ok(true) => {
+                    reg.retiring
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .running = false;
+                    drop(guard);
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) if !warned => {
+                    warned = true;
+                    warn!("cannot retire removed portal groups from this gateway's registration yet (retrying): {e}");
+                }
+                Err(_) => {}
+            }
+            drop(guard);
+            tokio::select! {
+                _ = tokio::time::sleep(RETIRE_POLL) => {}
+                _ = shutdown.wait_for(|s| *s) => {
+                    reg.retiring.lock().unwrap_or_else(|e| e.into_inner()).running = false;
+                    return;
+                }
+            }
+        }
+    });
+}
+
+/// One look of [`retire_portals`]: true when the registration is the
+/// portal groups served now.
+async fn retire_step(shared: &Arc<Shared>, reg: &Arc<Registry>) -> Result<bool, String> {
+    {
+        let now = shared.sessions().logins_in_progress();
+        let mut r = reg.retiring.lock().unwrap_or_else(|e| e.into_inner());
+        r.logins.retain(|t| now.contains(t));
+        if !r.logins.is_empty() {
+            return Ok(false);
+        }
+    }
+    let live = shared.live();
+    // The TPGTs of the normal sessions, per target.
+    let mut in_use: BTreeMap<usize, HashSet<u16>> = BTreeMap::new();
+    for (t, info) in shared.sessions().list() {
+        if let Some(t) = t {
+            in_use.entry(t).or_default().insert(info.tpgt);
+        }
+    }
+    let used: HashSet<u16> = in_use.values().flatten().copied().collect();
+    let want = own_portals(&live);
+    let registered = portal_set(&reg.membership.portal_groups().await);
+    let keep: PortalSet = want
+        .iter()
+        .cloned()
+        .chain(registered.iter().filter(|(t, _)| used.contains(t)).cloned())
+        .collect();
+    if keep != registered {
+        reg.membership
+            .set_portal_groups(portal_groups(&keep))
+            .await
+            .map_err(|e| e.to_string())?;
+        let gone: Vec<String> = registered
+            .difference(&keep)
+            .map(|(t, a)| format!("{a} (TPGT {t})"))
+            .collect();
+        if !gone.is_empty() {
+            info!(
+                "portal groups no longer registered with the cluster: {}",
+                gone.join(", ")
+            );
+        }
+    }
+    for (i, t) in live.targets() {
+        let tpgts: HashSet<u16> = t
+            .portals
+            .iter()
+            .map(|p| p.tpgt)
+            .chain(in_use.get(&i).into_iter().flatten().copied())
+            .collect();
+        reg.set_tpgts(i, &tpgts);
+    }
+    Ok(keep == want)
 }
 
 /// Follow the clustered LUs a reload adds and wait (bounded) until each
@@ -353,35 +572,24 @@ struct Prepared {
     created: datadir::Created,
 }
 
-/// Cluster mode: this gateway's portal groups are registered with the
-/// cluster (its gateway record, whose TPGTs survivors use for its nexus
-/// loss; the other gateways advertise them from `[[cluster.gateways]]`,
-/// which needs a restart): a reload may not change them. A target added
-/// or kept uses the portal groups served already.
-fn check_cluster_portals(
-    old: &Live,
-    new: &BTreeMap<String, Vec<Portal>>,
-) -> Result<(), ReloadError> {
-    let show = |v: &std::collections::BTreeSet<(u16, SocketAddr)>| {
-        v.iter()
-            .map(|(t, a)| format!("{a} (TPGT {t})"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let was: std::collections::BTreeSet<(u16, SocketAddr)> = old
-        .targets()
-        .flat_map(|(_, t)| t.portals.iter().map(|p| (p.tpgt, p.addr)))
-        .collect();
-    let now: std::collections::BTreeSet<(u16, SocketAddr)> =
-        new.values().flatten().map(|p| (p.tpgt, p.addr)).collect();
-    if now.is_empty() || was == now {
-        return Ok(());
+/// Cluster mode: the other gateways' portals (`[[cluster.gateways]]`)
+/// follow the rule of this gateway's own: a portal whose address stays
+/// may not change its TPGT (the I_T nexuses through it, registrations
+/// included, name the old one).
+fn check_peer_portals(old: &Config, new: &Config) -> Result<(), ReloadError> {
+    let was = super::peer_portals(old);
+    for (gw, p) in super::peer_portals(new) {
+        if let Some((_, o)) = was
+            .iter()
+            .find(|(_, o)| o.addr == p.addr && o.tpgt != p.tpgt)
+        {
+            return Err(ReloadError::Invalid(format!(
+                "cluster.gateways: portal {} of gateway {gw:?} would change from TPGT {} to TPGT {} (its position in `portals` or first_tpgt moved); a reload cannot change the TPGT of a served portal: keep its position, or remove it in one reload and add it in the next",
+                p.addr, o.tpgt, p.tpgt
+            )));
+        }
     }
-    Err(restart(format!(
-        "in cluster mode this gateway's portal groups cannot change while serving (they are registered with the cluster and listed in [cluster]): {} would become {}",
-        show(&was),
-        show(&now)
-    )))
+    Ok(())
 }
 
 /// What a reload does to the metrics endpoint.
@@ -438,8 +646,34 @@ fn check_restart_only(old: &Config, new: &Config, clustered: bool) -> Result<(),
     if old.admin_socket_path() != new.admin_socket_path() {
         return Err(restart("admin_socket changed"));
     }
-    if old.cluster != new.cluster {
-        return Err(restart("[cluster] changed"));
+    if let (Some(o), Some(n)) = (&old.cluster, &new.cluster) {
+        // Every key but the portal groups of `[[cluster.gateways]]`.
+        let changed: Vec<&str> = [
+            ("endpoints", o.endpoints != n.endpoints),
+            ("gateway", o.gateway != n.gateway),
+            ("lease_ttl_secs", o.lease_ttl_secs != n.lease_ttl_secs),
+            ("safety_margin_ms", o.safety_margin_ms != n.safety_margin_ms),
+            (
+                "request_timeout_ms",
+                o.request_timeout_ms != n.request_timeout_ms,
+            ),
+            ("prefix", o.prefix != n.prefix),
+        ]
+        .into_iter()
+        .filter_map(|(k, c)| c.then_some(k))
+        .collect();
+        if !changed.is_empty() {
+            return Err(restart(format!(
+                "[cluster] changed ({}; only [[cluster.gateways]] applies live)",
+                changed.join(", ")
+            )));
+        }
+    } else if old.cluster.is_some() != new.cluster.is_some() {
+        return Err(restart(if new.cluster.is_some() {
+            "[cluster] added"
+        } else {
+            "[cluster] removed"
+        }));
     }
     if clustered {
         // A clustered LU is served on every gateway with one identity and
@@ -625,7 +859,7 @@ fn prepare(
     // before anything is created (the sockets close when dropped).
     let (portals, fresh) = plan_portals(old, old_cfg, &new)?;
     if clustered {
-        check_cluster_portals(old, &portals)?;
+        check_peer_portals(old_cfg, &new)?;
     }
     let mut created = datadir::Created::default();
     match build(
@@ -738,9 +972,22 @@ fn build(
     let mut ports_changed = Vec::new();
     let mut joining = Vec::new();
     let err = |e: super::ServerError| ReloadError::Invalid(e.to_string());
-    // Cluster mode: the other gateways' portal groups (`[cluster]` does
-    // not change in a reload).
+    // Cluster mode: the other gateways' portal groups; when they changed,
+    // every LU's target ports do.
     let peers = super::peer_portals(new);
+    let old_peers = super::peer_portals(old_cfg);
+    for (gw, p) in peers.iter().filter(|x| !old_peers.contains(x)) {
+        note(format!(
+            "gateway {gw} portal {} (TPGT {}) added",
+            p.addr, p.tpgt
+        ));
+    }
+    for (gw, p) in old_peers.iter().filter(|x| !peers.contains(x)) {
+        note(format!(
+            "gateway {gw} portal {} (TPGT {}) removed",
+            p.addr, p.tpgt
+        ));
+    }
     for tc in &new.targets {
         let existing = old.target_by_name(&tc.name);
         let portals = new_portals
@@ -750,8 +997,10 @@ fn build(
         let (idx, lun_list, old_luns, old_tc) = match existing {
             Some(i) => {
                 let rt = old.target(i).expect("index of a served target");
-                if rt.portals != portals {
+                if rt.portals != portals || rt.peer_portals != peers {
                     ports_changed.push(i);
+                }
+                if rt.portals != portals {
                     for p in portals.iter().filter(|p| !rt.portals.contains(p)) {
                         note(format!(
                             "{} portal {} (TPGT {}) added",

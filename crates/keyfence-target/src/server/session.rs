@@ -159,6 +159,11 @@ impl SessionTable {
         self.reserved.remove(&tsih);
     }
 
+    /// The TSIHs of the logins in progress (reserved, not yet admitted).
+    pub fn logins_in_progress(&self) -> HashSet<u16> {
+        self.reserved.clone()
+    }
+
     /// Admit a new session under its reserved TSIH.
     pub fn admit(
         &mut self,
