@@ -3,7 +3,7 @@
 //! with a new key, the summary line carries p50 and p99, and the key is
 //! gone afterwards.
 
-use std::process::Command;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use keyfence_testkit::{code, run_bounded, text, Serve};
@@ -17,14 +17,34 @@ fn field(line: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no {name}= in {line:?}"))
 }
 
+/// `keyfence bench URL ARGS...`, bounded.
+fn bench(url: &str, args: &[&str]) -> Output {
+    run_bounded(
+        Command::new(KF).arg("bench").arg(url).args(args),
+        None,
+        Duration::from_secs(30),
+    )
+}
+
+/// The summary line of a bench run that succeeded, which starts with
+/// `head` and whose latency percentiles are positive and ordered.
+fn summary(o: &Output, head: &str) -> String {
+    assert_eq!(code(o), 0, "bench: {}", text(&o.stderr));
+    let out = text(&o.stdout);
+    let line = out.lines().last().expect("summary line").to_string();
+    assert!(line.starts_with(head), "{line}");
+    let (p50, p99) = (field(&line, "lat_p50_us"), field(&line, "lat_p99_us"));
+    assert!(p50 > 0.0 && p50 <= p99, "{line}");
+    line
+}
+
 #[test]
 fn register_loop_reports_latency_and_leaves_no_key() {
     let serve = Serve::builder(KF).size("16M").log_level("error").start();
     let url = serve.url(0);
-    let o = run_bounded(
-        Command::new(KF).args([
-            "bench",
-            &url,
+    let o = bench(
+        &url,
+        &[
             "--rw",
             "register",
             "--qd",
@@ -33,17 +53,10 @@ fn register_loop_reports_latency_and_leaves_no_key() {
             "0.5",
             "--initiator-name",
             "iqn.2026-11.io.keyfence.test:bench-register",
-        ]),
-        None,
-        Duration::from_secs(30),
+        ],
     );
-    assert_eq!(code(&o), 0, "bench: {}", text(&o.stderr));
-    let out = text(&o.stdout);
-    let line = out.lines().last().expect("summary line");
-    assert!(line.starts_with("rw=register "), "{line}");
+    let line = &summary(&o, "rw=register ");
     assert!(field(line, "ios") > 0.0, "{line}");
-    let (p50, p99) = (field(line, "lat_p50_us"), field(line, "lat_p99_us"));
-    assert!(p50 > 0.0 && p50 <= p99, "{line}");
     assert_eq!(field(line, "mbps"), 0.0, "{line}");
     // Every command changed the state: PRgeneration counts them all (and
     // the final unregistration).
@@ -74,10 +87,9 @@ fn register_loop_reports_latency_and_leaves_no_key() {
 fn caw_loop_swaps_each_workers_range_and_reports_latency() {
     let serve = Serve::builder(KF).size("16M").log_level("error").start();
     let url = serve.url(0);
-    let o = run_bounded(
-        Command::new(KF).args([
-            "bench",
-            &url,
+    let o = bench(
+        &url,
+        &[
             "--rw",
             "caw",
             "--qd",
@@ -86,18 +98,10 @@ fn caw_loop_swaps_each_workers_range_and_reports_latency() {
             "1024",
             "--duration",
             "0.5",
-        ]),
-        None,
-        Duration::from_secs(30),
+        ],
     );
-    assert_eq!(code(&o), 0, "bench: {}", text(&o.stderr));
-    let out = text(&o.stdout);
-    let line = out.lines().last().expect("summary line");
-    assert!(line.starts_with("rw=caw bs=1024 qd=2 "), "{line}");
-    let ios = field(line, "ios");
-    assert!(ios >= 2.0, "{line}");
-    let (p50, p99) = (field(line, "lat_p50_us"), field(line, "lat_p99_us"));
-    assert!(p50 > 0.0 && p50 <= p99, "{line}");
+    let line = &summary(&o, "rw=caw bs=1024 qd=2 ");
+    assert!(field(line, "ios") >= 2.0, "{line}");
     // Both ranges hold a pattern and its complement flipped in turn:
     // the two ranges start from the same pattern.
     let img = std::fs::read(serve.data_dir().join("lun0.img")).unwrap();
@@ -110,10 +114,9 @@ fn caw_loop_swaps_each_workers_range_and_reports_latency() {
         "wrote outside the ranges"
     );
     // A range longer than COMPARE AND WRITE's 255 blocks is refused.
-    let o = run_bounded(
-        Command::new(KF).args([
-            "bench",
-            &url,
+    let o = bench(
+        &url,
+        &[
             "--rw",
             "caw",
             "--qd",
@@ -122,9 +125,7 @@ fn caw_loop_swaps_each_workers_range_and_reports_latency() {
             "512k",
             "--duration",
             "0.2",
-        ]),
-        None,
-        Duration::from_secs(30),
+        ],
     );
     assert_ne!(code(&o), 0, "{}", text(&o.stdout));
     assert!(text(&o.stderr).contains("255"), "{}", text(&o.stderr));
