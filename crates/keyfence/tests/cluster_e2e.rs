@@ -15,13 +15,12 @@ mod initiator_support;
 
 use std::time::{Duration, Instant};
 
-use initiator_support::uas;
+use initiator_support::{uas, write, Io, BLOCK};
 use keyfence_initiator::{Bytes, Device, Error, PrType, RegisterOptions, SenseKey};
 use keyfence_testkit::{opened_direct, ClusterOptions, ClusterRig};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:cluster";
-const BLOCK: usize = 512;
 const TEST_LIMIT: Duration = Duration::from_secs(90);
 const REGISTRATIONS_PREEMPTED: (u8, u8) = (0x2a, 0x05);
 
@@ -41,20 +40,6 @@ fn start(n: usize) -> ClusterRig {
 /// consumed.
 async fn login(url: &str, name: &str) -> Device {
     initiator_support::login(url, name, 0x23d0_0000_0001).await
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Io {
-    Good,
-    Conflict,
-}
-
-async fn write(dev: &Device, lba: u64, byte: u8) -> Io {
-    match dev.write(lba, Bytes::from(vec![byte; BLOCK])).await {
-        Ok(()) => Io::Good,
-        Err(Error::ReservationConflict) => Io::Conflict,
-        Err(e) => panic!("WRITE: unexpected {e}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,15 +304,16 @@ enum Caw {
     Miscompare,
 }
 
-/// COMPARE AND WRITE (89h) of one block at `lba`: replace `expect` by
-/// `new`.
-async fn compare_and_write(dev: &Device, lba: u64, expect: u8, new: u8) -> Caw {
+/// COMPARE AND WRITE (89h) at `lba` of as many blocks as `expect` holds:
+/// replace `expect` by `new`.
+async fn compare_and_write_blocks(dev: &Device, lba: u64, expect: &[u8], new: &[u8]) -> Caw {
+    assert_eq!(expect.len(), new.len(), "COMPARE AND WRITE halves differ");
     let mut cdb = vec![0u8; 16];
     cdb[0] = 0x89;
     cdb[2..10].copy_from_slice(&lba.to_be_bytes());
-    cdb[13] = 1;
-    let mut data = vec![expect; BLOCK];
-    data.extend_from_slice(&[new; BLOCK]);
+    cdb[13] = u8::try_from(expect.len() / BLOCK).expect("at most 255 blocks");
+    let mut data = expect.to_vec();
+    data.extend_from_slice(new);
     let cmd = keyfence_initiator::commands::Command::write(cdb, Bytes::from(data));
     match dev.execute(&cmd).await {
         Ok(_) => Caw::Good,
@@ -338,6 +324,12 @@ async fn compare_and_write(dev: &Device, lba: u64, expect: u8, new: u8) -> Caw {
         }
         Err(e) => panic!("COMPARE AND WRITE: unexpected {e}"),
     }
+}
+
+/// COMPARE AND WRITE of one block at `lba` filled with `expect` by one
+/// filled with `new`.
+async fn compare_and_write(dev: &Device, lba: u64, expect: u8, new: u8) -> Caw {
+    compare_and_write_blocks(dev, lba, &[expect; BLOCK], &[new; BLOCK]).await
 }
 
 /// COMPARE AND WRITE is atomic across gateways: two initiators on two
@@ -422,26 +414,6 @@ fn ids(data: &[u8]) -> Vec<u64> {
 
 const W_TAG: u64 = (b'W' as u64) << 56;
 const C_TAG: u64 = (b'C' as u64) << 56;
-
-/// COMPARE AND WRITE of `RACE_BLOCKS` blocks at `lba`: `expect` → `new`.
-async fn compare_and_write_blocks(dev: &Device, lba: u64, expect: &[u8], new: &[u8]) -> Caw {
-    let mut cdb = vec![0u8; 16];
-    cdb[0] = 0x89;
-    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
-    cdb[13] = RACE_BLOCKS as u8;
-    let mut data = expect.to_vec();
-    data.extend_from_slice(new);
-    let cmd = keyfence_initiator::commands::Command::write(cdb, Bytes::from(data));
-    match dev.execute(&cmd).await {
-        Ok(_) => Caw::Good,
-        Err(Error::CheckCondition(s))
-            if s.key == SenseKey::Miscompare && (s.asc, s.ascq) == (0x1d, 0x00) =>
-        {
-            Caw::Miscompare
-        }
-        Err(e) => panic!("COMPARE AND WRITE: unexpected {e}"),
-    }
-}
 
 /// COMPARE AND WRITE is atomic against plain WRITEs through another
 /// gateway. Initiator X on gateway A reads a region and replaces what it

@@ -18,7 +18,7 @@ mod initiator_support;
 
 use std::time::{Duration, Instant};
 
-use initiator_support::{ready, uas, TRANSITION};
+use initiator_support::{io, ready, uas, write, Io, TRANSITION};
 use keyfence_cluster::{Cluster, ClusterConfig, LuId};
 use keyfence_initiator::commands::Command;
 use keyfence_initiator::{Bytes, Device, Error, PrType, RegisterOptions, SenseKey};
@@ -76,41 +76,13 @@ async fn login(rig: &ClusterRig, gw: usize, lun: usize, name: &str) -> Device {
     initiator_support::login(&rig.url(gw, lun), name, 0x23d0_0000_0001).await
 }
 
-#[derive(Debug, PartialEq, Eq)]
-enum Io {
-    Good,
-    Conflict,
-    /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION.
-    Transition,
-}
-
-fn io(r: Result<(), Error>, what: &str) -> Io {
-    match r {
-        Ok(()) => Io::Good,
-        Err(Error::ReservationConflict) => Io::Conflict,
-        Err(Error::CheckCondition(s))
-            if s.key == SenseKey::NotReady && (s.asc, s.ascq) == TRANSITION =>
-        {
-            Io::Transition
-        }
-        Err(e) => panic!("{what}: unexpected {e}"),
-    }
-}
-
-async fn write(dev: &Device, lba: u64, byte: u8) -> Io {
-    io(
-        dev.write(lba, Bytes::from(vec![byte; BLOCK])).await,
-        "WRITE",
-    )
-}
-
 /// SPC-2 RESERVE(6).
 async fn reserve6(dev: &Device) -> Io {
     let r = dev
         .execute(&Command::none(vec![0x16, 0, 0, 0, 0, 0]))
         .await
         .map(drop);
-    io(r, "RESERVE(6)")
+    io("RESERVE(6)", r)
 }
 
 async fn gateway_names(c: &Cluster) -> Vec<String> {

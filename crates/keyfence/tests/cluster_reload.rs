@@ -7,13 +7,14 @@
 //! through A on it does not wait for B, and B, when the LUN is added back,
 //! serves the state committed meanwhile.
 
+mod initiator_support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
 use std::time::{Duration, Instant};
 
-use keyfence_initiator::{
-    Bytes, Device, Error, IscsiUrl, Isid, PrType, RegisterOptions, SenseKey, SessionConfig,
-};
+use initiator_support::{uas, write, Io};
+use keyfence_initiator::{Device, PrType, RegisterOptions};
 use keyfence_testkit::etcd::EtcdCluster;
 use keyfence_testkit::Serve;
 
@@ -130,11 +131,7 @@ impl Fixture {
                 name,
             });
         }
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = initiator_support::runtime();
         Fixture {
             gws,
             endpoints,
@@ -201,59 +198,11 @@ fn config_text_for(endpoints: &[String], gw: &str, tpgt: u16, files: &[PathBuf])
     config(endpoints, gw, tpgt, &luns)
 }
 
-/// Log in as `name` (ISID `isid`) through `url` and wait (bounded) until
-/// the gateway serves the LU; the new nexus's unit attentions are
-/// consumed.
+/// Log in as `name` (ISID 0x23d0_0000_0000 | `isid`) through `url` and
+/// wait (bounded) until the gateway serves the LU; the new nexus's unit
+/// attentions are consumed.
 async fn login(url: &str, name: &str, isid: u64) -> Device {
-    let cfg = SessionConfig {
-        initiator_name: Some(name.to_string()),
-        isid: Some(Isid::new(0x23d0_0000_0000 | isid).expect("ISID")),
-        login_timeout: Duration::from_secs(5),
-        unit_attention_retries: 0,
-        ..SessionConfig::default()
-    };
-    let dev = Device::connect(&IscsiUrl::parse(url).expect("URL"), &cfg)
-        .await
-        .unwrap_or_else(|e| panic!("login of {name} at {url}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match dev.test_unit_ready().await {
-            Ok(()) => break,
-            Err(Error::UnitAttention(_)) => {}
-            Err(Error::CheckCondition(s))
-                if s.key == SenseKey::NotReady
-                    && (s.asc, s.ascq) == (0x04, 0x0a)
-                    && Instant::now() < deadline =>
-            {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
-            Err(e) => panic!("TEST UNIT READY of {name} at {url}: {e}"),
-        }
-    }
-    dev
-}
-
-async fn uas(dev: &Device) -> Vec<(u8, u8)> {
-    dev.clear_unit_attentions()
-        .await
-        .expect("TEST UNIT READY")
-        .iter()
-        .map(|s| (s.asc, s.ascq))
-        .collect()
-}
-
-#[derive(Debug, PartialEq, Eq)]
-enum Io {
-    Good,
-    Conflict,
-}
-
-async fn write(dev: &Device, lba: u64, byte: u8) -> Io {
-    match dev.write(lba, Bytes::from(vec![byte; BLOCK])).await {
-        Ok(()) => Io::Good,
-        Err(Error::ReservationConflict) => Io::Conflict,
-        Err(e) => panic!("WRITE: unexpected {e}"),
-    }
+    initiator_support::login(url, name, 0x23d0_0000_0000 | isid).await
 }
 
 #[test]

@@ -27,10 +27,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use initiator_support::uas;
+use initiator_support::{io, uas, Io};
 use keyfence_initiator::{
-    Bytes, Device, Error, FullStatus, IscsiUrl, Isid, PrType, ReadKeys, ReadReservation,
-    RegisterOptions, ReservationDescriptor, SessionConfig, TransportId,
+    Device, Error, FullStatus, IscsiUrl, Isid, PrType, ReadKeys, ReadReservation, RegisterOptions,
+    ReservationDescriptor, SessionConfig, TransportId,
 };
 use serde_json::{json, Value};
 
@@ -121,20 +121,7 @@ async fn login(url: &str, port: Port, first: &[(u8, u8)]) -> Device {
     dev
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Io {
-    Good,
-    Conflict,
-}
 use Io::{Conflict, Good};
-
-fn io(what: &str, r: Result<(), Error>) -> Io {
-    match r {
-        Ok(()) => Good,
-        Err(Error::ReservationConflict) => Conflict,
-        Err(e) => panic!("{what}: unexpected {e}"),
-    }
-}
 
 async fn read_io(dev: &Device) -> Io {
     io(
@@ -144,7 +131,7 @@ async fn read_io(dev: &Device) -> Io {
 }
 
 async fn write_io(dev: &Device) -> Io {
-    io("WRITE", dev.write(1, Bytes::from(vec![0x5a; BLOCK])).await)
+    initiator_support::write(dev, 1, 0x5a).await
 }
 
 /// (READ, WRITE) access of `dev`.

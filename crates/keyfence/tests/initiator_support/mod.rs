@@ -1,17 +1,30 @@
 //! Shared helpers of the integration tests that drive a target through the
 //! initiator library (pr_e2e, and the cluster tests cluster_e2e,
 //! cluster_faults and cluster_interop, whose rig is
-//! `keyfence_testkit::cluster`): logging in through a gateway and waiting
-//! until it serves the clustered LU, reading unit attentions.
+//! `keyfence_testkit::cluster`, cluster_reload and block_device): logging
+//! in through a gateway and waiting until it serves the clustered LU,
+//! reading unit attentions, commands a reservation may refuse.
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
-use keyfence_initiator::{Device, Error, IscsiUrl, Isid, SenseKey, SessionConfig};
+use keyfence_initiator::{Bytes, Device, Error, IscsiUrl, Isid, SenseKey, SessionConfig};
 
 /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION: the gateway does not
 /// serve the LU (not yet joined, lease in doubt, rejoining).
 pub const TRANSITION: (u8, u8) = (0x04, 0x0a);
+
+/// Logical block size of the LUs the tests serve.
+pub const BLOCK: usize = 512;
+
+/// A tokio runtime of two worker threads for a synchronous test.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
 
 /// A session as initiator `name`, ISID `isid`, consuming no unit attention
 /// on its own (`unit_attention_retries: 0`).
@@ -65,4 +78,38 @@ pub async fn uas(dev: &Device) -> Vec<(u8, u8)> {
         .iter()
         .map(|s| (s.asc, s.ascq))
         .collect()
+}
+
+/// How a command that a reservation may refuse ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Io {
+    Good,
+    /// RESERVATION CONFLICT.
+    Conflict,
+    /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION (cluster mode: the
+    /// gateway does not serve the LU).
+    Transition,
+}
+
+/// The [`Io`] of command `what`'s result `r`; any other error fails the
+/// test, naming `what`.
+pub fn io(what: &str, r: Result<(), Error>) -> Io {
+    match r {
+        Ok(()) => Io::Good,
+        Err(Error::ReservationConflict) => Io::Conflict,
+        Err(Error::CheckCondition(s))
+            if s.key == SenseKey::NotReady && (s.asc, s.ascq) == TRANSITION =>
+        {
+            Io::Transition
+        }
+        Err(e) => panic!("{what}: unexpected {e}"),
+    }
+}
+
+/// WRITE of one block of `byte` at `lba`.
+pub async fn write(dev: &Device, lba: u64, byte: u8) -> Io {
+    io(
+        "WRITE",
+        dev.write(lba, Bytes::from(vec![byte; BLOCK])).await,
+    )
 }
