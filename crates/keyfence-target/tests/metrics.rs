@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Command as Process, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -17,8 +16,8 @@ use keyfence_initiator::pr::RegisterOptions;
 use keyfence_initiator::{Device, Error, IscsiUrl, SessionConfig};
 use keyfence_scsi::pr_data::PrType;
 use keyfence_target::config::Config;
+use keyfence_testkit::metrics;
 use keyfence_testkit::server::InProcessServer;
-use keyfence_testkit::tool;
 
 const A: &str = "iqn.2026-11.io.keyfence:metrics-a";
 const B: &str = "iqn.2026-11.io.keyfence:metrics-b";
@@ -204,28 +203,7 @@ fn promtool_check(text: &str) {
             "HELP text must end in one period: {line}"
         );
     }
-    let promtool = tool::require("promtool");
-    let mut child = Process::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed ({}):\n{}{}\n--- text ---\n{text}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    metrics::promtool_check(text);
 }
 
 fn write10(lba: u32, data: Bytes) -> keyfence_initiator::commands::Command {

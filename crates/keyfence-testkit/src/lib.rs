@@ -7,6 +7,7 @@
 //! * [`cmd`]: child processes run to completion with a time limit and their
 //!   output captured.
 //! * [`fdinfo`]: how a process holds a file open (cached or `O_DIRECT`).
+//! * [`metrics`]: one scrape of a Prometheus endpoint, `promtool check`.
 //! * [`port`]: the one place that hands out a port number up front (for
 //!   tools such as tgtd that cannot bind port 0 and report it), retrying
 //!   when the port turns out to be taken.
@@ -30,6 +31,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod etcd;
 pub mod fdinfo;
+pub mod metrics;
 pub mod port;
 pub mod raw;
 pub mod serve;

@@ -295,6 +295,17 @@ impl Serve {
         self.dir.path()
     }
 
+    /// What serve printed on stdout so far (its banner).
+    pub fn banner(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("serve.out")).unwrap_or_default()
+    }
+
+    /// The metrics address serve printed (`--metrics`); fails the test
+    /// when it printed none.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        crate::metrics::address_in_banner(&self.banner())
+    }
+
     /// What serve wrote to stderr so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("serve.log")).unwrap_or_default()

@@ -8,6 +8,8 @@
 //! loses its ACL entry in a reload. Every I/O loop is bounded by a command
 //! count and a deadline.
 
+mod initiator_support;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
@@ -20,6 +22,7 @@ use keyfence_initiator::commands;
 use keyfence_initiator::pr::RegisterOptions;
 use keyfence_initiator::{Device, IscsiUrl, SessionConfig};
 use keyfence_scsi::SenseKey;
+use keyfence_testkit::metrics::{self, promtool_check};
 use keyfence_testkit::{opened_direct, Serve};
 
 const IQN: &str = "iqn.2026-11.io.keyfence:reload";
@@ -71,11 +74,7 @@ impl Fixture {
             b = b.arg(a);
         }
         let serve = b.start();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = initiator_support::runtime();
         Fixture {
             serve,
             config,
@@ -629,51 +628,7 @@ fn a_stale_socket_is_replaced_and_a_live_one_refused() {
 
 /// `GET /metrics` from the address `keyfence serve` printed at start.
 fn scrape(f: &Fixture) -> String {
-    use std::io::{Read, Write};
-    let banner = std::fs::read_to_string(f.serve.scratch_dir().join("serve.out")).unwrap();
-    let addr: std::net::SocketAddr = banner
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("metrics on http://")?
-                .strip_suffix("/metrics")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no metrics line in:\n{banner}"));
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut got = String::new();
-    s.read_to_string(&mut got).unwrap();
-    let (head, body) = got.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    body.to_string()
-}
-
-fn promtool_check(text: &str) {
-    use std::io::Write;
-    let promtool = keyfence_testkit::tool::require("promtool");
-    let mut child = Proc::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{}{}\n--- text ---\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    metrics::scrape(f.serve.metrics_addr())
 }
 
 /// The value of the per-LU sample `name` of LUN `lun`, if it is exported.
@@ -1110,21 +1065,6 @@ fn admission_limits_change_on_reload_without_dropping_anyone() {
     f.rt.block_on(watcher.close()).unwrap();
 }
 
-/// `GET /metrics` from `addr`: the body of a 200 answer.
-fn scrape_at(addr: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr)
-        .unwrap_or_else(|e| panic!("metrics endpoint {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut got = String::new();
-    s.read_to_string(&mut got).unwrap();
-    let (head, body) = got.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
-    body.to_string()
-}
-
 fn metrics_in_status(f: &Fixture) -> Option<String> {
     f.status()["metrics"].as_str().map(str::to_string)
 }
@@ -1157,7 +1097,7 @@ fn the_metrics_endpoint_moves_stops_and_starts_on_reload() {
     let watcher = f.connect(WATCHER, 0);
     f.rt.block_on(watcher.read(0, 1)).unwrap();
     assert_eq!(
-        lu_sample(&scrape_at(&first), "keyfence_lu_reads_total", 0),
+        lu_sample(&metrics::scrape(&first), "keyfence_lu_reads_total", 0),
         Some(1.0)
     );
 
@@ -1173,7 +1113,7 @@ fn the_metrics_endpoint_moves_stops_and_starts_on_reload() {
         "{err}"
     );
     assert_eq!(metrics_in_status(&f).as_deref(), Some(first.as_str()));
-    scrape_at(&first);
+    metrics::scrape(&first);
     drop(busy);
 
     // Moved: the new address serves (the counters carry on), the old
@@ -1191,7 +1131,7 @@ fn the_metrics_endpoint_moves_stops_and_starts_on_reload() {
         "{said}"
     );
     assert_eq!(metrics_in_status(&f).as_deref(), Some(moved.as_str()));
-    let text = scrape_at(&moved);
+    let text = metrics::scrape(&moved);
     promtool_check(&text);
     assert_eq!(lu_sample(&text, "keyfence_lu_reads_total", 0), Some(1.0));
     wait_refused(&first);
@@ -1208,13 +1148,13 @@ fn the_metrics_endpoint_moves_stops_and_starts_on_reload() {
     f.reload();
     let back = metrics_in_status(&f).expect("metrics endpoint back");
     assert_eq!(
-        lu_sample(&scrape_at(&back), "keyfence_lu_reads_total", 0),
+        lu_sample(&metrics::scrape(&back), "keyfence_lu_reads_total", 0),
         Some(0.0)
     );
     f.rt.block_on(watcher.read(0, 1)).unwrap();
     f.rt.block_on(watcher.read(0, 1)).unwrap();
     assert_eq!(
-        lu_sample(&scrape_at(&back), "keyfence_lu_reads_total", 0),
+        lu_sample(&metrics::scrape(&back), "keyfence_lu_reads_total", 0),
         Some(2.0)
     );
     assert!(drain_uas(&f, &watcher, 0).is_empty());

@@ -2,12 +2,11 @@
 //! `GET /metrics`, and a bad address (flag or config key) or a busy port
 //! gets one precise line and a failing exit status.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::process::Command;
 use std::time::Duration;
 
-use keyfence_testkit::{code, run_bounded, text, Serve};
+use keyfence_testkit::{code, metrics, run_bounded, text, Serve};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 
@@ -31,23 +30,8 @@ fn the_printed_address_serves_metrics() {
         .arg("--metrics")
         .arg("127.0.0.1:0")
         .start();
-    let banner = std::fs::read_to_string(serve.scratch_dir().join("serve.out")).unwrap();
-    let addr: SocketAddr = banner
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("metrics on http://")?
-                .strip_suffix("/metrics")?
-                .parse()
-                .ok()
-        })
-        .unwrap_or_else(|| panic!("no metrics line in:\n{banner}"));
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .unwrap();
-    let mut got = String::new();
-    s.read_to_string(&mut got).unwrap();
-    assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+    // The body of a 200 answer, after the line break that ends the head.
+    let got = format!("\n{}", metrics::scrape(serve.metrics_addr()));
     assert!(
         got.contains("\nkeyfence_sessions{kind=\"normal\"} 0\n"),
         "{got}"
