@@ -5,10 +5,13 @@
 //! behaviour of mpathpersist: registration on both target ports, rollback
 //! on a partial conflict, RELEASE with a dead holder path, --reregister.
 
+mod pr_tools_support;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use keyfence_initiator::Isid;
+use pr_tools_support::{check, kf_as as kf, ok, silent, text};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:serve-test";
@@ -41,61 +44,23 @@ impl Serve {
     }
 }
 
-fn kf(init: &str, args: &[&str]) -> Output {
-    keyfence_testkit::run(
-        Command::new(KF)
-            .args(args)
-            .env("KEYFENCE_INITIATOR_NAME", init)
-            .env_remove("KEYFENCE_CONFIG"),
-    )
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn check(o: &Output, code: i32, stdout: &str, stderr: &str) {
-    assert_eq!(
-        (
-            o.status.code(),
-            text(&o.stdout).as_str(),
-            text(&o.stderr).as_str()
-        ),
-        (Some(code), stdout, stderr)
-    );
-}
-
-fn ok(o: &Output) -> String {
-    assert_eq!(o.status.code(), Some(0), "stderr: {}", text(&o.stderr));
-    text(&o.stdout)
-}
-
 #[test]
 fn sg_persist_full_cycle_on_keyfence() {
     let s = Serve::start();
     let d = s.url(0);
-    check(
-        &kf(INIT_A, &["persist", "-n", "-o", "-G", "-S", "0xa1", &d]),
-        0,
-        "",
-        "",
-    );
-    check(
-        &kf(INIT_B, &["persist", "-n", "-o", "-G", "-S", "0xb2", &d]),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-G", "-S", "0xa1", &d],
+    ));
+    silent(&kf(
+        INIT_B,
+        &["persist", "-n", "-o", "-G", "-S", "0xb2", &d],
+    ));
     // Same initiator port in a new invocation: the registration is ours.
-    check(
-        &kf(
-            INIT_A,
-            &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
-        ),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
+    ));
     check(
         &kf(INIT_B, &["persist", "-n", "-i", "-r", &d]),
         0,
@@ -134,17 +99,12 @@ fn sg_persist_full_cycle_on_keyfence() {
         "PR out (Reserve): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
     // fence_scsi's fencing step: B preempts and aborts A.
-    check(
-        &kf(
-            INIT_B,
-            &[
-                "persist", "-n", "-o", "-A", "-T", "5", "-K", "0xb2", "-S", "0xa1", "-d", &d,
-            ],
-        ),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_B,
+        &[
+            "persist", "-n", "-o", "-A", "-T", "5", "-K", "0xb2", "-S", "0xa1", "-d", &d,
+        ],
+    ));
     check(
         &kf(INIT_A, &["persist", "-n", "-k", &d]),
         0,
@@ -162,65 +122,50 @@ fn sg_persist_full_cycle_on_keyfence() {
         "PR out (Reserve): Reservation conflict\nkeyfence persist failed: Reservation conflict\n",
     );
     // B moves its reservation to A's initiator port on target port 2.
-    check(
-        &kf(
-            INIT_B,
-            &[
-                "persist",
-                "-n",
-                "-o",
-                "-M",
-                "-K",
-                "0xb2",
-                "-S",
-                "0xc3",
-                "-T",
-                "5",
-                "-Q",
-                "2",
-                "-X",
-                &s.port_of(INIT_A, 1),
-                &d,
-            ],
-        ),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_B,
+        &[
+            "persist",
+            "-n",
+            "-o",
+            "-M",
+            "-K",
+            "0xb2",
+            "-S",
+            "0xc3",
+            "-T",
+            "5",
+            "-Q",
+            "2",
+            "-X",
+            &s.port_of(INIT_A, 1),
+            &d,
+        ],
+    ));
     check(
         &kf(INIT_A, &["persist", "-n", "-r", &s.url(1)]),
         0,
         "  PR generation=0x4, Reservation follows:\n    Key=0xc3\n    scope: LU_SCOPE,  type: Write Exclusive, registrants only\n",
         "",
     );
-    check(
-        &kf(
-            INIT_A,
-            &[
-                "persist",
-                "-n",
-                "-o",
-                "-L",
-                "-T",
-                "5",
-                "-K",
-                "0xc3",
-                &s.url(1),
-            ],
-        ),
-        0,
-        "",
-        "",
-    );
-    check(
-        &kf(
-            INIT_A,
-            &["persist", "-n", "-o", "-C", "-K", "0xc3", &s.url(1)],
-        ),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_A,
+        &[
+            "persist",
+            "-n",
+            "-o",
+            "-L",
+            "-T",
+            "5",
+            "-K",
+            "0xc3",
+            &s.url(1),
+        ],
+    ));
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-C", "-K", "0xc3", &s.url(1)],
+    ));
     check(
         &kf(INIT_A, &["persist", "-n", "-i", "-k", &d]),
         0,
@@ -233,27 +178,18 @@ fn sg_persist_full_cycle_on_keyfence() {
 fn takeover_after_a_crash() {
     let s = Serve::start();
     let d = s.url(0);
-    check(
-        &kf(INIT_A, &["persist", "-n", "-o", "-G", "-S", "0xa1", &d]),
-        0,
-        "",
-        "",
-    );
-    check(
-        &kf(
-            INIT_A,
-            &["persist", "-n", "-o", "-R", "-T", "6", "-K", "0xa1", &d],
-        ),
-        0,
-        "",
-        "",
-    );
-    check(
-        &kf(INIT_B, &["persist", "-n", "-o", "-G", "-S", "0xb2", &d]),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-G", "-S", "0xa1", &d],
+    ));
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-R", "-T", "6", "-K", "0xa1", &d],
+    ));
+    silent(&kf(
+        INIT_B,
+        &["persist", "-n", "-o", "-G", "-S", "0xb2", &d],
+    ));
     // A "reboots" and comes back as ISID 0x800000000042.
     let out = ok(&kf(
         INIT_A,
@@ -462,15 +398,10 @@ fn mpathpersist_rolls_back_a_partial_registration() {
     let cfg = config(dir.path(), &s, dead.port());
     // Path 0's initiator port is already registered with another key, so
     // REGISTER with key 0 conflicts there and succeeds on path 1 only.
-    check(
-        &kf(
-            INIT_A,
-            &["persist", "-n", "-o", "-G", "-S", "0x999", &s.url(0)],
-        ),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-G", "-S", "0x999", &s.url(0)],
+    ));
     let o = kf(
         INIT_A,
         &[
@@ -511,15 +442,10 @@ fn mpathpersist_on_a_url_uses_every_portal() {
     let s = Serve::start();
     // No map: the URL's target portals (SendTargets) become the paths.
     let d = s.url(0);
-    check(
-        &kf(
-            INIT_B,
-            &["mpathpersist", "-o", "-G", "-S", "0x55", "-d", &d],
-        ),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_B,
+        &["mpathpersist", "-o", "-G", "-S", "0x55", "-d", &d],
+    ));
     let out = ok(&kf(INIT_B, &["persist", "-n", "-s", &d]));
     assert!(out.contains("      Relative port address: 0x1\n"), "{out}");
     assert!(out.contains("      Relative port address: 0x2\n"), "{out}");
@@ -640,21 +566,14 @@ fn takeover_keeps_its_key_when_another_node_holds_the_reservation() {
 fn takeover_dry_run_changes_nothing() {
     let s = Serve::start();
     let d = s.url(0);
-    check(
-        &kf(INIT_A, &["persist", "-n", "-o", "-G", "-S", "0xa1", &d]),
-        0,
-        "",
-        "",
-    );
-    check(
-        &kf(
-            INIT_A,
-            &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
-        ),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-G", "-S", "0xa1", &d],
+    ));
+    silent(&kf(
+        INIT_A,
+        &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
+    ));
     let before = ok(&kf(INIT_B, &["persist", "-n", "-s", &d]));
     let out = ok(&kf(
         INIT_A,

@@ -9,10 +9,13 @@
 //! to it: PR OUT commands that need a registration conflict, which is how
 //! the RESERVATION CONFLICT exit statuses are exercised here.
 
+mod pr_tools_support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use keyfence_testkit::{Tgtd, TgtdOptions};
+use pr_tools_support::{check, kf_as, silent, text};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:tgtd-test";
@@ -28,28 +31,9 @@ fn tgtd() -> Tgtd {
     })
 }
 
+/// `keyfence ARGS` as `INITIATOR`.
 fn kf(args: &[&str]) -> Output {
-    keyfence_testkit::run(
-        Command::new(KF)
-            .args(args)
-            .env("KEYFENCE_INITIATOR_NAME", INITIATOR)
-            .env_remove("KEYFENCE_CONFIG"),
-    )
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn check(o: &Output, code: i32, stdout: &str, stderr: &str) {
-    assert_eq!(
-        (
-            o.status.code(),
-            text(&o.stdout).as_str(),
-            text(&o.stderr).as_str()
-        ),
-        (Some(code), stdout, stderr)
-    );
+    kf_as(INITIATOR, args)
 }
 
 #[test]
@@ -62,12 +46,9 @@ fn sg_persist_register_read_keys_and_reservation() {
         &format!("{HEADER}  PR generation=0x0, there are NO registered reservation keys\n"),
         "",
     );
-    check(
-        &kf(&["persist", "-n", "-o", "-G", "-S", "0x123abc", "-d", &d]),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(&[
+        "persist", "-n", "-o", "-G", "-S", "0x123abc", "-d", &d,
+    ]));
     check(
         &kf(&["persist", "-n", "-i", "-k", "-d", &d]),
         0,
@@ -75,19 +56,14 @@ fn sg_persist_register_read_keys_and_reservation() {
         "",
     );
     // A new invocation is a new nexus to tgtd: REGISTER AND IGNORE adds one.
-    check(
-        &kf(&[
-            "persist",
-            "-n",
-            "--out",
-            "--register-ignore",
-            "--param-sark=beef",
-            &d,
-        ]),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(&[
+        "persist",
+        "-n",
+        "--out",
+        "--register-ignore",
+        "--param-sark=beef",
+        &d,
+    ]));
     check(
         &kf(&["persist", "-n", "-i", "-k", &d]),
         0,
@@ -112,12 +88,7 @@ fn sg_persist_register_read_keys_and_reservation() {
 fn sg_persist_conflicts_exit_24() {
     let t = tgtd();
     let d = t.url();
-    check(
-        &kf(&["persist", "-n", "-o", "-G", "-S", "1", &d]),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(&["persist", "-n", "-o", "-G", "-S", "1", &d]));
     // This invocation's nexus is not registered.
     check(
         &kf(&["persist", "-n", "-o", "-R", "-T", "5", "-K", "1", "-d", &d]),
@@ -267,19 +238,14 @@ fn mpathpersist_over_tgtd() {
         "  PR generation=0x0, \t0 registered reservation key.\n",
         "",
     );
-    check(
-        &kf(&[
-            "mpathpersist",
-            "-o",
-            "--register",
-            "--param-sark=123abc",
-            "-d",
-            &d,
-        ]),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(&[
+        "mpathpersist",
+        "-o",
+        "--register",
+        "--param-sark=123abc",
+        "-d",
+        &d,
+    ]));
     check(
         &kf(&["mpathpersist", "--in", "--read-keys", "-d", &d]),
         0,
@@ -327,22 +293,17 @@ fn mpathpersist_map_with_a_dead_path_and_key_check() {
         ),
     );
     let c = cfg.to_str().expect("utf-8");
-    check(
-        &kf(&[
-            "mpathpersist",
-            "--config",
-            c,
-            "-o",
-            "-G",
-            "-S",
-            "abc",
-            "-d",
-            "/dev/mapper/mpatha",
-        ]),
-        0,
-        "",
-        "",
-    );
+    silent(&kf(&[
+        "mpathpersist",
+        "--config",
+        c,
+        "-o",
+        "-G",
+        "-S",
+        "abc",
+        "-d",
+        "/dev/mapper/mpatha",
+    ]));
     check(
         &kf(&["mpathpersist", "--config", c, "-i", "-k", "mpatha"]),
         0,
