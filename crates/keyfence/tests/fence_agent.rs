@@ -4,7 +4,8 @@
 mod fence_support;
 
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fence_support::*;
@@ -17,6 +18,32 @@ fn three_targets() -> Vec<Target> {
 
 fn list(ts: &[&Target]) -> String {
     ts.iter().map(|t| t.url()).collect::<Vec<_>>().join(",")
+}
+
+/// `keyfence fence acquire` of `url` with key `key` as node `node`, with
+/// the probe `timing` options; its failfast action writes the reason it
+/// was given (`$KEYFENCE_LOST`) to `marker`.
+fn spawn_acquire(url: &str, key: &str, node: &str, timing: &[&str], marker: &Path) -> Child {
+    Command::new(BIN)
+        .args(["fence", "acquire", "-d", url, "-k", key, "--initiator-name"])
+        .arg(iname(node))
+        .args(timing)
+        .arg("--action")
+        .arg(format!("echo \"$KEYFENCE_LOST\" > {}", marker.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Poll `done` every 20 ms until it holds; fail saying `what` after
+/// `within`.
+fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) {
+    let end = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < end, "{what} within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -235,52 +262,40 @@ fn acquire_takes_over_and_fails_fast_when_preempted() {
     unfence(&url, "0xb0", "nb", &tmp.path().join("nb"));
     let marker = tmp.path().join("lost");
     let interval_ms = 100u64;
-    let acq = Command::new(BIN)
-        .args([
-            "fence",
-            "acquire",
-            "-d",
-            &url,
-            "-k",
-            "0xa0",
-            "--initiator-name",
-            &iname("na"),
-        ])
-        .args([
+    let acq = spawn_acquire(
+        &url,
+        "0xa0",
+        "na",
+        &[
             "--probe-interval",
             &interval_ms.to_string(),
             "--timeout-ms",
             "2000",
             "--max-run-ms",
             "30000",
-        ])
-        .arg("--action")
-        .arg(format!("echo \"$KEYFENCE_LOST\" > {}", marker.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+        ],
+        &marker,
+    );
     // It preempts B and holds the reservation.
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = keyfence(&[
-            "fence",
-            "agent",
-            "-o",
-            "status",
-            "-k",
-            "b0",
-            "-d",
-            &url,
-            "--initiator-name",
-            &iname("na"),
-        ]);
-        if code(&o) == 2 {
-            break;
-        }
-        assert!(Instant::now() < end, "acquire did not preempt node B");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        "acquire did not preempt node B",
+        Duration::from_secs(20),
+        || {
+            let o = keyfence(&[
+                "fence",
+                "agent",
+                "-o",
+                "status",
+                "-k",
+                "b0",
+                "-d",
+                &url,
+                "--initiator-name",
+                &iname("na"),
+            ]);
+            code(&o) == 2
+        },
+    );
     let o = keyfence(&["persist", "-n", "-i", "-r", &url]);
     assert!(text(&o.stdout).contains("Key=0xa0"), "{}", text(&o.stdout));
     std::thread::sleep(Duration::from_millis(3 * interval_ms));
@@ -482,18 +497,11 @@ fn acquire_fails_fast_when_the_storage_goes_away() {
     let mut t = Target::start("iqn.2026-11.io.keyfence.test:vanish", "16M");
     let tmp = tempfile::tempdir().unwrap();
     let marker = tmp.path().join("lost");
-    let acq = Command::new(BIN)
-        .args([
-            "fence",
-            "acquire",
-            "-d",
-            &t.url(),
-            "-k",
-            "0xc0",
-            "--initiator-name",
-            &iname("nc"),
-        ])
-        .args([
+    let acq = spawn_acquire(
+        &t.url(),
+        "0xc0",
+        "nc",
+        &[
             "--probe-interval",
             "50",
             "--timeout-ms",
@@ -502,22 +510,13 @@ fn acquire_fails_fast_when_the_storage_goes_away() {
             "600",
             "--max-run-ms",
             "30000",
-        ])
-        .arg("--action")
-        .arg(format!("echo \"$KEYFENCE_LOST\" > {}", marker.display()))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
+        ],
+        &marker,
+    );
+    wait_for("acquire did not reserve", Duration::from_secs(20), || {
         let o = keyfence(&["persist", "-n", "-i", "-r", &t.url()]);
-        if text(&o.stdout).contains("Key=0xc0") {
-            break;
-        }
-        assert!(Instant::now() < end, "acquire did not reserve");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        text(&o.stdout).contains("Key=0xc0")
+    });
     let gone = Instant::now();
     t.stop();
     let out = acq.wait_with_output().unwrap();
