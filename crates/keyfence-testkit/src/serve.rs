@@ -210,6 +210,23 @@ impl ServeBuilder {
     }
 }
 
+/// Run `bin serve ARGS --log-level error` for a start that must fail,
+/// bounded by 15 s: its exit code and what it wrote to stderr, trimmed.
+pub fn failed_start(bin: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> (i32, String) {
+    let o = crate::cmd::run_bounded(
+        Command::new(bin)
+            .arg("serve")
+            .args(args)
+            .args(["--log-level", "error"]),
+        None,
+        Duration::from_secs(15),
+    );
+    (
+        crate::cmd::code(&o),
+        crate::cmd::text(&o.stderr).trim().to_string(),
+    )
+}
+
 /// The address of a banner line `  portal ADDR (TPGT N)`.
 fn parse_portal(line: &str) -> Option<SocketAddr> {
     let rest = line.trim_start().strip_prefix("portal ")?;

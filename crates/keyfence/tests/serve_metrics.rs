@@ -3,23 +3,13 @@
 //! gets one precise line and a failing exit status.
 
 use std::net::TcpListener;
-use std::process::Command;
-use std::time::Duration;
 
-use keyfence_testkit::{code, metrics, run_bounded, text, Serve};
+use keyfence_testkit::{metrics, Serve};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 
 fn run_failing(args: &[&str]) -> (i32, String) {
-    let o = run_bounded(
-        Command::new(KF)
-            .arg("serve")
-            .args(args)
-            .args(["--log-level", "error"]),
-        None,
-        Duration::from_secs(15),
-    );
-    (code(&o), text(&o.stderr).trim().to_string())
+    keyfence_testkit::serve::failed_start(KF, args)
 }
 
 #[test]

@@ -4,10 +4,8 @@
 
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
 
-use keyfence_testkit::{code, run_bounded, text, Serve};
+use keyfence_testkit::Serve;
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 
@@ -24,15 +22,7 @@ fn start(data: &Path, size: Option<&str>) -> Serve {
 
 /// Run `keyfence serve ARGS` expecting it to fail within 15 s.
 fn run_failing(args: &[&str]) -> (i32, String) {
-    let o = run_bounded(
-        Command::new(KF)
-            .arg("serve")
-            .args(args)
-            .args(["--log-level", "error"]),
-        None,
-        Duration::from_secs(15),
-    );
-    (code(&o), text(&o.stderr).trim().to_string())
+    keyfence_testkit::serve::failed_start(KF, args)
 }
 
 fn one_line(e: &str) {
