@@ -44,23 +44,28 @@ impl Serve {
     }
 }
 
+/// `persist -n -o -G -S KEY` (REGISTER) as `init` succeeds silently.
+fn register(init: &str, key: &str, d: &str) {
+    silent(&kf(init, &["persist", "-n", "-o", "-G", "-S", key, d]));
+}
+
+/// `persist -n -o -R -T TYPE -K KEY` (RESERVE) as `init` succeeds
+/// silently.
+fn reserve(init: &str, prtype: &str, key: &str, d: &str) {
+    silent(&kf(
+        init,
+        &["persist", "-n", "-o", "-R", "-T", prtype, "-K", key, d],
+    ));
+}
+
 #[test]
 fn sg_persist_full_cycle_on_keyfence() {
     let s = Serve::start();
     let d = s.url(0);
-    silent(&kf(
-        INIT_A,
-        &["persist", "-n", "-o", "-G", "-S", "0xa1", &d],
-    ));
-    silent(&kf(
-        INIT_B,
-        &["persist", "-n", "-o", "-G", "-S", "0xb2", &d],
-    ));
+    register(INIT_A, "0xa1", &d);
+    register(INIT_B, "0xb2", &d);
     // Same initiator port in a new invocation: the registration is ours.
-    silent(&kf(
-        INIT_A,
-        &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
-    ));
+    reserve(INIT_A, "5", "0xa1", &d);
     check(
         &kf(INIT_B, &["persist", "-n", "-i", "-r", &d]),
         0,
@@ -178,18 +183,9 @@ fn sg_persist_full_cycle_on_keyfence() {
 fn takeover_after_a_crash() {
     let s = Serve::start();
     let d = s.url(0);
-    silent(&kf(
-        INIT_A,
-        &["persist", "-n", "-o", "-G", "-S", "0xa1", &d],
-    ));
-    silent(&kf(
-        INIT_A,
-        &["persist", "-n", "-o", "-R", "-T", "6", "-K", "0xa1", &d],
-    ));
-    silent(&kf(
-        INIT_B,
-        &["persist", "-n", "-o", "-G", "-S", "0xb2", &d],
-    ));
+    register(INIT_A, "0xa1", &d);
+    reserve(INIT_A, "6", "0xa1", &d);
+    register(INIT_B, "0xb2", &d);
     // A "reboots" and comes back as ISID 0x800000000042.
     let out = ok(&kf(
         INIT_A,
@@ -566,14 +562,8 @@ fn takeover_keeps_its_key_when_another_node_holds_the_reservation() {
 fn takeover_dry_run_changes_nothing() {
     let s = Serve::start();
     let d = s.url(0);
-    silent(&kf(
-        INIT_A,
-        &["persist", "-n", "-o", "-G", "-S", "0xa1", &d],
-    ));
-    silent(&kf(
-        INIT_A,
-        &["persist", "-n", "-o", "-R", "-T", "5", "-K", "0xa1", &d],
-    ));
+    register(INIT_A, "0xa1", &d);
+    reserve(INIT_A, "5", "0xa1", &d);
     let before = ok(&kf(INIT_B, &["persist", "-n", "-s", &d]));
     let out = ok(&kf(
         INIT_A,
