@@ -47,7 +47,7 @@ use super::wire::Outbox;
 use super::{Live, Shared, TargetRt};
 
 use respond::InFlight;
-pub(crate) use respond::ResetJob;
+use respond::ResetJob;
 pub(crate) use respond::{Completion, Job};
 use tmf::PendingTmf;
 use write::WriteTask;
