@@ -20,26 +20,29 @@
 //!   nexus-loss commit, which it could only do because the registration
 //!   listed that TPGT.
 
+mod initiator_support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keyfence_cluster::{Cluster, ClusterConfig, LuId};
 use keyfence_initiator::commands::Command;
-use keyfence_initiator::{Bytes, Device, Error, IscsiUrl, Isid, SenseKey, SessionConfig};
+use keyfence_initiator::{Bytes, Device, IscsiUrl};
 use keyfence_testkit::etcd::EtcdCluster;
 use keyfence_testkit::Serve;
+
+use initiator_support::{io, Io, Load};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:cportals";
 const SIZE: u64 = 16 << 20;
 const BLOCK: usize = 512;
 const TTL_SECS: u64 = 3;
-/// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION.
-const TRANSITION: (u8, u8) = (0x04, 0x0a);
+/// ISIDs of these tests' sessions: random format, low bits per session.
+const ISID_BASE: u64 = 0x23d0_0000_0000;
 
 /// One gateway's entry in `[[cluster.gateways]]`.
 #[derive(Clone)]
@@ -232,36 +235,10 @@ impl Fixture {
     }
 }
 
-fn session_config(name: &str, isid: u64) -> SessionConfig {
-    SessionConfig {
-        initiator_name: Some(name.to_string()),
-        isid: Some(Isid::new(0x23d0_0000_0000 | isid).expect("ISID")),
-        login_timeout: Duration::from_secs(5),
-        unit_attention_retries: 0,
-        ..SessionConfig::default()
-    }
-}
-
 /// Log in through `portal` and wait (bounded) until the LU is served;
 /// unit attentions consumed.
 async fn login(portal: SocketAddr, name: &str, isid: u64) -> Device {
-    let url = IscsiUrl::parse(&format!("iscsi://{portal}/{IQN}/0")).unwrap();
-    let dev = Device::connect(&url, &session_config(name, isid))
-        .await
-        .unwrap_or_else(|e| panic!("login of {name} at {portal}: {e}"));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        match dev.test_unit_ready().await {
-            Ok(()) | Err(Error::ReservationConflict) => break,
-            Err(Error::UnitAttention(_)) => {}
-            Err(Error::CheckCondition(s))
-                if s.key == SenseKey::NotReady && (s.asc, s.ascq) == TRANSITION => {}
-            Err(e) => panic!("TEST UNIT READY of {name} at {portal}: {e}"),
-        }
-        assert!(Instant::now() < deadline, "LU not ready at {portal}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    dev
+    initiator_support::login(&format!("iscsi://{portal}/{IQN}/0"), name, ISID_BASE | isid).await
 }
 
 /// REPORT TARGET PORT GROUPS as (group, relative port ids).
@@ -305,9 +282,12 @@ async fn port_identity(dev: &Device) -> (u16, u16) {
 /// target, in TPGT order.
 async fn send_targets(portal: SocketAddr) -> Vec<(u16, Option<u16>)> {
     let url = IscsiUrl::parse(&format!("iscsi://{portal}/{IQN}/0")).unwrap();
-    let found = keyfence_initiator::login::discover(&url, &session_config("iqn.2026-11.test:d", 9))
-        .await
-        .unwrap();
+    let found = keyfence_initiator::login::discover(
+        &url,
+        &initiator_support::session_config("iqn.2026-11.test:d", ISID_BASE | 9),
+    )
+    .await
+    .unwrap();
     let mut v: Vec<(u16, Option<u16>)> = found
         .iter()
         .find(|t| t.name == IQN)
@@ -320,73 +300,14 @@ async fn send_targets(portal: SocketAddr) -> Vec<(u16, Option<u16>)> {
     v
 }
 
-/// WRITE and READ of 4 KiB, back to back, on one session until stopped
-/// (bounded in count and time), counting failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<Vec<String>>,
-}
-
+/// The background WRITE/READ load of these tests: LBAs 1024.., at most
+/// 120 s.
 fn start_load(f: &Fixture, dev: Arc<Device>) -> Load {
-    let (stop, done, failed) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let (s, d, x) = (stop.clone(), done.clone(), failed.clone());
-    let task = f.rt.spawn(async move {
-        let deadline = Instant::now() + Duration::from_secs(120);
-        let mut errors = Vec::new();
-        let mut i: u64 = 0;
-        while !s.load(Ordering::Relaxed) && i < 100_000 && Instant::now() < deadline {
-            let lba = 1024 + (i % 64) * 8;
-            let w = dev
-                .write(lba, Bytes::from(vec![(i % 251) as u8; 4096]))
-                .await;
-            let r = dev.read(lba, 8).await.map(drop);
-            for res in [w, r] {
-                if let Err(e) = res {
-                    x.fetch_add(1, Ordering::Relaxed);
-                    if errors.len() < 5 {
-                        errors.push(e.to_string());
-                    }
-                }
-                d.fetch_add(1, Ordering::Relaxed);
-            }
-            i += 1;
-        }
-        errors
-    });
-    Load {
-        stop,
-        done,
-        failed,
-        task,
-    }
+    Load::start(&f.rt, dev, 1024, Duration::from_secs(120))
 }
 
-impl Load {
-    fn wait_for(&self, n: u64) {
-        let start = self.done.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.done.load(Ordering::Relaxed) < start + n {
-            assert!(Instant::now() < deadline, "the load made no progress");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn finish(self, f: &Fixture) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = f.rt.block_on(self.task).unwrap();
-        (
-            self.done.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
-}
+/// How long a load may take for the commands a test waits for.
+const LOAD_PROGRESS: Duration = Duration::from_secs(30);
 
 /// `entries` with gw1 (entry 0) on `portals`.
 fn with_gw1(entries: &[Entry], portals: Vec<SocketAddr>) -> Vec<Entry> {
@@ -419,7 +340,7 @@ fn a_gateway_gains_and_loses_a_portal_group_by_reload() {
     let y = f.rt.block_on(login(p2, "iqn.2026-11.test:y", 2));
     assert_eq!(f.rt.block_on(rtpg(&y)), vec![(1, vec![1]), (11, vec![11])]);
     let load = start_load(&f, x.clone());
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
 
     // gw1 gains TPGT 2; it is registered with the cluster by the time the
     // reload returns, before anyone logged in through it.
@@ -432,7 +353,7 @@ fn a_gateway_gains_and_loses_a_portal_group_by_reload() {
         f.registered("gw1"),
         vec![(1, vec![p1.to_string()]), (2, vec![p3.to_string()])]
     );
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
     let z = f.rt.block_on(login(p3, "iqn.2026-11.test:z", 3));
     assert_eq!(f.rt.block_on(port_identity(&z)), (2, 2));
     assert_eq!(
@@ -547,7 +468,7 @@ fn a_gateway_gains_and_loses_a_portal_group_by_reload() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
     f.write(1, &f.entries, TTL_SECS);
     let said = f.gws[1].reload();
     assert!(
@@ -556,7 +477,7 @@ fn a_gateway_gains_and_loses_a_portal_group_by_reload() {
     );
     assert_eq!(f.rt.block_on(rtpg(&y)), vec![(1, vec![1]), (11, vec![11])]);
     assert_eq!(f.rt.block_on(rtpg(&x)), vec![(1, vec![1]), (11, vec![11])]);
-    let (done, failed, errors) = load.finish(&f);
+    let (done, failed, errors) = load.finish(&f.rt);
     eprintln!("session through TPGT 1: {done} commands during the portal reloads, {failed} failed");
     assert!(done >= 800, "only {done} commands ran");
     assert_eq!(
@@ -564,28 +485,6 @@ fn a_gateway_gains_and_loses_a_portal_group_by_reload() {
         "commands of the unaffected session failed: {errors:?}"
     );
     let _ = f.rt.block_on(y.close());
-}
-
-/// SPC-2 RESERVE(6) / a WRITE: GOOD, RESERVATION CONFLICT or NOT READY
-/// (transition).
-#[derive(Debug, PartialEq, Eq)]
-enum Io {
-    Good,
-    Conflict,
-    Transition,
-}
-
-fn io(r: Result<(), Error>, what: &str) -> Io {
-    match r {
-        Ok(()) => Io::Good,
-        Err(Error::ReservationConflict) => Io::Conflict,
-        Err(Error::CheckCondition(s))
-            if s.key == SenseKey::NotReady && (s.asc, s.ascq) == TRANSITION =>
-        {
-            Io::Transition
-        }
-        Err(e) => panic!("{what}: unexpected {e}"),
-    }
 }
 
 #[test]
@@ -603,10 +502,10 @@ fn a_gateway_that_dies_after_gaining_a_portal_group_has_its_nexus_loss_committed
             .execute(&Command::none(vec![0x16, 0, 0, 0, 0, 0]))
             .await
             .map(drop);
-        assert_eq!(io(r, "RESERVE(6)"), Io::Good);
+        assert_eq!(io("RESERVE(6)", r), Io::Good);
         let y = login(p2, "iqn.2026-11.test:y", 5).await;
         let r = y.write(7, Bytes::from(vec![0x77; BLOCK])).await;
-        assert_eq!(io(r, "WRITE through gw2"), Io::Conflict);
+        assert_eq!(io("WRITE through gw2", r), Io::Conflict);
         (w, y)
     });
     let before = f.rt.block_on(f.etcd_client.read(&lu)).unwrap();
@@ -624,7 +523,7 @@ fn a_gateway_that_dies_after_gaining_a_portal_group_has_its_nexus_loss_committed
         let deadline = killed + Duration::from_secs(30);
         loop {
             let r = y.write(7, Bytes::from(vec![0x77; BLOCK])).await;
-            match io(r, "WRITE through gw2") {
+            match io("WRITE through gw2", r) {
                 Io::Good => break,
                 Io::Conflict | Io::Transition => {}
             }

@@ -13,7 +13,6 @@ mod initiator_support;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command as Proc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,6 +23,8 @@ use keyfence_initiator::{Device, IscsiUrl, SessionConfig};
 use keyfence_scsi::SenseKey;
 use keyfence_testkit::metrics::{self, promtool_check};
 use keyfence_testkit::{opened_direct, Serve};
+
+use initiator_support::Load;
 
 const IQN: &str = "iqn.2026-11.io.keyfence:reload";
 const STEADY: &str = "iqn.2026-11.io.example:steady";
@@ -171,89 +172,13 @@ fn lun_sizes(status: &serde_json::Value) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// A bounded write/read loop on LUN 0 of `dev`'s session, counting every
-/// command that did not end GOOD (unit attentions included).
-struct Load {
-    stop: Arc<AtomicBool>,
-    done: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<Vec<String>>,
-}
-
-const LOAD_MAX_COMMANDS: u64 = 200_000;
-const LOAD_MAX_TIME: Duration = Duration::from_secs(60);
-
+/// The background WRITE/READ load of these tests: LBAs 0.., at most 60 s.
 fn start_load(f: &Fixture, dev: Arc<Device>) -> Load {
-    let stop = Arc::new(AtomicBool::new(false));
-    let done = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let (s, d, x) = (stop.clone(), done.clone(), failed.clone());
-    let task = f.rt.spawn(async move {
-        let deadline = Instant::now() + LOAD_MAX_TIME;
-        let mut errors = Vec::new();
-        let mut i: u64 = 0;
-        while !s.load(Ordering::Relaxed) && i < LOAD_MAX_COMMANDS && Instant::now() < deadline {
-            let lba = (i % 64) as u32 * 8;
-            let data = Bytes::from(vec![(i % 251) as u8; 4096]);
-            let mut cdb = vec![0x2a, 0];
-            cdb.extend_from_slice(&lba.to_be_bytes());
-            cdb.extend_from_slice(&[0, 0, 8, 0]);
-            let w = dev
-                .session()
-                .execute(0, &commands::Command::write(cdb, data))
-                .await;
-            let mut cdb = vec![0x28, 0];
-            cdb.extend_from_slice(&lba.to_be_bytes());
-            cdb.extend_from_slice(&[0, 0, 8, 0]);
-            let r = dev
-                .session()
-                .execute(0, &commands::Command::read(cdb, 4096))
-                .await;
-            for res in [w, r] {
-                match res {
-                    Ok(r) if r.status == 0 => {}
-                    other => {
-                        x.fetch_add(1, Ordering::Relaxed);
-                        if errors.len() < 5 {
-                            errors.push(format!("{other:?}"));
-                        }
-                    }
-                }
-                d.fetch_add(1, Ordering::Relaxed);
-            }
-            i += 1;
-        }
-        errors
-    });
-    Load {
-        stop,
-        done,
-        failed,
-        task,
-    }
+    Load::start(&f.rt, dev, 0, Duration::from_secs(60))
 }
 
-impl Load {
-    /// Wait until `n` more commands completed (bounded).
-    fn wait_for(&self, n: u64) {
-        let start = self.done.load(Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.done.load(Ordering::Relaxed) < start + n {
-            assert!(Instant::now() < deadline, "the load loop made no progress");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
-    fn finish(self, f: &Fixture) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let errors = f.rt.block_on(self.task).unwrap();
-        (
-            self.done.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
-}
+/// How long a load may take for the commands a test waits for.
+const LOAD_PROGRESS: Duration = Duration::from_secs(20);
 
 #[test]
 fn status_shows_targets_sessions_lus_and_limits() {
@@ -357,14 +282,14 @@ fn reload_adds_and_removes_luns_and_acls_under_load() {
     assert_eq!(f.rt.block_on(watcher.report_luns()).unwrap(), vec![0, 1]);
 
     let load = start_load(&f, steady.clone());
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
     // LUN 1 goes, LUN 2 comes, `doomed` loses its ACL entry.
     f.rewrite(&config_text(&[(0, "4M"), (2, "4M")], false));
     let said = f.reload();
     assert!(said.contains("LUN 1 removed"), "{said}");
     assert!(said.contains("LUN 2 added"), "{said}");
     assert!(said.contains("ACL changed"), "{said}");
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
 
     // The watcher is told, then sees the new LUNs.
     let uas = drain_uas(&f, &watcher, 0);
@@ -414,13 +339,13 @@ fn reload_adds_and_removes_luns_and_acls_under_load() {
     // And back: LUN 1 returns, `doomed` is allowed again.
     f.rewrite(&config_text(&[(0, "4M"), (1, "4M"), (2, "4M")], true));
     f.reload();
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
     let uas = drain_uas(&f, &watcher, 0);
     assert!(uas.contains(&(0x3f, 0x0e)), "{uas:?}");
     assert_eq!(f.rt.block_on(watcher.report_luns()).unwrap(), vec![0, 1, 2]);
     let back = f.connect(DOOMED, 0);
 
-    let (done, failed, errors) = load.finish(&f);
+    let (done, failed, errors) = load.finish(&f.rt);
     eprintln!("unaffected session: {done} commands during two reloads, {failed} failed");
     assert!(done >= 600, "only {done} commands ran");
     assert_eq!(
@@ -770,7 +695,7 @@ fn reload_adds_and_removes_a_portal_under_load_on_another() {
     let steady = Arc::new(f.connect(STEADY, 0));
     assert_eq!(rtpg(&f, &steady), vec![(1, vec![1])]);
     let load = start_load(&f, steady.clone());
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
 
     // A second portal (TPGT 2) comes, while the first one carries I/O.
     let added = keyfence_testkit::port::with_free_port("a reloaded portal", |p| {
@@ -786,7 +711,7 @@ fn reload_adds_and_removes_a_portal_under_load_on_another() {
         said.contains(&format!("portal {addr} (TPGT 2) added")),
         "{said}"
     );
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
 
     // Log in through it: the new target port is everywhere.
     let url = IscsiUrl::parse(&format!("iscsi://{addr}/{IQN}/0")).unwrap();
@@ -848,9 +773,9 @@ fn reload_adds_and_removes_a_portal_under_load_on_another() {
         std::net::TcpStream::connect(&addr).is_err(),
         "{addr} still accepts connections"
     );
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
     assert_eq!(rtpg(&f, &steady), vec![(1, vec![1])]);
-    let (done, failed, errors) = load.finish(&f);
+    let (done, failed, errors) = load.finish(&f.rt);
     eprintln!(
         "session on the other portal: {done} commands during two portal reloads, {failed} failed"
     );
@@ -973,7 +898,7 @@ fn admission_limits_change_on_reload_without_dropping_anyone() {
     let f = Fixture::start(&with_limits(N, 60));
     let steady = Arc::new(f.connect(STEADY, 0));
     let load = start_load(&f, steady.clone());
-    load.wait_for(100);
+    load.wait_for(100, LOAD_PROGRESS);
 
     // N connections logging in (silent) from 127.0.0.1 take its share.
     let mut held: Vec<_> = (0..N).map(|_| hold(&f)).collect();
@@ -1031,7 +956,7 @@ fn admission_limits_change_on_reload_without_dropping_anyone() {
     }
     f.rt.block_on(watcher.read(0, 1))
         .expect("the session logged in under the raised limit works");
-    load.wait_for(200);
+    load.wait_for(200, LOAD_PROGRESS);
 
     // Once the count is below the new limit, a connection is admitted
     // again, under the new 1 s first-PDU timeout.
@@ -1054,7 +979,7 @@ fn admission_limits_change_on_reload_without_dropping_anyone() {
         "first-PDU timeout took {took:?}"
     );
 
-    let (done, failed, errors) = load.finish(&f);
+    let (done, failed, errors) = load.finish(&f.rt);
     eprintln!("established session: {done} commands during three limit reloads, {failed} failed");
     assert_eq!(
         failed, 0,

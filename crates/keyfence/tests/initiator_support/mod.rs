@@ -6,8 +6,11 @@
 //! reading unit attentions, commands a reservation may refuse.
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keyfence_initiator::commands::Command;
 use keyfence_initiator::{Bytes, Device, Error, IscsiUrl, Isid, SenseKey, SessionConfig};
 
 /// NOT READY, ASYMMETRIC ACCESS STATE TRANSITION: the gateway does not
@@ -112,4 +115,96 @@ pub async fn write(dev: &Device, lba: u64, byte: u8) -> Io {
         "WRITE",
         dev.write(lba, Bytes::from(vec![byte; BLOCK])).await,
     )
+}
+
+/// A WRITE and a READ of 4 KiB, back to back, on one session in the
+/// background until stopped (bounded: `LOAD_MAX_ROUNDS` rounds and
+/// `max_time`), counting every command that did not end GOOD (unit
+/// attentions included: the commands go out raw, never retried).
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+/// At most this many WRITE+READ rounds per [`Load`].
+pub const LOAD_MAX_ROUNDS: u64 = 200_000;
+
+impl Load {
+    /// Start on `rt`, over the 64 4 KiB blocks from `first_lba`.
+    pub fn start(
+        rt: &tokio::runtime::Runtime,
+        dev: Arc<Device>,
+        first_lba: u64,
+        max_time: Duration,
+    ) -> Load {
+        let (stop, done, failed) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (s, d, x) = (stop.clone(), done.clone(), failed.clone());
+        let task = rt.spawn(async move {
+            let deadline = Instant::now() + max_time;
+            let mut errors = Vec::new();
+            let mut i: u64 = 0;
+            while !s.load(Ordering::Relaxed) && i < LOAD_MAX_ROUNDS && Instant::now() < deadline {
+                // WRITE(10) and READ(10) of 8 blocks, sent as they are:
+                // no unit attention is retried out of sight.
+                let lba = u32::try_from(first_lba + (i % 64) * 8).expect("LBA");
+                let cdb = |op: u8| {
+                    let mut c = vec![op, 0];
+                    c.extend_from_slice(&lba.to_be_bytes());
+                    c.extend_from_slice(&[0, 0, 8, 0]);
+                    c
+                };
+                let data = Bytes::from(vec![(i % 251) as u8; 4096]);
+                let w = dev.execute_raw(&Command::write(cdb(0x2a), data)).await;
+                let r = dev.execute_raw(&Command::read(cdb(0x28), 4096)).await;
+                for res in [w, r] {
+                    match res {
+                        Ok(r) if r.status == 0 => {}
+                        other => {
+                            x.fetch_add(1, Ordering::Relaxed);
+                            if errors.len() < 5 {
+                                errors.push(format!("{other:?}"));
+                            }
+                        }
+                    }
+                    d.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+            errors
+        });
+        Load {
+            stop,
+            done,
+            failed,
+            task,
+        }
+    }
+
+    /// Wait until `n` more commands completed, failing the test if that
+    /// takes longer than `bound`.
+    pub fn wait_for(&self, n: u64, bound: Duration) {
+        let start = self.done.load(Ordering::Relaxed);
+        let deadline = Instant::now() + bound;
+        while self.done.load(Ordering::Relaxed) < start + n {
+            assert!(Instant::now() < deadline, "the load loop made no progress");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stop and return (commands done, commands failed, the first errors).
+    pub fn finish(self, rt: &tokio::runtime::Runtime) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let errors = rt.block_on(self.task).expect("load task");
+        (
+            self.done.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            errors,
+        )
+    }
 }
