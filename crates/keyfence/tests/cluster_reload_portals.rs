@@ -34,7 +34,7 @@ use keyfence_initiator::{Bytes, Device, IscsiUrl};
 use keyfence_testkit::etcd::EtcdCluster;
 use keyfence_testkit::Serve;
 
-use initiator_support::{io, Io, Load};
+use initiator_support::{io, port_identity, rtpg, Io, Load};
 
 const KF: &str = env!("CARGO_BIN_EXE_keyfence");
 const IQN: &str = "iqn.2026-11.io.keyfence:cportals";
@@ -239,43 +239,6 @@ impl Fixture {
 /// unit attentions consumed.
 async fn login(portal: SocketAddr, name: &str, isid: u64) -> Device {
     initiator_support::login(&format!("iscsi://{portal}/{IQN}/0"), name, ISID_BASE | isid).await
-}
-
-/// REPORT TARGET PORT GROUPS as (group, relative port ids).
-async fn rtpg(dev: &Device) -> Vec<(u16, Vec<u16>)> {
-    let cdb = vec![0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
-    let r = dev
-        .session()
-        .execute(0, &Command::read(cdb, 4096))
-        .await
-        .unwrap();
-    assert_eq!(r.status, 0, "REPORT TARGET PORT GROUPS: {r:?}");
-    let d = r.data.to_vec();
-    let mut groups = Vec::new();
-    let mut at = 4;
-    while at + 8 <= d.len() {
-        let id = u16::from_be_bytes([d[at + 2], d[at + 3]]);
-        let n = usize::from(d[at + 7]);
-        let ports = (0..n)
-            .map(|k| u16::from_be_bytes([d[at + 10 + 4 * k], d[at + 11 + 4 * k]]))
-            .collect();
-        groups.push((id, ports));
-        at += 8 + 4 * n;
-    }
-    groups
-}
-
-/// (relative target port, target port group) of VPD 83h.
-async fn port_identity(dev: &Device) -> (u16, u16) {
-    let ds = dev.device_identification().await.unwrap();
-    let find = |ty: u8| {
-        let d = ds
-            .iter()
-            .find(|d| d.association == 1 && d.designator_type == ty)
-            .unwrap_or_else(|| panic!("VPD 83h lacks target port type {ty}: {ds:?}"));
-        u16::from_be_bytes([d.value[2], d.value[3]])
-    };
-    (find(4), find(5))
 }
 
 /// SendTargets through `portal`: (port, TPGT) of every portal of the

@@ -24,7 +24,7 @@ use keyfence_scsi::SenseKey;
 use keyfence_testkit::metrics::{self, promtool_check};
 use keyfence_testkit::{opened_direct, Serve};
 
-use initiator_support::Load;
+use initiator_support::{port_identity, rtpg, Load};
 
 const IQN: &str = "iqn.2026-11.io.keyfence:reload";
 const STEADY: &str = "iqn.2026-11.io.example:steady";
@@ -636,45 +636,6 @@ fn with_portals(text: &str, portals: &[&str]) -> String {
     )
 }
 
-/// REPORT TARGET PORT GROUPS through `dev`'s session as (group, relative
-/// port ids).
-fn rtpg(f: &Fixture, dev: &Device) -> Vec<(u16, Vec<u16>)> {
-    let cdb = vec![0xa3, 0x0a, 0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0];
-    let r =
-        f.rt.block_on(
-            dev.session()
-                .execute(0, &commands::Command::read(cdb, 4096)),
-        )
-        .unwrap();
-    assert_eq!(r.status, 0, "REPORT TARGET PORT GROUPS: {r:?}");
-    let d = r.data.to_vec();
-    let mut groups = Vec::new();
-    let mut at = 4;
-    while at + 8 <= d.len() {
-        let id = u16::from_be_bytes([d[at + 2], d[at + 3]]);
-        let n = usize::from(d[at + 7]);
-        let ports = (0..n)
-            .map(|k| u16::from_be_bytes([d[at + 10 + 4 * k], d[at + 11 + 4 * k]]))
-            .collect();
-        groups.push((id, ports));
-        at += 8 + 4 * n;
-    }
-    groups
-}
-
-/// (relative target port, target port group) of VPD 83h through `dev`.
-fn port_identity(f: &Fixture, dev: &Device) -> (u16, u16) {
-    let ds = f.rt.block_on(dev.device_identification()).unwrap();
-    let find = |ty: u8| {
-        let d = ds
-            .iter()
-            .find(|d| d.association == 1 && d.designator_type == ty)
-            .unwrap_or_else(|| panic!("VPD 83h lacks target port type {ty}: {ds:?}"));
-        u16::from_be_bytes([d.value[2], d.value[3]])
-    };
-    (find(4), find(5))
-}
-
 fn wait_closed(f: &Fixture, dev: &Device, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while !dev.session().is_closed() {
@@ -693,7 +654,7 @@ fn reload_adds_and_removes_a_portal_under_load_on_another() {
     let f = Fixture::start(&base);
     let first = f.serve.portals()[0];
     let steady = Arc::new(f.connect(STEADY, 0));
-    assert_eq!(rtpg(&f, &steady), vec![(1, vec![1])]);
+    assert_eq!(f.rt.block_on(rtpg(&steady)), vec![(1, vec![1])]);
     let load = start_load(&f, steady.clone());
     load.wait_for(200, LOAD_PROGRESS);
 
@@ -724,11 +685,17 @@ fn reload_adds_and_removes_a_portal_under_load_on_another() {
         f.rt.block_on(Device::connect(&url, &cfg))
             .unwrap_or_else(|e| panic!("login through the new portal: {e}\n{}", f.serve.log()));
     f.rt.block_on(watcher.clear_unit_attentions()).unwrap();
-    assert_eq!(rtpg(&f, &watcher), vec![(1, vec![1]), (2, vec![2])]);
-    assert_eq!(port_identity(&f, &watcher), (2, 2));
+    assert_eq!(
+        f.rt.block_on(rtpg(&watcher)),
+        vec![(1, vec![1]), (2, vec![2])]
+    );
+    assert_eq!(f.rt.block_on(port_identity(&watcher)), (2, 2));
     // New commands of the session on the first portal see the new set too.
-    assert_eq!(rtpg(&f, &steady), vec![(1, vec![1]), (2, vec![2])]);
-    assert_eq!(port_identity(&f, &steady), (1, 1));
+    assert_eq!(
+        f.rt.block_on(rtpg(&steady)),
+        vec![(1, vec![1]), (2, vec![2])]
+    );
+    assert_eq!(f.rt.block_on(port_identity(&steady)), (1, 1));
     let durl = IscsiUrl::parse(&format!("iscsi://{first}/{IQN}/0")).unwrap();
     let found =
         f.rt.block_on(keyfence_initiator::login::discover(&durl, &cfg))
@@ -774,7 +741,7 @@ fn reload_adds_and_removes_a_portal_under_load_on_another() {
         "{addr} still accepts connections"
     );
     load.wait_for(200, LOAD_PROGRESS);
-    assert_eq!(rtpg(&f, &steady), vec![(1, vec![1])]);
+    assert_eq!(f.rt.block_on(rtpg(&steady)), vec![(1, vec![1])]);
     let (done, failed, errors) = load.finish(&f.rt);
     eprintln!(
         "session on the other portal: {done} commands during two portal reloads, {failed} failed"
