@@ -272,6 +272,19 @@ fn start_load(f: &Fixture, dev: Arc<Device>) -> Load {
 /// How long a load may take for the commands a test waits for.
 const LOAD_PROGRESS: Duration = Duration::from_secs(30);
 
+/// gw1's reload reported `p3` added as TPGT 2, and gw1's registration
+/// lists TPGT 1 (`p1`) and TPGT 2 (`p3`).
+fn assert_gw1_gained_tpgt2(f: &Fixture, said: &str, p1: SocketAddr, p3: SocketAddr) {
+    assert!(
+        said.contains(&format!("portal {p3} (TPGT 2) added")),
+        "{said}"
+    );
+    assert_eq!(
+        f.registered("gw1"),
+        vec![(1, vec![p1.to_string()]), (2, vec![p3.to_string()])]
+    );
+}
+
 /// `entries` with gw1 (entry 0) on `portals`.
 fn with_gw1(entries: &[Entry], portals: Vec<SocketAddr>) -> Vec<Entry> {
     let mut e = entries.to_vec();
@@ -308,14 +321,7 @@ fn a_gateway_gains_and_loses_a_portal_group_by_reload() {
     // gw1 gains TPGT 2; it is registered with the cluster by the time the
     // reload returns, before anyone logged in through it.
     let (p3, grown, said) = add_gw1_portal(&f);
-    assert!(
-        said.contains(&format!("portal {p3} (TPGT 2) added")),
-        "{said}"
-    );
-    assert_eq!(
-        f.registered("gw1"),
-        vec![(1, vec![p1.to_string()]), (2, vec![p3.to_string()])]
-    );
+    assert_gw1_gained_tpgt2(&f, &said, p1, p3);
     load.wait_for(200, LOAD_PROGRESS);
     let z = f.rt.block_on(login(p3, "iqn.2026-11.test:z", 3));
     assert_eq!(f.rt.block_on(port_identity(&z)), (2, 2));
@@ -561,14 +567,7 @@ fn a_portal_group_that_cannot_be_registered_is_not_served() {
         }
         std::thread::sleep(Duration::from_millis(500));
     };
-    assert!(
-        said.contains(&format!("portal {p3} (TPGT 2) added")),
-        "{said}"
-    );
-    assert_eq!(
-        f.registered("gw1"),
-        vec![(1, vec![p1.to_string()]), (2, vec![p3.to_string()])]
-    );
+    assert_gw1_gained_tpgt2(&f, &said, p1, p3);
     let z = f.rt.block_on(login(p3, "iqn.2026-11.test:z", 6));
     assert_eq!(f.rt.block_on(port_identity(&z)), (2, 2));
     let _ = f.rt.block_on(z.close());
